@@ -1,0 +1,46 @@
+// pyquant._C: thin pybind11 bindings. Every kernel entry point takes raw
+// pointers (as integers), sizes, dtype codes and a thread count; validation
+// happened in Python (DESIGN.md rule 4). Each family registers its own
+// functions so kernel files stay independent.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "cpu/simd.h"
+
+namespace py = pybind11;
+
+namespace pyquant {
+void register_int_cpu(py::module_& m);
+void register_nf4_cpu(py::module_& m);
+void register_gguf_cpu(py::module_& m);
+#ifdef PYQUANT_WITH_CUDA
+void register_cuda(py::module_& m);
+#endif
+}  // namespace pyquant
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyquant compiled kernels (CPU C++ and, when built, CUDA)";
+  m.def("simd_level", [] { return pyquant::simd_name(pyquant::simd_level()); },
+        "SIMD level the CPU kernels use now");
+  m.def("set_simd_level", &pyquant::set_simd_level, py::arg("level"),
+        "'scalar' forces the portable path; 'best' restores detection. Returns success.");
+#ifdef PYQUANT_WITH_CUDA
+  m.def("cuda_compiled", [] { return true; });
+  m.def("cuda_arches", [] {
+    std::vector<std::string> out;
+    std::string s = PYQUANT_CUDA_ARCHS, cur;
+    for (char c : s) {
+      if (c == ',') { out.push_back(cur); cur.clear(); } else { cur += c; }
+    }
+    if (!cur.empty()) out.push_back(cur);
+    return out;
+  });
+  pyquant::register_cuda(m);
+#else
+  m.def("cuda_compiled", [] { return false; });
+  m.def("cuda_arches", [] { return std::vector<std::string>{}; });
+#endif
+  pyquant::register_int_cpu(m);
+  pyquant::register_nf4_cpu(m);
+  pyquant::register_gguf_cpu(m);
+}

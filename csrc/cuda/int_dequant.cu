@@ -1,0 +1,65 @@
+// Int format dequantization on the GPU (experimental until a GPU run passes it).
+// One thread per output element; the decode is the shared int_code() helper so
+// the CPU tests exercise the same bit handling.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda_check.h"
+#include "pyquant/int_decode.h"
+#include "int_dequant.h"
+
+namespace pyquant {
+namespace {
+
+template <typename Out>
+__device__ __forceinline__ Out from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename Out>
+__global__ void int_dequant_kernel(const uint8_t* __restrict__ qweight, const void* __restrict__ scales,
+                                   const void* __restrict__ zeros, Out* __restrict__ out, int64_t n, int64_t k,
+                                   int bits, int64_t group, int64_t ngroups, int scale_dtype) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= n * k) return;
+  const int64_t row = idx / k, col = idx % k, g = col / group;
+  const uint8_t* prow = qweight + row * int_row_bytes(k, bits);
+  const float s = load_float(scales, row * ngroups + g, scale_dtype);
+  const float z = zeros ? load_float(zeros, row * ngroups + g, scale_dtype) : float(1 << (bits - 1));
+  out[idx] = from_float<Out>((float(int_code(prow, col, bits)) - z) * s);
+}
+
+}  // namespace
+
+void int_dequant_cuda(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t out, int64_t n, int64_t k,
+                      int bits, int64_t group, int scale_dtype, int out_dtype, uintptr_t stream) {
+  const int64_t ngroups = (k + group - 1) / group;
+  const int64_t total = n * k;
+  if (total == 0) return;
+  const int threads = 256;
+  const int64_t blocks = (total + threads - 1) / threads;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  auto q = reinterpret_cast<const uint8_t*>(qweight);
+  auto sc = reinterpret_cast<const void*>(scales);
+  auto z = reinterpret_cast<const void*>(zeros);
+  switch (out_dtype) {
+    case kF16:
+      int_dequant_kernel<<<blocks, threads, 0, s>>>(q, sc, z, reinterpret_cast<__half*>(out), n, k, bits, group,
+                                                    ngroups, scale_dtype);
+      break;
+    case kBF16:
+      int_dequant_kernel<<<blocks, threads, 0, s>>>(q, sc, z, reinterpret_cast<__nv_bfloat16*>(out), n, k, bits,
+                                                    group, ngroups, scale_dtype);
+      break;
+    default:
+      int_dequant_kernel<<<blocks, threads, 0, s>>>(q, sc, z, reinterpret_cast<float*>(out), n, k, bits, group,
+                                                    ngroups, scale_dtype);
+  }
+  PQ_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace pyquant

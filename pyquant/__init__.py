@@ -1,0 +1,38 @@
+"""pyquant: quantization kernels and drop-in modules for PyTorch.
+
+    import pyquant
+    from pyquant.formats import Int
+    qw = pyquant.quantize_weight(W, Int(bits=4, group_size=128))
+    y = pyquant.qmatmul(x, qw)
+
+Importing pyquant compiles nothing, tunes nothing and needs neither a GPU,
+Triton nor the compiled extension.
+"""
+from . import formats, ops
+from .env import env
+from .errors import (
+    DeviceError,
+    DtypeError,
+    FormatError,
+    KernelUnavailableError,
+    PyquantError,
+    ShapeError,
+    ValueRangeError,
+)
+from .formats import GGUF, NF4, Format, Int, QuantizedWeight
+from .ops import dequantize, pack, qmatmul, unpack
+from .quantize import quantize_weight
+from . import nn
+from .nn import QuantLinear, replace_linear
+from . import io
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "formats", "ops", "nn", "io", "env",
+    "Format", "Int", "NF4", "GGUF", "QuantizedWeight",
+    "quantize_weight", "dequantize", "qmatmul", "pack", "unpack",
+    "QuantLinear", "replace_linear",
+    "PyquantError", "ShapeError", "DtypeError", "DeviceError", "FormatError", "ValueRangeError",
+    "KernelUnavailableError",
+]

@@ -1,0 +1,7 @@
+"""Storage formats: the only place that knows how bits are arranged."""
+from .base import Format, QuantizedWeight, format_from_spec, validate_packed
+from .gguf import GGUF, BLOCK_TYPES
+from .int_format import Int
+from .nf4 import NF4
+
+__all__ = ["Format", "QuantizedWeight", "format_from_spec", "validate_packed", "Int", "NF4", "GGUF", "BLOCK_TYPES"]

@@ -1,0 +1,73 @@
+"""Public op entry points: validate at the boundary, then call the custom op."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..errors import FormatError, ShapeError
+from ..formats import Format, QuantizedWeight
+from ..validation import check_dtype_arg, check_float, check_same_device, check_tensor
+from . import library  # noqa: F401  (registers the torch.library ops)
+from . import reference_kernels  # noqa: F401
+from . import cpu_kernels  # noqa: F401
+from .dispatch import register_kernel, select_kernel  # noqa: F401
+
+
+def _check_qw(qw) -> None:
+    if not isinstance(qw, QuantizedWeight):
+        raise FormatError(f"expected a pyquant QuantizedWeight, got {type(qw).__name__}")
+
+
+def _check_kernel(kernel) -> None:
+    if not isinstance(kernel, str):
+        raise FormatError(f"kernel must be a string, got {type(kernel).__name__}")
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32, kernel: str = "auto") -> torch.Tensor:
+    """The float weight ``(out_features, in_features)`` that ``qw`` encodes."""
+    _check_qw(qw)
+    check_dtype_arg("dtype", dtype)
+    _check_kernel(kernel)
+    n, k = qw.shape
+    return torch.ops.pyquant.dequantize(qw.tensor_list(), qw.format.spec(), n, k, dtype, kernel)
+
+
+def qmatmul(
+    x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None, kernel: str = "auto"
+) -> torch.Tensor:
+    """``x @ W_hat.T + bias`` for any leading batch dims; output in ``x.dtype``."""
+    _check_qw(qw)
+    check_float("x", x)
+    _check_kernel(kernel)
+    n, k = qw.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ShapeError(f"x has shape {tuple(x.shape)}; its last dim must equal in_features={k}")
+    check_same_device("x", x, qw.device, "the quantized weight")
+    if bias is not None:
+        check_float("bias", bias)
+        if tuple(bias.shape) != (n,):
+            raise ShapeError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        check_same_device("bias", bias, x.device, "x")
+    return torch.ops.pyquant.qmatmul(x, qw.tensor_list(), qw.format.spec(), n, k, bias, kernel)
+
+
+def pack(codes: torch.Tensor, fmt: Format, kernel: str = "auto") -> torch.Tensor:
+    """Pack integer codes ``(N, K)`` into ``fmt``'s ``qweight`` layout."""
+    check_tensor("codes", codes)
+    if not isinstance(fmt, Format):
+        raise FormatError(f"fmt must be a pyquant Format, got {type(fmt).__name__}")
+    if codes.dim() != 2 or codes.numel() == 0:
+        raise ShapeError(f"codes must be a non-empty 2-D tensor, got shape {tuple(codes.shape)}")
+    fmt.check_shape(tuple(codes.shape))
+    return torch.ops.pyquant.pack(codes, fmt.spec(), kernel)
+
+
+def unpack(qw: QuantizedWeight, kernel: str = "auto") -> torch.Tensor:
+    """The uint8 codes ``(N, K)`` stored in ``qw`` (Int and NF4 formats)."""
+    _check_qw(qw)
+    n, k = qw.shape
+    return torch.ops.pyquant.unpack(qw.tensors["qweight"], qw.format.spec(), n, k, kernel)
+
+
+__all__ = ["dequantize", "qmatmul", "pack", "unpack", "select_kernel", "register_kernel"]
