@@ -19,6 +19,11 @@ def _check_qw(qw) -> None:
         raise FormatError(f"expected a pyquant QuantizedWeight, got {type(qw).__name__}")
 
 
+def _check_code_format(fmt) -> None:
+    if fmt.family not in ("int", "nf4"):
+        raise FormatError(f"pack/unpack are defined for the code formats (Int, NF4), not {fmt.spec()}")
+
+
 def _check_kernel(kernel) -> None:
     if not isinstance(kernel, str):
         raise FormatError(f"kernel must be a string, got {type(kernel).__name__}")
@@ -57,6 +62,7 @@ def pack(codes: torch.Tensor, fmt: Format, kernel: str = "auto") -> torch.Tensor
     check_tensor("codes", codes)
     if not isinstance(fmt, Format):
         raise FormatError(f"fmt must be a pyquant Format, got {type(fmt).__name__}")
+    _check_code_format(fmt)
     if codes.dim() != 2 or codes.numel() == 0:
         raise ShapeError(f"codes must be a non-empty 2-D tensor, got shape {tuple(codes.shape)}")
     fmt.check_shape(tuple(codes.shape))
@@ -66,6 +72,7 @@ def pack(codes: torch.Tensor, fmt: Format, kernel: str = "auto") -> torch.Tensor
 def unpack(qw: QuantizedWeight, kernel: str = "auto") -> torch.Tensor:
     """The uint8 codes ``(N, K)`` stored in ``qw`` (Int and NF4 formats)."""
     _check_qw(qw)
+    _check_code_format(qw.format)
     n, k = qw.shape
     return torch.ops.pyquant.unpack(qw.tensors["qweight"], qw.format.spec(), n, k, kernel)
 

@@ -1,0 +1,160 @@
+"""QuantLinear is a drop-in nn.Linear; replace_linear swaps layers in place."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import pyquant
+from pyquant.formats import Int
+from pyquant.nn import QuantLinear, replace_linear
+
+
+class Block(nn.Module):
+    def __init__(self, d=96, h=160):
+        super().__init__()
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d, bias=False)
+        self.norm = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, 50, bias=False)
+
+    def forward(self, x):
+        return self.lm_head(self.norm(x + self.down(torch.nn.functional.gelu(self.up(x)))))
+
+
+def _dequantized_twin(model):
+    """The float model with each QuantLinear replaced by an nn.Linear holding W_hat."""
+    twin = copy.deepcopy(model)
+    for name, mod in list(twin.named_modules()):
+        if isinstance(mod, QuantLinear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(mod.dequantized_weight())
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent) if parent else twin, child, lin)
+    return twin
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    m = Block()
+    replace_linear(m, Int(4, 32, False))
+    return m
+
+
+def test_default_filter_keeps_head_and_repr(model):
+    assert isinstance(model.up, QuantLinear) and isinstance(model.down, QuantLinear)
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, QuantLinear)
+    r = repr(model.up)
+    assert "int4 group 32 asym" in r and "bits/weight" in r and "in_features=96" in r
+
+
+def test_outputs_match_dequantized_model(model):
+    twin = _dequantized_twin(model)
+    x = torch.randn(2, 7, 96)
+    with torch.no_grad():
+        assert torch.allclose(model(x), twin(x), atol=1e-4)
+
+
+def test_autocast_bf16(model):
+    twin = _dequantized_twin(model)
+    x = torch.randn(3, 96)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = model(x), twin(x)
+    assert model.up(x).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.up(x).dtype == torch.bfloat16
+    assert torch.allclose(y.float(), y_ref.float(), atol=0.1, rtol=0.05)
+
+
+def test_compile(model):
+    x = torch.randn(4, 96)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)
+
+
+def test_half_and_bf16_modules_keep_packed_dtypes(model):
+    for dt in (torch.float16, torch.bfloat16):
+        m = copy.deepcopy(model).to(dt)
+        assert m.up.scales.dtype == torch.float16 and m.up.qweight.dtype == torch.uint8
+        assert m.up.bias.dtype == dt
+        y = m(torch.randn(2, 96, dtype=dt))
+        assert y.dtype == dt
+
+
+def test_state_dict_roundtrip_and_format_change(model):
+    sd = model.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    # Load into a skeleton built with another format: the checkpoint wins.
+    torch.manual_seed(1)
+    other = Block()
+    replace_linear(other, Int(8, -1, True, torch.float32))
+    other.load_state_dict(torch.load(buf))
+    assert other.up.qformat == model.up.qformat
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        assert torch.equal(other(x), model(x))
+
+
+def test_safetensors_state_dict(model, tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    path = tmp_path / "m.safetensors"
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    safetensors.save_file(sd, str(path))
+    loaded = safetensors.load_file(str(path))
+    torch.manual_seed(5)
+    other = Block()
+    replace_linear(other, Int(4, 32, False))
+    other.load_state_dict(loaded)
+    x = torch.randn(2, 96)
+    with torch.no_grad():
+        assert torch.equal(other(x), model(x))
+
+
+def test_deepcopy_is_independent(model):
+    c = copy.deepcopy(model)
+    c.up.qweight.zero_()
+    assert not torch.equal(c.up.qweight, model.up.qweight)
+
+
+def test_from_linear_with_ready_weight_and_bias():
+    lin = nn.Linear(64, 10)
+    qw = pyquant.quantize_weight(lin.weight.detach(), Int(8, 32))
+    ql = QuantLinear.from_linear(lin, qw)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.allclose(ql(x), lin(x), atol=2e-2)
+    with pytest.raises(pyquant.ShapeError):
+        QuantLinear.from_linear(nn.Linear(32, 10), qw)
+    with pytest.raises(pyquant.FormatError):
+        QuantLinear.from_linear(nn.Conv1d(2, 2, 1), Int(4))
+
+
+def test_replace_linear_errors():
+    m = Block()
+    with pytest.raises(ValueError, match="matched no"):
+        replace_linear(m, Int(4), filter=lambda name, mod: False)
+    with pytest.raises(pyquant.ShapeError, match="'up'"):
+        replace_linear(m, pyquant.GGUF("Q4_K"), filter=lambda name, mod: name == "up")
+    with pytest.raises(pyquant.FormatError):
+        replace_linear(m, "int4")
+
+
+def test_forward_rejects_wrong_width(model):
+    with pytest.raises(pyquant.ShapeError, match="97"):
+        model.up(torch.randn(2, 97))
+
+
+def test_training_grads_flow_to_inputs_not_packed_weights(model):
+    x = torch.randn(3, 96, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and model.up.bias.grad is not None
+    assert not model.up.qweight.requires_grad

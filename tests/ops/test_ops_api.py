@@ -1,0 +1,138 @@
+"""The op layer: torch.library registration, dispatch, validation at the boundary."""
+import pytest
+import torch
+
+import pyquant
+from pyquant.formats import GGUF, NF4, Int
+from pyquant.ops import reference
+from pyquant.ops.dispatch import select_kernel
+
+FORMATS = [Int(4, 32, False), Int(3, 64, True, torch.bfloat16), Int(8, -1, True, torch.float32), Int(2, 128, False)]
+
+
+def _qw(fmt=Int(4, 32, False), n=24, k=80, seed=0):
+    torch.manual_seed(seed)
+    return pyquant.quantize_weight(torch.randn(n, k), fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.spec())
+def test_opcheck_every_op(fmt):
+    qw = _qw(fmt)
+    n, k = qw.shape
+    spec = fmt.spec()
+    x = torch.randn(3, k, requires_grad=True)
+    bias = torch.randn(n, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyquant.qmatmul.default, (x, qw.tensor_list(), spec, n, k, bias, "auto"))
+    torch.library.opcheck(torch.ops.pyquant.qmatmul.default, (x.detach(), qw.tensor_list(), spec, n, k, None, "reference"))
+    torch.library.opcheck(torch.ops.pyquant.dequantize.default, (qw.tensor_list(), spec, n, k, torch.float16, "auto"))
+    codes = pyquant.unpack(qw)
+    torch.library.opcheck(torch.ops.pyquant.pack.default, (codes, spec, "auto"))
+    torch.library.opcheck(torch.ops.pyquant.unpack.default, (qw.tensors["qweight"], spec, n, k, "auto"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_qmatmul_matches_reference_with_batch_dims_and_bias(dtype):
+    qw = _qw()
+    x = torch.randn(2, 3, 80).to(dtype)
+    bias = torch.randn(24)
+    y = pyquant.qmatmul(x, qw, bias)
+    assert y.dtype == dtype and y.shape == (2, 3, 24)
+    ref = (x.double() @ qw.dequantize().double().T + bias.double()).to(dtype)
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    assert torch.allclose(y.float(), ref.float(), atol=tol, rtol=tol), float((y.float() - ref.float()).abs().max())
+
+
+def test_qmatmul_empty_batch_and_m1():
+    qw = _qw()
+    assert pyquant.qmatmul(torch.randn(0, 80), qw).shape == (0, 24)
+    assert pyquant.qmatmul(torch.randn(80), qw).shape == (24,)
+
+
+def test_qmatmul_gradient_wrt_input_and_bias():
+    qw = _qw()
+    x = torch.randn(4, 80, dtype=torch.float64).float().requires_grad_()
+    bias = torch.randn(24, requires_grad=True)
+    y = pyquant.qmatmul(x, qw, bias)
+    g = torch.randn_like(y)
+    y.backward(g)
+    w = qw.dequantize()
+    assert torch.allclose(x.grad, g @ w, atol=1e-5)
+    assert torch.allclose(bias.grad, g.sum(0), atol=1e-5)
+
+
+def test_compile_fullgraph_qmatmul():
+    qw = _qw()
+
+    def f(x):
+        return torch.relu(pyquant.qmatmul(x, qw)) * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    x = torch.randn(5, 80)
+    assert torch.allclose(compiled(x), f(x), atol=1e-5)
+
+
+def test_dequantize_dtypes_are_casts_of_fp32():
+    qw = _qw(Int(4, 32, False, torch.float32))
+    w32 = pyquant.dequantize(qw, torch.float32)
+    for dt in (torch.float16, torch.bfloat16):
+        assert torch.equal(pyquant.dequantize(qw, dt), w32.to(dt))
+
+
+def test_reference_is_registered_for_every_family():
+    for fmt in (Int(4), NF4(), GGUF("Q4_K")):
+        k = select_kernel("qmatmul", fmt, torch.device("cpu"), 1, "reference")
+        assert k.backend == "reference"
+
+
+def test_forced_unknown_or_unavailable_kernel():
+    qw = _qw()
+    x = torch.randn(2, 80)
+    with pytest.raises(pyquant.KernelUnavailableError, match="'bogus'"):
+        pyquant.qmatmul(x, qw, kernel="bogus")
+    with pytest.raises(pyquant.KernelUnavailableError, match="cuda"):
+        pyquant.qmatmul(x, qw, kernel="cuda")
+
+
+def test_qmatmul_bad_input():
+    qw = _qw()
+    with pytest.raises(pyquant.ShapeError, match=r"\(2, 81\)"):
+        pyquant.qmatmul(torch.randn(2, 81), qw)
+    with pytest.raises(pyquant.DtypeError, match="int32"):
+        pyquant.qmatmul(torch.ones(2, 80, dtype=torch.int32), qw)
+    with pytest.raises(pyquant.DtypeError, match="float64"):
+        pyquant.qmatmul(torch.ones(2, 80, dtype=torch.float64), qw)
+    with pytest.raises(pyquant.ShapeError, match=r"bias must have shape \(24,\)"):
+        pyquant.qmatmul(torch.randn(2, 80), qw, torch.randn(23))
+    with pytest.raises(pyquant.FormatError, match="QuantizedWeight"):
+        pyquant.qmatmul(torch.randn(2, 80), torch.randn(24, 80))
+    with pytest.raises(pyquant.DtypeError, match="Tensor"):
+        pyquant.qmatmul([1.0] * 80, qw)
+    meta_x = torch.randn(2, 80, device="meta")
+    with pytest.raises(pyquant.DeviceError, match="meta"):
+        pyquant.qmatmul(meta_x, qw)
+
+
+def test_dequantize_bad_input():
+    qw = _qw()
+    with pytest.raises(pyquant.DtypeError, match="int8"):
+        pyquant.dequantize(qw, torch.int8)
+    with pytest.raises(pyquant.FormatError):
+        pyquant.dequantize("not a weight")
+
+
+def test_pack_bad_input():
+    with pytest.raises(pyquant.ShapeError, match="non-empty"):
+        pyquant.pack(torch.zeros(0, 4, dtype=torch.uint8), Int(4))
+    with pytest.raises(pyquant.DtypeError, match="float32"):
+        pyquant.pack(torch.zeros(2, 4), Int(4))
+    with pytest.raises(pyquant.FormatError, match="code formats"):
+        pyquant.pack(torch.zeros(2, 256, dtype=torch.uint8), GGUF("Q4_K"), kernel="reference")
+
+
+def test_reference_spec_is_what_dispatch_runs_by_default_without_extension(monkeypatch):
+    # The reference backend must give the same values as whatever auto picks.
+    qw = _qw(Int(4, 128, False))
+    x = torch.randn(3, 80)
+    auto = pyquant.qmatmul(x, qw)
+    ref = reference.qmatmul(x, qw.tensor_list(), qw.format, qw.shape, None)
+    assert torch.allclose(auto, ref, atol=1e-4)
