@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
+from .. import _ext
 from ..errors import KernelUnavailableError
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
@@ -76,6 +77,7 @@ def select_kernel(op: str, fmt, device: torch.device, m: int = 1, kernel: str = 
         return k
     if device.type == "cpu":
         order = ("cpu", "reference")
+        _ext.load()  # the first call that wants compiled kernels says once if they are missing
     else:
         order = ("cuda", "triton", "reference")
     for backend in order:

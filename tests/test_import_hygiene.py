@@ -1,0 +1,57 @@
+"""Importing pyquant has no side effects and survives a missing extension."""
+import subprocess
+import sys
+import textwrap
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+
+
+def test_import_is_light():
+    r = _run(
+        """
+        import sys, pyquant
+        heavy = [m for m in ("triton", "transformers", "gguf", "bitsandbytes", "pyquant._C") if m in sys.modules]
+        print(heavy)
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
+def test_works_without_extension_and_warns_once():
+    r = _run(
+        """
+        import sys, warnings, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "pyquant._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        import torch, pyquant
+        from pyquant.formats import Int
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            qw = pyquant.quantize_weight(torch.randn(8, 64), Int(4, 32))
+            x = torch.randn(2, 64)
+            y1 = pyquant.qmatmul(x, qw)
+            y2 = pyquant.qmatmul(x, qw)
+        msgs = [str(m.message) for m in w if "extension unavailable" in str(m.message)]
+        assert len(msgs) == 1, msgs
+        assert torch.allclose(y1, x @ qw.dequantize().T, atol=1e-5)
+        print(pyquant.env()["cpu_cxx"])
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
+def test_env_cli():
+    r = subprocess.run([sys.executable, "-m", "pyquant", "env", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    info = json.loads(r.stdout)
+    for key in ("cpu_cxx", "cpu_simd", "cuda_cxx", "cuda_arches", "triton", "device", "kernels"):
+        assert key in info
