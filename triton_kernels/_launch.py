@@ -102,15 +102,16 @@ def gpu_name(device: torch.device) -> str:
 
 # --- formats ------------------------------------------------------------------
 def format_args(fmt, qdata, shape):
-    """-> (6 pointer tensors, 3 ints, (FMT, C0, C1), perm or None) for ``w_tile``."""
+    """-> (6 pointer tensors, 2 ints, (FMT, C0, C1, C2), perm or None) for ``w_tile``."""
     t = dict(zip(fmt.tensor_specs(shape), qdata))
     n, k = shape
     fam = fmt.family
     if fam == "int":
         q, s = t["qweight"], t["scales"]
         ptrs = (q, s, t.get("zeros", s), q, q, q)
-        ints = (fmt.packed_row_bytes(k), fmt.num_groups(k), fmt.group_size_for(k))
-        return ptrs, ints, (FMT_INT, fmt.bits, int(not fmt.symmetric)), t.get("perm")
+        ints = (fmt.packed_row_bytes(k), fmt.num_groups(k))
+        gshift = 0 if fmt.group_size == -1 else fmt.group_size.bit_length() - 1
+        return ptrs, ints, (FMT_INT, fmt.bits, int(not fmt.symmetric), gshift), t.get("perm")
     if fam == "nf4":
         q = t["qweight"]
         cb, dmap = _nf4_tables(q.device)
@@ -118,11 +119,11 @@ def format_args(fmt, qdata, shape):
             ptrs = (q, t["absmax_q"], t["absmax_scale"], t["absmax_offset"], cb, dmap)
         else:
             ptrs = (q, t["absmax"], q, q, cb, dmap)
-        return ptrs, (0, 0, 0), (FMT_NF4, fmt.block_size, int(fmt.double_quant)), None
+        return ptrs, (0, 0), (FMT_NF4, fmt.block_size, int(fmt.double_quant), 0), None
     if fam == "gguf":
         b = t["blocks"]
         bt = fmt.block
-        return (b,) * 6, (k // bt.block_size * bt.type_size, 0, 0), (FMT_GGUF, bt.ggml_type, 0), None
+        return (b,) * 6, (k // bt.block_size * bt.type_size, 0), (FMT_GGUF, bt.ggml_type, 0, 0), None
     raise NotImplementedError(f"no Triton decoder for format {fmt.spec()}")
 
 
@@ -161,12 +162,12 @@ def dequantize(qdata, fmt, shape, dtype: torch.dtype, config: Optional[Config] =
     n, k = shape
     dev = qdata[0].device
     out = torch.empty((n, k), dtype=dtype, device=dev)
-    ptrs, ints, (fid, c0, c1), perm = format_args(fmt, qdata, shape)
+    ptrs, ints, (fid, c0, c1, c2), perm = format_args(fmt, qdata, shape)
     cfg = config or get_config("dequant", fmt, None, n, k, 0, dev, qdata)
     grid = (triton.cdiv(n, cfg.BN), triton.cdiv(k, cfg.BK))
     K.dequant_kernel[grid](
         out, perm if perm is not None else out, *ptrs, n, k, *ints,
-        FMT=fid, C0=c0, C1=c1, HAS_PERM=perm is not None, BN=cfg.BN, BK=cfg.BK,
+        FMT=fid, C0=c0, C1=c1, C2=c2, HAS_PERM=perm is not None, BN=cfg.BN, BK=cfg.BK,
         SOFT_BF16=dtype == torch.bfloat16 and interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=False,  # bit-exact: no a*b+c -> fma contraction
@@ -194,11 +195,11 @@ def qmatmul(
     if path not in ("gemv", "splitk", "gemm"):
         raise ValueError(f"path must be 'gemv', 'splitk' or 'gemm', got {path!r}")
     cfg = config or get_config(path, fmt, x.dtype, n, k, m, dev, qdata)
-    ptrs, ints, (fid, c0, c1), perm = format_args(fmt, qdata, shape)
+    ptrs, ints, (fid, c0, c1, c2), perm = format_args(fmt, qdata, shape)
     if bias is not None:
         bias = bias.contiguous()
     soft_bf16 = x.dtype == torch.bfloat16 and interpreting()
-    common = dict(FMT=fid, C0=c0, C1=c1, HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SOFT_BF16=soft_bf16)
+    common = dict(FMT=fid, C0=c0, C1=c1, C2=c2, HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SOFT_BF16=soft_bf16)
     if path == "gemv":
         bm = gemv_bm(m)
         tiles = triton.cdiv(n, cfg.BN)

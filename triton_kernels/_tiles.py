@@ -43,7 +43,7 @@ def _s8(v):
 
 
 @triton.jit
-def _int_tile(qw, sc, zr, nn, kk, row_bytes, ng, group, BITS: tl.constexpr, HAS_ZERO: tl.constexpr):
+def _int_tile(qw, sc, zr, nn, kk, row_bytes, ng, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr):
     row = nn * row_bytes
     chunk = kk >> 5
     j = kk & 31
@@ -62,7 +62,12 @@ def _int_tile(qw, sc, zr, nn, kk, row_bytes, ng, group, BITS: tl.constexpr, HAS_
         lo = (_u8(qw, base + (j & 7)) >> ((j >> 3) * 2)) & 3
         hi = (_u8(qw, base + 8 + (j >> 3)) >> (j & 7)) & 1
         q = lo | (hi << 2)
-    gidx = nn * ng + kk // group
+    # group sizes are powers of two (a shift, not a division); GSHIFT 0 means
+    # per channel: one group per row
+    if GSHIFT == 0:
+        gidx = nn * ng
+    else:
+        gidx = nn * ng + (kk >> GSHIFT)
     s = tl.load(sc + gidx).to(tl.float32)
     if HAS_ZERO:
         z = tl.load(zr + gidx).to(tl.float32)
@@ -198,8 +203,8 @@ def cast_to(v, dt: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 @triton.jit
 def w_tile(
-    p0, p1, p2, p3, p4, p5, nn, kk, N, K, i0, i1, i2,
-    FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+    p0, p1, p2, p3, p4, p5, nn, kk, N, K, i0, i1,
+    FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
 ):
     """fp32 weights at (nn, kk) (stored column order), 0 outside (N, K).
 
@@ -210,8 +215,9 @@ def w_tile(
     n = tl.minimum(nn, N - 1).to(tl.int64)
     k = tl.minimum(kk, K - 1)
     if FMT == 1:
-        # Int: p0 qweight, p1 scales, p2 zeros; i0 row bytes, i1 groups, i2 group size
-        w = _int_tile(p0, p1, p2, n, k, i0, i1, i2, C0, C1)
+        # Int: p0 qweight, p1 scales, p2 zeros; i0 row bytes, i1 groups;
+        # C0 bits, C1 has zeros, C2 log2(group size) or 0 (per channel)
+        w = _int_tile(p0, p1, p2, n, k, i0, i1, C0, C1, C2)
     elif FMT == 2:
         # NF4: p0 qweight, p1 absmax | absmax_q, p2 absmax_scale, p3 absmax_offset,
         # p4 codebook, p5 dynamic map

@@ -81,18 +81,25 @@ def gemv_bm(m: int) -> int:
 
 
 # --- shipped defaults ---------------------------------------------------------
-# GEMV: the [BM, BN, BK] product lives in registers: keep BM*BN*BK <= 8192 per
-# 4 warps (64 fp32 values a thread).
-_GEMV = {1: Config(BN=64, BK=128), 2: Config(BN=32, BK=128), 4: Config(BN=16, BK=128)}
-_SPLITK = {
-    8: Config(BM=16, BN=64, BK=64, num_stages=3),
-    16: Config(BM=16, BN=64, BK=64, num_stages=3),
-    32: Config(BM=32, BN=64, BK=64, num_stages=3),
-    64: Config(BM=64, BN=64, BK=64, num_stages=3),
+# Chosen from register counts of the sm_90 builds (ptxas -v, no GPU run yet):
+# decoding gathers keep ~8 registers per weight element in flight, so tiles
+# hold about 16 decoded weights per thread (no spills, >= 3 blocks per SM).
+# GEMV: the [BM, BN, BK] product is reduced over K at once, so BN*BK shrinks
+# as BM grows.
+_GEMV = {
+    1: Config(BN=32, BK=64, num_warps=4),
+    2: Config(BN=16, BK=64, num_warps=4),
+    4: Config(BN=16, BK=64, num_warps=4),
 }
-_GEMM_SMALL = Config(BM=64, BN=128, BK=32, SPLIT=1, num_warps=4, num_stages=3)
+_SPLITK = {
+    8: Config(BM=16, BN=64, BK=64, num_warps=8, num_stages=3),
+    16: Config(BM=16, BN=64, BK=64, num_warps=8, num_stages=3),
+    32: Config(BM=32, BN=64, BK=64, num_warps=8, num_stages=3),
+    64: Config(BM=64, BN=64, BK=64, num_warps=8, num_stages=3),
+}
+_GEMM_SMALL = Config(BM=64, BN=128, BK=32, SPLIT=1, num_warps=8, num_stages=3)
 _GEMM_LARGE = Config(BM=128, BN=128, BK=32, SPLIT=1, num_warps=8, num_stages=3)
-DEQUANT_DEFAULT = Config(BN=32, BK=128, SPLIT=1)
+DEQUANT_DEFAULT = Config(BN=16, BK=128, SPLIT=1, num_warps=4)
 
 
 def default_config(path: str, m: int) -> Config:
@@ -118,25 +125,25 @@ def candidates(path: str, m: int) -> List[Config]:
     out: List[Config] = [d]
     if path == "gemv":
         bm = gemv_bm(m)
-        for bn, bk in ((32, 64), (64, 64), (32, 128), (64, 128), (128, 64), (16, 256), (32, 256)):
+        for bn, bk, w in ((16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8), (64, 64, 8), (64, 128, 8)):
             if bm * bn * bk > 16384:
                 continue
             for split in (0, 1):
-                out.append(Config(BN=bn, BK=bk, SPLIT=split))
+                out.append(Config(BN=bn, BK=bk, SPLIT=split, num_warps=w))
     elif path == "splitk":
         bm = max(16, min(64, _pow2_at_least(m, 16)))
-        for bn, bk, w in ((64, 64, 4), (128, 64, 4), (64, 128, 4), (32, 128, 4), (128, 128, 8)):
+        for bn, bk, w in ((64, 64, 8), (32, 64, 4), (64, 32, 4), (128, 64, 8), (64, 128, 8)):
             for split in (0, 1):
                 out.append(Config(BM=bm, BN=bn, BK=bk, SPLIT=split, num_warps=w, num_stages=3))
     elif path == "gemm":
         for bm, bn, bk, w, s in (
-            (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 64, 4, 3),
-            (128, 128, 64, 8, 2), (128, 256, 32, 8, 3), (256, 128, 32, 8, 3),
+            (64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 3), (128, 64, 32, 8, 3),
+            (64, 128, 64, 8, 3), (128, 256, 32, 8, 3), (256, 128, 32, 8, 3),
         ):
             if bm <= 2 * _pow2_at_least(m, 16):
                 out.append(Config(BM=bm, BN=bn, BK=bk, SPLIT=1, num_warps=w, num_stages=s))
     elif path == "dequant":
-        for bn, bk, w in ((16, 128, 4), (32, 64, 4), (32, 128, 4), (64, 128, 8), (32, 256, 8), (64, 64, 4)):
+        for bn, bk, w in ((16, 128, 4), (32, 64, 4), (16, 64, 4), (32, 128, 8), (16, 256, 8), (64, 64, 8)):
             out.append(Config(BN=bn, BK=bk, SPLIT=1, num_warps=w))
     else:
         raise ValueError(f"unknown path {path!r}")

@@ -67,7 +67,7 @@ def tune_key(path, fmt, x_dtype, n, k, m, device, qdata, cache: Optional[TuningC
     else:
         dtype = x_dtype or torch.float16
         key = key or cache_key(path, fmt.spec(), _launch._DTYPE_NAMES[dtype], n, k, m)
-        x = torch.randn((m, k), dtype=dtype, device=device)
+        x = torch.randn((m, k), dtype=dtype, device=qdata[0].device)
         fns = {
             c: (lambda c=c: _launch.qmatmul(x, qdata, fmt, shape, None, path=path, config=c))
             for c in candidates(path, m)

@@ -177,6 +177,42 @@ def test_get_config_gpu_lookup(cache_dir, monkeypatch):
     assert _launch.get_config("splitk", fmt, torch.bfloat16, 64, 256, 17, cuda) == default_config("splitk", 17)
 
 
+def test_autotune_env_tunes_once_and_persists(cache_dir, monkeypatch):
+    """PYQUANT_AUTOTUNE=1 with the GPU faked: the first lookup of a key times
+    every candidate (a failing one is skipped), keeps the fastest, saves it;
+    the next lookup of the same bucket reads it back without timing."""
+    import pyquant
+    from pyquant.triton_kernels import _launch, tuning
+
+    monkeypatch.setattr(_launch, "gpu_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "_check_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    launched = []
+
+    def fake_qmatmul(x, qdata, fmt, shape, bias, path=None, config=None):
+        if config.BN == 16 and config.BK == 128:
+            raise RuntimeError("out of resources")  # a config that does not fit
+        launched.append(config)
+
+    monkeypatch.setattr(_launch, "qmatmul", fake_qmatmul)
+    monkeypatch.setattr(tuning, "_time", lambda fn: (fn(), 1.0 / (launched[-1].BN * launched[-1].BK + launched[-1].SPLIT))[1])
+    monkeypatch.setenv("PYQUANT_AUTOTUNE", "1")
+    qw = pyquant.quantize_weight(torch.randn(32, 256), Int(4, 128))
+    fmt, cuda = qw.format, torch.device("cuda")
+    cfg = _launch.get_config("gemv", fmt, torch.float16, 32, 256, 1, cuda, qw.tensor_list())
+    expected = max((c for c in candidates("gemv", 1) if (c.BN, c.BK) != (16, 128)), key=lambda c: (c.BN * c.BK, c.SPLIT))
+    assert cfg == expected
+    n_timed = len(launched)
+    assert n_timed >= len(candidates("gemv", 1)) - 2
+    data = json.loads((cache_dir / "Fake_GPU.json").read_text())
+    assert data["entries"][cache_key("gemv", fmt.spec(), "fp16", 32, 256, 1)] == expected.to_dict()
+    tcache.clear_memory()
+    assert _launch.get_config("gemv", fmt, torch.float16, 32, 256, 1, cuda, qw.tensor_list()) == expected
+    assert len(launched) == n_timed  # read from the file, not re-tuned
+
+
 def test_autotune_refused_without_gpu():
     import pyquant
     from pyquant.errors import DeviceError

@@ -31,23 +31,23 @@ SCRIPT = textwrap.dedent(
     TARGET = GPUTarget("cuda", 90, 32)
     TYPES = {"out": "*fp16", "perm": "*i32", "x": "*fp16", "ws": "*fp32", "bias": "*fp16",
              "p0": "*u8", "p1": "*fp16", "p2": "*fp16", "p3": "*u8", "p4": "*fp32", "p5": "*fp32",
-             "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "i0": "i32", "i1": "i32", "i2": "i32"}
+             "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "i0": "i32", "i1": "i32"}
 
     def comp(fn, consts, types=None, **opts):
         t = dict(TYPES, **(types or {}))
         sig = {n: ("constexpr" if n in consts else t[n]) for n in fn.arg_names}
         return triton.compile(ASTSource(fn, sig, constexprs=consts), target=TARGET, options=opts)
 
-    def deq(fmt, c0, c1, types=None, perm=False, out="*fp16"):
-        consts = dict(FMT=fmt, C0=c0, C1=c1, HAS_PERM=perm, BN=32, BK=128, SOFT_BF16=False)
+    def deq(fmt, c0, c1, types=None, perm=False, out="*fp16", c2=0):
+        consts = dict(FMT=fmt, C0=c0, C1=c1, C2=c2, HAS_PERM=perm, BN=32, BK=128, SOFT_BF16=False)
         c = comp(K.dequant_kernel, consts, dict(types or {}, out=out), num_warps=4, enable_fp_fusion=False)
         return c.asm["ptx"].count("fma.rn")
 
     u8 = {"p1": "*u8", "p2": "*u8"}
     nf4_dq = {"p1": "*u8", "p2": "*fp32", "p3": "*fp32"}
     fmas = {
-        "int3_asym_actorder": deq(1, 3, 1, perm=True),
-        "int4_sym_bf16scales": deq(1, 4, 0, {"p1": "*bf16"}, out="*bf16"),
+        "int3_asym_actorder": deq(1, 3, 1, perm=True, c2=7),
+        "int4_sym_bf16scales_pc": deq(1, 4, 0, {"p1": "*bf16"}, out="*bf16"),
         "nf4_dq": deq(2, 64, 1, nf4_dq, out="*fp32"),
         "q4_1": deq(3, 3, 0, u8),
         "q5_0": deq(3, 6, 0, u8),
@@ -61,18 +61,18 @@ SCRIPT = textwrap.dedent(
     assert not bad, f"fused multiply-adds in bit-exact dequantize kernels: {bad}"
 
     mm = dict(HAS_PERM=False, HAS_BIAS=True, SOFT_BF16=False)
-    comp(K.gemv_kernel, dict(mm, FMT=1, C0=4, C1=1, BM=1, BN=64, BK=128, SPLIT=4), num_warps=4)
-    comp(K.gemv_kernel, dict(mm, FMT=3, C0=14, C1=0, BM=4, BN=16, BK=128, SPLIT=1),
+    comp(K.gemv_kernel, dict(mm, FMT=1, C0=4, C1=1, C2=7, BM=1, BN=64, BK=128, SPLIT=4), num_warps=4)
+    comp(K.gemv_kernel, dict(mm, FMT=3, C0=14, C1=0, C2=0, BM=4, BN=16, BK=128, SPLIT=1),
          dict(u8, x="*bf16", out="*bf16", bias="*bf16"), num_warps=4)
     for fmt, c0, c1, types, dt, bm in ((1, 4, 1, {}, "fp16", 16), (1, 8, 0, {}, "bf16", 64),
                                        (2, 64, 1, nf4_dq, "fp16", 32), (3, 12, 0, u8, "bf16", 128),
                                        (3, 8, 0, u8, "fp32", 64)):
         t = dict(types, x=f"*{dt}", out=f"*{dt}", bias=f"*{dt}")
-        c = comp(K.mm_kernel, dict(mm, FMT=fmt, C0=c0, C1=c1, BM=bm, BN=64, BK=64, SPLIT=1 if bm > 64 else 4,
+        c = comp(K.mm_kernel, dict(mm, FMT=fmt, C0=c0, C1=c1, C2=6 if fmt == 1 else 0, BM=bm, BN=64, BK=64, SPLIT=1 if bm > 64 else 4,
                                    GROUP_M=8, X_F32=dt == "fp32", UPCAST_DOT=False), t, num_warps=4, num_stages=3)
         if dt != "fp32":  # fp32 uses IEEE fp32 dots (no tf32 tensor cores)
             assert "mma" in c.asm["ptx"], (fmt, dt)
-    comp(K.mm_kernel, dict(mm, HAS_PERM=True, FMT=1, C0=4, C1=1, BM=16, BN=64, BK=64, SPLIT=2, GROUP_M=8,
+    comp(K.mm_kernel, dict(mm, HAS_PERM=True, FMT=1, C0=4, C1=1, C2=5, BM=16, BN=64, BK=64, SPLIT=2, GROUP_M=8,
                            X_F32=False, UPCAST_DOT=False), num_warps=4, num_stages=3)
     comp(K.reduce_kernel, dict(SPLIT=4, HAS_BIAS=True, BLOCK=1024, SOFT_BF16=False),
          {"ws": "*fp32", "out": "*bf16", "bias": "*fp32"}, num_warps=4)
