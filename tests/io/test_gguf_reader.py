@@ -77,9 +77,11 @@ def build_gguf(kvs=(), tensors=(), version=3, alignment=32, tensor_count=None, k
     kvs = list(kvs)
     if alignment != 32 and not any(isinstance(kv, tuple) and kv[0] == "general.alignment" for kv in kvs):
         kvs.append(("general.alignment", U32, alignment))
-    layout = {"kv": [], "tensors": []}
+    layout = {"kv": [], "tensors": [], "fields": [(4, 4, "version")]}  # fields: (offset, width, what)
+    fields = layout["fields"]
     out = bytearray(magic + struct.pack("<I", version))
     layout["tensor_count"] = len(out)
+    fields += [(8, 8, "tensor_count"), (16, 8, "kv_count")]
     out += struct.pack("<Q", len(tensors) if tensor_count is None else tensor_count)
     layout["kv_count"] = len(out)
     out += struct.pack("<Q", len(kvs) if kv_count is None else kv_count)
@@ -89,10 +91,18 @@ def build_gguf(kvs=(), tensors=(), version=3, alignment=32, tensor_count=None, k
             out += kv
         else:
             key, vtype, value = kv
+            fields.append((len(out), 8, f"length of key {key!r}"))
             out += gstr(key)
             rec["type"] = len(out)
+            fields.append((len(out), 4, f"type of {key!r}"))
             out += struct.pack("<I", vtype)
             rec["value"] = len(out)
+            if vtype == ARRAY:
+                fields += [(len(out), 4, f"element type of {key!r}"), (len(out) + 4, 8, f"length of {key!r}")]
+            elif vtype == STRING:
+                fields.append((len(out), 8, f"string length of {key!r}"))
+            elif vtype in _CODES:
+                fields.append((len(out), struct.calcsize(_CODES[vtype]), f"value of {key!r}"))
             out += encode_value(vtype, value)
         layout["kv"].append(rec)
     rng = np.random.default_rng(0)
@@ -108,14 +118,20 @@ def build_gguf(kvs=(), tensors=(), version=3, alignment=32, tensor_count=None, k
             cursor = max(cursor, off + len(data))
             placed.append((off, data))
         rec = {"start": len(out)}
-        out += gstr(t["name"])
+        name = t["name"]
+        fields.append((len(out), 8, f"name length of tensor {name!r}"))
+        out += gstr(name)
         rec["n_dims"] = len(out)
+        fields.append((len(out), 4, f"n_dims of {name!r}"))
         out += struct.pack("<I", len(t["dims"]))
         rec["dims"] = len(out)
+        fields += [(len(out) + 8 * i, 8, f"dim {i} of {name!r}") for i in range(len(t["dims"]))]
         out += b"".join(struct.pack("<Q", d) for d in t["dims"])
         rec["type"] = len(out)
+        fields.append((len(out), 4, f"type of {name!r}"))
         out += struct.pack("<I", t["type"])
         rec["offset"] = len(out)
+        fields.append((len(out), 8, f"offset of {name!r}"))
         out += struct.pack("<Q", off)
         layout["tensors"].append(rec)
     data_start = -(-len(out) // alignment) * alignment
