@@ -408,6 +408,11 @@ def test_no_tensors_no_kvs(tmp_path):
     data, _ = build_gguf([], [])
     with GGUFFile(write(tmp_path, data)) as f:
         assert f.metadata == {} and f.tensor_names() == []
+    # an empty array ending exactly at the end of the file
+    data, layout = build_gguf([("e", ARRAY, (U32, []))], [])
+    end = layout["kv"][0]["value"] + 12
+    with GGUFFile(write(tmp_path, data[:end])) as f:
+        assert f.metadata == {"e": []} and f.metadata_types["e"] == (ARRAY, U32)
 
 
 # --- malformed files ----------------------------------------------------------------------
