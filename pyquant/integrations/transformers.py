@@ -56,20 +56,11 @@ def hf_name(gguf_name: str) -> Optional[str]:
 
 
 def _dequant(qw: QuantizedWeight) -> torch.Tensor:
-    """Dequantize one GGUF weight to float32 (N, K).
+    """Dequantize one GGUF weight to float32 (N, K) with pyquant's own kernels
+    (bit-exact with gguf-py by the format tests)."""
+    from ..ops import dequantize
 
-    Temporary: pyquant's GGUF reference (pyquant/ops/reference_gguf.py) is not in
-    this branch yet, so this goes through gguf-py on the raw block bytes. Once it
-    lands this becomes ``pyquant.dequantize(qw, torch.float32)`` (bit-exact with
-    gguf-py by the project's rule, so results do not change).
-    """
-    import gguf
-    import numpy as np
-
-    blocks = qw.tensors["blocks"].numpy()
-    qtype = gguf.GGMLQuantizationType[qw.format.type]
-    out = gguf.quants.dequantize(blocks, qtype)
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(qw.shape)
+    return dequantize(qw, torch.float32)
 
 
 def _unpermute_rope_rows(w: torch.Tensor, n_heads: int, what: str) -> torch.Tensor:
