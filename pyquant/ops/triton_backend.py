@@ -42,7 +42,9 @@ class _SourceTreeFinder(importlib.abc.MetaPathFinder):
         if name != _NAME:
             return None
         init = _SRC_DIR / "__init__.py"
-        if not init.is_file():
+        # only pyquant's own checkout (setup.py maps the folder), never another
+        # distribution's top-level ``triton_kernels`` next to an install
+        if not (init.is_file() and (_SRC_DIR / "_tiles.py").is_file() and (_SRC_DIR.parent / "setup.py").is_file()):
             return None
         return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(_SRC_DIR)])
 

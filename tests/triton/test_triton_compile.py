@@ -81,6 +81,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     try:
         from triton.backends.nvidia import compiler  # noqa: F401
