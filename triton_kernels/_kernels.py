@@ -31,14 +31,14 @@ from ._tiles import cast_to, w_tile
 @triton.jit
 def dequant_kernel(
     out, perm, p0, p1, p2, p3, p4, p5, N, K, i0, i1,
-    FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, HAS_PERM: tl.constexpr,
+    FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, UNIFORM: tl.constexpr, HAS_PERM: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, SOFT_BF16: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
     nn = offs_n[:, None]
     kk = offs_k[None, :]
-    w = w_tile(p0, p1, p2, p3, p4, p5, nn, kk, N, K, i0, i1, FMT, C0, C1, C2)
+    w = w_tile(p0, p1, p2, p3, p4, p5, nn, kk, tl.program_id(1) * BK, N, K, i0, i1, FMT, C0, C1, C2, UNIFORM)
     mask = (nn < N) & (kk < K)
     if HAS_PERM:
         # stored column j is logical column perm[j]
@@ -65,7 +65,7 @@ def _epilogue(acc, out, ws, bias, offs_m, offs_n, M, N, pid_s, SPLIT: tl.constex
 @triton.jit
 def gemv_kernel(
     x, out, ws, bias, perm, p0, p1, p2, p3, p4, p5, M, N, K, k_per_split, i0, i1,
-    FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, UNIFORM: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, SOFT_BF16: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -78,7 +78,8 @@ def gemv_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BK):
         offs_k = k0 + tl.arange(0, BK)
-        w = w_tile(p0, p1, p2, p3, p4, p5, offs_n[:, None], offs_k[None, :], N, K, i0, i1, FMT, C0, C1, C2)
+        w = w_tile(p0, p1, p2, p3, p4, p5, offs_n[:, None], offs_k[None, :], k0, N, K, i0, i1,
+                   FMT, C0, C1, C2, UNIFORM)
         kk = offs_k[None, :]
         if HAS_PERM:
             xcol = tl.load(perm + kk, mask=kk < K, other=0).to(tl.int64)
@@ -92,7 +93,7 @@ def gemv_kernel(
 @triton.jit
 def mm_kernel(
     x, out, ws, bias, perm, p0, p1, p2, p3, p4, p5, M, N, K, k_per_split, i0, i1,
-    FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, UNIFORM: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
     X_F32: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFT_BF16: tl.constexpr,
 ):
@@ -123,7 +124,8 @@ def mm_kernel(
             xcol = kk
         xt = tl.load(x + mm * K + xcol, mask=(mm < M) & (kk < K), other=0.0)
         # weight tile decoded directly in [BK, BN] orientation for the dot
-        w = w_tile(p0, p1, p2, p3, p4, p5, offs_n[None, :], offs_k[:, None], N, K, i0, i1, FMT, C0, C1, C2)
+        w = w_tile(p0, p1, p2, p3, p4, p5, offs_n[None, :], offs_k[:, None], k0, N, K, i0, i1,
+                   FMT, C0, C1, C2, UNIFORM)
         if X_F32:
             acc = tl.dot(xt, w, acc, input_precision="ieee")
         elif UPCAST_DOT:

@@ -127,6 +127,16 @@ def format_args(fmt, qdata, shape):
     raise NotImplementedError(f"no Triton decoder for format {fmt.spec()}")
 
 
+def uniform_groups(fmt, k: int, bk: int) -> bool:
+    """Does every BK-aligned K tile lie inside one scale group (Int) or one
+    absmax block (NF4)? Then the kernels load one scale per row and tile."""
+    if fmt.family == "int":
+        return fmt.group_size == -1 or fmt.group_size % bk == 0
+    if fmt.family == "nf4":
+        return k % fmt.block_size == 0 and fmt.block_size % bk == 0
+    return False
+
+
 def supports_format(fmt) -> bool:
     return fmt.family in ("int", "nf4", "gguf")
 
@@ -167,7 +177,8 @@ def dequantize(qdata, fmt, shape, dtype: torch.dtype, config: Optional[Config] =
     grid = (triton.cdiv(n, cfg.BN), triton.cdiv(k, cfg.BK))
     K.dequant_kernel[grid](
         out, perm if perm is not None else out, *ptrs, n, k, *ints,
-        FMT=fid, C0=c0, C1=c1, C2=c2, HAS_PERM=perm is not None, BN=cfg.BN, BK=cfg.BK,
+        FMT=fid, C0=c0, C1=c1, C2=c2, UNIFORM=uniform_groups(fmt, k, cfg.BK), HAS_PERM=perm is not None,
+        BN=cfg.BN, BK=cfg.BK,
         SOFT_BF16=dtype == torch.bfloat16 and interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=False,  # bit-exact: no a*b+c -> fma contraction
@@ -199,7 +210,8 @@ def qmatmul(
     if bias is not None:
         bias = bias.contiguous()
     soft_bf16 = x.dtype == torch.bfloat16 and interpreting()
-    common = dict(FMT=fid, C0=c0, C1=c1, C2=c2, HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SOFT_BF16=soft_bf16)
+    common = dict(FMT=fid, C0=c0, C1=c1, C2=c2, UNIFORM=uniform_groups(fmt, k, cfg.BK), HAS_PERM=perm is not None,
+                  HAS_BIAS=bias is not None, SOFT_BF16=soft_bf16)
     if path == "gemv":
         bm = gemv_bm(m)
         tiles = triton.cdiv(n, cfg.BN)

@@ -43,7 +43,8 @@ def _s8(v):
 
 
 @triton.jit
-def _int_tile(qw, sc, zr, nn, kk, row_bytes, ng, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr):
+def _int_tile(qw, sc, zr, nn, kk, k0, row_bytes, ng, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+              GSHIFT: tl.constexpr, UNIFORM: tl.constexpr):
     row = nn * row_bytes
     chunk = kk >> 5
     j = kk & 31
@@ -63,9 +64,13 @@ def _int_tile(qw, sc, zr, nn, kk, row_bytes, ng, BITS: tl.constexpr, HAS_ZERO: t
         hi = (_u8(qw, base + 8 + (j >> 3)) >> (j & 7)) & 1
         q = lo | (hi << 2)
     # group sizes are powers of two (a shift, not a division); GSHIFT 0 means
-    # per channel: one group per row
+    # per channel: one group per row. UNIFORM: the K tile lies inside one group
+    # (BK divides the group size), so scales/zeros are one load per row
+    # instead of one gather per weight.
     if GSHIFT == 0:
         gidx = nn * ng
+    elif UNIFORM:
+        gidx = nn * ng + (k0 >> GSHIFT)
     else:
         gidx = nn * ng + (kk >> GSHIFT)
     s = tl.load(sc + gidx).to(tl.float32)
@@ -77,13 +82,18 @@ def _int_tile(qw, sc, zr, nn, kk, row_bytes, ng, BITS: tl.constexpr, HAS_ZERO: t
 
 
 @triton.jit
-def _nf4_tile(qw, am, am_scale, am_off, cb, dmap, nn, kk, K, BS: tl.constexpr, DQ: tl.constexpr):
+def _nf4_tile(qw, am, am_scale, am_off, cb, dmap, nn, kk, k0, K, BS: tl.constexpr, DQ: tl.constexpr,
+              UNIFORM: tl.constexpr):
     # bitsandbytes flattens the weight: blocks and bytes ignore row boundaries
     i = nn * K + kk
     b = tl.load(qw + (i >> 1)).to(tl.int32)
     code = tl.where((i & 1) == 0, b >> 4, b & 15)  # first value in the high nibble
     v = tl.load(cb + code)
-    blk = i // BS
+    if UNIFORM:
+        # rows are whole blocks and the K tile lies in one block: one absmax per row
+        blk = (nn * K + k0) // BS
+    else:
+        blk = i // BS
     if DQ:
         # two separately rounded fp32 ops, as bitsandbytes' two passes
         a = tl.load(dmap + tl.load(am + blk).to(tl.int32)) * tl.load(am_scale + (blk >> 8))
@@ -203,10 +213,13 @@ def cast_to(v, dt: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 @triton.jit
 def w_tile(
-    p0, p1, p2, p3, p4, p5, nn, kk, N, K, i0, i1,
-    FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    p0, p1, p2, p3, p4, p5, nn, kk, k0, N, K, i0, i1,
+    FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, UNIFORM: tl.constexpr,
 ):
     """fp32 weights at (nn, kk) (stored column order), 0 outside (N, K).
+
+    ``k0`` is the first column of the tile (always < K); UNIFORM (set by the
+    host from the config's BK) says the tile's columns share one scale group.
 
     Indices are clamped so every gather is in bounds and no load needs a mask;
     out-of-range results are then zeroed.
@@ -217,11 +230,11 @@ def w_tile(
     if FMT == 1:
         # Int: p0 qweight, p1 scales, p2 zeros; i0 row bytes, i1 groups;
         # C0 bits, C1 has zeros, C2 log2(group size) or 0 (per channel)
-        w = _int_tile(p0, p1, p2, n, k, i0, i1, C0, C1, C2)
+        w = _int_tile(p0, p1, p2, n, k, k0, i0, i1, C0, C1, C2, UNIFORM)
     elif FMT == 2:
         # NF4: p0 qweight, p1 absmax | absmax_q, p2 absmax_scale, p3 absmax_offset,
         # p4 codebook, p5 dynamic map
-        w = _nf4_tile(p0, p1, p2, p3, p4, p5, n, k, K, C0, C1)
+        w = _nf4_tile(p0, p1, p2, p3, p4, p5, n, k, k0, K, C0, C1, UNIFORM)
     else:
         # GGUF: p0 raw blocks; i0 row bytes; C0 the ggml type id
         w = _gguf_tile(p0, n, k, i0, C0)

@@ -38,15 +38,15 @@ SCRIPT = textwrap.dedent(
         sig = {n: ("constexpr" if n in consts else t[n]) for n in fn.arg_names}
         return triton.compile(ASTSource(fn, sig, constexprs=consts), target=TARGET, options=opts)
 
-    def deq(fmt, c0, c1, types=None, perm=False, out="*fp16", c2=0):
-        consts = dict(FMT=fmt, C0=c0, C1=c1, C2=c2, HAS_PERM=perm, BN=32, BK=128, SOFT_BF16=False)
+    def deq(fmt, c0, c1, types=None, perm=False, out="*fp16", c2=0, uniform=False):
+        consts = dict(FMT=fmt, C0=c0, C1=c1, C2=c2, UNIFORM=uniform, HAS_PERM=perm, BN=32, BK=128, SOFT_BF16=False)
         c = comp(K.dequant_kernel, consts, dict(types or {}, out=out), num_warps=4, enable_fp_fusion=False)
         return c.asm["ptx"].count("fma.rn")
 
     u8 = {"p1": "*u8", "p2": "*u8"}
     nf4_dq = {"p1": "*u8", "p2": "*fp32", "p3": "*fp32"}
     fmas = {
-        "int3_asym_actorder": deq(1, 3, 1, perm=True, c2=7),
+        "int3_asym_actorder": deq(1, 3, 1, perm=True, c2=7, uniform=True),
         "int4_sym_bf16scales_pc": deq(1, 4, 0, {"p1": "*bf16"}, out="*bf16"),
         "nf4_dq": deq(2, 64, 1, nf4_dq, out="*fp32"),
         "q4_1": deq(3, 3, 0, u8),
@@ -60,8 +60,10 @@ SCRIPT = textwrap.dedent(
     bad = {k: v for k, v in fmas.items() if v}
     assert not bad, f"fused multiply-adds in bit-exact dequantize kernels: {bad}"
 
-    mm = dict(HAS_PERM=False, HAS_BIAS=True, SOFT_BF16=False)
-    comp(K.gemv_kernel, dict(mm, FMT=1, C0=4, C1=1, C2=7, BM=1, BN=64, BK=128, SPLIT=4), num_warps=4)
+    mm = dict(HAS_PERM=False, HAS_BIAS=True, SOFT_BF16=False, UNIFORM=False)
+    comp(K.gemv_kernel, dict(mm, FMT=1, C0=4, C1=1, C2=7, BM=1, BN=64, BK=128, SPLIT=4, UNIFORM=True), num_warps=4)
+    comp(K.gemv_kernel, dict(mm, FMT=2, C0=64, C1=1, C2=0, BM=2, BN=32, BK=64, SPLIT=4, UNIFORM=True), nf4_dq,
+         num_warps=4)
     comp(K.gemv_kernel, dict(mm, FMT=3, C0=14, C1=0, C2=0, BM=4, BN=16, BK=128, SPLIT=1),
          dict(u8, x="*bf16", out="*bf16", bias="*bf16"), num_warps=4)
     for fmt, c0, c1, types, dt, bm in ((1, 4, 1, {}, "fp16", 16), (1, 8, 0, {}, "bf16", 64),
@@ -76,7 +78,7 @@ SCRIPT = textwrap.dedent(
                            X_F32=False, UPCAST_DOT=False), num_warps=4, num_stages=3)
     comp(K.reduce_kernel, dict(SPLIT=4, HAS_BIAS=True, BLOCK=1024, SOFT_BF16=False),
          {"ws": "*fp32", "out": "*bf16", "bias": "*fp32"}, num_warps=4)
-    print("compiled", len(fmas) + 9)
+    print("compiled", len(fmas) + 10)
     """
 )
 
@@ -92,4 +94,4 @@ def test_kernels_compile_for_sm90():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's default-change warning
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stdout.strip() == "compiled 19"
+    assert r.stdout.strip() == "compiled 20"

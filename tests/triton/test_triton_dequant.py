@@ -64,13 +64,15 @@ def test_int_dequant_output_dtypes(dtype):
     assert_bitexact(out, ref, f"{fmt.spec()} -> {dtype}")
 
 
-def test_dequant_forced_small_tiles_cover_grid():
-    # several programs along both axes, ragged in both
-    fmt = Int(4, 32, True, torch.float16)
+@pytest.mark.parametrize("group,bk", [(32, 32), (64, 32), (32, 64)])
+def test_dequant_forced_small_tiles_cover_grid(group, bk):
+    # several programs along both axes, ragged in both; BK dividing the group
+    # (one scale per row and tile) and not
+    fmt = Int(4, group, False, torch.float16)
     qw = int_weight(9, 100, fmt, seed=5)
-    cfg = tk.Config(BN=4, BK=32, SPLIT=1)
+    cfg = tk.Config(BN=4, BK=bk, SPLIT=1)
     out = tk.dequantize(qw.tensor_list(), fmt, qw.shape, torch.float32, config=cfg)
-    assert_bitexact(out, reference.dequantize(qw.tensor_list(), fmt, qw.shape, torch.float32), "BN=4 BK=32")
+    assert_bitexact(out, reference.dequantize(qw.tensor_list(), fmt, qw.shape, torch.float32), f"g{group} BK={bk}")
 
 
 # --- NF4 ----------------------------------------------------------------------
@@ -114,6 +116,15 @@ def test_nf4_dequant_bitexact(block_size, shape, double_quant):
     if importlib.util.find_spec("pyquant.ops.reference_nf4") is not None:
         ref = reference.dequantize(qw.tensor_list(), qw.format, qw.shape, torch.float32)
         assert_bitexact(out, ref, f"{qw.format.spec()} {shape} vs reference")
+
+
+@pytest.mark.parametrize("block_size,bk", [(64, 32), (128, 64)])
+def test_nf4_dequant_row_aligned_blocks(block_size, bk):
+    # K a multiple of the block and BK dividing it: the one-absmax-per-row-and-tile path
+    qw, peer = nf4_weight(6, 2 * block_size, block_size, True, seed=bk)
+    qw = qw.to(DEVICE)
+    out = tk.dequantize(qw.tensor_list(), qw.format, qw.shape, torch.float32, config=tk.Config(BN=4, BK=bk, SPLIT=1))
+    assert_bitexact(out, peer, f"{qw.format.spec()} BK={bk}")
 
 
 def test_nf4_dynamic_map_matches_bitsandbytes():

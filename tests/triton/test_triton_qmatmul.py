@@ -140,6 +140,7 @@ FORMATS = {
     "int8_pc_sym": (Int(8, -1, True, torch.bfloat16), 200),
     "nf4_b64": (NF4(64), 200),
     "nf4_b64_dq_oddk": (NF4(64, True), 99),
+    "nf4_b64_dq_rowblocks": (NF4(64, True), 192),  # K % 64 == 0: one absmax per row and tile
     "q4_k": (GGUF("Q4_K"), 256),
     "q6_k": (GGUF("Q6_K"), 256),
     "q8_0": (GGUF("Q8_0"), 224),
