@@ -31,8 +31,8 @@ from ._tiles import cast_to, w_tile
 @triton.jit
 def dequant_kernel(
     out, perm, p0, p1, p2, p3, p4, p5, N, K, i0, i1,
-    FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, UNIFORM: tl.constexpr, HAS_PERM: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr, SOFT_BF16: tl.constexpr,
+    FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, UNIFORM: tl.constexpr,
+    HAS_PERM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SOFT_BF16: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
