@@ -1,0 +1,288 @@
+// NF4 qmatmul on the CPU: y (M, N) = x (M, K) @ W^T (+ bias), fp32, without
+// materialising the float weight.
+//
+// Two kernels, chosen by M:
+// * M <= kFusedMaxM (decode-bound, M = 1 is a GEMV): each thread walks whole
+//   weight rows, decodes 16 values at a time straight into registers and
+//   feeds up to 4 rows of x from them. The 4-bit weight is read exactly once;
+//   there is no intermediate buffer.
+// * larger M (compute-bound): a thread decodes a tile of kTileN weight rows x
+//   kTileK columns into an L1-resident fp32 buffer once, then runs a 4 x 2
+//   register-blocked micro-kernel over every row of x, so decode cost is
+//   amortised over M.
+// Blocks of block_size may span rows (K not a multiple of block_size) and rows
+// may start on a low nibble (odd K): both kernels walk flat indices and split a
+// row into segments of constant scale.
+#include <algorithm>
+#include <cstring>
+
+#include "nf4_cpu.h"
+#include "simd.h"
+
+#if PQ_X86
+#include <immintrin.h>
+#endif
+
+namespace pyquant {
+namespace nf4cpu {
+namespace {
+
+constexpr int64_t kFusedMaxM = 4;  // rows of x sharing one decode in the fused kernel
+constexpr int64_t kTileN = 8;      // weight rows per decoded tile
+constexpr int64_t kTileK = 512;    // columns per decoded tile (8 x 512 fp32 = 16 KiB)
+constexpr int kMR = 4, kNR = 2;    // micro-kernel: rows of x x rows of W
+
+inline int log2_exact(int64_t v) { return __builtin_ctzll(static_cast<unsigned long long>(v)); }
+
+// ---------------------------------------------------------------- scalar ---
+
+template <int MR>
+void fused_rows_scalar(const Weight& w, const float* x, int64_t ldx, int64_t n0, int64_t n1,
+                       const float* bias, float* y, int64_t ldy) {
+  const int64_t K = w.k;
+  const int sh = log2_exact(w.block_size);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t s = n * K, e = s + K;
+    float acc[MR] = {};
+    int64_t i = s;
+    int64_t b = i >> sh;
+    while (i < e) {
+      const int64_t seg_end = std::min((b + 1) << sh, e);
+      const float sc = w.scales(b);
+      for (; i < seg_end; ++i) {
+        const float v = nf4_value(nf4_code(w.qweight, i)) * sc;
+        for (int r = 0; r < MR; ++r) acc[r] += x[r * ldx + (i - s)] * v;
+      }
+      ++b;
+    }
+    const float bv = bias ? bias[n] : 0.0f;
+    for (int r = 0; r < MR; ++r) y[r * ldy + n] = acc[r] + bv;
+  }
+}
+
+template <int MR, int NR>
+void micro_scalar(const float* x, int64_t ldx, const float* wb, int64_t ldw, int64_t kc, float* y,
+                  int64_t ldy) {
+  float acc[MR][NR] = {};
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    for (int r = 0; r < MR; ++r) {
+      const float xv = x[r * ldx + kk];
+      for (int j = 0; j < NR; ++j) acc[r][j] += xv * wb[j * ldw + kk];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) y[r * ldy + j] += acc[r][j];
+}
+
+// ------------------------------------------------------------------ AVX2 ---
+#if PQ_X86
+
+struct Lut16 {
+  __m256 lo, hi;
+};
+
+PQ_TARGET_AVX2 inline Lut16 make_lut() {
+  return {_mm256_loadu_ps(kNf4Codebook), _mm256_loadu_ps(kNf4Codebook + 8)};
+}
+
+// See nf4_dequant.cpp: two vpermps tables, bit 3 of the code picks one.
+PQ_TARGET_AVX2 inline __m256 lookup8(const Lut16& t, __m256i codes) {
+  const __m256 a = _mm256_permutevar8x32_ps(t.lo, codes);
+  const __m256 b = _mm256_permutevar8x32_ps(t.hi, codes);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
+}
+
+PQ_TARGET_AVX2 inline void decode16(const Lut16& t, const uint8_t* p, __m256 scale, __m256* w0, __m256* w1) {
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i idx = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+  *w0 = _mm256_mul_ps(lookup8(t, _mm256_cvtepu8_epi32(idx)), scale);
+  *w1 = _mm256_mul_ps(lookup8(t, _mm256_cvtepu8_epi32(_mm_srli_si128(idx, 8))), scale);
+}
+
+PQ_TARGET_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int MR>
+PQ_TARGET_AVX2 void fused_rows_avx2(const Weight& w, const float* x, int64_t ldx, int64_t n0, int64_t n1,
+                                    const float* bias, float* y, int64_t ldy) {
+  const int64_t K = w.k;
+  const int sh = log2_exact(w.block_size);
+  const Lut16 lut = make_lut();
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t s = n * K, e = s + K;
+    // Two accumulators per x row: the 16 values of one step feed independent
+    // FMA chains, so M = 1 is not bound by FMA latency.
+    __m256 acc0[MR], acc1[MR];
+    float tail[MR];
+    for (int r = 0; r < MR; ++r) {
+      acc0[r] = _mm256_setzero_ps();
+      acc1[r] = _mm256_setzero_ps();
+      tail[r] = 0.0f;
+    }
+    int64_t i = s;
+    int64_t b = i >> sh;
+    while (i < e) {
+      const int64_t seg_end = std::min((b + 1) << sh, e);
+      const float sc = w.scales(b);
+      const __m256 vs = _mm256_set1_ps(sc);
+      if (i & 1) {  // the row (odd K) starts on a low nibble
+        const float v = nf4_value(nf4_code(w.qweight, i)) * sc;
+        for (int r = 0; r < MR; ++r) tail[r] += x[r * ldx + (i - s)] * v;
+        ++i;
+      }
+      for (; i + 16 <= seg_end; i += 16) {
+        __m256 w0, w1;
+        decode16(lut, w.qweight + (i >> 1), vs, &w0, &w1);
+        const float* xp = x + (i - s);
+        for (int r = 0; r < MR; ++r) {
+          acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + r * ldx), w0, acc0[r]);
+          acc1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + r * ldx + 8), w1, acc1[r]);
+        }
+      }
+      for (; i < seg_end; ++i) {
+        const float v = nf4_value(nf4_code(w.qweight, i)) * sc;
+        for (int r = 0; r < MR; ++r) tail[r] += x[r * ldx + (i - s)] * v;
+      }
+      ++b;
+    }
+    const float bv = bias ? bias[n] : 0.0f;
+    for (int r = 0; r < MR; ++r) y[r * ldy + n] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + tail[r] + bv;
+  }
+}
+
+template <int MR, int NR>
+PQ_TARGET_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* wb, int64_t ldw, int64_t kc, float* y,
+                               int64_t ldy) {
+  __m256 acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_setzero_ps();
+  int64_t kk = 0;
+  for (; kk + 8 <= kc; kk += 8) {
+    __m256 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(wb + j * ldw + kk);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * ldx + kk);
+      for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < NR; ++j) {
+      float t = hsum(acc[r][j]);
+      for (int64_t k2 = kk; k2 < kc; ++k2) t += x[r * ldx + k2] * wb[j * ldw + k2];
+      y[r * ldy + j] += t;
+    }
+  }
+}
+
+#endif  // PQ_X86
+
+// ------------------------------------------------------------- drivers ---
+
+using FusedFn = void (*)(const Weight&, const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t);
+using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+
+FusedFn fused_fn(int mr, bool avx2) {
+#if PQ_X86
+  if (avx2) {
+    switch (mr) {
+      case 1: return fused_rows_avx2<1>;
+      case 2: return fused_rows_avx2<2>;
+      case 3: return fused_rows_avx2<3>;
+      default: return fused_rows_avx2<4>;
+    }
+  }
+#endif
+  switch (mr) {
+    case 1: return fused_rows_scalar<1>;
+    case 2: return fused_rows_scalar<2>;
+    case 3: return fused_rows_scalar<3>;
+    default: return fused_rows_scalar<4>;
+  }
+}
+
+MicroFn micro_fn(int mr, int nr, bool avx2) {
+#if PQ_X86
+  if (avx2) {
+    static const MicroFn t[kMR][kNR] = {
+        {micro_avx2<1, 1>, micro_avx2<1, 2>},
+        {micro_avx2<2, 1>, micro_avx2<2, 2>},
+        {micro_avx2<3, 1>, micro_avx2<3, 2>},
+        {micro_avx2<4, 1>, micro_avx2<4, 2>},
+    };
+    return t[mr - 1][nr - 1];
+  }
+#endif
+  static const MicroFn t[kMR][kNR] = {
+      {micro_scalar<1, 1>, micro_scalar<1, 2>},
+      {micro_scalar<2, 1>, micro_scalar<2, 2>},
+      {micro_scalar<3, 1>, micro_scalar<3, 2>},
+      {micro_scalar<4, 1>, micro_scalar<4, 2>},
+  };
+  return t[mr - 1][nr - 1];
+}
+
+void qmatmul_fused(const Weight& w, const float* x, int64_t m, const float* bias, float* y, int nthreads,
+                   bool avx2) {
+  const int64_t N = w.n, K = w.k;
+  FusedFn fn = fused_fn(int(m), avx2);
+  // Rows in chunks of 16: a few hundred tasks for real layers, and tiny layers
+  // stay on one thread (a parallel region costs microseconds).
+  constexpr int64_t kRows = 16;
+  const int64_t nchunks = (N + kRows - 1) / kRows;
+  const bool parallel = nchunks > 1 && N * K >= (int64_t(1) << 15);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (parallel)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    fn(w, x, K, c * kRows, std::min(N, (c + 1) * kRows), bias, y, N);
+  }
+}
+
+void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias, float* y, int nthreads,
+                   bool avx2) {
+  const int64_t N = w.n, K = w.k;
+  const int64_t ntiles = (N + kTileN - 1) / kTileN;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (ntiles > 1)
+  for (int64_t t = 0; t < ntiles; ++t) {
+    alignas(64) float wbuf[kTileN * kTileK];
+    const int64_t n0 = t * kTileN;
+    const int64_t nc = std::min(kTileN, N - n0);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t j = 0; j < nc; ++j) y[r * N + n0 + j] = bias ? bias[n0 + j] : 0.0f;
+    for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+      const int64_t kc = std::min(kTileK, K - k0);
+      for (int64_t j = 0; j < nc; ++j) {
+        const int64_t f = (n0 + j) * K + k0;
+        if (avx2) {
+          decode_range_avx2(w, f, f + kc, wbuf + j * kTileK);
+        } else {
+          decode_range_scalar(w, f, f + kc, wbuf + j * kTileK);
+        }
+      }
+      for (int64_t m0 = 0; m0 < m; m0 += kMR) {
+        const int mr = int(std::min<int64_t>(kMR, m - m0));
+        for (int64_t j = 0; j < nc; j += kNR) {
+          const int nr = int(std::min<int64_t>(kNR, nc - j));
+          micro_fn(mr, nr, avx2)(x + m0 * K + k0, K, wbuf + j * kTileK, kTileK, kc, y + m0 * N + n0 + j, N);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void qmatmul(const Weight& w, const float* x, int64_t m, const float* bias, float* y, int nthreads) {
+  const bool avx2 = simd_level() == Simd::kAvx2;
+  if (m <= kFusedMaxM) {
+    qmatmul_fused(w, x, m, bias, y, nthreads, avx2);
+  } else {
+    qmatmul_tiled(w, x, m, bias, y, nthreads, avx2);
+  }
+}
+
+}  // namespace nf4cpu
+}  // namespace pyquant
