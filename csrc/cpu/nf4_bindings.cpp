@@ -47,16 +47,16 @@ void register_nf4_cpu(py::module_& m) {
       "nf4_qmatmul",
       [](uintptr_t x, int64_t m_rows, uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, uintptr_t absmax_scale,
          uintptr_t absmax_offset, uintptr_t dyn_map, int64_t n, int64_t k, int64_t block_size, uintptr_t bias,
-         uintptr_t y, int nthreads) {
+         uintptr_t y, int nthreads, int path) {
         const nf4cpu::Weight w =
             make_weight(qweight, absmax, absmax_q, absmax_scale, absmax_offset, dyn_map, n, k, block_size);
         nf4cpu::qmatmul(w, reinterpret_cast<const float*>(x), m_rows, reinterpret_cast<const float*>(bias),
-                        reinterpret_cast<float*>(y), nthreads);
+                        reinterpret_cast<float*>(y), nthreads, path);
       },
       py::arg("x"), py::arg("m"), py::arg("qweight"), py::arg("absmax"), py::arg("absmax_q"), py::arg("absmax_scale"),
       py::arg("absmax_offset"), py::arg("dyn_map"), py::arg("n"), py::arg("k"), py::arg("block_size"),
-      py::arg("bias"), py::arg("y"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
-      "y (M, N) fp32 = x (M, K) fp32 @ W^T + bias (fp32 (N,) or 0 for none)");
+      py::arg("bias"), py::arg("y"), py::arg("nthreads"), py::arg("path") = -1, py::call_guard<py::gil_scoped_release>(),
+      "y (M, N) fp32 = x (M, K) fp32 @ W^T + bias (fp32 (N,) or 0 for none); path -1 auto, 0 fused, 1 tiled");
 }
 
 }  // namespace pyquant

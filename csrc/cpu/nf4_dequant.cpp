@@ -4,65 +4,24 @@
 #include "nf4_cpu.h"
 #include "simd.h"
 
-#if PQ_X86
-#include <immintrin.h>
-#endif
-
 namespace pyquant {
 namespace nf4cpu {
 
 void decode_range_scalar(const Weight& w, int64_t begin, int64_t end, float* out) {
-  const int64_t bs = w.block_size;
-  int64_t i = begin;
-  while (i < end) {
-    const int64_t b = i / bs;
-    const int64_t seg_end = std::min((b + 1) * bs, end);
+  const int sh = nf4_log2(w.block_size);
+  for (int64_t i = begin, b = begin >> sh; i < end; ++b) {
+    const int64_t seg_end = std::min((b + 1) << sh, end);
     const float s = w.scales(b);
     for (; i < seg_end; ++i) out[i - begin] = nf4_value(nf4_code(w.qweight, i)) * s;
   }
 }
 
 #if PQ_X86
-namespace {
-
-// 16 consecutive codes starting at an even flat index (8 bytes) -> two vectors
-// of codebook values. vpermps indexes 8 lanes with the low 3 bits, so codes
-// 0-7 and 8-15 come from two tables and bit 3 (shifted into the sign bit)
-// picks one with blendv: 4 shuffles per 8 values, no gather.
-struct Lut16 {
-  __m256 lo, hi;
-};
-
-PQ_TARGET_AVX2 inline Lut16 make_lut() {
-  return {_mm256_loadu_ps(kNf4Codebook), _mm256_loadu_ps(kNf4Codebook + 8)};
-}
-
-PQ_TARGET_AVX2 inline __m256 lookup8(const Lut16& t, __m256i codes) {
-  const __m256 a = _mm256_permutevar8x32_ps(t.lo, codes);
-  const __m256 b = _mm256_permutevar8x32_ps(t.hi, codes);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
-}
-
-PQ_TARGET_AVX2 inline void codes16(const uint8_t* p, __m256i* c0, __m256i* c1) {
-  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-  const __m128i lo = _mm_and_si128(raw, mask);
-  // The first value of a byte is its high nibble: interleave hi, lo.
-  const __m128i idx = _mm_unpacklo_epi8(hi, lo);
-  *c0 = _mm256_cvtepu8_epi32(idx);
-  *c1 = _mm256_cvtepu8_epi32(_mm_srli_si128(idx, 8));
-}
-
-}  // namespace
-
 PQ_TARGET_AVX2 void decode_range_avx2(const Weight& w, int64_t begin, int64_t end, float* out) {
-  const int64_t bs = w.block_size;
-  const Lut16 lut = make_lut();
-  int64_t i = begin;
-  while (i < end) {
-    const int64_t b = i / bs;
-    const int64_t seg_end = std::min((b + 1) * bs, end);
+  const int sh = nf4_log2(w.block_size);
+  const Nf4Lut lut = nf4_lut();
+  for (int64_t i = begin, b = begin >> sh; i < end; ++b) {
+    const int64_t seg_end = std::min((b + 1) << sh, end);
     const float s = w.scales(b);
     const __m256 vs = _mm256_set1_ps(s);
     if (i & 1) {  // odd start: low nibble of a byte, then byte-aligned
@@ -70,10 +29,11 @@ PQ_TARGET_AVX2 void decode_range_avx2(const Weight& w, int64_t begin, int64_t en
       ++i;
     }
     for (; i + 16 <= seg_end; i += 16) {
-      __m256i c0, c1;
-      codes16(w.qweight + (i >> 1), &c0, &c1);
-      _mm256_storeu_ps(out + (i - begin), _mm256_mul_ps(lookup8(lut, c0), vs));
-      _mm256_storeu_ps(out + (i - begin) + 8, _mm256_mul_ps(lookup8(lut, c1), vs));
+      _mm256_storeu_ps(out + (i - begin), _mm256_mul_ps(nf4_decode8(lut, w.qweight + (i >> 1)), vs));
+      _mm256_storeu_ps(out + (i - begin) + 8, _mm256_mul_ps(nf4_decode8(lut, w.qweight + (i >> 1) + 4), vs));
+    }
+    for (; i + 8 <= seg_end; i += 8) {
+      _mm256_storeu_ps(out + (i - begin), _mm256_mul_ps(nf4_decode8(lut, w.qweight + (i >> 1)), vs));
     }
     for (; i < seg_end; ++i) out[i - begin] = nf4_value(nf4_code(w.qweight, i)) * s;
   }

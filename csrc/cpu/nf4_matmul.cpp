@@ -2,7 +2,7 @@
 // materialising the float weight.
 //
 // Two kernels, chosen by M:
-// * M <= kFusedMaxM (decode-bound, M = 1 is a GEMV): each thread walks whole
+// * M <= kFusedUpToM (decode-bound, M = 1 is a GEMV): each thread walks whole
 //   weight rows, decodes 16 values at a time straight into registers and
 //   feeds up to 4 rows of x from them. The 4-bit weight is read exactly once;
 //   there is no intermediate buffer.
@@ -19,28 +19,25 @@
 #include "nf4_cpu.h"
 #include "simd.h"
 
-#if PQ_X86
-#include <immintrin.h>
-#endif
-
 namespace pyquant {
 namespace nf4cpu {
 namespace {
 
-constexpr int64_t kFusedMaxM = 4;  // rows of x sharing one decode in the fused kernel
+constexpr int64_t kFusedMaxM = 4;   // rows of x sharing one decode in the fused kernel
+constexpr int64_t kFusedUpToM = 8;  // above this M the tiled kernel is faster (1 core, K = N = 4096)
 constexpr int64_t kTileN = 8;      // weight rows per decoded tile
 constexpr int64_t kTileK = 512;    // columns per decoded tile (8 x 512 fp32 = 16 KiB)
 constexpr int kMR = 4, kNR = 2;    // micro-kernel: rows of x x rows of W
 
-inline int log2_exact(int64_t v) { return __builtin_ctzll(static_cast<unsigned long long>(v)); }
-
 // ---------------------------------------------------------------- scalar ---
 
+// Fused kernels: rows [n0, n1) of W against MR rows of x (row r at x + r * ldx);
+// y[r * ldy + n] = dot + bias.
 template <int MR>
-void fused_rows_scalar(const Weight& w, const float* x, int64_t ldx, int64_t n0, int64_t n1,
-                       const float* bias, float* y, int64_t ldy) {
+void fused_rows_scalar(const Weight& w, const float* x, int64_t ldx, int64_t n0, int64_t n1, const float* bias,
+                       float* y, int64_t ldy) {
   const int64_t K = w.k;
-  const int sh = log2_exact(w.block_size);
+  const int sh = nf4_log2(w.block_size);
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t s = n * K, e = s + K;
     float acc[MR] = {};
@@ -77,29 +74,6 @@ void micro_scalar(const float* x, int64_t ldx, const float* wb, int64_t ldw, int
 // ------------------------------------------------------------------ AVX2 ---
 #if PQ_X86
 
-struct Lut16 {
-  __m256 lo, hi;
-};
-
-PQ_TARGET_AVX2 inline Lut16 make_lut() {
-  return {_mm256_loadu_ps(kNf4Codebook), _mm256_loadu_ps(kNf4Codebook + 8)};
-}
-
-// See nf4_dequant.cpp: two vpermps tables, bit 3 of the code picks one.
-PQ_TARGET_AVX2 inline __m256 lookup8(const Lut16& t, __m256i codes) {
-  const __m256 a = _mm256_permutevar8x32_ps(t.lo, codes);
-  const __m256 b = _mm256_permutevar8x32_ps(t.hi, codes);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
-}
-
-PQ_TARGET_AVX2 inline void decode16(const Lut16& t, const uint8_t* p, __m256 scale, __m256* w0, __m256* w1) {
-  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i idx = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
-  *w0 = _mm256_mul_ps(lookup8(t, _mm256_cvtepu8_epi32(idx)), scale);
-  *w1 = _mm256_mul_ps(lookup8(t, _mm256_cvtepu8_epi32(_mm_srli_si128(idx, 8))), scale);
-}
-
 PQ_TARGET_AVX2 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -111,11 +85,11 @@ template <int MR>
 PQ_TARGET_AVX2 void fused_rows_avx2(const Weight& w, const float* x, int64_t ldx, int64_t n0, int64_t n1,
                                     const float* bias, float* y, int64_t ldy) {
   const int64_t K = w.k;
-  const int sh = log2_exact(w.block_size);
-  const Lut16 lut = make_lut();
+  const int sh = nf4_log2(w.block_size);
+  const Nf4Lut lut = nf4_lut();
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t s = n * K, e = s + K;
-    // Two accumulators per x row: the 16 values of one step feed independent
+    // Two accumulators per x row: consecutive 8-value steps feed independent
     // FMA chains, so M = 1 is not bound by FMA latency.
     __m256 acc0[MR], acc1[MR];
     float tail[MR];
@@ -135,13 +109,37 @@ PQ_TARGET_AVX2 void fused_rows_avx2(const Weight& w, const float* x, int64_t ldx
         for (int r = 0; r < MR; ++r) tail[r] += x[r * ldx + (i - s)] * v;
         ++i;
       }
-      for (; i + 16 <= seg_end; i += 16) {
-        __m256 w0, w1;
-        decode16(lut, w.qweight + (i >> 1), vs, &w0, &w1);
-        const float* xp = x + (i - s);
-        for (int r = 0; r < MR; ++r) {
-          acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + r * ldx), w0, acc0[r]);
-          acc1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + r * ldx + 8), w1, acc1[r]);
+      if constexpr (MR == 1) {
+        // One x row: sum x * code over the segment, scale once at its end
+        // (saves a multiply per 8 values).
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        const float* xp = x - s;
+        for (; i + 16 <= seg_end; i += 16) {
+          s0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp + i), nf4_decode8(lut, w.qweight + (i >> 1)), s0);
+          s1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp + i + 8), nf4_decode8(lut, w.qweight + (i >> 1) + 4), s1);
+        }
+        if (i + 8 <= seg_end) {
+          s0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp + i), nf4_decode8(lut, w.qweight + (i >> 1)), s0);
+          i += 8;
+        }
+        acc0[0] = _mm256_fmadd_ps(s0, vs, acc0[0]);
+        acc1[0] = _mm256_fmadd_ps(s1, vs, acc1[0]);
+      } else {
+        // Several x rows: scale the decoded values once, share them.
+        for (; i + 16 <= seg_end; i += 16) {
+          const __m256 w0 = _mm256_mul_ps(nf4_decode8(lut, w.qweight + (i >> 1)), vs);
+          const __m256 w1 = _mm256_mul_ps(nf4_decode8(lut, w.qweight + (i >> 1) + 4), vs);
+          const float* xp = x + (i - s);
+          for (int r = 0; r < MR; ++r) {
+            acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + r * ldx), w0, acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + r * ldx + 8), w1, acc1[r]);
+          }
+        }
+        if (i + 8 <= seg_end) {
+          const __m256 w0 = _mm256_mul_ps(nf4_decode8(lut, w.qweight + (i >> 1)), vs);
+          const float* xp = x + (i - s);
+          for (int r = 0; r < MR; ++r) acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + r * ldx), w0, acc0[r]);
+          i += 8;
         }
       }
       for (; i < seg_end; ++i) {
@@ -229,15 +227,21 @@ MicroFn micro_fn(int mr, int nr, bool avx2) {
 void qmatmul_fused(const Weight& w, const float* x, int64_t m, const float* bias, float* y, int nthreads,
                    bool avx2) {
   const int64_t N = w.n, K = w.k;
-  FusedFn fn = fused_fn(int(m), avx2);
   // Rows in chunks of 16: a few hundred tasks for real layers, and tiny layers
-  // stay on one thread (a parallel region costs microseconds).
+  // stay on one thread (a parallel region costs microseconds). A chunk's
+  // packed rows stay in cache while groups of 4 x rows walk over them.
+  // (Blocking K so the slice of x stays in L1 measured slower: the 16 row
+  // streams it interleaves defeat the hardware prefetcher.)
   constexpr int64_t kRows = 16;
   const int64_t nchunks = (N + kRows - 1) / kRows;
-  const bool parallel = nchunks > 1 && N * K >= (int64_t(1) << 15);
+  const bool parallel = nchunks > 1 && N * K * ((m + kFusedMaxM - 1) / kFusedMaxM) >= (int64_t(1) << 15);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (parallel)
   for (int64_t c = 0; c < nchunks; ++c) {
-    fn(w, x, K, c * kRows, std::min(N, (c + 1) * kRows), bias, y, N);
+    const int64_t n0 = c * kRows, n1 = std::min(N, n0 + kRows);
+    for (int64_t m0 = 0; m0 < m; m0 += kFusedMaxM) {
+      const int64_t mr = std::min(kFusedMaxM, m - m0);
+      fused_fn(int(mr), avx2)(w, x + m0 * K, K, n0, n1, bias, y + m0 * N, N);
+    }
   }
 }
 
@@ -275,9 +279,9 @@ void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias
 
 }  // namespace
 
-void qmatmul(const Weight& w, const float* x, int64_t m, const float* bias, float* y, int nthreads) {
+void qmatmul(const Weight& w, const float* x, int64_t m, const float* bias, float* y, int nthreads, int path) {
   const bool avx2 = simd_level() == Simd::kAvx2;
-  if (m <= kFusedMaxM) {
+  if (path == 0 || (path < 0 && m <= kFusedUpToM)) {
     qmatmul_fused(w, x, m, bias, y, nthreads, avx2);
   } else {
     qmatmul_tiled(w, x, m, bias, y, nthreads, avx2);
