@@ -22,9 +22,10 @@ bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
 
 BLOCK_SIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
-# Every block size on a real layer shape and a ragged one; more shapes at a few.
+# Every block size on a ragged shape, the real layer shape at four; more
+# shapes at a few.
 CASES = (
-    [((576, 1536), bs) for bs in BLOCK_SIZES]
+    [((576, 1536), bs) for bs in (32, 64, 1024, 4096)]
     + [((37, 129), bs) for bs in BLOCK_SIZES]
     + [((1, 4096), bs) for bs in (64, 4096)]
     + [(shape, bs) for shape in [(3, 7), (1, 1), (300, 257), (64, 96), (5, 33), (16, 200)] for bs in (32, 64)]
@@ -147,7 +148,7 @@ def test_pack_layout_first_value_high_nibble_and_pad():
     assert nf4_unpack_codes(torch.tensor([0x9A, 0xB7], dtype=torch.uint8), 3).tolist() == [9, 10, 11]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     n=st.integers(1, 9),
     k=st.integers(1, 70),
