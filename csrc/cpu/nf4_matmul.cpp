@@ -90,6 +90,31 @@ PQ_TARGET_AVX2 void fused_rows_avx2(const Weight& w, const float* x, int64_t ldx
   const int64_t K = w.k;
   const int sh = nf4_log2(w.block_size);
   const Nf4Lut lut = nf4_lut();
+  if constexpr (MR == 1) {
+    if ((K & (w.block_size - 1)) == 0) {
+      // GEMV with rows made of whole blocks (the usual layer): no odd starts,
+      // no partial segments, so the per-block bookkeeping of the general loop
+      // below (a quarter of the instructions at block size 64) goes away.
+      const int64_t bs = w.block_size;
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* q = w.qweight + ((n * K) >> 1);
+        int64_t b = (n * K) >> sh;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (int64_t k0 = 0; k0 < K; k0 += bs, ++b) {
+          __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+          for (int64_t k = k0; k < k0 + bs; k += 16) {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), nf4_decode8(lut, q + (k >> 1)), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), nf4_decode8(lut, q + (k >> 1) + 4), s1);
+          }
+          const __m256 vs = _mm256_set1_ps(w.scales(b));
+          acc0 = _mm256_fmadd_ps(s0, vs, acc0);
+          acc1 = _mm256_fmadd_ps(s1, vs, acc1);
+        }
+        y[n] = hsum(_mm256_add_ps(acc0, acc1)) + (bias ? bias[n] : 0.0f);
+      }
+      return;
+    }
+  }
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t s = n * K, e = s + K;
     // Two accumulators per x row: consecutive 8-value steps feed independent
