@@ -34,15 +34,16 @@ void register_nf4_cpu(py::module_& m) {
   m.def(
       "nf4_dequantize",
       [](uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, uintptr_t absmax_scale, uintptr_t absmax_offset,
-         uintptr_t dyn_map, int64_t n, int64_t k, int64_t block_size, uintptr_t out, int nthreads) {
+         uintptr_t dyn_map, int64_t n, int64_t k, int64_t block_size, uintptr_t out, int nthreads, int64_t row_begin,
+         int64_t row_end) {
         const nf4cpu::Weight w =
             make_weight(qweight, absmax, absmax_q, absmax_scale, absmax_offset, dyn_map, n, k, block_size);
-        nf4cpu::dequantize(w, reinterpret_cast<float*>(out), nthreads);
+        nf4cpu::dequantize(w, reinterpret_cast<float*>(out), nthreads, row_begin, row_end < 0 ? n : row_end);
       },
       py::arg("qweight"), py::arg("absmax"), py::arg("absmax_q"), py::arg("absmax_scale"), py::arg("absmax_offset"),
       py::arg("dyn_map"), py::arg("n"), py::arg("k"), py::arg("block_size"), py::arg("out"), py::arg("nthreads"),
-      py::call_guard<py::gil_scoped_release>(),
-      "NF4 weight (N, K) -> fp32 out (N*K), bit-exact with the reference");
+      py::arg("row_begin") = 0, py::arg("row_end") = -1, py::call_guard<py::gil_scoped_release>(),
+      "Rows [row_begin, row_end) (-1: N) of an NF4 weight (N, K) -> fp32 out, bit-exact with the reference");
   m.def(
       "nf4_qmatmul",
       [](uintptr_t x, int64_t m_rows, uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, uintptr_t absmax_scale,

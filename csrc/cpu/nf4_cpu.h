@@ -22,12 +22,13 @@ struct Weight {
 
 // out[j] = W_flat[begin + j] for j < end - begin: exactly the reference's
 // fp32 values (codebook * absmax, one multiply). Any begin/end, odd included.
+// The AVX2 version must only run where simd_level() says AVX2.
 void decode_range_scalar(const Weight& w, int64_t begin, int64_t end, float* out);
 void decode_range_avx2(const Weight& w, int64_t begin, int64_t end, float* out);
-void decode_range(const Weight& w, int64_t begin, int64_t end, float* out);
 
-// out (N*K fp32) = dequantized weight.
-void dequantize(const Weight& w, float* out, int nthreads);
+// out ((row_end - row_begin) * K fp32) = rows [row_begin, row_end) of the
+// dequantized weight.
+void dequantize(const Weight& w, float* out, int nthreads, int64_t row_begin, int64_t row_end);
 
 // y (M, N) fp32 = x (M, K) fp32 @ W^T (+ bias fp32 (N,) if not null).
 // path: -1 chooses by M; 0 forces the fused (GEMV-style) kernel, 1 the tiled

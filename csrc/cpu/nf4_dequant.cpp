@@ -44,29 +44,21 @@ void decode_range_avx2(const Weight& w, int64_t begin, int64_t end, float* out) 
 }
 #endif
 
-void decode_range(const Weight& w, int64_t begin, int64_t end, float* out) {
-  if (simd_level() == Simd::kAvx2) {
-    decode_range_avx2(w, begin, end, out);
-  } else {
-    decode_range_scalar(w, begin, end, out);
-  }
-}
-
-void dequantize(const Weight& w, float* out, int nthreads) {
-  const int64_t numel = w.n * w.k;
-  // Chunks of whole blocks, ~16K values: enough work per task, and a block's
-  // scale is decoded by one thread only.
+void dequantize(const Weight& w, float* out, int nthreads, int64_t row_begin, int64_t row_end) {
+  const int64_t first = row_begin * w.k, last = row_end * w.k;
+  // Chunks of ~16K values (whole blocks when the range starts on a block):
+  // enough work per task to hide the scheduling.
   const int64_t per_chunk = std::max<int64_t>(1, (int64_t(1) << 14) / w.block_size) * w.block_size;
-  const int64_t nchunks = (numel + per_chunk - 1) / per_chunk;
+  const int64_t nchunks = (last - first + per_chunk - 1) / per_chunk;
   const bool avx2 = simd_level() == Simd::kAvx2;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nchunks > 1)
   for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t b = c * per_chunk;
-    const int64_t e = std::min(b + per_chunk, numel);
+    const int64_t b = first + c * per_chunk;
+    const int64_t e = std::min(b + per_chunk, last);
     if (avx2) {
-      decode_range_avx2(w, b, e, out + b);
+      decode_range_avx2(w, b, e, out + (b - first));
     } else {
-      decode_range_scalar(w, b, e, out + b);
+      decode_range_scalar(w, b, e, out + (b - first));
     }
   }
 }

@@ -109,7 +109,20 @@ def test_qmatmul_both_kernels(simd, n, k, bs, dq, path):
         _check_close(_raw_qmatmul(x, qw, bias, path), x, w_ref, bias)
 
 
-@pytest.mark.parametrize("m", [1, 4, 8, 9, 32])
+@pytest.mark.parametrize("n,k,bs,dq", SHAPES[:-1], ids=IDS[:-1])
+def test_qmatmul_torch_gemm_panels(monkeypatch, simd, n, k, bs, dq):
+    # Large M decodes row panels (any row range, odd starts included) and
+    # multiplies with torch.mm; small panels here so every shape has several.
+    monkeypatch.setattr(cpu_nf4, "TORCH_GEMM_MIN_M", 3)
+    monkeypatch.setattr(cpu_nf4, "_PANEL_FLOATS", 2 * k + 1)
+    qw = _qw(n, k, bs, dq, seed=2)
+    w_ref = pyquant.dequantize(qw, kernel="reference")
+    x = torch.randn(5, k)
+    bias = torch.randn(n)
+    _check_close(cpu_nf4.qmatmul(x, qw.tensor_list(), qw.format, qw.shape, bias), x, w_ref, bias)
+
+
+@pytest.mark.parametrize("m", [1, 4, 8, 9, 32, 256])
 def test_qmatmul_auto_choice_every_m(simd, m):
     qw = _qw(96, 320, 64, True, seed=m)
     w_ref = pyquant.dequantize(qw, kernel="reference")
