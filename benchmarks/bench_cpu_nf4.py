@@ -158,7 +158,8 @@ def main(argv=None):
         return rows
 
     def table(rows, with_bw):
-        print("| M | candidate | best ms | median ms | vs torch fp32 | max rel err |" + (" GB/s (% of copy) |" if with_bw else ""))
+        head = "| M | candidate | best ms | median ms | vs torch fp32 | max rel err |"
+        print(head + (" GB/s (% of copy) |" if with_bw else ""))
         print("|---|---|---|---|---|---|" + ("---|" if with_bw else ""))
         for r in rows:
             line = (f"| {r['m']} | {r['candidate']} | {r['best_ms']:.3f} | {r['median_ms']:.3f} | "

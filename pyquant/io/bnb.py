@@ -145,7 +145,8 @@ def from_bnb(packed: torch.Tensor, quant_state, shape: Optional[Tuple[int, int]]
         if int(st2.blocksize) != NESTED_BLOCK_SIZE:
             raise FormatError(f"nested absmax block size must be {NESTED_BLOCK_SIZE}, got {st2.blocksize}")
         code2 = getattr(st2, "code", None)
-        if code2 is not None and not torch.equal(_as_tensor("state2.code", code2).detach().float().cpu(), dynamic_map()):
+        code2 = None if code2 is None else _as_tensor("state2.code", code2).detach().float().cpu()
+        if code2 is not None and not torch.equal(code2, dynamic_map()):
             raise FormatError("quant_state.state2.code is not bitsandbytes' signed dynamic map")
         if absmax.dtype != torch.uint8:
             raise DtypeError(f"nested quant_state.absmax must be uint8 codes, got {absmax.dtype}")
