@@ -8,10 +8,15 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
 #include <stdexcept>
 #include <string>
 
+#include "gguf_avx2.h"
 #include "gguf_kernels.h"
 
 namespace pyquant {
@@ -30,10 +35,8 @@ void range_scalar(const uint8_t* src, float* dst, int64_t nb) {
 // ------------------------------------------------------------------ AVX2 ---
 #if PQ_X86
 
-PQ_TARGET_AVX2 inline float f16_at(const uint8_t* p) {
-  // F16C's conversion is exact (every fp16 is representable in fp32).
-  return _cvtsh_ss(static_cast<unsigned short>(load_u16le(p)));
-}
+using avx2::f16_at;
+using avx2::load256;
 
 // out[0..16) = d0 * q[0..16), out[16..32) = d1 * q[16..32), q signed bytes.
 PQ_TARGET_AVX2 inline void store_s8(__m256i q, float d0, float d1, float* out) {
@@ -63,10 +66,6 @@ PQ_TARGET_AVX2 inline void store_u8_affine(__m256i q, float d0, float c0, float 
   _mm256_storeu_ps(out + 24, _mm256_add_ps(_mm256_mul_ps(vd1, _mm256_cvtepi32_ps(
                                                                     _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))),
                                            vc1));
-}
-
-PQ_TARGET_AVX2 inline __m256i load256(const uint8_t* p) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
 
 // 16 bytes of nibble pairs -> 32 codes: low nibbles first, then high (Q4_0/Q4_1/Q5_*).
@@ -118,29 +117,43 @@ PQ_TARGET_AVX2 inline void block_q8_0(const uint8_t* b, float* out) {
   store_s8(load256(b + LayoutQ8_0::kQs), d, d, out);
 }
 
+// -x exactly (a sign flip, so -(+0) = -0 as in gguf's `a - b`), unlike 0 - x.
+PQ_TARGET_AVX2 inline __m256 negate(__m256 v) { return _mm256_xor_ps(v, _mm256_set1_ps(-0.0f)); }
+
+PQ_TARGET_AVX2 inline __m256 u8x8_lo_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+
 PQ_TARGET_AVX2 inline void block_q2_k(const uint8_t* b, float* out) {
-  const float d = f16_at(b + LayoutQ2_K::kD), dmin = f16_at(b + LayoutQ2_K::kDmin);
-  float dl[16], nml[16];
-  for (int j = 0; j < 16; ++j) {
-    const int s = b[LayoutQ2_K::kScales + j];
-    dl[j] = d * float(s & 0xF);
-    nml[j] = -(dmin * float(s >> 4));
-  }
+  const __m256 d = _mm256_set1_ps(f16_at(b + LayoutQ2_K::kD)), dmin = _mm256_set1_ps(f16_at(b + LayoutQ2_K::kDmin));
+  const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + LayoutQ2_K::kScales));
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  const __m128i sl = _mm_and_si128(s, m4), sh = _mm_and_si128(_mm_srli_epi16(s, 4), m4);
+  alignas(32) float dl[16], nml[16];
+  _mm256_store_ps(dl, _mm256_mul_ps(d, u8x8_lo_to_ps(sl)));
+  _mm256_store_ps(dl + 8, _mm256_mul_ps(d, u8x8_lo_to_ps(_mm_srli_si128(sl, 8))));
+  _mm256_store_ps(nml, negate(_mm256_mul_ps(dmin, u8x8_lo_to_ps(sh))));
+  _mm256_store_ps(nml + 8, negate(_mm256_mul_ps(dmin, u8x8_lo_to_ps(_mm_srli_si128(sh, 8)))));
   const __m256i m3 = _mm256_set1_epi8(3);
   for (int h = 0; h < 2; ++h) {
     const __m256i qs = load256(b + LayoutQ2_K::kQs + 32 * h);
-    for (int s = 0; s < 4; ++s) {
-      const int j = h * 8 + s * 2;
-      store_u8_affine(_mm256_and_si256(srl16(qs, 2 * s), m3), dl[j], nml[j], dl[j + 1], nml[j + 1],
-                      out + h * 128 + s * 32);
+    for (int sh2 = 0; sh2 < 4; ++sh2) {
+      const int j = h * 8 + sh2 * 2;
+      store_u8_affine(_mm256_and_si256(srl16(qs, 2 * sh2), m3), dl[j], nml[j], dl[j + 1], nml[j + 1],
+                      out + h * 128 + sh2 * 32);
     }
   }
 }
 
 PQ_TARGET_AVX2 inline void block_q3_k(const uint8_t* b, float* out) {
-  const float d = f16_at(b + LayoutQ3_K::kD);
-  float dl[16];
-  for (int j = 0; j < 16; ++j) dl[j] = d * float(q3k_scale(b + LayoutQ3_K::kScales, j));
+  const __m256 d = _mm256_set1_ps(f16_at(b + LayoutQ3_K::kD));
+  uint32_t sw[4];
+  q3k_scales_all(b + LayoutQ3_K::kScales, sw);
+  const __m256i off = _mm256_set1_epi32(32);
+  alignas(32) float dl[16];
+  for (int i = 0; i < 2; ++i) {
+    const __m128i v = _mm_cvtsi64_si128(static_cast<long long>(sw[2 * i] | (uint64_t(sw[2 * i + 1]) << 32)));
+    const __m256i sc = _mm256_sub_epi32(_mm256_cvtepu8_epi32(v), off);
+    _mm256_store_ps(dl + 8 * i, _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)));
+  }
   const __m256i hm = load256(b + LayoutQ3_K::kHmask);
   const __m256i m3 = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4), zero = _mm256_setzero_si256();
   for (int h = 0; h < 2; ++h) {
@@ -157,17 +170,14 @@ PQ_TARGET_AVX2 inline void block_q3_k(const uint8_t* b, float* out) {
 }
 
 PQ_TARGET_AVX2 inline void k_scales(const uint8_t* b, float* dl, float* nml) {
-  const float d = f16_at(b), dmin = f16_at(b + 2);  // same offsets in Q4_K and Q5_K
-  for (int j = 0; j < 8; ++j) {
-    int sc, m;
-    k_scale_min(b + 4, j, sc, m);
-    dl[j] = d * float(sc);
-    nml[j] = -(dmin * float(m));
-  }
+  __m256 vdl, vml;
+  avx2::k_scales(b, vdl, vml);
+  _mm256_store_ps(dl, vdl);
+  _mm256_store_ps(nml, negate(vml));
 }
 
 PQ_TARGET_AVX2 inline void block_q4_k(const uint8_t* b, float* out) {
-  float dl[8], nml[8];
+  alignas(32) float dl[8], nml[8];
   k_scales(b, dl, nml);
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   for (int c = 0; c < 4; ++c) {
@@ -179,7 +189,7 @@ PQ_TARGET_AVX2 inline void block_q4_k(const uint8_t* b, float* out) {
 }
 
 PQ_TARGET_AVX2 inline void block_q5_k(const uint8_t* b, float* out) {
-  float dl[8], nml[8];
+  alignas(32) float dl[8], nml[8];
   k_scales(b, dl, nml);
   const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
   const __m256i qh = load256(b + LayoutQ5_K::kQh);
@@ -194,29 +204,12 @@ PQ_TARGET_AVX2 inline void block_q5_k(const uint8_t* b, float* out) {
   }
 }
 
-// The 4 x 32 signed codes of half h of a Q6_K block (elements 128h + 32s + l).
-PQ_TARGET_AVX2 inline void q6k_half(const uint8_t* b, int h, __m256i q[4]) {
-  const __m256i a = load256(b + LayoutQ6_K::kQl + 64 * h), c = load256(b + LayoutQ6_K::kQl + 64 * h + 32);
-  const __m256i hb = load256(b + LayoutQ6_K::kQh + 32 * h);
-  const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
-  const __m256i a_hi = _mm256_and_si256(_mm256_srli_epi16(a, 4), m4), c_hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), m4);
-  const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4);
-  const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4);
-  const __m256i h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4);
-  const __m256i h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4);
-  q[0] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(a, m4), h0), off);
-  q[1] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(c, m4), h1), off);
-  q[2] = _mm256_sub_epi8(_mm256_or_si256(a_hi, h2), off);
-  q[3] = _mm256_sub_epi8(_mm256_or_si256(c_hi, h3), off);
-}
-
 PQ_TARGET_AVX2 inline void block_q6_k(const uint8_t* b, float* out) {
-  const float d = f16_at(b + LayoutQ6_K::kD);
-  float dl[16];
-  for (int j = 0; j < 16; ++j) dl[j] = d * float(static_cast<int8_t>(b[LayoutQ6_K::kScales + j]));
+  alignas(32) float dl[16];
+  avx2::q6k_scales(b, dl);
   for (int h = 0; h < 2; ++h) {
     __m256i q[4];
-    q6k_half(b, h, q);
+    avx2::q6k_half(b, h, q);
     for (int s = 0; s < 4; ++s) {
       const int j = h * 8 + s * 2;
       store_s8(q[s], dl[j], dl[j + 1], out + h * 128 + s * 32);
@@ -278,15 +271,35 @@ DecodeRangeFn decode_range_fn(int type, Simd level) {
   }
 }
 
+namespace {
+
+// A fresh torch.empty output of a whole weight is untouched memory, and
+// faulting it in 4 KiB pages costs several times the decode itself (~40 ms
+// vs ~5 ms for 64 MiB here). numpy madvises huge pages on large arrays by
+// default (so gguf-py gets them); torch only with THP_MEM_ALLOC_ENABLE=1. The
+// hint covers only the 2 MiB-aligned interior of our own output buffer and
+// changes no contents; it is a no-op where THP is disabled.
+void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (end >= begin + 2 * kHuge) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
+}  // namespace
+
 void dequantize(int type, const uint8_t* src, float* dst, int64_t nblocks, int nthreads) {
   const DecodeRangeFn fn = decode_range_fn(type, simd_level());
   if (fn == nullptr) throw std::invalid_argument("unknown GGUF block type " + std::to_string(type));
   const int bs = block_size(type), ts = type_size(type);
+  advise_huge_pages(dst, size_t(nblocks) * bs * sizeof(float));
   // 8192 weights (32 KiB of output) per task: large enough to hide the
   // scheduling cost, small enough to balance 2-16 threads on small tensors.
   const int64_t chunk = 8192 / bs;
   const int64_t ntasks = (nblocks + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(std::max(1, nthreads)) schedule(static)
+#pragma omp parallel for num_threads(std::max(1, nthreads)) schedule(dynamic, 4)
   for (int64_t t = 0; t < ntasks; ++t) {
     const int64_t b0 = t * chunk;
     fn(src + b0 * ts, dst + b0 * bs, std::min(chunk, nblocks - b0));

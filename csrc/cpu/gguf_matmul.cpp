@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "gguf_avx2.h"
 #include "gguf_kernels.h"
 
 namespace pyquant {
@@ -45,15 +46,14 @@ void micro_scalar(const float* x, int64_t ldx, const float* w, int64_t ldw, int6
     }
 }
 
+inline void prefetch(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
 using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
 
 #if PQ_X86
-PQ_TARGET_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using avx2::hsum;
 
 // len is a multiple of 32 (one legacy block), so there is no tail.
 template <int MR, int NR>
@@ -107,7 +107,7 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
 #pragma omp parallel num_threads(nthreads)
   {
     float* wbuf = buffers.data() + size_t(omp_get_thread_num()) * kTileN * kc;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < ntiles; ++t) {
       const int64_t n0 = t * kTileN;
       const int nt = int(std::min<int64_t>(kTileN, N - n0));
@@ -115,7 +115,18 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
         for (int r = 0; r < nt; ++r) y[m * N + n0 + r] = bias ? bias[n0 + r] : 0.f;
       for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t len = std::min(kc, K - k0);
-        for (int r = 0; r < nt; ++r) decode(w + (n0 + r) * row_bytes + k0 / bs * ts, wbuf + r * kc, len / bs);
+        for (int r = 0; r < nt; ++r) {
+          const uint8_t* src = w + (n0 + r) * row_bytes + k0 / bs * ts;
+          decode(src, wbuf + r * kc, len / bs);
+          // The tile reads 16 rows in pieces of ~1 KiB: too many short
+          // streams for the hardware prefetcher, so each row's next piece
+          // (or the next tile's first piece) is requested while this one is
+          // multiplied.
+          if (k0 + kc < K)
+            prefetch(src + len / bs * ts, std::min(kc, K - k0 - kc) / bs * ts);
+          else if (n0 + kTileN + r < N)
+            prefetch(w + (n0 + kTileN + r) * row_bytes, kc / bs * ts);
+        }
         for (int64_t m0 = 0; m0 < M; m0 += kMR) {
           const int mr = int(std::min<int64_t>(kMR, M - m0));
           for (int j = 0; j < nt; j += kNR) {
@@ -131,29 +142,32 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
 // ------------------------------------------------- fused GEMV (AVX2, M=1) ---
 #if PQ_X86
 
-PQ_TARGET_AVX2 inline float f16_at(const uint8_t* p) { return _cvtsh_ss(static_cast<unsigned short>(load_u16le(p))); }
+// Software prefetch distance for the weight streams: the first touch of each
+// block otherwise stalls on memory (block fields are read out of order, e.g.
+// Q6_K scales at byte 192 before the codes at byte 0).
+constexpr int kAhead = 1024;
 
-// R consecutive Q4_K rows against x. xsum[j] = sum of x over sub-block j.
+using avx2::f16_at;
+
+// R consecutive Q4_K rows against x. xsum[j] = sum of x over sub-block j,
+// so the min term is one 8-wide FMA per block: sum_j dmin*m_j * xsum_j.
 template <int R>
 PQ_TARGET_AVX2 void gemv_q4_k(const uint8_t* w, int64_t row_bytes, const float* x, const float* xsum, int64_t nb,
                               float* y) {
-  __m256 acc[R];
-  float mins[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = 0.f;
+  __m256 acc[R], mins[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = _mm256_setzero_ps();
   const __m256i m4 = _mm256_set1_epi32(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * kQK;
-    const float* xs = xsum + b * 8;
+    const __m256 xs = _mm256_loadu_ps(xsum + b * 8);
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = w + r * row_bytes + b * LayoutQ4_K::kBytes;
-      const float d = f16_at(blk + LayoutQ4_K::kD), dmin = f16_at(blk + LayoutQ4_K::kDmin);
-      float dl[8];
-      for (int j = 0; j < 8; ++j) {
-        int sc, m;
-        k_scale_min(blk + LayoutQ4_K::kScales, j, sc, m);
-        dl[j] = d * float(sc);
-        mins[r] += dmin * float(m) * xs[j];
-      }
+      prefetch(blk + kAhead, LayoutQ4_K::kBytes);
+      __m256 vdl, vml;
+      avx2::k_scales(blk, vdl, vml);
+      mins[r] = _mm256_fmadd_ps(vml, xs, mins[r]);
+      alignas(32) float dl[8];
+      _mm256_store_ps(dl, vdl);
       const uint8_t* qs = blk + LayoutQ4_K::kQs;
       for (int c = 0; c < 4; ++c) {
         __m256 tlo = _mm256_setzero_ps(), thi = _mm256_setzero_ps();
@@ -163,12 +177,12 @@ PQ_TARGET_AVX2 void gemv_q4_k(const uint8_t* w, int64_t row_bytes, const float* 
           thi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), _mm256_loadu_ps(xb + c * 64 + 32 + g * 8),
                                 thi);
         }
-        acc[r] = _mm256_fmadd_ps(tlo, _mm256_set1_ps(dl[2 * c]), acc[r]);
-        acc[r] = _mm256_fmadd_ps(thi, _mm256_set1_ps(dl[2 * c + 1]), acc[r]);
+        acc[r] = _mm256_fmadd_ps(tlo, _mm256_broadcast_ss(dl + 2 * c), acc[r]);
+        acc[r] = _mm256_fmadd_ps(thi, _mm256_broadcast_ss(dl + 2 * c + 1), acc[r]);
       }
     }
   }
-  for (int r = 0; r < R; ++r) y[r] = hsum(acc[r]) - mins[r];
+  for (int r = 0; r < R; ++r) y[r] = hsum(_mm256_sub_ps(acc[r], mins[r]));
 }
 
 PQ_TARGET_AVX2 inline __m256 widen_s8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
@@ -178,28 +192,18 @@ PQ_TARGET_AVX2 void gemv_q6_k(const uint8_t* w, int64_t row_bytes, const float* 
                               float* y) {
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * kQK;
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = w + r * row_bytes + b * LayoutQ6_K::kBytes;
-      const float d = f16_at(blk + LayoutQ6_K::kD);
-      float dl[16];
-      for (int j = 0; j < 16; ++j) dl[j] = d * float(static_cast<int8_t>(blk[LayoutQ6_K::kScales + j]));
+      prefetch(blk + kAhead, LayoutQ6_K::kBytes);
+      alignas(32) float dl[16];
+      avx2::q6k_scales(blk, dl);
       for (int h = 0; h < 2; ++h) {
-        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + LayoutQ6_K::kQl + 64 * h));
-        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + LayoutQ6_K::kQl + 64 * h + 32));
-        const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + LayoutQ6_K::kQh + 32 * h));
         __m256i q[4];
-        q[0] = _mm256_or_si256(_mm256_and_si256(a, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4));
-        q[1] = _mm256_or_si256(_mm256_and_si256(c, m4),
-                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4));
-        q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4),
-                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4));
-        q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4),
-                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4));
+        avx2::q6k_half(blk, h, q);
         for (int s = 0; s < 4; ++s) {
-          const __m256i qv = _mm256_sub_epi8(q[s], off);
+          const __m256i qv = q[s];
           const __m128i lo = _mm256_castsi256_si128(qv), hi = _mm256_extracti128_si256(qv, 1);
           const float* xs = xb + h * 128 + s * 32;
           __m256 t0 = _mm256_mul_ps(widen_s8(lo), _mm256_loadu_ps(xs));
@@ -207,8 +211,8 @@ PQ_TARGET_AVX2 void gemv_q6_k(const uint8_t* w, int64_t row_bytes, const float* 
           __m256 t1 = _mm256_mul_ps(widen_s8(hi), _mm256_loadu_ps(xs + 16));
           t1 = _mm256_fmadd_ps(widen_s8(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xs + 24), t1);
           const int j = h * 8 + s * 2;
-          acc[r] = _mm256_fmadd_ps(t0, _mm256_set1_ps(dl[j]), acc[r]);
-          acc[r] = _mm256_fmadd_ps(t1, _mm256_set1_ps(dl[j + 1]), acc[r]);
+          acc[r] = _mm256_fmadd_ps(t0, _mm256_broadcast_ss(dl + j), acc[r]);
+          acc[r] = _mm256_fmadd_ps(t1, _mm256_broadcast_ss(dl + j + 1), acc[r]);
         }
       }
     }
@@ -227,6 +231,7 @@ PQ_TARGET_AVX2 void gemv_q8_0(const uint8_t* w, int64_t row_bytes, const float* 
     const __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = w + r * row_bytes + b * LayoutQ8_0::kBytes;
+      __builtin_prefetch(blk + kAhead, 0, 3);  // blocks are shorter than a line
       const uint8_t* q = blk + LayoutQ8_0::kQs;
       auto ld = [&](int o) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + o)); };
       __m256 t = _mm256_mul_ps(widen_s8(ld(0)), x0);
@@ -272,7 +277,7 @@ void gemv_fused(int type, const GemvFn fns[4], const float* x, const uint8_t* w,
   const float* xs = xsum.empty() ? nullptr : xsum.data();
   const int64_t groups = (N + 3) / 4;
   nthreads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, groups)));
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t n0 = g * 4;
     const int r = int(std::min<int64_t>(4, N - n0));

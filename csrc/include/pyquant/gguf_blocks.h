@@ -128,6 +128,29 @@ PQ_HD void k_scale_min(const uint8_t* s, int j, int& sc, int& m) {
   }
 }
 
+// All 8 (scale, min) pairs of a Q4_K/Q5_K block at once, four bytes per
+// 32-bit word (byte j of sc[0] is scale j, byte j of sc[1] is scale 4 + j;
+// the same for m), for SIMD code. Bytes 0-3 hold scales 0-3 in their low 6
+// bits and the top 2 bits of scales 4-7; bytes 4-7 do the same for the mins;
+// bytes 8-11 hold the low 4 bits of scale 4+j (low nibble) and min 4+j (high).
+PQ_HD void k_scales_mins(const uint8_t* s, uint32_t sc[2], uint32_t m[2]) {
+  const uint32_t a = load_u32le(s), b = load_u32le(s + 4), c = load_u32le(s + 8);
+  sc[0] = a & 0x3F3F3F3Fu;
+  m[0] = b & 0x3F3F3F3Fu;
+  sc[1] = (c & 0x0F0F0F0Fu) | ((a >> 2) & 0x30303030u);
+  m[1] = ((c >> 4) & 0x0F0F0F0Fu) | ((b >> 2) & 0x30303030u);
+}
+
+// All 16 Q3_K scales as unsigned 6-bit bytes (subtract 32 for the value),
+// four per word: word w holds scales 4w..4w+3.
+PQ_HD void q3k_scales_all(const uint8_t* s, uint32_t out[4]) {
+  const uint32_t l0 = load_u32le(s), l1 = load_u32le(s + 4), h = load_u32le(s + 8);
+  out[0] = (l0 & 0x0F0F0F0Fu) | ((h & 0x03030303u) << 4);
+  out[1] = (l1 & 0x0F0F0F0Fu) | (((h >> 2) & 0x03030303u) << 4);
+  out[2] = ((l0 >> 4) & 0x0F0F0F0Fu) | (((h >> 4) & 0x03030303u) << 4);
+  out[3] = ((l1 >> 4) & 0x0F0F0F0Fu) | (((h >> 6) & 0x03030303u) << 4);
+}
+
 // Q4_K: 4 chunks of 32 bytes; chunk c holds sub-block 2c (low nibbles) and 2c+1 (high).
 PQ_HD int q4k_code(const uint8_t* qs, int i) {
   const int sub = i >> 5;
