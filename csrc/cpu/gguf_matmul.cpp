@@ -8,11 +8,13 @@
 //    this path is bound by the integer->float conversions, not by memory, so
 //    the work per weight is kept to a widen, a convert and an FMA.
 //  * otherwise (any type, any M; also M == 1 on the scalar path): a thread
-//    owns a tile of kTileN weight rows and walks K in chunks of ~1024
-//    weights; it decodes that tile slice once into a small fp32 buffer
-//    (64 KiB, L2-resident) with the exact dequantize kernels and multiplies
-//    it against every row of x in register tiles of kMR x kNR dot products,
-//    so decoding costs O(N*K) regardless of M.
+//    owns a tile of kTileN weight rows and walks K in chunks of kChunkK
+//    weights; it decodes that slice of the tile once into a small fp32
+//    buffer (48 KiB, L2-resident) with the exact dequantize kernels and
+//    multiplies it against every row of x in register tiles of kMR rows of
+//    x by kNR weight rows (12 accumulators: 7 loads feed 12 FMAs), so decoding costs O(N*K) regardless of M. Past a few hundred
+//    rows of x the x chunk no longer fits in L2 and torch's GEMM wins; the
+//    Python glue switches to it there (pyquant/ops/cpu_gguf.py).
 #include <immintrin.h>
 #include <omp.h>
 
@@ -28,10 +30,10 @@ namespace pyquant {
 namespace gguf {
 namespace {
 
-constexpr int kTileN = 16;      // weight rows per thread task
+constexpr int kTileN = 12;      // weight rows per thread task (a multiple of kNR)
 constexpr int kChunkK = 1024;   // weights per row decoded at a time (a multiple of 256)
-constexpr int kMR = 2;          // x rows per register tile
-constexpr int kNR = 4;          // weight rows per register tile
+constexpr int kMR = 4;          // x rows per register tile
+constexpr int kNR = 3;          // weight rows per register tile
 
 // ------------------------------------------------------ tiled (any type) ---
 
@@ -77,8 +79,10 @@ PQ_TARGET_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* w, int6
 
 MicroFn micro_fn(Simd level, int mr, int nr) {
 #define PQ_MICRO_CASES(F)                                                                        \
-  static const MicroFn table[kMR][kNR] = {{F<1, 1>, F<1, 2>, F<1, 3>, F<1, 4>},                  \
-                                          {F<2, 1>, F<2, 2>, F<2, 3>, F<2, 4>}};                 \
+  static const MicroFn table[kMR][kNR] = {{F<1, 1>, F<1, 2>, F<1, 3>},                           \
+                                          {F<2, 1>, F<2, 2>, F<2, 3>},                           \
+                                          {F<3, 1>, F<3, 2>, F<3, 3>},                           \
+                                          {F<4, 1>, F<4, 2>, F<4, 3>}};                          \
   return table[mr - 1][nr - 1];
 #if PQ_X86
   if (level == Simd::kAvx2) {

@@ -7,8 +7,8 @@ kernels read and write fp32) and pass pointers. Kernels:
   (fp32 out; other dtypes are a torch cast of it, i.e. correctly rounded).
 * ``gguf_qmatmul``: fused in C++ for every block type up to ``TORCH_MATMUL_MIN_M``
   activation rows (a dedicated M=1 kernel for Q4_K, Q6_K and Q8_0, a tiled
-  decode-and-multiply kernel otherwise); above that, torch's GEMM beats our
-  register-tiled dot products, so the weight is dequantized in tiles of
+  decode-and-multiply kernel otherwise); from there on, torch's GEMM beats our
+  register-tiled dot products (measured on 1-2 threads), so the weight is dequantized in tiles of
   ``ROW_TILE`` rows and each tile multiplied with ``torch.matmul`` (memory
   stays at one tile, never the whole float weight).
 """
@@ -22,7 +22,7 @@ from .. import _ext
 from .dispatch import register_kernel
 
 ROW_TILE = 256
-TORCH_MATMUL_MIN_M = 64
+TORCH_MATMUL_MIN_M = 256
 
 
 def _supports(fmt, device: torch.device, m: int) -> bool:
