@@ -299,7 +299,8 @@ void dequantize(int type, const uint8_t* src, float* dst, int64_t nblocks, int n
   // scheduling cost, small enough to balance 2-16 threads on small tensors.
   const int64_t chunk = 8192 / bs;
   const int64_t ntasks = (nblocks + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(std::max(1, nthreads)) schedule(dynamic, 4)
+  nthreads = threads_for(nblocks * bs, int64_t(1) << 18, nthreads);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4)
   for (int64_t t = 0; t < ntasks; ++t) {
     const int64_t b0 = t * chunk;
     fn(src + b0 * ts, dst + b0 * bs, std::min(chunk, nblocks - b0));

@@ -1,5 +1,6 @@
 // Internal interface between the GGUF CPU kernel files (dequant, matmul, bindings).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #include "simd.h"
@@ -7,6 +8,13 @@
 
 namespace pyquant {
 namespace gguf {
+
+// Threads worth waking for `work` items when each thread should get at least
+// `min_per_thread`: waking a thread costs microseconds on an idle machine and
+// milliseconds on an oversubscribed one, so small tensors run on one.
+inline int threads_for(int64_t work, int64_t min_per_thread, int nthreads) {
+  return int(std::max<int64_t>(1, std::min<int64_t>(nthreads, work / min_per_thread)));
+}
 
 // Decodes `nblocks` consecutive blocks into nblocks * block_size floats,
 // bit-exact with gguf-py. Both levels give identical bits.

@@ -100,7 +100,8 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
   const int64_t row_bytes = K / bs * ts;
   const int64_t kc = std::min<int64_t>(K, kChunkK);  // K and kChunkK are multiples of bs
   const int64_t ntiles = (N + kTileN - 1) / kTileN;
-  nthreads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, ntiles)));
+  // work in multiply-adds, counting a decode as ~2 of them
+  nthreads = std::min(threads_for(N * K * (M + 2), int64_t(1) << 20, nthreads), int(std::min<int64_t>(ntiles, 1 << 20)));
   // Allocated before the parallel region: an allocation failure must surface
   // as a Python exception, not terminate inside OpenMP.
   std::vector<float> buffers(size_t(nthreads) * kTileN * kc);
@@ -280,7 +281,7 @@ void gemv_fused(int type, const GemvFn fns[4], const float* x, const uint8_t* w,
   }
   const float* xs = xsum.empty() ? nullptr : xsum.data();
   const int64_t groups = (N + 3) / 4;
-  nthreads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, groups)));
+  nthreads = std::min(threads_for(N * K, int64_t(1) << 18, nthreads), int(std::min<int64_t>(groups, 1 << 20)));
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t n0 = g * 4;
