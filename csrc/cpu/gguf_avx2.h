@@ -2,12 +2,12 @@
 // only on x86; every function is compiled for AVX2+FMA+F16C and called only
 // when simd_level() says the CPU has them.
 #pragma once
-#include <immintrin.h>
-
 #include "simd.h"
 #include "pyquant/gguf_blocks.h"
 
 #if PQ_X86
+#include <immintrin.h>
+
 namespace pyquant {
 namespace gguf {
 namespace avx2 {

@@ -5,7 +5,6 @@
 // same fp32 operations as gguf-py: a product (always exact, see
 // pyquant/gguf_blocks.h) and, where the format has an offset, one add. The
 // offset is added as `+ (-ml)`, which IEEE defines to equal `- ml` exactly.
-#include <immintrin.h>
 #include <omp.h>
 
 #if defined(__linux__)
@@ -16,8 +15,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "gguf_avx2.h"
 #include "gguf_kernels.h"
+#include "gguf_avx2.h"  // x86 only; empty elsewhere
 
 namespace pyquant {
 namespace gguf {
@@ -295,12 +294,15 @@ void dequantize(int type, const uint8_t* src, float* dst, int64_t nblocks, int n
   if (fn == nullptr) throw std::invalid_argument("unknown GGUF block type " + std::to_string(type));
   const int bs = block_size(type), ts = type_size(type);
   advise_huge_pages(dst, size_t(nblocks) * bs * sizeof(float));
-  // 8192 weights (32 KiB of output) per task: large enough to hide the
-  // scheduling cost, small enough to balance 2-16 threads on small tensors.
-  const int64_t chunk = 8192 / bs;
-  const int64_t ntasks = (nblocks + chunk - 1) / chunk;
   nthreads = threads_for(nblocks * bs, int64_t(1) << 18, nthreads);
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4)
+  // Tasks of up to 2 MiB of output (one huge page, so threads fault in and
+  // zero different pages in parallel instead of queueing on the same one),
+  // at least 8 tasks per thread for balance on a shared machine, and at
+  // least 32 KiB so scheduling stays cheap.
+  const int64_t weights = std::max<int64_t>(8192, std::min<int64_t>(int64_t(1) << 19, nblocks * bs / (8 * nthreads)));
+  const int64_t chunk = std::max<int64_t>(1, weights / bs);
+  const int64_t ntasks = (nblocks + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
   for (int64_t t = 0; t < ntasks; ++t) {
     const int64_t b0 = t * chunk;
     fn(src + b0 * ts, dst + b0 * bs, std::min(chunk, nblocks - b0));

@@ -15,7 +15,6 @@
 //    x by kNR weight rows (12 accumulators: 7 loads feed 12 FMAs), so decoding costs O(N*K) regardless of M. Past a few hundred
 //    rows of x the x chunk no longer fits in L2 and torch's GEMM wins; the
 //    Python glue switches to it there (pyquant/ops/cpu_gguf.py).
-#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -23,8 +22,8 @@
 #include <string>
 #include <vector>
 
-#include "gguf_avx2.h"
 #include "gguf_kernels.h"
+#include "gguf_avx2.h"  // x86 only; empty elsewhere
 
 namespace pyquant {
 namespace gguf {
@@ -100,8 +99,8 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
   const int64_t row_bytes = K / bs * ts;
   const int64_t kc = std::min<int64_t>(K, kChunkK);  // K and kChunkK are multiples of bs
   const int64_t ntiles = (N + kTileN - 1) / kTileN;
-  // work in multiply-adds, counting a decode as ~2 of them
-  nthreads = std::min(threads_for(N * K * (M + 2), int64_t(1) << 20, nthreads), int(std::min<int64_t>(ntiles, 1 << 20)));
+  // Work in multiply-adds, counting the decode of a weight as ~2 of them.
+  nthreads = int(std::min<int64_t>(threads_for(N * K * (M + 2), int64_t(1) << 20, nthreads), ntiles));
   // Allocated before the parallel region: an allocation failure must surface
   // as a Python exception, not terminate inside OpenMP.
   std::vector<float> buffers(size_t(nthreads) * kTileN * kc);
@@ -123,7 +122,7 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
         for (int r = 0; r < nt; ++r) {
           const uint8_t* src = w + (n0 + r) * row_bytes + k0 / bs * ts;
           decode(src, wbuf + r * kc, len / bs);
-          // The tile reads 16 rows in pieces of ~1 KiB: too many short
+          // The tile reads kTileN rows in pieces of ~1 KiB: too many short
           // streams for the hardware prefetcher, so each row's next piece
           // (or the next tile's first piece) is requested while this one is
           // multiplied.
@@ -281,7 +280,7 @@ void gemv_fused(int type, const GemvFn fns[4], const float* x, const uint8_t* w,
   }
   const float* xs = xsum.empty() ? nullptr : xsum.data();
   const int64_t groups = (N + 3) / 4;
-  nthreads = std::min(threads_for(N * K, int64_t(1) << 18, nthreads), int(std::min<int64_t>(groups, 1 << 20)));
+  nthreads = int(std::min<int64_t>(threads_for(N * K, int64_t(1) << 18, nthreads), groups));
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t n0 = g * 4;
