@@ -19,7 +19,7 @@
 #pragma once
 #include "pyquant/common.h"
 
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)  // the device pass of nvcc
 #define PQ_FMUL(a, b) __fmul_rn((a), (b))
 #else
 #define PQ_FMUL(a, b) ((a) * (b))
@@ -197,7 +197,7 @@ PQ_HD void dequant_block_q5_1(const uint8_t* b, float* out) {
 
 PQ_HD void dequant_block_q8_0(const uint8_t* b, float* out) {
   const float d = load_f16(b + LayoutQ8_0::kD);
-  for (int i = 0; i < 32; ++i) out[i] = PQ_FMUL(float(int8_t(b[LayoutQ8_0::kQs + i])), d);
+  for (int i = 0; i < 32; ++i) out[i] = PQ_FMUL(float(static_cast<int8_t>(b[LayoutQ8_0::kQs + i])), d);
 }
 
 PQ_HD void dequant_block_q2_k(const uint8_t* b, float* out) {
@@ -242,7 +242,7 @@ PQ_HD void dequant_block_q5_k(const uint8_t* b, float* out) {
 PQ_HD void dequant_block_q6_k(const uint8_t* b, float* out) {
   const float d = load_f16(b + LayoutQ6_K::kD);
   for (int j = 0; j < 16; ++j) {
-    const float dl = PQ_FMUL(d, float(int8_t(b[LayoutQ6_K::kScales + j])));
+    const float dl = PQ_FMUL(d, float(static_cast<int8_t>(b[LayoutQ6_K::kScales + j])));
     for (int i = j * 16; i < j * 16 + 16; ++i) out[i] = PQ_FMUL(dl, float(q6k_code(b, i)));
   }
 }
