@@ -5,12 +5,12 @@ kernels read and write fp32) and pass pointers. Kernels:
 
 * ``gguf_dequantize``: every block type, bit-exact with ``gguf.quants.dequantize``
   (fp32 out; other dtypes are a torch cast of it, i.e. correctly rounded).
-* ``gguf_qmatmul``: fused in C++ for every block type up to ``TORCH_MATMUL_MIN_M``
-  activation rows (a dedicated M=1 kernel for Q4_K, Q6_K and Q8_0, a tiled
-  decode-and-multiply kernel otherwise); from there on, torch's GEMM beats our
-  register-tiled dot products (measured on 1-2 threads), so the weight is dequantized in tiles of
-  ``ROW_TILE`` rows and each tile multiplied with ``torch.matmul`` (memory
-  stays at one tile, never the whole float weight).
+* ``gguf_qmatmul``: fused in C++ for every block type below
+  ``TORCH_MATMUL_MIN_M`` activation rows (a dedicated M=1 kernel for Q4_K,
+  Q6_K and Q8_0, a tiled decode-and-multiply kernel otherwise). From there on
+  torch's GEMM beats our register-tiled dot products (measured with 1 and 2
+  threads), so the weight is dequantized in tiles of ``ROW_TILE`` rows, each
+  multiplied with torch; memory stays at one tile, never the whole float weight.
 """
 from __future__ import annotations
 
@@ -26,7 +26,11 @@ TORCH_MATMUL_MIN_M = 256
 
 
 def _supports(fmt, device: torch.device, m: int) -> bool:
-    return fmt.family == "gguf" and device.type == "cpu" and _ext.load() is not None
+    if fmt.family != "gguf" or device.type != "cpu":
+        return False
+    ext = _ext.load()
+    # hasattr: an extension built before these kernels existed leaves GGUF to the reference.
+    return ext is not None and hasattr(ext, "gguf_qmatmul")
 
 
 def _dequantize_fp32(blocks: torch.Tensor, fmt, n: int, k: int) -> torch.Tensor:
