@@ -12,9 +12,10 @@
 //    weights; it decodes that slice of the tile once into a small fp32
 //    buffer (48 KiB, L2-resident) with the exact dequantize kernels and
 //    multiplies it against every row of x in register tiles of kMR rows of
-//    x by kNR weight rows (12 accumulators: 7 loads feed 12 FMAs), so decoding costs O(N*K) regardless of M. Past a few hundred
-//    rows of x the x chunk no longer fits in L2 and torch's GEMM wins; the
-//    Python glue switches to it there (pyquant/ops/cpu_gguf.py).
+//    x by kNR weight rows (12 accumulators: 7 loads feed 12 FMAs), so
+//    decoding costs O(N*K) regardless of M. Past a few hundred rows of x the
+//    x chunk no longer fits in L2 and torch's GEMM wins; the Python glue
+//    switches to it there (pyquant/ops/cpu_gguf.py).
 #include <omp.h>
 
 #include <algorithm>
