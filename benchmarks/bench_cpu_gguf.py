@@ -117,6 +117,7 @@ def main(argv=None) -> int:
         "gguf": getattr(gguf, "__version__", "?"),
         "shape": [n, k],
         "copy_GBps": copy_gbs,
+        "loadavg_start": os.getloadavg()[0],
         "dequantize": [],
         "qmatmul": [],
     }
@@ -176,6 +177,9 @@ def main(argv=None) -> int:
             print(f"| {t} | {m} | {row['torch_ms']:.2f} | {row['pyquant_ms']:.2f} | {row['speedup']:.2f}x | "
                   f"{row['weight_GBps']:.1f} |", flush=True)
 
+    results["loadavg_end"] = os.getloadavg()[0]
+    print(f"\n1-min load average {results['loadavg_start']:.1f} at start, {results['loadavg_end']:.1f} at end "
+          f"({os.cpu_count()} CPUs)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

@@ -4,7 +4,7 @@
 //  * M == 1 (decode, GEMV) for Q4_K, Q6_K and Q8_0 with AVX2: the codes of a
 //    block are widened in registers and multiplied straight into x; the
 //    block/sub-block scale is applied once per sub-block partial sum, and the
-//    Q4_K minimum term uses per-32 sums of x computed once per call. On CPUs
+//    Q4_K minimum term uses per-32 sums of x computed once per call. On a core
 //    this path is bound by the integer->float conversions, not by memory, so
 //    the work per weight is kept to a widen, a convert and an FMA.
 //  * otherwise (any type, any M; also M == 1 on the scalar path): a thread

@@ -233,6 +233,17 @@ def test_qmatmul_batch_dims_noncontiguous_and_empty(C):
     assert empty.shape == (0, 10)
 
 
+def test_opcheck_with_cpu_kernel(C):
+    blocks = random_blocks("Q4_K", 5, 512, seed=6, scales="weights")
+    qw = qweight("Q4_K", blocks, (5, 512))
+    spec = qw.format.spec()
+    x = torch.randn(3, 512, requires_grad=True)  # the backward dequantizes with the same kernel
+    bias = torch.randn(5, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyquant.qmatmul.default, (x, qw.tensor_list(), spec, 5, 512, bias, "cpu"))
+    torch.library.opcheck(torch.ops.pyquant.dequantize.default,
+                          (qw.tensor_list(), spec, 5, 512, torch.bfloat16, "cpu"))
+
+
 # ---- a real checkpoint -------------------------------------------------------
 
 def _smollm2_path():
