@@ -7,6 +7,9 @@ Timings include allocating the output, as a caller would see them. Prints a mark
 benchmarks/results/cpu-gguf.json).
 
     PYTHONPATH=. python benchmarks/bench_cpu_gguf.py [--quick] [--threads 2]
+    # on a busy shared machine, one thread timed by its own CPU time:
+    PYTHONPATH=. python benchmarks/bench_cpu_gguf.py --threads 1 --clock cpu \
+        --out benchmarks/results/cpu-gguf-1thread-cputime.json
 """
 from __future__ import annotations
 
