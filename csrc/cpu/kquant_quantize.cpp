@@ -410,7 +410,10 @@ void block_q2_k(const float* x, const float* qw, uint8_t* out) {
     }
     if (max_min > 0.f) {
       const float is = 15.f / max_min;
-      for (int j = 0; j < 16; ++j) bytes[j] = static_cast<uint8_t>(bytes[j] | (static_cast<uint32_t>(magic_round(is * mins[j])) << 4));
+      for (int j = 0; j < 16; ++j) {
+        const uint32_t lm = static_cast<uint32_t>(magic_round(is * mins[j]));
+        bytes[j] = static_cast<uint8_t>(bytes[j] | (lm << 4));
+      }
       mv = max_min / 15.f;
     }
     put_half(out + 80, dv);
@@ -436,7 +439,8 @@ void block_q2_k(const float* x, const float* qw, uint8_t* out) {
     const float dj = d * static_cast<float>(bytes[j] & 0xf);
     if (dj == 0.f) continue;
     const float mj = dmin * static_cast<float>(bytes[j] >> 4);
-    for (int l = 0; l < 16; ++l) L[16 * j + l] = static_cast<uint8_t>(clampi(magic_round((x[16 * j + l] + mj) / dj), 0, 3));
+    for (int l = 0; l < 16; ++l)
+      L[16 * j + l] = static_cast<uint8_t>(clampi(magic_round((x[16 * j + l] + mj) / dj), 0, 3));
   }
   pack_2bit(L, out + 16);
 }
@@ -489,7 +493,8 @@ void block_q3_k(const float* x, const float* qw, uint8_t* out) {
   for (int j = 0; j < 16; ++j) {
     const float dj = d * static_cast<float>(q3_scale(s, j));
     if (dj == 0.f) continue;
-    for (int l = 0; l < 16; ++l) L[16 * j + l] = static_cast<int8_t>(clampi(magic_round(x[16 * j + l] / dj), -4, 3) + 4);
+    for (int l = 0; l < 16; ++l)
+      L[16 * j + l] = static_cast<int8_t>(clampi(magic_round(x[16 * j + l] / dj), -4, 3) + 4);
   }
   uint8_t q[kSuper], hi[kSuper];
   for (int i = 0; i < kSuper; ++i) {
@@ -595,7 +600,8 @@ void block_q6_k(const float* x, const float* qw, uint8_t* out) {
   for (int j = 0; j < 16; ++j) {
     const float dj = d * static_cast<float>(sc[j]);
     if (dj == 0.f) continue;
-    for (int l = 0; l < 16; ++l) L[16 * j + l] = static_cast<int8_t>(clampi(magic_round(x[16 * j + l] / dj), -32, 31) + 32);
+    for (int l = 0; l < 16; ++l)
+      L[16 * j + l] = static_cast<int8_t>(clampi(magic_round(x[16 * j + l] / dj), -32, 31) + 32);
   }
   for (int h = 0; h < 2; ++h) {
     const int8_t* q = L + 128 * h;

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from ..errors import FormatError, KernelUnavailableError, ShapeError, ValueRangeError
+from ..errors import DeviceError, FormatError, KernelUnavailableError, ShapeError, ValueRangeError
 from ..formats import GGUF, QuantizedWeight
 from ..ops.reference_gguf import FP16_FIELDS, K_TYPES, f16_field
 from ..validation import check_finite, check_float, check_weight_2d
@@ -66,8 +66,6 @@ def _check_imatrix(imatrix, k: int, device) -> torch.Tensor:
     if imatrix.dim() != 1 or imatrix.shape[0] != k:
         raise ShapeError(f"imatrix must be 1-D with in_features={k} entries, got shape {tuple(imatrix.shape)}")
     if imatrix.device != device:
-        from ..errors import DeviceError
-
         raise DeviceError(f"imatrix is on {imatrix.device} but the weight is on {device}")
     check_finite("imatrix", imatrix)
     q = imatrix.detach().to(torch.float32)
@@ -115,8 +113,9 @@ def kquant_quantize(
     importance (llama.cpp's ``quant_weights``); None gives llama.cpp's
     reference (no-imatrix) quantization. ``kernel``: None picks the compiled
     CPU path when available, ``"reference"`` forces the pure-torch spec,
-    ``"cpu"`` requires the compiled path. Returns a ``QuantizedWeight`` with
-    ``blocks`` uint8 ``(N, K/256 * type_size)``.
+    ``"cpu"`` requires the compiled path. Either runs on the CPU whatever the
+    weight's device. Returns a ``QuantizedWeight`` with ``blocks`` uint8
+    ``(N, K/256 * type_size)`` on the weight's device.
     """
     check_weight_2d("weight", w)
     if not isinstance(fmt, GGUF):
@@ -127,10 +126,13 @@ def kquant_quantize(
     fmt.check_shape((n, k))
     check_finite("weight", w)
     qw = None if imatrix is None else _check_imatrix(imatrix, k, w.device)
-    ext = _cpu_path(kernel) if w.device.type == "cpu" else None
-    if kernel == "cpu" and w.device.type != "cpu":
-        raise KernelUnavailableError(f"kernel='cpu' needs a CPU tensor, got {w.device}")
-    x = w.detach().to(torch.float32).contiguous()
+    ext = _cpu_path(kernel)
+    # Quantization is offline and its bytes are defined by fp32 CPU arithmetic:
+    # a weight on another device is quantized on the CPU and its blocks moved back.
+    device = w.device
+    x = w.detach().to("cpu", torch.float32).contiguous()
+    if qw is not None:
+        qw = qw.cpu()
     bt = fmt.block
     nb = k // QK_K
     with torch.no_grad():
@@ -145,7 +147,8 @@ def kquant_quantize(
             qb = None if qw is None else qw.view(1, nb, QK_K).expand(n, nb, QK_K).reshape(n * nb, QK_K)
             parts = []
             for s in range(0, n * nb, _SPEC_CHUNK):
-                parts.append(quantize_k_blocks(fmt.type, xb[s:s + _SPEC_CHUNK], None if qb is None else qb[s:s + _SPEC_CHUNK]))
+                e = s + _SPEC_CHUNK
+                parts.append(quantize_k_blocks(fmt.type, xb[s:e], None if qb is None else qb[s:e]))
             blocks = torch.cat(parts).view(n, nb * bt.type_size)
     _check_fp16_fields(fmt.type, blocks, x)
-    return QuantizedWeight(fmt, {"blocks": blocks}, (n, k))
+    return QuantizedWeight(fmt, {"blocks": blocks.to(device)}, (n, k))

@@ -55,11 +55,6 @@ _EPS = float(np.float32(1e-15))  # GROUP_MAX_EPS
 _MAGIC = 12582912.0  # 1.5 * 2**23
 
 
-def _f32(v) -> float:
-    """A Python float holding exactly the fp32 value ``v`` rounds to."""
-    return float(np.float32(v))
-
-
 def nearest_int(v: torch.Tensor) -> torch.Tensor:
     """llama.cpp's ``nearest_int`` on fp32 ``v``, as fp32 integer values."""
     bits = (v + _MAGIC).view(torch.int32)
@@ -69,8 +64,9 @@ def nearest_int(v: torch.Tensor) -> torch.Tensor:
 def sqrt_rn(q: torch.Tensor) -> torch.Tensor:
     """Correctly rounded fp32 ``sqrtf`` of ``q >= 0``.
 
-    torch's CPU ``sqrt`` (MKL VML) is off by one ulp for a good share of fp32
-    inputs, and one ulp in a weight flips llama.cpp's scale searches. The
+    torch's CPU fp32 ``sqrt`` is not correctly rounded (one ulp off for about
+    a sixth of random inputs with this build), and one ulp in a weight flips
+    llama.cpp's scale searches. The
     approximation is fixed up with exact float64 tests: the midpoint of two
     adjacent floats has 25 significant bits, its square 50, so ``mid*mid``
     against ``q`` is exact, and a float ``q`` is never a midpoint's square (no
@@ -369,14 +365,14 @@ def _requantize(X, L, d, m, lo: float, hi: float, offset: float):
 def _pack_2bit(q: torch.Tensor) -> torch.Tensor:
     """(B, 256) 2-bit codes -> (B, 64): byte 32h+l = sum_k q[128h + 32k + l] << 2k."""
     B = q.shape[0]
-    sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32).view(1, 1, 4, 1)
+    sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=q.device).view(1, 1, 4, 1)
     return ((q.view(B, 2, 4, 32) & 3) << sh).sum(2, dtype=torch.int32).view(B, 64)
 
 
 def _bit_planes(bits: torch.Tensor) -> torch.Tensor:
     """(B, 256) bits -> (B, 32): byte l bit i = bits[32i + l]."""
     B = bits.shape[0]
-    sh = torch.arange(8, dtype=torch.int32).view(1, 8, 1)
+    sh = torch.arange(8, dtype=torch.int32, device=bits.device).view(1, 8, 1)
     return ((bits.view(B, 8, 32) & 1) << sh).sum(1, dtype=torch.int32)
 
 
@@ -395,7 +391,7 @@ def _pack_q3_scales(l6: torch.Tensor) -> torch.Tensor:
     """(B, 16) six-bit values -> the 12 scale bytes of Q3_K."""
     l6 = l6.to(torch.int32)
     low = (l6[:, :8] & 0xF) | ((l6[:, 8:] & 0xF) << 4)
-    sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32).view(1, 4, 1)
+    sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=l6.device).view(1, 4, 1)
     high = ((l6.view(-1, 4, 4) >> 4) << sh).sum(1, dtype=torch.int32)
     return torch.cat([low, high], dim=1)
 
@@ -404,7 +400,7 @@ def _q3_scale_values(sb: torch.Tensor) -> torch.Tensor:
     """The 16 signed scales (six-bit - 32) read back from Q3_K's 12 bytes (B, 12)."""
     B = sb.shape[0]
     low = torch.cat([sb[:, 0:8] & 0xF, sb[:, 0:8] >> 4], dim=1)
-    sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32).view(1, 4, 1)
+    sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=sb.device).view(1, 4, 1)
     high = ((sb[:, 8:12].view(B, 1, 4) >> sh) & 3).reshape(B, 16)
     return (low | (high << 4)) - 32
 
@@ -465,7 +461,8 @@ def _q3_k(xb: torch.Tensor, qw: Optional[torch.Tensor]) -> torch.Tensor:
         l = _wrap_i8(nearest_int(iscale * S)).clamp_(-32.0, 31.0) + 32.0
         l6 = torch.where(has, l, torch.zeros_like(l)).t()
         d16 = torch.where(has, _div(1.0, iscale), torch.zeros_like(iscale)).to(torch.float16)
-        sbytes = torch.where(has.unsqueeze(1), _pack_q3_scales(l6), torch.zeros(B, 12, dtype=torch.int32))
+        none = torch.zeros(B, 12, dtype=torch.int32, device=xb.device)
+        sbytes = torch.where(has.unsqueeze(1), _pack_q3_scales(l6), none)
     else:
         sigma2 = _block_sigma2(xb, times_two=True)
         W = _importance(X, _columns(qw, 16), sigma2, 16)
@@ -548,7 +545,7 @@ def _q6_k(xb: torch.Tensor, qw: Optional[torch.Tensor]) -> torch.Tensor:
     qv = q.view(B, 2, 4, 32)
     lo = qv & 0xF
     ql = torch.cat([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], dim=2).reshape(B, 128)
-    sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32).view(1, 1, 4, 1)
+    sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=q.device).view(1, 1, 4, 1)
     qh = ((qv >> 4) << sh).sum(2, dtype=torch.int32).reshape(B, 64)
     out = _cat_bytes([ql, qh, sc.t().to(torch.int32) & 0xFF, f16_bytes(d16).view(B, 2)])
     return torch.where(zero_block.unsqueeze(1), torch.zeros_like(out), out)

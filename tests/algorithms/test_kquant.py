@@ -17,7 +17,7 @@ import torch
 import pyquant
 from pyquant.algorithms.kquant import imatrix_from_activations, kquant_quantize
 from pyquant.algorithms.kquant_reference import nearest_int, quantize_k_blocks, sqrt_rn
-from pyquant.errors import DtypeError, FormatError, KernelUnavailableError, ShapeError, ValueRangeError
+from pyquant.errors import DeviceError, DtypeError, FormatError, KernelUnavailableError, ShapeError, ValueRangeError
 from pyquant.formats import GGUF
 from pyquant.ops.reference_gguf import gguf_dequantize
 
@@ -57,7 +57,8 @@ def test_fixture_provenance(fixture):
 @pytest.mark.parametrize("type_name", K_TYPES)
 def test_bytes_match_llamacpp(fixture, type_name, kernel):
     w = torch.from_numpy(fixture["w"])
-    assert_bitexact(_blocks(w, type_name, kernel=kernel), torch.from_numpy(fixture[f"{type_name}_ref"]), f"{type_name} ref")
+    expected = torch.from_numpy(fixture[f"{type_name}_ref"])
+    assert_bitexact(_blocks(w, type_name, kernel=kernel), expected, f"{type_name} ref")
     for i, im in enumerate(fixture["imatrix"]):
         got = _blocks(w, type_name, torch.from_numpy(im), kernel=kernel)
         assert_bitexact(got, torch.from_numpy(fixture[f"{type_name}_imatrix"][i]), f"{type_name} imatrix #{i}")
@@ -78,7 +79,8 @@ def test_cpu_kernel_matches_spec_random(type_name):
     im = torch.rand(k, generator=g) ** 3 * (torch.rand(k, generator=g) > 0.2)
     for imatrix in (None, im):
         spec = _blocks(w, type_name, imatrix, kernel="reference")
-        assert_bitexact(_blocks(w, type_name, imatrix, kernel="cpu"), spec, f"{type_name} imatrix={imatrix is not None}")
+        what = f"{type_name} imatrix={imatrix is not None}"
+        assert_bitexact(_blocks(w, type_name, imatrix, kernel="cpu"), spec, what)
 
 
 def test_spec_chunking_is_invisible(monkeypatch):
@@ -216,6 +218,8 @@ def test_bad_imatrix():
         kquant_quantize(w, fmt, nan)
     with pytest.raises(DtypeError):
         kquant_quantize(w, fmt, torch.ones(512, dtype=torch.int64))
+    with pytest.raises(DeviceError):
+        kquant_quantize(w, fmt, torch.ones(512, device="meta"))
     with pytest.raises(ShapeError):
         imatrix_from_activations(torch.randn(8, 512), torch.ones(3))
 
