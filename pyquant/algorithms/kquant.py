@@ -92,14 +92,16 @@ def _check_fp16_fields(type_name: str, blocks: torch.Tensor, w: torch.Tensor) ->
     ts = blocks.shape[1] // (w.shape[1] // QK_K)
     b = blocks.reshape(-1, ts).to(torch.int32)
     for off in FP16_FIELDS[type_name]:
-        bad = torch.isinf(f16_field(b, off))
+        h = f16_field(b, off)
+        bad = ~torch.isfinite(h)
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
             nb = w.shape[1] // QK_K
             r, c = i // nb, (i % nb) * QK_K
+            what = "overflows fp16 (max 65504)" if bool(torch.isinf(h[i])) else "is NaN (extreme imatrix values?)"
             raise ValueRangeError(
-                f"GGUF {type_name}: block {i} (row {r}, columns {c}..{c + QK_K - 1}) needs a scale that overflows "
-                f"fp16 (max 65504); its largest |weight| is {float(w[r, c:c + QK_K].abs().max()):.6g}"
+                f"GGUF {type_name}: block {i} (row {r}, columns {c}..{c + QK_K - 1}) needs a scale that {what}; "
+                f"its largest |weight| is {float(w[r, c:c + QK_K].abs().max()):.6g}"
             )
 
 
