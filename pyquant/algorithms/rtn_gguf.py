@@ -1,4 +1,5 @@
-"""Round-to-nearest quantizers of the legacy GGUF block types.
+"""Round-to-nearest quantizers of the legacy GGUF block types (the k-quant
+types Q2_K..Q6_K go to llama.cpp's reference quantizers in ``kquant``).
 
 They reproduce gguf-py's numpy quantizers (``gguf.quants.quantize``, which are
 bit-exact with llama.cpp's ``quantize_row_*_ref``) byte for byte, so their
@@ -113,12 +114,15 @@ def legacy_fields(w: torch.Tensor, type_name: str):
 
 def rtn_gguf(w: torch.Tensor, fmt: GGUF) -> QuantizedWeight:
     """Quantize fp32 ``w`` ``(N, K)`` (validated, K a multiple of the block
-    size) into GGUF block bytes with gguf-py's round-to-nearest."""
+    size) into GGUF block bytes: gguf-py's round-to-nearest for the legacy
+    types, llama.cpp's reference k-quant quantizers (``kquant.kquant_quantize``
+    without an importance matrix) for Q2_K..Q6_K."""
     if fmt.type in K_TYPES:
-        raise FormatError(
-            f"RTN quantizers for k-quant type {fmt.type} come with the k-quant algorithms; "
-            f"quantize_weight supports the legacy GGUF types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 for now"
-        )
+        # The k-quants have no plain RTN in llama.cpp: their reference
+        # quantizer (no importance matrix) is what "rtn" means for them.
+        from .kquant import kquant_quantize
+
+        return kquant_quantize(w, fmt)
     fmt.check_shape(tuple(w.shape))
     d, m, codes = legacy_fields(w, fmt.type)
     blocks = pack_legacy_blocks(fmt.type, d, m, codes)

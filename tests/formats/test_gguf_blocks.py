@@ -11,7 +11,6 @@ import pyquant
 from gguf_testutil import (
     ALL_TYPES,
     FP16_FIELDS,
-    K_TYPES,
     LEGACY_TYPES,
     assert_bitexact,
     gguf_dequantize_np,
@@ -294,12 +293,6 @@ def test_rtn_fp16_overflow_raises(type_name, value):
     assert any(torch.isinf(h).any() for h in halves)
     with pytest.raises(pyquant.ValueRangeError, match=r"block 3 \(row 1, columns 32..63\)"):
         pyquant.quantize_weight(w, GGUF(type_name))
-
-
-@pytest.mark.parametrize("type_name", K_TYPES)
-def test_kquant_rtn_not_yet(type_name):
-    with pytest.raises(pyquant.FormatError, match=f"k-quant type {type_name}"):
-        pyquant.quantize_weight(torch.randn(2, 256), GGUF(type_name))
 
 
 # --- bad input --------------------------------------------------------------------
