@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from ..errors import DeviceError, ShapeError
+from ..formats.base import validate_packed
 from ._dtypes import dtype_code, ptr
 from .dispatch import register_kernel
 from .reference import is_w8a8_format
@@ -23,6 +25,34 @@ def _cuda_ready(device: torch.device) -> bool:
         return False
     ext = _ext.load()
     return ext is not None and ext.cuda_compiled()
+
+
+def _has(fn_name: str) -> bool:
+    """Launchers that depend on a shared decode header are bound only where it exists."""
+    ext = _ext.load()
+    return ext is not None and hasattr(ext, fn_name)
+
+
+def _packed(fmt, qdata, shape, device: torch.device) -> dict:
+    """Name -> contiguous packed tensor, checked against the format (shapes,
+    dtypes) and the device: the kernels read raw pointers, and the ops can be
+    called with any Tensor[] (not only a QuantizedWeight's)."""
+    names = list(fmt.tensor_specs(shape))
+    if len(qdata) != len(names):
+        raise ShapeError(f"{fmt.spec()} takes {len(names)} packed tensors {names}, got {len(qdata)}")
+    t = {name: q.contiguous() for name, q in zip(names, qdata)}
+    validate_packed(fmt, t, shape)
+    for name, q in t.items():
+        if q.device != device:
+            raise DeviceError(f"packed tensor {name!r} is on {q.device}, the CUDA kernel runs on {device}")
+    return t
+
+
+def _check_x(x: torch.Tensor, k: int, bias) -> None:
+    if x.dim() != 2 or x.shape[1] != k or not x.is_contiguous():
+        raise ShapeError(f"x must be a contiguous (M, {k}) tensor, got {tuple(x.shape)}")
+    if bias is not None and (bias.device != x.device or bias.dim() != 1):
+        raise ShapeError(f"bias must be 1-D on {x.device}, got {tuple(bias.shape)} on {bias.device}")
 
 
 def _stream(device: torch.device) -> int:
@@ -53,14 +83,12 @@ def _int_any(fmt, device, m):
 @register_kernel("dequantize", "cuda", "cuda_int_dequantize", _int_any)
 def int_dequantize(qdata, fmt, shape, dtype):
     n, k = shape
-    t = dict(zip(fmt.tensor_specs(shape), qdata))
     dev = qdata[0].device
+    t = _packed(fmt, qdata, shape, dev)
     out = torch.empty((n, k), dtype=dtype, device=dev)
-    zeros = t.get("zeros")
     with torch.cuda.device(dev):
         _ext.load().int_dequant_cuda(
-            ptr(t["qweight"].contiguous()), ptr(t["scales"].contiguous()),
-            ptr(None if zeros is None else zeros.contiguous()), ptr(out), n, k, fmt.bits,
+            ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")), ptr(out), n, k, fmt.bits,
             fmt.group_size_for(k), dtype_code(fmt.scale_dtype), dtype_code(dtype), _stream(dev),
         )
     return out
@@ -81,19 +109,18 @@ def _int4_gemv_ok(fmt, device, m):
 def int4_gemv(x, qdata, fmt, shape, bias):
     """x (M, K) fp16/bf16/fp32 contiguous, M <= 8 -> (M, N) in x.dtype."""
     n, k = shape
+    _check_x(x, k, bias)
+    t = _packed(fmt, qdata, shape, x.device)
     m = x.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    t = dict(zip(fmt.tensor_specs(shape), qdata))
-    zeros = t.get("zeros")
-    if zeros is not None:
-        zeros = zeros.contiguous()
     if bias is not None:
         bias = bias.contiguous()
+    qweight = _aligned16(t["qweight"])  # held until the launch is enqueued
     with torch.cuda.device(x.device):
         _ext.load().int4_gemv_cuda(
-            ptr(x), ptr(_aligned16(t["qweight"])), ptr(t["scales"].contiguous()), ptr(zeros), ptr(bias),
+            ptr(x), ptr(qweight), ptr(t["scales"]), ptr(t.get("zeros")), ptr(bias),
             ptr(out), m, n, k, fmt.group_size_for(k), dtype_code(fmt.scale_dtype), _opt_code(bias),
             dtype_code(x.dtype), _stream(x.device),
         )
@@ -110,10 +137,9 @@ def quantize_rows_int8_cuda(x: torch.Tensor, kp: int | None = None):
         kp = (k + 31) // 32 * 32
     q = torch.empty((m, kp), dtype=torch.int8, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    x = x.contiguous()
     with torch.cuda.device(x.device):
-        _ext.load().quantize_rows_int8_cuda(
-            ptr(x.contiguous()), ptr(q), ptr(scale), m, k, kp, dtype_code(x.dtype), _stream(x.device)
-        )
+        _ext.load().quantize_rows_int8_cuda(ptr(x), ptr(q), ptr(scale), m, k, kp, dtype_code(x.dtype), _stream(x.device))
     return q, scale
 
 
@@ -124,18 +150,81 @@ def _w8a8_ok(fmt, device, m):
 @register_kernel("w8a8_matmul", "cuda", "cuda_w8a8_gemm", _w8a8_ok)
 def w8a8_gemm(x, qdata, fmt, shape, bias):
     n, k = shape
+    _check_x(x, k, bias)
+    t = _packed(fmt, qdata, shape, x.device)
     m = x.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    t = dict(zip(fmt.tensor_specs(shape), qdata))
     kp = fmt.packed_row_bytes(k)  # 8-bit codes: one byte per padded column
     qa, sa = quantize_rows_int8_cuda(x, kp)
     if bias is not None:
         bias = bias.contiguous()
+    qweight = _aligned16(t["qweight"])
     with torch.cuda.device(x.device):
         _ext.load().w8a8_gemm_cuda(
-            ptr(qa), ptr(sa), ptr(_aligned16(t["qweight"])), ptr(t["scales"].contiguous()), ptr(bias), ptr(out),
+            ptr(qa), ptr(sa), ptr(qweight), ptr(t["scales"]), ptr(bias), ptr(out),
             m, n, kp, dtype_code(fmt.scale_dtype), _opt_code(bias), dtype_code(out.dtype), _stream(x.device),
+        )
+    return out
+
+
+# --- NF4 and GGUF: dequantize --------------------------------------------------
+def _nf4_ok(fmt, device, m):
+    return fmt.family == "nf4" and _cuda_ready(device) and _has("nf4_dequant_cuda")
+
+
+_DYN_MAPS: dict = {}
+
+
+def _dynamic_map(device: torch.device) -> torch.Tensor:
+    """bitsandbytes' 256-entry map on ``device``, copied there once (the first
+    double-quantized dequantize on a device must run outside CUDA-graph capture)."""
+    key = (device.type, device.index)
+    table = _DYN_MAPS.get(key)
+    if table is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "NF4 double-quant dequantize on CUDA: call it once before CUDA-graph capture "
+                "(its lookup table is copied to the device on first use)"
+            )
+        from .reference_nf4 import dynamic_map
+
+        table = dynamic_map(device).contiguous()
+        _DYN_MAPS[key] = table
+    return table
+
+
+@register_kernel("dequantize", "cuda", "cuda_nf4_dequantize", _nf4_ok)
+def nf4_dequantize(qdata, fmt, shape, dtype):
+    n, k = shape
+    dev = qdata[0].device
+    t = _packed(fmt, qdata, shape, dev)
+    out = torch.empty((n, k), dtype=dtype, device=dev)
+    if fmt.double_quant:
+        scales = (0, ptr(t["absmax_q"]), ptr(t["absmax_scale"]), ptr(t["absmax_offset"]), ptr(_dynamic_map(dev)))
+    else:
+        scales = (ptr(t["absmax"]), 0, 0, 0, 0)
+    with torch.cuda.device(dev):
+        _ext.load().nf4_dequant_cuda(
+            ptr(t["qweight"]), *scales, ptr(out), n * k, fmt.block_size, dtype_code(dtype), _stream(dev)
+        )
+    return out
+
+
+def _gguf_ok(fmt, device, m):
+    return fmt.family == "gguf" and _cuda_ready(device) and _has("gguf_dequant_cuda")
+
+
+@register_kernel("dequantize", "cuda", "cuda_gguf_dequantize", _gguf_ok)
+def gguf_dequantize(qdata, fmt, shape, dtype):
+    n, k = shape
+    dev = qdata[0].device
+    t = _packed(fmt, qdata, shape, dev)
+    out = torch.empty((n, k), dtype=dtype, device=dev)
+    bt = fmt.block
+    with torch.cuda.device(dev):
+        _ext.load().gguf_dequant_cuda(
+            ptr(t["blocks"]), ptr(out), n * (k // bt.block_size), bt.ggml_type, dtype_code(dtype), _stream(dev)
         )
     return out
