@@ -1,0 +1,1 @@
+from . import gguf  # noqa: F401  (pyquant.io.gguf.GGUFFile)
