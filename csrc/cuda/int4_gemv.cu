@@ -57,9 +57,9 @@ constexpr int kTileK = kTileChunks * 32;     // 1024 codes
 // Shared-memory stride of one 32-value chunk of x, in elements: 32 values plus
 // 16 bytes of padding (see the bank argument above).
 template <typename T>
-constexpr int chunk_stride() {
-  return 32 + 16 / int(sizeof(T));
-}
+struct ChunkStride {
+  static constexpr int value = 32 + 16 / int(sizeof(T));
+};
 
 struct GemvParams {
   const void* x;
@@ -106,7 +106,7 @@ __device__ __forceinline__ void load_chunk(const GemvParams& p, int64_t row0, in
 // bit copies: no conversion, and +0.0 is the all-zero pattern in every dtype.
 template <int M, typename T>
 __device__ __forceinline__ void stage_x(const GemvParams& p, T* xs, int64_t k0) {
-  constexpr int S = chunk_stride<T>();
+  constexpr int S = ChunkStride<T>::value;
   const T* x = static_cast<const T*>(p.x);
   if (p.x_vec16) {
     constexpr int V = 16 / sizeof(T);
@@ -133,7 +133,7 @@ __device__ __forceinline__ void stage_x(const GemvParams& p, T* xs, int64_t k0) 
 
 template <int M, typename T>
 __global__ void __launch_bounds__(kThreads) int4_gemv_kernel(const GemvParams p) {
-  constexpr int S = chunk_stride<T>();
+  constexpr int S = ChunkStride<T>::value;
   __shared__ __align__(16) T xs[M * kTileChunks * S];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

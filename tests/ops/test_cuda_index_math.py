@@ -28,7 +28,7 @@ def _emulate_int4_gemv(x, qweight, scales, zeros, group, k, elem_bytes, x_vec16)
     m_rows, n = x.shape[0], qweight.shape[0]
     k_rows_warp, warps, tile_chunks = 4, 4, 32
     tile_k = tile_chunks * 32
-    stride = 32 + 16 // elem_bytes  # chunk_stride<T>()
+    stride = 32 + 16 // elem_bytes  # ChunkStride<T>::value
     row_bytes = (k + 31) // 32 * 16
     ngroups = (k + group - 1) // group
     gshift = 31 if ngroups == 1 else int(math.log2(group))
