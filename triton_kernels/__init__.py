@@ -1,1 +1,45 @@
-"""Triton kernels (installed as pyquant.triton_kernels); imported lazily, never at pyquant import."""
+"""Triton kernels of pyquant (installed as ``pyquant.triton_kernels``).
+
+Imported lazily by ``pyquant.ops.triton_backend`` at the first call that wants
+Triton, never at ``import pyquant``. Importing this package itself does not
+import triton either: the kernel modules load on first use.
+
+    dequantize(qdata, fmt, shape, dtype)            -> (N, K) in dtype, bit-exact
+    qmatmul(x2d, qdata, fmt, shape, bias, path=...)  -> (M, N) in x.dtype
+    tune(qw, m_values=..., dtype=...)                -> tuned configs, saved per GPU
+
+``path`` forces "gemv" | "splitk" | "gemm" (default: by M, see ``configs``).
+On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1
+before the first call (Triton reads it when the kernels are defined).
+"""
+from __future__ import annotations
+
+from .configs import PATHS, Config, m_bucket, path_for_m  # noqa: F401  (no triton import)
+
+
+def dequantize(qdata, fmt, shape, dtype, config=None):
+    from ._launch import dequantize as _deq
+
+    return _deq(qdata, fmt, tuple(shape), dtype, config=config)
+
+
+def qmatmul(x, qdata, fmt, shape, bias=None, path=None, config=None):
+    from ._launch import qmatmul as _mm
+
+    return _mm(x, qdata, fmt, tuple(shape), bias, path=path, config=config)
+
+
+def tune(qw, m_values=None, dtype=None, paths=None, save=True, verbose=False):
+    """Autotune the kernels for one QuantizedWeight on its (CUDA) device; see ``tuning.tune``."""
+    from .tuning import tune as _tune
+
+    return _tune(qw, m_values=m_values, dtype=dtype, paths=paths, save=save, verbose=verbose)
+
+
+def interpreting() -> bool:
+    from ._launch import interpreting as _interp
+
+    return _interp()
+
+
+__all__ = ["dequantize", "qmatmul", "tune", "interpreting", "Config", "PATHS", "m_bucket", "path_for_m"]

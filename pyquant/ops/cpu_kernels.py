@@ -8,3 +8,4 @@ from . import cpu_int  # noqa: F401
 from . import cpu_nf4  # noqa: F401
 from . import cpu_gguf  # noqa: F401
 from . import cuda_kernels  # noqa: F401
+from . import triton_backend  # noqa: F401
