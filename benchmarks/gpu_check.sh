@@ -5,30 +5,33 @@
 #
 # 1. builds pyquant._C with CUDA for this GPU's architecture only (nvidia-smi
 #    compute_cap: 9.0 -> 90a, 8.0 -> 80, ...), into pyquant/ (no pip, no network);
-# 2. runs the GPU tests (tests/gpu) and records which GPU kernels passed all of
-#    their tests: benchmarks/results/<gpu>-verified.json (see benchmarks/verified.py;
-#    apply it with `python benchmarks/verified.py apply <that file>`);
-# 3. runs the rest of the test suite (tests needing packages missing here skip);
-# 4. benchmarks the CUDA kernels (benchmarks/bench_cuda.py) and, if present,
+# 2. runs the GPU tests (tests/gpu: one pytest process per file, in parallel,
+#    plus tests marked gpu elsewhere);
+# 3. benchmarks the CUDA kernels (benchmarks/bench_cuda.py) and, if present,
 #    benchmarks/suite.py --quick --device cuda;
-# 5. writes benchmarks/results/<gpu>.json, <gpu>.md and <gpu>.png (+ <gpu>-suite.png)
+# 4. runs the rest of the test suite (tests needing packages missing here skip);
+# 5. records which GPU kernels passed all of their tests in any of these runs:
+#    benchmarks/results/<gpu>-verified.json (rules in benchmarks/verified.py;
+#    apply it with `python benchmarks/verified.py apply <that file>`);
+# 6. writes benchmarks/results/<gpu>.json, <gpu>.md and <gpu>.png (+ <gpu>-suite.png)
 #    and, when $OUT is set, copies them there with the log and a tarball of the
 #    raw outputs (junit XML, suite output): at most 8 files.
 # Each step has a time limit taken from a total budget (GPU_CHECK_BUDGET_S,
-# default 450 s) so the whole run fits in 8 minutes on an H100 with the build.
+# default 460 s) so the whole run fits in 8 minutes on an H100 with the build.
 #
 # Environment: OUT, PYTHON (default python3), PYQUANT_CUDA_ARCHS (override the
 # detected arch), GPU_CHECK_BUDGET_S, GPU_CHECK_JOBS (build jobs, default nproc),
 # GPU_CHECK_ALLOW_NO_GPU=1 (exercise the script without a GPU: CPU build unless
 # PYQUANT_CUDA_ARCHS is set, GPU steps skipped), GPU_CHECK_SKIP_BUILD=1,
-# GPU_CHECK_TESTS (test paths for step 3, default: tests minus tests/gpu).
+# GPU_CHECK_TESTS (test paths for step 4, default: tests), GPU_CHECK_WORK (scratch
+# folder, default build/gpu_check).
 # Exit status: 0 when the build and every test passed, 1 otherwise, 2 when no GPU.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 2
 PY="${PYTHON:-python3}"
-WORK="$ROOT/build/gpu_check"
+WORK="${GPU_CHECK_WORK:-$ROOT/build/gpu_check}"
 RESULTS="$ROOT/benchmarks/results"
 BUDGET="${GPU_CHECK_BUDGET_S:-460}"
 START=$(date +%s)
@@ -38,6 +41,7 @@ if ! command -v nvcc >/dev/null 2>&1 && [[ -x /usr/local/cuda/bin/nvcc ]]; then
   export PATH="/usr/local/cuda/bin:$PATH"
 fi
 
+gpu_present() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 elapsed() { echo $(( $(date +%s) - START )); }
 # Seconds left for a step: what remains of the budget minus a reserve, capped at $1.
 limit() {
@@ -62,17 +66,13 @@ main() {
   local have_gpu=0 cap="" gpu_name="no-gpu" arch="" build_ok=0 gpu_tests_rc=1 rest_rc=1
 
   step "device"
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  if gpu_present; then
     have_gpu=1
     nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
     cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1 | tr -d ' ')
     gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)
   else
-    echo "no NVIDIA GPU visible (nvidia-smi missing or failing)"
-    if [[ "${GPU_CHECK_ALLOW_NO_GPU:-0}" != 1 ]]; then
-      echo "gpu_check: this script needs a GPU machine; set GPU_CHECK_ALLOW_NO_GPU=1 to exercise it without one" >&2
-      return 2
-    fi
+    echo "no NVIDIA GPU visible (nvidia-smi missing or failing): GPU steps are skipped, nothing is verified"
   fi
   gpu_name=$(printf '%s' "$gpu_name" | sed -E 's/[^A-Za-z0-9._-]+/_/g; s/^_+//; s/_+$//')
   echo "$gpu_name" >"$WORK/gpu_name"
@@ -145,9 +145,6 @@ main() {
       echo "(skipped: time budget spent)"
     fi
     echo "GPU tests: $([[ $gpu_tests_rc == 0 ]] && echo all passed || echo FAILURES)"
-    "$PY" benchmarks/verified.py from-junit "$WORK"/junit-gpu-*.xml --device "$gpu_name" \
-      --out "$RESULTS/$gpu_name-verified.json" \
-      --extra "{\"cuda_arch\": \"$arch\", \"git_commit\": \"$(git rev-parse HEAD 2>/dev/null || echo unknown)\"}"
   else
     echo "(skipped: no extension)"
   fi
@@ -181,6 +178,18 @@ main() {
     --continue-on-collection-errors "${xdist[@]}" --junitxml="$WORK/junit-rest.xml"
   rest_rc=$?
   echo "test suite exit status: $rest_rc"
+
+  step "verified kernels (every junit report of this run: tests/gpu and the rest, e.g. Triton tests on the GPU)"
+  local junits=() no_gpu=()
+  for f in "$WORK"/junit-*.xml; do [[ -f "$f" ]] && junits+=("$f"); done
+  if (( ! have_gpu )); then no_gpu=(--no-gpu); fi
+  if (( ${#junits[@]} )); then
+    "$PY" benchmarks/verified.py from-junit "${junits[@]}" --device "$gpu_name" "${no_gpu[@]}" \
+      --out "$RESULTS/$gpu_name-verified.json" \
+      --extra "{\"cuda_arch\": \"$arch\", \"git_commit\": \"$(git rev-parse HEAD 2>/dev/null || echo unknown)\"}"
+  else
+    echo "(no test reports)"
+  fi
 
   step "summary"
   "$PY" - "$WORK" "$RESULTS" "$gpu_name" "$build_ok" "$gpu_tests_rc" "$rest_rc" "$arch" <<'PYEOF'
@@ -259,7 +268,14 @@ PYEOF
   return 1
 }
 
+if ! gpu_present && [[ "${GPU_CHECK_ALLOW_NO_GPU:-0}" != 1 ]]; then
+  echo "gpu_check: no NVIDIA GPU visible (nvidia-smi missing or failing). This script needs a GPU machine;" >&2
+  echo "gpu_check: set GPU_CHECK_ALLOW_NO_GPU=1 to exercise it without one (nothing is verified then)." >&2
+  exit 2
+fi
 mkdir -p "$WORK" "$RESULTS"
+# Reports of an earlier run on this machine must not count (the build folders stay: incremental).
+rm -rf "$WORK/bench" "$WORK/suite" "$WORK"/junit-*.xml "$WORK"/pytest-*.log "$WORK/gpu_name"
 main 2>&1 | tee "$WORK/gpu_check.log"
 status=${PIPESTATUS[0]}
 

@@ -1,10 +1,16 @@
 """Which GPU kernels passed their tests on a real device, and the file that
 lets default dispatch use them (DESIGN.md rule 6).
 
-Test naming rule: a test of kernel ``K`` (the name given to ``register_kernel``,
-e.g. ``cuda_int4_gemv``) is a function named ``test_K`` or ``test_K_...``. A
-kernel is verified on a device when at least one of its tests passed there and
-none failed or errored (skips count for nothing).
+Which tests belong to which kernel (the kernel names are those given to
+``register_kernel``, e.g. ``cuda_int4_gemv``):
+
+* a test function named ``test_K`` or ``test_K_...`` tests kernel ``K``;
+* otherwise every test of a module that declares, at top level,
+  ``GPU_KERNELS = ("K1", "K2", ...)`` tests all of those kernels.
+
+A kernel is verified on a device when at least one of its tests passed there
+and none failed or errored (skips count for nothing). Only a run on a GPU
+verifies anything (``--no-gpu`` records the counts and verifies nothing).
 
     # on the GPU machine, after pytest --junitxml=junit.xml tests/gpu
     python benchmarks/verified.py from-junit junit.xml --device NVIDIA_H100_80GB_HBM3 \\
@@ -15,7 +21,9 @@ none failed or errored (skips count for nothing).
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
+import functools
 import json
 import sys
 import xml.etree.ElementTree as ET
@@ -41,10 +49,14 @@ def gpu_kernel_names() -> List[str]:
 
 
 def testcases(junit_paths: Iterable[str]):
-    """Yields (function name, status) for every testcase; status is one of
-    passed / failed / skipped."""
+    """Yields (classname, function name, status) for every testcase; status is
+    one of passed / failed / skipped."""
     for path in junit_paths:
-        root = ET.parse(path).getroot()
+        try:
+            root = ET.parse(path).getroot()
+        except (OSError, ET.ParseError) as exc:  # a step killed before pytest wrote its report
+            print(f"verified.py: skipping {path}: {exc}", file=sys.stderr)
+            continue
         for tc in root.iter("testcase"):
             name = tc.get("name", "").split("[", 1)[0]
             tags = {child.tag for child in tc}
@@ -54,7 +66,33 @@ def testcases(junit_paths: Iterable[str]):
                 status = "skipped"
             else:
                 status = "passed"
-            yield name, status
+            yield tc.get("classname", ""), name, status
+
+
+@functools.lru_cache(maxsize=None)
+def _module_kernels(path: Path) -> tuple:
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError):
+        return ()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "GPU_KERNELS" for t in node.targets):
+            try:
+                return tuple(ast.literal_eval(node.value))
+            except ValueError:
+                return ()
+    return ()
+
+
+def declared_kernels(classname: str, root: Path = ROOT) -> tuple:
+    """GPU_KERNELS of the test module named by a junit classname
+    (``tests.triton.test_x`` or ``tests.triton.test_x.TestClass``)."""
+    parts = [p for p in classname.split(".") if p]
+    for i in range(len(parts), 0, -1):
+        path = root.joinpath(*parts[:i]).with_suffix(".py")
+        if path.is_file():
+            return _module_kernels(path)
+    return ()
 
 
 def kernel_of(test_name: str, kernels: List[str]):
@@ -67,13 +105,14 @@ def kernel_of(test_name: str, kernels: List[str]):
     return best
 
 
-def summarize(junit_paths: Iterable[str], kernels: List[str]) -> Dict:
+def summarize(junit_paths: Iterable[str], kernels: List[str], root: Path = ROOT, gpu: bool = True) -> Dict:
     counts = {k: {"passed": 0, "failed": 0, "skipped": 0} for k in kernels}
-    for name, status in testcases(junit_paths):
+    for classname, name, status in testcases(junit_paths):
         k = kernel_of(name, kernels)
-        if k is not None:
-            counts[k][status] += 1
-    verified = sorted(k for k, c in counts.items() if c["passed"] > 0 and c["failed"] == 0)
+        owners = [k] if k is not None else [d for d in declared_kernels(classname, root) if d in counts]
+        for owner in owners:
+            counts[owner][status] += 1
+    verified = sorted(k for k, c in counts.items() if gpu and c["passed"] > 0 and c["failed"] == 0)
     failed = sorted(k for k, c in counts.items() if c["failed"] > 0)
     untested = sorted(k for k, c in counts.items() if c["passed"] == 0 and c["failed"] == 0)
     return {"kernels": counts, "verified": verified, "failed": failed, "untested": untested}
@@ -81,9 +120,10 @@ def summarize(junit_paths: Iterable[str], kernels: List[str]) -> Dict:
 
 def from_junit(args) -> int:
     kernels = args.kernels.split(",") if args.kernels else gpu_kernel_names()
-    result = summarize(args.junit, kernels)
+    result = summarize(args.junit, kernels, gpu=not args.no_gpu)
     result = {
         "device": args.device,
+        "gpu": not args.no_gpu,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "junit": [str(p) for p in args.junit],
         **result,
@@ -106,6 +146,9 @@ def apply(args) -> int:
     """Merge a device's results into verified_kernels.json: kernels verified
     there are added, kernels that failed there are removed."""
     res = json.loads(Path(args.results).read_text())
+    if not res.get("gpu", True):
+        print(f"{args.results} comes from a run without a GPU: nothing to apply", file=sys.stderr)
+        return 1
     target = Path(args.file)
     current = json.loads(target.read_text()) if target.exists() else {}
     verified = set(current.get("verified", []))
@@ -132,6 +175,7 @@ def main(argv=None) -> int:
     a.add_argument("--out")
     a.add_argument("--kernels", help="comma-separated kernel names (default: every registered CUDA/Triton kernel)")
     a.add_argument("--extra", help="JSON object merged into the output (build info, ...)")
+    a.add_argument("--no-gpu", action="store_true", help="the tests ran without a GPU: verify nothing")
     b = sub.add_parser("apply", help="merge a verified-kernels JSON into pyquant/ops/verified_kernels.json")
     b.add_argument("results")
     b.add_argument("--file", default=str(VERIFIED_FILE))

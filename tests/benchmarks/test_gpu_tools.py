@@ -58,6 +58,30 @@ def test_verified_from_junit_and_apply(tmp_path):
     assert data["evidence"]["cuda_int4_gemv"].startswith("dev ")
 
 
+def test_verified_module_declared_kernels_and_no_gpu(tmp_path):
+    v = _load("verified")
+    mod = tmp_path / "tests" / "triton" / "test_tk.py"
+    mod.parent.mkdir(parents=True)
+    mod.write_text('GPU_KERNELS = ("triton_gemv", "triton_gemm")\n\ndef test_a():\n    pass\n')
+    (tmp_path / "junit.xml").write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.triton.test_tk" name="test_a[x]"/>'
+        '<testcase classname="tests.triton.test_tk.TestGroup" name="test_b"/>'
+        '<testcase classname="tests.triton.test_tk" name="test_cuda_int4_gemv_here"><failure/></testcase>'
+        '<testcase classname="tests.other" name="test_c"><failure/></testcase>'
+        "</testsuite></testsuites>")
+    kernels = ["triton_gemv", "triton_gemm", "triton_splitk", "cuda_int4_gemv"]
+    res = v.summarize([str(tmp_path / "junit.xml"), str(tmp_path / "missing.xml")], kernels, root=tmp_path)
+    assert res["kernels"]["triton_gemv"] == {"passed": 2, "failed": 0, "skipped": 0}
+    assert res["verified"] == ["triton_gemm", "triton_gemv"]
+    assert res["failed"] == ["cuda_int4_gemv"]  # the name rule wins over the module declaration
+    assert res["untested"] == ["triton_splitk"]
+    assert v.summarize([str(tmp_path / "junit.xml")], kernels, root=tmp_path, gpu=False)["verified"] == []
+    out = tmp_path / "cpu-verified.json"
+    v.main(["from-junit", str(tmp_path / "junit.xml"), "--no-gpu", "--out", str(out), "--kernels", "triton_gemv"])
+    assert v.main(["apply", str(out), "--file", str(tmp_path / "vk.json")]) == 1  # refuses a CPU run
+
+
 def test_verified_kernel_names_come_from_the_registry():
     v = _load("verified")
     names = v.gpu_kernel_names()
@@ -104,7 +128,9 @@ def test_gpu_check_refuses_to_run_without_a_gpu(tmp_path):
         pytest.skip("this machine has nvidia-smi")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK")}
     env["PYTHON"] = sys.executable
+    env["GPU_CHECK_WORK"] = str(tmp_path / "work")  # never touch a real run's folder
     p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
                        env=env, timeout=60)
     assert p.returncode == 2
     assert "needs a GPU machine" in p.stdout + p.stderr
+    assert not (tmp_path / "work").exists()  # refused before writing anything
