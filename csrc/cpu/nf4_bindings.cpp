@@ -1,9 +1,63 @@
+// pyquant._C entry points of the NF4 CPU kernels. Pointers arrive as integers
+// and were validated in Python (pyquant/ops/cpu_nf4.py).
 #include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "nf4_cpu.h"
 
 namespace py = pybind11;
 
 namespace pyquant {
+namespace {
 
-void register_nf4_cpu(py::module_& m) {}
+// absmax != 0: plain fp32 absmax. Otherwise double quantization: absmax_q,
+// absmax_scale, absmax_offset (one fp32) and the 256-entry dynamic map.
+nf4cpu::Weight make_weight(uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, uintptr_t absmax_scale,
+                           uintptr_t absmax_offset, uintptr_t dyn_map, int64_t n, int64_t k, int64_t block_size) {
+  nf4cpu::Weight w;
+  w.qweight = reinterpret_cast<const uint8_t*>(qweight);
+  w.n = n;
+  w.k = k;
+  w.block_size = block_size;
+  w.scales.absmax = reinterpret_cast<const float*>(absmax);
+  w.scales.absmax_q = reinterpret_cast<const uint8_t*>(absmax_q);
+  w.scales.absmax_scale = reinterpret_cast<const float*>(absmax_scale);
+  w.scales.dyn_map = reinterpret_cast<const float*>(dyn_map);
+  w.scales.offset = absmax ? 0.0f : *reinterpret_cast<const float*>(absmax_offset);
+  return w;
+}
+
+}  // namespace
+
+void register_nf4_cpu(py::module_& m) {
+  m.def(
+      "nf4_dequantize",
+      [](uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, uintptr_t absmax_scale, uintptr_t absmax_offset,
+         uintptr_t dyn_map, int64_t n, int64_t k, int64_t block_size, uintptr_t out, int nthreads, int64_t row_begin,
+         int64_t row_end) {
+        const nf4cpu::Weight w =
+            make_weight(qweight, absmax, absmax_q, absmax_scale, absmax_offset, dyn_map, n, k, block_size);
+        nf4cpu::dequantize(w, reinterpret_cast<float*>(out), nthreads, row_begin, row_end < 0 ? n : row_end);
+      },
+      py::arg("qweight"), py::arg("absmax"), py::arg("absmax_q"), py::arg("absmax_scale"), py::arg("absmax_offset"),
+      py::arg("dyn_map"), py::arg("n"), py::arg("k"), py::arg("block_size"), py::arg("out"), py::arg("nthreads"),
+      py::arg("row_begin") = 0, py::arg("row_end") = -1, py::call_guard<py::gil_scoped_release>(),
+      "Rows [row_begin, row_end) (-1: N) of an NF4 weight (N, K) -> fp32 out, bit-exact with the reference");
+  m.def(
+      "nf4_qmatmul",
+      [](uintptr_t x, int64_t m_rows, uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, uintptr_t absmax_scale,
+         uintptr_t absmax_offset, uintptr_t dyn_map, int64_t n, int64_t k, int64_t block_size, uintptr_t bias,
+         uintptr_t y, int nthreads, int path) {
+        const nf4cpu::Weight w =
+            make_weight(qweight, absmax, absmax_q, absmax_scale, absmax_offset, dyn_map, n, k, block_size);
+        nf4cpu::qmatmul(w, reinterpret_cast<const float*>(x), m_rows, reinterpret_cast<const float*>(bias),
+                        reinterpret_cast<float*>(y), nthreads, path);
+      },
+      py::arg("x"), py::arg("m"), py::arg("qweight"), py::arg("absmax"), py::arg("absmax_q"), py::arg("absmax_scale"),
+      py::arg("absmax_offset"), py::arg("dyn_map"), py::arg("n"), py::arg("k"), py::arg("block_size"),
+      py::arg("bias"), py::arg("y"), py::arg("nthreads"), py::arg("path") = -1, py::call_guard<py::gil_scoped_release>(),
+      "y (M, N) fp32 = x (M, K) fp32 @ W^T + bias (fp32 (N,) or 0 for none); path -1 auto, 0 fused, 1 tiled");
+}
 
 }  // namespace pyquant

@@ -1,1 +1,80 @@
-"""CPU C++ kernels for the gguf formats: thin wrappers over pyquant._C."""
+"""CPU C++ kernels for the gguf formats: thin wrappers over pyquant._C.
+
+The public ops have validated the inputs; here we only adapt dtypes (the C++
+kernels read and write fp32) and pass pointers. Kernels:
+
+* ``gguf_dequantize``: every block type, bit-exact with ``gguf.quants.dequantize``
+  (fp32 out; other dtypes are a torch cast of it, i.e. correctly rounded).
+* ``gguf_qmatmul``: fused in C++ for every block type below
+  ``TORCH_MATMUL_MIN_M`` activation rows (a dedicated M=1 kernel for Q4_K,
+  Q6_K and Q8_0, a tiled decode-and-multiply kernel otherwise). From there on
+  torch's GEMM beats our register-tiled dot products (4096x4096, one thread:
+  even at M=256, 15% behind at M=512), so the weight is dequantized in tiles of
+  ``ROW_TILE`` rows, each multiplied with torch; memory stays at one tile,
+  never the whole float weight.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .. import _ext
+from .dispatch import register_kernel
+
+ROW_TILE = 256
+TORCH_MATMUL_MIN_M = 512
+
+
+def _supports(fmt, device: torch.device, m: int) -> bool:
+    if fmt.family != "gguf" or device.type != "cpu":
+        return False
+    ext = _ext.load()
+    # hasattr: an extension built before these kernels existed leaves GGUF to the reference.
+    return ext is not None and hasattr(ext, "gguf_qmatmul")
+
+
+def _dequantize_fp32(blocks: torch.Tensor, fmt, n: int, k: int) -> torch.Tensor:
+    bt = fmt.block
+    out = torch.empty((n, k), dtype=torch.float32)
+    if out.numel():
+        _ext.load().gguf_dequantize(bt.ggml_type, blocks.data_ptr(), out.data_ptr(), n * (k // bt.block_size),
+                                    torch.get_num_threads())
+    return out
+
+
+@register_kernel("dequantize", "cpu", "gguf_dequantize", _supports)
+def dequantize(qdata: List[torch.Tensor], fmt, shape: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    n, k = shape
+    out = _dequantize_fp32(qdata[0].contiguous(), fmt, n, k)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+@register_kernel("qmatmul", "cpu", "gguf_qmatmul", _supports)
+def qmatmul(
+    x2d: torch.Tensor, qdata: List[torch.Tensor], fmt, shape: Tuple[int, int], bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    n, k = shape
+    m = x2d.shape[0]
+    x = x2d.to(torch.float32).contiguous()
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    blocks = qdata[0].contiguous()
+    if m >= TORCH_MATMUL_MIN_M:
+        y = _tiled_torch_matmul(x, blocks, fmt, n, k, b)
+    else:
+        y = torch.empty((m, n), dtype=torch.float32)
+        if y.numel():
+            _ext.load().gguf_qmatmul(fmt.block.ggml_type, x.data_ptr(), blocks.data_ptr(),
+                                     0 if b is None else b.data_ptr(), y.data_ptr(), m, n, k,
+                                     torch.get_num_threads())
+    return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
+
+
+def _tiled_torch_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt, n: int, k: int,
+                        bias: Optional[torch.Tensor]) -> torch.Tensor:
+    y = torch.empty((x.shape[0], n), dtype=torch.float32)
+    for n0 in range(0, n, ROW_TILE):
+        n1 = min(n, n0 + ROW_TILE)
+        w = _dequantize_fp32(blocks[n0:n1], fmt, n1 - n0, k)
+        y[:, n0:n1] = x @ w.T if bias is None else torch.addmm(bias[n0:n1], x, w.T)
+    return y

@@ -1,1 +1,103 @@
-"""CPU C++ kernels for the nf4 formats: thin wrappers over pyquant._C."""
+"""CPU C++ kernels for the nf4 formats: thin wrappers over pyquant._C.
+
+The C++ side reads raw pointers, so everything it relies on is checked here:
+tensor shapes and dtypes against the format (a ``Tensor[]`` can reach the op
+without going through ``QuantizedWeight``), contiguity, and the device.
+
+qmatmul: for M below :data:`TORCH_GEMM_MIN_M` the fused C++ kernel (it never
+materialises the float weight); from there on the work is compute-bound and
+torch's GEMM beats our AVX2 micro-kernel, so the weight is decoded in panels of
+rows (~4 MiB of fp32 at a time, never the whole weight) and each panel goes
+through ``torch.mm``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from ..errors import DeviceError, ShapeError
+from ..formats import NF4
+from ..formats.base import validate_packed
+from ._dtypes import ptr
+from .dispatch import register_kernel
+from .reference_nf4 import dynamic_map
+
+# From this many rows of x on, decoded panels + torch.mm beat the C++ tiled
+# kernel (one core, K = N = 4096, tiled vs panels: 53 vs 55 ms at M = 128,
+# 112 vs 104 at 256, 272 vs 194 at 512).
+TORCH_GEMM_MIN_M = 256
+_PANEL_FLOATS = 1 << 20
+
+
+def _supports(fmt, device, m) -> bool:
+    return isinstance(fmt, NF4) and torch.device(device).type == "cpu" and _ext.load() is not None
+
+
+def _weight_args(qdata, fmt: NF4, shape):
+    """Validated, contiguous packed tensors -> the pointer arguments of the C++ entry points."""
+    names = list(fmt.tensor_specs(shape))
+    if len(qdata) != len(names):
+        raise ShapeError(f"{fmt.spec()} takes {len(names)} packed tensors {names}, got {len(qdata)}")
+    t = {name: q.contiguous() for name, q in zip(names, qdata)}
+    validate_packed(fmt, t, shape)
+    for name, q in t.items():
+        if q.device.type != "cpu":
+            raise DeviceError(f"NF4 CPU kernel got packed tensor {name!r} on {q.device}")
+    if fmt.double_quant:
+        dmap = dynamic_map()
+        args = (ptr(t["qweight"]), 0, ptr(t["absmax_q"]), ptr(t["absmax_scale"]), ptr(t["absmax_offset"]), ptr(dmap))
+        keep = (t, dmap)
+    else:
+        args = (ptr(t["qweight"]), ptr(t["absmax"]), 0, 0, 0, 0)
+        keep = (t,)
+    return args, keep
+
+
+@register_kernel("dequantize", "cpu", "nf4_dequantize_cpu", _supports)
+def dequantize(qdata, fmt: NF4, shape, dtype: torch.dtype) -> torch.Tensor:
+    n, k = shape
+    args, keep = _weight_args(qdata, fmt, shape)
+    out = torch.empty((n, k), dtype=torch.float32)
+    _ext.load().nf4_dequantize(*args, n, k, fmt.block_size, ptr(out), torch.get_num_threads())
+    del keep
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+@register_kernel("qmatmul", "cpu", "nf4_qmatmul_cpu", _supports)
+def qmatmul(x2d: torch.Tensor, qdata, fmt: NF4, shape, bias) -> torch.Tensor:
+    n, k = shape
+    if x2d.dim() != 2 or x2d.shape[1] != k:
+        raise ShapeError(f"x must be (M, {k}), got {tuple(x2d.shape)}")
+    if x2d.device.type != "cpu":
+        raise DeviceError(f"NF4 CPU kernel got x on {x2d.device}")
+    args, keep = _weight_args(qdata, fmt, shape)
+    m = x2d.shape[0]
+    xf = x2d.to(torch.float32).contiguous()
+    bf = None
+    if bias is not None:
+        if tuple(bias.shape) != (n,):
+            raise ShapeError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        bf = bias.to(torch.float32).contiguous()
+    nthreads = torch.get_num_threads()
+    if m >= TORCH_GEMM_MIN_M:
+        y = _panel_matmul(xf, args, fmt, n, k, nthreads)
+        if bf is not None:
+            y += bf
+    else:
+        y = torch.empty((m, n), dtype=torch.float32)
+        if m:
+            _ext.load().nf4_qmatmul(ptr(xf), m, *args, n, k, fmt.block_size, ptr(bf), ptr(y), nthreads)
+    del keep
+    return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
+
+
+def _panel_matmul(xf, args, fmt: NF4, n: int, k: int, nthreads: int) -> torch.Tensor:
+    rows = max(1, min(n, _PANEL_FLOATS // k))
+    panel = torch.empty((rows, k), dtype=torch.float32)
+    y = torch.empty((xf.shape[0], n), dtype=torch.float32)
+    ext = _ext.load()
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        ext.nf4_dequantize(*args, n, k, fmt.block_size, ptr(panel), nthreads, n0, n1)
+        y[:, n0:n1] = xf @ panel[: n1 - n0].T
+    return y

@@ -1,0 +1,71 @@
+// Internal interface of the NF4 CPU kernels (nf4_dequant.cpp, nf4_matmul.cpp).
+#pragma once
+#include <cstdint>
+
+#include "pyquant/nf4_decode.h"
+#include "simd.h"
+
+#if PQ_X86
+#include <immintrin.h>
+#endif
+
+namespace pyquant {
+namespace nf4cpu {
+
+// One packed NF4 weight (N, K): flat row-major blocks of block_size that may
+// span rows (pyquant/formats/nf4.py).
+struct Weight {
+  const uint8_t* qweight;
+  int64_t n, k, block_size;
+  Nf4Scales scales;
+};
+
+// out[j] = W_flat[begin + j] for j < end - begin: exactly the reference's
+// fp32 values (codebook * absmax, one multiply). Any begin/end, odd included.
+// The AVX2 version must only run where simd_level() says AVX2.
+void decode_range_scalar(const Weight& w, int64_t begin, int64_t end, float* out);
+void decode_range_avx2(const Weight& w, int64_t begin, int64_t end, float* out);
+
+// out ((row_end - row_begin) * K fp32) = rows [row_begin, row_end) of the
+// dequantized weight.
+void dequantize(const Weight& w, float* out, int nthreads, int64_t row_begin, int64_t row_end);
+
+// y (M, N) fp32 = x (M, K) fp32 @ W^T (+ bias fp32 (N,) if not null).
+// path: -1 chooses by M; 0 forces the fused (GEMV-style) kernel, 1 the tiled
+// one (tests run both on every shape).
+void qmatmul(const Weight& w, const float* x, int64_t m, const float* bias, float* y, int nthreads, int path = -1);
+
+// block_size is a power of two (the format enforces it): block index = i >> log2.
+inline int nf4_log2(int64_t v) { return __builtin_ctzll(static_cast<unsigned long long>(v)); }
+
+#if PQ_X86
+// The codebook as two 8-lane tables: vpermps indexes 8 lanes with the low 3
+// bits of each index, bit 3 picks the table.
+struct Nf4Lut {
+  __m256 lo, hi;
+};
+
+PQ_TARGET_AVX2 inline Nf4Lut nf4_lut() {
+  return {_mm256_loadu_ps(kNf4Codebook), _mm256_loadu_ps(kNf4Codebook + 8)};
+}
+
+// Codebook values of the 8 codes in the 4 bytes at p (flat index even), in
+// element order. The bytes are broadcast (a plain load on the load ports) and
+// each lane shifts its own nibble down with vpsrlvd: the only shuffles are
+// the two vpermps, which matter because shuffles have the fewest ports. No
+// mask is needed: vpermps reads bits 0-2 and blendv bit 31 (= code bit 3
+// after << 28); higher garbage bits are ignored by both.
+PQ_TARGET_AVX2 inline __m256 nf4_decode8(const Nf4Lut& t, const uint8_t* p) {
+  int32_t word;
+  memcpy(&word, p, 4);
+  // Element 2j is the high nibble of byte j, element 2j+1 the low nibble.
+  const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+  const __m256i codes = _mm256_srlv_epi32(_mm256_set1_epi32(word), shifts);
+  const __m256 a = _mm256_permutevar8x32_ps(t.lo, codes);
+  const __m256 b = _mm256_permutevar8x32_ps(t.hi, codes);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
+}
+#endif
+
+}  // namespace nf4cpu
+}  // namespace pyquant
