@@ -23,16 +23,12 @@ void register_cuda(py::module_& m) {
         py::arg("bias"), py::arg("out"), py::arg("m"), py::arg("n"), py::arg("kp"), py::arg("scale_dtype"),
         py::arg("bias_dtype"), py::arg("out_dtype"), py::arg("stream"));
 
-#if __has_include("pyquant/nf4_decode.h")
   m.def("nf4_dequant_cuda", &nf4_dequant_cuda, nogil, py::arg("qweight"), py::arg("absmax"), py::arg("absmax_q"),
         py::arg("absmax_scale"), py::arg("absmax_offset"), py::arg("dyn_map"), py::arg("out"), py::arg("numel"),
         py::arg("block_size"), py::arg("out_dtype"), py::arg("stream"));
-#endif
 
-#if __has_include("pyquant/gguf_blocks.h")
   m.def("gguf_dequant_cuda", &gguf_dequant_cuda, nogil, py::arg("blocks"), py::arg("out"), py::arg("nblocks"),
         py::arg("type"), py::arg("out_dtype"), py::arg("stream"));
-#endif
 
   m.def("int_dequant_cuda", &int_dequant_cuda, py::call_guard<py::gil_scoped_release>(), py::arg("qweight"),
         py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("n"), py::arg("k"), py::arg("bits"),

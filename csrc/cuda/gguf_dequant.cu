@@ -15,10 +15,6 @@
 // byte loads: a warp touches 1-2 lines per block) and writing 32 x 16 contiguous
 // bytes of fp16/bf16 (128-bit stores). Rows are whole numbers of blocks, so the
 // flat value index is block * block_size + offset.
-//
-// Compiled only where the shared header exists (it lands with the GGUF CPU
-// kernels); cuda_bindings.cpp binds the launcher under the same condition.
-#if __has_include("pyquant/gguf_blocks.h")
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -154,4 +150,3 @@ void gguf_dequant_cuda(uintptr_t blocks, uintptr_t out, int64_t nblocks, int typ
 }
 
 }  // namespace pyquant
-#endif  // __has_include("pyquant/gguf_blocks.h")

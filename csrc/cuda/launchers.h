@@ -30,13 +30,13 @@ void w8a8_gemm_cuda(uintptr_t qa, uintptr_t sa, uintptr_t w, uintptr_t sw, uintp
 // NF4 (bitsandbytes layout) -> out (numel values) in out_dtype. Plain absmax
 // (fp32, one per block) or double quantization (absmax == 0: absmax_q uint8,
 // absmax_scale fp32 per 256 blocks, absmax_offset fp32 (1,), dyn_map fp32 (256,)
-// on the device). Defined only where pyquant/nf4_decode.h exists.
+// on the device).
 void nf4_dequant_cuda(uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, uintptr_t absmax_scale,
                       uintptr_t absmax_offset, uintptr_t dyn_map, uintptr_t out, int64_t numel, int64_t block_size,
                       int out_dtype, uintptr_t stream);
 
 // nblocks raw GGUF blocks of ggml type `type` -> out (nblocks * block size values)
-// in out_dtype. Defined only where pyquant/gguf_blocks.h exists.
+// in out_dtype.
 void gguf_dequant_cuda(uintptr_t blocks, uintptr_t out, int64_t nblocks, int type, int out_dtype, uintptr_t stream);
 
 }  // namespace pyquant

@@ -13,9 +13,8 @@
 // >= 32). The 16-entry codebook sits in shared memory: a constant-memory
 // lookup with divergent indices would serialize across the warp.
 //
-// Compiled only where the shared decode header exists (it lands with the NF4
-// CPU kernels); cuda_bindings.cpp binds the launcher under the same condition.
-#if __has_include("pyquant/nf4_decode.h")
+// The per-block scale (plain or double-quantized) is the shared
+// pyquant/nf4_decode.h Nf4Scales, also compiled into the CPU kernels.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -96,4 +95,3 @@ void nf4_dequant_cuda(uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, u
 }
 
 }  // namespace pyquant
-#endif  // __has_include("pyquant/nf4_decode.h")

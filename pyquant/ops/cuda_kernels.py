@@ -27,12 +27,6 @@ def _cuda_ready(device: torch.device) -> bool:
     return ext is not None and ext.cuda_compiled()
 
 
-def _has(fn_name: str) -> bool:
-    """Launchers that depend on a shared decode header are bound only where it exists."""
-    ext = _ext.load()
-    return ext is not None and hasattr(ext, fn_name)
-
-
 def _packed(fmt, qdata, shape, device: torch.device) -> dict:
     """Name -> contiguous packed tensor, checked against the format (shapes,
     dtypes) and the device: the kernels read raw pointers, and the ops can be
@@ -171,7 +165,7 @@ def w8a8_gemm(x, qdata, fmt, shape, bias):
 
 # --- NF4 and GGUF: dequantize --------------------------------------------------
 def _nf4_ok(fmt, device, m):
-    return fmt.family == "nf4" and _cuda_ready(device) and _has("nf4_dequant_cuda")
+    return fmt.family == "nf4" and _cuda_ready(device)
 
 
 _DYN_MAPS: dict = {}
@@ -213,7 +207,7 @@ def nf4_dequantize(qdata, fmt, shape, dtype):
 
 
 def _gguf_ok(fmt, device, m):
-    return fmt.family == "gguf" and _cuda_ready(device) and _has("gguf_dequant_cuda")
+    return fmt.family == "gguf" and _cuda_ready(device)
 
 
 @register_kernel("dequantize", "cuda", "cuda_gguf_dequantize", _gguf_ok)
