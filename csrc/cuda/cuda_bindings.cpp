@@ -1,6 +1,8 @@
 // Python bindings of the CUDA launchers (compiled only with PYQUANT_CUDA=ON).
+// One m.def per launcher; the declarations live next to the kernels.
 #include <pybind11/pybind11.h>
 
+#include "launchers.h"
 #include "int_dequant.h"
 
 namespace py = pybind11;
@@ -8,6 +10,26 @@ namespace py = pybind11;
 namespace pyquant {
 
 void register_cuda(py::module_& m) {
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+
+  m.def("int4_gemv_cuda", &int4_gemv_cuda, nogil, py::arg("x"), py::arg("qweight"), py::arg("scales"),
+        py::arg("zeros"), py::arg("bias"), py::arg("out"), py::arg("m"), py::arg("n"), py::arg("k"),
+        py::arg("group"), py::arg("scale_dtype"), py::arg("bias_dtype"), py::arg("x_dtype"), py::arg("stream"));
+
+  m.def("quantize_rows_int8_cuda", &quantize_rows_int8_cuda, nogil, py::arg("x"), py::arg("q"), py::arg("scale"),
+        py::arg("m"), py::arg("k"), py::arg("kp"), py::arg("x_dtype"), py::arg("stream"));
+
+  m.def("w8a8_gemm_cuda", &w8a8_gemm_cuda, nogil, py::arg("qa"), py::arg("sa"), py::arg("w"), py::arg("sw"),
+        py::arg("bias"), py::arg("out"), py::arg("m"), py::arg("n"), py::arg("kp"), py::arg("scale_dtype"),
+        py::arg("bias_dtype"), py::arg("out_dtype"), py::arg("stream"));
+
+  m.def("nf4_dequant_cuda", &nf4_dequant_cuda, nogil, py::arg("qweight"), py::arg("absmax"), py::arg("absmax_q"),
+        py::arg("absmax_scale"), py::arg("absmax_offset"), py::arg("dyn_map"), py::arg("out"), py::arg("numel"),
+        py::arg("block_size"), py::arg("out_dtype"), py::arg("stream"));
+
+  m.def("gguf_dequant_cuda", &gguf_dequant_cuda, nogil, py::arg("blocks"), py::arg("out"), py::arg("nblocks"),
+        py::arg("type"), py::arg("out_dtype"), py::arg("stream"));
+
   m.def("int_dequant_cuda", &int_dequant_cuda, py::call_guard<py::gil_scoped_release>(), py::arg("qweight"),
         py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("n"), py::arg("k"), py::arg("bits"),
         py::arg("group"), py::arg("scale_dtype"), py::arg("out_dtype"), py::arg("stream"));

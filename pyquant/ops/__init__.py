@@ -12,6 +12,7 @@ from . import library  # noqa: F401  (registers the torch.library ops)
 from . import reference_kernels  # noqa: F401
 from . import cpu_kernels  # noqa: F401
 from .dispatch import register_kernel, select_kernel  # noqa: F401
+from .w8a8 import w8a8_matmul
 
 
 def _check_qw(qw) -> None:
@@ -77,4 +78,4 @@ def unpack(qw: QuantizedWeight, kernel: str = "auto") -> torch.Tensor:
     return torch.ops.pyquant.unpack(qw.tensors["qweight"], qw.format.spec(), n, k, kernel)
 
 
-__all__ = ["dequantize", "qmatmul", "pack", "unpack", "select_kernel", "register_kernel"]
+__all__ = ["dequantize", "qmatmul", "pack", "unpack", "w8a8_matmul", "select_kernel", "register_kernel"]

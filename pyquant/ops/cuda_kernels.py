@@ -1,12 +1,23 @@
 """CUDA C++ kernels (pyquant._C built with PYQUANT_CUDA). Experimental until a
-GPU run lists them in verified_kernels.json: reachable with kernel="cuda"."""
+GPU run lists them in verified_kernels.json: reachable with kernel="cuda".
+
+Every wrapper allocates its outputs with torch (sizes fixed by the shapes, so
+CUDA-graph capture works), launches on torch's current stream of the tensors'
+device, and never synchronizes. Kernel names are stable: verified_kernels.json,
+the GPU tests (``test_<kernel name>_*``) and the benchmarks refer to them.
+"""
 from __future__ import annotations
 
 import torch
 
 from .. import _ext
+from ..errors import DeviceError, ShapeError
+from ..formats.base import validate_packed
 from ._dtypes import dtype_code, ptr
 from .dispatch import register_kernel
+from .reference import is_w8a8_format
+
+GEMV_MAX_M = 8  # the INT4 GEMV serves M in [0, 8]; larger M belongs to a GEMM
 
 
 def _cuda_ready(device: torch.device) -> bool:
@@ -16,6 +27,49 @@ def _cuda_ready(device: torch.device) -> bool:
     return ext is not None and ext.cuda_compiled()
 
 
+def _packed(fmt, qdata, shape, device: torch.device) -> dict:
+    """Name -> contiguous packed tensor, checked against the format (shapes,
+    dtypes) and the device: the kernels read raw pointers, and the ops can be
+    called with any Tensor[] (not only a QuantizedWeight's)."""
+    names = list(fmt.tensor_specs(shape))
+    if len(qdata) != len(names):
+        raise ShapeError(f"{fmt.spec()} takes {len(names)} packed tensors {names}, got {len(qdata)}")
+    t = {name: q.contiguous() for name, q in zip(names, qdata)}
+    validate_packed(fmt, t, shape)
+    for name, q in t.items():
+        if q.device != device:
+            raise DeviceError(f"packed tensor {name!r} is on {q.device}, the CUDA kernel runs on {device}")
+    return t
+
+
+def _check_x(x: torch.Tensor, k: int, bias) -> None:
+    if x.dim() != 2 or x.shape[1] != k or not x.is_contiguous():
+        raise ShapeError(f"x must be a contiguous (M, {k}) tensor, got {tuple(x.shape)}")
+    if bias is not None and (bias.device != x.device or bias.dim() != 1):
+        raise ShapeError(f"bias must be 1-D on {x.device}, got {tuple(bias.shape)} on {bias.device}")
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous with a 16-byte aligned start (vector loads / cp.async need it).
+
+    Tensors from torch's allocator are aligned; a view at an odd offset (a
+    slice of a bigger buffer) is copied once into a fresh allocation.
+    """
+    t = t.contiguous()
+    if t.data_ptr() % 16:
+        t = t.clone()
+    return t
+
+
+def _opt_code(t) -> int:
+    return 0 if t is None else dtype_code(t.dtype)
+
+
+# --- Int: dequantize ---------------------------------------------------------
 def _int_any(fmt, device, m):
     return fmt.family == "int" and not fmt.act_order and _cuda_ready(device)
 
@@ -23,11 +77,148 @@ def _int_any(fmt, device, m):
 @register_kernel("dequantize", "cuda", "cuda_int_dequantize", _int_any)
 def int_dequantize(qdata, fmt, shape, dtype):
     n, k = shape
-    t = dict(zip(fmt.tensor_specs(shape), qdata))
-    out = torch.empty((n, k), dtype=dtype, device=qdata[0].device)
-    stream = torch.cuda.current_stream(out.device).cuda_stream
-    _ext.load().int_dequant_cuda(
-        ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")), ptr(out), n, k, fmt.bits,
-        fmt.group_size_for(k), dtype_code(fmt.scale_dtype), dtype_code(dtype), stream,
+    dev = qdata[0].device
+    t = _packed(fmt, qdata, shape, dev)
+    out = torch.empty((n, k), dtype=dtype, device=dev)
+    with torch.cuda.device(dev):
+        _ext.load().int_dequant_cuda(
+            ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")), ptr(out), n, k, fmt.bits,
+            fmt.group_size_for(k), dtype_code(fmt.scale_dtype), dtype_code(dtype), _stream(dev),
+        )
+    return out
+
+
+# --- Int4: GEMV for M <= 8 -----------------------------------------------------
+def _int4_gemv_ok(fmt, device, m):
+    return (
+        fmt.family == "int"
+        and fmt.bits == 4
+        and not fmt.act_order
+        and 0 <= m <= GEMV_MAX_M
+        and _cuda_ready(device)
     )
+
+
+@register_kernel("qmatmul", "cuda", "cuda_int4_gemv", _int4_gemv_ok)
+def int4_gemv(x, qdata, fmt, shape, bias):
+    """x (M, K) fp16/bf16/fp32 contiguous, M <= 8 -> (M, N) in x.dtype."""
+    n, k = shape
+    _check_x(x, k, bias)
+    t = _packed(fmt, qdata, shape, x.device)
+    m = x.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    if bias is not None:
+        bias = bias.contiguous()
+    qweight = _aligned16(t["qweight"])  # held until the launch is enqueued
+    with torch.cuda.device(x.device):
+        _ext.load().int4_gemv_cuda(
+            ptr(x), ptr(qweight), ptr(t["scales"]), ptr(t.get("zeros")), ptr(bias),
+            ptr(out), m, n, k, fmt.group_size_for(k), dtype_code(fmt.scale_dtype), _opt_code(bias),
+            dtype_code(x.dtype), _stream(x.device),
+        )
+    return out
+
+
+# --- W8A8: per-token int8 activations x per-channel int8 weights --------------
+def quantize_rows_int8_cuda(x: torch.Tensor, kp: int | None = None):
+    """CUDA version of :func:`pyquant.ops.reference.quantize_rows_int8` for a
+    contiguous 2-D ``x``: returns ``(q int8 (M, kp), scale fp32 (M,))`` with
+    columns ``K..kp-1`` of ``q`` zero (``kp`` defaults to K rounded up to 32)."""
+    m, k = x.shape
+    if kp is None:
+        kp = (k + 31) // 32 * 32
+    q = torch.empty((m, kp), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    x = x.contiguous()
+    with torch.cuda.device(x.device):
+        _ext.load().quantize_rows_int8_cuda(ptr(x), ptr(q), ptr(scale), m, k, kp, dtype_code(x.dtype), _stream(x.device))
+    return q, scale
+
+
+def _w8a8_ok(fmt, device, m):
+    return is_w8a8_format(fmt) and _cuda_ready(device)
+
+
+@register_kernel("w8a8_matmul", "cuda", "cuda_w8a8_gemm", _w8a8_ok)
+def w8a8_gemm(x, qdata, fmt, shape, bias):
+    n, k = shape
+    _check_x(x, k, bias)
+    t = _packed(fmt, qdata, shape, x.device)
+    m = x.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    kp = fmt.packed_row_bytes(k)  # 8-bit codes: one byte per padded column
+    qa, sa = quantize_rows_int8_cuda(x, kp)
+    if bias is not None:
+        bias = bias.contiguous()
+    qweight = _aligned16(t["qweight"])
+    with torch.cuda.device(x.device):
+        _ext.load().w8a8_gemm_cuda(
+            ptr(qa), ptr(sa), ptr(qweight), ptr(t["scales"]), ptr(bias), ptr(out),
+            m, n, kp, dtype_code(fmt.scale_dtype), _opt_code(bias), dtype_code(out.dtype), _stream(x.device),
+        )
+    return out
+
+
+# --- NF4 and GGUF: dequantize --------------------------------------------------
+def _nf4_ok(fmt, device, m):
+    return fmt.family == "nf4" and _cuda_ready(device)
+
+
+_DYN_MAPS: dict = {}
+
+
+def _dynamic_map(device: torch.device) -> torch.Tensor:
+    """bitsandbytes' 256-entry map on ``device``, copied there once (the first
+    double-quantized dequantize on a device must run outside CUDA-graph capture)."""
+    key = (device.type, device.index)
+    table = _DYN_MAPS.get(key)
+    if table is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "NF4 double-quant dequantize on CUDA: call it once before CUDA-graph capture "
+                "(its lookup table is copied to the device on first use)"
+            )
+        from .reference_nf4 import dynamic_map
+
+        table = dynamic_map(device).contiguous()
+        _DYN_MAPS[key] = table
+    return table
+
+
+@register_kernel("dequantize", "cuda", "cuda_nf4_dequantize", _nf4_ok)
+def nf4_dequantize(qdata, fmt, shape, dtype):
+    n, k = shape
+    dev = qdata[0].device
+    t = _packed(fmt, qdata, shape, dev)
+    out = torch.empty((n, k), dtype=dtype, device=dev)
+    if fmt.double_quant:
+        scales = (0, ptr(t["absmax_q"]), ptr(t["absmax_scale"]), ptr(t["absmax_offset"]), ptr(_dynamic_map(dev)))
+    else:
+        scales = (ptr(t["absmax"]), 0, 0, 0, 0)
+    with torch.cuda.device(dev):
+        _ext.load().nf4_dequant_cuda(
+            ptr(t["qweight"]), *scales, ptr(out), n * k, fmt.block_size, dtype_code(dtype), _stream(dev)
+        )
+    return out
+
+
+def _gguf_ok(fmt, device, m):
+    return fmt.family == "gguf" and _cuda_ready(device)
+
+
+@register_kernel("dequantize", "cuda", "cuda_gguf_dequantize", _gguf_ok)
+def gguf_dequantize(qdata, fmt, shape, dtype):
+    n, k = shape
+    dev = qdata[0].device
+    t = _packed(fmt, qdata, shape, dev)
+    out = torch.empty((n, k), dtype=dtype, device=dev)
+    bt = fmt.block
+    with torch.cuda.device(dev):
+        _ext.load().gguf_dequant_cuda(
+            ptr(t["blocks"]), ptr(out), n * (k // bt.block_size), bt.ggml_type, dtype_code(dtype), _stream(dev)
+        )
     return out

@@ -20,7 +20,7 @@ from .. import _ext
 from ..errors import KernelUnavailableError
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
-OPS = ("dequantize", "qmatmul", "pack", "unpack")
+OPS = ("dequantize", "qmatmul", "pack", "unpack", "w8a8_matmul")
 
 
 @dataclasses.dataclass(frozen=True)

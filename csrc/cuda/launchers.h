@@ -1,0 +1,42 @@
+// Host entry points of the CUDA kernels in this folder (bound in
+// cuda_bindings.cpp). Pointers arrive as integers, already validated in
+// Python (pyquant/ops/cuda_kernels.py); dtype codes are pyquant::DType.
+// Every launcher enqueues on `stream` (torch's current stream), never
+// synchronizes, allocates nothing, and throws on a launch error.
+#pragma once
+#include <cstdint>
+
+namespace pyquant {
+
+// y (M, N) in x's dtype = x (M, K) @ W_hat^T + bias, W_hat from an Int(4, group)
+// weight (qweight (N, ceil(K/32)*16) uint8, scales/zeros (N, ceil(K/group))).
+// M in [1, 8]; zeros == 0 means symmetric (zero point 8); bias == 0: none.
+void int4_gemv_cuda(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t bias, uintptr_t out,
+                    int64_t m, int64_t n, int64_t k, int64_t group, int scale_dtype, int bias_dtype, int x_dtype,
+                    uintptr_t stream);
+
+// Per-row symmetric int8 quantization of x (M, K): scale[m] = max|x[m]| / 127,
+// q[m, j] = clamp(rint(x[m, j] / scale[m]), -127, 127) (0 where the scale is 0),
+// q (M, kp) int8 with columns K..kp-1 set to 0.
+void quantize_rows_int8_cuda(uintptr_t x, uintptr_t q, uintptr_t scale, int64_t m, int64_t k, int64_t kp,
+                             int x_dtype, uintptr_t stream);
+
+// out (M, N) = ((float(qa @ (w - 128)^T) * sa[m]) * sw[n]) + bias[n], in out_dtype.
+// qa (M, kp) int8, w (N, kp) uint8 codes of an Int(8, per-channel, symmetric)
+// weight, sa fp32 (M,), sw (N,) in scale_dtype; kp a multiple of 32.
+void w8a8_gemm_cuda(uintptr_t qa, uintptr_t sa, uintptr_t w, uintptr_t sw, uintptr_t bias, uintptr_t out, int64_t m,
+                    int64_t n, int64_t kp, int scale_dtype, int bias_dtype, int out_dtype, uintptr_t stream);
+
+// NF4 (bitsandbytes layout) -> out (numel values) in out_dtype. Plain absmax
+// (fp32, one per block) or double quantization (absmax == 0: absmax_q uint8,
+// absmax_scale fp32 per 256 blocks, absmax_offset fp32 (1,), dyn_map fp32 (256,)
+// on the device).
+void nf4_dequant_cuda(uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, uintptr_t absmax_scale,
+                      uintptr_t absmax_offset, uintptr_t dyn_map, uintptr_t out, int64_t numel, int64_t block_size,
+                      int out_dtype, uintptr_t stream);
+
+// nblocks raw GGUF blocks of ggml type `type` -> out (nblocks * block size values)
+// in out_dtype.
+void gguf_dequant_cuda(uintptr_t blocks, uintptr_t out, int64_t nblocks, int type, int out_dtype, uintptr_t stream);
+
+}  // namespace pyquant

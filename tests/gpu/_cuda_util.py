@@ -1,0 +1,77 @@
+"""Helpers of the CUDA kernel tests (not collected: no test_ prefix).
+
+Test naming rule used by benchmarks/verified.py: a test of kernel ``K`` is a
+function named ``test_K_...`` (``K`` = the name given to ``register_kernel``),
+so a GPU run can tell which kernels passed all of their tests.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import pyquant
+from pyquant.formats import Int, QuantizedWeight
+
+EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
+
+
+def cuda_ext_or_skip():
+    import pytest
+
+    from pyquant import _ext
+
+    ext = _ext.load()
+    if ext is None or not ext.cuda_compiled():
+        pytest.skip("pyquant._C was built without CUDA")
+    return ext
+
+
+@functools.lru_cache(maxsize=None)
+def int_weight_cpu(n: int, k: int, bits: int, group: int, sym: bool, sdtype: torch.dtype, seed: int,
+                   float_zeros: bool = False) -> QuantizedWeight:
+    """An RTN-quantized random weight; ``float_zeros`` replaces the zero points
+    by non-integral values (HQQ-style) to exercise that path."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    qw = pyquant.quantize_weight(w, Int(bits, group, sym, sdtype))
+    if float_zeros:
+        assert not sym
+        tensors = dict(qw.tensors)
+        z = tensors["zeros"].float()
+        tensors["zeros"] = (z + torch.rand(z.shape, generator=g) - 0.5).to(sdtype)
+        qw = QuantizedWeight(qw.format, tensors, qw.shape)
+    return qw
+
+
+def misaligned_copy(t: torch.Tensor, offset_bytes: int) -> torch.Tensor:
+    """A contiguous copy of ``t`` whose data starts ``offset_bytes`` past a 16-byte boundary."""
+    es = t.element_size()
+    assert offset_bytes % es == 0
+    buf = torch.empty(t.numel() + 16 // es + offset_bytes // es, dtype=t.dtype, device=t.device)
+    base = (-(buf.data_ptr() % 16) % 16) // es  # elements to the next 16-byte boundary
+    out = buf[base + offset_bytes // es : base + offset_bytes // es + t.numel()].view(t.shape)
+    out.copy_(t)
+    assert out.is_contiguous() and out.data_ptr() % 16 == offset_bytes % 16
+    return out
+
+
+def assert_matmul_close(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias=None, what: str = ""):
+    """``out`` (M, N) against float64 ``x @ w.T + bias``: the output dtype's
+    rounding plus an fp32-accumulation allowance relative to sum |x||w|."""
+    ref = x.double() @ w.double().T
+    mag = x.double().abs() @ w.double().abs().T
+    if bias is not None:
+        ref = ref + bias.double()
+        mag = mag + bias.double().abs()
+    eps = EPS[out.dtype]
+    tol = eps * ref.abs() + 2e-5 * mag + 1e-7
+    err = (out.double() - ref).abs()
+    bad = err > tol
+    if bool(bad.any()):
+        i = int(torch.argmax(err - tol))
+        r, c = divmod(i, out.shape[1])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {out.numel()} outputs off; worst at ({r}, {c}): got {out[r, c].item()}, "
+            f"want {ref[r, c].item()} (tol {tol[r, c].item():.3g})"
+        )
