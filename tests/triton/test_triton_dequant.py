@@ -20,6 +20,9 @@ from pyquant.formats import GGUF, NF4, Int, QuantizedWeight  # noqa: E402
 from pyquant.ops import reference  # noqa: E402
 from gguf_testutil import ALL_TYPES, assert_bitexact, gguf_dequantize_np, random_blocks  # noqa: E402
 
+# Kernels whose GPU verification these tests decide (benchmarks/verified.py).
+GPU_KERNELS = ("triton_dequantize",)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 tk = pytest.importorskip("pyquant.triton_kernels")
 

@@ -21,6 +21,9 @@ from pyquant.formats import GGUF, NF4, Int, QuantizedWeight  # noqa: E402
 from pyquant.ops import dispatch, reference  # noqa: E402
 from gguf_testutil import random_blocks  # noqa: E402
 
+# Kernels whose GPU verification these tests decide (benchmarks/verified.py).
+GPU_KERNELS = ("triton_gemv", "triton_splitk", "triton_gemm")
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 tk = pytest.importorskip("pyquant.triton_kernels")
 Config = tk.Config
