@@ -19,7 +19,7 @@ import torch
 from .. import _ext
 from ..errors import KernelUnavailableError
 
-BACKENDS = ("cuda", "triton", "cpu", "reference")
+BACKENDS = ("cuda", "triton", "cpu", "dequant", "reference")
 OPS = ("dequantize", "qmatmul", "pack", "unpack", "w8a8_matmul")
 
 
@@ -79,7 +79,7 @@ def select_kernel(op: str, fmt, device: torch.device, m: int = 1, kernel: str = 
         order = ("cpu", "reference")
         _ext.load()  # the first call that wants compiled kernels says once if they are missing
     else:
-        order = ("cuda", "triton", "reference")
+        order = ("cuda", "triton", "dequant", "reference")
     for backend in order:
         k = _find(op, backend, fmt, device, m)
         if k is None:
