@@ -30,12 +30,28 @@ def _check_kernel(kernel) -> None:
         raise FormatError(f"kernel must be a string, got {type(kernel).__name__}")
 
 
-def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32, kernel: str = "auto") -> torch.Tensor:
-    """The float weight ``(out_features, in_features)`` that ``qw`` encodes."""
+def dequantize(
+    qw: QuantizedWeight, dtype: torch.dtype = torch.float32, kernel: str = "auto", out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The float weight ``(out_features, in_features)`` that ``qw`` encodes.
+
+    ``out``: a contiguous ``(N, K)`` tensor of ``dtype`` on the weight's device to
+    write into (and return); reusing one buffer avoids the cost of fresh pages.
+    """
     _check_qw(qw)
     check_dtype_arg("dtype", dtype)
     _check_kernel(kernel)
     n, k = qw.shape
+    if out is not None:
+        check_tensor("out", out)
+        if tuple(out.shape) != (n, k) or out.dtype != dtype or not out.is_contiguous():
+            raise ShapeError(
+                f"out must be a contiguous ({n}, {k}) tensor of {dtype}, got {tuple(out.shape)} {out.dtype}"
+                f"{'' if out.is_contiguous() else ' (not contiguous)'}"
+            )
+        check_same_device("out", out, qw.device, "the quantized weight")
+        torch.ops.pyquant.dequantize_out(qw.tensor_list(), qw.format.spec(), n, k, kernel, out)
+        return out
     return torch.ops.pyquant.dequantize(qw.tensor_list(), qw.format.spec(), n, k, dtype, kernel)
 
 

@@ -34,9 +34,10 @@ def _supports(fmt, device: torch.device, m: int) -> bool:
     return ext is not None and hasattr(ext, "gguf_qmatmul")
 
 
-def _dequantize_fp32(blocks: torch.Tensor, fmt, n: int, k: int) -> torch.Tensor:
+def _dequantize_fp32(blocks: torch.Tensor, fmt, n: int, k: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     bt = fmt.block
-    out = torch.empty((n, k), dtype=torch.float32)
+    if out is None:
+        out = torch.empty((n, k), dtype=torch.float32)
     if out.numel():
         _ext.load().gguf_dequantize(bt.ggml_type, blocks.data_ptr(), out.data_ptr(), n * (k // bt.block_size),
                                     torch.get_num_threads())
@@ -44,10 +45,16 @@ def _dequantize_fp32(blocks: torch.Tensor, fmt, n: int, k: int) -> torch.Tensor:
 
 
 @register_kernel("dequantize", "cpu", "gguf_dequantize", _supports)
-def dequantize(qdata: List[torch.Tensor], fmt, shape: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+def dequantize(qdata: List[torch.Tensor], fmt, shape: Tuple[int, int], dtype: torch.dtype, out=None) -> torch.Tensor:
     n, k = shape
-    out = _dequantize_fp32(qdata[0].contiguous(), fmt, n, k)
-    return out if dtype == torch.float32 else out.to(dtype)
+    if out is not None and dtype == torch.float32:
+        return _dequantize_fp32(qdata[0].contiguous(), fmt, n, k, out)
+    w = _dequantize_fp32(qdata[0].contiguous(), fmt, n, k)
+    w = w if dtype == torch.float32 else w.to(dtype)
+    return w if out is None else out.copy_(w)
+
+
+dequantize.writes_out = True
 
 
 @register_kernel("qmatmul", "cpu", "gguf_qmatmul", _supports)

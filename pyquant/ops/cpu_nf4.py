@@ -54,13 +54,20 @@ def _weight_args(qdata, fmt: NF4, shape):
 
 
 @register_kernel("dequantize", "cpu", "nf4_dequantize_cpu", _supports)
-def dequantize(qdata, fmt: NF4, shape, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(qdata, fmt: NF4, shape, dtype: torch.dtype, out=None) -> torch.Tensor:
     n, k = shape
     args, keep = _weight_args(qdata, fmt, shape)
-    out = torch.empty((n, k), dtype=torch.float32)
-    _ext.load().nf4_dequantize(*args, n, k, fmt.block_size, ptr(out), torch.get_num_threads())
+    direct = out is not None and dtype == torch.float32
+    w = out if direct else torch.empty((n, k), dtype=torch.float32)
+    _ext.load().nf4_dequantize(*args, n, k, fmt.block_size, ptr(w), torch.get_num_threads())
     del keep
-    return out if dtype == torch.float32 else out.to(dtype)
+    if direct:
+        return out
+    w = w if dtype == torch.float32 else w.to(dtype)
+    return w if out is None else out.copy_(w)
+
+
+dequantize.writes_out = True
 
 
 @register_kernel("qmatmul", "cpu", "nf4_qmatmul_cpu", _supports)

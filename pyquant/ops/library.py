@@ -22,6 +22,7 @@ from .dispatch import select_kernel
 
 _LIB = torch.library.Library("pyquant", "DEF")
 _LIB.define("dequantize(Tensor[] qdata, str fmt, int n, int k, ScalarType dtype, str kernel) -> Tensor")
+_LIB.define("dequantize_out(Tensor[] qdata, str fmt, int n, int k, str kernel, Tensor(a!) out) -> ()")
 _LIB.define("qmatmul(Tensor x, Tensor[] qdata, str fmt, int n, int k, Tensor? bias, str kernel) -> Tensor")
 _LIB.define("pack(Tensor codes, str fmt, str kernel) -> Tensor")
 _LIB.define("unpack(Tensor packed, str fmt, int n, int k, str kernel) -> Tensor")
@@ -50,6 +51,23 @@ def dequantize_impl(qdata, fmt, n, k, dtype, kernel):
 @torch.library.register_fake("pyquant::dequantize")
 def _(qdata, fmt, n, k, dtype, kernel):
     return qdata[0].new_empty((n, k), dtype=dtype)
+
+
+@_impl("dequantize_out")
+def dequantize_out_impl(qdata, fmt, n, k, kernel, out):
+    """Writes into ``out``: kernels that declare ``writes_out`` decode straight
+    into it (no fresh allocation, so no page faults on a reused buffer)."""
+    f = _fmt(fmt)
+    kern = select_kernel("dequantize", f, qdata[0].device, n, kernel)
+    if getattr(kern.fn, "writes_out", False):
+        kern.fn(list(qdata), f, (n, k), out.dtype, out=out)
+    else:
+        out.copy_(kern.fn(list(qdata), f, (n, k), out.dtype))
+
+
+@torch.library.register_fake("pyquant::dequantize_out")
+def _(qdata, fmt, n, k, kernel, out):
+    return None
 
 
 @_impl("qmatmul")

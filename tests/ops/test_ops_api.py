@@ -136,3 +136,25 @@ def test_reference_spec_is_what_dispatch_runs_by_default_without_extension(monke
     auto = pyquant.qmatmul(x, qw)
     ref = reference.qmatmul(x, qw.tensor_list(), qw.format, qw.shape, None)
     assert torch.allclose(auto, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", [Int(4, 32, False), NF4(64, True), GGUF("Q4_K")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_into_out(fmt, dtype):
+    torch.manual_seed(0)
+    qw = pyquant.quantize_weight(torch.randn(6, 256), fmt)
+    out = torch.full((6, 256), float("nan"), dtype=dtype)
+    res = pyquant.dequantize(qw, dtype, out=out)
+    assert res is out
+    assert torch.equal(out, pyquant.dequantize(qw, dtype))
+    torch.library.opcheck(torch.ops.pyquant.dequantize_out.default, (qw.tensor_list(), fmt.spec(), 6, 256, "auto", out))
+
+
+def test_dequantize_out_bad_input():
+    qw = _qw()
+    with pytest.raises(pyquant.ShapeError, match=r"\(24, 80\)"):
+        pyquant.dequantize(qw, torch.float32, out=torch.empty(24, 81))
+    with pytest.raises(pyquant.ShapeError, match="float16"):
+        pyquant.dequantize(qw, torch.float16, out=torch.empty(24, 80))
+    with pytest.raises(pyquant.ShapeError, match="not contiguous"):
+        pyquant.dequantize(qw, torch.float32, out=torch.empty(80, 24).T)
