@@ -41,3 +41,16 @@ def check_weight_2d(name: str, w) -> None:
         raise ShapeError(f"{name} must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
     if w.numel() == 0:
         raise ShapeError(f"{name} is empty: shape {tuple(w.shape)}")
+
+
+def check_matmul_inputs(x, n: int, k: int, device: torch.device, bias) -> None:
+    """x (..., K) float on the weight's device; bias None or (N,) float on x's device."""
+    check_float("x", x)
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ShapeError(f"x has shape {tuple(x.shape)}; its last dim must equal in_features={k}")
+    check_same_device("x", x, device, "the quantized weight")
+    if bias is not None:
+        check_float("bias", bias)
+        if tuple(bias.shape) != (n,):
+            raise ShapeError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        check_same_device("bias", bias, x.device, "x")

@@ -1,24 +1,15 @@
 // Int format dequantization on the GPU (experimental until a GPU run passes it).
 // One thread per output element; the decode is the shared int_code() helper so
 // the CPU tests exercise the same bit handling.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "cuda_check.h"
+#include "cuda_common.cuh"
 #include "pyquant/int_decode.h"
 #include "int_dequant.h"
 
 namespace pyquant {
 namespace {
 
-template <typename Out>
-__device__ __forceinline__ Out from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using cuda::from_float;
 
 template <typename Out>
 __global__ void int_dequant_kernel(const uint8_t* __restrict__ qweight, const void* __restrict__ scales,

@@ -214,3 +214,20 @@ def validate_packed(fmt: Format, tensors: Mapping[str, torch.Tensor], shape: Tup
             device = t.device
         elif t.device != device:
             raise DeviceError(f"packed tensors on different devices: {name!r} on {t.device}, others on {device}")
+
+
+def named_packed(fmt: Format, qdata, shape: Tuple[int, int], device: torch.device) -> Dict[str, torch.Tensor]:
+    """Name -> contiguous packed tensor for kernels that read raw pointers.
+
+    The ops accept any ``Tensor[]`` (not only a QuantizedWeight's), so compiled
+    kernels re-check count, shapes, dtypes and device before touching memory.
+    """
+    names = list(fmt.tensor_specs(shape))
+    if len(qdata) != len(names):
+        raise ShapeError(f"{fmt.spec()} takes {len(names)} packed tensors {names}, got {len(qdata)}")
+    t = {name: q.contiguous() for name, q in zip(names, qdata)}
+    validate_packed(fmt, t, shape)
+    for name, q in t.items():
+        if q.device != device:
+            raise DeviceError(f"packed tensor {name!r} is on {q.device}, the kernel runs on {device}")
+    return t

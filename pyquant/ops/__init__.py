@@ -7,7 +7,7 @@ import torch
 
 from ..errors import FormatError, ShapeError
 from ..formats import Format, QuantizedWeight
-from ..validation import check_dtype_arg, check_float, check_same_device, check_tensor
+from ..validation import check_dtype_arg, check_matmul_inputs, check_same_device, check_tensor
 from . import library  # noqa: F401  (registers the torch.library ops)
 from . import reference_kernels  # noqa: F401
 from . import cpu_kernels  # noqa: F401
@@ -25,7 +25,7 @@ def _check_code_format(fmt) -> None:
         raise FormatError(f"pack/unpack are defined for the code formats (Int, NF4), not {fmt.spec()}")
 
 
-def _check_kernel(kernel) -> None:
+def _check_kernel(kernel) -> None:  # also used by w8a8.py
     if not isinstance(kernel, str):
         raise FormatError(f"kernel must be a string, got {type(kernel).__name__}")
 
@@ -60,17 +60,9 @@ def qmatmul(
 ) -> torch.Tensor:
     """``x @ W_hat.T + bias`` for any leading batch dims; output in ``x.dtype``."""
     _check_qw(qw)
-    check_float("x", x)
     _check_kernel(kernel)
     n, k = qw.shape
-    if x.dim() == 0 or x.shape[-1] != k:
-        raise ShapeError(f"x has shape {tuple(x.shape)}; its last dim must equal in_features={k}")
-    check_same_device("x", x, qw.device, "the quantized weight")
-    if bias is not None:
-        check_float("bias", bias)
-        if tuple(bias.shape) != (n,):
-            raise ShapeError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-        check_same_device("bias", bias, x.device, "x")
+    check_matmul_inputs(x, n, k, qw.device, bias)
     return torch.ops.pyquant.qmatmul(x, qw.tensor_list(), qw.format.spec(), n, k, bias, kernel)
 
 

@@ -17,7 +17,7 @@ import torch
 from .. import _ext
 from ..errors import DeviceError, ShapeError
 from ..formats import NF4
-from ..formats.base import validate_packed
+from ..formats.base import named_packed
 from ._dtypes import ptr
 from .dispatch import register_kernel
 from .reference_nf4 import dynamic_map
@@ -35,14 +35,7 @@ def _supports(fmt, device, m) -> bool:
 
 def _weight_args(qdata, fmt: NF4, shape):
     """Validated, contiguous packed tensors -> the pointer arguments of the C++ entry points."""
-    names = list(fmt.tensor_specs(shape))
-    if len(qdata) != len(names):
-        raise ShapeError(f"{fmt.spec()} takes {len(names)} packed tensors {names}, got {len(qdata)}")
-    t = {name: q.contiguous() for name, q in zip(names, qdata)}
-    validate_packed(fmt, t, shape)
-    for name, q in t.items():
-        if q.device.type != "cpu":
-            raise DeviceError(f"NF4 CPU kernel got packed tensor {name!r} on {q.device}")
+    t = named_packed(fmt, qdata, shape, torch.device("cpu"))
     if fmt.double_quant:
         dmap = dynamic_map()
         args = (ptr(t["qweight"]), 0, ptr(t["absmax_q"]), ptr(t["absmax_scale"]), ptr(t["absmax_offset"]), ptr(dmap))

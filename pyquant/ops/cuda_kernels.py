@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..errors import DeviceError, ShapeError
-from ..formats.base import validate_packed
+from ..errors import ShapeError
+from ..formats.base import named_packed
 from ._dtypes import dtype_code, ptr
 from .dispatch import register_kernel
 from .reference import is_w8a8_format
@@ -28,18 +28,7 @@ def _cuda_ready(device: torch.device) -> bool:
 
 
 def _packed(fmt, qdata, shape, device: torch.device) -> dict:
-    """Name -> contiguous packed tensor, checked against the format (shapes,
-    dtypes) and the device: the kernels read raw pointers, and the ops can be
-    called with any Tensor[] (not only a QuantizedWeight's)."""
-    names = list(fmt.tensor_specs(shape))
-    if len(qdata) != len(names):
-        raise ShapeError(f"{fmt.spec()} takes {len(names)} packed tensors {names}, got {len(qdata)}")
-    t = {name: q.contiguous() for name, q in zip(names, qdata)}
-    validate_packed(fmt, t, shape)
-    for name, q in t.items():
-        if q.device != device:
-            raise DeviceError(f"packed tensor {name!r} is on {q.device}, the CUDA kernel runs on {device}")
-    return t
+    return named_packed(fmt, qdata, shape, device)
 
 
 def _check_x(x: torch.Tensor, k: int, bias) -> None:

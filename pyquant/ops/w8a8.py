@@ -20,9 +20,9 @@ from typing import List, Optional
 
 import torch
 
-from ..errors import FormatError, ShapeError
+from ..errors import FormatError
 from ..formats import QuantizedWeight, format_from_spec
-from ..validation import check_float, check_same_device
+from ..validation import check_matmul_inputs
 from . import reference
 from .dispatch import register_kernel, select_kernel
 
@@ -72,18 +72,10 @@ def w8a8_matmul(
             f"w8a8_matmul needs an Int(8, group_size=-1, symmetric=True) weight without act_order, "
             f"got {qw.format.spec()}"
         )
-    check_float("x", x)
     if not isinstance(kernel, str):
         raise FormatError(f"kernel must be a string, got {type(kernel).__name__}")
     n, k = qw.shape
-    if x.dim() == 0 or x.shape[-1] != k:
-        raise ShapeError(f"x has shape {tuple(x.shape)}; its last dim must equal in_features={k}")
-    check_same_device("x", x, qw.device, "the quantized weight")
-    if bias is not None:
-        check_float("bias", bias)
-        if tuple(bias.shape) != (n,):
-            raise ShapeError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-        check_same_device("bias", bias, x.device, "x")
+    check_matmul_inputs(x, n, k, qw.device, bias)
     return torch.ops.pyquant.w8a8_matmul(x, qw.tensor_list(), qw.format.spec(), n, k, bias, kernel)
 
 
