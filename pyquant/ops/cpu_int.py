@@ -1,1 +1,98 @@
-"""CPU C++ kernels for the int formats: thin wrappers over pyquant._C."""
+"""CPU C++ kernels for the int formats: thin wrappers over pyquant._C.
+
+The C++ side (csrc/cpu/int_*.cpp) takes raw pointers to contiguous tensors and
+trusts its arguments; everything it relies on is made true here. Kernels
+compute in fp32: other activation dtypes are converted on the way in and the
+result is cast back, as the reference does.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .. import _ext
+from ..errors import ValueRangeError
+from ._dtypes import dtype_code, ptr
+from .dispatch import register_kernel
+
+
+def _supports(fmt, device, m) -> bool:
+    return getattr(fmt, "family", None) == "int" and device.type == "cpu" and _ext.load() is not None
+
+
+def _unpack_supports(fmt, device, m) -> bool:
+    return _supports(fmt, device, m)
+
+
+def _named(fmt, qdata: List[torch.Tensor], shape) -> dict:
+    return {name: t.contiguous() for name, t in zip(fmt.tensor_specs(shape).keys(), qdata)}
+
+
+def _weight_args(fmt, t: dict, shape):
+    """Positional arguments describing the packed weight to the C++ entry points."""
+    n, k = shape
+    return (ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")), n, k, fmt.bits, fmt.group_size,
+            dtype_code(fmt.scale_dtype))
+
+
+def _checked_perm(t: dict, k: int) -> Optional[torch.Tensor]:
+    perm = t.get("perm")
+    if perm is None or perm.numel() == 0:
+        return perm
+    # The C++ scatter trusts perm: an index outside [0, K) must stop here.
+    lo, hi = int(perm.min()), int(perm.max())
+    if lo < 0 or hi >= k:
+        raise ValueRangeError(f"act_order perm must hold column indices in [0, {k - 1}], got range [{lo}, {hi}]")
+    return perm
+
+
+def _dequantize_fp32(t: dict, fmt, shape, perm: Optional[torch.Tensor]) -> torch.Tensor:
+    C = _ext.load()
+    n, k = shape
+    out = torch.empty((n, k), dtype=torch.float32)
+    qw, s, z, n_, k_, bits, gs, sd = _weight_args(fmt, t, shape)
+    C.int_dequantize(qw, s, z, ptr(perm), n_, k_, bits, gs, sd, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+@register_kernel("dequantize", "cpu", "cpu_int_dequantize", _supports)
+def dequantize(qdata: List[torch.Tensor], fmt, shape, dtype: torch.dtype) -> torch.Tensor:
+    t = _named(fmt, qdata, shape)
+    out = _dequantize_fp32(t, fmt, shape, _checked_perm(t, shape[1]))
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+@register_kernel("unpack", "cpu", "cpu_int_unpack", _unpack_supports)
+def unpack(packed: torch.Tensor, fmt, shape) -> torch.Tensor:
+    C = _ext.load()
+    n, k = shape
+    packed = packed.contiguous()
+    out = torch.empty((n, k), dtype=torch.uint8)
+    C.int_unpack(packed.data_ptr(), n, k, fmt.bits, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+@register_kernel("qmatmul", "cpu", "cpu_int_qmatmul", _supports)
+def qmatmul(
+    x: torch.Tensor, qdata: List[torch.Tensor], fmt, shape, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Fused ``x @ W_hat.T + bias``: a streaming GEMV for M <= 4, a tiled GEMM above."""
+    C = _ext.load()
+    n, k = shape
+    t = _named(fmt, qdata, shape)
+    m = x.shape[0]
+    xf = x.to(torch.float32)
+    perm = _checked_perm(t, k)
+    if perm is not None:
+        # Packed column j multiplies logical column perm[j] of x.
+        xf = xf[:, perm.long()]
+    xf = xf.contiguous()
+    bf = None if bias is None else bias.to(torch.float32).contiguous()
+    y = torch.empty((m, n), dtype=torch.float32)
+    if m > 0:
+        C.int_qmatmul(xf.data_ptr(), m, ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")), ptr(bf), n, k,
+                      fmt.bits, fmt.group_size, dtype_code(fmt.scale_dtype), y.data_ptr(), torch.get_num_threads())
+    elif bf is not None:  # no rows: nothing to add the bias to
+        pass
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
