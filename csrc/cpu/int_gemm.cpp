@@ -4,9 +4,11 @@
 // call: a tile of kTileN weight rows x kBlockK columns is dequantized into an
 // fp32 buffer that stays in L1, then a register-blocked micro-kernel runs
 // every row of x against it (kMR rows of x x kNR weight rows, 12 ymm
-// accumulators, vectorised along K so both operands are plain loads). K is
-// blocked so the x panel (M x kBlockK) stays in L2 while a thread sweeps its
-// whole share of N. Threads split N.
+// accumulators, vectorised along K so both operands are plain loads; the
+// horizontal sums happen once per K block). A tile walks K block by block,
+// so each weight row is read front to back, a stream the hardware prefetcher
+// follows; x (M x K) is re-read per tile from L2/L3 at a rate the core
+// sustains (12 FMAs per x vector). Threads take tiles.
 #include <omp.h>
 
 #include <algorithm>
@@ -134,21 +136,19 @@ PQ_TARGET_AVX2 void gemm_part(const float* x, int64_t ldx, int64_t m, const IntW
 void int_gemm_avx2(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias, float* y,
                    int nthreads) {
 #if PQ_X86
+  // Tiles are handed out dynamically: on a shared machine a thread that loses
+  // its core for a while then holds up only the tile it is on.
   const int64_t tiles = (w.n + kTileN - 1) / kTileN;
-#pragma omp parallel num_threads(nthreads)
-  {
-    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t per = (tiles + nt - 1) / nt;
-    const int64_t nb = std::min(w.n, tid * per * kTileN), ne = std::min(w.n, (tid + 1) * per * kTileN);
-    if (nb < ne) {
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t n = nb; n < ne; ++n) y[i * w.n + n] = bias ? bias[n] : 0.0f;
-      switch (w.bits) {
-        case 2: gemm_part<2>(x, ldx, m, w, y, nb, ne); break;
-        case 3: gemm_part<3>(x, ldx, m, w, y, nb, ne); break;
-        case 4: gemm_part<4>(x, ldx, m, w, y, nb, ne); break;
-        default: gemm_part<8>(x, ldx, m, w, y, nb, ne); break;
-      }
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t nb = t * kTileN, ne = std::min(w.n, nb + kTileN);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t n = nb; n < ne; ++n) y[i * w.n + n] = bias ? bias[n] : 0.0f;
+    switch (w.bits) {
+      case 2: gemm_part<2>(x, ldx, m, w, y, nb, ne); break;
+      case 3: gemm_part<3>(x, ldx, m, w, y, nb, ne); break;
+      case 4: gemm_part<4>(x, ldx, m, w, y, nb, ne); break;
+      default: gemm_part<8>(x, ldx, m, w, y, nb, ne); break;
     }
   }
 #endif

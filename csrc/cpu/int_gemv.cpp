@@ -241,8 +241,10 @@ void gemv(const float* x, int64_t ldx, const IntWeight& w, const float* bias, fl
       X[i * ldX + g] = s;
     }
   }
+  // Dynamic hand-out: on a shared machine a descheduled thread then delays
+  // one block, not half the rows.
   const int64_t blocks = (w.n + kRows - 1) / kRows;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t n0 = b * kRows;
     gemv_rows<BITS, M>(xt.get(), X.get(), ldX, w, bias, y, n0, std::min(w.n, n0 + kRows));

@@ -47,6 +47,7 @@ void qmatmul_scalar(const float* x, int64_t m, const IntWeight& w, const float* 
 }  // namespace
 
 void int_qmatmul(const float* x, int64_t m, const IntWeight& w, const float* bias, float* y, int nthreads) {
+  if (m <= 0 || w.n <= 0) return;
 #if PQ_X86
   if (simd_level() == Simd::kAvx2) {
     // The kernels read whole 32-code chunks of x: when K is ragged, give them

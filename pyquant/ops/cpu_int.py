@@ -7,26 +7,39 @@ result is cast back, as the reference does.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional
 
 import torch
 
 from .. import _ext
-from ..errors import ValueRangeError
+from ..errors import FormatError, ValueRangeError
+from ..formats.base import validate_packed
 from ._dtypes import dtype_code, ptr
 from .dispatch import register_kernel
 
 
 def _supports(fmt, device, m) -> bool:
+    """Every Int format (2, 3, 4 and 8 bits, any group size) on the CPU, once
+    the extension loads; otherwise the reference takes over."""
     return getattr(fmt, "family", None) == "int" and device.type == "cpu" and _ext.load() is not None
 
 
-def _unpack_supports(fmt, device, m) -> bool:
-    return _supports(fmt, device, m)
+@functools.lru_cache(maxsize=1024)
+def _specs(fmt, shape):
+    return tuple((name, tuple(tshape), dtype) for name, (tshape, dtype) in fmt.tensor_specs(shape).items())
 
 
 def _named(fmt, qdata: List[torch.Tensor], shape) -> dict:
-    return {name: t.contiguous() for name, t in zip(fmt.tensor_specs(shape).keys(), qdata)}
+    """Packed tensors by name, contiguous, after checking what the C++ code
+    will index blindly (the ops can be called without a QuantizedWeight)."""
+    specs = _specs(fmt, tuple(shape))
+    if len(qdata) != len(specs) or any(
+        tuple(t.shape) != tshape or t.dtype != dtype for t, (_, tshape, dtype) in zip(qdata, specs)
+    ):
+        validate_packed(fmt, dict(zip((name for name, _, _ in specs), qdata)), tuple(shape))
+        raise FormatError(f"{fmt.spec()} expects {len(specs)} packed tensors, got {len(qdata)}")
+    return {name: t.contiguous() for t, (name, _, _) in zip(qdata, specs)}
 
 
 def _weight_args(fmt, t: dict, shape):
@@ -63,10 +76,16 @@ def dequantize(qdata: List[torch.Tensor], fmt, shape, dtype: torch.dtype) -> tor
     return out if dtype == torch.float32 else out.to(dtype)
 
 
-@register_kernel("unpack", "cpu", "cpu_int_unpack", _unpack_supports)
+@register_kernel("unpack", "cpu", "cpu_int_unpack", _supports)
 def unpack(packed: torch.Tensor, fmt, shape) -> torch.Tensor:
     C = _ext.load()
     n, k = shape
+    _, tshape, dtype = _specs(fmt, tuple(shape))[0]
+    if packed.dtype != dtype or tuple(packed.shape) != tshape:
+        raise FormatError(
+            f"{fmt.spec()} packed codes for shape {tuple(shape)} must be {dtype} {tshape}, "
+            f"got {packed.dtype} {tuple(packed.shape)}"
+        )
     packed = packed.contiguous()
     out = torch.empty((n, k), dtype=torch.uint8)
     C.int_unpack(packed.data_ptr(), n, k, fmt.bits, out.data_ptr(), torch.get_num_threads())
@@ -77,7 +96,8 @@ def unpack(packed: torch.Tensor, fmt, shape) -> torch.Tensor:
 def qmatmul(
     x: torch.Tensor, qdata: List[torch.Tensor], fmt, shape, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """Fused ``x @ W_hat.T + bias``: a streaming GEMV for M <= 4, a tiled GEMM above."""
+    """Fused ``x @ W_hat.T + bias`` for every bit width: a streaming GEMV for
+    M <= 4, a tiled GEMM above (decoded tiles of W, never the whole weight)."""
     C = _ext.load()
     n, k = shape
     t = _named(fmt, qdata, shape)

@@ -15,7 +15,7 @@ import torch
 
 import pyquant
 from pyquant import _ext
-from pyquant.errors import ValueRangeError
+from pyquant.errors import DtypeError, FormatError, ShapeError, ValueRangeError
 from pyquant.formats import Int
 from pyquant.ops import reference
 from pyquant.ops.dispatch import select_kernel
@@ -143,6 +143,21 @@ def test_act_order(bits):
         with simd(level):
             assert torch.equal(pyquant.dequantize(qw, kernel="cpu"), want)
             expect.check(pyquant.qmatmul(x, qw, kernel="cpu"), x)
+
+
+def test_malformed_packed_tensors_raise():
+    """The ops can be called without a QuantizedWeight: nothing malformed may
+    reach the C++ code."""
+    qw = make_qw(4, 32, False, torch.float16, 8, 64)
+    q, s, z = qw.tensor_list()
+    spec = qw.format.spec()
+    for bad in ([q, s], [q, s.float(), z], [q[:4], s, z]):
+        with pytest.raises((FormatError, DtypeError, ShapeError)):
+            torch.ops.pyquant.qmatmul(torch.randn(2, 64), bad, spec, 8, 64, None, "cpu")
+        with pytest.raises((FormatError, DtypeError, ShapeError)):
+            torch.ops.pyquant.dequantize(bad, spec, 8, 64, torch.float32, "cpu")
+    with pytest.raises(FormatError):
+        torch.ops.pyquant.unpack(q[:, :16], spec, 8, 64, "cpu")
 
 
 def test_act_order_perm_out_of_range():
