@@ -1,4 +1,4 @@
-// Int format, M > kGemvMaxM: a tiled GEMM.
+// Int format, M > kGemvPassMaxM: a tiled GEMM.
 //
 // Decoding costs the same for any M, so here it is done once per weight per
 // call: a tile of kTileN weight rows x kBlockK columns is dequantized into an

@@ -60,7 +60,8 @@ void int_gemv_avx2(const float* x, int64_t ldx, int64_t m, const IntWeight& w, c
                    int nthreads);
 void int_gemm_avx2(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias, float* y,
                    int nthreads);
-constexpr int64_t kGemvMaxM = 4;
+constexpr int64_t kGemvMaxM = 4;      // rows of x per GEMV pass
+constexpr int64_t kGemvPassMaxM = 8;  // up to here qmatmul runs GEMV passes
 
 #if PQ_X86
 // The 32 codes of one chunk as four int32 vectors: v[0] = codes 0..7,

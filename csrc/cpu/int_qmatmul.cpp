@@ -1,8 +1,10 @@
-// Int format: y = x @ W_hat.T (+ bias). Chooses the AVX2 GEMV (small M) or
-// GEMM kernel, or the scalar fallback, which dequantizes one weight row at a
-// time and takes dot products with every row of x.
+// Int format: y = x @ W_hat.T (+ bias). Chooses the AVX2 GEMV (M <= 8, in
+// passes of up to 4 rows of x) or the AVX2 GEMM, or the scalar fallback,
+// which dequantizes one weight row at a time and takes dot products with
+// every row of x.
 #include <omp.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -60,8 +62,14 @@ void int_qmatmul(const float* x, int64_t m, const IntWeight& w, const float* bia
       for (int64_t i = 0; i < m; ++i) memcpy(padded.data() + i * kp, x + i * w.k, sizeof(float) * w.k);
       xp = padded.data();
     }
-    if (m <= kGemvMaxM) {
-      int_gemv_avx2(xp, kp, m, w, bias, y, nthreads);
+    if (m <= kGemvPassMaxM) {
+      // Up to 8 rows, passes of the GEMV (4 rows of x each) beat the GEMM:
+      // re-decoding the weight once more costs less than the GEMM's tile
+      // stores and its half-empty row blocks at this M (measured).
+      for (int64_t i0 = 0; i0 < m; i0 += kGemvMaxM) {
+        const int64_t mm = std::min<int64_t>(kGemvMaxM, m - i0);
+        int_gemv_avx2(xp + i0 * kp, kp, mm, w, bias, y + i0 * w.n, nthreads);
+      }
     } else {
       int_gemm_avx2(xp, kp, m, w, bias, y, nthreads);
     }
