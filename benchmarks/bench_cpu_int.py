@@ -5,7 +5,9 @@ M in 1, 2, 4, 8, 16, 32, 64, 128 it times, interleaved and on the same
 thread count (default 2):
 
 * ``pyquant.qmatmul(x, qw, kernel="cpu")`` with fp32 x (and, for int4, with
-  bf16 x: the fair comparison with torch's int4 kernel, which takes bf16);
+  bf16 x: the fair comparison with torch's int4 kernel, which takes bf16),
+  and the registered CPU kernel called directly (without torch.library's
+  custom-op dispatch, which costs ~25 us per call);
 * torch's dense fp32 ``x @ W.T`` with W the dequantized weight;
 * torch's own int4 CPU kernel ``aten._weight_int4pack_mm_for_cpu`` (bf16 x)
   on the same codes, group size, scales and zero points (checked to compute
@@ -39,6 +41,7 @@ if str(ROOT) not in sys.path:  # run from a source checkout without installing
 
 import pyquant  # noqa: E402
 from pyquant.formats import Int  # noqa: E402
+from pyquant.ops import cpu_int  # noqa: E402
 
 FORMATS = {
     "int4_g128": Int(4, 128, False, torch.float16),
@@ -107,8 +110,11 @@ def cases(p: Problem, m: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, p.k, generator=g)
     xb = x.to(torch.bfloat16)
+    qdata = p.qw.tensor_list()
     out = {
         "pyquant": lambda: pyquant.qmatmul(x, p.qw, kernel="cpu"),
+        # the registered kernel without torch.library's dispatch (~25 us per call)
+        "pyquant_kernel": lambda: cpu_int.qmatmul(x, qdata, p.fmt, (p.n, p.k), None),
         "dense_fp32": lambda: x @ p.w_dense.T,
     }
     if p.int4 is not None:
@@ -173,9 +179,9 @@ def markdown(results: dict) -> str:
         f"CPU: {results['device']}, {results['threads']} threads, SIMD {results['simd']}, torch {results['torch']}; "
         f"N = {results['shape']['n']}, K = {results['shape']['k']}; median ms",
         "",
-        "| format | M | pyquant fp32 x | dense fp32 | x dense | pyquant bf16 x | torch int4 bf16 | x torch int4 "
-        "| GB/s (M=1) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| format | M | pyquant fp32 x | (kernel only) | dense fp32 | x dense | pyquant bf16 x | torch int4 bf16 "
+        "| x torch int4 | GB/s (M=1) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
         t = r["ms"]
@@ -184,7 +190,8 @@ def markdown(results: dict) -> str:
         vi4 = f"{r['speedup_vs_torch_int4']:.2f}" if "speedup_vs_torch_int4" in r else "-"
         gbps = f"{r['pyquant_gbps']:.1f} (dense {r['dense_gbps']:.1f})" if r["m"] == 1 else ""
         lines.append(
-            f"| {r['format']} | {r['m']} | {t['pyquant']:.3f} | {t['dense_fp32']:.3f} | {r['speedup_vs_dense']:.2f} "
+            f"| {r['format']} | {r['m']} | {t['pyquant']:.3f} | {t['pyquant_kernel']:.3f} | {t['dense_fp32']:.3f} "
+            f"| {r['speedup_vs_dense']:.2f} "
             f"| {b16} | {ti4} | {vi4} | {gbps} |"
         )
     return "\n".join(lines)
