@@ -43,16 +43,17 @@ void register_int_cpu(py::module_& m) {
       "fp32 (N, K) = (q - z) * s; zeros=0 means symmetric, perm=0 no act_order");
   m.def(
       "int_qmatmul",
-      [](uintptr_t x, int64_t m_rows, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t bias, int64_t n,
-         int64_t k, int bits, int64_t group_size, int scale_dtype, uintptr_t y, int nthreads) {
-        int_qmatmul(as_ptr<const float>(x), m_rows, make_weight(qweight, scales, zeros, n, k, bits, group_size,
-                                                                scale_dtype),
-                    as_ptr<const float>(bias), as_ptr<float>(y), nthreads);
+      [](uintptr_t x, int x_dtype, int64_t m_rows, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
+         uintptr_t bias, int64_t n, int64_t k, int bits, int64_t group_size, int scale_dtype, uintptr_t y,
+         int nthreads) {
+        int_qmatmul(as_ptr<const void>(x), x_dtype, m_rows,
+                    make_weight(qweight, scales, zeros, n, k, bits, group_size, scale_dtype), as_ptr<const float>(bias),
+                    as_ptr<float>(y), nthreads);
       },
-      py::arg("x"), py::arg("m"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"),
-      py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("group_size"), py::arg("scale_dtype"), py::arg("y"),
-      py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
-      "y (M, N) fp32 = x (M, K) fp32 @ W_hat.T (+ bias fp32 (N,), 0 = none)");
+      py::arg("x"), py::arg("x_dtype"), py::arg("m"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+      py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("group_size"), py::arg("scale_dtype"),
+      py::arg("y"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
+      "y (M, N) fp32 = x (M, K) in x_dtype @ W_hat.T (+ bias fp32 (N,), 0 = none)");
 }
 
 }  // namespace pyquant

@@ -67,30 +67,6 @@ PQ_TARGET_AVX2 inline void decode_for_gemv(const uint8_t* c, __m256i v[4]) {
   }
 }
 
-// The x that decode_for_gemv's vectors multiply (per 32-column chunk).
-template <int BITS>
-void transform_x(const float* x, float* xt, int64_t cols) {
-  for (int64_t c0 = 0; c0 < cols; c0 += kIntChunk) {
-    const float* a = x + c0;
-    float* o = xt + c0;
-    if constexpr (BITS == 4) {
-      for (int j = 0; j < 16; ++j) {
-        o[j] = a[j] - a[j + 16] * 0.0625f;
-        o[j + 16] = a[j + 16] * 0.0625f;
-      }
-    } else if constexpr (BITS == 2) {
-      for (int j = 0; j < 8; ++j) {
-        o[j] = a[j] - a[j + 8] * 0.25f;
-        o[j + 8] = a[j + 8] * 0.25f - a[j + 16] * 0.0625f;
-        o[j + 16] = a[j + 16] * 0.0625f - a[j + 24] * 0.015625f;
-        o[j + 24] = a[j + 24] * 0.015625f;
-      }
-    } else {
-      for (int j = 0; j < kIntChunk; ++j) o[j] = a[j];
-    }
-  }
-}
-
 // Eight consecutive scale-dtype values as fp32 (exact conversions).
 PQ_TARGET_AVX2 inline __m256 load8(const void* base, int64_t i, int dtype) {
   switch (dtype) {
@@ -102,6 +78,55 @@ PQ_TARGET_AVX2 inline __m256 load8(const void* base, int64_t i, int dtype) {
     }
     default:
       return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+  }
+}
+
+// One 32-column chunk of x as fp32 (columns past K read as 0).
+PQ_TARGET_AVX2 inline void load_x_chunk(const void* x, int dtype, int64_t i0, int64_t valid, __m256 a[4]) {
+  if (valid >= kIntChunk) {
+    for (int t = 0; t < 4; ++t) a[t] = load8(x, i0 + 8 * t, dtype);
+  } else {
+    alignas(32) float tmp[kIntChunk] = {};
+    for (int64_t j = 0; j < valid; ++j) tmp[j] = load_float(x, i0 + j, dtype);
+    for (int t = 0; t < 4; ++t) a[t] = _mm256_load_ps(tmp + 8 * t);
+  }
+}
+
+// Transformed x (the values decode_for_gemv's vectors multiply, see the file
+// comment), K-block major so that each block's M rows are contiguous, and
+// X[i][g] = sum of x over group g (the whole row when per channel).
+template <int BITS, int M>
+PQ_TARGET_AVX2 void prepare_x(const void* x, int dtype, int64_t ldx, const IntWeight& w, float* xt, float* X,
+                              int64_t ldX) {
+  constexpr int64_t kbc = block_chunks<M>(), bcols = kbc * kIntChunk;
+  const int64_t cpg = w.chunks_per_group;
+  for (int i = 0; i < M; ++i) {
+    for (int64_t g = 0; g < ldX; ++g) X[i * ldX + g] = 0.0f;
+    for (int64_t c = 0; c < w.chunks; ++c) {
+      __m256 a[4];
+      load_x_chunk(x, dtype, i * ldx + c * kIntChunk, w.k - c * kIntChunk, a);
+      const int64_t b = c / kbc;
+      float* o = xt + (b * M + i) * bcols + (c - b * kbc) * kIntChunk;
+      __m256 v[4];
+      if constexpr (BITS == 4) {
+        const __m256 r16 = _mm256_set1_ps(0.0625f);
+        v[0] = _mm256_fnmadd_ps(a[2], r16, a[0]);
+        v[1] = _mm256_fnmadd_ps(a[3], r16, a[1]);
+        v[2] = _mm256_mul_ps(a[2], r16);
+        v[3] = _mm256_mul_ps(a[3], r16);
+      } else if constexpr (BITS == 2) {
+        const __m256 q1 = _mm256_set1_ps(0.25f), q2 = _mm256_set1_ps(0.0625f), q3 = _mm256_set1_ps(0.015625f);
+        v[0] = _mm256_fnmadd_ps(a[1], q1, a[0]);
+        v[1] = _mm256_fnmadd_ps(a[2], q2, _mm256_mul_ps(a[1], q1));
+        v[2] = _mm256_fnmadd_ps(a[3], q3, _mm256_mul_ps(a[2], q2));
+        v[3] = _mm256_mul_ps(a[3], q3);
+      } else {
+        for (int t = 0; t < 4; ++t) v[t] = a[t];
+      }
+      for (int t = 0; t < 4; ++t) _mm256_store_ps(o + 8 * t, v[t]);
+      const __m256 sum = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+      X[i * ldX + c / cpg] += hsum_avx2(sum);
+    }
   }
 }
 
@@ -225,27 +250,13 @@ PQ_TARGET_AVX2 void gemv_rows(const float* xt, const float* X, int64_t ldX, cons
 }
 
 template <int BITS, int M>
-void gemv(const float* x, int64_t ldx, const IntWeight& w, const float* bias, float* y, int nthreads) {
+void gemv(const void* x, int xdtype, int64_t ldx, const IntWeight& w, const float* bias, float* y, int nthreads) {
   constexpr int64_t kbc = block_chunks<M>(), bcols = kbc * kIntChunk;
   const int64_t nblocks = (w.chunks + kbc - 1) / kbc;
-  // Transformed x, K-block major so each block's M rows are contiguous.
+  const int64_t ldX = (w.groups + 7) / 8 * 8;
   FloatBuf xt = alloc_floats(nblocks * M * bcols);
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t cols = std::min(bcols, w.chunks * kIntChunk - b * bcols);
-    for (int i = 0; i < M; ++i) transform_x<BITS>(x + i * ldx + b * bcols, xt.get() + (b * M + i) * bcols, cols);
-  }
-  // X[i][g]: sum of x over group g (over the whole row when per channel).
-  const int64_t ng = w.groups, ldX = (ng + 7) / 8 * 8;
-  const int64_t gcols = w.group_size < 0 ? w.chunks * kIntChunk : w.group_size;
   FloatBuf X = alloc_floats(M * ldX);
-  for (int i = 0; i < M; ++i) {
-    for (int64_t g = 0; g < ng; ++g) {
-      const int64_t k1 = std::min(w.k, (g + 1) * gcols);
-      float s = 0.0f;
-      for (int64_t kk = g * gcols; kk < k1; ++kk) s += x[i * ldx + kk];
-      X[i * ldX + g] = s;
-    }
-  }
+  prepare_x<BITS, M>(x, xdtype, ldx, w, xt.get(), X.get(), ldX);
   // Dynamic hand-out: on a shared machine a descheduled thread then delays
   // one block, not half the rows.
   const int64_t blocks = (w.n + kRows - 1) / kRows;
@@ -257,27 +268,27 @@ void gemv(const float* x, int64_t ldx, const IntWeight& w, const float* bias, fl
 }
 
 template <int BITS>
-void gemv_dispatch_m(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias, float* y,
-                     int nthreads) {
+void gemv_dispatch_m(const void* x, int xdtype, int64_t ldx, int64_t m, const IntWeight& w, const float* bias,
+                     float* y, int nthreads) {
   switch (m) {
-    case 1: return gemv<BITS, 1>(x, ldx, w, bias, y, nthreads);
-    case 2: return gemv<BITS, 2>(x, ldx, w, bias, y, nthreads);
-    case 3: return gemv<BITS, 3>(x, ldx, w, bias, y, nthreads);
-    default: return gemv<BITS, 4>(x, ldx, w, bias, y, nthreads);
+    case 1: return gemv<BITS, 1>(x, xdtype, ldx, w, bias, y, nthreads);
+    case 2: return gemv<BITS, 2>(x, xdtype, ldx, w, bias, y, nthreads);
+    case 3: return gemv<BITS, 3>(x, xdtype, ldx, w, bias, y, nthreads);
+    default: return gemv<BITS, 4>(x, xdtype, ldx, w, bias, y, nthreads);
   }
 }
 #endif
 
 }  // namespace
 
-void int_gemv_avx2(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias, float* y,
-                   int nthreads) {
+void int_gemv_avx2(const void* x, int xdtype, int64_t ldx, int64_t m, const IntWeight& w, const float* bias,
+                   float* y, int nthreads) {
 #if PQ_X86
   switch (w.bits) {
-    case 2: return gemv_dispatch_m<2>(x, ldx, m, w, bias, y, nthreads);
-    case 3: return gemv_dispatch_m<3>(x, ldx, m, w, bias, y, nthreads);
-    case 4: return gemv_dispatch_m<4>(x, ldx, m, w, bias, y, nthreads);
-    default: return gemv_dispatch_m<8>(x, ldx, m, w, bias, y, nthreads);
+    case 2: return gemv_dispatch_m<2>(x, xdtype, ldx, m, w, bias, y, nthreads);
+    case 3: return gemv_dispatch_m<3>(x, xdtype, ldx, m, w, bias, y, nthreads);
+    case 4: return gemv_dispatch_m<4>(x, xdtype, ldx, m, w, bias, y, nthreads);
+    default: return gemv_dispatch_m<8>(x, xdtype, ldx, m, w, bias, y, nthreads);
   }
 #endif
 }

@@ -46,37 +46,58 @@ void qmatmul_scalar(const float* x, int64_t m, const IntWeight& w, const float* 
   }
 }
 
+// x rows as fp32, padded with zeros to `cols` columns.
+std::vector<float> x_as_f32(const void* x, int dtype, int64_t m, int64_t k, int64_t cols) {
+  std::vector<float> out(size_t(m * cols), 0.0f);
+  for (int64_t i = 0; i < m; ++i) {
+    if (dtype == kF32) {
+      memcpy(out.data() + i * cols, static_cast<const float*>(x) + i * k, sizeof(float) * k);
+    } else {
+      for (int64_t j = 0; j < k; ++j) out[size_t(i * cols + j)] = load_float(x, i * k + j, dtype);
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
-void int_qmatmul(const float* x, int64_t m, const IntWeight& w, const float* bias, float* y, int nthreads) {
+void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, const float* bias, float* y,
+                 int nthreads) {
   if (m <= 0 || w.n <= 0) return;
+  const size_t esize = x_dtype == kF32 ? 4 : 2;
 #if PQ_X86
   if (simd_level() == Simd::kAvx2) {
-    // The kernels read whole 32-code chunks of x: when K is ragged, give them
-    // a copy padded with zeros (zero times any finite weight adds nothing).
-    const int64_t kp = w.chunks * kIntChunk;
-    std::vector<float> padded;
-    const float* xp = x;
-    if (kp != w.k) {
-      padded.assign(size_t(m * kp), 0.0f);
-      for (int64_t i = 0; i < m; ++i) memcpy(padded.data() + i * kp, x + i * w.k, sizeof(float) * w.k);
-      xp = padded.data();
-    }
     if (m <= kGemvPassMaxM) {
       // Up to 8 rows, passes of the GEMV (4 rows of x each) beat the GEMM:
       // re-decoding the weight once more costs less than the GEMM's tile
-      // stores and its half-empty row blocks at this M (measured).
+      // stores and its half-empty row blocks at this M (measured). The GEMV
+      // reads x in any dtype and handles a ragged K itself.
       for (int64_t i0 = 0; i0 < m; i0 += kGemvMaxM) {
         const int64_t mm = std::min<int64_t>(kGemvMaxM, m - i0);
-        int_gemv_avx2(xp + i0 * kp, kp, mm, w, bias, y + i0 * w.n, nthreads);
+        int_gemv_avx2(static_cast<const char*>(x) + i0 * w.k * esize, x_dtype, w.k, mm, w, bias, y + i0 * w.n,
+                      nthreads);
       }
+      return;
+    }
+    // The GEMM reads whole 32-code chunks of fp32 x: when K is ragged or x
+    // is half precision, give it a padded fp32 copy (zero times any finite
+    // weight adds nothing).
+    const int64_t kp = w.chunks * kIntChunk;
+    if (kp == w.k && x_dtype == kF32) {
+      int_gemm_avx2(static_cast<const float*>(x), kp, m, w, bias, y, nthreads);
     } else {
-      int_gemm_avx2(xp, kp, m, w, bias, y, nthreads);
+      const std::vector<float> xf = x_as_f32(x, x_dtype, m, w.k, kp);
+      int_gemm_avx2(xf.data(), kp, m, w, bias, y, nthreads);
     }
     return;
   }
 #endif
-  qmatmul_scalar(x, m, w, bias, y, nthreads);
+  if (x_dtype == kF32) {
+    qmatmul_scalar(static_cast<const float*>(x), m, w, bias, y, nthreads);
+  } else {
+    const std::vector<float> xf = x_as_f32(x, x_dtype, m, w.k, w.k);
+    qmatmul_scalar(xf.data(), m, w, bias, y, nthreads);
+  }
 }
 
 }  // namespace pyquant

@@ -2,8 +2,8 @@
 
 The C++ side (csrc/cpu/int_*.cpp) takes raw pointers to contiguous tensors and
 trusts its arguments; everything it relies on is made true here. Kernels
-compute in fp32: other activation dtypes are converted on the way in and the
-result is cast back, as the reference does.
+compute in fp32: fp16/bf16 activations are widened inside the kernel (exactly)
+and the result is cast back to their dtype, as the reference does.
 """
 from __future__ import annotations
 
@@ -97,22 +97,22 @@ def qmatmul(
     x: torch.Tensor, qdata: List[torch.Tensor], fmt, shape, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
     """Fused ``x @ W_hat.T + bias`` for every bit width: a streaming GEMV for
-    M <= 4, a tiled GEMM above (decoded tiles of W, never the whole weight)."""
+    M <= 8, a tiled GEMM above (decoded tiles of W, never the whole weight).
+    x may be fp32, fp16 or bf16 (read as fp32 by the kernel); the fp32 result
+    is cast to x's dtype, as the reference does."""
     C = _ext.load()
     n, k = shape
     t = _named(fmt, qdata, shape)
     m = x.shape[0]
-    xf = x.to(torch.float32)
     perm = _checked_perm(t, k)
     if perm is not None:
         # Packed column j multiplies logical column perm[j] of x.
-        xf = xf[:, perm.long()]
-    xf = xf.contiguous()
+        x = x[:, perm.long()]
+    x = x.contiguous()
     bf = None if bias is None else bias.to(torch.float32).contiguous()
     y = torch.empty((m, n), dtype=torch.float32)
     if m > 0:
-        C.int_qmatmul(xf.data_ptr(), m, ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")), ptr(bf), n, k,
-                      fmt.bits, fmt.group_size, dtype_code(fmt.scale_dtype), y.data_ptr(), torch.get_num_threads())
-    elif bf is not None:  # no rows: nothing to add the bias to
-        pass
+        C.int_qmatmul(x.data_ptr(), dtype_code(x.dtype), m, ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")),
+                      ptr(bf), n, k, fmt.bits, fmt.group_size, dtype_code(fmt.scale_dtype), y.data_ptr(),
+                      torch.get_num_threads())
     return y if x.dtype == torch.float32 else y.to(x.dtype)

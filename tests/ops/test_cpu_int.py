@@ -205,18 +205,22 @@ def test_qmatmul_blocked_shapes(bits, group):
 
 
 @pytest.mark.parametrize("xdtype", (torch.float32, torch.float16, torch.bfloat16))
-def test_qmatmul_dtypes_bias_batch(xdtype):
-    qw = make_qw(4, 128, False, torch.float16, 24, 320)
-    x = torch.randn(2, 3, 320).to(xdtype)
+@pytest.mark.parametrize("lead", ((2, 3), (3, 4)), ids=("M6", "M12"))
+def test_qmatmul_dtypes_bias_batch(xdtype, lead):
+    """Half-precision x is read by the kernels directly (GEMV at M = 6, GEMM at
+    M = 12, K = 330 ragged); output in x's dtype, leading dims kept."""
+    k = 330
+    qw = make_qw(4, 64, False, torch.float16, 24, k)
+    x = torch.randn(*lead, k).to(xdtype)
     bias = torch.randn(24).to(xdtype)
     eps = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[xdtype]
     expect = Expect(qw)
     y_ref = pyquant.qmatmul(x, qw, bias, kernel="reference")
-    mag = (x.double().abs().reshape(-1, 320) @ expect.mag.T).reshape(y_ref.shape)
+    mag = (x.double().abs().reshape(-1, k) @ expect.mag.T).reshape(y_ref.shape)
     for level in SIMD:
         with simd(level):
             y = pyquant.qmatmul(x, qw, bias, kernel="cpu")
-            assert y.shape == (2, 3, 24) and y.dtype == xdtype
+            assert y.shape == (*lead, 24) and y.dtype == xdtype
             expect.check(y, x.float(), bias.float(), out_dtype_eps=eps)
             # and against the reference kernel's own output, both rounded to xdtype
             diff = (y.double() - y_ref.double()).abs()
