@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
+#include <new>
 
 #include "int_kernels.h"
 
@@ -43,7 +44,9 @@ struct FreeDeleter {
 using FloatBuf = std::unique_ptr<float[], FreeDeleter>;
 FloatBuf alloc_floats(int64_t n) {
   const size_t bytes = size_t((n * 4 + 63) / 64 * 64);
-  return FloatBuf(static_cast<float*>(std::aligned_alloc(64, bytes ? bytes : 64)));
+  float* p = static_cast<float*>(std::aligned_alloc(64, bytes ? bytes : 64));
+  if (!p) throw std::bad_alloc();  // pybind11 turns it into MemoryError
+  return FloatBuf(p);
 }
 
 // Codes of one chunk as four int32 vectors that pair with the transformed x

@@ -16,9 +16,13 @@ namespace {
 void qmatmul_scalar(const float* x, int64_t m, const IntWeight& w, const float* bias, float* y, int nthreads) {
   const int64_t k = w.k, nch = w.chunks, cpg = w.chunks_per_group, rb = w.row_bytes;
   const int cb = int_chunk_bytes(w.bits);
+  // One dequantized row per thread, allocated here: an exception must not
+  // escape an OpenMP region.
+  const int64_t rowlen = nch * kIntChunk;
+  std::vector<float> rows(size_t(rowlen * std::max(nthreads, 1)));
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> wrow(size_t(nch * kIntChunk));
+    float* wrow = rows.data() + rowlen * omp_get_thread_num();
     uint8_t codes[kIntChunk];
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < w.n; ++n) {
@@ -28,7 +32,7 @@ void qmatmul_scalar(const float* x, int64_t m, const IntWeight& w, const float* 
         int_decode_chunk(row + c * cb, w.bits, codes);
         for (int j = 0; j < kIntChunk; ++j) wrow[c * kIntChunk + j] = (float(codes[j]) - z) * s;
       }
-      const float* wr = wrow.data();
+      const float* wr = wrow;
       for (int64_t i = 0; i < m; ++i) {
         const float* xr = x + i * k;
         // Eight independent partial sums: lets the compiler use SSE lanes
