@@ -13,8 +13,8 @@ thread count (default 2):
   on the same codes, group size, scales and zero points (checked to compute
   the same product as ours before it is timed).
 
-Each figure is the median of interleaved repeats (the machine may be
-shared). Prints a markdown table (ms, speedups, achieved GB/s of the packed
+Each figure is the median of repeats run in rotating blocks (the machine may
+be shared), with the minimum reported alongside. Prints a markdown table (ms, speedups, achieved GB/s of the packed
 weight at M = 1) and writes JSON to benchmarks/results/cpu-int.json.
 
     python benchmarks/bench_cpu_int.py            # full run
@@ -123,19 +123,26 @@ def cases(p: Problem, m: int, seed: int = 1):
     return out
 
 
-def time_interleaved(fns: dict, repeats: int, warmup: int = 2):
-    """(median ms, min ms) per callable; one call of each per round, so load
-    changes on a shared machine hit every candidate alike. The minimum is the
-    figure least disturbed by other processes."""
+def time_interleaved(fns: dict, repeats: int, warmup: int = 2, block: int = 5):
+    """(median ms, min ms) per callable over `repeats` calls each.
+
+    Calls run in blocks of `block` per callable, blocks in rotation: load
+    changes on a shared machine hit every candidate alike, while a candidate
+    is not timed right after a different library's thread pool went to sleep
+    (every first call of a block is discarded). The minimum is the figure
+    least disturbed by other processes."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples = {name: [] for name in fns}
-    for _ in range(repeats):
+    rounds = max(1, -(-repeats // block))
+    for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
             fn()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
     return {name: statistics.median(v) for name, v in samples.items()}, {name: min(v) for name, v in samples.items()}
 
 
