@@ -1,9 +1,59 @@
+// pybind11 entry points of the Int CPU kernels. Pointers arrive as integers
+// and every size was validated in Python (pyquant/ops/cpu_int.py).
 #include <pybind11/pybind11.h>
+
+#include "int_kernels.h"
 
 namespace py = pybind11;
 
 namespace pyquant {
+namespace {
 
-void register_int_cpu(py::module_& m) {}
+template <typename T>
+T* as_ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+IntWeight make_weight(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t n, int64_t k, int bits,
+                      int64_t group_size, int scale_dtype) {
+  return IntWeight::make(as_ptr<const uint8_t>(qweight), as_ptr<const void>(scales), as_ptr<const void>(zeros), n, k,
+                         bits, group_size, scale_dtype);
+}
+
+}  // namespace
+
+void register_int_cpu(py::module_& m) {
+  m.def(
+      "int_unpack",
+      [](uintptr_t qweight, int64_t n, int64_t k, int bits, uintptr_t out, int nthreads) {
+        int_unpack(as_ptr<const uint8_t>(qweight), n, k, bits, as_ptr<uint8_t>(out), nthreads);
+      },
+      py::arg("qweight"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("out"), py::arg("nthreads"),
+      py::call_guard<py::gil_scoped_release>(), "Int codes (N, K) uint8 from packed qweight");
+  m.def(
+      "int_dequantize",
+      [](uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t perm, int64_t n, int64_t k, int bits,
+         int64_t group_size, int scale_dtype, uintptr_t out, int nthreads) {
+        int_dequantize(make_weight(qweight, scales, zeros, n, k, bits, group_size, scale_dtype),
+                       as_ptr<const int32_t>(perm), as_ptr<float>(out), nthreads);
+      },
+      py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("perm"), py::arg("n"), py::arg("k"),
+      py::arg("bits"), py::arg("group_size"), py::arg("scale_dtype"), py::arg("out"), py::arg("nthreads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "fp32 (N, K) = (q - z) * s; zeros=0 means symmetric, perm=0 no act_order");
+  m.def(
+      "int_qmatmul",
+      [](uintptr_t x, int x_dtype, int64_t m_rows, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
+         uintptr_t bias, int64_t n, int64_t k, int bits, int64_t group_size, int scale_dtype, uintptr_t y,
+         int nthreads) {
+        int_qmatmul(as_ptr<const void>(x), x_dtype, m_rows,
+                    make_weight(qweight, scales, zeros, n, k, bits, group_size, scale_dtype), as_ptr<const float>(bias),
+                    as_ptr<float>(y), nthreads);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("m"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+      py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("group_size"), py::arg("scale_dtype"),
+      py::arg("y"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
+      "y (M, N) fp32 = x (M, K) in x_dtype @ W_hat.T (+ bias fp32 (N,), 0 = none)");
+}
 
 }  // namespace pyquant

@@ -1,1 +1,118 @@
-"""CPU C++ kernels for the int formats: thin wrappers over pyquant._C."""
+"""CPU C++ kernels for the int formats: thin wrappers over pyquant._C.
+
+The C++ side (csrc/cpu/int_*.cpp) takes raw pointers to contiguous tensors and
+trusts its arguments; everything it relies on is made true here. Kernels
+compute in fp32: fp16/bf16 activations are widened inside the kernel (exactly)
+and the result is cast back to their dtype, as the reference does.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List, Optional
+
+import torch
+
+from .. import _ext
+from ..errors import FormatError, ValueRangeError
+from ..formats.base import validate_packed
+from ._dtypes import dtype_code, ptr
+from .dispatch import register_kernel
+
+
+def _supports(fmt, device, m) -> bool:
+    """Every Int format (2, 3, 4 and 8 bits, any group size) on the CPU, once
+    the extension loads; otherwise the reference takes over."""
+    return getattr(fmt, "family", None) == "int" and device.type == "cpu" and _ext.load() is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def _specs(fmt, shape):
+    return tuple((name, tuple(tshape), dtype) for name, (tshape, dtype) in fmt.tensor_specs(shape).items())
+
+
+def _named(fmt, qdata: List[torch.Tensor], shape) -> dict:
+    """Packed tensors by name, contiguous, after checking what the C++ code
+    will index blindly (the ops can be called without a QuantizedWeight)."""
+    specs = _specs(fmt, tuple(shape))
+    if len(qdata) != len(specs) or any(
+        tuple(t.shape) != tshape or t.dtype != dtype for t, (_, tshape, dtype) in zip(qdata, specs)
+    ):
+        validate_packed(fmt, dict(zip((name for name, _, _ in specs), qdata)), tuple(shape))
+        raise FormatError(f"{fmt.spec()} expects {len(specs)} packed tensors, got {len(qdata)}")
+    return {name: t.contiguous() for t, (name, _, _) in zip(qdata, specs)}
+
+
+def _weight_args(fmt, t: dict, shape):
+    """Positional arguments describing the packed weight to the C++ entry points."""
+    n, k = shape
+    return (ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")), n, k, fmt.bits, fmt.group_size,
+            dtype_code(fmt.scale_dtype))
+
+
+def _checked_perm(t: dict, k: int) -> Optional[torch.Tensor]:
+    perm = t.get("perm")
+    if perm is None or perm.numel() == 0:
+        return perm
+    # The C++ scatter trusts perm: an index outside [0, K) must stop here.
+    lo, hi = int(perm.min()), int(perm.max())
+    if lo < 0 or hi >= k:
+        raise ValueRangeError(f"act_order perm must hold column indices in [0, {k - 1}], got range [{lo}, {hi}]")
+    return perm
+
+
+def _dequantize_fp32(t: dict, fmt, shape, perm: Optional[torch.Tensor]) -> torch.Tensor:
+    C = _ext.load()
+    n, k = shape
+    out = torch.empty((n, k), dtype=torch.float32)
+    qw, s, z, n_, k_, bits, gs, sd = _weight_args(fmt, t, shape)
+    C.int_dequantize(qw, s, z, ptr(perm), n_, k_, bits, gs, sd, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+@register_kernel("dequantize", "cpu", "cpu_int_dequantize", _supports)
+def dequantize(qdata: List[torch.Tensor], fmt, shape, dtype: torch.dtype) -> torch.Tensor:
+    t = _named(fmt, qdata, shape)
+    out = _dequantize_fp32(t, fmt, shape, _checked_perm(t, shape[1]))
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+@register_kernel("unpack", "cpu", "cpu_int_unpack", _supports)
+def unpack(packed: torch.Tensor, fmt, shape) -> torch.Tensor:
+    C = _ext.load()
+    n, k = shape
+    _, tshape, dtype = _specs(fmt, tuple(shape))[0]
+    if packed.dtype != dtype or tuple(packed.shape) != tshape:
+        raise FormatError(
+            f"{fmt.spec()} packed codes for shape {tuple(shape)} must be {dtype} {tshape}, "
+            f"got {packed.dtype} {tuple(packed.shape)}"
+        )
+    packed = packed.contiguous()
+    out = torch.empty((n, k), dtype=torch.uint8)
+    C.int_unpack(packed.data_ptr(), n, k, fmt.bits, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+@register_kernel("qmatmul", "cpu", "cpu_int_qmatmul", _supports)
+def qmatmul(
+    x: torch.Tensor, qdata: List[torch.Tensor], fmt, shape, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Fused ``x @ W_hat.T + bias`` for every bit width: a streaming GEMV for
+    M <= 8, a tiled GEMM above (decoded tiles of W, never the whole weight).
+    x may be fp32, fp16 or bf16 (read as fp32 by the kernel); the fp32 result
+    is cast to x's dtype, as the reference does."""
+    C = _ext.load()
+    n, k = shape
+    t = _named(fmt, qdata, shape)
+    m = x.shape[0]
+    perm = _checked_perm(t, k)
+    if perm is not None:
+        # Packed column j multiplies logical column perm[j] of x.
+        x = x[:, perm.long()]
+    x = x.contiguous()
+    bf = None if bias is None else bias.to(torch.float32).contiguous()
+    y = torch.empty((m, n), dtype=torch.float32)
+    if m > 0:
+        C.int_qmatmul(x.data_ptr(), dtype_code(x.dtype), m, ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")),
+                      ptr(bf), n, k, fmt.bits, fmt.group_size, dtype_code(fmt.scale_dtype), y.data_ptr(),
+                      torch.get_num_threads())
+    return y if x.dtype == torch.float32 else y.to(x.dtype)

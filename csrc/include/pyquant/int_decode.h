@@ -35,4 +35,41 @@ PQ_HD uint32_t int_code(const uint8_t* row, int64_t k, int bits) {
   }
 }
 
+// Bytes of one packed 32-code chunk.
+PQ_HD int int_chunk_bytes(int bits) { return kIntChunk * bits / 8; }
+
+// All 32 codes of one chunk (`c` points at the chunk) in order: one pass over
+// the bytes instead of 32 int_code calls, for scalar unpack/dequantize.
+PQ_HD void int_decode_chunk(const uint8_t* c, int bits, uint8_t* out) {
+  switch (bits) {
+    case 8:
+      for (int j = 0; j < 32; ++j) out[j] = c[j];
+      break;
+    case 4:
+      for (int j = 0; j < 16; ++j) {
+        out[j] = c[j] & 0xF;
+        out[j + 16] = c[j] >> 4;
+      }
+      break;
+    case 2:
+      for (int j = 0; j < 8; ++j) {
+        out[j] = c[j] & 3;
+        out[j + 8] = (c[j] >> 2) & 3;
+        out[j + 16] = (c[j] >> 4) & 3;
+        out[j + 24] = c[j] >> 6;
+      }
+      break;
+    default: {  // 3 bits
+      const uint32_t hi = uint32_t(c[8]) | uint32_t(c[9]) << 8 | uint32_t(c[10]) << 16 | uint32_t(c[11]) << 24;
+      for (int j = 0; j < 8; ++j) {
+        out[j] = c[j] & 3;
+        out[j + 8] = (c[j] >> 2) & 3;
+        out[j + 16] = (c[j] >> 4) & 3;
+        out[j + 24] = c[j] >> 6;
+      }
+      for (int j = 0; j < 32; ++j) out[j] |= ((hi >> j) & 1) << 2;
+    }
+  }
+}
+
 }  // namespace pyquant

@@ -1,0 +1,236 @@
+"""CPU benchmark of pyquant's Int qmatmul kernels against torch, in one process.
+
+For int4 g128 and int8 g128 (asymmetric, fp16 scales) at K = N = 4096 and
+M in 1, 2, 4, 8, 16, 32, 64, 128 it times, interleaved and on the same
+thread count (default 2):
+
+* ``pyquant.qmatmul(x, qw, kernel="cpu")`` with fp32 x (and, for int4, with
+  bf16 x: the fair comparison with torch's int4 kernel, which takes bf16),
+  and the registered CPU kernel called directly (without torch.library's
+  custom-op dispatch, which costs ~25 us per call);
+* torch's dense fp32 ``x @ W.T`` with W the dequantized weight;
+* torch's own int4 CPU kernel ``aten._weight_int4pack_mm_for_cpu`` (bf16 x)
+  on the same codes, group size, scales and zero points (checked to compute
+  the same product as ours before it is timed).
+
+Each figure is the median of repeats run in rotating blocks (the machine may
+be shared), with the minimum reported alongside. Prints a markdown table (ms, speedups, achieved GB/s of the packed
+weight at M = 1) and writes JSON to benchmarks/results/cpu-int.json.
+
+    python benchmarks/bench_cpu_int.py            # full run
+    python benchmarks/bench_cpu_int.py --quick    # M in 1, 8, 64; fewer repeats
+
+``cases()`` and ``prepare()`` are importable for pytest-benchmark.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a source checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+import pyquant  # noqa: E402
+from pyquant.formats import Int  # noqa: E402
+from pyquant.ops import cpu_int  # noqa: E402
+
+FORMATS = {
+    "int4_g128": Int(4, 128, False, torch.float16),
+    "int8_g128": Int(8, 128, False, torch.float16),
+}
+MS = (1, 2, 4, 8, 16, 32, 64, 128)
+QUICK_MS = (1, 8, 64)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+# --- problem setup ----------------------------------------------------------------
+class Problem:
+    """One quantized weight and everything the baselines need."""
+
+    def __init__(self, name: str, n: int = 4096, k: int = 4096, seed: int = 0):
+        self.name, self.fmt, self.n, self.k = name, FORMATS[name], n, k
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(n, k, generator=g) * 0.02
+        self.qw = pyquant.quantize_weight(w, self.fmt)
+        self.w_dense = pyquant.dequantize(self.qw, kernel="reference").contiguous()
+        self.int4 = self._torch_int4() if self.fmt.bits == 4 else None
+
+    def _torch_int4(self):
+        """Weight and scales_and_zeros for aten._weight_int4pack_mm_for_cpu.
+
+        torch dequantizes w = (q - 8) * scale + zero per group, so our
+        (q - z) * s maps to scale = s, zero = (8 - z) * s.
+        """
+        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return None
+        codes = pyquant.unpack(self.qw, kernel="reference").to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        s = self.qw.tensors["scales"].float()
+        z = self.qw.tensors["zeros"].float()
+        sz = torch.stack([s, (8.0 - z) * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        return packed, sz
+
+    def torch_int4(self, xb):
+        packed, sz = self.int4
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.fmt.group_size, sz)
+
+    def check_int4_matches(self) -> float:
+        """Relative difference between torch's int4 result and ours on bf16 x
+        (differences come from torch's bf16 scales/zeros and output only)."""
+        x = torch.randn(4, self.k).to(torch.bfloat16)
+        ours = pyquant.qmatmul(x.float(), self.qw, kernel="cpu")
+        theirs = self.torch_int4(x).float()
+        rel = float((ours - theirs).norm() / ours.norm())
+        if rel > 2e-2:
+            raise RuntimeError(f"torch int4 baseline disagrees with pyquant ({rel:.3g}); layout mismatch?")
+        return rel
+
+
+def cases(p: Problem, m: int, seed: int = 1):
+    """name -> zero-argument callable, for one problem and M."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, p.k, generator=g)
+    xb = x.to(torch.bfloat16)
+    qdata = p.qw.tensor_list()
+    out = {
+        "pyquant": lambda: pyquant.qmatmul(x, p.qw, kernel="cpu"),
+        # the registered kernel without torch.library's dispatch (~25 us per call)
+        "pyquant_kernel": lambda: cpu_int.qmatmul(x, qdata, p.fmt, (p.n, p.k), None),
+        "dense_fp32": lambda: x @ p.w_dense.T,
+    }
+    if p.int4 is not None:
+        out["pyquant_bf16"] = lambda: pyquant.qmatmul(xb, p.qw, kernel="cpu")
+        out["torch_int4_bf16"] = lambda: p.torch_int4(xb)
+    return out
+
+
+def time_interleaved(fns: dict, repeats: int, warmup: int = 2, block: int = 5):
+    """(median ms, min ms) per callable over `repeats` calls each.
+
+    Calls run in blocks of `block` per callable, blocks in rotation: load
+    changes on a shared machine hit every candidate alike, while a candidate
+    is not timed right after a different library's thread pool went to sleep
+    (every first call of a block is discarded). The minimum is the figure
+    least disturbed by other processes."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
+    rounds = max(1, -(-repeats // block))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}, {name: min(v) for name, v in samples.items()}
+
+
+def repeats_for(m: int, quick: bool) -> int:
+    base = 7 if quick else 31
+    return base if m <= 16 else max(5, base // 2)
+
+
+# --- report -------------------------------------------------------------------------
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    ms = QUICK_MS if args.quick else tuple(args.m or MS)
+    results = {
+        "device": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "simd": pyquant._ext.load().simd_level(),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "shape": {"n": args.n, "k": args.k},
+        "rows": [],
+    }
+    for name in args.formats:
+        p = Problem(name, args.n, args.k)
+        wbytes = p.qw.nbytes
+        check = p.check_int4_matches() if p.int4 is not None else None
+        for m in ms:
+            t, tmin = time_interleaved(cases(p, m), repeats_for(m, args.quick))
+            row = {"format": name, "m": m, "weight_bytes": wbytes, "ms": t, "min_ms": tmin}
+            row["speedup_vs_dense"] = t["dense_fp32"] / t["pyquant"]
+            if "torch_int4_bf16" in t:
+                row["speedup_vs_torch_int4"] = t["torch_int4_bf16"] / t["pyquant_bf16"]
+                row["torch_int4_rel_diff"] = check
+            row["pyquant_gbps"] = wbytes / (t["pyquant"] * 1e-3) / 1e9
+            row["dense_gbps"] = p.n * p.k * 4 / (t["dense_fp32"] * 1e-3) / 1e9
+            results["rows"].append(row)
+            print(f"  {name} M={m}: " + ", ".join(f"{k} {v:.3f} (min {tmin[k]:.3f}) ms" for k, v in t.items()),
+                  file=sys.stderr)
+    return results
+
+
+def markdown(results: dict, key: str = "ms") -> str:
+    """Table of one statistic: key "ms" (medians) or "min_ms" (minima)."""
+    lines = [
+        f"CPU: {results['device']}, {results['threads']} threads, SIMD {results['simd']}, torch {results['torch']}; "
+        f"N = {results['shape']['n']}, K = {results['shape']['k']}; {'median' if key == 'ms' else 'minimum'} ms",
+        "",
+        "| format | M | pyquant fp32 x | (kernel only) | dense fp32 | x dense | pyquant bf16 x | torch int4 bf16 "
+        "| x torch int4 | GB/s (M=1) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["rows"]:
+        t = r[key]
+        has_i4 = "torch_int4_bf16" in t
+        b16 = f"{t['pyquant_bf16']:.3f}" if has_i4 else "-"
+        ti4 = f"{t['torch_int4_bf16']:.3f}" if has_i4 else "-"
+        vi4 = f"{t['torch_int4_bf16'] / t['pyquant_bf16']:.2f}" if has_i4 else "-"
+        gbps = ""
+        if r["m"] == 1:
+            dense_bytes = results["shape"]["n"] * results["shape"]["k"] * 4
+            gbps = f"{r['weight_bytes'] / t['pyquant'] / 1e6:.1f} (dense {dense_bytes / t['dense_fp32'] / 1e6:.1f})"
+        lines.append(
+            f"| {r['format']} | {r['m']} | {t['pyquant']:.3f} | {t['pyquant_kernel']:.3f} | {t['dense_fp32']:.3f} "
+            f"| {t['dense_fp32'] / t['pyquant']:.2f} | {b16} | {ti4} | {vi4} | {gbps} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help=f"M in {QUICK_MS}, fewer repeats")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    ap.add_argument("--m", type=int, nargs="+", help=f"rows of x (default {MS})")
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu-int.json"))
+    args = ap.parse_args(argv)
+    if pyquant._ext.load() is None:
+        sys.exit("pyquant._C is not built; nothing to benchmark")
+    results = run(args)
+    print(markdown(results))
+    print()
+    print(markdown(results, "min_ms"))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+// Int format, M > kGemvPassMaxM: a tiled GEMM.
+//
+// Decoding costs the same for any M, so here it is done once per weight per
+// call: a tile of kTileN weight rows x kBlockK columns is dequantized into an
+// fp32 buffer that stays in L1, then a register-blocked micro-kernel runs
+// every row of x against it (kMR rows of x x kNR weight rows, 12 ymm
+// accumulators, vectorised along K so both operands are plain loads; the
+// horizontal sums happen once per K block). A tile walks K block by block,
+// so each weight row is read front to back, a stream the hardware prefetcher
+// follows; x (M x K) is re-read per tile from L2/L3 at a rate the core
+// sustains (12 FMAs per x vector). Threads take tiles.
+#include <omp.h>
+
+#include <algorithm>
+
+#include "int_kernels.h"
+
+namespace pyquant {
+namespace {
+
+#if PQ_X86
+constexpr int kMR = 4;          // rows of x per micro-kernel
+constexpr int kNR = 3;          // weight rows per micro-kernel
+// 12 x 512 fp32 (24 KiB) tile + a 4 x 512 x panel (8 KiB) fill the 32 KiB
+// L1; a long K block keeps the horizontal sums at the end of the
+// micro-kernel rare (measured best among 6..24 rows x 128..2048 columns).
+constexpr int kTileN = 4 * kNR;  // weight rows decoded at once
+constexpr int kBlockK = 512;     // columns per K block (a multiple of the chunk)
+
+// Sum of each of four vectors, as one vector: [sum a, sum b, sum c, sum d].
+PQ_TARGET_AVX2 inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// y[i, j] += sum_k x[i, k] * wt[j, k] for MR rows of x and NR rows of the tile.
+template <int MR, int NR>
+PQ_TARGET_AVX2 void micro(const float* x, int64_t ldx, const float* wt, int64_t klen, float* y, int64_t ldy) {
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < klen; k += 8) {
+    __m256 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_load_ps(wt + j * kBlockK + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  if constexpr (MR == 4) {
+    for (int j = 0; j < NR; ++j) {
+      alignas(16) float s[4];
+      _mm_store_ps(s, hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
+      for (int i = 0; i < 4; ++i) y[i * ldy + j] += s[i];
+    }
+  } else {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) y[i * ldy + j] += hsum_avx2(acc[i][j]);
+  }
+}
+
+template <int MR>
+PQ_TARGET_AVX2 void micro_nr(int nr, const float* x, int64_t ldx, const float* wt, int64_t klen, float* y,
+                             int64_t ldy) {
+  switch (nr) {
+    case 1: return micro<MR, 1>(x, ldx, wt, klen, y, ldy);
+    case 2: return micro<MR, 2>(x, ldx, wt, klen, y, ldy);
+    default: return micro<MR, 3>(x, ldx, wt, klen, y, ldy);
+  }
+}
+
+PQ_TARGET_AVX2 void micro_any(int mr, int nr, const float* x, int64_t ldx, const float* wt, int64_t klen, float* y,
+                              int64_t ldy) {
+  switch (mr) {
+    case 1: return micro_nr<1>(nr, x, ldx, wt, klen, y, ldy);
+    case 2: return micro_nr<2>(nr, x, ldx, wt, klen, y, ldy);
+    case 3: return micro_nr<3>(nr, x, ldx, wt, klen, y, ldy);
+    default: return micro_nr<4>(nr, x, ldx, wt, klen, y, ldy);
+  }
+}
+
+// Dequantizes rows [n0, n0 + rows) x columns [k0, k0 + klen) into buf
+// (row stride kBlockK); columns past K become 0.
+template <int BITS>
+PQ_TARGET_AVX2 void decode_tile(const IntWeight& w, int64_t n0, int rows, int64_t k0, int64_t klen, float* buf) {
+  constexpr int cb = kIntChunk * BITS / 8;
+  const int64_t cpg = w.chunks_per_group, rb = w.row_bytes;
+  const int64_t cbeg = k0 / kIntChunk, cend = (k0 + klen) / kIntChunk;
+  const int64_t gbeg = cbeg / cpg;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t n = n0 + r;
+    const uint8_t* row = w.qweight + n * rb;
+    float* dst = buf + r * kBlockK - k0;
+    for (int64_t g = gbeg, c = cbeg; c < cend; ++g) {
+      const __m256 s = _mm256_set1_ps(w.scale(n, g)), z = _mm256_set1_ps(w.zero(n, g));
+      const int64_t gend = std::min((g + 1) * cpg, cend);
+      for (; c < gend; ++c) {
+        __m256i q[4];
+        int_decode_chunk_avx2<BITS>(row + c * cb, q);
+        for (int t = 0; t < 4; ++t) {
+          _mm256_store_ps(dst + c * kIntChunk + 8 * t, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q[t]), z), s));
+        }
+      }
+    }
+    for (int64_t kk = std::max(w.k, k0); kk < k0 + klen; ++kk) dst[kk] = 0.0f;
+  }
+}
+
+template <int BITS>
+PQ_TARGET_AVX2 void gemm_part(const float* x, int64_t ldx, int64_t m, const IntWeight& w, float* y, int64_t nb,
+                              int64_t ne) {
+  alignas(64) float buf[kTileN * kBlockK];
+  const int64_t kp = w.chunks * kIntChunk;
+  // N outermost: each weight row is read front to back, a stream the
+  // hardware prefetcher follows (sweeping N inside a K block instead reads a
+  // few lines per row at a 1-2 KiB stride and stalls on every tile).
+  for (int64_t n0 = nb; n0 < ne; n0 += kTileN) {
+    const int rows = int(std::min<int64_t>(kTileN, ne - n0));
+    for (int64_t k0 = 0; k0 < kp; k0 += kBlockK) {
+      const int64_t klen = std::min<int64_t>(kBlockK, kp - k0);
+      decode_tile<BITS>(w, n0, rows, k0, klen, buf);
+      for (int64_t i0 = 0; i0 < m; i0 += kMR) {
+        const int mr = int(std::min<int64_t>(kMR, m - i0));
+        for (int j0 = 0; j0 < rows; j0 += kNR) {
+          micro_any(mr, std::min(kNR, rows - j0), x + i0 * ldx + k0, ldx, buf + j0 * kBlockK, klen,
+                    y + i0 * w.n + n0 + j0, w.n);
+        }
+      }
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+void int_gemm_avx2(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias, float* y,
+                   int nthreads) {
+#if PQ_X86
+  // Tiles are handed out dynamically: on a shared machine a thread that loses
+  // its core for a while then holds up only the tile it is on.
+  const int64_t tiles = (w.n + kTileN - 1) / kTileN;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t nb = t * kTileN, ne = std::min(w.n, nb + kTileN);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t n = nb; n < ne; ++n) y[i * w.n + n] = bias ? bias[n] : 0.0f;
+    switch (w.bits) {
+      case 2: gemm_part<2>(x, ldx, m, w, y, nb, ne); break;
+      case 3: gemm_part<3>(x, ldx, m, w, y, nb, ne); break;
+      case 4: gemm_part<4>(x, ldx, m, w, y, nb, ne); break;
+      default: gemm_part<8>(x, ldx, m, w, y, nb, ne); break;
+    }
+  }
+#endif
+}
+
+}  // namespace pyquant

@@ -1,0 +1,299 @@
+// Int format, small M (1..kGemvMaxM rows of x): a streaming GEMV.
+//
+// At small M the work is decoding weights, so the inner loop does as little
+// per weight as this core allows (measured on Zen 4: the FP/SIMD pipes retire
+// ~2.5-2.8 vector ops per cycle in this mix, so every op per 8 weights counts):
+//
+// * No scale or zero in the inner loop. Per group the kernel accumulates
+//   dot = sum(q * x) and applies the group's scale once; the zero point
+//   enters once per row as  sum_g s_g * z_g * sum_{k in g} x_k :
+//       sum_k (q - z) * s * x = sum_g s_g * dot_g - sum_g s_g * z_g * X_g
+// * No shifts for 4- and 2-bit codes. A 4-bit byte b = lo + 16 * hi feeds two
+//   products, lo * x_j + hi * x_{j+16}, which equal
+//       lo * (x_j - x_{j+16} / 16) + b * (x_{j+16} / 16)
+//   so with x transformed once per call the decode is an AND, not a shift and
+//   an AND (2-bit codes use the same telescoping with masks 3, 15, 63, 255).
+//
+// Both reorder float operations: qmatmul matches the reference to fp32
+// tolerance, not bit for bit.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <new>
+
+#include "int_kernels.h"
+
+namespace pyquant {
+namespace {
+
+#if PQ_X86
+// x (transformed) is read in K blocks of at most 16 KiB (M x block columns of
+// fp32) so that it stays in L1 while weight rows stream past.
+template <int M>
+constexpr int64_t block_chunks() {
+  return (M == 1 ? 4096 : M == 2 ? 2048 : 1024) / kIntChunk;
+}
+constexpr int64_t kRows = 16;  // weight rows per block handed to a thread
+constexpr int64_t kMaxBlockGroups = 4096 / kIntChunk;
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+using FloatBuf = std::unique_ptr<float[], FreeDeleter>;
+FloatBuf alloc_floats(int64_t n) {
+  const size_t bytes = size_t((n * 4 + 63) / 64 * 64);
+  float* p = static_cast<float*>(std::aligned_alloc(64, bytes ? bytes : 64));
+  if (!p) throw std::bad_alloc();  // pybind11 turns it into MemoryError
+  return FloatBuf(p);
+}
+
+// Codes of one chunk as four int32 vectors that pair with the transformed x
+// (see the file comment): 4-bit gives lo(0..7), lo(8..15), b(0..7), b(8..15);
+// 2-bit gives b & 3, b & 15, b & 63, b. Other widths are plain codes.
+template <int BITS>
+PQ_TARGET_AVX2 inline void decode_for_gemv(const uint8_t* c, __m256i v[4]) {
+  if constexpr (BITS == 4) {
+    const __m256i mask = _mm256_set1_epi32(0xF);
+    v[2] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+    v[3] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8)));
+    v[0] = _mm256_and_si256(v[2], mask);
+    v[1] = _mm256_and_si256(v[3], mask);
+  } else if constexpr (BITS == 2) {
+    v[3] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+    v[0] = _mm256_and_si256(v[3], _mm256_set1_epi32(3));
+    v[1] = _mm256_and_si256(v[3], _mm256_set1_epi32(15));
+    v[2] = _mm256_and_si256(v[3], _mm256_set1_epi32(63));
+  } else {
+    int_decode_chunk_avx2<BITS>(c, v);
+  }
+}
+
+// Eight consecutive scale-dtype values as fp32 (exact conversions).
+PQ_TARGET_AVX2 inline __m256 load8(const void* base, int64_t i, int dtype) {
+  switch (dtype) {
+    case kF16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
+    case kBF16: {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    default:
+      return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+  }
+}
+
+// One 32-column chunk of x as fp32 (columns past K read as 0).
+PQ_TARGET_AVX2 inline void load_x_chunk(const void* x, int dtype, int64_t i0, int64_t valid, __m256 a[4]) {
+  if (valid >= kIntChunk) {
+    for (int t = 0; t < 4; ++t) a[t] = load8(x, i0 + 8 * t, dtype);
+  } else {
+    alignas(32) float tmp[kIntChunk] = {};
+    for (int64_t j = 0; j < valid; ++j) tmp[j] = load_float(x, i0 + j, dtype);
+    for (int t = 0; t < 4; ++t) a[t] = _mm256_load_ps(tmp + 8 * t);
+  }
+}
+
+// Transformed x (the values decode_for_gemv's vectors multiply, see the file
+// comment), K-block major so that each block's M rows are contiguous, and
+// X[i][g] = sum of x over group g (the whole row when per channel).
+template <int BITS, int M>
+PQ_TARGET_AVX2 void prepare_x(const void* x, int dtype, int64_t ldx, const IntWeight& w, float* xt, float* X,
+                              int64_t ldX) {
+  constexpr int64_t kbc = block_chunks<M>(), bcols = kbc * kIntChunk;
+  const int64_t cpg = w.chunks_per_group;
+  for (int i = 0; i < M; ++i) {
+    for (int64_t g = 0; g < ldX; ++g) X[i * ldX + g] = 0.0f;
+    for (int64_t c = 0; c < w.chunks; ++c) {
+      __m256 a[4];
+      load_x_chunk(x, dtype, i * ldx + c * kIntChunk, w.k - c * kIntChunk, a);
+      const int64_t b = c / kbc;
+      float* o = xt + (b * M + i) * bcols + (c - b * kbc) * kIntChunk;
+      __m256 v[4];
+      if constexpr (BITS == 4) {
+        const __m256 r16 = _mm256_set1_ps(0.0625f);
+        v[0] = _mm256_fnmadd_ps(a[2], r16, a[0]);
+        v[1] = _mm256_fnmadd_ps(a[3], r16, a[1]);
+        v[2] = _mm256_mul_ps(a[2], r16);
+        v[3] = _mm256_mul_ps(a[3], r16);
+      } else if constexpr (BITS == 2) {
+        const __m256 q1 = _mm256_set1_ps(0.25f), q2 = _mm256_set1_ps(0.0625f), q3 = _mm256_set1_ps(0.015625f);
+        v[0] = _mm256_fnmadd_ps(a[1], q1, a[0]);
+        v[1] = _mm256_fnmadd_ps(a[2], q2, _mm256_mul_ps(a[1], q1));
+        v[2] = _mm256_fnmadd_ps(a[3], q3, _mm256_mul_ps(a[2], q2));
+        v[3] = _mm256_mul_ps(a[3], q3);
+      } else {
+        for (int t = 0; t < 4; ++t) v[t] = a[t];
+      }
+      for (int t = 0; t < 4; ++t) _mm256_store_ps(o + 8 * t, v[t]);
+      const __m256 sum = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+      X[i * ldX + c / cpg] += hsum_avx2(sum);
+    }
+  }
+}
+
+// out[i] = sum over the groups g of row n of s_g * z_g * X[i][g].
+template <int M>
+PQ_TARGET_AVX2 void zero_terms(const IntWeight& w, int64_t n, const float* X, int64_t ldX, float* out) {
+  const int64_t ng = w.groups, base = n * ng;
+  __m256 acc[M];
+  for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256 zsym = _mm256_set1_ps(float(1 << (w.bits - 1)));
+  int64_t g = 0;
+  for (; g + 8 <= ng; g += 8) {
+    const __m256 s = load8(w.scales, base + g, w.scale_dtype);
+    const __m256 sz = _mm256_mul_ps(s, w.zeros ? load8(w.zeros, base + g, w.scale_dtype) : zsym);
+    for (int i = 0; i < M; ++i) acc[i] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(X + i * ldX + g), acc[i]);
+  }
+  for (int i = 0; i < M; ++i) out[i] = hsum_avx2(acc[i]);
+  for (; g < ng; ++g) {
+    const float sz = w.scale(n, g) * w.zero(n, g);
+    for (int i = 0; i < M; ++i) out[i] += sz * X[i * ldX + g];
+  }
+}
+
+// Returns, for row n and chunks [kb0, kb1): sum over the segments of
+// s_seg * sum(q * xt) for each of the M rows of x (added to out).
+template <int BITS, int M>
+PQ_TARGET_AVX2 void gemv_row_block(const float* xt, int64_t ldx, const IntWeight& w, int64_t n, int64_t kb0,
+                                   int64_t kb1, float* out) {
+  constexpr int cb = kIntChunk * BITS / 8;
+  // Independent accumulator chains: a chain takes one FMA per 4-cycle FMA
+  // latency, so several must be in flight to keep both FMA pipes busy; the
+  // per-group reset also lets the core overlap one group's chains with the
+  // next. Measured best: 4 per row of x for M <= 3, 2 for M = 4 (16 ymm
+  // registers); 8 for M = 1 costs more in the per-group reduction than it
+  // gains.
+  constexpr int S = M <= 3 ? 4 : 2;
+  const bool per_channel = w.group_size < 0;
+  const int64_t segc = per_channel ? kb1 - kb0 : w.chunks_per_group;
+  const int64_t nseg = (kb1 - kb0 + segc - 1) / segc;
+  const int64_t g0 = per_channel ? 0 : kb0 / segc;
+  alignas(32) float sf[kMaxBlockGroups + 8];
+  const int64_t sbase = n * w.groups + g0, nsc = per_channel ? 1 : nseg;
+  {
+    int64_t g = 0;
+    for (; g + 8 <= nsc; g += 8) _mm256_store_ps(sf + g, load8(w.scales, sbase + g, w.scale_dtype));
+    for (; g < nsc; ++g) sf[g] = load_float(w.scales, sbase + g, w.scale_dtype);
+  }
+  const uint8_t* row = w.qweight + n * w.row_bytes;
+  __m256 tot[M];
+  for (int i = 0; i < M; ++i) tot[i] = _mm256_setzero_ps();
+  for (int64_t sg = 0; sg < nseg; ++sg) {
+    const int64_t c0 = kb0 + sg * segc, c1 = std::min(c0 + segc, kb1);
+    __m256 acc[M][S];
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < S; ++j) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t c = c0; c < c1; ++c) {
+      __m256i q[4];
+      decode_for_gemv<BITS>(row + c * cb, q);
+      const float* xc = xt + (c - kb0) * kIntChunk;
+      for (int t = 0; t < 4; ++t) {
+        const __m256 wf = _mm256_cvtepi32_ps(q[t]);
+        for (int i = 0; i < M; ++i) {
+          acc[i][t % S] = _mm256_fmadd_ps(wf, _mm256_load_ps(xc + i * ldx + 8 * t), acc[i][t % S]);
+        }
+      }
+    }
+    const __m256 sv = _mm256_broadcast_ss(sf + (per_channel ? 0 : sg));
+    for (int i = 0; i < M; ++i) {
+      __m256 a = acc[i][0];
+      for (int j = 1; j < S; ++j) a = _mm256_add_ps(a, acc[i][j]);
+      tot[i] = _mm256_fmadd_ps(sv, a, tot[i]);
+    }
+  }
+  for (int i = 0; i < M; ++i) out[i] += hsum_avx2(tot[i]);
+}
+
+template <int BITS>
+PQ_TARGET_AVX2 inline void prefetch_span(const IntWeight& w, int64_t n, int64_t c0, int64_t c1) {
+  constexpr int cb = kIntChunk * BITS / 8;
+  const char* p = reinterpret_cast<const char*>(w.qweight + n * w.row_bytes + c0 * cb);
+  for (int64_t b = 0; b < (c1 - c0) * cb; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// Rows [n0, n1) of y. xt holds every K block of transformed x back to back:
+// block b is M x (block columns) at xt + b * M * block columns.
+template <int BITS, int M>
+PQ_TARGET_AVX2 void gemv_rows(const float* xt, const float* X, int64_t ldX, const IntWeight& w, const float* bias,
+                              float* y, int64_t n0, int64_t n1) {
+  constexpr int64_t kbc = block_chunks<M>(), ldx = kbc * kIntChunk;
+  const int64_t nch = w.chunks;
+  const bool blocked = nch > kbc;
+  const int rows = int(n1 - n0);
+  float out[kRows][M];
+  for (int r = 0; r < rows; ++r) {
+    float zt[M];
+    zero_terms<M>(w, n0 + r, X, ldX, zt);
+    for (int i = 0; i < M; ++i) out[r][i] = -zt[i];
+  }
+  for (int64_t kb0 = 0, b = 0; kb0 < nch; kb0 += kbc, ++b) {
+    const int64_t kb1 = std::min(kb0 + kbc, nch);
+    const float* xb = xt + b * M * ldx;
+    for (int r = 0; r < rows; ++r) {
+      // With several K blocks per row, consecutive reads jump by a row
+      // stride, which the hardware prefetcher does not follow: ask for the
+      // row after next (or the first rows of the next K block). With one
+      // block the weights stream front to back and software prefetches only
+      // get in the way (measured: 20-60% slower from a cold cache).
+      if (blocked) {
+        const int j = r + 2;
+        if (j < rows) {
+          prefetch_span<BITS>(w, n0 + j, kb0, kb1);
+        } else if (kb1 < nch) {
+          prefetch_span<BITS>(w, n0 + j - rows, kb1, std::min(kb1 + kbc, nch));
+        }
+      }
+      gemv_row_block<BITS, M>(xb, ldx, w, n0 + r, kb0, kb1, out[r]);
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < M; ++i) y[i * w.n + n0 + r] = bias ? out[r][i] + bias[n0 + r] : out[r][i];
+}
+
+template <int BITS, int M>
+void gemv(const void* x, int xdtype, int64_t ldx, const IntWeight& w, const float* bias, float* y, int nthreads) {
+  constexpr int64_t kbc = block_chunks<M>(), bcols = kbc * kIntChunk;
+  const int64_t nblocks = (w.chunks + kbc - 1) / kbc;
+  const int64_t ldX = (w.groups + 7) / 8 * 8;
+  FloatBuf xt = alloc_floats(nblocks * M * bcols);
+  FloatBuf X = alloc_floats(M * ldX);
+  prepare_x<BITS, M>(x, xdtype, ldx, w, xt.get(), X.get(), ldX);
+  // Dynamic hand-out: on a shared machine a descheduled thread then delays
+  // one block, not half the rows.
+  const int64_t blocks = (w.n + kRows - 1) / kRows;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t n0 = b * kRows;
+    gemv_rows<BITS, M>(xt.get(), X.get(), ldX, w, bias, y, n0, std::min(w.n, n0 + kRows));
+  }
+}
+
+template <int BITS>
+void gemv_dispatch_m(const void* x, int xdtype, int64_t ldx, int64_t m, const IntWeight& w, const float* bias,
+                     float* y, int nthreads) {
+  switch (m) {
+    case 1: return gemv<BITS, 1>(x, xdtype, ldx, w, bias, y, nthreads);
+    case 2: return gemv<BITS, 2>(x, xdtype, ldx, w, bias, y, nthreads);
+    case 3: return gemv<BITS, 3>(x, xdtype, ldx, w, bias, y, nthreads);
+    default: return gemv<BITS, 4>(x, xdtype, ldx, w, bias, y, nthreads);
+  }
+}
+#endif
+
+}  // namespace
+
+void int_gemv_avx2(const void* x, int xdtype, int64_t ldx, int64_t m, const IntWeight& w, const float* bias,
+                   float* y, int nthreads) {
+#if PQ_X86
+  switch (w.bits) {
+    case 2: return gemv_dispatch_m<2>(x, xdtype, ldx, m, w, bias, y, nthreads);
+    case 3: return gemv_dispatch_m<3>(x, xdtype, ldx, m, w, bias, y, nthreads);
+    case 4: return gemv_dispatch_m<4>(x, xdtype, ldx, m, w, bias, y, nthreads);
+    default: return gemv_dispatch_m<8>(x, xdtype, ldx, m, w, bias, y, nthreads);
+  }
+#endif
+}
+
+}  // namespace pyquant

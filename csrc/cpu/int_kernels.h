@@ -1,0 +1,118 @@
+// CPU kernels of the Int format (layout: pyquant/formats/int_format.py).
+// Private to csrc/cpu: the entry points int_bindings.cpp calls and the AVX2
+// chunk decoder the dequantize, GEMV and GEMM kernels share.
+#pragma once
+#include <cstdint>
+
+#include "simd.h"
+#include "pyquant/common.h"
+#include "pyquant/int_decode.h"
+
+#if PQ_X86
+#include <immintrin.h>
+#endif
+
+namespace pyquant {
+
+// A packed Int weight (N, K) as raw pointers; validated in Python. The
+// derived sizes are computed once (make) so no kernel divides in a hot loop.
+struct IntWeight {
+  const uint8_t* qweight;  // (N, row_bytes)
+  const void* scales;      // (N, groups) in scale_dtype
+  const void* zeros;       // (N, groups) in scale_dtype, or null when symmetric
+  int64_t n, k;
+  int bits;
+  int64_t group_size;  // -1 = one group per row
+  int scale_dtype;
+  int64_t row_bytes;         // bytes per packed row
+  int64_t chunks;            // 32-code chunks per row
+  int64_t chunks_per_group;  // group sizes are multiples of the chunk, so a
+                             // chunk never straddles two groups; a
+                             // per-channel row is one group of every chunk
+  int64_t groups;
+
+  static IntWeight make(const uint8_t* qweight, const void* scales, const void* zeros, int64_t n, int64_t k, int bits,
+                        int64_t group_size, int scale_dtype) {
+    IntWeight w{qweight, scales, zeros, n, k, bits, group_size, scale_dtype, 0, 0, 0, 0};
+    w.row_bytes = int_row_bytes(k, bits);
+    w.chunks = (k + kIntChunk - 1) / kIntChunk;
+    w.chunks_per_group = group_size < 0 ? w.chunks : group_size / kIntChunk;
+    w.groups = group_size < 0 ? 1 : (k + group_size - 1) / group_size;
+    return w;
+  }
+  float scale(int64_t row, int64_t g) const { return load_float(scales, row * groups + g, scale_dtype); }
+  float zero(int64_t row, int64_t g) const {
+    return zeros ? load_float(zeros, row * groups + g, scale_dtype) : float(1 << (bits - 1));
+  }
+};
+
+// Entry points (int_dequant.cpp, int_qmatmul.cpp).
+void int_unpack(const uint8_t* qweight, int64_t n, int64_t k, int bits, uint8_t* out, int nthreads);
+// out (N, K) fp32 = (float(q) - z) * s, columns scattered by perm (int32 (K,)) when given.
+void int_dequantize(const IntWeight& w, const int32_t* perm, float* out, int nthreads);
+// y (M, N) fp32 = x (M, K) contiguous, in x_dtype (fp32/fp16/bf16, read as
+// fp32) @ W_hat.T (+ bias fp32 (N,) when given).
+void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, const float* bias, float* y,
+                 int nthreads);
+
+// y = x @ W_hat.T + bias (bias may be null).
+// Small-M path (int_gemv.cpp): x is (M, ldx) in x_dtype, read up to column K.
+void int_gemv_avx2(const void* x, int x_dtype, int64_t ldx, int64_t m, const IntWeight& w, const float* bias,
+                   float* y, int nthreads);
+// Tiled GEMM path (int_gemm.cpp): x is fp32 (M, ldx) with ldx >= chunks * 32
+// and zeros past K, so whole chunks can be read.
+void int_gemm_avx2(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias, float* y,
+                   int nthreads);
+constexpr int64_t kGemvMaxM = 4;      // rows of x per GEMV pass
+constexpr int64_t kGemvPassMaxM = 8;  // up to here qmatmul runs GEMV passes
+
+#if PQ_X86
+// The 32 codes of one chunk as four int32 vectors: v[0] = codes 0..7,
+// v[1] = 8..15, v[2] = 16..23, v[3] = 24..31. Each layout was chosen so a
+// zero-extending 8-byte load (vpmovzxbd) plus shifts and masks yields codes
+// in order; nothing here needs a shuffle.
+template <int BITS>
+PQ_TARGET_AVX2 inline void int_decode_chunk_avx2(const uint8_t* c, __m256i v[4]) {
+  if constexpr (BITS == 8) {
+    for (int t = 0; t < 4; ++t) v[t] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * t)));
+  } else if constexpr (BITS == 4) {
+    // bytes 0..7 hold codes 0..7 (low nibbles) and 16..23 (high nibbles).
+    const __m256i mask = _mm256_set1_epi32(0xF);
+    const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+    const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8)));
+    v[0] = _mm256_and_si256(b0, mask);
+    v[1] = _mm256_and_si256(b1, mask);
+    v[2] = _mm256_srli_epi32(b0, 4);
+    v[3] = _mm256_srli_epi32(b1, 4);
+  } else {  // 2 bits, or the low two bits of 3-bit codes
+    const __m256i mask = _mm256_set1_epi32(3);
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+    v[0] = _mm256_and_si256(b, mask);
+    v[1] = _mm256_and_si256(_mm256_srli_epi32(b, 2), mask);
+    v[2] = _mm256_and_si256(_mm256_srli_epi32(b, 4), mask);
+    v[3] = _mm256_srli_epi32(b, 6);
+    if constexpr (BITS == 3) {
+      // High-bit plane: bit j of a little-endian uint32 is bit 2 of code j.
+      uint32_t hbits;
+      memcpy(&hbits, c + 8, 4);
+      const __m256i h = _mm256_set1_epi32(int(hbits));
+      const __m256i one = _mm256_set1_epi32(1);
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      for (int t = 0; t < 4; ++t) {
+        const __m256i sh = _mm256_add_epi32(lane, _mm256_set1_epi32(8 * t));
+        const __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(h, sh), one);
+        v[t] = _mm256_or_si256(v[t], _mm256_slli_epi32(hi, 2));
+      }
+    }
+  }
+}
+
+PQ_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+}  // namespace pyquant

@@ -1,0 +1,259 @@
+"""CPU C++ kernels of the Int format vs the pure-torch reference.
+
+dequantize and unpack must match the reference bit for bit; qmatmul is
+compared with an fp64 evaluation of the reference weight, with a tolerance
+scaled by the magnitudes involved (the kernels reorder fp32 sums).
+Every check runs on both SIMD paths (AVX2+FMA and the scalar fallback).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import pytest
+import torch
+
+import pyquant
+from pyquant import _ext
+from pyquant.errors import DtypeError, FormatError, ShapeError, ValueRangeError
+from pyquant.formats import Int
+from pyquant.ops import reference
+from pyquant.ops.dispatch import select_kernel
+
+C = _ext.load()
+pytestmark = pytest.mark.skipif(C is None, reason="compiled extension pyquant._C not built")
+
+BITS = (2, 3, 4, 8)
+GROUPS = (32, 64, 128, 256, -1)
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SIMD = ("scalar", "best")
+
+
+@contextlib.contextmanager
+def simd(level: str):
+    assert C.set_simd_level(level)
+    try:
+        yield
+    finally:
+        C.set_simd_level("best")
+
+
+def make_qw(bits, group, sym, sdtype, n, k, act_order=False, seed=0):
+    """Random codes over the full range, signed scales, non-integer zeros."""
+    fmt = Int(bits, group, sym, sdtype, act_order)
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.int32)
+    ng = fmt.num_groups(k)
+    scales = torch.randn(n, ng, generator=g) * 0.02
+    zeros = None if sym else torch.rand(n, ng, generator=g) * (1 << bits)
+    perm = torch.randperm(k, generator=g).to(torch.int32) if act_order else None
+    return fmt.pack(codes, scales, zeros, perm)
+
+
+def ref_weight(qw) -> torch.Tensor:
+    return reference.dequantize_fp32(qw.format, qw.tensor_list(), qw.shape)
+
+
+def magnitude_weight(qw) -> torch.Tensor:
+    """|q| * |s| + |z| * |s| per weight: what the kernels' partial sums scale with."""
+    fmt = qw.format
+    codes, scales, zeros = fmt.unpack(qw)
+    n, k = qw.shape
+    gsz = fmt.group_size_for(k)
+    s = scales.double().abs().repeat_interleave(gsz, 1)[:, :k]
+    z = zeros.double().abs().repeat_interleave(gsz, 1)[:, :k]
+    m = (codes.double() + z) * s
+    if fmt.act_order:
+        out = torch.empty_like(m)
+        out[:, qw.tensors["perm"].long()] = m
+        m = out
+    return m
+
+
+class Expect:
+    """fp64 reference weight and magnitude weight of qw, computed once."""
+
+    def __init__(self, qw):
+        self.qw = qw
+        self.w64 = ref_weight(qw).double()
+        self.mag = magnitude_weight(qw)
+
+    def check(self, y, x, bias=None, rel=2e-5, out_dtype_eps=0.0):
+        """|y - y64| <= rel * (|x| @ |W|) + out_dtype_eps * |y64|, reporting the worst ratio."""
+        k = self.qw.shape[1]
+        x64 = x.double().reshape(-1, k)
+        y64 = x64 @ self.w64.T
+        if bias is not None:
+            y64 = y64 + bias.double()
+        bound = rel * (x64.abs() @ self.mag.T) + out_dtype_eps * y64.abs() + 1e-30
+        err = (y.double().reshape(y64.shape) - y64).abs()
+        ratio = float((err / bound).max()) if err.numel() else 0.0
+        assert ratio <= 1.0, (
+            f"{self.qw.format.spec()} shape {self.qw.shape} M={y64.shape[0]}: worst error "
+            f"{float(err.max()):.3g} is {ratio:.3g}x the bound"
+        )
+
+
+def check_qmatmul(y, x, qw, bias=None, **kw):
+    Expect(qw).check(y, x, bias, **kw)
+
+
+# Every bits x group size x sym/asym x scale dtype combination is checked; the
+# six (sym, scale dtype) variants of a (bits, group) pair share one test and
+# take turns over the shapes, so each sees ragged K and both SIMD paths.
+VARIANTS = list(itertools.product((True, False), SCALE_DTYPES))
+DEQUANT_SHAPES = ((3, 576), (2, 100), (1, 33), (2, 1), (5, 256), (1, 37))
+
+
+# --- dequantize and unpack: bit-exact ------------------------------------------
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group", GROUPS)
+def test_dequantize_unpack_bit_exact(bits, group):
+    for v, (sym, sdtype) in enumerate(VARIANTS):
+        for n, k in (DEQUANT_SHAPES[v], DEQUANT_SHAPES[(v + 2) % len(DEQUANT_SHAPES)]):
+            qw = make_qw(bits, group, sym, sdtype, n, k, seed=n * 1000 + k)
+            want = ref_weight(qw)
+            want_codes = reference.unpack(qw.tensors["qweight"], qw.format, qw.shape)
+            for level in SIMD:
+                with simd(level):
+                    got = pyquant.dequantize(qw, kernel="cpu")
+                    assert got.dtype == torch.float32 and torch.equal(got, want), (
+                        f"{qw.format.spec()} {qw.shape} {level}: max diff {float((got - want).abs().max())}"
+                    )
+                    codes = pyquant.unpack(qw, kernel="cpu")
+                    assert torch.equal(codes, want_codes), (qw.format.spec(), qw.shape, level)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_dequantize_half_outputs(dtype):
+    qw = make_qw(4, 128, False, torch.float16, 6, 300)
+    for level in SIMD:
+        with simd(level):
+            got = pyquant.dequantize(qw, dtype, kernel="cpu")
+            assert got.dtype == dtype and torch.equal(got, pyquant.dequantize(qw, dtype, kernel="reference"))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_act_order(bits):
+    qw = make_qw(bits, 64, False, torch.float16, 7, 200, act_order=True, seed=bits)
+    want = ref_weight(qw)
+    expect = Expect(qw)
+    x = torch.randn(3, 200)
+    for level in SIMD:
+        with simd(level):
+            assert torch.equal(pyquant.dequantize(qw, kernel="cpu"), want)
+            expect.check(pyquant.qmatmul(x, qw, kernel="cpu"), x)
+
+
+def test_malformed_packed_tensors_raise():
+    """The ops can be called without a QuantizedWeight: nothing malformed may
+    reach the C++ code."""
+    qw = make_qw(4, 32, False, torch.float16, 8, 64)
+    q, s, z = qw.tensor_list()
+    spec = qw.format.spec()
+    for bad in ([q, s], [q, s.float(), z], [q[:4], s, z]):
+        with pytest.raises((FormatError, DtypeError, ShapeError)):
+            torch.ops.pyquant.qmatmul(torch.randn(2, 64), bad, spec, 8, 64, None, "cpu")
+        with pytest.raises((FormatError, DtypeError, ShapeError)):
+            torch.ops.pyquant.dequantize(bad, spec, 8, 64, torch.float32, "cpu")
+    with pytest.raises(FormatError):
+        torch.ops.pyquant.unpack(q[:, :16], spec, 8, 64, "cpu")
+
+
+def test_act_order_perm_out_of_range():
+    qw = make_qw(4, 32, True, torch.float16, 2, 64, act_order=True)
+    qw.tensors["perm"][5] = 64
+    with pytest.raises(ValueRangeError, match="perm"):
+        pyquant.dequantize(qw, kernel="cpu")
+
+
+# --- qmatmul --------------------------------------------------------------------
+# N=1 and odd N; ragged K (576 with g128 has a 64-wide last group; 100, 33 and
+# 1 end inside a 32-code chunk); M covers the GEMV (1, 2) and GEMM (7, 33) paths.
+QMATMUL_CASES = (((1, 576), (1, 7)), ((13, 100), (2, 33)), ((7, 33), (7, 1)), ((3, 1), (33, 2)),
+                 ((5, 64), (1, 33)), ((11, 300), (2, 7)))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group", GROUPS)
+def test_qmatmul_all_formats(bits, group):
+    for v, (sym, sdtype) in enumerate(VARIANTS):
+        (n, k), ms = QMATMUL_CASES[v]
+        qw = make_qw(bits, group, sym, sdtype, n, k, seed=7 * n + k)
+        expect = Expect(qw)
+        for m in ms:
+            x = torch.randn(m, k)
+            for level in SIMD:
+                with simd(level):
+                    expect.check(pyquant.qmatmul(x, qw, kernel="cpu"), x)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group", (32, -1))
+def test_qmatmul_blocked_shapes(bits, group):
+    """Shapes that cross the kernels' internal blocks: K = 4160 spans two or
+    more GEMV K blocks for every M (per-channel rows are split across them),
+    N = 15 is one full GEMM row tile plus a remainder, M = 5, 9 leave partial
+    row blocks of x."""
+    qw = make_qw(bits, group, False, torch.bfloat16, 15, 4160, seed=bits)
+    expect = Expect(qw)
+    for m in (1, 2, 3, 4, 5, 9):
+        x = torch.randn(m, 4160)
+        for level in SIMD:
+            with simd(level):
+                expect.check(pyquant.qmatmul(x, qw, kernel="cpu"), x)
+
+
+@pytest.mark.parametrize("xdtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("lead", ((2, 3), (3, 4)), ids=("M6", "M12"))
+def test_qmatmul_dtypes_bias_batch(xdtype, lead):
+    """Half-precision x is read by the kernels directly (GEMV at M = 6, GEMM at
+    M = 12, K = 330 ragged); output in x's dtype, leading dims kept."""
+    k = 330
+    qw = make_qw(4, 64, False, torch.float16, 24, k)
+    x = torch.randn(*lead, k).to(xdtype)
+    bias = torch.randn(24).to(xdtype)
+    eps = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[xdtype]
+    expect = Expect(qw)
+    y_ref = pyquant.qmatmul(x, qw, bias, kernel="reference")
+    mag = (x.double().abs().reshape(-1, k) @ expect.mag.T).reshape(y_ref.shape)
+    for level in SIMD:
+        with simd(level):
+            y = pyquant.qmatmul(x, qw, bias, kernel="cpu")
+            assert y.shape == (*lead, 24) and y.dtype == xdtype
+            expect.check(y, x.float(), bias.float(), out_dtype_eps=eps)
+            # and against the reference kernel's own output, both rounded to xdtype
+            diff = (y.double() - y_ref.double()).abs()
+            assert bool((diff <= 2 * eps * y_ref.double().abs() + 4e-5 * mag + 1e-30).all()), float(diff.max())
+
+
+def test_qmatmul_empty_rows():
+    qw = make_qw(4, 32, True, torch.float16, 5, 64)
+    y = pyquant.qmatmul(torch.randn(0, 64), qw, torch.randn(5), kernel="cpu")
+    assert y.shape == (0, 5)
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+def test_qmatmul_threads(threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, m in itertools.product((1, 5, 40), (1, 6)):
+            qw = make_qw(4, 64, False, torch.float16, n, 130, seed=n)
+            x = torch.randn(m, 130)
+            check_qmatmul(pyquant.qmatmul(x, qw, kernel="cpu"), x, qw)
+            assert torch.equal(pyquant.dequantize(qw, kernel="cpu"), ref_weight(qw))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_rtn_weights_public_api():
+    """The usual path: RTN-quantized weights, default dispatch picks the CPU kernels."""
+    w = torch.randn(48, 384)
+    for bits, sym in ((4, False), (8, True), (3, False), (2, True)):
+        qw = pyquant.quantize_weight(w, Int(bits, 128, sym, torch.float16))
+        for op in ("dequantize", "qmatmul", "unpack"):
+            assert select_kernel(op, qw.format, torch.device("cpu"), 1).backend == "cpu"
+        assert torch.equal(pyquant.dequantize(qw), pyquant.dequantize(qw, kernel="reference"))
+        x = torch.randn(5, 384)
+        check_qmatmul(pyquant.qmatmul(x, qw), x, qw)
