@@ -11,8 +11,12 @@
 //
 // Contraction of a*b+c into an FMA would change rounding against the spec
 // (GCC contracts even vector intrinsics, which it implements as plain vector
-// arithmetic), hence:
+// arithmetic; clang contracts within an expression by default), hence:
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
+#endif
 
 #include <pybind11/pybind11.h>
 

@@ -12,10 +12,11 @@ points are part of that format (``W_hat = (q - z) * s``).
 How it relates to the ``hqq`` package (0.2.8)
 ---------------------------------------------
 * Same init (``s = (max - min) / (2**bits - 1)``, ``z = -min / s``), same
-  proximal step, same defaults (``lp_norm=0.7, beta=10, iters=20``). hqq's
-  default optimizer never grows beta although it is handed ``kappa=1.01``;
-  ``kappa`` here defaults to 1.0 so that "same settings" means the same
-  iteration. Pass ``kappa=1.01`` for the schedule hqq's ``..._v2`` uses.
+  proximal step, same parameters (``lp_norm=0.7, beta=10, kappa=1.01,
+  iters=20``). Note that hqq's default optimizer (``..._legacy``) is handed
+  ``kappa=1.01`` but never grows beta; ``kappa=1.0`` reproduces its iteration
+  exactly. Shrinkage only acts on errors above ``beta**(-1/(2-p))`` (0.17 for
+  the defaults), so for LLM-scale weights (|W| ~ 0.02) kappa changes nothing.
 * Scores every iterate with the stored (``scale_dtype``-rounded) scale and
   zero and keeps each group's best; adds pyquant's RTN as a second candidate.
   So, per group, the error is never above RTN's nor above hqq's own final
@@ -76,7 +77,7 @@ def _check_params(fmt, axis, iters, lp_norm, beta, kappa, kernel):
         raise ValueRangeError(f"beta must be a positive finite number, got {beta!r}")
     if not (isinstance(kappa, (int, float)) and 1.0 <= kappa < float("inf")):
         raise ValueRangeError(f"kappa must be a finite number >= 1, got {kappa!r}")
-    if iters and not math.isfinite(beta * kappa ** (iters - 1)):
+    if iters and math.log(beta) + (iters - 1) * math.log(kappa) > 700.0:  # beyond ~1e304
         raise ValueRangeError(f"beta * kappa**(iters-1) overflows: beta={beta}, kappa={kappa}, iters={iters}")
     if kernel not in KERNELS:
         raise KernelUnavailableError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -181,7 +182,7 @@ def hqq_solve(
     iters: int = 20,
     lp_norm: float = 0.7,
     beta: float = 10.0,
-    kappa: float = 1.0,
+    kappa: float = 1.01,
     early_stop: bool = True,
     kernel: str = "auto",
 ) -> HQQSolution:
@@ -245,7 +246,7 @@ def hqq_quantize(
     iters: int = 20,
     lp_norm: float = 0.7,
     beta: float = 10.0,
-    kappa: float = 1.0,
+    kappa: float = 1.01,
     early_stop: bool = True,
     kernel: str = "auto",
 ) -> QuantizedWeight:

@@ -31,7 +31,7 @@ with these deliberate differences, all documented in ``pyquant/algorithms/hqq.py
   candidate per group; the better of the two is kept, so HQQ is never worse
   than RTN.
 * Groups may be ragged (the last one shorter); hqq needs divisibility.
-* ``kappa`` (beta's growth per step) is applied as documented; note that hqq's
+* ``kappa`` (beta's growth per step) is applied, as hqq's ``..._v2`` does; its
   default optimizer (``..._legacy``) never applies it, i.e. uses ``kappa=1``.
 
 The fp32 arithmetic below is the contract the kernels follow: no fused
@@ -116,7 +116,7 @@ def hqq_solve_reference(
     iters: int = 20,
     lp_norm: float = 0.7,
     beta: float = 10.0,
-    kappa: float = 1.0,
+    kappa: float = 1.01,
     early_stop: bool = True,
 ) -> HQQSolution:
     """Quantize ``w`` (fp32, (N, K), finite) group-wise along K. See module docstring."""
