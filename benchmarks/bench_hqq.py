@@ -57,6 +57,7 @@ def timed(fn, repeats):
 
 
 def make_weight(kind: str, n: int, k: int) -> torch.Tensor:
+    torch.manual_seed(0)  # StudentT samples from the global generator
     g = torch.Generator().manual_seed(0)
     if kind == "llm":
         w = torch.randn(n, k, generator=g) * 0.02

@@ -156,8 +156,8 @@ void hqq_solve_cuda(uintptr_t w, uintptr_t codes, uintptr_t scales, uintptr_t ze
   hqq_solve_kernel<<<static_cast<unsigned>(blocks), kWarps * 32, 0, s>>>(
       reinterpret_cast<const float*>(w), reinterpret_cast<uint8_t*>(codes), reinterpret_cast<float*>(scales),
       reinterpret_cast<float*>(zeros), reinterpret_cast<float*>(err), reinterpret_cast<int32_t*>(steps), sched, n, k,
-      group, ng, static_cast<float>((1 << bits) - 1), scale_dtype, iters, static_cast<float>(thr_last), static_cast<float>(lp_norm) - 1.0f,
-      kappa_one, early_stop, tiny);
+      group, ng, static_cast<float>((1 << bits) - 1), scale_dtype, iters, static_cast<float>(thr_last),
+      static_cast<float>(lp_norm) - 1.0f, kappa_one, early_stop, tiny);
   PQ_CUDA_CHECK(cudaGetLastError());
 }
 
