@@ -14,6 +14,7 @@ void register_int_cpu(py::module_& m);
 void register_nf4_cpu(py::module_& m);
 void register_gguf_cpu(py::module_& m);
 void register_kquant_cpu(py::module_& m);
+void register_hqq_cpu(py::module_& m);
 #ifdef PYQUANT_WITH_CUDA
 void register_cuda(py::module_& m);
 #endif
@@ -45,4 +46,5 @@ PYBIND11_MODULE(_C, m) {
   pyquant::register_nf4_cpu(m);
   pyquant::register_gguf_cpu(m);
   pyquant::register_kquant_cpu(m);
+  pyquant::register_hqq_cpu(m);
 }
