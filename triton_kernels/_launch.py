@@ -144,6 +144,16 @@ def packed_int(fmt) -> bool:
     return fmt.family == "int" and fmt.bits in (4, 8)
 
 
+def mm_bk(fmt, k: int, bk: int) -> int:
+    """BK of the word-wise tensor-core kernel: whole 32-code chunks, at least 32
+    (two k16 MMA steps), and a divisor of the group size so that one scale per row
+    covers the tile."""
+    bk = max(32, bk)
+    if fmt.group_size != -1:
+        bk = min(bk, fmt.group_size)
+    return bk
+
+
 def _x16(x: torch.Tensor, m: int, k: int) -> int:
     """X16 of the word-wise GEMV: 1 fp16 / 2 bf16 activations read 4 at a time
     (8-byte loads: every row 8-byte aligned), else 0 (one load per element)."""
@@ -259,18 +269,34 @@ def qmatmul(
     else:
         bm = cfg.BM or max(16, min(64, gemv_bm(m)))
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, cfg.BN)
+        packed = packed_int(fmt)
+        if packed:
+            # whole chunks, and every K tile inside one scale group
+            cfg = dataclasses.replace(cfg, BK=mm_bk(fmt, k, cfg.BK))
         if path == "gemm" and cfg.SPLIT == 0:
             split, per = 1, triton.cdiv(k, cfg.BK) * cfg.BK
         else:
             split, per = resolve_split(cfg, tiles, k, sm_count(dev))
         ws = torch.empty((split, m, n), dtype=torch.float32, device=dev) if split > 1 else out
-        K.mm_kernel[(tiles, split)](
-            x, out, ws, bias if bias is not None else out, perm if perm is not None else x, *ptrs,
-            m, n, k, per, *ints, **common, BM=bm, BN=cfg.BN, BK=cfg.BK, SPLIT=split,
-            GROUP_M=cfg.GROUP_M, X_F32=x.dtype == torch.float32,
-            UPCAST_DOT=x.dtype == torch.bfloat16 and interpreting(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        mm_common = dict(BM=bm, BN=cfg.BN, BK=cfg.BK, SPLIT=split, GROUP_M=cfg.GROUP_M,
+                         X_F32=x.dtype == torch.float32, UPCAST_DOT=x.dtype == torch.bfloat16 and interpreting(),
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if packed:
+            t = dict(zip(fmt.tensor_specs(shape), qdata))
+            q, sc = t["qweight"], t["scales"]
+            PK.mm_int_kernel[(tiles, split)](
+                x, out, ws, bias if bias is not None else out, perm if perm is not None else x, q, sc,
+                t.get("zeros", sc), m, n, k, per, fmt.packed_row_bytes(k), fmt.num_groups(k),
+                BITS=fmt.bits, HAS_ZERO=not fmt.symmetric, GSHIFT=c2, HAS_PERM=perm is not None,
+                HAS_BIAS=bias is not None, SOFT_BF16=soft_bf16,
+                # GEMM: scale the weight tile once rather than the output tile every K step
+                SCALE_W=path == "gemm" and c2 != 0, **mm_common,
+            )
+        else:
+            K.mm_kernel[(tiles, split)](
+                x, out, ws, bias if bias is not None else out, perm if perm is not None else x, *ptrs,
+                m, n, k, per, *ints, **common, **mm_common,
+            )
     if split > 1:
         K.reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
             ws, out, bias if bias is not None else out, m, n,

@@ -258,3 +258,181 @@ def gemv_int_kernel(
                 HAS_BIAS, SPLIT, SOFT_BF16)
         _finish(acc3, ax3, m0, 3, out, ws, bias, sc, zr, rows, rows_c, ng, M, N, pid_s, BITS, HAS_ZERO, GSHIFT,
                 HAS_BIAS, SPLIT, SOFT_BF16)
+
+
+# --- tensor-core path (split-K / GEMM) -------------------------------------------
+@triton.jit
+def _q16(w, P: tl.constexpr, MASK: tl.constexpr, DT: tl.constexpr, ZC: tl.constexpr, OPQ):
+    # the code q at bit P of w, minus the constant ZC, as an exact integer in DT
+    q = (w >> P) & MASK
+    if DT == tl.float16:
+        # 0x6400 | q is the fp16 1024 + q (q < 1024): one subtraction (two codes per
+        # HADD2), no int -> float conversion. (OPQ, an opaque 0, keeps the byte
+        # extraction of 8-bit codes as one PRMT; for nibbles it would cost more.)
+        if MASK == 255:
+            q = q | (0x6400 + OPQ)
+        else:
+            q = q | 0x6400
+        return q.to(tl.int16).to(tl.float16, bitcast=True) - (1024.0 + ZC)
+    elif DT == tl.bfloat16 and MASK == 15:
+        return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - (128.0 + ZC)
+    else:
+        return (q - ZC).to(tl.float32).to(DT)
+
+
+@triton.jit
+def _join4(a, b, c, d):
+    # [..., 4] = (a, b, c, d): join appends the new axis last, so the inner joins pair
+    # (a, c) and (b, d) and the outer one interleaves them
+    return tl.join(tl.join(a, c), tl.join(b, d))
+
+
+@triton.jit
+def _codes_tile(w, BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ZC: tl.constexpr, OPQ):
+    """Words [BN, BK * BITS / 32] -> codes - ZC [BN, BK] in stored column order, exact in DT."""
+    if BITS == 4:
+        # byte b of word wl of a chunk holds codes 4 wl + b (low nibble) and 16 + 4 wl + b (high)
+        lo = _join4(_q16(w, 0, 15, DT, ZC, OPQ), _q16(w, 8, 15, DT, ZC, OPQ), _q16(w, 16, 15, DT, ZC, OPQ), _q16(w, 24, 15, DT, ZC, OPQ))
+        hi = _join4(_q16(w, 4, 15, DT, ZC, OPQ), _q16(w, 12, 15, DT, ZC, OPQ), _q16(w, 20, 15, DT, ZC, OPQ), _q16(w, 28, 15, DT, ZC, OPQ))
+        q = tl.join(lo, hi)  # [BN, BKW, 4 (b), 2 (hi)]  (join appends the new axis last)
+        q = tl.reshape(q, (BN, BK // 32, 4, 4, 2))  # chunk, wl, b, hi
+        q = tl.permute(q, (0, 1, 4, 2, 3))  # chunk, hi, wl, b
+    else:
+        q = _join4(_q16(w, 0, 255, DT, ZC, OPQ), _q16(w, 8, 255, DT, ZC, OPQ), _q16(w, 16, 255, DT, ZC, OPQ), _q16(w, 24, 255, DT, ZC, OPQ))
+    return tl.reshape(q, (BN, BK))
+
+
+@triton.jit
+def _mm_step(acc, accx, wp, xr, perm, sc, zr, rows_c, ng, k0, K, row_words, BN: tl.constexpr, BK: tl.constexpr,
+             BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr, HAS_PERM: tl.constexpr,
+             X_F32: tl.constexpr, UPCAST_DOT: tl.constexpr, MASKED: tl.constexpr, DT: tl.constexpr,
+             SCALE_W: tl.constexpr):
+    BKW: tl.constexpr = BK * BITS // 32
+    kw = (k0 // 32) * BITS + tl.arange(0, BKW)
+    kk = k0 + tl.arange(0, BK)
+    if MASKED:
+        w = tl.load(wp + kw[None, :], mask=(kw < row_words)[None, :], other=0)
+    else:
+        w = tl.load(wp + kw[None, :])
+    # symmetric weights: the implicit zero point is subtracted from the codes (exact),
+    # so no sum of x is needed
+    # (the CPU interpreter's bf16 arithmetic is unreliable: there the codes are
+    # decoded in fp32, and rounded to bf16 as the GPU would)
+    if UPCAST_DOT:
+        DQ: tl.constexpr = tl.float32
+    else:
+        DQ: tl.constexpr = DT
+    if HAS_ZERO:
+        q = _codes_tile(w, BN, BK, BITS, DQ, 0, tl.minimum(K, 0))
+    else:
+        q = _codes_tile(w, BN, BK, BITS, DQ, 1 << (BITS - 1), tl.minimum(K, 0))
+    if SCALE_W:
+        # large M: scale the decoded tile (BN * BK multiply-adds) instead of the
+        # BM * BN product after every dot; s * (q - z) rounded once to DT
+        gi = rows_c * ng + (k0 >> GSHIFT)
+        s = tl.load(sc + gi).to(tl.float32)
+        if HAS_ZERO:
+            zs = -tl.load(zr + gi).to(tl.float32) * s
+        else:
+            zs = s * 0.0
+        if UPCAST_DOT:
+            s = cast_to(s, DT, True).to(tl.float32)
+            zs = cast_to(zs, DT, True).to(tl.float32)
+            q = cast_to(q * s[:, None] + zs[:, None], DT, True).to(tl.float32)
+        else:
+            q = q * s.to(DT)[:, None] + zs.to(DT)[:, None]
+    if HAS_PERM:
+        if MASKED:
+            col = tl.load(perm + kk, mask=kk < K, other=0)
+        else:
+            col = tl.load(perm + kk)
+    else:
+        col = kk
+    if MASKED:
+        xt = tl.load(xr + col[None, :], mask=(kk < K)[None, :], other=0.0)
+    else:
+        xt = tl.load(xr + col[None, :])
+    if X_F32:
+        d = tl.dot(xt, tl.trans(q), input_precision="ieee")
+    elif UPCAST_DOT:
+        # Triton's CPU interpreter multiplies bf16 operands as raw bits: the same
+        # values in fp32 give the GPU's result up to the summation order
+        d = tl.dot(xt.to(tl.float32), tl.trans(q), input_precision="ieee")
+    else:
+        d = tl.dot(xt, tl.trans(q))
+    if SCALE_W:
+        return acc + d, accx
+    if HAS_ZERO:
+        sx = tl.sum(xt.to(tl.float32), axis=1)
+    if GSHIFT == 0:
+        if HAS_ZERO:
+            accx += sx[:, None]
+        return acc + d, accx
+    else:
+        # the whole tile lies in one group (BK divides the group size)
+        gi = rows_c * ng + (k0 >> GSHIFT)
+        s = tl.load(sc + gi).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(zr + gi).to(tl.float32)
+            return acc + s[None, :] * (d - z[None, :] * sx[:, None]), accx
+        else:
+            return acc + s[None, :] * d, accx
+
+
+@triton.jit
+def mm_int_kernel(
+    x, out, ws, bias, perm, qw, sc, zr, M, N, K, k_per_split, row_bytes, ng,
+    BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr, HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+    GROUP_M: tl.constexpr, X_F32: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFT_BF16: tl.constexpr,
+    SCALE_W: tl.constexpr,
+):
+    """``y = x @ W_hat.T`` for Int4/Int8 on tensor cores: each K tile is one dot of x with
+    the exact integer codes, scaled per row afterwards: y += s * (x . q - z * sum(x))."""
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    grid_m = tl.cdiv(M, BM)
+    grid_n = tl.cdiv(N, BN)
+    width = GROUP_M * grid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    if X_F32:
+        DT: tl.constexpr = tl.float32
+    else:
+        DT: tl.constexpr = x.dtype.element_ty
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rows_c = tl.minimum(offs_n, N - 1)
+    # rows past M / N read row M - 1 / N - 1 (in bounds, never stored): no load masks
+    xr = x + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * K
+    row_words = row_bytes // 4
+    wp = qw.to(tl.pointer_type(tl.int32)) + rows_c.to(tl.int64)[:, None] * row_words
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    accx = tl.zeros((BM, 1), dtype=tl.float32)
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_full = k_lo + (k_hi - k_lo) // BK * BK
+    for k0 in range(k_lo, k_full, BK):
+        acc, accx = _mm_step(acc, accx, wp, xr, perm, sc, zr, rows_c, ng, k0, K, row_words, BN, BK, BITS, HAS_ZERO,
+                             GSHIFT, HAS_PERM, X_F32, UPCAST_DOT, False, DT, SCALE_W)
+    if k_full < k_hi:
+        acc, accx = _mm_step(acc, accx, wp, xr, perm, sc, zr, rows_c, ng, k_full, K, row_words, BN, BK, BITS,
+                             HAS_ZERO, GSHIFT, HAS_PERM, X_F32, UPCAST_DOT, True, DT, SCALE_W)
+    if GSHIFT == 0:
+        s = tl.load(sc + rows_c * ng).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(zr + rows_c * ng).to(tl.float32)
+            acc = acc - z[None, :] * accx
+        acc = s[None, :] * acc
+    mm = offs_m[:, None].to(tl.int64)
+    nn = offs_n[None, :]
+    mask = (mm < M) & (nn < N)
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc = acc + tl.load(bias + nn, mask=nn < N, other=0.0).to(tl.float32)
+        tl.store(out + mm * N + nn, cast_to(acc, out.dtype.element_ty, SOFT_BF16), mask=mask)
+    else:
+        tl.store(ws + (pid_s * M + mm) * N + nn, acc, mask=mask)
