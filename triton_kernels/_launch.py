@@ -154,6 +154,15 @@ def mm_bk(fmt, k: int, bk: int) -> int:
     return bk
 
 
+def scale_weights(fmt, bm: int, bk: int) -> bool:
+    """Word-wise tensor-core kernel: scale the decoded [BN, BK] weight tile (one
+    multiply-add per weight, weights rounded to the activation dtype once, as a
+    dequantize-then-matmul would) rather than the [BM, BN] dot of the exact codes
+    after each K tile (3 BM / BK per weight). Per channel the scale is applied once
+    after the loop either way."""
+    return fmt.group_size != -1 and (bm > 16 or bk < 64)
+
+
 def _x16(x: torch.Tensor, m: int, k: int) -> int:
     """X16 of the word-wise GEMV: 1 fp16 / 2 bf16 activations read 4 at a time
     (8-byte loads: every row 8-byte aligned), else 0 (one load per element)."""
@@ -289,8 +298,7 @@ def qmatmul(
                 t.get("zeros", sc), m, n, k, per, fmt.packed_row_bytes(k), fmt.num_groups(k),
                 BITS=fmt.bits, HAS_ZERO=not fmt.symmetric, GSHIFT=c2, HAS_PERM=perm is not None,
                 HAS_BIAS=bias is not None, SOFT_BF16=soft_bf16,
-                # GEMM: scale the weight tile once rather than the output tile every K step
-                SCALE_W=path == "gemm" and c2 != 0, **mm_common,
+                SCALE_W=scale_weights(fmt, bm, cfg.BK), **mm_common,
             )
         else:
             K.mm_kernel[(tiles, split)](

@@ -109,6 +109,22 @@ _GEMV_PACKED = {
     2: Config(BN=8, BK=1024, num_warps=2, num_stages=1),
     4: Config(BN=8, BK=1024, num_warps=2, num_stages=1),
 }
+# Word-wise Int4/Int8 tensor-core kernel (``mm_int_kernel``). A K tile lies in one
+# scale group (the launcher caps BK at the group size). With BM = 16 the tile is a
+# dot with the exact integer codes, scaled per output afterwards (3 BM / BK
+# multiply-adds per weight); with more rows (or BK < 64) the decoded tile is
+# scaled instead (one fp16 multiply-add per weight), see ``_launch.scale_weights``.
+# BN = 128 halves the per-row sums of x (asymmetric formats) per weight; 3 stages
+# keep two tiles of weights in flight through cp.async. From the sm_90 builds:
+# 4.6 (M = 16), 5.9 (M = 32), 5.7 (M = 64) loop instructions per weight.
+_SPLITK_PACKED = {
+    8: Config(BM=16, BN=128, BK=128, num_warps=4, num_stages=3),
+    16: Config(BM=16, BN=128, BK=128, num_warps=4, num_stages=3),
+    32: Config(BM=32, BN=128, BK=128, num_warps=8, num_stages=3),
+    64: Config(BM=64, BN=128, BK=64, num_warps=4, num_stages=3),
+}
+_GEMM_PACKED_SMALL = Config(BM=64, BN=128, BK=64, SPLIT=1, num_warps=4, num_stages=3)
+_GEMM_PACKED_LARGE = Config(BM=128, BN=128, BK=64, SPLIT=1, num_warps=8, num_stages=3)
 _GEMM_SMALL = Config(BM=64, BN=128, BK=32, SPLIT=1, num_warps=8, num_stages=3)
 _GEMM_LARGE = Config(BM=128, BN=128, BK=32, SPLIT=1, num_warps=8, num_stages=3)
 DEQUANT_DEFAULT = Config(BN=16, BK=128, SPLIT=1, num_warps=4)
@@ -126,7 +142,10 @@ def default_config(path: str, m: int, packed: bool = False) -> Config:
         # GEMV forced for a larger M (tests, experiments): keep BM*BN*BK bounded
         return Config(BN=16, BK=max(16, min(128, 8192 // (bm * 16))))
     if path == "splitk":
-        return _SPLITK.get(b, _SPLITK[64] if b > 64 else _SPLITK[16])
+        table = _SPLITK_PACKED if packed else _SPLITK
+        return table.get(b, table[64] if b > 64 else table[16])
+    if path == "gemm" and packed:
+        return _GEMM_PACKED_SMALL if b <= 256 else _GEMM_PACKED_LARGE
     if path == "gemm":
         return _GEMM_SMALL if b <= 256 else _GEMM_LARGE
     if path == "dequant":
@@ -150,6 +169,16 @@ def candidates(path: str, m: int, packed: bool = False) -> List[Config]:
                 continue
             for split in (0, 1):
                 out.append(Config(BN=bn, BK=bk, SPLIT=split, num_warps=w))
+    elif path == "splitk" and packed:
+        bm = max(16, min(64, _pow2_at_least(m, 16)))
+        for bn, bk, w in ((128, 128, 4), (64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 64, 4), (256, 64, 8)):
+            for split in (0, 1):
+                out.append(Config(BM=bm, BN=bn, BK=bk, SPLIT=split, num_warps=w, num_stages=3))
+    elif path == "gemm" and packed:
+        for bm, bn, bk, w, s in ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 64, 64, 4, 3),
+                                 (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)):
+            if bm <= 2 * _pow2_at_least(m, 16):
+                out.append(Config(BM=bm, BN=bn, BK=bk, SPLIT=1, num_warps=w, num_stages=s))
     elif path == "splitk":
         bm = max(16, min(64, _pow2_at_least(m, 16)))
         for bn, bk, w in ((64, 64, 8), (32, 64, 4), (64, 32, 4), (128, 64, 8), (64, 128, 8)):
