@@ -137,26 +137,32 @@ def _load_words(wp, cw, cm, BITS: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _step(acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, wa, wb, x0, x1, x2, x3, perm, sc, zr, rows_c, ng, k0, K,
-          ch, OPQ, BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, X16: tl.constexpr, BITS: tl.constexpr,
-          HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr, MASKED: tl.constexpr, HAS_PERM: tl.constexpr):
-    """One K tile: the decoded weights (shared by every activation row) times up to 4 rows of x."""
+def _tile_scales(sc, zr, rows_c, ng, kk, BN: tl.constexpr, CH: tl.constexpr, BITS: tl.constexpr,
+                 HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr):
+    """fp32 scale and MAGIC + zero of every (row, chunk) of a K tile (chunks never
+    straddle groups); per channel (GSHIFT 0) unused placeholders."""
     MAGIC: tl.constexpr = 16.0 if BITS == 4 else 256.0
-    kk = k0 + ch * 32
     if GSHIFT == 0:
-        s = 1.0
-        z = 0.0
+        s = tl.zeros((1, 1), dtype=tl.float32)
+        z = s
     else:
-        # one scale (and zero) per (row, chunk): chunks never straddle groups
-        g = kk >> GSHIFT
-        if MASKED:
-            g = tl.minimum(g, ng - 1)  # chunks past K: in-bounds scales (their x is 0)
-        gi = rows_c[:, None] * ng + g[None, :]
+        # chunks past K (ragged tail, or a tile that is not loaded) read the row's
+        # last group: in bounds, and multiplied by x = 0
+        gi = rows_c[:, None] * ng + tl.minimum(kk >> GSHIFT, ng - 1)[None, :]
         s = tl.load(sc + gi).to(tl.float32)
         if HAS_ZERO:
             z = tl.load(zr + gi).to(tl.float32) + MAGIC
         else:
-            z = MAGIC + (1 << (BITS - 1))
+            z = tl.full((BN, CH), MAGIC + (1 << (BITS - 1)), tl.float32)
+    return s, z
+
+
+@triton.jit
+def _step(acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, wa, wb, s, z, x0, x1, x2, x3, perm, k0, K,
+          ch, OPQ, BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, X16: tl.constexpr, BITS: tl.constexpr,
+          GSHIFT: tl.constexpr, MASKED: tl.constexpr, HAS_PERM: tl.constexpr):
+    """One K tile: the decoded weights (shared by every activation row) times up to 4 rows of x."""
+    kk = k0 + ch * 32
     p, sx = _chunk_dot(wa, wb, x0, kk, K, perm, OPQ, BN, CH, X16, BITS, MASKED, HAS_PERM)
     acc0, ax0 = _scaled(acc0, ax0, p, sx, s, z, GSHIFT)
     if BM > 1:
@@ -231,23 +237,39 @@ def gemv_int_kernel(
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     k_full = k_lo + (k_hi - k_lo) // BK * BK
+    k_pairs = k_lo + (k_full - k_lo) // (2 * BK) * (2 * BK)
     k_last = tl.maximum(k_full - BK, k_lo)
-    # full tiles, unmasked; the words of the next tile are loaded before the current
-    # one is used, so two tiles of weights are in flight per thread
+    # Full tiles, unmasked, two per iteration (tiles A and B): each tile's words and
+    # scales are loaded one tile of work ahead of their use, so two tiles of weights
+    # are in flight per thread and no iteration waits on a DRAM round trip. Unrolled
+    # by two so that the loads land in their final registers (a one-tile loop would
+    # copy every prefetched register at the back edge).
     wa, wb = _load_words(wrow + (k_lo // 32) * WPC, cw, (ch * 0 + k_lo < k_full)[None, :, None], BITS, True)
-    for k0 in range(k_lo, k_full, BK):
-        na, nb = _load_words(wrow + (tl.minimum(k0 + BK, k_last) // 32) * WPC, cw, True, BITS, False)
+    s, z = _tile_scales(sc, zr, rows_c, ng, k_lo + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT)
+    for k0 in range(k_lo, k_pairs, 2 * BK):
+        ua, ub = _load_words(wrow + ((k0 + BK) // 32) * WPC, cw, True, BITS, False)
+        t, u = _tile_scales(sc, zr, rows_c, ng, k0 + BK + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT)
         acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3 = _step(
-            acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, wa, wb, x0, x1, x2, x3, perm, sc, zr, rows_c, ng, k0, K,
-            ch, OPQ, BM, BN, CH, X16, BITS, HAS_ZERO, GSHIFT, False, HAS_PERM)
-        wa = na
-        wb = nb
+            acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, wa, wb, s, z, x0, x1, x2, x3, perm, k0, K,
+            ch, OPQ, BM, BN, CH, X16, BITS, GSHIFT, False, HAS_PERM)
+        k_next = tl.minimum(k0 + 2 * BK, k_last)
+        wa, wb = _load_words(wrow + (k_next // 32) * WPC, cw, True, BITS, False)
+        s, z = _tile_scales(sc, zr, rows_c, ng, k_next + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT)
+        acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3 = _step(
+            acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, ua, ub, t, u, x0, x1, x2, x3, perm, k0 + BK, K,
+            ch, OPQ, BM, BN, CH, X16, BITS, GSHIFT, False, HAS_PERM)
+    if k_pairs < k_full:
+        # an odd number of full tiles: the last one is already loaded
+        acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3 = _step(
+            acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, wa, wb, s, z, x0, x1, x2, x3, perm, k_pairs, K,
+            ch, OPQ, BM, BN, CH, X16, BITS, GSHIFT, False, HAS_PERM)
     if k_full < k_hi:
         # ragged last tile: chunks past K are not loaded, columns past K read x = 0
         wa, wb = _load_words(wrow + (k_full // 32) * WPC, cw, (k_full + ch * 32 < K)[None, :, None], BITS, True)
+        s, z = _tile_scales(sc, zr, rows_c, ng, k_full + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT)
         acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3 = _step(
-            acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, wa, wb, x0, x1, x2, x3, perm, sc, zr, rows_c, ng, k_full,
-            K, ch, OPQ, BM, BN, CH, X16, BITS, HAS_ZERO, GSHIFT, True, HAS_PERM)
+            acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, wa, wb, s, z, x0, x1, x2, x3, perm, k_full,
+            K, ch, OPQ, BM, BN, CH, X16, BITS, GSHIFT, True, HAS_PERM)
     _finish(acc0, ax0, m0, 0, out, ws, bias, sc, zr, rows, rows_c, ng, M, N, pid_s, BITS, HAS_ZERO, GSHIFT, HAS_BIAS,
             SPLIT, SOFT_BF16)
     if BM > 1:

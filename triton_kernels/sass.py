@@ -157,7 +157,8 @@ def stats(name: str, compiled, weights_per_iter: float) -> SassStats:
 # Int4 group 128 asymmetric fp16 scales and zeros, fp16 activations: the format of
 # the performance targets. "before" is the per-byte decoder of ``_tiles.w_tile``
 # with the shipped configs of that kernel; "after" the word-wise kernels with
-# theirs. Weights per thread and iteration = BN * BK / (32 * num_warps).
+# theirs. Weights per thread and iteration = BN * BK / (32 * num_warps) per K tile
+# the loop body handles (two in ``gemv_int_kernel``).
 def variants():
     """[(name, kernel, constexprs, types, options, weights per thread per iteration)]."""
     from . import _kernels as K
@@ -184,9 +185,11 @@ def variants():
             if m > 1 and label != "int4 g128":
                 continue
             c = _GEMV_PACKED[m]
+            # its main loop handles two K tiles per iteration
             out.append((f"after: gemv {label} M={m}", P.gemv_int_kernel,
                         dict(new, BITS=bits, HAS_ZERO=zero, GSHIFT=gs, BM=m, BN=c.BN, BK=c.BK, SPLIT=1, X16=1),
-                        {}, dict(num_warps=c.num_warps, num_stages=c.num_stages), c.BN * c.BK / (32 * c.num_warps)))
+                        {}, dict(num_warps=c.num_warps, num_stages=c.num_stages),
+                        2 * c.BN * c.BK / (32 * c.num_warps)))
     for bits, zero, label in ((4, True, "int4 g128"), (4, False, "int4 g128 sym"), (8, True, "int8 g128")):
         for m in (16, 64):
             c = _SPLITK_PACKED[m]

@@ -111,8 +111,8 @@ SCRIPT = textwrap.dedent(
         c = _GEMV_PACKED[m]
         k = S.compile_sm90(P.gemv_int_kernel, dict(new, BITS=4, HAS_ZERO=True, GSHIFT=7, BM=m, BN=c.BN, BK=c.BK,
                                                    SPLIT=1, X16=1), num_warps=c.num_warps, num_stages=c.num_stages)
-        st = S.stats(f"gemv M={m}", k, c.BN * c.BK / (32 * c.num_warps))
-        assert st.loop_mem.get("LDG.E.128", 0) >= c.BN // c.num_warps, st
+        st = S.stats(f"gemv M={m}", k, 2 * c.BN * c.BK / (32 * c.num_warps))  # two K tiles per iteration
+        assert st.loop_mem.get("LDG.E.128", 0) >= 2 * c.BN // c.num_warps, st
         assert not any(op.startswith(("LDG.E.U8", "LDL", "STL")) for op in st.loop_mem), st
         assert st.local == 0 and st.per_weight <= limit, st
         n += 1

@@ -48,7 +48,7 @@ GEMV_CASES = {
     "m1_fp16_full": (1, torch.float16, 320, Config(BN=8, BK=64, SPLIT=1, num_warps=1)),
     "m1_bf16_tail": (1, torch.bfloat16, 200, Config(BN=8, BK=64, SPLIT=1, num_warps=1)),
     "m2_fp32_split": (2, torch.float32, 200, Config(BN=8, BK=32, SPLIT=3, num_warps=1)),
-    "m3_fp16_split": (3, torch.float16, 320, Config(BN=4, BK=64, SPLIT=2, num_warps=1)),
+    "m3_fp16_split": (3, torch.float16, 320, Config(BN=8, BK=64, SPLIT=2, num_warps=1)),
     "m4_bf16_tailonly": (4, torch.bfloat16, 40, Config(BN=8, BK=64, SPLIT=1, num_warps=1)),
 }
 
