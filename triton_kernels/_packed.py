@@ -325,10 +325,29 @@ def _codes_tile(w, BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, DT: t
 
 
 @triton.jit
-def _mm_step(acc, accx, wp, xr, perm, sc, zr, rows_c, ng, k0, K, row_words, BN: tl.constexpr, BK: tl.constexpr,
+def _mm_scales(sc, zr, rows_c, ng, k0, BN: tl.constexpr, HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr):
+    """fp32 scale and zero of every row for the K tile at k0 (one group per tile);
+    per channel (GSHIFT 0) unused placeholders."""
+    if GSHIFT == 0:
+        s = tl.zeros((BN,), dtype=tl.float32)
+        z = s
+    else:
+        # a tile past the end (prefetch after the last one) reads the last group
+        gi = rows_c * ng + tl.minimum(k0 >> GSHIFT, ng - 1)
+        s = tl.load(sc + gi).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(zr + gi).to(tl.float32)
+        else:
+            z = tl.zeros((BN,), dtype=tl.float32)
+    return s, z
+
+
+@triton.jit
+def _mm_step(acc, accx, s, z, wp, xr, perm, k0, K, row_words, BN: tl.constexpr, BK: tl.constexpr,
              BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr, HAS_PERM: tl.constexpr,
              X_F32: tl.constexpr, UPCAST_DOT: tl.constexpr, MASKED: tl.constexpr, DT: tl.constexpr,
              SCALE_W: tl.constexpr):
+    """One K tile; ``s``, ``z``: its per-row scales and zeros (``_mm_scales``)."""
     BKW: tl.constexpr = BK * BITS // 32
     kw = (k0 // 32) * BITS + tl.arange(0, BKW)
     kk = k0 + tl.arange(0, BK)
@@ -337,7 +356,7 @@ def _mm_step(acc, accx, wp, xr, perm, sc, zr, rows_c, ng, k0, K, row_words, BN: 
     else:
         w = tl.load(wp + kw[None, :])
     # symmetric weights: the implicit zero point is subtracted from the codes (exact),
-    # so no sum of x is needed
+    # so no sum of x is needed.
     # (the CPU interpreter's bf16 arithmetic is unreliable: there the codes are
     # decoded in fp32, and rounded to bf16 as the GPU would)
     if UPCAST_DOT:
@@ -349,18 +368,13 @@ def _mm_step(acc, accx, wp, xr, perm, sc, zr, rows_c, ng, k0, K, row_words, BN: 
     else:
         q = _codes_tile(w, BN, BK, BITS, DQ, 1 << (BITS - 1), tl.minimum(K, 0))
     if SCALE_W:
-        # large M: scale the decoded tile (BN * BK multiply-adds) instead of the
+        # more rows: scale the decoded tile (BN * BK multiply-adds) instead of the
         # BM * BN product after every dot; s * (q - z) rounded once to DT
-        gi = rows_c * ng + (k0 >> GSHIFT)
-        s = tl.load(sc + gi).to(tl.float32)
-        if HAS_ZERO:
-            zs = -tl.load(zr + gi).to(tl.float32) * s
-        else:
-            zs = s * 0.0
+        zs = -z * s
         if UPCAST_DOT:
-            s = cast_to(s, DT, True).to(tl.float32)
+            s16 = cast_to(s, DT, True).to(tl.float32)
             zs = cast_to(zs, DT, True).to(tl.float32)
-            q = cast_to(q * s[:, None] + zs[:, None], DT, True).to(tl.float32)
+            q = cast_to(q * s16[:, None] + zs[:, None], DT, True).to(tl.float32)
         else:
             q = q * s.to(DT)[:, None] + zs.to(DT)[:, None]
     if HAS_PERM:
@@ -390,15 +404,10 @@ def _mm_step(acc, accx, wp, xr, perm, sc, zr, rows_c, ng, k0, K, row_words, BN: 
         if HAS_ZERO:
             accx += sx[:, None]
         return acc + d, accx
+    elif HAS_ZERO:
+        return acc + s[None, :] * (d - z[None, :] * sx[:, None]), accx
     else:
-        # the whole tile lies in one group (BK divides the group size)
-        gi = rows_c * ng + (k0 >> GSHIFT)
-        s = tl.load(sc + gi).to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(zr + gi).to(tl.float32)
-            return acc + s[None, :] * (d - z[None, :] * sx[:, None]), accx
-        else:
-            return acc + s[None, :] * d, accx
+        return acc + s[None, :] * d, accx
 
 
 @triton.jit
@@ -437,11 +446,17 @@ def mm_int_kernel(
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     k_full = k_lo + (k_hi - k_lo) // BK * BK
+    # the scales of the next tile are loaded at the start of each iteration (Triton's
+    # pipeliner streams the words and x through shared memory, but not these 2-byte loads)
+    s, z = _mm_scales(sc, zr, rows_c, ng, k_lo, BN, HAS_ZERO, GSHIFT)
     for k0 in range(k_lo, k_full, BK):
-        acc, accx = _mm_step(acc, accx, wp, xr, perm, sc, zr, rows_c, ng, k0, K, row_words, BN, BK, BITS, HAS_ZERO,
+        ns, nz = _mm_scales(sc, zr, rows_c, ng, k0 + BK, BN, HAS_ZERO, GSHIFT)
+        acc, accx = _mm_step(acc, accx, s, z, wp, xr, perm, k0, K, row_words, BN, BK, BITS, HAS_ZERO,
                              GSHIFT, HAS_PERM, X_F32, UPCAST_DOT, False, DT, SCALE_W)
+        s = ns
+        z = nz
     if k_full < k_hi:
-        acc, accx = _mm_step(acc, accx, wp, xr, perm, sc, zr, rows_c, ng, k_full, K, row_words, BN, BK, BITS,
+        acc, accx = _mm_step(acc, accx, s, z, wp, xr, perm, k_full, K, row_words, BN, BK, BITS,
                              HAS_ZERO, GSHIFT, HAS_PERM, X_F32, UPCAST_DOT, True, DT, SCALE_W)
     if GSHIFT == 0:
         s = tl.load(sc + rows_c * ng).to(tl.float32)
