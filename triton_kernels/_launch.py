@@ -9,6 +9,7 @@ the pyquant custom op as a single node.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Dict, Optional, Tuple
@@ -17,6 +18,7 @@ import torch
 import triton
 
 from . import _kernels as K
+from . import _packed as PK
 from ._tiles import FMT_GGUF, FMT_INT, FMT_NF4
 from .cache import get_cache
 from .configs import (
@@ -137,26 +139,62 @@ def uniform_groups(fmt, k: int, bk: int) -> bool:
     return False
 
 
+def packed_int(fmt) -> bool:
+    """Int4 / Int8: the word-wise kernels of ``_packed`` (32-bit weight loads, per-chunk scales)."""
+    return fmt.family == "int" and fmt.bits in (4, 8)
+
+
+def mm_bk(fmt, k: int, bk: int) -> int:
+    """BK of the word-wise tensor-core kernel: whole 32-code chunks, at least 32
+    (two k16 MMA steps), and a divisor of the group size so that one scale per row
+    covers the tile."""
+    bk = max(32, bk)
+    if fmt.group_size != -1:
+        bk = min(bk, fmt.group_size)
+    return bk
+
+
+def scale_weights(fmt, bm: int, bk: int) -> bool:
+    """Word-wise tensor-core kernel: scale the decoded [BN, BK] weight tile (one
+    multiply-add per weight, weights rounded to the activation dtype once, as a
+    dequantize-then-matmul would) rather than the [BM, BN] dot of the exact codes
+    after each K tile (3 BM / BK per weight). Per channel the scale is applied once
+    after the loop either way."""
+    return fmt.group_size != -1 and (bm > 16 or bk < 64)
+
+
+def _x16(x: torch.Tensor, m: int, k: int) -> int:
+    """X16 of the word-wise GEMV: 1 fp16 / 2 bf16 activations read 4 at a time
+    (8-byte loads: every row 8-byte aligned), else 0 (one load per element)."""
+    code = {torch.float16: 1, torch.bfloat16: 2}.get(x.dtype, 0)
+    if code and x.data_ptr() % 8 == 0 and (m == 1 or k % 4 == 0):
+        return code
+    return 0
+
+
 def supports_format(fmt) -> bool:
     return fmt.family in ("int", "nf4", "gguf")
 
 
 # --- configs ------------------------------------------------------------------
-def _usable(path: str, cfg: Config) -> bool:
+def _usable(path: str, cfg: Config, packed: bool = False) -> bool:
     if path in ("splitk", "gemm"):
         return cfg.BM >= 16 and cfg.BN >= 16 and cfg.BK >= 16
+    if path == "gemv" and packed:
+        return cfg.BN >= 1 and cfg.BK >= 32  # whole 32-code chunks
     return cfg.BN >= 1 and cfg.BK >= 1
 
 
 def get_config(path: str, fmt, x_dtype: Optional[torch.dtype], n: int, k: int, m: int, device, qdata=None) -> Config:
     """Tuned config from the per-GPU cache, else (optionally tuning first) the default."""
-    default = default_config(path, m)
+    packed = path != "dequant" and packed_int(fmt)
+    default = default_config(path, m, packed)
     if device.type != "cuda" or interpreting():
         return default
     cache = get_cache(gpu_name(device))
     key = cache_key(path, fmt.spec(), _DTYPE_NAMES.get(x_dtype, "none"), n, k, m)
     cfg = cache.get(key)
-    if cfg is not None and _usable(path, cfg):
+    if cfg is not None and _usable(path, cfg, packed):
         return cfg
     if qdata is not None and autotune_enabled() and not torch.cuda.is_current_stream_capturing():
         from .tuning import tune_key
@@ -212,7 +250,22 @@ def qmatmul(
     soft_bf16 = x.dtype == torch.bfloat16 and interpreting()
     common = dict(FMT=fid, C0=c0, C1=c1, C2=c2, UNIFORM=uniform_groups(fmt, k, cfg.BK), HAS_PERM=perm is not None,
                   HAS_BIAS=bias is not None, SOFT_BF16=soft_bf16)
-    if path == "gemv":
+    if path == "gemv" and packed_int(fmt):
+        t = dict(zip(fmt.tensor_specs(shape), qdata))
+        bk = max(32, cfg.BK)
+        bm = min(4, gemv_bm(m))
+        tiles = triton.cdiv(n, cfg.BN)
+        split, per = resolve_split(dataclasses.replace(cfg, BK=bk), tiles, k, sm_count(dev), waves=1)
+        ws = torch.empty((split, m, n), dtype=torch.float32, device=dev) if split > 1 else out
+        q, sc = t["qweight"], t["scales"]
+        PK.gemv_int_kernel[(tiles, split, triton.cdiv(m, bm))](
+            x, out, ws, bias if bias is not None else out, perm if perm is not None else x, q, sc, t.get("zeros", sc),
+            m, n, k, per, fmt.packed_row_bytes(k), fmt.num_groups(k),
+            BITS=fmt.bits, HAS_ZERO=not fmt.symmetric, GSHIFT=c2, HAS_PERM=perm is not None,
+            HAS_BIAS=bias is not None, BM=bm, BN=cfg.BN, BK=bk, SPLIT=split, X16=_x16(x, m, k), SOFT_BF16=soft_bf16,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    elif path == "gemv":
         bm = gemv_bm(m)
         tiles = triton.cdiv(n, cfg.BN)
         split, per = resolve_split(cfg, tiles, k, sm_count(dev))
@@ -225,18 +278,33 @@ def qmatmul(
     else:
         bm = cfg.BM or max(16, min(64, gemv_bm(m)))
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, cfg.BN)
+        packed = packed_int(fmt)
+        if packed:
+            # whole chunks, and every K tile inside one scale group
+            cfg = dataclasses.replace(cfg, BK=mm_bk(fmt, k, cfg.BK))
         if path == "gemm" and cfg.SPLIT == 0:
             split, per = 1, triton.cdiv(k, cfg.BK) * cfg.BK
         else:
             split, per = resolve_split(cfg, tiles, k, sm_count(dev))
         ws = torch.empty((split, m, n), dtype=torch.float32, device=dev) if split > 1 else out
-        K.mm_kernel[(tiles, split)](
-            x, out, ws, bias if bias is not None else out, perm if perm is not None else x, *ptrs,
-            m, n, k, per, *ints, **common, BM=bm, BN=cfg.BN, BK=cfg.BK, SPLIT=split,
-            GROUP_M=cfg.GROUP_M, X_F32=x.dtype == torch.float32,
-            UPCAST_DOT=x.dtype == torch.bfloat16 and interpreting(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        mm_common = dict(BM=bm, BN=cfg.BN, BK=cfg.BK, SPLIT=split, GROUP_M=cfg.GROUP_M,
+                         X_F32=x.dtype == torch.float32, UPCAST_DOT=x.dtype == torch.bfloat16 and interpreting(),
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if packed:
+            t = dict(zip(fmt.tensor_specs(shape), qdata))
+            q, sc = t["qweight"], t["scales"]
+            PK.mm_int_kernel[(tiles, split)](
+                x, out, ws, bias if bias is not None else out, perm if perm is not None else x, q, sc,
+                t.get("zeros", sc), m, n, k, per, fmt.packed_row_bytes(k), fmt.num_groups(k),
+                BITS=fmt.bits, HAS_ZERO=not fmt.symmetric, GSHIFT=c2, HAS_PERM=perm is not None,
+                HAS_BIAS=bias is not None, SOFT_BF16=soft_bf16,
+                SCALE_W=scale_weights(fmt, bm, cfg.BK), **mm_common,
+            )
+        else:
+            K.mm_kernel[(tiles, split)](
+                x, out, ws, bias if bias is not None else out, perm if perm is not None else x, *ptrs,
+                m, n, k, per, *ints, **common, **mm_common,
+            )
     if split > 1:
         K.reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
             ws, out, bias if bias is not None else out, m, n,

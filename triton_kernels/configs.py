@@ -97,13 +97,44 @@ _SPLITK = {
     32: Config(BM=32, BN=64, BK=64, num_warps=8, num_stages=3),
     64: Config(BM=64, BN=64, BK=64, num_warps=8, num_stages=3),
 }
+# Word-wise Int4/Int8 GEMV (``gemv_int_kernel``): a thread owns one 32-code chunk
+# (16 B at 4 bits) of BN / num_warps rows per K tile, so BK = 32 * 32 codes puts a
+# warp on 1 KB-4 KB of contiguous row bytes per load, and the next tile is loaded
+# while the current one is multiplied (2 tiles in flight). BN = 16 on 2 warps:
+# 8 rows per thread amortise the per-chunk x loads and sums (~3.8 instructions
+# per weight at M = 1 in the sm_90 build) and give N / 16 programs (256 for
+# N = 4096: about two per SM of an H100 without splitting K).
+_GEMV_PACKED = {
+    1: Config(BN=16, BK=1024, num_warps=2, num_stages=1),
+    2: Config(BN=8, BK=1024, num_warps=2, num_stages=1),
+    4: Config(BN=8, BK=1024, num_warps=2, num_stages=1),
+}
+# Word-wise Int4/Int8 tensor-core kernel (``mm_int_kernel``). A K tile lies in one
+# scale group (the launcher caps BK at the group size). With BM = 16 the tile is a
+# dot with the exact integer codes, scaled per output afterwards (3 BM / BK
+# multiply-adds per weight); with more rows (or BK < 64) the decoded tile is
+# scaled instead (one fp16 multiply-add per weight), see ``_launch.scale_weights``.
+# BN = 128 halves the per-row sums of x (asymmetric formats) per weight; 3 stages
+# keep two tiles of weights in flight through cp.async. From the sm_90 builds:
+# 4.6 (M = 16), 5.9 (M = 32), 5.7 (M = 64) loop instructions per weight.
+_SPLITK_PACKED = {
+    8: Config(BM=16, BN=128, BK=128, num_warps=4, num_stages=3),
+    16: Config(BM=16, BN=128, BK=128, num_warps=4, num_stages=3),
+    32: Config(BM=32, BN=128, BK=128, num_warps=8, num_stages=3),
+    64: Config(BM=64, BN=128, BK=64, num_warps=4, num_stages=3),
+}
+_GEMM_PACKED_SMALL = Config(BM=64, BN=128, BK=64, SPLIT=1, num_warps=4, num_stages=3)
+_GEMM_PACKED_LARGE = Config(BM=128, BN=128, BK=64, SPLIT=1, num_warps=8, num_stages=3)
 _GEMM_SMALL = Config(BM=64, BN=128, BK=32, SPLIT=1, num_warps=8, num_stages=3)
 _GEMM_LARGE = Config(BM=128, BN=128, BK=32, SPLIT=1, num_warps=8, num_stages=3)
 DEQUANT_DEFAULT = Config(BN=16, BK=128, SPLIT=1, num_warps=4)
 
 
-def default_config(path: str, m: int) -> Config:
+def default_config(path: str, m: int, packed: bool = False) -> Config:
+    """Shipped config of ``path`` for M = ``m``; ``packed``: the word-wise Int4/Int8 kernels."""
     b = m_bucket(m)
+    if path == "gemv" and packed:
+        return _GEMV_PACKED.get(gemv_bm(m), _GEMV_PACKED[4])
     if path == "gemv":
         bm = gemv_bm(m)
         if bm in _GEMV:
@@ -111,7 +142,10 @@ def default_config(path: str, m: int) -> Config:
         # GEMV forced for a larger M (tests, experiments): keep BM*BN*BK bounded
         return Config(BN=16, BK=max(16, min(128, 8192 // (bm * 16))))
     if path == "splitk":
-        return _SPLITK.get(b, _SPLITK[64] if b > 64 else _SPLITK[16])
+        table = _SPLITK_PACKED if packed else _SPLITK
+        return table.get(b, table[64] if b > 64 else table[16])
+    if path == "gemm" and packed:
+        return _GEMM_PACKED_SMALL if b <= 256 else _GEMM_PACKED_LARGE
     if path == "gemm":
         return _GEMM_SMALL if b <= 256 else _GEMM_LARGE
     if path == "dequant":
@@ -119,17 +153,32 @@ def default_config(path: str, m: int) -> Config:
     raise ValueError(f"unknown path {path!r}")
 
 
-def candidates(path: str, m: int) -> List[Config]:
+def candidates(path: str, m: int, packed: bool = False) -> List[Config]:
     """The small set ``tune()`` times for one path and M bucket (default first)."""
-    d = default_config(path, m)
+    d = default_config(path, m, packed)
     out: List[Config] = [d]
-    if path == "gemv":
+    if path == "gemv" and packed:
+        for bn, bk, w in ((8, 1024, 2), (16, 1024, 2), (32, 1024, 4), (4, 1024, 1), (8, 1024, 1), (16, 512, 2),
+                          (32, 512, 4), (8, 512, 2)):
+            for split in (0, 1):
+                out.append(Config(BN=bn, BK=bk, SPLIT=split, num_warps=w, num_stages=1))
+    elif path == "gemv":
         bm = gemv_bm(m)
         for bn, bk, w in ((16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8), (64, 64, 8), (64, 128, 8)):
             if bm * bn * bk > 16384:
                 continue
             for split in (0, 1):
                 out.append(Config(BN=bn, BK=bk, SPLIT=split, num_warps=w))
+    elif path == "splitk" and packed:
+        bm = max(16, min(64, _pow2_at_least(m, 16)))
+        for bn, bk, w in ((128, 128, 4), (64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 64, 4), (256, 64, 8)):
+            for split in (0, 1):
+                out.append(Config(BM=bm, BN=bn, BK=bk, SPLIT=split, num_warps=w, num_stages=3))
+    elif path == "gemm" and packed:
+        for bm, bn, bk, w, s in ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 64, 64, 4, 3),
+                                 (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)):
+            if bm <= 2 * _pow2_at_least(m, 16):
+                out.append(Config(BM=bm, BN=bn, BK=bk, SPLIT=1, num_warps=w, num_stages=s))
     elif path == "splitk":
         bm = max(16, min(64, _pow2_at_least(m, 16)))
         for bn, bk, w in ((64, 64, 8), (32, 64, 4), (64, 32, 4), (128, 64, 8), (64, 128, 8)):
@@ -155,16 +204,19 @@ def candidates(path: str, m: int) -> List[Config]:
     return uniq
 
 
-def auto_split(tiles: int, k: int, bk: int, sm_count: int, cap: int = 32) -> int:
-    """K splits so that ``tiles * split`` programs cover the GPU about twice."""
+def auto_split(tiles: int, k: int, bk: int, sm_count: int, cap: int = 32, waves: int = 2) -> int:
+    """K splits so that ``tiles * split`` programs cover the GPU about ``waves`` times."""
     k_tiles = max(1, -(-k // bk))
-    want = max(1, -(-2 * sm_count // max(tiles, 1)))
+    want = max(1, -(-waves * sm_count // max(tiles, 1)))
     return max(1, min(want, k_tiles, cap))
 
 
-def resolve_split(cfg: Config, tiles: int, k: int, sm_count: int) -> Tuple[int, int]:
-    """The SPLIT a launch uses, and the K range per split (multiple of BK)."""
-    split = cfg.SPLIT or auto_split(tiles, k, cfg.BK, sm_count)
+def resolve_split(cfg: Config, tiles: int, k: int, sm_count: int, waves: int = 2) -> Tuple[int, int]:
+    """The SPLIT a launch uses, and the K range per split (multiple of BK).
+
+    ``waves=1`` (the word-wise GEMV): split only when the N tiles alone leave SMs
+    idle; each split costs a workspace round trip and the reduce launch."""
+    split = cfg.SPLIT or auto_split(tiles, k, cfg.BK, sm_count, waves=waves)
     k_tiles = max(1, -(-k // cfg.BK))
     per = -(-k_tiles // split)  # K tiles per split
     split = -(-k_tiles // per)  # drop splits that would be empty

@@ -53,6 +53,19 @@ def test_defaults_and_candidates_are_valid():
                     assert c.BM >= 16 and c.BN >= 16 and c.BK >= 16  # tl.dot minimum
                 if path == "gemv":
                     assert max(1, m) * c.BN * c.BK <= 16384  # register budget of the broadcast product
+    # word-wise Int4/Int8 kernels
+    for path, ms in (("gemv", (1, 2, 3, 4)), ("splitk", (5, 16, 33, 64)), ("gemm", (65, 512, 4096))):
+        for m in ms:
+            d = default_config(path, m, packed=True)
+            cands = candidates(path, m, packed=True)
+            assert cands[0] == d and len(set(cands)) == len(cands) and len(cands) <= 16
+            for c in cands:
+                assert Config.from_dict(c.to_dict()) == c
+                if path == "gemv":
+                    # whole chunks; every thread owns at least one (row, chunk): no replicated work
+                    assert c.BK % 32 == 0 and c.BN * (c.BK // 32) >= 32 * c.num_warps
+                else:
+                    assert c.BM >= 16 and c.BN >= 16 and c.BK >= 32
 
 
 def test_split_resolution():
@@ -152,7 +165,7 @@ def test_get_config_cpu_uses_defaults_without_reading_cache(cache_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cfg = _launch.get_config("gemv", Int(4, 128), torch.float16, 64, 128, 1, torch.device("cpu"))
-    assert cfg == default_config("gemv", 1)
+    assert cfg == default_config("gemv", 1, packed=True)  # Int4: the word-wise kernel's defaults
 
 
 def test_get_config_gpu_lookup(cache_dir, monkeypatch):
@@ -172,9 +185,11 @@ def test_get_config_gpu_lookup(cache_dir, monkeypatch):
     c.save()
     tcache.clear_memory()
     assert _launch.get_config("splitk", fmt, torch.float16, 64, 256, 17, cuda) == tuned  # same bucket (32)
-    assert _launch.get_config("splitk", fmt, torch.float16, 64, 256, 40, cuda) == default_config("splitk", 40)
-    assert _launch.get_config("gemm", fmt, torch.float16, 64, 256, 100, cuda) == default_config("gemm", 100)
-    assert _launch.get_config("splitk", fmt, torch.bfloat16, 64, 256, 17, cuda) == default_config("splitk", 17)
+    assert _launch.get_config("splitk", fmt, torch.float16, 64, 256, 40, cuda) == default_config("splitk", 40, True)
+    assert _launch.get_config("gemm", fmt, torch.float16, 64, 256, 100, cuda) == default_config("gemm", 100, True)
+    assert _launch.get_config("splitk", fmt, torch.bfloat16, 64, 256, 17, cuda) == default_config("splitk", 17, True)
+    # formats without word-wise kernels keep the generic defaults
+    assert _launch.get_config("splitk", Int(3, 128), torch.float16, 64, 256, 40, cuda) == default_config("splitk", 40)
 
 
 def test_autotune_env_tunes_once_and_persists(cache_dir, monkeypatch):
@@ -202,10 +217,11 @@ def test_autotune_env_tunes_once_and_persists(cache_dir, monkeypatch):
     qw = pyquant.quantize_weight(torch.randn(32, 256), Int(4, 128))
     fmt, cuda = qw.format, torch.device("cuda")
     cfg = _launch.get_config("gemv", fmt, torch.float16, 32, 256, 1, cuda, qw.tensor_list())
-    expected = max((c for c in candidates("gemv", 1) if (c.BN, c.BK) != (16, 128)), key=lambda c: (c.BN * c.BK, c.SPLIT))
+    cands = candidates("gemv", 1, packed=True)  # Int4: the word-wise kernel's candidates
+    expected = max((c for c in cands if (c.BN, c.BK) != (16, 128)), key=lambda c: (c.BN * c.BK, c.SPLIT))
     assert cfg == expected
     n_timed = len(launched)
-    assert n_timed >= len(candidates("gemv", 1)) - 2
+    assert n_timed >= len(cands) - 2
     data = json.loads((cache_dir / "Fake_GPU.json").read_text())
     assert data["entries"][cache_key("gemv", fmt.spec(), "fp16", 32, 256, 1)] == expected.to_dict()
     tcache.clear_memory()

@@ -5,7 +5,10 @@ runs Triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the
 bundled ptxas) for representative variants of every kernel, in a subprocess
 where TRITON_INTERPRET is unset. It also checks that the bit-exact dequantize
 kernels contain no fused multiply-add (``enable_fp_fusion=False``), which is
-what keeps ``d * q + m`` rounded twice as in the references.
+what keeps ``d * q + m`` rounded twice as in the references, and for the word-wise
+Int4/Int8 kernels (``_packed``) with their shipped configs, what their main loop's
+machine code must look like: 16-byte weight loads, no byte loads, no spills, and an
+instruction count per weight under a bound (``pyquant.triton_kernels.sass``).
 """
 import os
 import subprocess
@@ -78,7 +81,52 @@ SCRIPT = textwrap.dedent(
                            X_F32=False, UPCAST_DOT=False), num_warps=4, num_stages=3)
     comp(K.reduce_kernel, dict(SPLIT=4, HAS_BIAS=True, BLOCK=1024, SOFT_BF16=False),
          {"ws": "*fp32", "out": "*bf16", "bias": "*fp32"}, num_warps=4)
-    print("compiled", len(fmas) + 10)
+    n = len(fmas) + 10
+
+    # word-wise Int4/Int8 kernels: every constexpr branch compiles
+    from pyquant.triton_kernels import _packed as P, sass as S
+    from pyquant.triton_kernels.configs import _GEMV_PACKED, _SPLITK_PACKED
+
+    pk = dict(HAS_PERM=False, HAS_BIAS=True, SOFT_BF16=False)
+    for bits, zero, gs, bm, x16, perm, dt in ((4, True, 7, 1, 1, False, "fp16"), (8, False, 0, 2, 2, False, "bf16"),
+                                              (4, False, 5, 4, 0, True, "fp32"), (8, True, 6, 3, 1, True, "fp16")):
+        t = {"x": f"*{dt}", "out": f"*{dt}", "bias": f"*{dt}", "sc": "*bf16", "zr": "*bf16"}
+        S.compile_sm90(P.gemv_int_kernel, dict(pk, BITS=bits, HAS_ZERO=zero, GSHIFT=gs, BM=bm, BN=16, BK=512,
+                                               SPLIT=2, X16=x16, HAS_PERM=perm), t, num_warps=2, num_stages=1)
+        n += 1
+    for bits, zero, gs, dt, sw, perm in ((4, True, 7, "fp16", False, False), (4, False, 5, "bf16", True, True),
+                                         (8, True, 0, "fp32", False, False), (8, False, 7, "bf16", True, False)):
+        t = {"x": f"*{dt}", "out": f"*{dt}", "bias": f"*{dt}"}
+        c = S.compile_sm90(P.mm_int_kernel, dict(pk, BITS=bits, HAS_ZERO=zero, GSHIFT=gs, BM=32, BN=64, BK=64,
+                                                 SPLIT=2, GROUP_M=8, X_F32=dt == "fp32", UPCAST_DOT=False,
+                                                 SCALE_W=sw, HAS_PERM=perm), t, num_warps=4, num_stages=3)
+        if dt != "fp32":
+            assert "mma" in c.asm["ptx"], (bits, dt)
+        n += 1
+
+    # machine code of the shipped configs (Int4 group 128, fp16): 16-byte weight
+    # loads, no byte loads, no spills, and a bounded instruction count per weight
+    new = dict(HAS_PERM=False, HAS_BIAS=False, SOFT_BF16=False)
+    for m, limit in ((1, 4.5), (4, 11.0)):
+        c = _GEMV_PACKED[m]
+        k = S.compile_sm90(P.gemv_int_kernel, dict(new, BITS=4, HAS_ZERO=True, GSHIFT=7, BM=m, BN=c.BN, BK=c.BK,
+                                                   SPLIT=1, X16=1), num_warps=c.num_warps, num_stages=c.num_stages)
+        st = S.stats(f"gemv M={m}", k, 2 * c.BN * c.BK / (32 * c.num_warps))  # two K tiles per iteration
+        assert st.loop_mem.get("LDG.E.128", 0) >= 2 * c.BN // c.num_warps, st
+        assert not any(op.startswith(("LDG.E.U8", "LDL", "STL")) for op in st.loop_mem), st
+        assert st.local == 0 and st.per_weight <= limit, st
+        n += 1
+    for m, limit in ((16, 6.5), (64, 7.0)):
+        c = _SPLITK_PACKED[m]
+        k = S.compile_sm90(P.mm_int_kernel, dict(new, BITS=4, HAS_ZERO=True, GSHIFT=7, BM=c.BM, BN=c.BN, BK=c.BK,
+                                                 SPLIT=4, GROUP_M=8, X_F32=False, UPCAST_DOT=False,
+                                                 SCALE_W=c.BM > 16), num_warps=c.num_warps, num_stages=c.num_stages)
+        st = S.stats(f"split-K M={m}", k, c.BN * c.BK / (32 * c.num_warps))
+        wide = st.loop_mem.get("LDGSTS.E.BYPASS.128", 0) + st.loop_mem.get("LDG.E.128", 0)
+        assert wide >= 1 and "LDG.E.U8" not in st.loop_mem, st
+        assert st.local == 0 and st.per_weight <= limit, st
+        n += 1
+    print("compiled", n)
     """
 )
 
@@ -94,4 +142,4 @@ def test_kernels_compile_for_sm90():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's default-change warning
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stdout.strip() == "compiled 20"
+    assert r.stdout.strip() == "compiled 32"

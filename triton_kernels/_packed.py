@@ -1,0 +1,475 @@
+"""Word-wise GEMV for Int4 / Int8 weights (draft v2)."""
+import triton
+import triton.language as tl
+
+from ._tiles import cast_to
+
+
+@triton.jit
+def _code(w, P: tl.constexpr, BITS: tl.constexpr, OPQ):
+    # code at bit P of w, as the fp32 (MAGIC + q)
+    if BITS == 4:
+        if P <= 19:
+            t = w << (19 - P)
+        else:
+            t = w >> (P - 19)
+        return ((t & (0x780000 + OPQ)) | 0x41800000).to(tl.float32, bitcast=True)
+    else:
+        if P <= 15:
+            t = w << (15 - P)
+        else:
+            t = w >> (P - 15)
+        return ((t & (0x7F8000 + OPQ)) | 0x43800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split4(w3, BN: tl.constexpr, CH: tl.constexpr):
+    a, b = tl.split(tl.reshape(w3, (BN, CH, 2, 2)))
+    w0, w2 = tl.split(a)
+    w1, w3_ = tl.split(b)
+    return w0, w1, w2, w3_
+
+
+@triton.jit
+def _xs(xr, kk, off: tl.constexpr, K, perm, MASKED: tl.constexpr, HAS_PERM: tl.constexpr):
+    # fp32 x[row, stored column kk + off]; xr = x row pointer
+    if HAS_PERM:
+        if MASKED:
+            col = tl.load(perm + kk + off, mask=kk + off < K, other=0)
+            v = tl.load(xr + col, mask=kk + off < K, other=0.0)
+        else:
+            v = tl.load(xr + tl.load(perm + kk + off))
+    else:
+        if MASKED:
+            v = tl.load(xr + kk + off, mask=kk + off < K, other=0.0)
+        else:
+            v = tl.load(xr + kk + off)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _h2f(v, X16: tl.constexpr):
+    # low 16 bits of v (an fp16 or bf16 pattern) -> fp32
+    if X16 == 2:
+        return (v.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _x4(xr, kk, off: tl.constexpr, K, perm, X16: tl.constexpr, MASKED: tl.constexpr, HAS_PERM: tl.constexpr):
+    # fp32 x at stored columns kk + off + 0..3, as four [CH] vectors
+    if X16 != 0 and not MASKED and not HAS_PERM:
+        # fp16/bf16 x, 8-byte aligned rows: one 8-byte load per chunk, unpacked in registers
+        v = tl.load((xr + kk + off).to(tl.pointer_type(tl.int64)))
+        return (_h2f(v, X16), _h2f(v >> 16, X16), _h2f(v >> 32, X16), _h2f(v >> 48, X16))
+    else:
+        return (_xs(xr, kk, off, K, perm, MASKED, HAS_PERM), _xs(xr, kk, off + 1, K, perm, MASKED, HAS_PERM),
+                _xs(xr, kk, off + 2, K, perm, MASKED, HAS_PERM), _xs(xr, kk, off + 3, K, perm, MASKED, HAS_PERM))
+
+
+@triton.jit
+def _word_dot(p, sx, w, xr, kk, WOFF: tl.constexpr, K, perm, OPQ, X16: tl.constexpr, BITS: tl.constexpr,
+              MASKED: tl.constexpr, HAS_PERM: tl.constexpr):
+    # p += sum over the codes of word w (word WOFF of its chunk) of (MAGIC + q) * x; sx += sum x
+    if BITS == 4:
+        for h in tl.static_range(2):
+            x0, x1, x2, x3 = _x4(xr, kk, 4 * WOFF + 16 * h, K, perm, X16, MASKED, HAS_PERM)
+            p += _code(w, 4 * h, 4, OPQ) * x0[None, :]
+            p += _code(w, 8 + 4 * h, 4, OPQ) * x1[None, :]
+            p += _code(w, 16 + 4 * h, 4, OPQ) * x2[None, :]
+            p += _code(w, 24 + 4 * h, 4, OPQ) * x3[None, :]
+            sx += (x0 + x1) + (x2 + x3)
+    else:
+        x0, x1, x2, x3 = _x4(xr, kk, 4 * WOFF, K, perm, X16, MASKED, HAS_PERM)
+        p += _code(w, 0, 8, OPQ) * x0[None, :]
+        p += _code(w, 8, 8, OPQ) * x1[None, :]
+        p += _code(w, 16, 8, OPQ) * x2[None, :]
+        p += _code(w, 24, 8, OPQ) * x3[None, :]
+        sx += (x0 + x1) + (x2 + x3)
+    return p, sx
+
+
+@triton.jit
+def _chunk_dot(wa, wb, xr, kk, K, perm, OPQ, BN: tl.constexpr, CH: tl.constexpr, X16: tl.constexpr, BITS: tl.constexpr,
+               MASKED: tl.constexpr, HAS_PERM: tl.constexpr):
+    """Per (row, chunk): sum over the chunk's 32 codes of (MAGIC + q) * x, and per chunk the sum of x."""
+    w0, w1, w2, w3 = _split4(wa, BN, CH)
+    p = tl.zeros((BN, CH), dtype=tl.float32)
+    sx = tl.zeros((CH,), dtype=tl.float32)
+    p, sx = _word_dot(p, sx, w0, xr, kk, 0, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
+    p, sx = _word_dot(p, sx, w1, xr, kk, 1, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
+    p, sx = _word_dot(p, sx, w2, xr, kk, 2, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
+    p, sx = _word_dot(p, sx, w3, xr, kk, 3, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
+    if BITS == 8:
+        w4, w5, w6, w7 = _split4(wb, BN, CH)
+        p, sx = _word_dot(p, sx, w4, xr, kk, 4, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
+        p, sx = _word_dot(p, sx, w5, xr, kk, 5, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
+        p, sx = _word_dot(p, sx, w6, xr, kk, 6, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
+        p, sx = _word_dot(p, sx, w7, xr, kk, 7, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
+    return p, sx
+
+
+@triton.jit
+def _scaled(acc, accx, p, sx, s, z, GSHIFT: tl.constexpr):
+    if GSHIFT == 0:
+        # per channel: scale and zero are applied once after the loop
+        return acc + p, accx + sx[None, :]
+    else:
+        return acc + s * (p - z * sx[None, :]), accx
+
+
+@triton.jit
+def _load_words(wp, cw, cm, BITS: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        wa = tl.load(wp + cw, mask=cm, other=0)
+        if BITS == 8:
+            wb = tl.load(wp + cw + 4, mask=cm, other=0)
+        else:
+            wb = wa
+    else:
+        wa = tl.load(wp + cw)
+        if BITS == 8:
+            wb = tl.load(wp + cw + 4)
+        else:
+            wb = wa
+    return wa, wb
+
+
+@triton.jit
+def _tile_scales(sc, zr, rows_c, ng, kk, BN: tl.constexpr, CH: tl.constexpr, BITS: tl.constexpr,
+                 HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr):
+    """fp32 scale and MAGIC + zero of every (row, chunk) of a K tile (chunks never
+    straddle groups); per channel (GSHIFT 0) unused placeholders."""
+    MAGIC: tl.constexpr = 16.0 if BITS == 4 else 256.0
+    if GSHIFT == 0:
+        s = tl.zeros((1, 1), dtype=tl.float32)
+        z = s
+    else:
+        # chunks past K (ragged tail, or a tile that is not loaded) read the row's
+        # last group: in bounds, and multiplied by x = 0
+        gi = rows_c[:, None] * ng + tl.minimum(kk >> GSHIFT, ng - 1)[None, :]
+        s = tl.load(sc + gi).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(zr + gi).to(tl.float32) + MAGIC
+        else:
+            z = tl.full((BN, CH), MAGIC + (1 << (BITS - 1)), tl.float32)
+    return s, z
+
+
+@triton.jit
+def _step(acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, wa, wb, s, z, x0, x1, x2, x3, perm, k0, K,
+          ch, OPQ, BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, X16: tl.constexpr, BITS: tl.constexpr,
+          GSHIFT: tl.constexpr, MASKED: tl.constexpr, HAS_PERM: tl.constexpr):
+    """One K tile: the decoded weights (shared by every activation row) times up to 4 rows of x."""
+    kk = k0 + ch * 32
+    p, sx = _chunk_dot(wa, wb, x0, kk, K, perm, OPQ, BN, CH, X16, BITS, MASKED, HAS_PERM)
+    acc0, ax0 = _scaled(acc0, ax0, p, sx, s, z, GSHIFT)
+    if BM > 1:
+        p, sx = _chunk_dot(wa, wb, x1, kk, K, perm, OPQ, BN, CH, X16, BITS, MASKED, HAS_PERM)
+        acc1, ax1 = _scaled(acc1, ax1, p, sx, s, z, GSHIFT)
+    if BM > 2:
+        p, sx = _chunk_dot(wa, wb, x2, kk, K, perm, OPQ, BN, CH, X16, BITS, MASKED, HAS_PERM)
+        acc2, ax2 = _scaled(acc2, ax2, p, sx, s, z, GSHIFT)
+        p, sx = _chunk_dot(wa, wb, x3, kk, K, perm, OPQ, BN, CH, X16, BITS, MASKED, HAS_PERM)
+        acc3, ax3 = _scaled(acc3, ax3, p, sx, s, z, GSHIFT)
+    return acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3
+
+
+@triton.jit
+def _finish(acc, accx, m0, m: tl.constexpr, out, ws, bias, sc, zr, rows, rows_c, ng, M, N, pid_s, BITS: tl.constexpr,
+            HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+            SOFT_BF16: tl.constexpr):
+    MAGIC: tl.constexpr = 16.0 if BITS == 4 else 256.0
+    y = tl.sum(acc, axis=1)
+    if GSHIFT == 0:
+        s = tl.load(sc + rows_c * ng).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(zr + rows_c * ng).to(tl.float32) + MAGIC
+        else:
+            z = MAGIC + (1 << (BITS - 1))
+        y = s * (y - z * tl.sum(tl.sum(accx, axis=1), axis=0))
+    row = m0 + m
+    ok = (rows < N) & (rows * 0 + row < M)
+    if SPLIT == 1:
+        if HAS_BIAS:
+            y = y + tl.load(bias + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(out + row.to(tl.int64) * N + rows, cast_to(y, out.dtype.element_ty, SOFT_BF16), mask=ok)
+    else:
+        tl.store(ws + (pid_s * M + row).to(tl.int64) * N + rows, y, mask=ok)
+
+
+@triton.jit
+def gemv_int_kernel(
+    x, out, ws, bias, perm, qw, sc, zr, M, N, K, k_per_split, row_bytes, ng,
+    BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr, HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+    X16: tl.constexpr, SOFT_BF16: tl.constexpr,
+):
+    WPC: tl.constexpr = BITS  # int32 words per 32-code chunk
+    CH: tl.constexpr = BK // 32
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    # A value the compiler cannot fold: keeps the decode masks as LOP3 operands instead of
+    # constants rematerialised before every use (one extra instruction per weight otherwise).
+    OPQ = tl.minimum(K, 0)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rows_c = tl.minimum(rows, N - 1)
+    row_words = row_bytes // 4
+    ch = tl.arange(0, CH)
+    cw = ch[None, :, None] * WPC + tl.arange(0, 4)[None, None, :]
+    wrow = qw.to(tl.pointer_type(tl.int32)) + rows_c.to(tl.int64)[:, None, None] * row_words
+    # activation rows m0 .. m0 + BM - 1; rows past M re-read row M - 1 (in bounds)
+    # and are not stored
+    m0 = tl.program_id(2) * BM
+    x0 = x + m0.to(tl.int64) * K
+    x1 = x + tl.minimum(m0 + 1, M - 1).to(tl.int64) * K
+    x2 = x + tl.minimum(m0 + 2, M - 1).to(tl.int64) * K
+    x3 = x + tl.minimum(m0 + 3, M - 1).to(tl.int64) * K
+    acc0 = tl.zeros((BN, CH), dtype=tl.float32)
+    acc1 = tl.zeros((BN, CH), dtype=tl.float32)
+    acc2 = tl.zeros((BN, CH), dtype=tl.float32)
+    acc3 = tl.zeros((BN, CH), dtype=tl.float32)
+    ax0 = tl.zeros((1, CH), dtype=tl.float32)
+    ax1 = tl.zeros((1, CH), dtype=tl.float32)
+    ax2 = tl.zeros((1, CH), dtype=tl.float32)
+    ax3 = tl.zeros((1, CH), dtype=tl.float32)
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_full = k_lo + (k_hi - k_lo) // BK * BK
+    k_pairs = k_lo + (k_full - k_lo) // (2 * BK) * (2 * BK)
+    k_last = tl.maximum(k_full - BK, k_lo)
+    # Full tiles, unmasked, two per iteration (tiles A and B): each tile's words and
+    # scales are loaded one tile of work ahead of their use, so two tiles of weights
+    # are in flight per thread and no iteration waits on a DRAM round trip. Unrolled
+    # by two so that the loads land in their final registers (a one-tile loop would
+    # copy every prefetched register at the back edge).
+    wa, wb = _load_words(wrow + (k_lo // 32) * WPC, cw, (ch * 0 + k_lo < k_full)[None, :, None], BITS, True)
+    s, z = _tile_scales(sc, zr, rows_c, ng, k_lo + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT)
+    for k0 in range(k_lo, k_pairs, 2 * BK):
+        ua, ub = _load_words(wrow + ((k0 + BK) // 32) * WPC, cw, True, BITS, False)
+        t, u = _tile_scales(sc, zr, rows_c, ng, k0 + BK + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT)
+        acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3 = _step(
+            acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, wa, wb, s, z, x0, x1, x2, x3, perm, k0, K,
+            ch, OPQ, BM, BN, CH, X16, BITS, GSHIFT, False, HAS_PERM)
+        k_next = tl.minimum(k0 + 2 * BK, k_last)
+        wa, wb = _load_words(wrow + (k_next // 32) * WPC, cw, True, BITS, False)
+        s, z = _tile_scales(sc, zr, rows_c, ng, k_next + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT)
+        acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3 = _step(
+            acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, ua, ub, t, u, x0, x1, x2, x3, perm, k0 + BK, K,
+            ch, OPQ, BM, BN, CH, X16, BITS, GSHIFT, False, HAS_PERM)
+    if k_pairs < k_full:
+        # an odd number of full tiles: the last one is already loaded
+        acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3 = _step(
+            acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, wa, wb, s, z, x0, x1, x2, x3, perm, k_pairs, K,
+            ch, OPQ, BM, BN, CH, X16, BITS, GSHIFT, False, HAS_PERM)
+    if k_full < k_hi:
+        # ragged last tile: chunks past K are not loaded, columns past K read x = 0
+        wa, wb = _load_words(wrow + (k_full // 32) * WPC, cw, (k_full + ch * 32 < K)[None, :, None], BITS, True)
+        s, z = _tile_scales(sc, zr, rows_c, ng, k_full + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT)
+        acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3 = _step(
+            acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, wa, wb, s, z, x0, x1, x2, x3, perm, k_full,
+            K, ch, OPQ, BM, BN, CH, X16, BITS, GSHIFT, True, HAS_PERM)
+    _finish(acc0, ax0, m0, 0, out, ws, bias, sc, zr, rows, rows_c, ng, M, N, pid_s, BITS, HAS_ZERO, GSHIFT, HAS_BIAS,
+            SPLIT, SOFT_BF16)
+    if BM > 1:
+        _finish(acc1, ax1, m0, 1, out, ws, bias, sc, zr, rows, rows_c, ng, M, N, pid_s, BITS, HAS_ZERO, GSHIFT,
+                HAS_BIAS, SPLIT, SOFT_BF16)
+    if BM > 2:
+        _finish(acc2, ax2, m0, 2, out, ws, bias, sc, zr, rows, rows_c, ng, M, N, pid_s, BITS, HAS_ZERO, GSHIFT,
+                HAS_BIAS, SPLIT, SOFT_BF16)
+        _finish(acc3, ax3, m0, 3, out, ws, bias, sc, zr, rows, rows_c, ng, M, N, pid_s, BITS, HAS_ZERO, GSHIFT,
+                HAS_BIAS, SPLIT, SOFT_BF16)
+
+
+# --- tensor-core path (split-K / GEMM) -------------------------------------------
+@triton.jit
+def _q16(w, P: tl.constexpr, MASK: tl.constexpr, DT: tl.constexpr, ZC: tl.constexpr, OPQ):
+    # the code q at bit P of w, minus the constant ZC, as an exact integer in DT
+    q = (w >> P) & MASK
+    if DT == tl.float16:
+        # 0x6400 | q is the fp16 1024 + q (q < 1024): one subtraction (two codes per
+        # HADD2), no int -> float conversion. (OPQ, an opaque 0, keeps the byte
+        # extraction of 8-bit codes as one PRMT; for nibbles it would cost more.)
+        if MASK == 255:
+            q = q | (0x6400 + OPQ)
+        else:
+            q = q | 0x6400
+        return q.to(tl.int16).to(tl.float16, bitcast=True) - (1024.0 + ZC)
+    elif DT == tl.bfloat16 and MASK == 15:
+        return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - (128.0 + ZC)
+    else:
+        return (q - ZC).to(tl.float32).to(DT)
+
+
+@triton.jit
+def _join4(a, b, c, d):
+    # [..., 4] = (a, b, c, d): join appends the new axis last, so the inner joins pair
+    # (a, c) and (b, d) and the outer one interleaves them
+    return tl.join(tl.join(a, c), tl.join(b, d))
+
+
+@triton.jit
+def _codes_tile(w, BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ZC: tl.constexpr, OPQ):
+    """Words [BN, BK * BITS / 32] -> codes - ZC [BN, BK] in stored column order, exact in DT."""
+    if BITS == 4:
+        # byte b of word wl of a chunk holds codes 4 wl + b (low nibble) and 16 + 4 wl + b (high)
+        lo = _join4(_q16(w, 0, 15, DT, ZC, OPQ), _q16(w, 8, 15, DT, ZC, OPQ), _q16(w, 16, 15, DT, ZC, OPQ), _q16(w, 24, 15, DT, ZC, OPQ))
+        hi = _join4(_q16(w, 4, 15, DT, ZC, OPQ), _q16(w, 12, 15, DT, ZC, OPQ), _q16(w, 20, 15, DT, ZC, OPQ), _q16(w, 28, 15, DT, ZC, OPQ))
+        q = tl.join(lo, hi)  # [BN, BKW, 4 (b), 2 (hi)]  (join appends the new axis last)
+        q = tl.reshape(q, (BN, BK // 32, 4, 4, 2))  # chunk, wl, b, hi
+        q = tl.permute(q, (0, 1, 4, 2, 3))  # chunk, hi, wl, b
+    else:
+        q = _join4(_q16(w, 0, 255, DT, ZC, OPQ), _q16(w, 8, 255, DT, ZC, OPQ), _q16(w, 16, 255, DT, ZC, OPQ), _q16(w, 24, 255, DT, ZC, OPQ))
+    return tl.reshape(q, (BN, BK))
+
+
+@triton.jit
+def _mm_scales(sc, zr, rows_c, ng, k0, BN: tl.constexpr, HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr):
+    """fp32 scale and zero of every row for the K tile at k0 (one group per tile);
+    per channel (GSHIFT 0) unused placeholders."""
+    if GSHIFT == 0:
+        s = tl.zeros((BN,), dtype=tl.float32)
+        z = s
+    else:
+        # a tile past the end (prefetch after the last one) reads the last group
+        gi = rows_c * ng + tl.minimum(k0 >> GSHIFT, ng - 1)
+        s = tl.load(sc + gi).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(zr + gi).to(tl.float32)
+        else:
+            z = tl.zeros((BN,), dtype=tl.float32)
+    return s, z
+
+
+@triton.jit
+def _mm_step(acc, accx, s, z, wp, xr, perm, k0, K, row_words, BN: tl.constexpr, BK: tl.constexpr,
+             BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr, HAS_PERM: tl.constexpr,
+             X_F32: tl.constexpr, UPCAST_DOT: tl.constexpr, MASKED: tl.constexpr, DT: tl.constexpr,
+             SCALE_W: tl.constexpr):
+    """One K tile; ``s``, ``z``: its per-row scales and zeros (``_mm_scales``)."""
+    BKW: tl.constexpr = BK * BITS // 32
+    kw = (k0 // 32) * BITS + tl.arange(0, BKW)
+    kk = k0 + tl.arange(0, BK)
+    if MASKED:
+        w = tl.load(wp + kw[None, :], mask=(kw < row_words)[None, :], other=0)
+    else:
+        w = tl.load(wp + kw[None, :])
+    # symmetric weights: the implicit zero point is subtracted from the codes (exact),
+    # so no sum of x is needed.
+    # (the CPU interpreter's bf16 arithmetic is unreliable: there the codes are
+    # decoded in fp32, and rounded to bf16 as the GPU would)
+    if UPCAST_DOT:
+        DQ: tl.constexpr = tl.float32
+    else:
+        DQ: tl.constexpr = DT
+    if HAS_ZERO:
+        q = _codes_tile(w, BN, BK, BITS, DQ, 0, tl.minimum(K, 0))
+    else:
+        q = _codes_tile(w, BN, BK, BITS, DQ, 1 << (BITS - 1), tl.minimum(K, 0))
+    if SCALE_W:
+        # more rows: scale the decoded tile (BN * BK multiply-adds) instead of the
+        # BM * BN product after every dot; s * (q - z) rounded once to DT
+        zs = -z * s
+        if UPCAST_DOT:
+            s16 = cast_to(s, DT, True).to(tl.float32)
+            zs = cast_to(zs, DT, True).to(tl.float32)
+            q = cast_to(q * s16[:, None] + zs[:, None], DT, True).to(tl.float32)
+        else:
+            q = q * s.to(DT)[:, None] + zs.to(DT)[:, None]
+    if HAS_PERM:
+        if MASKED:
+            col = tl.load(perm + kk, mask=kk < K, other=0)
+        else:
+            col = tl.load(perm + kk)
+    else:
+        col = kk
+    if MASKED:
+        xt = tl.load(xr + col[None, :], mask=(kk < K)[None, :], other=0.0)
+    else:
+        xt = tl.load(xr + col[None, :])
+    if X_F32:
+        d = tl.dot(xt, tl.trans(q), input_precision="ieee")
+    elif UPCAST_DOT:
+        # Triton's CPU interpreter multiplies bf16 operands as raw bits: the same
+        # values in fp32 give the GPU's result up to the summation order
+        d = tl.dot(xt.to(tl.float32), tl.trans(q), input_precision="ieee")
+    else:
+        d = tl.dot(xt, tl.trans(q))
+    if SCALE_W:
+        return acc + d, accx
+    if HAS_ZERO:
+        sx = tl.sum(xt.to(tl.float32), axis=1)
+    if GSHIFT == 0:
+        if HAS_ZERO:
+            accx += sx[:, None]
+        return acc + d, accx
+    elif HAS_ZERO:
+        return acc + s[None, :] * (d - z[None, :] * sx[:, None]), accx
+    else:
+        return acc + s[None, :] * d, accx
+
+
+@triton.jit
+def mm_int_kernel(
+    x, out, ws, bias, perm, qw, sc, zr, M, N, K, k_per_split, row_bytes, ng,
+    BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr, HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+    GROUP_M: tl.constexpr, X_F32: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFT_BF16: tl.constexpr,
+    SCALE_W: tl.constexpr,
+):
+    """``y = x @ W_hat.T`` for Int4/Int8 on tensor cores: each K tile is one dot of x with
+    the exact integer codes, scaled per row afterwards: y += s * (x . q - z * sum(x))."""
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    grid_m = tl.cdiv(M, BM)
+    grid_n = tl.cdiv(N, BN)
+    width = GROUP_M * grid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    if X_F32:
+        DT: tl.constexpr = tl.float32
+    else:
+        DT: tl.constexpr = x.dtype.element_ty
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rows_c = tl.minimum(offs_n, N - 1)
+    # rows past M / N read row M - 1 / N - 1 (in bounds, never stored): no load masks
+    xr = x + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * K
+    row_words = row_bytes // 4
+    wp = qw.to(tl.pointer_type(tl.int32)) + rows_c.to(tl.int64)[:, None] * row_words
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    accx = tl.zeros((BM, 1), dtype=tl.float32)
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_full = k_lo + (k_hi - k_lo) // BK * BK
+    # the scales of the next tile are loaded at the start of each iteration (Triton's
+    # pipeliner streams the words and x through shared memory, but not these 2-byte loads)
+    s, z = _mm_scales(sc, zr, rows_c, ng, k_lo, BN, HAS_ZERO, GSHIFT)
+    for k0 in range(k_lo, k_full, BK):
+        ns, nz = _mm_scales(sc, zr, rows_c, ng, k0 + BK, BN, HAS_ZERO, GSHIFT)
+        acc, accx = _mm_step(acc, accx, s, z, wp, xr, perm, k0, K, row_words, BN, BK, BITS, HAS_ZERO,
+                             GSHIFT, HAS_PERM, X_F32, UPCAST_DOT, False, DT, SCALE_W)
+        s = ns
+        z = nz
+    if k_full < k_hi:
+        acc, accx = _mm_step(acc, accx, s, z, wp, xr, perm, k_full, K, row_words, BN, BK, BITS,
+                             HAS_ZERO, GSHIFT, HAS_PERM, X_F32, UPCAST_DOT, True, DT, SCALE_W)
+    if GSHIFT == 0:
+        s = tl.load(sc + rows_c * ng).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(zr + rows_c * ng).to(tl.float32)
+            acc = acc - z[None, :] * accx
+        acc = s[None, :] * acc
+    mm = offs_m[:, None].to(tl.int64)
+    nn = offs_n[None, :]
+    mask = (mm < M) & (nn < N)
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc = acc + tl.load(bias + nn, mask=nn < N, other=0.0).to(tl.float32)
+        tl.store(out + mm * N + nn, cast_to(acc, out.dtype.element_ty, SOFT_BF16), mask=mask)
+    else:
+        tl.store(ws + (pid_s * M + mm) * N + nn, acc, mask=mask)
