@@ -13,6 +13,7 @@ namespace pyquant {
 void register_int_cpu(py::module_& m);
 void register_nf4_cpu(py::module_& m);
 void register_gguf_cpu(py::module_& m);
+void register_gptq_cpu(py::module_& m);
 #ifdef PYQUANT_WITH_CUDA
 void register_cuda(py::module_& m);
 #endif
@@ -43,4 +44,5 @@ PYBIND11_MODULE(_C, m) {
   pyquant::register_int_cpu(m);
   pyquant::register_nf4_cpu(m);
   pyquant::register_gguf_cpu(m);
+  pyquant::register_gptq_cpu(m);
 }
