@@ -57,7 +57,7 @@ VARIANTS = {
     "awq": (dict(method="awq"), "mix", None),
     "hqq": (dict(method="hqq"), None, None),
 }
-DEFAULT_VARIANTS = ["rtn", "gptq-textbook", "gptq-damp0.1", "gptq", "gptq-actorder", "awq", "hqq"]
+DEFAULT_VARIANTS = ["rtn", "gptq-textbook", "gptq", "awq", "hqq"]
 
 
 def load_model():
@@ -66,6 +66,7 @@ def load_model():
         from pyquant.integrations.transformers import load_gguf_llama
 
         model, tok = load_gguf_llama(path)
+        model = model.float()
         loader = "pyquant.integrations.transformers.load_gguf_llama"
     except ImportError:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,8 +75,7 @@ def load_model():
         tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
         loader = "transformers (gguf_file=...)"
-    model = model.float().eval()
-    return model, tok, loader
+    return model.eval(), tok, loader
 
 
 def token_ids(tok, text):
@@ -108,8 +108,9 @@ def main(argv=None):
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     p.add_argument("--groups", type=int, nargs="+", default=[64, 128])
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
-    p.add_argument("--calib", type=int, default=128, help="calibration sequences for the 'mix' variants")
-    p.add_argument("--eval", type=int, default=12, help="evaluation sequences per set")
+    p.add_argument("--calib", type=int, default=32, help="calibration sequences for the 'mix' variants")
+    p.add_argument("--eval", type=int, default=8, help="evaluation sequences per set")
+    p.add_argument("--skip-float", action="store_true", help="do not evaluate the float model")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--json", default=None)
@@ -130,7 +131,7 @@ def main(argv=None):
     def evaluate(m):
         return perplexity(m, ev_in), perplexity(m, ev_out)
 
-    f_in, f_out = evaluate(model)
+    f_in, f_out = evaluate(model) if not args.skip_float else (float("nan"), float("nan"))
     rows.append(dict(variant="float", bits=None, group=None, ppl_in=f_in, ppl_out=f_out, minutes=0.0, calib="-"))
     print(f"float: {f_in:.3f} / {f_out:.3f}", flush=True)
     rtn = {}

@@ -58,6 +58,7 @@ class QuantConfig:
     awq_clip_grid: int = 20
     awq_clip_max_shrink: float = 0.5
     awq_clip_qk: bool = False  # AWQ does not clip q/k (their error acts through softmax)
+    awq_max_rows: Optional[int] = 256  # output rows the scale search measures its loss on (None: all)
     # --- HQQ and anything method-specific -----------------------------------
     method_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
     # --- calibration pass ---------------------------------------------------

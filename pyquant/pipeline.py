@@ -599,7 +599,8 @@ def _awq_block(block, prefix, groups, producers, linears, selected, inps, kws, c
         t0 = time.perf_counter()
         fold, tie, n_cls = _awq_fold_target(block, g, producers.get(g[0]), linears)
         res = A.awq_search_scale([linears[n].weight for n in sel], gram, acc.abs_mean(), fmt,
-                                 grid=cfg.awq_grid, duo_scaling=cfg.awq_duo_scaling, tie=tie)
+                                 grid=cfg.awq_grid, duo_scaling=cfg.awq_duo_scaling, tie=tie,
+                                 max_rows=cfg.awq_max_rows)
         s = res.scale
         if res.ratio == 0.0:
             note = "scale search kept s=1"

@@ -99,13 +99,24 @@ def awq_search_scale(
     grid: int = 20,
     duo_scaling="both",
     tie: Optional[torch.Tensor] = None,
+    max_rows: Optional[int] = None,
 ) -> AWQScale:
     """Best input-channel scale for the layers ``weights`` (each (N_i, K)) that
-    read inputs with Gram matrix ``gram`` (K, K) and ``mean|x|`` ``x_mean``."""
+    read inputs with Gram matrix ``gram`` (K, K) and ``mean|x|`` ``x_mean``.
+
+    ``max_rows``: estimate the loss on that many evenly strided output rows
+    (``loss``/``loss_rtn`` are then the estimate, not the full sum)."""
     ws = [w.detach().float() for w in weights]
     gram = gram.float()
     x_mean = _tie(x_mean.float(), tie)
     w_mean = _tie(weight_mean(ws, fmt), tie)
+    total_rows = sum(w.shape[0] for w in ws)
+    if max_rows and total_rows > max_rows:
+        # The loss is a sum over output rows: an evenly strided subset of
+        # rows estimates it at a fraction of the N x K x K cost per grid point.
+        w_all = torch.cat(ws, 0)
+        idx = torch.linspace(0, total_rows - 1, max_rows, device=w_all.device).round().long()
+        ws = [w_all[idx]]
     variants = [False, True] if duo_scaling == "both" else [bool(duo_scaling)]
 
     def loss_for(s):

@@ -142,7 +142,7 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float):
         if int(info) == 0:
             R = L.flip(0, 1)
             eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
-            U = torch.linalg.solve_triangular(R, eye, upper=True)
+            U = torch.linalg.solve_triangular(R, eye, upper=True).contiguous()
             if bool(torch.isfinite(U).all()):
                 return U, d, attempt
         d *= 10.0
