@@ -82,10 +82,8 @@ def token_ids(tok, text):
     return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def build_sets(tok, n_calib, n_eval, seq_len):
-    pydoc = token_ids(tok, pydoc_text())
-    lic = token_ids(tok, license_corpus_text())
-    generic = token_ids(tok, package_docs_text())
+def build_sets(ids, n_calib, n_eval, seq_len):
+    pydoc, lic, generic = ids["pydoc"], ids["licenses"], ids["generic"]
     if (n_calib + n_eval) * seq_len > pydoc.numel():
         raise SystemExit(f"pydoc has {pydoc.numel()} tokens: calibration and evaluation would overlap")
     ev_in = pydoc[-n_eval * seq_len :].view(n_eval, seq_len)
@@ -112,8 +110,11 @@ def main(argv=None):
     p.add_argument("--eval", type=int, default=8, help="evaluation sequences per set")
     p.add_argument("--skip-float", action="store_true", help="do not evaluate the float model")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="torch threads (on a loaded machine 1 is faster: no OpenMP spin-waits)")
     p.add_argument("--json", default=None)
+    p.add_argument("--cache", default=None,
+                   help="file to keep the float weights and token sets in (speeds up repeated runs)")
     p.add_argument("--list", action="store_true")
     args = p.parse_args(argv)
     if args.list:
@@ -122,8 +123,21 @@ def main(argv=None):
         return
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok, loader = load_model()
-    ev_in, ev_out, calib, sizes = build_sets(tok, max(args.calib, 32), args.eval, args.seq_len)
+    if args.cache and os.path.exists(args.cache):
+        c = torch.load(args.cache, weights_only=False)
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(c["config"])
+        model.load_state_dict(c["state"])
+        model = model.float().eval()
+        loader, ids = c["loader"] + " (cached)", c["ids"]
+    else:
+        model, tok, loader = load_model()
+        ids = {name: token_ids(tok, fn()) for name, fn in
+               (("pydoc", pydoc_text), ("licenses", license_corpus_text), ("generic", package_docs_text))}
+        if args.cache:
+            torch.save(dict(config=model.config, state=model.state_dict(), loader=loader, ids=ids), args.cache)
+    ev_in, ev_out, calib, sizes = build_sets(ids, max(args.calib, 32), args.eval, args.seq_len)
     print(f"# SmolLM2-135M quantization quality ({platform.machine()}, {torch.get_num_threads()} threads)", flush=True)
     print(f"loader: {loader}; load + tokenize {time.perf_counter() - t0:.0f} s; corpora tokens: {sizes}", flush=True)
     rows = []

@@ -78,7 +78,8 @@ def group_error(wg: torch.Tensor, dq: torch.Tensor, weight: Optional[torch.Tenso
         return d.abs().pow(norm).sum(-1) if norm != 2 else (d * d).sum(-1)
     if weight.dim() == 2:
         return (d * d * weight).sum(-1)
-    return torch.einsum("ngi,gij,ngj->ng", d, weight, d)
+    dt = d.transpose(0, 1)  # (G, N, g): one batched GEMM over the groups
+    return (torch.bmm(dt, weight) * dt).sum(-1).transpose(0, 1)
 
 
 def search_shrink(
