@@ -118,6 +118,36 @@ def gptq_block_update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_
 
 
 # --- the inverse Hessian -----------------------------------------------------
+def _all_finite(t: torch.Tensor) -> bool:
+    # One reduction instead of isfinite + all; a sum that overflows although
+    # every element is finite is then confirmed element-wise.
+    if math.isfinite(float(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def triu_inverse(R: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """Inverse of an upper-triangular matrix, blocked:
+    ``inv([[A, B], [0, D]]) = [[A^-1, -A^-1 B D^-1], [0, D^-1]]``.
+
+    n^3/3 multiply-adds, nearly all in GEMMs; ``solve_triangular`` against the
+    identity does n^3 (it does not know the right-hand side is triangular) and
+    was 5x slower at n = 2048 on the CPU.
+    """
+    n = R.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=R.dtype, device=R.device)
+        return torch.linalg.solve_triangular(R, eye, upper=True)
+    h = n // 2
+    a_inv = triu_inverse(R[:h, :h], leaf)
+    d_inv = triu_inverse(R[h:, h:], leaf)
+    out = torch.zeros_like(R)
+    out[:h, :h] = a_inv
+    out[h:, h:] = d_inv
+    out[:h, h:] = -(a_inv @ R[:h, h:]) @ d_inv
+    return out
+
+
 def inverse_hessian_factor(H: torch.Tensor, damp: float):
     """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``.
 
@@ -140,10 +170,8 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float):
         # (3-4x faster on the CPU, and no explicit inverse is re-factored).
         L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
         if int(info) == 0:
-            R = L.flip(0, 1)
-            eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
-            U = torch.linalg.solve_triangular(R, eye, upper=True).contiguous()
-            if bool(torch.isfinite(U).all()):
+            U = triu_inverse(L.flip(0, 1).contiguous())
+            if _all_finite(U):
                 return U, d, attempt
         d *= 10.0
     raise ValueRangeError(f"GPTQ: Cholesky factorisation of the Hessian failed even with damp={d / 10:g}")
@@ -199,9 +227,9 @@ def gptq_quantize(
     n, k = W.shape
     W = W.detach().to(torch.float32).clone()
     H = H.detach().to(device=W.device, dtype=torch.float32).clone()
-    if not bool(torch.isfinite(W).all()):
+    if not _all_finite(W):
         raise ValueRangeError("GPTQ: weight contains NaN or Inf")
-    if not bool(torch.isfinite(H).all()):
+    if not _all_finite(H):
         raise ValueRangeError("GPTQ: the Hessian contains NaN/Inf (non-finite calibration activations?)")
 
     dead = H.diagonal() == 0
