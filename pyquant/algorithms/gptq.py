@@ -170,7 +170,7 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float):
         # (3-4x faster on the CPU, and no explicit inverse is re-factored).
         L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
         if int(info) == 0:
-            U = triu_inverse(L.flip(0, 1).contiguous())
+            U = triu_inverse(L.flip(0, 1).contiguous()).contiguous()
             if _all_finite(U):
                 return U, d, attempt
         d *= 10.0
