@@ -289,3 +289,27 @@ def test_block_update_reference_is_the_textbook_loop():
         W_ref[:, i:] -= e.unsqueeze(1).matmul(U[i, i:].unsqueeze(0))
         assert torch.equal(codes[:, i], q.to(torch.uint8))
         torch.testing.assert_close(err[:, i], e)
+
+
+@pytest.mark.parametrize("fmt", [Int(3, 32), Int(4, 64, True), Int(2, 32, False, torch.bfloat16)], ids=lambda f: f.spec())
+@pytest.mark.parametrize("weighted", [False, True])
+def test_shrink_search_matches_a_plain_search_over_group_params(fmt, weighted):
+    from pyquant.algorithms.int_grid import fake_quant, group_error, search_shrink
+
+    torch.manual_seed(19)
+    wg = pad_groups(torch.randn(16, 100) * torch.rand(16, 1) * 3, fmt.group_size)
+    weight = torch.rand(wg.shape[1], wg.shape[2]) if weighted else None
+    got = search_shrink(wg, fmt, grid=12, max_shrink=0.4, weight=weight)
+    best_err, best = None, None
+    for j in range(12):
+        p = 1.0 - j * 0.4 / 12
+        s, z = group_params(wg, fmt, torch.full(wg.shape[:-1], p))
+        _, dq = fake_quant(wg, s.unsqueeze(-1), z.unsqueeze(-1), fmt.max_code)
+        e = group_error(wg, dq, weight, 2.0)
+        if best is None:
+            best_err, best = e, torch.ones_like(e)
+        else:
+            better = e < best_err
+            best_err = torch.where(better, e, best_err)
+            best = torch.where(better, torch.full_like(best, p), best)
+    assert torch.equal(got, best)
