@@ -365,6 +365,23 @@ def _capture_first_block(model, blocks, batches, device):
     return inps, kws
 
 
+def _first_sample(x, kw):
+    """Batch row 0 of a captured batch and its kwargs (tensors with the batch
+    dimension sliced too): the grouping pass needs one sequence, not eight."""
+    b = x.shape[0]
+    if b == 1:
+        return x, kw
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b:
+            return v[:1]
+        if isinstance(v, tuple):
+            return tuple(cut(t) for t in v)
+        return v
+
+    return x[:1], {k: cut(v) for k, v in kw.items()}
+
+
 def _input_groups(block: nn.Module, x, kw) -> Tuple[List[List[str]], Dict[str, Optional[str]], Dict[str, nn.Module]]:
     """Linear layers of ``block`` grouped by identical input tensor, in execution
     order, plus for each group's input the name of the module that produced it
@@ -455,7 +472,10 @@ def _calibrated(model, cfg, data, targets, report, device, offload, progress, ve
             names = {n: f"{prefix}.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear)}
             selected = [n for n, full in names.items() if full in targets]
             if selected:
-                groups, producers, linears = _input_groups(block, inps[0], kws[0])
+                try:
+                    groups, producers, linears = _input_groups(block, *_first_sample(inps[0], kws[0]))
+                except (RuntimeError, ValueError, IndexError):  # a kwarg that was not batch-major
+                    groups, producers, linears = _input_groups(block, inps[0], kws[0])
                 if cfg.method == "gptq":
                     _gptq_block(block, prefix, groups, linears, selected, inps, kws, cfg, fmt, report, log, kernel)
                 else:
