@@ -52,6 +52,8 @@ VARIANTS = {
     "gptq-actorder": (dict(method="gptq", act_order=True), "mix", None),
     "gptq-hclip": (dict(method="gptq", clip="hessian"), "mix", None),
     "gptq": (dict(method="gptq"), "mix", None),
+    "gptq-actorder-mix75": (dict(method="gptq", act_order=True), "mix75", None),
+    "gptq-actorder-pydoc": (dict(method="gptq", act_order=True), "pydoc", None),
     "awq-pydoc": (dict(method="awq"), "pydoc", 32),
     "awq-noclip": (dict(method="awq", awq_clip=False), "mix", None),
     "awq": (dict(method="awq"), "mix", None),
@@ -92,7 +94,7 @@ def build_sets(ids, n_calib, n_eval, seq_len):
     def calib(kind, n):
         if kind == "pydoc":
             return pydoc[: n * seq_len].view(n, seq_len)
-        half = n // 2
+        half = n // 2 if kind == "mix" else (3 * n) // 4  # "mix75": three quarters pydoc
         a = pydoc[: half * seq_len].view(half, seq_len)
         b = spread_token_segments(generic, n - half, seq_len)
         return torch.cat([a, b])  # fixed order: pydoc first, then generic
