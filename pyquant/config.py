@@ -1,0 +1,130 @@
+"""``QuantConfig``: what ``pyquant.quantize_model`` does to a model.
+
+    cfg = pyquant.QuantConfig(method="gptq", bits=4, group_size=64)
+    report = pyquant.quantize_model(model, cfg, calibration_ids)
+
+Methods
+-------
+``"rtn"``     round to nearest (no calibration)
+``"gptq"``    GPTQ, block by block, true-sequential (calibration)
+``"awq"``     activation-aware scaling + clipping, then RTN (calibration)
+``"hqq"``     half-quadratic quantization (no calibration; pyquant.algorithms.hqq)
+``"q4_0"``, ``"q8_0"``, ``"q4_k"``, ... GGUF block types by round to nearest
+(no calibration; ``bits``/``group_size`` do not apply).
+
+Defaults and why (measured on SmolLM2-135M, benchmarks/quality_smollm2.py)
+----------------------------------------------------------------------------
+GPTQ ``damp=0.1`` (textbook 0.01): the textbook setting overfits the
+calibration text and ends up *worse* than RTN on other text; ten times more
+damping pulls the solution towards RTN where the calibration data says little.
+``clip="mse"``: the group range is shrunk where that lowers the group's
+squared error (GPTQ's own ``mse`` quantizer option). ``act_order`` stays off
+by default because it needs the ``perm`` gather in every matmul; switch it on
+for the best 3-bit quality. See the benchmark table for the numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from .errors import FormatError, ValueRangeError
+
+CALIBRATED_METHODS = ("gptq", "awq")
+INT_METHODS = ("rtn", "gptq", "awq", "hqq")
+
+
+@dataclasses.dataclass
+class QuantConfig:
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    scale_dtype: torch.dtype = torch.float16
+    # --- GPTQ -------------------------------------------------------------
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.1
+    block_size: int = 128
+    true_sequential: bool = True
+    clip: Optional[str] = "mse"  # None | "mse" | "hessian": group range shrink search in GPTQ's quantizer
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.2
+    # --- AWQ --------------------------------------------------------------
+    awq_grid: int = 20
+    awq_duo_scaling: Union[bool, str] = "both"  # False: mean|x|^a; True: x^a / w^(1-a); "both": search both
+    awq_clip: bool = True
+    awq_clip_grid: int = 20
+    awq_clip_max_shrink: float = 0.5
+    awq_clip_qk: bool = False  # AWQ does not clip q/k (their error acts through softmax)
+    awq_max_rows: Optional[int] = 256  # output rows the scale search measures its loss on (None: all)
+    # --- HQQ and anything method-specific -----------------------------------
+    method_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # --- calibration pass ---------------------------------------------------
+    batch_size: int = 8  # calibration sequences per forward
+    min_tokens: int = 16  # fewer calibration tokens than this is an error
+
+    def __post_init__(self):
+        self.method = str(self.method).lower()
+        if not self.is_gguf and self.method not in INT_METHODS:
+            raise FormatError(
+                f"unknown quantization method {self.method!r}; use one of {INT_METHODS} or a GGUF type "
+                "such as 'q4_0', 'q8_0', 'q4_k'"
+            )
+        if self.clip == "none":
+            self.clip = None
+        if self.clip not in (None, "mse", "hessian"):
+            raise ValueRangeError(f"clip must be None, 'mse' or 'hessian', got {self.clip!r}")
+        if not (isinstance(self.damp, (int, float)) and self.damp > 0):
+            raise ValueRangeError(f"damp must be a positive number, got {self.damp!r}")
+        if self.block_size < 1:
+            raise ValueRangeError(f"block_size must be >= 1, got {self.block_size!r}")
+        if self.batch_size < 1:
+            raise ValueRangeError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        if self.awq_duo_scaling not in (True, False, "both"):
+            raise ValueRangeError(f"awq_duo_scaling must be True, False or 'both', got {self.awq_duo_scaling!r}")
+        if self.awq_grid < 1 or self.clip_grid < 1 or self.awq_clip_grid < 1:
+            raise ValueRangeError("grid sizes must be >= 1")
+        if not 0 <= self.clip_max_shrink < 1 or not 0 <= self.awq_clip_max_shrink < 1:
+            raise ValueRangeError("max_shrink must lie in [0, 1)")
+        if self.act_order and self.method != "gptq":
+            raise FormatError(f"act_order needs method='gptq' (got {self.method!r})")
+        self.format()  # validates bits / group_size / scale_dtype
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.method.startswith("q") and "_" in self.method
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in CALIBRATED_METHODS
+
+    def format(self):
+        """The storage format this config produces."""
+        if self.is_gguf:
+            from .formats import GGUF
+
+            return GGUF(self.method.upper())
+        from .formats import Int
+
+        return Int(self.bits, self.group_size, self.symmetric, self.scale_dtype, self.act_order)
+
+    def describe(self) -> str:
+        if self.is_gguf:
+            return f"{self.method} (GGUF, round to nearest)"
+        extra = []
+        if self.method == "gptq":
+            extra.append(f"damp={self.damp:g}")
+            if self.act_order:
+                extra.append("act_order")
+            if self.static_groups:
+                extra.append("static_groups")
+            if self.clip:
+                extra.append(f"clip={self.clip}")
+        if self.method == "awq":
+            extra.append(f"duo={self.awq_duo_scaling}")
+            if self.awq_clip:
+                extra.append("clip")
+        tail = f" ({', '.join(extra)})" if extra else ""
+        return f"{self.method} {self.format().describe()}{tail}"
