@@ -1,4 +1,35 @@
-"""Word-wise kernels (draft)."""
+"""Word-wise kernels: Int4 / Int8 (and NF4 on the GEMV) read as 32-bit words.
+
+The generic decoder (``_tiles.w_tile``) gathers every code's byte with its own
+address: one load instruction per weight plus its address arithmetic (~35
+instructions per weight in the sm_90 build of the M = 1 GEMV). These kernels load
+each 32-code chunk of a row (16 bytes at 4 bits, 32 at 8) as int32 words with
+16-byte vector loads and unpack it in registers. The K order *inside* a chunk is
+free in a dot product, so x is read in the order the codes come out of the words
+(the weights are never shuffled). See ``pyquant/formats/int_format.py`` for the
+layout: at 4 bits, byte j of a chunk = c[j] | c[j + 16] << 4, so byte b of word w
+holds codes 4 w + b (low nibble) and 16 + 4 w + b (high).
+
+GEMV (``gemv_packed_kernel``, M <= 4 per program, CUDA cores)
+    A thread owns one chunk of BN / num_warps rows per K tile: its four words are
+    one 16-byte load per row, and its 32 x values (fp16/bf16) four 8-byte loads
+    shared by those rows. A code becomes the fp32 16 + q (8 bits: 256 + q) with one
+    shift and one LOP3 (it lands in the mantissa under the exponent of 16.0), then
+    one FMA with x: y += s * (sum (16 + q) x - (16 + z) * sum x) per (row, chunk),
+    so scales and zeros cost two multiply-adds per 32 weights, not one per weight
+    (per channel: once after the loop). fp32 accumulation throughout; the 16 + q
+    values are exact and of the size of q, so nothing is lost to the offset.
+    The loop takes two K tiles per iteration and loads each tile's words and
+    scales one tile ahead: two tiles of weights in flight per thread.
+
+Tensor cores (``mm_int_kernel``, split-K and GEMM)
+    The same words become exact integers in fp16/bf16 (0x6400 | q is the fp16
+    1024 + q: one LOP3 and one packed subtraction per two codes), joined into a
+    [BN, BK] tile in stored K order for ``tl.dot``. A K tile lies in one scale
+    group; either the dot of the exact codes is scaled per output
+    (s * (x . q - z * sum x), few rows) or the decoded tile is scaled before the
+    dot (more rows), see ``_launch.scale_weights``.
+"""
 import triton
 import triton.language as tl
 
@@ -7,7 +38,9 @@ from ._tiles import cast_to
 
 @triton.jit
 def _code(w, P: tl.constexpr, BITS: tl.constexpr, OPQ):
-    # code at bit P of w, as the fp32 (MAGIC + q)
+    # the code at bit P of w as the fp32 MAGIC + q (16 + q at 4 bits, 256 + q at 8):
+    # shifted under the exponent of MAGIC and or-ed with it. OPQ is an opaque 0
+    # (see gemv_packed_kernel).
     if BITS == 4:
         if P <= 19:
             t = w << (19 - P)
@@ -24,6 +57,7 @@ def _code(w, P: tl.constexpr, BITS: tl.constexpr, OPQ):
 
 @triton.jit
 def _split4(w3, BN: tl.constexpr, CH: tl.constexpr):
+    # [BN, CH, 4] words -> the four [BN, CH] words of each chunk (register renaming)
     a, b = tl.split(tl.reshape(w3, (BN, CH, 2, 2)))
     w0, w2 = tl.split(a)
     w1, w3_ = tl.split(b)
@@ -342,17 +376,21 @@ def _join4(a, b, c, d):
 
 
 @triton.jit
-def _codes_tile(w, BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ZC: tl.constexpr, OPQ):
+def _codes_tile(w, BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ZC: tl.constexpr,
+                OPQ):
     """Words [BN, BK * BITS / 32] -> codes - ZC [BN, BK] in stored column order, exact in DT."""
     if BITS == 4:
         # byte b of word wl of a chunk holds codes 4 wl + b (low nibble) and 16 + 4 wl + b (high)
-        lo = _join4(_q16(w, 0, 15, DT, ZC, OPQ), _q16(w, 8, 15, DT, ZC, OPQ), _q16(w, 16, 15, DT, ZC, OPQ), _q16(w, 24, 15, DT, ZC, OPQ))
-        hi = _join4(_q16(w, 4, 15, DT, ZC, OPQ), _q16(w, 12, 15, DT, ZC, OPQ), _q16(w, 20, 15, DT, ZC, OPQ), _q16(w, 28, 15, DT, ZC, OPQ))
+        lo = _join4(_q16(w, 0, 15, DT, ZC, OPQ), _q16(w, 8, 15, DT, ZC, OPQ),
+                    _q16(w, 16, 15, DT, ZC, OPQ), _q16(w, 24, 15, DT, ZC, OPQ))
+        hi = _join4(_q16(w, 4, 15, DT, ZC, OPQ), _q16(w, 12, 15, DT, ZC, OPQ),
+                    _q16(w, 20, 15, DT, ZC, OPQ), _q16(w, 28, 15, DT, ZC, OPQ))
         q = tl.join(lo, hi)  # [BN, BKW, 4 (b), 2 (hi)]  (join appends the new axis last)
         q = tl.reshape(q, (BN, BK // 32, 4, 4, 2))  # chunk, wl, b, hi
         q = tl.permute(q, (0, 1, 4, 2, 3))  # chunk, hi, wl, b
     else:
-        q = _join4(_q16(w, 0, 255, DT, ZC, OPQ), _q16(w, 8, 255, DT, ZC, OPQ), _q16(w, 16, 255, DT, ZC, OPQ), _q16(w, 24, 255, DT, ZC, OPQ))
+        q = _join4(_q16(w, 0, 255, DT, ZC, OPQ), _q16(w, 8, 255, DT, ZC, OPQ),
+                   _q16(w, 16, 255, DT, ZC, OPQ), _q16(w, 24, 255, DT, ZC, OPQ))
     return tl.reshape(q, (BN, BK))
 
 
