@@ -11,6 +11,14 @@ import triton either: the kernel modules load on first use.
 ``path`` forces "gemv" | "splitk" | "gemm" (default: by M, see ``configs``).
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1
 before the first call (Triton reads it when the kernels are defined).
+
+Int4 / Int8 (and NF4 on the GEMV path) use the word-wise kernels of ``_packed``
+(16-byte weight loads, codes unpacked in registers, scales applied per chunk or
+per tile); the other formats the per-element decoders of ``_tiles``.
+
+Tools: ``python -m pyquant.triton_kernels.sass`` (sm_90 machine code of the main
+variants, no GPU needed), ``python -m pyquant.triton_kernels.bench`` (GPU timing
+against cuBLAS fp16 on the Llama shapes).
 """
 from __future__ import annotations
 

@@ -144,6 +144,42 @@ def packed_int(fmt) -> bool:
     return fmt.family == "int" and fmt.bits in (4, 8)
 
 
+def packed_gemv(fmt, k: int) -> bool:
+    """Formats the word-wise GEMV serves: Int4 / Int8, and NF4 when every row is a
+    whole number of 32-code chunks (16-byte aligned) and of absmax blocks."""
+    if fmt.family == "nf4":
+        return k % 32 == 0 and k % fmt.block_size == 0
+    return packed_int(fmt)
+
+
+def _gemv_packed_args(fmt, qdata, shape):
+    """-> (qweight, sc, zr, aux0, aux1, aux2), (row bytes, groups per row), constexprs
+    of ``gemv_packed_kernel``."""
+    n, k = shape
+    t = dict(zip(fmt.tensor_specs(shape), qdata))
+    q = t["qweight"]
+    if fmt.family == "nf4":
+        cb, dmap = _nf4_tables(q.device)
+        bs = fmt.block_size
+        if fmt.double_quant:
+            am = (t["absmax_q"], t["absmax_scale"], t["absmax_offset"])
+        else:
+            am = (t["absmax"], q, q)
+        consts = dict(BITS=4, HAS_ZERO=False, GSHIFT=bs.bit_length() - 1, NF4=True, DQ=fmt.double_quant)
+        return (q, am[0], am[1], am[2], cb, dmap), (k // 2, k // bs), consts
+    sc = t["scales"]
+    gshift = 0 if fmt.group_size == -1 else fmt.group_size.bit_length() - 1
+    consts = dict(BITS=fmt.bits, HAS_ZERO=not fmt.symmetric, GSHIFT=gshift, NF4=False, DQ=False)
+    return (q, sc, t.get("zeros", sc), q, q, q), (fmt.packed_row_bytes(k), fmt.num_groups(k)), consts
+
+
+def packed_path(path: str, fmt, k: int) -> bool:
+    """Does ``path`` run a word-wise kernel for this format (its own configs)?"""
+    if path == "gemv":
+        return packed_gemv(fmt, k)
+    return path in ("splitk", "gemm") and packed_int(fmt)
+
+
 def mm_bk(fmt, k: int, bk: int) -> int:
     """BK of the word-wise tensor-core kernel: whole 32-code chunks, at least 32
     (two k16 MMA steps), and a divisor of the group size so that one scale per row
@@ -187,7 +223,7 @@ def _usable(path: str, cfg: Config, packed: bool = False) -> bool:
 
 def get_config(path: str, fmt, x_dtype: Optional[torch.dtype], n: int, k: int, m: int, device, qdata=None) -> Config:
     """Tuned config from the per-GPU cache, else (optionally tuning first) the default."""
-    packed = path != "dequant" and packed_int(fmt)
+    packed = packed_path(path, fmt, k)
     default = default_config(path, m, packed)
     if device.type != "cuda" or interpreting():
         return default
@@ -250,20 +286,17 @@ def qmatmul(
     soft_bf16 = x.dtype == torch.bfloat16 and interpreting()
     common = dict(FMT=fid, C0=c0, C1=c1, C2=c2, UNIFORM=uniform_groups(fmt, k, cfg.BK), HAS_PERM=perm is not None,
                   HAS_BIAS=bias is not None, SOFT_BF16=soft_bf16)
-    if path == "gemv" and packed_int(fmt):
-        t = dict(zip(fmt.tensor_specs(shape), qdata))
+    if path == "gemv" and packed_gemv(fmt, k):
         bk = max(32, cfg.BK)
         bm = min(4, gemv_bm(m))
         tiles = triton.cdiv(n, cfg.BN)
         split, per = resolve_split(dataclasses.replace(cfg, BK=bk), tiles, k, sm_count(dev), waves=1)
         ws = torch.empty((split, m, n), dtype=torch.float32, device=dev) if split > 1 else out
-        q, sc = t["qweight"], t["scales"]
-        PK.gemv_int_kernel[(tiles, split, triton.cdiv(m, bm))](
-            x, out, ws, bias if bias is not None else out, perm if perm is not None else x, q, sc, t.get("zeros", sc),
-            m, n, k, per, fmt.packed_row_bytes(k), fmt.num_groups(k),
-            BITS=fmt.bits, HAS_ZERO=not fmt.symmetric, GSHIFT=c2, HAS_PERM=perm is not None,
-            HAS_BIAS=bias is not None, BM=bm, BN=cfg.BN, BK=bk, SPLIT=split, X16=_x16(x, m, k), SOFT_BF16=soft_bf16,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ptrs, ints, consts = _gemv_packed_args(fmt, qdata, shape)
+        PK.gemv_packed_kernel[(tiles, split, triton.cdiv(m, bm))](
+            x, out, ws, bias if bias is not None else out, perm if perm is not None else x, *ptrs, m, n, k, per,
+            *ints, **consts, HAS_PERM=perm is not None, HAS_BIAS=bias is not None, BM=bm, BN=cfg.BN, BK=bk, SPLIT=split,
+            X16=_x16(x, m, k), SOFT_BF16=soft_bf16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif path == "gemv":
         bm = gemv_bm(m)

@@ -1,4 +1,35 @@
-"""Word-wise GEMV for Int4 / Int8 weights (draft v2)."""
+"""Word-wise kernels: Int4 / Int8 (and NF4 on the GEMV) read as 32-bit words.
+
+The generic decoder (``_tiles.w_tile``) gathers every code's byte with its own
+address: one load instruction per weight plus its address arithmetic (~35
+instructions per weight in the sm_90 build of the M = 1 GEMV). These kernels load
+each 32-code chunk of a row (16 bytes at 4 bits, 32 at 8) as int32 words with
+16-byte vector loads and unpack it in registers. The K order *inside* a chunk is
+free in a dot product, so x is read in the order the codes come out of the words
+(the weights are never shuffled). See ``pyquant/formats/int_format.py`` for the
+layout: at 4 bits, byte j of a chunk = c[j] | c[j + 16] << 4, so byte b of word w
+holds codes 4 w + b (low nibble) and 16 + 4 w + b (high).
+
+GEMV (``gemv_packed_kernel``, M <= 4 per program, CUDA cores)
+    A thread owns one chunk of BN / num_warps rows per K tile: its four words are
+    one 16-byte load per row, and its 32 x values (fp16/bf16) four 8-byte loads
+    shared by those rows. A code becomes the fp32 16 + q (8 bits: 256 + q) with one
+    shift and one LOP3 (it lands in the mantissa under the exponent of 16.0), then
+    one FMA with x: y += s * (sum (16 + q) x - (16 + z) * sum x) per (row, chunk),
+    so scales and zeros cost two multiply-adds per 32 weights, not one per weight
+    (per channel: once after the loop). fp32 accumulation throughout; the 16 + q
+    values are exact and of the size of q, so nothing is lost to the offset.
+    The loop takes two K tiles per iteration and loads each tile's words and
+    scales one tile ahead: two tiles of weights in flight per thread.
+
+Tensor cores (``mm_int_kernel``, split-K and GEMM)
+    The same words become exact integers in fp16/bf16 (0x6400 | q is the fp16
+    1024 + q: one LOP3 and one packed subtraction per two codes), joined into a
+    [BN, BK] tile in stored K order for ``tl.dot``. A K tile lies in one scale
+    group; either the dot of the exact codes is scaled per output
+    (s * (x . q - z * sum x), few rows) or the decoded tile is scaled before the
+    dot (more rows), see ``_launch.scale_weights``.
+"""
 import triton
 import triton.language as tl
 
@@ -7,7 +38,9 @@ from ._tiles import cast_to
 
 @triton.jit
 def _code(w, P: tl.constexpr, BITS: tl.constexpr, OPQ):
-    # code at bit P of w, as the fp32 (MAGIC + q)
+    # the code at bit P of w as the fp32 MAGIC + q (16 + q at 4 bits, 256 + q at 8):
+    # shifted under the exponent of MAGIC and or-ed with it. OPQ is an opaque 0
+    # (see gemv_packed_kernel).
     if BITS == 4:
         if P <= 19:
             t = w << (19 - P)
@@ -24,6 +57,7 @@ def _code(w, P: tl.constexpr, BITS: tl.constexpr, OPQ):
 
 @triton.jit
 def _split4(w3, BN: tl.constexpr, CH: tl.constexpr):
+    # [BN, CH, 4] words -> the four [BN, CH] words of each chunk (register renaming)
     a, b = tl.split(tl.reshape(w3, (BN, CH, 2, 2)))
     w0, w2 = tl.split(a)
     w1, w3_ = tl.split(b)
@@ -69,10 +103,29 @@ def _x4(xr, kk, off: tl.constexpr, K, perm, X16: tl.constexpr, MASKED: tl.conste
 
 
 @triton.jit
-def _word_dot(p, sx, w, xr, kk, WOFF: tl.constexpr, K, perm, OPQ, X16: tl.constexpr, BITS: tl.constexpr,
-              MASKED: tl.constexpr, HAS_PERM: tl.constexpr):
-    # p += sum over the codes of word w (word WOFF of its chunk) of (MAGIC + q) * x; sx += sum x
-    if BITS == 4:
+def _nf4(w, P: tl.constexpr, cb):
+    # NF4 level of the code at bit P of w (the 16 fp32 levels stay in L1)
+    return tl.load(cb + ((w >> P) & 15))
+
+
+@triton.jit
+def _word_dot(p, sx, w, xr, kk, WOFF: tl.constexpr, K, perm, OPQ, cb, X16: tl.constexpr, BITS: tl.constexpr,
+              MASKED: tl.constexpr, HAS_PERM: tl.constexpr, NF4: tl.constexpr):
+    # Int: p += sum over the codes of word w (word WOFF of its chunk) of (MAGIC + q) * x;
+    # sx += sum x. NF4: p += sum of level * x (no zero point: sx stays 0).
+    if NF4:
+        # bitsandbytes' order: byte b holds values 2b (high nibble) and 2b + 1 (low)
+        x0, x1, x2, x3 = _x4(xr, kk, 8 * WOFF, K, perm, X16, MASKED, HAS_PERM)
+        x4, x5, x6, x7 = _x4(xr, kk, 8 * WOFF + 4, K, perm, X16, MASKED, HAS_PERM)
+        p += _nf4(w, 4, cb) * x0[None, :]
+        p += _nf4(w, 0, cb) * x1[None, :]
+        p += _nf4(w, 12, cb) * x2[None, :]
+        p += _nf4(w, 8, cb) * x3[None, :]
+        p += _nf4(w, 20, cb) * x4[None, :]
+        p += _nf4(w, 16, cb) * x5[None, :]
+        p += _nf4(w, 28, cb) * x6[None, :]
+        p += _nf4(w, 24, cb) * x7[None, :]
+    elif BITS == 4:
         for h in tl.static_range(2):
             x0, x1, x2, x3 = _x4(xr, kk, 4 * WOFF + 16 * h, K, perm, X16, MASKED, HAS_PERM)
             p += _code(w, 4 * h, 4, OPQ) * x0[None, :]
@@ -91,28 +144,30 @@ def _word_dot(p, sx, w, xr, kk, WOFF: tl.constexpr, K, perm, OPQ, X16: tl.conste
 
 
 @triton.jit
-def _chunk_dot(wa, wb, xr, kk, K, perm, OPQ, BN: tl.constexpr, CH: tl.constexpr, X16: tl.constexpr, BITS: tl.constexpr,
-               MASKED: tl.constexpr, HAS_PERM: tl.constexpr):
+def _chunk_dot(wa, wb, xr, kk, K, perm, OPQ, cb, BN: tl.constexpr, CH: tl.constexpr, X16: tl.constexpr,
+               BITS: tl.constexpr, MASKED: tl.constexpr, HAS_PERM: tl.constexpr, NF4: tl.constexpr):
     """Per (row, chunk): sum over the chunk's 32 codes of (MAGIC + q) * x, and per chunk the sum of x."""
     w0, w1, w2, w3 = _split4(wa, BN, CH)
     p = tl.zeros((BN, CH), dtype=tl.float32)
     sx = tl.zeros((CH,), dtype=tl.float32)
-    p, sx = _word_dot(p, sx, w0, xr, kk, 0, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
-    p, sx = _word_dot(p, sx, w1, xr, kk, 1, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
-    p, sx = _word_dot(p, sx, w2, xr, kk, 2, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
-    p, sx = _word_dot(p, sx, w3, xr, kk, 3, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
+    p, sx = _word_dot(p, sx, w0, xr, kk, 0, K, perm, OPQ, cb, X16, BITS, MASKED, HAS_PERM, NF4)
+    p, sx = _word_dot(p, sx, w1, xr, kk, 1, K, perm, OPQ, cb, X16, BITS, MASKED, HAS_PERM, NF4)
+    p, sx = _word_dot(p, sx, w2, xr, kk, 2, K, perm, OPQ, cb, X16, BITS, MASKED, HAS_PERM, NF4)
+    p, sx = _word_dot(p, sx, w3, xr, kk, 3, K, perm, OPQ, cb, X16, BITS, MASKED, HAS_PERM, NF4)
     if BITS == 8:
         w4, w5, w6, w7 = _split4(wb, BN, CH)
-        p, sx = _word_dot(p, sx, w4, xr, kk, 4, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
-        p, sx = _word_dot(p, sx, w5, xr, kk, 5, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
-        p, sx = _word_dot(p, sx, w6, xr, kk, 6, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
-        p, sx = _word_dot(p, sx, w7, xr, kk, 7, K, perm, OPQ, X16, BITS, MASKED, HAS_PERM)
+        p, sx = _word_dot(p, sx, w4, xr, kk, 4, K, perm, OPQ, cb, X16, BITS, MASKED, HAS_PERM, NF4)
+        p, sx = _word_dot(p, sx, w5, xr, kk, 5, K, perm, OPQ, cb, X16, BITS, MASKED, HAS_PERM, NF4)
+        p, sx = _word_dot(p, sx, w6, xr, kk, 6, K, perm, OPQ, cb, X16, BITS, MASKED, HAS_PERM, NF4)
+        p, sx = _word_dot(p, sx, w7, xr, kk, 7, K, perm, OPQ, cb, X16, BITS, MASKED, HAS_PERM, NF4)
     return p, sx
 
 
 @triton.jit
-def _scaled(acc, accx, p, sx, s, z, GSHIFT: tl.constexpr):
-    if GSHIFT == 0:
+def _scaled(acc, accx, p, sx, s, z, GSHIFT: tl.constexpr, NF4: tl.constexpr):
+    if NF4:
+        return acc + s * p, accx
+    elif GSHIFT == 0:
         # per channel: scale and zero are applied once after the loop
         return acc + p, accx + sx[None, :]
     else:
@@ -137,12 +192,22 @@ def _load_words(wp, cw, cm, BITS: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _tile_scales(sc, zr, rows_c, ng, kk, BN: tl.constexpr, CH: tl.constexpr, BITS: tl.constexpr,
-                 HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr):
+def _tile_scales(sc, zr, am_off, dmap, rows_c, ng, kk, BN: tl.constexpr, CH: tl.constexpr, BITS: tl.constexpr,
+                 HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr, NF4: tl.constexpr, DQ: tl.constexpr):
     """fp32 scale and MAGIC + zero of every (row, chunk) of a K tile (chunks never
-    straddle groups); per channel (GSHIFT 0) unused placeholders."""
+    straddle groups); per channel (GSHIFT 0) unused placeholders. NF4: the absmax of
+    the chunk's block (rows are whole blocks), decoded from the nested 8-bit
+    statistics with DQ as bitsandbytes does (two roundings)."""
     MAGIC: tl.constexpr = 16.0 if BITS == 4 else 256.0
-    if GSHIFT == 0:
+    if NF4:
+        blk = rows_c[:, None] * ng + tl.minimum(kk >> GSHIFT, ng - 1)[None, :]
+        if DQ:
+            s = tl.load(dmap + tl.load(sc + blk).to(tl.int32)) * tl.load(zr + (blk >> 8))
+            s = s + tl.load(am_off)
+        else:
+            s = tl.load(sc + blk)
+        z = tl.zeros((1, 1), dtype=tl.float32)
+    elif GSHIFT == 0:
         s = tl.zeros((1, 1), dtype=tl.float32)
         z = s
     else:
@@ -159,20 +224,20 @@ def _tile_scales(sc, zr, rows_c, ng, kk, BN: tl.constexpr, CH: tl.constexpr, BIT
 
 @triton.jit
 def _step(acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, wa, wb, s, z, x0, x1, x2, x3, perm, k0, K,
-          ch, OPQ, BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, X16: tl.constexpr, BITS: tl.constexpr,
-          GSHIFT: tl.constexpr, MASKED: tl.constexpr, HAS_PERM: tl.constexpr):
+          ch, OPQ, cb, BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, X16: tl.constexpr, BITS: tl.constexpr,
+          GSHIFT: tl.constexpr, MASKED: tl.constexpr, HAS_PERM: tl.constexpr, NF4: tl.constexpr):
     """One K tile: the decoded weights (shared by every activation row) times up to 4 rows of x."""
     kk = k0 + ch * 32
-    p, sx = _chunk_dot(wa, wb, x0, kk, K, perm, OPQ, BN, CH, X16, BITS, MASKED, HAS_PERM)
-    acc0, ax0 = _scaled(acc0, ax0, p, sx, s, z, GSHIFT)
+    p, sx = _chunk_dot(wa, wb, x0, kk, K, perm, OPQ, cb, BN, CH, X16, BITS, MASKED, HAS_PERM, NF4)
+    acc0, ax0 = _scaled(acc0, ax0, p, sx, s, z, GSHIFT, NF4)
     if BM > 1:
-        p, sx = _chunk_dot(wa, wb, x1, kk, K, perm, OPQ, BN, CH, X16, BITS, MASKED, HAS_PERM)
-        acc1, ax1 = _scaled(acc1, ax1, p, sx, s, z, GSHIFT)
+        p, sx = _chunk_dot(wa, wb, x1, kk, K, perm, OPQ, cb, BN, CH, X16, BITS, MASKED, HAS_PERM, NF4)
+        acc1, ax1 = _scaled(acc1, ax1, p, sx, s, z, GSHIFT, NF4)
     if BM > 2:
-        p, sx = _chunk_dot(wa, wb, x2, kk, K, perm, OPQ, BN, CH, X16, BITS, MASKED, HAS_PERM)
-        acc2, ax2 = _scaled(acc2, ax2, p, sx, s, z, GSHIFT)
-        p, sx = _chunk_dot(wa, wb, x3, kk, K, perm, OPQ, BN, CH, X16, BITS, MASKED, HAS_PERM)
-        acc3, ax3 = _scaled(acc3, ax3, p, sx, s, z, GSHIFT)
+        p, sx = _chunk_dot(wa, wb, x2, kk, K, perm, OPQ, cb, BN, CH, X16, BITS, MASKED, HAS_PERM, NF4)
+        acc2, ax2 = _scaled(acc2, ax2, p, sx, s, z, GSHIFT, NF4)
+        p, sx = _chunk_dot(wa, wb, x3, kk, K, perm, OPQ, cb, BN, CH, X16, BITS, MASKED, HAS_PERM, NF4)
+        acc3, ax3 = _scaled(acc3, ax3, p, sx, s, z, GSHIFT, NF4)
     return acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3
 
 
@@ -200,11 +265,11 @@ def _finish(acc, accx, m0, m: tl.constexpr, out, ws, bias, sc, zr, rows, rows_c,
 
 
 @triton.jit
-def gemv_int_kernel(
-    x, out, ws, bias, perm, qw, sc, zr, M, N, K, k_per_split, row_bytes, ng,
+def gemv_packed_kernel(
+    x, out, ws, bias, perm, qw, sc, zr, aux0, aux1, aux2, M, N, K, k_per_split, row_bytes, ng,
     BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-    X16: tl.constexpr, SOFT_BF16: tl.constexpr,
+    X16: tl.constexpr, SOFT_BF16: tl.constexpr, NF4: tl.constexpr, DQ: tl.constexpr,
 ):
     WPC: tl.constexpr = BITS  # int32 words per 32-code chunk
     CH: tl.constexpr = BK // 32
@@ -213,6 +278,7 @@ def gemv_int_kernel(
     # A value the compiler cannot fold: keeps the decode masks as LOP3 operands instead of
     # constants rematerialised before every use (one extra instruction per weight otherwise).
     OPQ = tl.minimum(K, 0)
+    cb = aux1  # NF4 levels
     rows = pid_n * BN + tl.arange(0, BN)
     rows_c = tl.minimum(rows, N - 1)
     row_words = row_bytes // 4
@@ -245,31 +311,31 @@ def gemv_int_kernel(
     # by two so that the loads land in their final registers (a one-tile loop would
     # copy every prefetched register at the back edge).
     wa, wb = _load_words(wrow + (k_lo // 32) * WPC, cw, (ch * 0 + k_lo < k_full)[None, :, None], BITS, True)
-    s, z = _tile_scales(sc, zr, rows_c, ng, k_lo + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT)
+    s, z = _tile_scales(sc, zr, aux0, aux2, rows_c, ng, k_lo + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT, NF4, DQ)
     for k0 in range(k_lo, k_pairs, 2 * BK):
         ua, ub = _load_words(wrow + ((k0 + BK) // 32) * WPC, cw, True, BITS, False)
-        t, u = _tile_scales(sc, zr, rows_c, ng, k0 + BK + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT)
+        t, u = _tile_scales(sc, zr, aux0, aux2, rows_c, ng, k0 + BK + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT, NF4, DQ)
         acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3 = _step(
             acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, wa, wb, s, z, x0, x1, x2, x3, perm, k0, K,
-            ch, OPQ, BM, BN, CH, X16, BITS, GSHIFT, False, HAS_PERM)
+            ch, OPQ, cb, BM, BN, CH, X16, BITS, GSHIFT, False, HAS_PERM, NF4)
         k_next = tl.minimum(k0 + 2 * BK, k_last)
         wa, wb = _load_words(wrow + (k_next // 32) * WPC, cw, True, BITS, False)
-        s, z = _tile_scales(sc, zr, rows_c, ng, k_next + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT)
+        s, z = _tile_scales(sc, zr, aux0, aux2, rows_c, ng, k_next + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT, NF4, DQ)
         acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3 = _step(
             acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, ua, ub, t, u, x0, x1, x2, x3, perm, k0 + BK, K,
-            ch, OPQ, BM, BN, CH, X16, BITS, GSHIFT, False, HAS_PERM)
+            ch, OPQ, cb, BM, BN, CH, X16, BITS, GSHIFT, False, HAS_PERM, NF4)
     if k_pairs < k_full:
         # an odd number of full tiles: the last one is already loaded
         acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3 = _step(
             acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, wa, wb, s, z, x0, x1, x2, x3, perm, k_pairs, K,
-            ch, OPQ, BM, BN, CH, X16, BITS, GSHIFT, False, HAS_PERM)
+            ch, OPQ, cb, BM, BN, CH, X16, BITS, GSHIFT, False, HAS_PERM, NF4)
     if k_full < k_hi:
         # ragged last tile: chunks past K are not loaded, columns past K read x = 0
         wa, wb = _load_words(wrow + (k_full // 32) * WPC, cw, (k_full + ch * 32 < K)[None, :, None], BITS, True)
-        s, z = _tile_scales(sc, zr, rows_c, ng, k_full + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT)
+        s, z = _tile_scales(sc, zr, aux0, aux2, rows_c, ng, k_full + ch * 32, BN, CH, BITS, HAS_ZERO, GSHIFT, NF4, DQ)
         acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3 = _step(
             acc0, acc1, acc2, acc3, ax0, ax1, ax2, ax3, wa, wb, s, z, x0, x1, x2, x3, perm, k_full,
-            K, ch, OPQ, BM, BN, CH, X16, BITS, GSHIFT, True, HAS_PERM)
+            K, ch, OPQ, cb, BM, BN, CH, X16, BITS, GSHIFT, True, HAS_PERM, NF4)
     _finish(acc0, ax0, m0, 0, out, ws, bias, sc, zr, rows, rows_c, ng, M, N, pid_s, BITS, HAS_ZERO, GSHIFT, HAS_BIAS,
             SPLIT, SOFT_BF16)
     if BM > 1:
@@ -310,17 +376,21 @@ def _join4(a, b, c, d):
 
 
 @triton.jit
-def _codes_tile(w, BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ZC: tl.constexpr, OPQ):
+def _codes_tile(w, BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ZC: tl.constexpr,
+                OPQ):
     """Words [BN, BK * BITS / 32] -> codes - ZC [BN, BK] in stored column order, exact in DT."""
     if BITS == 4:
         # byte b of word wl of a chunk holds codes 4 wl + b (low nibble) and 16 + 4 wl + b (high)
-        lo = _join4(_q16(w, 0, 15, DT, ZC, OPQ), _q16(w, 8, 15, DT, ZC, OPQ), _q16(w, 16, 15, DT, ZC, OPQ), _q16(w, 24, 15, DT, ZC, OPQ))
-        hi = _join4(_q16(w, 4, 15, DT, ZC, OPQ), _q16(w, 12, 15, DT, ZC, OPQ), _q16(w, 20, 15, DT, ZC, OPQ), _q16(w, 28, 15, DT, ZC, OPQ))
+        lo = _join4(_q16(w, 0, 15, DT, ZC, OPQ), _q16(w, 8, 15, DT, ZC, OPQ),
+                    _q16(w, 16, 15, DT, ZC, OPQ), _q16(w, 24, 15, DT, ZC, OPQ))
+        hi = _join4(_q16(w, 4, 15, DT, ZC, OPQ), _q16(w, 12, 15, DT, ZC, OPQ),
+                    _q16(w, 20, 15, DT, ZC, OPQ), _q16(w, 28, 15, DT, ZC, OPQ))
         q = tl.join(lo, hi)  # [BN, BKW, 4 (b), 2 (hi)]  (join appends the new axis last)
         q = tl.reshape(q, (BN, BK // 32, 4, 4, 2))  # chunk, wl, b, hi
         q = tl.permute(q, (0, 1, 4, 2, 3))  # chunk, hi, wl, b
     else:
-        q = _join4(_q16(w, 0, 255, DT, ZC, OPQ), _q16(w, 8, 255, DT, ZC, OPQ), _q16(w, 16, 255, DT, ZC, OPQ), _q16(w, 24, 255, DT, ZC, OPQ))
+        q = _join4(_q16(w, 0, 255, DT, ZC, OPQ), _q16(w, 8, 255, DT, ZC, OPQ),
+                   _q16(w, 16, 255, DT, ZC, OPQ), _q16(w, 24, 255, DT, ZC, OPQ))
     return tl.reshape(q, (BN, BK))
 
 

@@ -97,7 +97,7 @@ _SPLITK = {
     32: Config(BM=32, BN=64, BK=64, num_warps=8, num_stages=3),
     64: Config(BM=64, BN=64, BK=64, num_warps=8, num_stages=3),
 }
-# Word-wise Int4/Int8 GEMV (``gemv_int_kernel``): a thread owns one 32-code chunk
+# Word-wise Int4/Int8 GEMV (``gemv_packed_kernel``): a thread owns one 32-code chunk
 # (16 B at 4 bits) of BN / num_warps rows per K tile, so BK = 32 * 32 codes puts a
 # warp on 1 KB-4 KB of contiguous row bytes per load, and the next tile is loaded
 # while the current one is multiplied (2 tiles in flight). BN = 16 on 2 warps:

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 TYPES = {
     "out": "*fp16", "perm": "*i32", "x": "*fp16", "ws": "*fp32", "bias": "*fp16",
     "p0": "*u8", "p1": "*fp16", "p2": "*fp16", "p3": "*u8", "p4": "*fp32", "p5": "*fp32",
-    "qw": "*u8", "sc": "*fp16", "zr": "*fp16",
+    "qw": "*u8", "sc": "*fp16", "zr": "*fp16", "aux0": "*fp32", "aux1": "*fp32", "aux2": "*fp32",
     "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "i0": "i32", "i1": "i32",
     "row_bytes": "i32", "ng": "i32",
 }
@@ -158,7 +158,7 @@ def stats(name: str, compiled, weights_per_iter: float) -> SassStats:
 # the performance targets. "before" is the per-byte decoder of ``_tiles.w_tile``
 # with the shipped configs of that kernel; "after" the word-wise kernels with
 # theirs. Weights per thread and iteration = BN * BK / (32 * num_warps) per K tile
-# the loop body handles (two in ``gemv_int_kernel``).
+# the loop body handles (two in ``gemv_packed_kernel``).
 def variants():
     """[(name, kernel, constexprs, types, options, weights per thread per iteration)]."""
     from . import _kernels as K
@@ -172,6 +172,11 @@ def variants():
         out.append((f"before: gemv int4 g128 M={m}", K.gemv_kernel,
                     dict(mm_old, FMT=1, C0=4, C1=1, C2=7, UNIFORM=True, BM=m, BN=c.BN, BK=c.BK, SPLIT=1),
                     {}, dict(num_warps=c.num_warps, num_stages=c.num_stages), c.BN * c.BK / (32 * c.num_warps)))
+    c = _GEMV[1]
+    out.append(("before: gemv nf4 b64 dq M=1", K.gemv_kernel,
+                dict(mm_old, FMT=2, C0=64, C1=1, C2=0, UNIFORM=True, BM=1, BN=c.BN, BK=c.BK, SPLIT=1),
+                {"p1": "*u8", "p2": "*fp32", "p3": "*fp32"}, dict(num_warps=c.num_warps, num_stages=c.num_stages),
+                c.BN * c.BK / (32 * c.num_warps)))
     for m in (16, 64):
         c = _SPLITK[m]
         out.append((f"before: split-K int4 g128 M={m}", K.mm_kernel,
@@ -186,10 +191,17 @@ def variants():
                 continue
             c = _GEMV_PACKED[m]
             # its main loop handles two K tiles per iteration
-            out.append((f"after: gemv {label} M={m}", P.gemv_int_kernel,
-                        dict(new, BITS=bits, HAS_ZERO=zero, GSHIFT=gs, BM=m, BN=c.BN, BK=c.BK, SPLIT=1, X16=1),
+            out.append((f"after: gemv {label} M={m}", P.gemv_packed_kernel,
+                        dict(new, BITS=bits, HAS_ZERO=zero, GSHIFT=gs, BM=m, BN=c.BN, BK=c.BK, SPLIT=1, X16=1,
+                             NF4=False, DQ=False),
                         {}, dict(num_warps=c.num_warps, num_stages=c.num_stages),
                         2 * c.BN * c.BK / (32 * c.num_warps)))
+    c = _GEMV_PACKED[1]
+    for dq, types in ((False, {"sc": "*fp32"}), (True, {"sc": "*u8", "zr": "*fp32"})):
+        out.append((f"after: gemv nf4 b64{' dq' if dq else ''} M=1", P.gemv_packed_kernel,
+                    dict(new, BITS=4, HAS_ZERO=False, GSHIFT=6, BM=1, BN=c.BN, BK=c.BK, SPLIT=1, X16=1, NF4=True,
+                         DQ=dq), types, dict(num_warps=c.num_warps, num_stages=c.num_stages),
+                    2 * c.BN * c.BK / (32 * c.num_warps)))
     for bits, zero, label in ((4, True, "int4 g128"), (4, False, "int4 g128 sym"), (8, True, "int8 g128")):
         for m in (16, 64):
             c = _SPLITK_PACKED[m]

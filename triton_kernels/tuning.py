@@ -70,7 +70,7 @@ def tune_key(path, fmt, x_dtype, n, k, m, device, qdata, cache: Optional[TuningC
         x = torch.randn((m, k), dtype=dtype, device=qdata[0].device)
         fns = {
             c: (lambda c=c: _launch.qmatmul(x, qdata, fmt, shape, None, path=path, config=c))
-            for c in candidates(path, m, packed=_launch.packed_int(fmt))
+            for c in candidates(path, m, packed=_launch.packed_path(path, fmt, k))
         }
     best = _best(fns, verbose, key)
     if best is None:

@@ -12,7 +12,9 @@ Where they run:
 
 qmatmul registers one kernel per path, chosen by M: ``triton_gemv`` (M <= 4),
 ``triton_splitk`` (M <= 64), ``triton_gemm`` (larger M), so that each path can
-be verified on its own.
+be verified on its own. Within a path the format picks the kernel: Int4/Int8
+(and NF4 rows of whole 32-code chunks on the GEMV) get the word-wise kernels of
+``triton_kernels/_packed.py``; every other format the generic decoders.
 
 In a source checkout (``PYTHONPATH=<repo>``, no install) the sub-package lives
 at ``<repo>/triton_kernels``; setup.py maps it to ``pyquant.triton_kernels``.

@@ -1,10 +1,11 @@
 """Word-wise Int4/Int8 kernels (``triton_kernels/_packed.py``): every code path.
 
-GEMV (``gemv_int_kernel``): unmasked full K tiles with the next tile prefetched,
+GEMV (``gemv_packed_kernel``): unmasked full K tiles with the next tile prefetched,
 the masked ragged tail, 8-byte fp16/bf16 activation loads (X16) and the per-element
 fallback (fp32 or misaligned x), 1..4 activation rows per program and several row
 blocks (M > 4 forced onto the GEMV path), K splits, per-chunk and per-channel scales.
-Tensor cores (``mm_int_kernel``): the dot of exact codes scaled per tile (BM = 16),
+NF4 on the same GEMV (rows of whole 16-byte chunks and absmax blocks; levels
+read from a 16-entry table). Tensor cores (``mm_int_kernel``): the dot of exact codes scaled per tile (BM = 16),
 the scaled weight tile (``scale_weights``), per channel, act-order, ragged K.
 
 Compared with the fp32 reference product as in ``test_triton_qmatmul`` (same
@@ -19,9 +20,9 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from pyquant.formats import Int  # noqa: E402
+from pyquant.formats import NF4, Int  # noqa: E402
 from pyquant.ops import triton_backend  # noqa: E402,F401  (makes pyquant.triton_kernels importable)
-from test_triton_qmatmul import DEVICE, check, int_weight, rand_x  # noqa: E402
+from test_triton_qmatmul import DEVICE, check, int_weight, nf4_weight, rand_x  # noqa: E402
 
 # Kernels whose GPU verification these tests decide (benchmarks/verified.py).
 GPU_KERNELS = ("triton_gemv", "triton_splitk", "triton_gemm")
@@ -96,6 +97,33 @@ def test_packed_gemv_default_config_chooses_no_split_for_wide_n():
     assert tk.configs.resolve_split(cfg, tiles, 4096, 132, waves=1)[0] == 1
     # ... and splits K when N is small
     assert tk.configs.resolve_split(cfg, -(-512 // cfg.BN), 4096, 132, waves=1)[0] > 1
+
+
+# (NF4 format, K, M, x dtype, config): tails and splits as above; block 32 = one
+# chunk, block 128 = four chunks of a thread block-row
+NF4_CASES = {
+    "b64_m1_fp16_tail": (NF4(64), 320, 1, torch.float16, Config(BN=8, BK=128, SPLIT=1, num_warps=1)),
+    "b64dq_m3_bf16_split": (NF4(64, True), 256, 3, torch.bfloat16, Config(BN=8, BK=64, SPLIT=2, num_warps=1)),
+    "b128dq_m2_fp32": (NF4(128, True), 384, 2, torch.float32, Config(BN=8, BK=128, SPLIT=1, num_warps=1)),
+    "b32_m1_bf16_full": (NF4(32), 256, 1, torch.bfloat16, Config(BN=8, BK=64, SPLIT=1, num_warps=1)),
+}
+
+
+@pytest.mark.parametrize("case", list(NF4_CASES))
+def test_packed_gemv_nf4(case):
+    fmt, k, m, dtype, cfg = NF4_CASES[case]
+    assert _launch.packed_gemv(fmt, k)
+    seed = 50 + list(NF4_CASES).index(case)
+    qw = nf4_weight(20, k, fmt, seed=seed)
+    x = rand_x(m, k, dtype, seed=seed)
+    bias = torch.randn(20).to(DEVICE) if seed % 2 else None
+    y = tk.qmatmul(x, qw.tensor_list(), fmt, qw.shape, bias, path="gemv", config=cfg)
+    check(y, x, qw, bias, f"nf4 gemv {case}")
+
+
+def test_nf4_rows_not_whole_chunks_use_the_generic_gemv():
+    assert not _launch.packed_gemv(NF4(64), 200) and not _launch.packed_gemv(NF4(64), 96)
+    assert _launch.packed_gemv(NF4(64), 192) and not _launch.packed_path("splitk", NF4(64), 192)
 
 
 # --- tensor cores -----------------------------------------------------------------
