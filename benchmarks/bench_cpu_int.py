@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -163,6 +164,8 @@ def run(args) -> dict:
         "torch": torch.__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "shape": {"n": args.n, "k": args.k},
+        # other processes on a shared machine distort 2-thread timings badly
+        "load_average_start": os.getloadavg()[0],
         "rows": [],
     }
     for name in args.formats:
@@ -182,6 +185,7 @@ def run(args) -> dict:
             results["rows"].append(row)
             print(f"  {name} M={m}: " + ", ".join(f"{k} {v:.3f} (min {tmin[k]:.3f}) ms" for k, v in t.items()),
                   file=sys.stderr)
+    results["load_average_end"] = os.getloadavg()[0]
     return results
 
 
@@ -189,7 +193,8 @@ def markdown(results: dict, key: str = "ms") -> str:
     """Table of one statistic: key "ms" (medians) or "min_ms" (minima)."""
     lines = [
         f"CPU: {results['device']}, {results['threads']} threads, SIMD {results['simd']}, torch {results['torch']}; "
-        f"N = {results['shape']['n']}, K = {results['shape']['k']}; {'median' if key == 'ms' else 'minimum'} ms",
+        f"N = {results['shape']['n']}, K = {results['shape']['k']}; {'median' if key == 'ms' else 'minimum'} ms; "
+        f"load average {results['load_average_start']:.1f} -> {results['load_average_end']:.1f}",
         "",
         "| format | M | pyquant fp32 x | (kernel only) | dense fp32 | x dense | pyquant bf16 x | (kernel only) "
         "| torch int4 bf16 | x torch int4 (kernel) | GB/s (M=1) |",
