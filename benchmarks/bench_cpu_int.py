@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -119,6 +120,7 @@ def cases(p: Problem, m: int, seed: int = 1):
     }
     if p.int4 is not None:
         out["pyquant_bf16"] = lambda: pyquant.qmatmul(xb, p.qw, kernel="cpu")
+        out["pyquant_kernel_bf16"] = lambda: cpu_int.qmatmul(xb, qdata, p.fmt, (p.n, p.k), None)
         out["torch_int4_bf16"] = lambda: p.torch_int4(xb)
     return out
 
@@ -162,6 +164,8 @@ def run(args) -> dict:
         "torch": torch.__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "shape": {"n": args.n, "k": args.k},
+        # other processes on a shared machine distort 2-thread timings badly
+        "load_average_start": os.getloadavg()[0],
         "rows": [],
     }
     for name in args.formats:
@@ -174,12 +178,14 @@ def run(args) -> dict:
             row["speedup_vs_dense"] = t["dense_fp32"] / t["pyquant"]
             if "torch_int4_bf16" in t:
                 row["speedup_vs_torch_int4"] = t["torch_int4_bf16"] / t["pyquant_bf16"]
+                row["speedup_vs_torch_int4_kernel"] = t["torch_int4_bf16"] / t["pyquant_kernel_bf16"]
                 row["torch_int4_rel_diff"] = check
             row["pyquant_gbps"] = wbytes / (t["pyquant"] * 1e-3) / 1e9
             row["dense_gbps"] = p.n * p.k * 4 / (t["dense_fp32"] * 1e-3) / 1e9
             results["rows"].append(row)
             print(f"  {name} M={m}: " + ", ".join(f"{k} {v:.3f} (min {tmin[k]:.3f}) ms" for k, v in t.items()),
                   file=sys.stderr)
+    results["load_average_end"] = os.getloadavg()[0]
     return results
 
 
@@ -187,25 +193,30 @@ def markdown(results: dict, key: str = "ms") -> str:
     """Table of one statistic: key "ms" (medians) or "min_ms" (minima)."""
     lines = [
         f"CPU: {results['device']}, {results['threads']} threads, SIMD {results['simd']}, torch {results['torch']}; "
-        f"N = {results['shape']['n']}, K = {results['shape']['k']}; {'median' if key == 'ms' else 'minimum'} ms",
+        f"N = {results['shape']['n']}, K = {results['shape']['k']}; {'median' if key == 'ms' else 'minimum'} ms; "
+        f"load average {results['load_average_start']:.1f} -> {results['load_average_end']:.1f}",
         "",
-        "| format | M | pyquant fp32 x | (kernel only) | dense fp32 | x dense | pyquant bf16 x | torch int4 bf16 "
-        "| x torch int4 | GB/s (M=1) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| format | M | pyquant fp32 x | (kernel only) | dense fp32 | x dense | pyquant bf16 x | (kernel only) "
+        "| torch int4 bf16 | x torch int4 (kernel) | GB/s (M=1) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
         t = r[key]
         has_i4 = "torch_int4_bf16" in t
         b16 = f"{t['pyquant_bf16']:.3f}" if has_i4 else "-"
+        k16 = f"{t['pyquant_kernel_bf16']:.3f}" if has_i4 else "-"
         ti4 = f"{t['torch_int4_bf16']:.3f}" if has_i4 else "-"
-        vi4 = f"{t['torch_int4_bf16'] / t['pyquant_bf16']:.2f}" if has_i4 else "-"
+        vi4 = "-"
+        if has_i4:
+            vi4 = (f"{t['torch_int4_bf16'] / t['pyquant_bf16']:.2f} "
+                   f"({t['torch_int4_bf16'] / t['pyquant_kernel_bf16']:.2f})")
         gbps = ""
         if r["m"] == 1:
             dense_bytes = results["shape"]["n"] * results["shape"]["k"] * 4
             gbps = f"{r['weight_bytes'] / t['pyquant'] / 1e6:.1f} (dense {dense_bytes / t['dense_fp32'] / 1e6:.1f})"
         lines.append(
             f"| {r['format']} | {r['m']} | {t['pyquant']:.3f} | {t['pyquant_kernel']:.3f} | {t['dense_fp32']:.3f} "
-            f"| {t['dense_fp32'] / t['pyquant']:.2f} | {b16} | {ti4} | {vi4} | {gbps} |"
+            f"| {t['dense_fp32'] / t['pyquant']:.2f} | {b16} | {k16} | {ti4} | {vi4} | {gbps} |"
         )
     return "\n".join(lines)
 
