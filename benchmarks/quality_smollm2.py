@@ -118,6 +118,8 @@ def main(argv=None):
     p.add_argument("--cache", default=None,
                    help="file to keep the float weights and token sets in (speeds up repeated runs)")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="QuantConfig overrides for every calibrated variant, e.g. damp=0.3 act_order=True")
     args = p.parse_args(argv)
     if args.list:
         for k, v in VARIANTS.items():
@@ -156,6 +158,16 @@ def main(argv=None):
             for name in args.variants:
                 over, kind, n = VARIANTS[name]
                 n = n or args.calib
+                over = dict(over)
+                if kind is not None:
+                    for kv in args.set:
+                        key, _, val = kv.partition("=")
+                        over[key] = {"True": True, "False": False, "None": None}.get(val, val)
+                        if isinstance(over[key], str):
+                            try:
+                                over[key] = float(val) if "." in val else int(val)
+                            except ValueError:
+                                pass
                 cfg = pyquant.QuantConfig(bits=bits, group_size=group, **over)
                 m = copy.deepcopy(model)
                 data = calib(kind, n) if kind else None
