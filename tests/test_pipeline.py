@@ -181,7 +181,8 @@ def test_methods_without_calibration(base_model):
         names = linear_names(model)
         report = quantize_model(model, cfg(method), None, progress=False, verbose=False)
         assert [r.name for r in report] == names
-    with pytest.raises(FormatError, match="not yet available"):
+    # k-quants need in_features divisible by 256; this model's layers are 64 wide.
+    with pytest.raises(ShapeError, match="q_proj.*block size 256"):
         quantize_model(copy.deepcopy(base_model), cfg("q4_k"), None, progress=False, verbose=False)
 
 
