@@ -3,6 +3,13 @@ import os
 import pytest
 import torch
 
+# triton.jit decides between compiling and interpreting when a kernel is
+# *defined*, so the interpreter must be on before any test module (or pyquant
+# code it calls) first imports pyquant.triton_kernels. Without a GPU, every
+# Triton kernel in this suite runs in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tests are written for 2 cores; keep torch from oversubscribing them.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
