@@ -44,11 +44,12 @@ from pyquant.evaluation import (
 # name -> (QuantConfig overrides, calibration set, n calibration sequences or None for --calib)
 VARIANTS = {
     "rtn": (dict(method="rtn"), None, None),
-    "gptq-textbook": (dict(method="gptq", damp=0.01, clip=None), "pydoc", 32),
-    "gptq-damp0.1": (dict(method="gptq", damp=0.1, clip=None), "pydoc", 32),
-    "gptq-damp0.1-mix": (dict(method="gptq", damp=0.1, clip=None), "mix", None),
+    "gptq-textbook": (dict(method="gptq", damp=0.01, clip=None, act_order=False), "pydoc", 32),
+    "gptq-damp0.1": (dict(method="gptq", damp=0.1, clip=None, act_order=False), "pydoc", 32),
+    "gptq-damp0.1-mix": (dict(method="gptq", damp=0.1, clip=None, act_order=False), "mix", None),
     "gptq-noclip": (dict(method="gptq", clip=None), "mix", None),
     "gptq-static": (dict(method="gptq", static_groups=True), "mix", None),
+    "gptq-noactorder": (dict(method="gptq", act_order=False), "mix", None),
     "gptq-actorder": (dict(method="gptq", act_order=True), "mix", None),
     "gptq-hclip": (dict(method="gptq", clip="hessian"), "mix", None),
     "gptq": (dict(method="gptq"), "mix", None),

@@ -208,7 +208,8 @@ def test_config_validation():
         QuantConfig("gptq", damp=-1)
     with pytest.raises(FormatError, match="act_order"):
         QuantConfig("rtn", act_order=True)
-    assert QuantConfig("gptq", bits=3, group_size=64).format() == pyquant.Int(3, 64)
+    assert QuantConfig("gptq", bits=3, group_size=64, act_order=False).format() == pyquant.Int(3, 64)
+    assert QuantConfig("gptq").act_order is True and QuantConfig("awq").act_order is False
     assert QuantConfig("q4_0").format() == pyquant.GGUF("Q4_0")
     assert not QuantConfig("rtn").needs_calibration and QuantConfig("awq").needs_calibration
     with pytest.raises(FormatError, match="QuantConfig"):
