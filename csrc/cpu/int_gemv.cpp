@@ -133,31 +133,12 @@ PQ_TARGET_AVX2 void prepare_x(const void* x, int dtype, int64_t ldx, const IntWe
   }
 }
 
-// out[i] = sum over the groups g of row n of s_g * z_g * X[i][g].
-template <int M>
-PQ_TARGET_AVX2 void zero_terms(const IntWeight& w, int64_t n, const float* X, int64_t ldX, float* out) {
-  const int64_t ng = w.groups, base = n * ng;
-  __m256 acc[M];
-  for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
-  const __m256 zsym = _mm256_set1_ps(float(1 << (w.bits - 1)));
-  int64_t g = 0;
-  for (; g + 8 <= ng; g += 8) {
-    const __m256 s = load8(w.scales, base + g, w.scale_dtype);
-    const __m256 sz = _mm256_mul_ps(s, w.zeros ? load8(w.zeros, base + g, w.scale_dtype) : zsym);
-    for (int i = 0; i < M; ++i) acc[i] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(X + i * ldX + g), acc[i]);
-  }
-  for (int i = 0; i < M; ++i) out[i] = hsum_avx2(acc[i]);
-  for (; g < ng; ++g) {
-    const float sz = w.scale(n, g) * w.zero(n, g);
-    for (int i = 0; i < M; ++i) out[i] += sz * X[i * ldX + g];
-  }
-}
-
-// Returns, for row n and chunks [kb0, kb1): sum over the segments of
-// s_seg * sum(q * xt) for each of the M rows of x (added to out).
+// Adds, for row n and chunks [kb0, kb1), sum over the segments of
+// s_seg * sum(q * xt) minus the zero-point term of the block's groups, for
+// each of the M rows of x, to out.
 template <int BITS, int M>
-PQ_TARGET_AVX2 void gemv_row_block(const float* xt, int64_t ldx, const IntWeight& w, int64_t n, int64_t kb0,
-                                   int64_t kb1, float* out) {
+PQ_TARGET_AVX2 void gemv_row_block(const float* xt, int64_t ldx, const float* X, int64_t ldX, const IntWeight& w,
+                                   int64_t n, int64_t kb0, int64_t kb1, float* out) {
   constexpr int cb = kIntChunk * BITS / 8;
   // Independent accumulator chains: a chain takes one FMA per 4-cycle FMA
   // latency, so several must be in flight to keep both FMA pipes busy; the
@@ -170,12 +151,31 @@ PQ_TARGET_AVX2 void gemv_row_block(const float* xt, int64_t ldx, const IntWeight
   const int64_t segc = per_channel ? kb1 - kb0 : w.chunks_per_group;
   const int64_t nseg = (kb1 - kb0 + segc - 1) / segc;
   const int64_t g0 = per_channel ? 0 : kb0 / segc;
+  // This block's scales as fp32, and its share of the zero-point term
+  // sum_g s_g * z_g * X[i][g] (a per-channel row's single group is counted
+  // with the first block).
   alignas(32) float sf[kMaxBlockGroups + 8];
   const int64_t sbase = n * w.groups + g0, nsc = per_channel ? 1 : nseg;
+  const bool with_zero = !per_channel || kb0 == 0;
   {
+    const __m256 zsym = _mm256_set1_ps(float(1 << (w.bits - 1)));
+    __m256 zt[M];
+    for (int i = 0; i < M; ++i) zt[i] = _mm256_setzero_ps();
     int64_t g = 0;
-    for (; g + 8 <= nsc; g += 8) _mm256_store_ps(sf + g, load8(w.scales, sbase + g, w.scale_dtype));
-    for (; g < nsc; ++g) sf[g] = load_float(w.scales, sbase + g, w.scale_dtype);
+    for (; g + 8 <= nsc; g += 8) {
+      const __m256 s = load8(w.scales, sbase + g, w.scale_dtype);
+      _mm256_store_ps(sf + g, s);
+      const __m256 sz = _mm256_mul_ps(s, w.zeros ? load8(w.zeros, sbase + g, w.scale_dtype) : zsym);
+      for (int i = 0; i < M; ++i) zt[i] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(X + i * ldX + g0 + g), zt[i]);
+    }
+    for (int i = 0; i < M; ++i) out[i] -= hsum_avx2(zt[i]);
+    for (; g < nsc; ++g) {
+      sf[g] = load_float(w.scales, sbase + g, w.scale_dtype);
+      if (with_zero) {
+        const float sz = sf[g] * w.zero(n, g0 + g);
+        for (int i = 0; i < M; ++i) out[i] -= sz * X[i * ldX + g0 + g];
+      }
+    }
   }
   const uint8_t* row = w.qweight + n * w.row_bytes;
   __m256 tot[M];
@@ -222,12 +222,7 @@ PQ_TARGET_AVX2 void gemv_rows(const float* xt, const float* X, int64_t ldX, cons
   const int64_t nch = w.chunks;
   const bool blocked = nch > kbc;
   const int rows = int(n1 - n0);
-  float out[kRows][M];
-  for (int r = 0; r < rows; ++r) {
-    float zt[M];
-    zero_terms<M>(w, n0 + r, X, ldX, zt);
-    for (int i = 0; i < M; ++i) out[r][i] = -zt[i];
-  }
+  float out[kRows][M] = {};
   for (int64_t kb0 = 0, b = 0; kb0 < nch; kb0 += kbc, ++b) {
     const int64_t kb1 = std::min(kb0 + kbc, nch);
     const float* xb = xt + b * M * ldx;
@@ -245,7 +240,7 @@ PQ_TARGET_AVX2 void gemv_rows(const float* xt, const float* X, int64_t ldX, cons
           prefetch_span<BITS>(w, n0 + j - rows, kb1, std::min(kb1 + kbc, nch));
         }
       }
-      gemv_row_block<BITS, M>(xb, ldx, w, n0 + r, kb0, kb1, out[r]);
+      gemv_row_block<BITS, M>(xb, ldx, X, ldX, w, n0 + r, kb0, kb1, out[r]);
     }
   }
   for (int r = 0; r < rows; ++r)

@@ -247,6 +247,23 @@ def test_qmatmul_threads(threads):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("threads", (1, 2))
+def test_qmatmul_gemm_super_tiles(threads):
+    """N = 200 gives the GEMM super-tiles of several 12-row tiles (and a
+    partial last one); K = 1100 spans three 512-column K blocks, ragged."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        qw = make_qw(4, 128, False, torch.float16, 200, 1100, seed=threads)
+        expect = Expect(qw)
+        x = torch.randn(10, 1100)
+        for level in SIMD:
+            with simd(level):
+                expect.check(pyquant.qmatmul(x, qw, kernel="cpu"), x)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_rtn_weights_public_api():
     """The usual path: RTN-quantized weights, default dispatch picks the CPU kernels."""
     w = torch.randn(48, 384)
