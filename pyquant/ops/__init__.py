@@ -55,15 +55,44 @@ def dequantize(
     return torch.ops.pyquant.dequantize(qw.tensor_list(), qw.format.spec(), n, k, dtype, kernel)
 
 
+def _op_layer_is_idle(tensors) -> bool:
+    """True when going through ``torch.ops.pyquant.qmatmul`` would only cost
+    time: plain eager tensors, nothing for autograd to record, and no compiler,
+    tracer, functorch transform or Python mode that must see the op as one node.
+    The dispatcher and autograd wrapper cost ~20-30 us per call, as much as the
+    whole GEMV of a 2048-wide decode layer."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return True
+
+
 def qmatmul(
     x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None, kernel: str = "auto"
 ) -> torch.Tensor:
-    """``x @ W_hat.T + bias`` for any leading batch dims; output in ``x.dtype``."""
+    """``x @ W_hat.T + bias`` for any leading batch dims; output in ``x.dtype``.
+
+    In plain eager inference the op's implementation is called directly (same
+    kernel selection, same result); anything that needs the op as a graph node
+    or an autograd node (compile, tracing, modes, gradients) goes through
+    ``torch.ops.pyquant.qmatmul``.
+    """
     _check_qw(qw)
     _check_kernel(kernel)
     n, k = qw.shape
     check_matmul_inputs(x, n, k, qw.device, bias)
-    return torch.ops.pyquant.qmatmul(x, qw.tensor_list(), qw.format.spec(), n, k, bias, kernel)
+    qdata = qw.tensor_list()
+    spec = qw.format.spec()
+    if _op_layer_is_idle((x, bias, *qdata)):
+        return library.qmatmul_impl(x, qdata, spec, n, k, bias, kernel)
+    return torch.ops.pyquant.qmatmul(x, qdata, spec, n, k, bias, kernel)
 
 
 def pack(codes: torch.Tensor, fmt: Format, kernel: str = "auto") -> torch.Tensor:

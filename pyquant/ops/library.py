@@ -108,6 +108,23 @@ def _qmatmul_backward(ctx, grad):
 torch.library.register_autograd("pyquant::qmatmul", _qmatmul_backward, setup_context=_qmatmul_setup_context)
 
 
+def _qmatmul_vmap(info, in_dims, x, qdata, fmt, n, k, bias, kernel):
+    # qmatmul already takes any leading dims of x, so a vmapped x is just one
+    # more leading dim; a batch of different weights is not a qmatmul.
+    x_dim, qdata_dims, _, _, _, bias_dim, _ = in_dims
+    if any(d is not None for d in qdata_dims):
+        raise NotImplementedError("pyquant.qmatmul cannot vmap over the packed weight; vmap over x only")
+    x = x.movedim(x_dim, 0) if x_dim is not None else x.expand(info.batch_size, *x.shape)
+    if bias_dim is None:
+        return torch.ops.pyquant.qmatmul(x, qdata, fmt, n, k, bias, kernel), 0
+    y = torch.ops.pyquant.qmatmul(x, qdata, fmt, n, k, None, kernel)
+    b = bias.movedim(bias_dim, 0)
+    return y + b.reshape(b.shape[0], *([1] * (y.dim() - 2)), n).to(y.dtype), 0
+
+
+torch.library.register_vmap("pyquant::qmatmul", _qmatmul_vmap)
+
+
 @_impl("pack")
 def pack_impl(codes, fmt, kernel):
     f = _fmt(fmt)

@@ -158,3 +158,72 @@ def test_dequantize_out_bad_input():
         pyquant.dequantize(qw, torch.float16, out=torch.empty(24, 80))
     with pytest.raises(pyquant.ShapeError, match="not contiguous"):
         pyquant.dequantize(qw, torch.float32, out=torch.empty(80, 24).T)
+
+
+def _count_eager_calls(monkeypatch):
+    """Counts calls that bypass torch.ops.pyquant.qmatmul: the op itself runs
+    the implementation object registered at import, not this module attribute."""
+    from pyquant.ops import library
+
+    calls = []
+    real = library.qmatmul_impl
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(library, "qmatmul_impl", counting)
+    return calls
+
+
+def test_eager_inference_skips_the_op_layer_with_the_same_result(monkeypatch):
+    qw = _qw()
+    x, bias = torch.randn(3, 80), torch.randn(24)
+    via_op = torch.ops.pyquant.qmatmul(x, qw.tensor_list(), qw.format.spec(), 24, 80, bias, "auto")
+    calls = _count_eager_calls(monkeypatch)
+    y = pyquant.qmatmul(x, qw, bias)
+    assert len(calls) == 1
+    assert torch.equal(y, via_op)
+
+
+@pytest.mark.parametrize("case", ["x_requires_grad", "bias_requires_grad", "fake_mode", "vmap"])
+def test_op_layer_kept_when_something_must_see_the_op(monkeypatch, case):
+    qw = _qw()
+    x, bias = torch.randn(3, 80), torch.randn(24)
+    calls = _count_eager_calls(monkeypatch)
+    if case == "x_requires_grad":
+        y = pyquant.qmatmul(x.requires_grad_(), qw, bias)
+        assert y.grad_fn is not None
+    elif case == "bias_requires_grad":
+        y = pyquant.qmatmul(x, qw, bias.requires_grad_())
+        assert y.grad_fn is not None
+    elif case == "fake_mode":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fx = mode.from_tensor(x)
+            y = pyquant.qmatmul(fx, qw)
+        assert y.shape == (3, 24)
+    else:
+        y = torch.vmap(lambda row: pyquant.qmatmul(row, qw))(x)
+        assert torch.allclose(y, x @ qw.dequantize().T, atol=1e-4)
+    assert calls == []
+
+
+def test_requires_grad_under_no_grad_takes_the_eager_path(monkeypatch):
+    qw = _qw()
+    x = torch.randn(2, 80, requires_grad=True)
+    calls = _count_eager_calls(monkeypatch)
+    with torch.no_grad():
+        y = pyquant.qmatmul(x, qw)
+    assert len(calls) == 1 and y.grad_fn is None
+
+
+def test_vmap_over_x_and_bias():
+    qw = _qw()
+    x, bias = torch.randn(5, 2, 80), torch.randn(5, 24)
+    y = torch.vmap(lambda xi, bi: pyquant.qmatmul(xi, qw, bi))(x, bias)
+    ref = x @ qw.dequantize().T + bias[:, None, :]
+    assert y.shape == (5, 2, 24) and torch.allclose(y, ref, atol=1e-4)
+    y2 = torch.vmap(lambda xi: pyquant.qmatmul(xi, qw, bias[0]), in_dims=1)(x)
+    assert torch.allclose(y2, (x @ qw.dequantize().T + bias[0]).transpose(0, 1), atol=1e-4)
