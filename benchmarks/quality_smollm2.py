@@ -59,8 +59,15 @@ VARIANTS = {
     "awq-noclip": (dict(method="awq", awq_clip=False), "mix", None),
     "awq": (dict(method="awq"), "mix", None),
     "hqq": (dict(method="hqq"), None, None),
+    # GGUF k-quants (llama.cpp's rows-of-256 fallback for 576-wide layers): run once, not per bits/group
+    "q4_k": (dict(method="q4_k"), None, None),
+    "q6_k": (dict(method="q6_k"), None, None),
 }
-DEFAULT_VARIANTS = ["rtn", "gptq-textbook", "gptq", "awq", "hqq"]
+DEFAULT_VARIANTS = ["rtn", "gptq-textbook", "gptq", "awq", "hqq", "q4_k", "q6_k"]
+
+
+def is_gguf_variant(name):
+    return pyquant.QuantConfig(**VARIANTS[name][0]).is_gguf
 
 
 def load_model():
@@ -154,44 +161,50 @@ def main(argv=None):
     rows.append(dict(variant="float", bits=None, group=None, ppl_in=f_in, ppl_out=f_out, minutes=0.0, calib="-"))
     print(f"float: {f_in:.3f} / {f_out:.3f}", flush=True)
     rtn = {}
-    for bits in args.bits:
-        for group in args.groups:
-            for name in args.variants:
-                over, kind, n = VARIANTS[name]
-                n = n or args.calib
-                over = dict(over)
-                if kind is not None:
-                    for kv in args.set:
-                        key, _, val = kv.partition("=")
-                        over[key] = {"True": True, "False": False, "None": None}.get(val, val)
-                        if isinstance(over[key], str):
-                            try:
-                                over[key] = float(val) if "." in val else int(val)
-                            except ValueError:
-                                pass
-                cfg = pyquant.QuantConfig(bits=bits, group_size=group, **over)
-                m = copy.deepcopy(model)
-                data = calib(kind, n) if kind else None
-                t = time.perf_counter()
-                try:
-                    pyquant.quantize_model(m, cfg, data, progress=False, verbose=False)
-                except pyquant.FormatError as exc:
-                    print(f"{name} {bits}b g{group}: skipped ({exc})", flush=True)
-                    continue
-                minutes = (time.perf_counter() - t) / 60
-                pin, pout = evaluate(m)
-                del m
-                row = dict(variant=name, bits=bits, group=group, ppl_in=pin, ppl_out=pout, minutes=minutes,
-                           calib=f"{kind} {n}x{args.seq_len}" if kind else "-", config=cfg.describe())
-                if name == "rtn":
-                    rtn[(bits, group)] = (pin, pout)
-                rows.append(row)
-                print(f"{name} {bits}b g{group}: {pin:.3f} / {pout:.3f} ({minutes:.2f} min)", flush=True)
+    int_variants = [v for v in args.variants if not is_gguf_variant(v)]
+    runs = [(bits, group, name) for bits in args.bits for group in args.groups for name in int_variants]
+    runs += [(None, None, name) for name in args.variants if is_gguf_variant(name)]
+    for bits, group, name in runs:
+        over, kind, n = VARIANTS[name]
+        n = n or args.calib
+        over = dict(over)
+        if kind is not None:
+            for kv in args.set:
+                key, _, val = kv.partition("=")
+                over[key] = {"True": True, "False": False, "None": None}.get(val, val)
+                if isinstance(over[key], str):
+                    try:
+                        over[key] = float(val) if "." in val else int(val)
+                    except ValueError:
+                        pass
+        sizes_kw = {} if bits is None else dict(bits=bits, group_size=group)
+        cfg = pyquant.QuantConfig(**sizes_kw, **over)
+        m = copy.deepcopy(model)
+        data = calib(kind, n) if kind else None
+        t = time.perf_counter()
+        try:
+            pyquant.quantize_model(m, cfg, data, progress=False, verbose=False)
+        except pyquant.FormatError as exc:
+            print(f"{name} {bits}b g{group}: skipped ({exc})", flush=True)
+            continue
+        minutes = (time.perf_counter() - t) / 60
+        qlayers = [mod for mod in m.modules() if isinstance(mod, pyquant.QuantLinear)]
+        bpw = (sum(q.quantized_weight.nbytes for q in qlayers) * 8
+               / sum(q.in_features * q.out_features for q in qlayers))
+        pin, pout = evaluate(m)
+        del m
+        row = dict(variant=name, bits=bits, group=group, ppl_in=pin, ppl_out=pout, minutes=minutes, bpw=bpw,
+                   calib=f"{kind} {n}x{args.seq_len}" if kind else "-", config=cfg.describe())
+        if name == "rtn":
+            rtn[(bits, group)] = (pin, pout)
+        rows.append(row)
+        label = name if bits is None else f"{name} {bits}b g{group}"
+        print(f"{label}: {pin:.3f} / {pout:.3f} ({bpw:.2f} bits/weight, {minutes:.2f} min)", flush=True)
 
     print()
-    print(f"| method | bits | group | calibration | ppl pydoc (in-domain) | ppl licenses (out-of-domain) "
+    print(f"| method | bits | group | bits/weight | calibration | ppl pydoc (in-domain) | ppl licenses (out-of-domain) "
           f"| in-domain gap closed vs RTN | out-of-domain vs RTN | quantize (min) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         closed = vs = "-"
         if r["bits"] is not None and r["variant"] != "rtn" and (r["bits"], r["group"]) in rtn:
@@ -199,7 +212,9 @@ def main(argv=None):
             if r_in > f_in:
                 closed = f"{100 * (r_in - r['ppl_in']) / (r_in - f_in):.0f}%"
             vs = f"{100 * (r['ppl_out'] / r_out - 1):+.1f}%"
-        print(f"| {r['variant']} | {r['bits'] or 'fp32'} | {r['group'] or '-'} | {r['calib']} | {r['ppl_in']:.3f} "
+        bits = "fp32" if r["variant"] == "float" else (r["bits"] or "gguf")
+        bpw = f"{r['bpw']:.2f}" if "bpw" in r else "32"
+        print(f"| {r['variant']} | {bits} | {r['group'] or '-'} | {bpw} | {r['calib']} | {r['ppl_in']:.3f} "
               f"| {r['ppl_out']:.3f} | {closed} | {vs} | {r['minutes']:.2f} |")
     print(f"\neval: {args.eval} x {args.seq_len} tokens per set; total {(time.perf_counter() - t0) / 60:.1f} min")
     if args.json:

@@ -10,7 +10,12 @@ Methods
 ``"awq"``     activation-aware scaling + clipping, then RTN (calibration)
 ``"hqq"``     half-quadratic quantization (no calibration; pyquant.algorithms.hqq)
 ``"q4_0"``, ``"q8_0"``, ``"q4_k"``, ... GGUF block types by round to nearest
-(no calibration; ``bits``/``group_size`` do not apply).
+(no calibration; ``bits``/``group_size`` do not apply). k-quants need rows of
+a multiple of 256 weights; a layer whose in_features is not (SmolLM2's 576)
+gets llama.cpp's fallback type when ``gguf_fallback`` is on (the default):
+Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and Q2_K/Q3_K -> Q4_0 (llama.cpp
+uses IQ4_NL there, which pyquant does not implement); the report's note says
+which layers fell back. With ``gguf_fallback=False`` such a layer is an error.
 
 Defaults and why (SmolLM2-135M, benchmarks/quality_smollm2.py, 8 x 512 eval tokens)
 -------------------------------------------------------------------------------------
@@ -49,6 +54,9 @@ import torch
 from .errors import FormatError, ValueRangeError
 
 CALIBRATED_METHODS = ("gptq", "awq")
+# llama.cpp's choice for rows that are not whole k-quant super-blocks, except
+# that it uses IQ4_NL for Q2_K/Q3_K.
+GGUF_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 INT_METHODS = ("rtn", "gptq", "awq", "hqq")
 
 
@@ -76,6 +84,8 @@ class QuantConfig:
     awq_clip_max_shrink: float = 0.5
     awq_clip_qk: bool = False  # AWQ does not clip q/k (their error acts through softmax)
     awq_max_rows: Optional[int] = 256  # output rows the scale search measures its loss on (None: all)
+    # --- GGUF ---------------------------------------------------------------
+    gguf_fallback: bool = True  # k-quant on rows not a multiple of 256: llama.cpp's fallback type
     # --- HQQ and anything method-specific -----------------------------------
     method_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
     # --- calibration pass ---------------------------------------------------
@@ -118,6 +128,18 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         return self.method in CALIBRATED_METHODS
+
+    def format_for(self, in_features: int):
+        """The format a layer with ``in_features`` inputs gets: :meth:`format`,
+        or the GGUF fallback type when a k-quant block does not fit its rows."""
+        fmt = self.format()
+        if self.is_gguf and self.gguf_fallback and in_features % fmt.block.block_size:
+            from .formats import GGUF
+
+            fallback = GGUF_FALLBACK.get(fmt.type)
+            if fallback is not None:
+                return GGUF(fallback)
+        return fmt
 
     def format(self):
         """The storage format this config produces."""

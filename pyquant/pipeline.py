@@ -252,14 +252,9 @@ def _quantize_plain(w: torch.Tensor, cfg: QuantConfig) -> Tuple[QuantizedWeight,
     if cfg.is_gguf:
         from .algorithms.rtn import rtn
 
-        try:
-            return rtn(w.float(), fmt), None, ""
-        except NotImplementedError as exc:
-            raise FormatError(f"GGUF method {cfg.method!r} is not yet available: {exc}") from exc
-        except FormatError as exc:
-            if "k-quant" in str(exc) or fmt.type.endswith("_K"):
-                raise FormatError(f"GGUF method {cfg.method!r} is not yet available: {exc}") from exc
-            raise
+        fmt = cfg.format_for(w.shape[1])
+        note = "" if fmt == cfg.format() else f"fallback {fmt.type}: in_features {w.shape[1]} % 256 != 0"
+        return rtn(w.float(), fmt), None, note
     from .algorithms.rtn import rtn
 
     return rtn(w.float(), fmt), None, ""

@@ -183,7 +183,21 @@ def test_methods_without_calibration(base_model):
         assert [r.name for r in report] == names
     # k-quants need in_features divisible by 256; this model's layers are 64 wide.
     with pytest.raises(ShapeError, match="q_proj.*block size 256"):
-        quantize_model(copy.deepcopy(base_model), cfg("q4_k"), None, progress=False, verbose=False)
+        quantize_model(copy.deepcopy(base_model), cfg("q4_k", gguf_fallback=False), None, progress=False,
+                       verbose=False)
+
+
+@pytest.mark.parametrize("method,fallback", [("q4_k", "Q5_0"), ("q5_k", "Q5_1"), ("q6_k", "Q8_0"),
+                                             ("q2_k", "Q4_0"), ("q3_k", "Q4_0")])
+def test_kquant_falls_back_like_llama_cpp_on_rows_not_a_multiple_of_256(method, fallback):
+    model = nn.Sequential(nn.Linear(320, 512), nn.Linear(512, 64))  # 320 % 256 != 0, 512 % 256 == 0
+    report = quantize_model(model, cfg(method), None, filter=lambda n, m: True, progress=False, verbose=False)
+    first, second = model[0].quantized_weight, model[1].quantized_weight
+    assert first.format == pyquant.GGUF(fallback) and second.format == pyquant.GGUF(method.upper())
+    assert fallback in report.layers[0].note and report.layers[1].note == ""
+    x = torch.randn(3, 320)
+    ref = (x @ first.dequantize().T + model[0].bias) @ second.dequantize().T + model[1].bias
+    assert torch.allclose(model(x), ref, atol=1e-4)
 
 
 def test_hqq_is_called_or_reported_missing(base_model):

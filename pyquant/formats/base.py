@@ -12,6 +12,7 @@ shape. It is what ``quantize_weight`` returns and what ``qmatmul`` consumes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar, Dict, Mapping, Tuple
 
 import torch
@@ -216,18 +217,27 @@ def validate_packed(fmt: Format, tensors: Mapping[str, torch.Tensor], shape: Tup
             raise DeviceError(f"packed tensors on different devices: {name!r} on {t.device}, others on {device}")
 
 
+@functools.lru_cache(maxsize=1024)
+def _expected_packed(fmt: Format, shape: Tuple[int, int]):
+    return tuple((name, tuple(tshape), dtype) for name, (tshape, dtype) in fmt.tensor_specs(shape).items())
+
+
 def named_packed(fmt: Format, qdata, shape: Tuple[int, int], device: torch.device) -> Dict[str, torch.Tensor]:
     """Name -> contiguous packed tensor for kernels that read raw pointers.
 
     The ops accept any ``Tensor[]`` (not only a QuantizedWeight's), so compiled
     kernels re-check count, shapes, dtypes and device before touching memory.
+    This runs on every matmul, so the common case is one comparison per tensor
+    against cached specs (~1 us); only a mismatch pays for the full check that
+    names the offending tensor.
     """
-    names = list(fmt.tensor_specs(shape))
-    if len(qdata) != len(names):
-        raise ShapeError(f"{fmt.spec()} takes {len(names)} packed tensors {names}, got {len(qdata)}")
-    t = {name: q.contiguous() for name, q in zip(names, qdata)}
-    validate_packed(fmt, t, shape)
-    for name, q in t.items():
-        if q.device != device:
+    shape = (int(shape[0]), int(shape[1]))
+    specs = _expected_packed(fmt, shape)
+    if len(qdata) != len(specs):
+        raise ShapeError(f"{fmt.spec()} takes {len(specs)} packed tensors {[n for n, _, _ in specs]}, got {len(qdata)}")
+    for q, (name, tshape, dtype) in zip(qdata, specs):
+        if not isinstance(q, torch.Tensor) or q.dtype != dtype or tuple(q.shape) != tshape or q.device != device:
+            t = dict(zip((n for n, _, _ in specs), qdata))
+            validate_packed(fmt, t, shape)
             raise DeviceError(f"packed tensor {name!r} is on {q.device}, the kernel runs on {device}")
-    return t
+    return {name: q.contiguous() for q, (name, _, _) in zip(qdata, specs)}

@@ -1,7 +1,9 @@
 """CPU C++ kernels for the gguf formats: thin wrappers over pyquant._C.
 
-The public ops have validated the inputs; here we only adapt dtypes (the C++
-kernels read and write fp32) and pass pointers. Kernels:
+The ops can be called with any ``Tensor[]``, so the blocks tensor is checked
+against the format (``named_packed``) before the C++ code reads it; otherwise
+we only adapt dtypes (the C++ kernels read and write fp32) and pass pointers.
+Kernels:
 
 * ``gguf_dequantize``: every block type, bit-exact with ``gguf.quants.dequantize``
   (fp32 out; other dtypes are a torch cast of it, i.e. correctly rounded).
@@ -20,10 +22,15 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import _ext
+from ..formats.base import named_packed
 from .dispatch import register_kernel
 
 ROW_TILE = 256
 TORCH_MATMUL_MIN_M = 512
+
+
+def _blocks(qdata, fmt, shape) -> torch.Tensor:
+    return named_packed(fmt, qdata, shape, torch.device("cpu"))["blocks"]
 
 
 def _supports(fmt, device: torch.device, m: int) -> bool:
@@ -47,9 +54,10 @@ def _dequantize_fp32(blocks: torch.Tensor, fmt, n: int, k: int, out: Optional[to
 @register_kernel("dequantize", "cpu", "gguf_dequantize", _supports)
 def dequantize(qdata: List[torch.Tensor], fmt, shape: Tuple[int, int], dtype: torch.dtype, out=None) -> torch.Tensor:
     n, k = shape
+    blocks = _blocks(qdata, fmt, shape)
     if out is not None and dtype == torch.float32:
-        return _dequantize_fp32(qdata[0].contiguous(), fmt, n, k, out)
-    w = _dequantize_fp32(qdata[0].contiguous(), fmt, n, k)
+        return _dequantize_fp32(blocks, fmt, n, k, out)
+    w = _dequantize_fp32(blocks, fmt, n, k)
     w = w if dtype == torch.float32 else w.to(dtype)
     return w if out is None else out.copy_(w)
 
@@ -65,7 +73,7 @@ def qmatmul(
     m = x2d.shape[0]
     x = x2d.to(torch.float32).contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()
-    blocks = qdata[0].contiguous()
+    blocks = _blocks(qdata, fmt, shape)
     if m >= TORCH_MATMUL_MIN_M:
         y = _tiled_torch_matmul(x, blocks, fmt, n, k, b)
     else:

@@ -7,16 +7,17 @@ and the result is cast back to their dtype, as the reference does.
 """
 from __future__ import annotations
 
-import functools
 from typing import List, Optional
 
 import torch
 
 from .. import _ext
 from ..errors import FormatError, ValueRangeError
-from ..formats.base import validate_packed
+from ..formats.base import named_packed
 from ._dtypes import dtype_code, ptr
 from .dispatch import register_kernel
+
+_CPU = torch.device("cpu")
 
 
 def _supports(fmt, device, m) -> bool:
@@ -25,21 +26,8 @@ def _supports(fmt, device, m) -> bool:
     return getattr(fmt, "family", None) == "int" and device.type == "cpu" and _ext.load() is not None
 
 
-@functools.lru_cache(maxsize=1024)
-def _specs(fmt, shape):
-    return tuple((name, tuple(tshape), dtype) for name, (tshape, dtype) in fmt.tensor_specs(shape).items())
-
-
 def _named(fmt, qdata: List[torch.Tensor], shape) -> dict:
-    """Packed tensors by name, contiguous, after checking what the C++ code
-    will index blindly (the ops can be called without a QuantizedWeight)."""
-    specs = _specs(fmt, tuple(shape))
-    if len(qdata) != len(specs) or any(
-        tuple(t.shape) != tshape or t.dtype != dtype for t, (_, tshape, dtype) in zip(qdata, specs)
-    ):
-        validate_packed(fmt, dict(zip((name for name, _, _ in specs), qdata)), tuple(shape))
-        raise FormatError(f"{fmt.spec()} expects {len(specs)} packed tensors, got {len(qdata)}")
-    return {name: t.contiguous() for t, (name, _, _) in zip(qdata, specs)}
+    return named_packed(fmt, qdata, tuple(shape), _CPU)
 
 
 def _weight_args(fmt, t: dict, shape):
@@ -80,10 +68,10 @@ def dequantize(qdata: List[torch.Tensor], fmt, shape, dtype: torch.dtype) -> tor
 def unpack(packed: torch.Tensor, fmt, shape) -> torch.Tensor:
     C = _ext.load()
     n, k = shape
-    _, tshape, dtype = _specs(fmt, tuple(shape))[0]
-    if packed.dtype != dtype or tuple(packed.shape) != tshape:
+    tshape, dtype = fmt.tensor_specs(tuple(shape))["qweight"]
+    if packed.dtype != dtype or tuple(packed.shape) != tuple(tshape):
         raise FormatError(
-            f"{fmt.spec()} packed codes for shape {tuple(shape)} must be {dtype} {tshape}, "
+            f"{fmt.spec()} packed codes for shape {tuple(shape)} must be {dtype} {tuple(tshape)}, "
             f"got {packed.dtype} {tuple(packed.shape)}"
         )
     packed = packed.contiguous()

@@ -303,3 +303,17 @@ def _check_tensors(C, reader, seen):
             y = pyquant.qmatmul(x, qw, kernel="cpu")
             w = torch.from_numpy(ref)
             assert_close_to_norm(y, x.double() @ w.double().T, x, w, t.name)
+
+
+@pytest.mark.parametrize("op", ["dequantize", "qmatmul"])
+def test_raw_op_with_short_blocks_is_an_error_not_a_read_past_the_end(op):
+    # The torch.library ops take any Tensor[]; the C++ kernel must never see a
+    # blocks tensor smaller than the format says.
+    fmt = GGUF("Q4_K")
+    qw = pyquant.quantize_weight(torch.randn(4, 256), fmt)
+    short = [qw.tensors["blocks"][:2]]
+    with pytest.raises(pyquant.ShapeError, match="blocks"):
+        if op == "dequantize":
+            torch.ops.pyquant.dequantize(short, fmt.spec(), 4, 256, torch.float32, "cpu")
+        else:
+            torch.ops.pyquant.qmatmul(torch.randn(1, 256), short, fmt.spec(), 4, 256, None, "cpu")
