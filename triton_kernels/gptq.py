@@ -70,13 +70,16 @@ def _interpreting() -> bool:
 
 
 def default_block_n(n: int, b: int, interpreting: bool) -> int:
-    """Rows per program: on a GPU ~2K fp32 of W per program (16 rows of a
-    128-column block: 256 programs for N = 4096, two per SM on an H100); the
-    interpreter pays per program, so it takes up to 64 rows at once."""
+    """Rows per program: on a GPU ~1K fp32 of W per program (8 rows of a
+    128-column block: 512 programs for N = 4096). The column walk is a latency
+    chain, so more, smaller programs win: on an H100, W (4096, 128) took
+    0.152 / 0.164 / 0.187 / 0.235 ms at 8 / 16 / 32 / 64 rows
+    (benchmarks/bench_gptq_gpu.py). The interpreter pays per program, so it
+    takes up to 64 rows at once."""
     block_b = triton.next_power_of_2(max(b, 1))
     if interpreting:
         return max(1, min(64, triton.next_power_of_2(max(n, 1))))
-    return max(1, min(64, 2048 // block_b, triton.next_power_of_2(max(n, 1))))
+    return max(1, min(64, 1024 // block_b, triton.next_power_of_2(max(n, 1))))
 
 
 def gptq_block_update_triton(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out,
