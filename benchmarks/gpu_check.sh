@@ -7,7 +7,8 @@
 #    compute_cap: 9.0 -> 90a, 8.0 -> 80, ...), into pyquant/ (no pip, no network);
 # 2. runs the GPU tests (tests/gpu: one pytest process per file, in parallel,
 #    plus tests marked gpu elsewhere);
-# 3. benchmarks the CUDA kernels (benchmarks/bench_cuda.py) and, if present,
+# 3. benchmarks the CUDA kernels (benchmarks/bench_cuda.py), the fused GPTQ update
+#    (benchmarks/bench_gptq_gpu.py -> results/<gpu>-gptq.json) and, if present,
 #    benchmarks/suite.py --quick --device cuda;
 # 4. runs the rest of the test suite (tests needing packages missing here skip);
 # 5. records which GPU kernels passed all of their tests in any of these runs:
@@ -157,6 +158,13 @@ main() {
     echo "(skipped: needs a GPU and the extension)"
   fi
 
+  step "benchmarks: bench_gptq_gpu.py --quick (fused GPTQ update vs the torch loop)"
+  if (( have_gpu && build_ok )); then
+    run_limited "$(limit 60 60)" "$PY" benchmarks/bench_gptq_gpu.py --quick --out "$RESULTS"
+  else
+    echo "(skipped: needs a GPU and the extension)"
+  fi
+
   step "benchmarks: suite.py --quick"
   mkdir -p "$WORK/suite"
   if [[ -f benchmarks/suite.py ]] && (( have_gpu && build_ok )); then
@@ -283,7 +291,8 @@ gpu_name=$(cat "$WORK/gpu_name" 2>/dev/null || echo no-gpu)
 if [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT"
   cp "$WORK/gpu_check.log" "$OUT/" 2>/dev/null
-  for f in "$gpu_name.json" "$gpu_name.md" "$gpu_name.png" "$gpu_name-suite.png" "$gpu_name-verified.json"; do
+  for f in "$gpu_name.json" "$gpu_name.md" "$gpu_name.png" "$gpu_name-suite.png" "$gpu_name-verified.json" \
+           "$gpu_name-gptq.json"; do
     if [[ -f "$RESULTS/$f" ]]; then cp "$RESULTS/$f" "$OUT/"; fi
   done
   tar -czf "$OUT/gpu_check_raw.tar.gz" -C "$WORK" --exclude='build-*' . 2>/dev/null

@@ -35,6 +35,10 @@ void register_cuda(py::module_& m) {
   m.def("int_dequant_cuda", &int_dequant_cuda, py::call_guard<py::gil_scoped_release>(), py::arg("qweight"),
         py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("n"), py::arg("k"), py::arg("bits"),
         py::arg("group"), py::arg("scale_dtype"), py::arg("out_dtype"), py::arg("stream"));
+  m.def("gptq_block_update_cuda", &gptq_block_update_cuda, nogil, py::arg("w"), py::arg("ldw"), py::arg("n"),
+        py::arg("b"), py::arg("hinv"), py::arg("ldh"), py::arg("scale"), py::arg("zero"), py::arg("ldsz"),
+        py::arg("start"), py::arg("stop"), py::arg("group_len"), py::arg("maxq"), py::arg("codes"), py::arg("ldc"),
+        py::arg("err"), py::arg("lde"), py::arg("stream"));
   register_hqq_cuda(m);
 }
 

@@ -39,4 +39,14 @@ void nf4_dequant_cuda(uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, u
 // in out_dtype.
 void gguf_dequant_cuda(uintptr_t blocks, uintptr_t out, int64_t nblocks, int type, int out_dtype, uintptr_t stream);
 
+// GPTQ's in-block column update (spec: pyquant/algorithms/gptq.py::gptq_block_update_reference),
+// fp32: w (n, b) row stride ldw, updated in place; hinv (>= stop, b) row stride ldh; scale/zero
+// (n, groups) row stride ldsz; codes uint8 / err fp32 (n, stop - start) row strides ldc / lde.
+// b <= kGptqCudaMaxBlock; throws std::invalid_argument on bad sizes.
+constexpr int64_t kGptqCudaMaxBlock = 512;
+void gptq_block_update_cuda(uintptr_t w, int64_t ldw, int64_t n, int64_t b, uintptr_t hinv, int64_t ldh,
+                            uintptr_t scale, uintptr_t zero, int64_t ldsz, int64_t start, int64_t stop,
+                            int64_t group_len, int64_t maxq, uintptr_t codes, int64_t ldc, uintptr_t err,
+                            int64_t lde, uintptr_t stream);
+
 }  // namespace pyquant

@@ -89,16 +89,132 @@ def _cpu_ext():
     return ext if ext is not None and hasattr(ext, "gptq_block_update_f32") else None
 
 
+# --- the fused GPU versions (experimental until a GPU run verifies them) ---------
+KERNELS = ("auto", "cpu", "reference", "triton", "cuda")
+TRITON_NAME = "triton_gptq_block_update"  # names verified_kernels.json would list
+CUDA_NAME = "cuda_gptq_block_update"
+CUDA_MAX_BLOCK = 512  # widest block the CUDA kernel keeps in registers
+
+
+def _cuda_ext():
+    ext = _ext.load()
+    if ext is None or not hasattr(ext, "gptq_block_update_cuda") or not ext.cuda_compiled():
+        return None
+    return ext
+
+
+def _gpu_choice(kernel, W):
+    """"triton" / "cuda" / "reference" for a GPU request, or None (the CPU paths below decide)."""
+    from .hqq import _triton_usable
+
+    dev = W.device
+    if kernel == "auto":
+        if dev.type != "cuda":
+            return None
+        from ..ops.dispatch import verified_kernels
+
+        if CUDA_NAME in verified_kernels() and _cuda_ext() is not None and W.shape[1] <= CUDA_MAX_BLOCK:
+            return "cuda"
+        if TRITON_NAME in verified_kernels() and _triton_usable(dev):
+            return "triton"
+        return "reference"
+    if kernel == "triton" and not _triton_usable(dev):
+        raise KernelUnavailableError(
+            f"gptq_block_update: the Triton kernel needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on "
+            f"CPU); tensor on {dev}"
+        )
+    if kernel == "cuda":
+        if dev.type != "cuda" or _cuda_ext() is None:
+            raise KernelUnavailableError(
+                f"gptq_block_update: the CUDA kernel needs a CUDA tensor and a CUDA build of pyquant._C "
+                f"(tensor on {dev})"
+            )
+        if W.shape[1] > CUDA_MAX_BLOCK:
+            raise KernelUnavailableError(
+                f"gptq_block_update: the CUDA kernel takes blocks of at most {CUDA_MAX_BLOCK} columns, got "
+                f"{W.shape[1]} (use a smaller block_size)"
+            )
+    return kernel if kernel in ("triton", "cuda") else None
+
+
+def _check_gpu_args(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out):
+    dev = W.device
+    for name, t in (("W", W), ("Hinv", Hinv), ("scale", scale), ("zero", zero), ("codes_out", codes_out),
+                    ("err_out", err_out)):
+        if t.device != dev:
+            raise ShapeError(f"gptq_block_update: {name} is on {t.device}, W on {dev}")
+        if t.dim() != 2:
+            raise ShapeError(f"gptq_block_update: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if name != "codes_out" and t.dtype != torch.float32:
+            raise ShapeError(f"gptq_block_update: {name} must be fp32, got {t.dtype}")
+    n, b = W.shape
+    cnt = stop - start
+    if not 0 <= start <= stop <= b:
+        raise ShapeError(f"gptq_block_update: need 0 <= start <= stop <= {b}, got start={start}, stop={stop}")
+    if group_len < 1 or not 1 <= maxq <= 255:
+        raise ValueRangeError(f"gptq_block_update: group_len={group_len} must be >= 1, maxq={maxq} in [1, 255]")
+    ng = math.ceil(cnt / group_len)
+    if Hinv.shape[0] < stop or Hinv.shape[1] != b:
+        raise ShapeError(f"gptq_block_update: Hinv {tuple(Hinv.shape)} must have {b} columns and >= {stop} rows")
+    for name, t, cols in (("scale", scale, ng), ("zero", zero, ng), ("codes_out", codes_out, cnt),
+                          ("err_out", err_out, cnt)):
+        if t.shape[0] != n or t.shape[1] < cols:
+            raise ShapeError(f"gptq_block_update: {name} {tuple(t.shape)} must be ({n}, >= {cols})")
+    if codes_out.dtype != torch.uint8:
+        raise ShapeError(f"gptq_block_update: codes_out must be uint8, got {codes_out.dtype}")
+    if W.stride(1) != 1 or codes_out.stride(1) != 1 or err_out.stride(1) != 1:
+        raise ShapeError("gptq_block_update: W, codes_out and err_out must have unit column stride")
+
+
+def _update_cuda(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out):
+    n, b = W.shape
+    if n == 0 or stop <= start:
+        return
+    Hinv = Hinv.contiguous()
+    scale = scale.contiguous()
+    zero = zero.contiguous()
+    stream = torch.cuda.current_stream(W.device).cuda_stream
+    with torch.cuda.device(W.device):
+        _cuda_ext().gptq_block_update_cuda(
+            ptr(W), W.stride(0), n, b, ptr(Hinv), Hinv.stride(0), ptr(scale), ptr(zero), scale.stride(0),
+            start, stop, group_len, maxq, ptr(codes_out), codes_out.stride(0), ptr(err_out), err_out.stride(0),
+            stream,
+        )
+
+
+def _triton_gptq():
+    import importlib
+
+    from .hqq import _triton_module
+
+    _triton_module()  # registers pyquant.triton_kernels in a source checkout; its hqq module holds _rint/_div
+    return importlib.import_module("pyquant.triton_kernels.gptq")
+
+
 def gptq_block_update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out, kernel: str = "auto"):
     """Dispatch point of the in-block update (same contract as the reference).
 
-    ``kernel``: "auto" (C++ on the CPU when built, else the reference),
-    "cpu" (C++ or KernelUnavailableError) or "reference". GPU versions plug in
-    here. Inputs must be fp32, ``W``/``Hinv``/``scale``/``zero`` contiguous and
-    ``codes_out``/``err_out`` row-major with unit column stride.
+    ``kernel``: "auto" (C++ on the CPU when built, else the reference; on a GPU
+    the fused CUDA or Triton kernel once a GPU run lists it in
+    ``pyquant/ops/verified_kernels.json``, else the reference), "cpu" (C++ or
+    KernelUnavailableError), "reference", "triton" (CUDA tensors, or CPU tensors
+    under TRITON_INTERPRET=1) or "cuda". Inputs must be fp32, ``W``/``Hinv``/
+    ``scale``/``zero`` contiguous (the GPU kernels need only a unit column
+    stride on ``W``) and ``codes_out``/``err_out`` row-major with unit column
+    stride.
     """
-    if kernel not in ("auto", "cpu", "reference"):
+    if kernel not in KERNELS:
         raise KernelUnavailableError(f"gptq_block_update: unknown kernel {kernel!r}")
+    gpu = _gpu_choice(kernel, W)
+    if gpu == "reference":
+        return gptq_block_update_reference(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
+    if gpu is not None:
+        _check_gpu_args(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
+        if gpu == "cuda":
+            return _update_cuda(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
+        return _triton_gptq().gptq_block_update_triton(
+            W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out
+        )
     ext = _cpu_ext() if W.device.type == "cpu" and kernel != "reference" else None
     if kernel == "cpu" and ext is None:
         raise KernelUnavailableError("gptq_block_update: the compiled CPU kernel is not available here")
