@@ -126,9 +126,12 @@ def main(argv=None):
     p.add_argument("--cache", default=None,
                    help="file to keep the float weights and token sets in (speeds up repeated runs)")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="print one table from the --json files of earlier runs")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="QuantConfig overrides for every calibrated variant, e.g. damp=0.3 act_order=True")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge)
     if args.list:
         for k, v in VARIANTS.items():
             print(f"{k:20s} {v}")
@@ -160,7 +163,6 @@ def main(argv=None):
     f_in, f_out = evaluate(model) if not args.skip_float else (float("nan"), float("nan"))
     rows.append(dict(variant="float", bits=None, group=None, ppl_in=f_in, ppl_out=f_out, minutes=0.0, calib="-"))
     print(f"float: {f_in:.3f} / {f_out:.3f}", flush=True)
-    rtn = {}
     int_variants = [v for v in args.variants if not is_gguf_variant(v)]
     runs = [(bits, group, name) for bits in args.bits for group in args.groups for name in int_variants]
     runs += [(None, None, name) for name in args.variants if is_gguf_variant(name)]
@@ -195,15 +197,26 @@ def main(argv=None):
         del m
         row = dict(variant=name, bits=bits, group=group, ppl_in=pin, ppl_out=pout, minutes=minutes, bpw=bpw,
                    calib=f"{kind} {n}x{args.seq_len}" if kind else "-", config=cfg.describe())
-        if name == "rtn":
-            rtn[(bits, group)] = (pin, pout)
         rows.append(row)
         label = name if bits is None else f"{name} {bits}b g{group}"
         print(f"{label}: {pin:.3f} / {pout:.3f} ({bpw:.2f} bits/weight, {minutes:.2f} min)", flush=True)
 
     print()
-    print(f"| method | bits | group | bits/weight | calibration | ppl pydoc (in-domain) | ppl licenses (out-of-domain) "
-          f"| in-domain gap closed vs RTN | out-of-domain vs RTN | quantize (min) |")
+    print_table(rows)
+    print(f"\neval: {args.eval} x {args.seq_len} tokens per set; total {(time.perf_counter() - t0) / 60:.1f} min")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(rows=rows, sizes=sizes, loader=loader, eval=args.eval, seq_len=args.seq_len,
+                           threads=torch.get_num_threads(), env=pyquant.env()), f, indent=2, default=str)
+
+
+def print_table(rows):
+    """One markdown table; gaps and ratios against the float row and the RTN
+    row of the same bits and group."""
+    f_in = next(r["ppl_in"] for r in rows if r["variant"] == "float")
+    rtn = {(r["bits"], r["group"]): (r["ppl_in"], r["ppl_out"]) for r in rows if r["variant"] == "rtn"}
+    print("| method | bits | group | bits/weight | calibration | ppl pydoc (in-domain) | ppl licenses (out-of-domain) "
+          "| in-domain gap closed vs RTN | out-of-domain vs RTN | quantize (min) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         closed = vs = "-"
@@ -216,10 +229,26 @@ def main(argv=None):
         bpw = f"{r['bpw']:.2f}" if "bpw" in r else "32"
         print(f"| {r['variant']} | {bits} | {r['group'] or '-'} | {bpw} | {r['calib']} | {r['ppl_in']:.3f} "
               f"| {r['ppl_out']:.3f} | {closed} | {vs} | {r['minutes']:.2f} |")
-    print(f"\neval: {args.eval} x {args.seq_len} tokens per set; total {(time.perf_counter() - t0) / 60:.1f} min")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(rows=rows, sizes=sizes, loader=loader, env=pyquant.env()), f, indent=2, default=str)
+
+
+def merge(paths):
+    """Print one table from the JSON of several runs (e.g. one per bit width,
+    run side by side); they must share the evaluation sets."""
+    runs = [json.load(open(p)) for p in paths]
+    keys = {(r.get("eval"), r.get("seq_len")) for r in runs}
+    if len(keys) != 1:
+        raise SystemExit(f"runs were evaluated differently (eval, seq_len): {sorted(keys, key=str)}")
+    rows = [r for r in runs[0]["rows"] if r["variant"] == "float"]
+    seen = set()
+    for run in runs:
+        for r in run["rows"]:
+            key = (r["variant"], r["bits"], r["group"])
+            if r["variant"] != "float" and key not in seen:
+                seen.add(key)
+                rows.append(r)
+    print_table(rows)
+    (n_eval, seq_len), = keys
+    print(f"\neval: {n_eval} x {seq_len} tokens per set; merged from {', '.join(paths)}")
 
 
 if __name__ == "__main__":

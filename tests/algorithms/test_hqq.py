@@ -1,5 +1,8 @@
 """HQQ: C++/Triton/CUDA solvers against the pure-torch spec, against the hqq
 package and RTN on the same weights, ragged groups, axis 0/1, bad input."""
+# benchmarks/verified.py: a GPU run of this module decides whether the fused
+# solvers may be chosen by default (every test here exercises both or neither).
+GPU_KERNELS = ("cuda_hqq_solve", "triton_hqq_solve")
 import contextlib
 import math
 import os
