@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 
@@ -33,6 +31,8 @@ import pyquant  # noqa: E402
 from pyquant import _ext  # noqa: E402
 from pyquant.formats import QuantizedWeight  # noqa: E402
 from pyquant.formats.gguf import BLOCK_TYPES, GGUF  # noqa: E402
+
+from _timing import copy_bandwidth, cpu_name, interleaved, load_average  # noqa: E402
 
 # Byte offsets of each type's fp16 fields (d, and dmin/m where present).
 F16_FIELDS = {
@@ -53,34 +53,6 @@ def random_blocks(type_name: str, n: int, k: int, rng: np.random.Generator) -> n
     return blocks.reshape(n, -1)
 
 
-CLOCK = time.perf_counter
-
-
-def interleaved(fns, repeat: int, warmup: int = 1):
-    """(best, median) seconds of each fn, timed alternately.
-
-    The best of the repetitions is the figure reported: on a shared machine
-    the other samples measure the neighbours' load, not the code.
-    """
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeat):
-        for i, fn in enumerate(fns):
-            t0 = CLOCK()
-            fn()
-            times[i].append(CLOCK() - t0)
-    return [(min(t), statistics.median(t)) for t in times]
-
-
-def copy_bandwidth(nbytes: int, repeat: int) -> float:
-    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
-    dst = torch.empty_like(src)
-    ((t, _),) = interleaved([lambda: dst.copy_(src)], repeat)
-    return 2 * nbytes / t / 1e9
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -94,11 +66,11 @@ def main(argv=None) -> int:
                         "leaves out time spent waiting for a core on a shared machine; needs --threads 1")
     p.add_argument("--out", default=os.path.join(HERE, "results", "cpu-gguf.json"))
     args = p.parse_args(argv)
+    clock = time.perf_counter
     if args.clock == "cpu":
         if args.threads != 1:
             p.error("--clock cpu measures one thread; use it with --threads 1")
-        global CLOCK
-        CLOCK = time.thread_time
+        clock = time.thread_time
 
     if _ext.load() is None:
         print("pyquant._C is not built; nothing to benchmark", file=sys.stderr)
@@ -108,11 +80,11 @@ def main(argv=None) -> int:
     rep_ref = 1 if args.quick else 3
     rng = np.random.default_rng(0)
     n, k = args.n, args.k
-    copy_gbs = copy_bandwidth(n * k * 4, rep_ours)
+    copy_gbs = copy_bandwidth(n * k * 4, rep_ours, clock=clock)
 
     results = {
         "device": "cpu",
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "threads": args.threads,
         "clock": args.clock,
         "simd": _ext.load().simd_level(),
@@ -120,7 +92,7 @@ def main(argv=None) -> int:
         "gguf": getattr(gguf, "__version__", "?"),
         "shape": [n, k],
         "copy_GBps": copy_gbs,
-        "loadavg_start": os.getloadavg()[0],
+        "loadavg_start": load_average()[0],
         "dequantize": [],
         "qmatmul": [],
     }
@@ -145,9 +117,9 @@ def main(argv=None) -> int:
         ref = lambda: gguf.quants.dequantize(blocks_np, qtype)  # noqa: E731
         assert np.array_equal(ours().numpy().view(np.int32), ref().view(np.int32)), t
         # gguf-py takes ~100x longer: a few of its runs between ours.
-        (o1, k1) = interleaved([ours, kern], rep_ours)
-        ((t_ref, med_ref),) = interleaved([ref], rep_ref, warmup=0)
-        (o2, k2) = interleaved([ours, kern], rep_ours)
+        (o1, k1) = interleaved([ours, kern], rep_ours, clock=clock)
+        ((t_ref, med_ref),) = interleaved([ref], rep_ref, warmup=0, clock=clock)
+        (o2, k2) = interleaved([ours, kern], rep_ours, clock=clock)
         t_ours, med_ours = min(o1[0], o2[0]), min(o1[1], o2[1])
         t_kern, med_kern = min(k1[0], k2[0]), min(k1[1], k2[1])
         gbs = (blocks.numel() + n * k * 4) / t_kern / 1e9
@@ -171,7 +143,7 @@ def main(argv=None) -> int:
             dense = lambda: x @ w.T  # noqa: E731
             err = (ours().double() - dense().double()).abs().max() / dense().double().abs().max()
             assert err < 1e-4, (t, m, float(err))
-            (t_ours, med_ours), (t_dense, med_dense) = interleaved([ours, dense], rep_ours)
+            (t_ours, med_ours), (t_dense, med_dense) = interleaved([ours, dense], rep_ours, clock=clock)
             row = {"type": t, "m": m, "torch_ms": t_dense * 1e3, "pyquant_ms": t_ours * 1e3,
                    "speedup": t_dense / t_ours, "weight_GBps": qw.nbytes / t_ours / 1e9,
                    "median_ms": {"torch": med_dense * 1e3, "pyquant": med_ours * 1e3}}
@@ -179,7 +151,7 @@ def main(argv=None) -> int:
             print(f"| {t} | {m} | {row['torch_ms']:.2f} | {row['pyquant_ms']:.2f} | {row['speedup']:.2f}x | "
                   f"{row['weight_GBps']:.1f} |", flush=True)
 
-    results["loadavg_end"] = os.getloadavg()[0]
+    results["loadavg_end"] = load_average()[0]
     print(f"\n1-min load average {results['loadavg_start']:.1f} at start, {results['loadavg_end']:.1f} at end "
           f"({os.cpu_count()} CPUs)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

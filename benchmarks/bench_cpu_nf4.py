@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 
@@ -44,26 +42,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import pyquant  # noqa: E402
 from pyquant import NF4, _ext  # noqa: E402
 
-
-def interleaved(fns, repeat, warmup=2, clock=time.perf_counter):
-    """[(best, median) seconds] of each callable, timed alternately."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeat):
-        for i, fn in enumerate(fns):
-            t0 = clock()
-            fn()
-            times[i].append(clock() - t0)
-    return [(min(t), statistics.median(t)) for t in times]
-
-
-def copy_bandwidth(nbytes, repeat):
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    ((best, _),) = interleaved([lambda: dst.copy_(src)], repeat)
-    return 2 * nbytes / best / 1e9
+from _timing import copy_bandwidth, cpu_name, interleaved, load_average  # noqa: E402
 
 
 def bnb_candidates(w, x, block_size, double_quant):
@@ -126,7 +105,7 @@ def main(argv=None):
     w_nf4 = pyquant.dequantize(qw)
     x_max = torch.randn(max(ms), k, generator=g)
     bnb_fns, bnb_note = ({}, "skipped (--no-bnb)") if args.no_bnb else bnb_candidates(w, x_max, args.block_size, dq)
-    copy_gbs = copy_bandwidth(64 << 20, max(5, repeat // 2))
+    copy_gbs = copy_bandwidth(64 << 20, max(5, repeat // 2), warmup=2)
 
     def measure(threads, clock, reps):
         torch.set_num_threads(threads)
@@ -146,7 +125,7 @@ def main(argv=None):
             for name, fn in cands.items():
                 ref = ref_dense if name == "torch fp32" else ref_nf4
                 errs[name] = float((fn().double() - ref).abs().max() / ref.abs().max())
-            timings = dict(zip(cands, interleaved(list(cands.values()), reps, clock=clock)))
+            timings = dict(zip(cands, interleaved(list(cands.values()), reps, warmup=2, clock=clock)))
             nbytes = qw.nbytes + x.numel() * 4 + m * n * 4
             base = timings["torch fp32"][0]
             for name, (best, med) in timings.items():
@@ -186,8 +165,8 @@ def main(argv=None):
     result = {
         "benchmark": "cpu-nf4-qmatmul",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "loadavg": os.getloadavg(), "simd": _ext.load().simd_level()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
+                    "loadavg": load_average(), "simd": _ext.load().simd_level()},
         "versions": {"torch": torch.__version__, "pyquant": pyquant.__version__,
                      "bitsandbytes": _bnb_version()},
         "config": {"n": n, "k": k, "block_size": args.block_size, "double_quant": dq, "threads": args.threads,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 import types
@@ -31,6 +30,8 @@ import pyquant
 from pyquant.algorithms.gptq import gptq_quantize
 from pyquant.algorithms.hessian import HessianAccumulator
 from pyquant.formats import Int
+
+from _timing import timed
 
 
 def load_llmcompressor():
@@ -126,15 +127,6 @@ def rel_err(W, Q, H):
     return float(((d @ H) * d).sum() / ((W @ H) * W).sum())
 
 
-def timed(fn, repeats):
-    out, times = None, []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return out, statistics.median(times), min(times)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--k", type=int, default=2048)
@@ -169,8 +161,8 @@ def main(argv=None):
         base_fn = lambda: textbook_gptq(W, H, args.group)  # noqa: E731
 
     rows = []
-    q_base, t_base, t_base_min = timed(base_fn, args.repeats)
-    rows.append(("baseline: " + baseline_name, t_base, t_base_min, rel_err(W, q_base.float(), H)))
+    q_base, t_base, times = timed(base_fn, args.repeats)
+    rows.append(("baseline: " + baseline_name, t_base, min(times), rel_err(W, q_base.float(), H)))
     cases = [
         ("pyquant static groups, no clip (same quantizer), C++", dict(static_groups=True, clip=None, kernel="cpu")),
         ("pyquant static groups, no clip, pure-torch reference", dict(static_groups=True, clip=None, kernel="reference")),
@@ -178,8 +170,8 @@ def main(argv=None):
         ("pyquant defaults of the layer call + clip='mse', C++", dict(clip="mse", kernel="cpu")),
     ]
     for name, kw in cases:
-        res, tm, tmin = timed(lambda: gptq_quantize(W, H, fmt, **kw), args.repeats)
-        rows.append((name, tm, tmin, rel_err(W, res.qweight.dequantize(torch.float32), H)))
+        res, tm, times = timed(lambda: gptq_quantize(W, H, fmt, **kw), args.repeats)
+        rows.append((name, tm, min(times), rel_err(W, res.qweight.dequantize(torch.float32), H)))
     rtn = pyquant.quantize_weight(W, fmt).dequantize(torch.float32)
 
     print(f"# GPTQ, one {n}x{k} layer, int4 g{args.group} asym, {args.tokens} calibration tokens "

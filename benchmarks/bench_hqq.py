@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
-import time
 
 import torch
 
@@ -35,25 +33,7 @@ import pyquant
 from pyquant.algorithms.hqq import hqq_quantize, hqq_solve
 from pyquant.formats import Int
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def timed(fn, repeats):
-    out, times = None, []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times), times
+from _timing import cpu_name, timed
 
 
 def make_weight(kind: str, n: int, k: int) -> torch.Tensor:

@@ -524,32 +524,40 @@ def _accumulate(block, layer: nn.Module, inps, kws, acc, stop: bool = True):
         h.remove()
 
 
+def _group_accumulator(linears, prefix, g, **kw):
+    """The input statistics of group ``g`` (layers sharing one input), named after its first layer."""
+    from .algorithms.hessian import HessianAccumulator
+
+    lin = linears[g[0]]
+    return HessianAccumulator(lin.in_features, device=lin.weight.device, name=f"{prefix}.{g[0]}", **kw)
+
+
+def _accumulate_all(block, pairs, inps, kws):
+    """One full pass of ``block`` over the calibration inputs, feeding the input
+    of each ``(layer, accumulator)`` pair to its accumulator."""
+    handles = [layer.register_forward_pre_hook(lambda m, a, acc=acc: acc.add(a[0])) for layer, acc in pairs]
+    try:
+        for x, kw in zip(inps, kws):
+            block(x, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _gptq_block(block, prefix, groups, linears, selected, inps, kws, cfg, fmt, report, log, kernel):
     from .algorithms.gptq import gptq_quantize
-    from .algorithms.hessian import HessianAccumulator
 
     todo = [[n for n in g if n in selected] for g in groups]
     todo = [g for g in todo if g]
     pending = []  # (names, accumulator) when not true-sequential
     if not cfg.true_sequential:
         # One pass collects every group's Hessian from the float block.
-        accs = []
-        for g in todo:
-            acc = HessianAccumulator(linears[g[0]].in_features, device=linears[g[0]].weight.device, name=f"{prefix}.{g[0]}")
-            accs.append(acc)
-        handles = []
-        for g, acc in zip(todo, accs):
-            handles.append(linears[g[0]].register_forward_pre_hook(lambda m, a, acc=acc: acc.add(a[0])))
-        try:
-            for x, kw in zip(inps, kws):
-                block(x, **kw)
-        finally:
-            for h in handles:
-                h.remove()
+        accs = [_group_accumulator(linears, prefix, g) for g in todo]
+        _accumulate_all(block, [(linears[g[0]], acc) for g, acc in zip(todo, accs)], inps, kws)
         pending = list(zip(todo, accs))
     for gi, g in enumerate(todo):
         if cfg.true_sequential:
-            acc = HessianAccumulator(linears[g[0]].in_features, device=linears[g[0]].weight.device, name=f"{prefix}.{g[0]}")
+            acc = _group_accumulator(linears, prefix, g)
             _accumulate(block, linears[g[0]], inps, kws, acc)
         else:
             acc = pending[gi][1]
@@ -584,23 +592,11 @@ def _gptq_block(block, prefix, groups, linears, selected, inps, kws, cfg, fmt, r
 
 def _awq_block(block, prefix, groups, producers, linears, selected, inps, kws, cfg, fmt, report, log, kernel):
     from .algorithms import awq as A
-    from .algorithms.hessian import HessianAccumulator
 
     t_block = time.perf_counter()
     # 1. statistics of every group's input, float block
-    accs = []
-    handles = []
-    for g in groups:
-        lin = linears[g[0]]
-        acc = HessianAccumulator(lin.in_features, device=lin.weight.device, name=f"{prefix}.{g[0]}", abs_mean=True)
-        accs.append(acc)
-        handles.append(lin.register_forward_pre_hook(lambda m, a, acc=acc: acc.add(a[0])))
-    try:
-        for x, kw in zip(inps, kws):
-            block(x, **kw)
-    finally:
-        for h in handles:
-            h.remove()
+    accs = [_group_accumulator(linears, prefix, g, abs_mean=True) for g in groups]
+    _accumulate_all(block, [(linears[g[0]], acc) for g, acc in zip(groups, accs)], inps, kws)
     grams = {}
     info = {}
     # 2. scales, group by group, folded as we go

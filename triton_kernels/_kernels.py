@@ -49,8 +49,23 @@ def dequant_kernel(
 
 
 @triton.jit
-def _epilogue(acc, out, ws, bias, offs_m, offs_n, M, N, pid_s, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-              SOFT_BF16: tl.constexpr):
+def grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` of a tensor-core matmul in grouped order:
+    GROUP_M row-tiles walk the same weight columns together, so they hit L2."""
+    grid_m = tl.cdiv(M, BM)
+    grid_n = tl.cdiv(N, BN)
+    width = GROUP_M * grid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def epilogue(acc, out, ws, bias, offs_m, offs_n, M, N, pid_s, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+             SOFT_BF16: tl.constexpr):
+    """Stores an fp32 [BM, BN] tile: + bias, cast, into ``out`` (SPLIT 1), or raw
+    into split ``pid_s`` of the workspace for ``reduce_kernel``."""
     mm = offs_m[:, None].to(tl.int64)
     nn = offs_n[None, :]
     mask = (mm < M) & (nn < N)
@@ -60,6 +75,17 @@ def _epilogue(acc, out, ws, bias, offs_m, offs_n, M, N, pid_s, SPLIT: tl.constex
         tl.store(out + mm * N + nn, cast_to(acc, out.dtype.element_ty, SOFT_BF16), mask=mask)
     else:
         tl.store(ws + (pid_s * M + mm) * N + nn, acc, mask=mask)
+
+
+@triton.jit
+def _x_tile(x, perm, mm, kk, M, K, HAS_PERM: tl.constexpr):
+    """x[mm, kk] in x's dtype, 0 outside (M, K); with HAS_PERM the weight's stored
+    column kk multiplies x column perm[kk]."""
+    if HAS_PERM:
+        xcol = tl.load(perm + kk, mask=kk < K, other=0).to(tl.int64)
+    else:
+        xcol = kk
+    return tl.load(x + mm * K + xcol, mask=(mm < M) & (kk < K), other=0.0)
 
 
 @triton.jit
@@ -80,14 +106,9 @@ def gemv_kernel(
         offs_k = k0 + tl.arange(0, BK)
         w = w_tile(p0, p1, p2, p3, p4, p5, offs_n[:, None], offs_k[None, :], k0, N, K, i0, i1,
                    FMT, C0, C1, C2, UNIFORM)
-        kk = offs_k[None, :]
-        if HAS_PERM:
-            xcol = tl.load(perm + kk, mask=kk < K, other=0).to(tl.int64)
-        else:
-            xcol = kk
-        xt = tl.load(x + mm * K + xcol, mask=(mm < M) & (kk < K), other=0.0).to(tl.float32)
+        xt = _x_tile(x, perm, mm, offs_k[None, :], M, K, HAS_PERM).to(tl.float32)
         acc += tl.sum(xt[:, None, :] * w[None, :, :], axis=2)
-    _epilogue(acc, out, ws, bias, offs_m, offs_n, M, N, pid_s, SPLIT, HAS_BIAS, SOFT_BF16)
+    epilogue(acc, out, ws, bias, offs_m, offs_n, M, N, pid_s, SPLIT, HAS_BIAS, SOFT_BF16)
 
 
 @triton.jit
@@ -97,18 +118,8 @@ def mm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
     X_F32: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFT_BF16: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     pid_s = tl.program_id(1)
-    grid_m = tl.cdiv(M, BM)
-    grid_n = tl.cdiv(N, BN)
-    # grouped order: GROUP_M row-tiles walk the same weight columns together
-    width = GROUP_M * grid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     mm = offs_m[:, None].to(tl.int64)
@@ -117,12 +128,7 @@ def mm_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BK):
         offs_k = k0 + tl.arange(0, BK)
-        kk = offs_k[None, :]
-        if HAS_PERM:
-            xcol = tl.load(perm + kk, mask=kk < K, other=0).to(tl.int64)
-        else:
-            xcol = kk
-        xt = tl.load(x + mm * K + xcol, mask=(mm < M) & (kk < K), other=0.0)
+        xt = _x_tile(x, perm, mm, offs_k[None, :], M, K, HAS_PERM)
         # weight tile decoded directly in [BK, BN] orientation for the dot
         w = w_tile(p0, p1, p2, p3, p4, p5, offs_n[None, :], offs_k[:, None], k0, N, K, i0, i1,
                    FMT, C0, C1, C2, UNIFORM)
@@ -136,7 +142,7 @@ def mm_kernel(
                          input_precision="ieee")
         else:
             acc = tl.dot(xt, w.to(xt.dtype), acc)
-    _epilogue(acc, out, ws, bias, offs_m, offs_n, M, N, pid_s, SPLIT, HAS_BIAS, SOFT_BF16)
+    epilogue(acc, out, ws, bias, offs_m, offs_n, M, N, pid_s, SPLIT, HAS_BIAS, SOFT_BF16)
 
 
 @triton.jit

@@ -33,6 +33,7 @@ Tensor cores (``mm_int_kernel``, split-K and GEMM)
 import triton
 import triton.language as tl
 
+from ._kernels import epilogue, grouped_tile
 from ._tiles import cast_to
 
 
@@ -490,16 +491,8 @@ def mm_int_kernel(
 ):
     """``y = x @ W_hat.T`` for Int4/Int8 on tensor cores: each K tile is one dot of x with
     the exact integer codes, scaled per row afterwards: y += s * (x . q - z * sum(x))."""
-    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     pid_s = tl.program_id(1)
-    grid_m = tl.cdiv(M, BM)
-    grid_n = tl.cdiv(N, BN)
-    width = GROUP_M * grid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
     if X_F32:
         DT: tl.constexpr = tl.float32
     else:
@@ -534,12 +527,4 @@ def mm_int_kernel(
             z = tl.load(zr + rows_c * ng).to(tl.float32)
             acc = acc - z[None, :] * accx
         acc = s[None, :] * acc
-    mm = offs_m[:, None].to(tl.int64)
-    nn = offs_n[None, :]
-    mask = (mm < M) & (nn < N)
-    if SPLIT == 1:
-        if HAS_BIAS:
-            acc = acc + tl.load(bias + nn, mask=nn < N, other=0.0).to(tl.float32)
-        tl.store(out + mm * N + nn, cast_to(acc, out.dtype.element_ty, SOFT_BF16), mask=mask)
-    else:
-        tl.store(ws + (pid_s * M + mm) * N + nn, acc, mask=mask)
+    epilogue(acc, out, ws, bias, offs_m, offs_n, M, N, pid_s, SPLIT, HAS_BIAS, SOFT_BF16)

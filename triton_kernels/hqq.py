@@ -173,11 +173,7 @@ def hqq_solve_triton(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, e
     ng = math.ceil(k / group)
     total = n * ng
     dev = w.device
-    codes = torch.empty((n, k), dtype=torch.uint8, device=dev)
-    scales = torch.empty((n, ng), dtype=torch.float32, device=dev)
-    zeros = torch.empty_like(scales)
-    err = torch.empty_like(scales)
-    steps = torch.empty((n, ng), dtype=torch.int32, device=dev)
+    sol = HQQSolution.empty(n, k, group, dev)
     sched = solver_schedule(iters, lp_norm, beta, kappa)
     thr_last = float(sched[1, -1]) if iters else 0.0
     if iters == 0:  # keep a valid pointer for the (never executed) schedule loads
@@ -190,9 +186,9 @@ def hqq_solve_triton(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, e
     if dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         extra["enable_fp_fusion"] = False
     _hqq_solve_kernel[grid](
-        w, codes, scales, zeros, err, steps, sched,
+        w, sol.codes, sol.scales, sol.zeros, sol.err, sol.iters, sched,
         total, ng, k, group, float((1 << bits) - 1), thr_last, float(lp_norm) - 1.0, tiny_scale(scale_dtype),
         ITERS=iters, DTYPE=_DTYPE_CODE[scale_dtype], KAPPA_ONE=kappa == 1.0, EARLY=bool(early_stop),
         BLOCK_G=block_g, BLOCK_L=block_l, num_warps=4 if block_g * block_l <= 2048 else 8, **extra,
     )
-    return HQQSolution(codes, scales, zeros, err, steps)
+    return sol

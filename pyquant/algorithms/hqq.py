@@ -165,19 +165,19 @@ def _solve_cpu(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, early_s
     from ..ops._dtypes import dtype_code
 
     n, k = w.shape
-    ng = math.ceil(k / group)
-    codes = torch.empty((n, k), dtype=torch.uint8)
-    scales = torch.empty((n, ng), dtype=torch.float32)
-    zeros = torch.empty_like(scales)
-    err = torch.empty_like(scales)
-    steps = torch.empty((n, ng), dtype=torch.int32)
+    sol = HQQSolution.empty(n, k, group)
     sched = solver_schedule(iters, lp_norm, beta, kappa).contiguous()
     _ext.load().hqq_solve_cpu(
-        w.data_ptr(), codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), err.data_ptr(), steps.data_ptr(),
+        w.data_ptr(), *_out_ptrs(sol),
         n, k, group, bits, dtype_code(scale_dtype), iters, sched.data_ptr(), float(lp_norm), kappa == 1.0,
         bool(early_stop), torch.get_num_threads(),
     )
-    return HQQSolution(codes, scales, zeros, err, steps)
+    return sol
+
+
+def _out_ptrs(sol: HQQSolution) -> tuple[int, ...]:
+    """Pointers to codes, scales, zeros, err, iters: the order the C++/CUDA solvers take."""
+    return tuple(t.data_ptr() for t in (sol.codes, sol.scales, sol.zeros, sol.err, sol.iters))
 
 
 def hqq_solve(
@@ -224,23 +224,18 @@ def hqq_solve(
 
 def _solve_cuda(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, early_stop, dtype_code):
     n, k = w.shape
-    ng = math.ceil(k / group)
     dev = w.device
-    codes = torch.empty((n, k), dtype=torch.uint8, device=dev)
-    scales = torch.empty((n, ng), dtype=torch.float32, device=dev)
-    zeros = torch.empty_like(scales)
-    err = torch.empty_like(scales)
-    steps = torch.empty((n, ng), dtype=torch.int32, device=dev)
+    sol = HQQSolution.empty(n, k, group, dev)
     sched_cpu = solver_schedule(iters, lp_norm, beta, kappa)
     thr_last = float(sched_cpu[1, -1]) if iters else 0.0
     sched = sched_cpu.to(dev).contiguous()
     stream = torch.cuda.current_stream(dev).cuda_stream
     _ext.load().hqq_solve_cuda(
-        w.data_ptr(), codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), err.data_ptr(), steps.data_ptr(),
+        w.data_ptr(), *_out_ptrs(sol),
         n, k, group, bits, dtype_code(scale_dtype), iters, sched.data_ptr(), float(lp_norm),
         thr_last, kappa == 1.0, bool(early_stop), stream,
     )
-    return HQQSolution(codes, scales, zeros, err, steps)
+    return sol
 
 
 def hqq_quantize(

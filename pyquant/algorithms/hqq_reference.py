@@ -67,6 +67,16 @@ class HQQSolution:
     err: torch.Tensor  # fp32 (N, G)
     iters: torch.Tensor  # int32 (N, G)
 
+    @classmethod
+    def empty(cls, n: int, k: int, group: int, device: torch.device | str = "cpu") -> HQQSolution:
+        """Uninitialized outputs for a solver kernel that writes every element."""
+        ng = math.ceil(k / group)
+        scales = torch.empty((n, ng), dtype=torch.float32, device=device)
+        return cls(
+            torch.empty((n, k), dtype=torch.uint8, device=device), scales, torch.empty_like(scales),
+            torch.empty_like(scales), torch.empty((n, ng), dtype=torch.int32, device=device),
+        )
+
 
 def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """fp32 -> ``dtype`` -> fp32 (round to nearest even; overflow gives inf)."""

@@ -1,7 +1,7 @@
 """Group parameters of the Int format for the calibrated quantizers.
 
-``group_params`` is RTN's rule (``rtn.int_scales_zeros``) on already grouped
-weights, plus an optional per-group *shrink* of the range (clipping): with no
+``group_params`` is RTN's rule (``rtn.int_scales_zeros`` calls it) on already
+grouped weights, plus an optional per-group *shrink* of the range (clipping): with no
 shrink it gives the very scales and zeros RTN gives, which is what lets GPTQ
 with an identity Hessian reproduce RTN exactly. ``search_shrink`` picks the
 shrink per (row, group) that minimises a (weighted) quantization error.
@@ -43,7 +43,9 @@ def group_params(wg: torch.Tensor, fmt: Int, shrink: Optional[torch.Tensor] = No
             f"weight range {float(scale.max()):.4g} per code overflows scale dtype {fmt.scale_dtype}; "
             "use scale_dtype=torch.float32"
         )
+    # Quantize with the scale as it will be stored, so codes and scales agree.
     scale = scale.to(fmt.scale_dtype).to(torch.float32)
+    # An all-zero group (or one whose scale underflowed) gets a harmless scale.
     scale = torch.where(scale > 0, scale, torch.full_like(scale, finfo.tiny if finfo.bits > 16 else 2.0**-14))
     if fmt.symmetric:
         zero = torch.full_like(scale, float(fmt.zero_point))

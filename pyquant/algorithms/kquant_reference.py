@@ -172,6 +172,37 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: Optional[torch.Tensor]):
     return scale, L
 
 
+def _refine_codes(x, w, wx, L, sumlx, suml2, lo: Optional[float], hi: float, qp: bool) -> torch.Tensor:
+    """The refinement passes shared by ``make_q3_quants`` (``qp=False``) and
+    ``make_qp_quants`` (``qp=True``): up to five sweeps over the elements, each
+    re-rounding one code against the others' ``sumlx = sum w*x*l`` / ``suml2 =
+    sum w*l*l`` and keeping it when ``sumlx**2 / suml2`` grows. Updates ``L``
+    (n, G) in place; returns the scale ``sumlx / suml2`` (0 where ``suml2 <= 0``).
+
+    The two C loops differ in which ``sl2`` must be positive (the one without
+    element ``i`` in make_qp_quants, the one with its new code in
+    make_q3_quants) and in make_qp_quants' ``L`` being ``uint8_t``: the stored
+    code wraps while the sums use the int ``new_l``."""
+    for _ in range(5):
+        changed = torch.zeros_like(sumlx, dtype=torch.bool)
+        for i in range(x.shape[0]):
+            li = L[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - (w[i] * li) * li
+            new_l = nearest_int(torch.div(x[i] * sl2, slx)).clamp_(lo, hi)
+            slx2 = slx + wx[i] * new_l
+            sl22 = sl2 + (w[i] * new_l) * new_l
+            upd = (slx > 0) & ((sl2 if qp else sl22) > 0) & (new_l != li)
+            upd &= (slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22
+            L[i] = torch.where(upd, _wrap_u8(new_l) if qp else new_l, li)
+            sumlx = torch.where(upd, slx2, sumlx)
+            suml2 = torch.where(upd, sl22, suml2)
+            changed |= upd
+        if not bool(changed.any()):
+            break
+    return torch.where(suml2 > 0, torch.div(sumlx, suml2), torch.zeros_like(sumlx))
+
+
 def make_q3_quants(x: torch.Tensor, nmax: int):
     """``make_q3_quants(n, nmax, x, L, do_rmse=true)``. Returns (scale, L in 0..2*nmax-1)."""
     amax, mx = _first_absmax(x)
@@ -180,25 +211,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int):
     L = nearest_int(_div(float(-nmax), mx) * x).clamp_(lo, hi)
     w = x * x
     wx = w * x
-    sumlx = _seqsum(wx * L)
-    suml2 = _seqsum((w * L) * L)
-    for _ in range(5):
-        changed = torch.zeros_like(zero)
-        for i in range(x.shape[0]):
-            li = L[i]
-            slx = sumlx - wx[i] * li
-            sl2 = suml2 - (w[i] * li) * li
-            new_l = nearest_int(torch.div(x[i] * sl2, slx)).clamp_(lo, hi)
-            slx2 = slx + wx[i] * new_l
-            sl22 = sl2 + (w[i] * new_l) * new_l
-            upd = (slx > 0) & (new_l != li) & (sl22 > 0) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
-            L[i] = torch.where(upd, new_l, li)
-            sumlx = torch.where(upd, slx2, sumlx)
-            suml2 = torch.where(upd, sl22, suml2)
-            changed |= upd
-        if not bool(changed.any()):
-            break
-    scale = torch.where(suml2 > 0, torch.div(sumlx, suml2), torch.zeros_like(sumlx))
+    scale = _refine_codes(x, w, wx, L, _seqsum(wx * L), _seqsum((w * L) * L), lo, hi, qp=False)
     L = L + nmax
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero, torch.zeros_like(L), L)
@@ -292,25 +305,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor):
     l = torch.clamp_max(nearest_int(iscale * x), fmax)
     L = _wrap_u8(l)
     wx = qw * x
-    sumlx = _seqsum(wx * l)
-    suml2 = _seqsum((qw * l) * l)
-    for _ in range(5):
-        changed = torch.zeros_like(zero)
-        for i in range(x.shape[0]):
-            li = L[i]
-            slx = sumlx - wx[i] * li
-            sl2 = suml2 - (qw[i] * li) * li
-            new_l = torch.clamp_max(nearest_int(torch.div(x[i] * sl2, slx)), fmax)
-            slx2 = slx + wx[i] * new_l
-            sl22 = sl2 + (qw[i] * new_l) * new_l
-            upd = (slx > 0) & (sl2 > 0) & (new_l != li) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
-            L[i] = torch.where(upd, _wrap_u8(new_l), li)
-            sumlx = torch.where(upd, slx2, sumlx)
-            suml2 = torch.where(upd, sl22, suml2)
-            changed |= upd
-        if not bool(changed.any()):
-            break
-    scale = torch.where(suml2 > 0, torch.div(sumlx, suml2), torch.zeros_like(sumlx))
+    scale = _refine_codes(x, qw, wx, L, _seqsum(wx * l), _seqsum((qw * l) * l), None, fmax, qp=True)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero, torch.zeros_like(L), L)
     return scale, L
@@ -449,13 +444,7 @@ def _q3_k(xb: torch.Tensor, qw: Optional[torch.Tensor]) -> torch.Tensor:
     if qw is None:
         scales, L = make_q3_quants(X, 4)
         S = _per_block(scales, 16)
-        amax = torch.zeros_like(S[0])
-        max_scale = torch.zeros_like(S[0])
-        for j in range(16):
-            a = S[j].abs()
-            upd = a > amax
-            amax = torch.where(upd, a, amax)
-            max_scale = torch.where(upd, S[j], max_scale)
+        _, max_scale = _first_absmax(S)
         has = max_scale != 0
         iscale = _div(-32.0, max_scale)
         l = _wrap_i8(nearest_int(iscale * S)).clamp_(-32.0, 31.0) + 32.0
@@ -528,13 +517,7 @@ def _q6_k(xb: torch.Tensor, qw: Optional[torch.Tensor]) -> torch.Tensor:
     X = _columns(xb, 16)
     scales, L = make_qx_quants(X, 32, None if qw is None else _columns(qw, 16))
     S = _per_block(scales, 16)
-    amax = torch.zeros_like(S[0])
-    max_scale = torch.zeros_like(S[0])
-    for j in range(16):
-        a = S[j].abs()
-        upd = a > amax
-        amax = torch.where(upd, a, amax)
-        max_scale = torch.where(upd, S[j], max_scale)
+    amax, max_scale = _first_absmax(S)
     zero_block = amax < _EPS
     iscale = _div(-128.0, max_scale)
     d16 = _div(1.0, iscale).to(torch.float16)

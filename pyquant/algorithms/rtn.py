@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ValueRangeError
 from ..formats import GGUF, NF4, Int, QuantizedWeight
+from .int_grid import group_params, pad_groups
 
 
 def int_scales_zeros(w: torch.Tensor, fmt: Int):
@@ -19,35 +19,11 @@ def int_scales_zeros(w: torch.Tensor, fmt: Int):
     n, k = w.shape
     g = fmt.group_size_for(k)
     ng = fmt.num_groups(k)
-    wp = torch.zeros((n, ng * g), dtype=torch.float32, device=w.device)
-    wp[:, :k] = w
-    wg = wp.view(n, ng, g)
-    finfo = torch.finfo(fmt.scale_dtype)
-    if fmt.symmetric:
-        absmax = wg.abs().amax(-1)
-        scale = absmax / ((1 << (fmt.bits - 1)) - 1)
-        zero = None
-    else:
-        lo = wg.amin(-1).clamp(max=0)
-        hi = wg.amax(-1).clamp(min=0)
-        scale = (hi - lo) / fmt.max_code
-    if bool((scale > finfo.max).any()):
-        raise ValueRangeError(
-            f"weight range {float(scale.max()):.4g} per code overflows scale dtype {fmt.scale_dtype}; "
-            "use scale_dtype=torch.float32"
-        )
-    # Quantize with the scale as it will be stored, so codes and scales agree.
-    scale = scale.to(fmt.scale_dtype).to(torch.float32)
-    # An all-zero group (or one whose scale underflowed) gets a harmless scale.
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, finfo.tiny if finfo.bits > 16 else 2.0**-14))
-    if fmt.symmetric:
-        zf = float(fmt.zero_point)
-        q = torch.round(wg / scale.unsqueeze(-1)) + zf
-    else:
-        zero = torch.round(-lo / scale).clamp(0, fmt.max_code)
-        q = torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+    wg = pad_groups(w.to(torch.float32), g)
+    scale, zero = group_params(wg, fmt)
+    q = torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
     codes = q.clamp(0, fmt.max_code).to(torch.uint8).view(n, ng * g)[:, :k]
-    return codes, scale, zero
+    return codes, scale, None if fmt.symmetric else zero
 
 
 def rtn_int(w: torch.Tensor, fmt: Int) -> QuantizedWeight:

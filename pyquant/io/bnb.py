@@ -181,7 +181,7 @@ def to_bnb(qw: QuantizedWeight, dtype: torch.dtype = torch.float32):
     device = qw.device
     packed = t["qweight"].reshape(-1, 1).clone()
     code = nf4_codebook(device).clone()
-    shape = torch.Size(qw.shape)
+    common = dict(shape=torch.Size(qw.shape), code=code, blocksize=fmt.block_size, quant_type="nf4", dtype=dtype)
     if fmt.double_quant:
         state2 = QuantState(
             absmax=t["absmax_scale"].clone(),
@@ -190,22 +190,8 @@ def to_bnb(qw: QuantizedWeight, dtype: torch.dtype = torch.float32):
             dtype=torch.float32,
         )
         state = QuantState(
-            absmax=t["absmax_q"].clone(),
-            shape=shape,
-            code=code,
-            blocksize=fmt.block_size,
-            quant_type="nf4",
-            dtype=dtype,
-            offset=t["absmax_offset"].reshape(()).clone(),
-            state2=state2,
+            absmax=t["absmax_q"].clone(), offset=t["absmax_offset"].reshape(()).clone(), state2=state2, **common
         )
     else:
-        state = QuantState(
-            absmax=t["absmax"].clone(),
-            shape=shape,
-            code=code,
-            blocksize=fmt.block_size,
-            quant_type="nf4",
-            dtype=dtype,
-        )
+        state = QuantState(absmax=t["absmax"].clone(), **common)
     return packed, state

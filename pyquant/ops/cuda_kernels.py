@@ -58,6 +58,35 @@ def _opt_code(t) -> int:
     return 0 if t is None else dtype_code(t.dtype)
 
 
+def _launch(dev: torch.device, entry: str, *args) -> None:
+    """``_C.<entry>(*args, stream)`` on ``dev`` and its current torch stream.
+
+    ``args`` are raw pointers and sizes: the caller keeps the tensors behind
+    them alive until this returns (the launch is then enqueued on the stream).
+    """
+    with torch.cuda.device(dev):
+        getattr(_ext.load(), entry)(*args, _stream(dev))
+
+
+def _dequant_out(qdata, fmt, shape, dtype) -> tuple[dict, torch.Tensor]:
+    """The named packed tensors and the (N, K) output of a dequantize kernel."""
+    n, k = shape
+    dev = qdata[0].device
+    return _packed(fmt, qdata, shape, dev), torch.empty((n, k), dtype=dtype, device=dev)
+
+
+def _matmul_out(x, qdata, fmt, shape, bias) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+    """Checks ``x``/``bias`` of a qmatmul-like kernel; returns the named packed
+    tensors, the (M, N) output in ``x.dtype`` and ``bias`` made contiguous."""
+    n, k = shape
+    _check_x(x, k, bias)
+    t = _packed(fmt, qdata, shape, x.device)
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    if bias is not None:
+        bias = bias.contiguous()
+    return t, out, bias
+
+
 # --- Int: dequantize ---------------------------------------------------------
 def _int_any(fmt, device, m):
     return fmt.family == "int" and not fmt.act_order and _cuda_ready(device)
@@ -66,14 +95,12 @@ def _int_any(fmt, device, m):
 @register_kernel("dequantize", "cuda", "cuda_int_dequantize", _int_any)
 def int_dequantize(qdata, fmt, shape, dtype):
     n, k = shape
-    dev = qdata[0].device
-    t = _packed(fmt, qdata, shape, dev)
-    out = torch.empty((n, k), dtype=dtype, device=dev)
-    with torch.cuda.device(dev):
-        _ext.load().int_dequant_cuda(
-            ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")), ptr(out), n, k, fmt.bits,
-            fmt.group_size_for(k), dtype_code(fmt.scale_dtype), dtype_code(dtype), _stream(dev),
-        )
+    t, out = _dequant_out(qdata, fmt, shape, dtype)
+    _launch(
+        out.device, "int_dequant_cuda",
+        ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")), ptr(out), n, k, fmt.bits,
+        fmt.group_size_for(k), dtype_code(fmt.scale_dtype), dtype_code(dtype),
+    )
     return out
 
 
@@ -92,21 +119,17 @@ def _int4_gemv_ok(fmt, device, m):
 def int4_gemv(x, qdata, fmt, shape, bias):
     """x (M, K) fp16/bf16/fp32 contiguous, M <= 8 -> (M, N) in x.dtype."""
     n, k = shape
-    _check_x(x, k, bias)
-    t = _packed(fmt, qdata, shape, x.device)
+    t, out, bias = _matmul_out(x, qdata, fmt, shape, bias)
     m = x.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    if bias is not None:
-        bias = bias.contiguous()
     qweight = _aligned16(t["qweight"])  # held until the launch is enqueued
-    with torch.cuda.device(x.device):
-        _ext.load().int4_gemv_cuda(
-            ptr(x), ptr(qweight), ptr(t["scales"]), ptr(t.get("zeros")), ptr(bias),
-            ptr(out), m, n, k, fmt.group_size_for(k), dtype_code(fmt.scale_dtype), _opt_code(bias),
-            dtype_code(x.dtype), _stream(x.device),
-        )
+    _launch(
+        x.device, "int4_gemv_cuda",
+        ptr(x), ptr(qweight), ptr(t["scales"]), ptr(t.get("zeros")), ptr(bias),
+        ptr(out), m, n, k, fmt.group_size_for(k), dtype_code(fmt.scale_dtype), _opt_code(bias),
+        dtype_code(x.dtype),
+    )
     return out
 
 
@@ -121,8 +144,7 @@ def quantize_rows_int8_cuda(x: torch.Tensor, kp: int | None = None):
     q = torch.empty((m, kp), dtype=torch.int8, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     x = x.contiguous()
-    with torch.cuda.device(x.device):
-        _ext.load().quantize_rows_int8_cuda(ptr(x), ptr(q), ptr(scale), m, k, kp, dtype_code(x.dtype), _stream(x.device))
+    _launch(x.device, "quantize_rows_int8_cuda", ptr(x), ptr(q), ptr(scale), m, k, kp, dtype_code(x.dtype))
     return q, scale
 
 
@@ -133,22 +155,18 @@ def _w8a8_ok(fmt, device, m):
 @register_kernel("w8a8_matmul", "cuda", "cuda_w8a8_gemm", _w8a8_ok)
 def w8a8_gemm(x, qdata, fmt, shape, bias):
     n, k = shape
-    _check_x(x, k, bias)
-    t = _packed(fmt, qdata, shape, x.device)
+    t, out, bias = _matmul_out(x, qdata, fmt, shape, bias)
     m = x.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     kp = fmt.packed_row_bytes(k)  # 8-bit codes: one byte per padded column
     qa, sa = quantize_rows_int8_cuda(x, kp)
-    if bias is not None:
-        bias = bias.contiguous()
     qweight = _aligned16(t["qweight"])
-    with torch.cuda.device(x.device):
-        _ext.load().w8a8_gemm_cuda(
-            ptr(qa), ptr(sa), ptr(qweight), ptr(t["scales"]), ptr(bias), ptr(out),
-            m, n, kp, dtype_code(fmt.scale_dtype), _opt_code(bias), dtype_code(out.dtype), _stream(x.device),
-        )
+    _launch(
+        x.device, "w8a8_gemm_cuda",
+        ptr(qa), ptr(sa), ptr(qweight), ptr(t["scales"]), ptr(bias), ptr(out),
+        m, n, kp, dtype_code(fmt.scale_dtype), _opt_code(bias), dtype_code(out.dtype),
+    )
     return out
 
 
@@ -181,17 +199,13 @@ def _dynamic_map(device: torch.device) -> torch.Tensor:
 @register_kernel("dequantize", "cuda", "cuda_nf4_dequantize", _nf4_ok)
 def nf4_dequantize(qdata, fmt, shape, dtype):
     n, k = shape
-    dev = qdata[0].device
-    t = _packed(fmt, qdata, shape, dev)
-    out = torch.empty((n, k), dtype=dtype, device=dev)
+    t, out = _dequant_out(qdata, fmt, shape, dtype)
+    dev = out.device
     if fmt.double_quant:
         scales = (0, ptr(t["absmax_q"]), ptr(t["absmax_scale"]), ptr(t["absmax_offset"]), ptr(_dynamic_map(dev)))
     else:
         scales = (ptr(t["absmax"]), 0, 0, 0, 0)
-    with torch.cuda.device(dev):
-        _ext.load().nf4_dequant_cuda(
-            ptr(t["qweight"]), *scales, ptr(out), n * k, fmt.block_size, dtype_code(dtype), _stream(dev)
-        )
+    _launch(dev, "nf4_dequant_cuda", ptr(t["qweight"]), *scales, ptr(out), n * k, fmt.block_size, dtype_code(dtype))
     return out
 
 
@@ -202,12 +216,10 @@ def _gguf_ok(fmt, device, m):
 @register_kernel("dequantize", "cuda", "cuda_gguf_dequantize", _gguf_ok)
 def gguf_dequantize(qdata, fmt, shape, dtype):
     n, k = shape
-    dev = qdata[0].device
-    t = _packed(fmt, qdata, shape, dev)
-    out = torch.empty((n, k), dtype=dtype, device=dev)
+    t, out = _dequant_out(qdata, fmt, shape, dtype)
     bt = fmt.block
-    with torch.cuda.device(dev):
-        _ext.load().gguf_dequant_cuda(
-            ptr(t["blocks"]), ptr(out), n * (k // bt.block_size), bt.ggml_type, dtype_code(dtype), _stream(dev)
-        )
+    _launch(
+        out.device, "gguf_dequant_cuda",
+        ptr(t["blocks"]), ptr(out), n * (k // bt.block_size), bt.ggml_type, dtype_code(dtype),
+    )
     return out

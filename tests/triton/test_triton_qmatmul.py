@@ -20,6 +20,7 @@ import pyquant  # noqa: E402
 from pyquant.formats import GGUF, NF4, Int, QuantizedWeight  # noqa: E402
 from pyquant.ops import dispatch, reference  # noqa: E402
 from gguf_testutil import random_blocks  # noqa: E402
+from test_triton_dequant import int_weight  # noqa: E402,F401  (test_triton_packed imports it from here)
 
 # Kernels whose GPU verification these tests decide (benchmarks/verified.py).
 GPU_KERNELS = ("triton_gemv", "triton_splitk", "triton_gemm")
@@ -85,16 +86,6 @@ def check(y, x, qw, bias, what):
 
 
 # --- weights ------------------------------------------------------------------
-def int_weight(n, k, fmt, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ng = fmt.num_groups(k)
-    codes = torch.randint(0, 1 << fmt.bits, (n, k), generator=g)
-    scales = torch.rand(n, ng, generator=g) * 0.1 + 0.01
-    zeros = None if fmt.symmetric else torch.rand(n, ng, generator=g) * fmt.max_code
-    perm = torch.randperm(k, generator=g) if fmt.act_order else None
-    return fmt.pack(codes, scales, zeros, perm).to(DEVICE)
-
-
 def nf4_weight(n, k, fmt, seed=0):
     F = pytest.importorskip("bitsandbytes.functional")
     torch.manual_seed(seed)
