@@ -223,13 +223,19 @@ PQ_TARGET_AVX2 void gemv_row_block(const float* xt, int64_t ldx, const float* X,
   for (int i = 0; i < M; ++i) out[i] += hsum_avx2(tot[i]);
 }
 
+template <int BITS>
+PQ_TARGET_AVX2 inline void prefetch_span(const IntWeight& w, int64_t n, int64_t c0, int64_t c1) {
+  constexpr int cb = kIntChunk * BITS / 8;
+  const char* p = reinterpret_cast<const char*>(w.qweight + n * w.row_bytes + c0 * cb);
+  for (int64_t b = 0; b < (c1 - c0) * cb; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
 // Rows [n0, n1) of y. xt holds every K block of transformed x back to back:
 // block b is M x (block columns) at xt + b * M * block columns.
 template <int BITS, int M>
 PQ_TARGET_AVX2 void gemv_rows(const float* xt, const float* X, int64_t ldX, const IntWeight& w, const float* bias,
                               float* y, int64_t n0, int64_t n1) {
   constexpr int64_t kbc = block_chunks<M>(), ldx = kbc * kIntChunk;
-  constexpr int cb = kIntChunk * BITS / 8;
   const int64_t nch = w.chunks;
   const bool blocked = nch > kbc;
   const int rows = int(n1 - n0);
@@ -241,15 +247,17 @@ PQ_TARGET_AVX2 void gemv_rows(const float* xt, const float* X, int64_t ldX, cons
       // With several K blocks per row, consecutive reads jump by a row
       // stride, which the hardware prefetcher does not follow: fetch the
       // row after next (or, at the last rows, the first rows of the next K
-      // block). With one block the rows stream front to back and a fixed
-      // distance ahead does.
+      // block) at once. Spreading those requests through the row instead
+      // (as below) was ~10% faster from a cold cache at M = 2 but 20% slower
+      // warm (1 thread). With one block the rows stream front to back and
+      // the kernel prefetches a fixed distance ahead in the loop.
       const uint8_t* pf = nullptr;
       if (blocked) {
         const int j = r + 2;
         if (j < rows) {
-          pf = w.qweight + (n0 + j) * w.row_bytes + kb0 * cb;
+          prefetch_span<BITS>(w, n0 + j, kb0, kb1);
         } else if (kb1 < nch) {
-          pf = w.qweight + (n0 + j - rows) * w.row_bytes + kb1 * cb;
+          prefetch_span<BITS>(w, n0 + j - rows, kb1, std::min(kb1 + kbc, nch));
         }
       } else if (BITS <= 4) {
         pf = w.qweight + (n0 + r) * w.row_bytes + kPrefetchAhead;
