@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
-import sys
 import time
 
 import torch
@@ -53,6 +51,9 @@ VARIANTS = {
     "gptq-actorder": (dict(method="gptq", act_order=True), "mix", None),
     "gptq-hclip": (dict(method="gptq", clip="hessian"), "mix", None),
     "gptq": (dict(method="gptq"), "mix", None),
+    "gptq-mix25": (dict(method="gptq"), "mix25", None),
+    "gptq-damp1": (dict(method="gptq", damp=1.0), "mix", None),
+    "awq-mix25": (dict(method="awq"), "mix25", None),
     "gptq-actorder-mix75": (dict(method="gptq", act_order=True), "mix75", None),
     "gptq-actorder-pydoc": (dict(method="gptq", act_order=True), "pydoc", None),
     "awq-pydoc": (dict(method="awq"), "pydoc", 32),
@@ -102,7 +103,7 @@ def build_sets(ids, n_calib, n_eval, seq_len):
     def calib(kind, n):
         if kind == "pydoc":
             return pydoc[: n * seq_len].view(n, seq_len)
-        half = n // 2 if kind == "mix" else (3 * n) // 4  # "mix75": three quarters pydoc
+        half = n * int(kind[3:] or 50) // 100  # "mixNN": NN% pydoc, the rest generic ("mix" = 50%)
         a = pydoc[: half * seq_len].view(half, seq_len)
         b = spread_token_segments(generic, n - half, seq_len)
         return torch.cat([a, b])  # fixed order: pydoc first, then generic

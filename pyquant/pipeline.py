@@ -28,17 +28,16 @@ note in the report (calibrating them would need their own capture pass).
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .config import QuantConfig
 from .errors import DtypeError, FormatError, ShapeError, ValueRangeError
-from .formats import Int, QuantizedWeight
+from .formats import QuantizedWeight
 from .nn.quant_linear import QuantLinear, default_filter
 
 
@@ -593,7 +592,6 @@ def _gptq_block(block, prefix, groups, linears, selected, inps, kws, cfg, fmt, r
 def _awq_block(block, prefix, groups, producers, linears, selected, inps, kws, cfg, fmt, report, log, kernel):
     from .algorithms import awq as A
 
-    t_block = time.perf_counter()
     # 1. statistics of every group's input, float block
     accs = [_group_accumulator(linears, prefix, g, abs_mean=True) for g in groups]
     _accumulate_all(block, [(linears[g[0]], acc) for g, acc in zip(groups, accs)], inps, kws)

@@ -8,7 +8,6 @@ from torch import nn
 
 from ..errors import FormatError, ShapeError
 from ..formats import Format, QuantizedWeight
-from ..formats.base import format_from_spec
 
 
 class QuantLinear(nn.Module):
