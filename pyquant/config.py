@@ -17,8 +17,8 @@ Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and Q2_K/Q3_K -> Q4_0 (llama.cpp
 uses IQ4_NL there, which pyquant does not implement); the report's note says
 which layers fell back. With ``gguf_fallback=False`` such a layer is an error.
 
-Defaults and why (SmolLM2-135M, benchmarks/quality_smollm2.py, 8 x 512 eval tokens)
--------------------------------------------------------------------------------------
+Defaults and why (SmolLM2-135M, benchmarks/quality_smollm2.py)
+---------------------------------------------------------------
 Textbook GPTQ (damp 0.01, 32 x 512 pydoc tokens, no clip) closes 31% (4-bit
 g64) / 48% (3-bit) of RTN's in-domain perplexity gap but is worse than RTN
 out of domain (+2% / +41%): it overfits the calibration text. Defaults here:
@@ -38,11 +38,27 @@ out of domain (+2% / +41%): it overfits the calibration text. Defaults here:
   It costs a gather of ``x`` by ``perm`` in each matmul; pass
   ``act_order=False`` for the plain layout.
 
-With these defaults and 16 mixed sequences, GPTQ closes 54% (4-bit) / 75%
-(3-bit) of the g64 in-domain gap and is 15% / 4% better than RTN out of
-domain; at 4-bit g128 it is still 13% worse than RTN out of domain (AWQ: +0.4%).
-AWQ (duo scaling + plain scaling searched, clipping) closes 57% / 61% at g64
-and is 11% / 48% better than RTN out of domain.
+* ``static_groups`` on for GPTQ: each group's range comes from the weights
+  before any update (as llm-compressor does with act-order), so the ranges do
+  not follow the error GPTQ pushes into later columns. At 4-bit g128 (32 mixed
+  sequences, 16 x 512 eval tokens per set; float 9.87 / 9.91, RTN 13.22 /
+  16.01) per-group ranges computed as the updates arrive left GPTQ 5.8% worse
+  than RTN out of domain (11.53 / 16.93); static ranges: 11.34 / 15.89
+  (-0.7%), with more of the in-domain gap closed (56% vs 51%). Without
+  act-order it was 18.52 (+16%); damp=1.0 instead: 16.18 (+1.1%). At 3-bit
+  g64 static ranges close 75% of the gap and are 28% better than RTN out of
+  domain.
+* AWQ clipping (``awq_clip``) only for groups of up to 64 columns: the clip
+  search shrinks ranges by up to half to fit the calibration outputs, which at
+  g128 costs out-of-domain quality (4-bit g128: clip 11.47 / 16.21, +1.3% vs
+  RTN; max shrink 0.2: +1.9%; no clip: 11.75 / 15.99, -0.1%), while at g64 it
+  is what lets AWQ close 57% / 61% of the in-domain gap (no clip at 3-bit g64:
+  35%).
+* Calibration: the benchmark uses half pydoc, half package descriptions for
+  both methods. A quarter pydoc helped GPTQ at g128 (57% / -1.9%) but hurt
+  AWQ (+6.5% out of domain), so it is not the recommendation.
+
+benchmarks/results/quality-smollm2.md has the whole table with these defaults.
 """
 from __future__ import annotations
 
@@ -58,6 +74,7 @@ CALIBRATED_METHODS = ("gptq", "awq")
 # that it uses IQ4_NL for Q2_K/Q3_K.
 GGUF_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 INT_METHODS = ("rtn", "gptq", "awq", "hqq")
+AWQ_CLIP_MAX_GROUP = 64  # awq_clip=None clips groups up to this size
 
 
 @dataclasses.dataclass
@@ -69,7 +86,7 @@ class QuantConfig:
     scale_dtype: torch.dtype = torch.float16
     # --- GPTQ -------------------------------------------------------------
     act_order: Optional[bool] = None  # None: on for GPTQ (see above), off for everything else
-    static_groups: bool = False
+    static_groups: bool = True  # group ranges from the weights before any GPTQ update (see above)
     damp: float = 0.1
     block_size: int = 128
     true_sequential: bool = True
@@ -79,7 +96,7 @@ class QuantConfig:
     # --- AWQ --------------------------------------------------------------
     awq_grid: int = 20
     awq_duo_scaling: Union[bool, str] = "both"  # False: mean|x|^a; True: x^a / w^(1-a); "both": search both
-    awq_clip: bool = True
+    awq_clip: Optional[bool] = None  # None: on for groups of <= 64 columns, off for larger groups (see above)
     awq_clip_grid: int = 20
     awq_clip_max_shrink: float = 0.5
     awq_clip_qk: bool = False  # AWQ does not clip q/k (their error acts through softmax)
@@ -117,6 +134,8 @@ class QuantConfig:
             raise ValueRangeError("max_shrink must lie in [0, 1)")
         if self.act_order is None:
             self.act_order = self.method == "gptq"
+        if self.awq_clip is None:
+            self.awq_clip = 0 < self.group_size <= AWQ_CLIP_MAX_GROUP
         if self.act_order and self.method != "gptq":
             raise FormatError(f"act_order needs method='gptq' (got {self.method!r})")
         self.format()  # validates bits / group_size / scale_dtype
