@@ -49,7 +49,6 @@ import re
 import subprocess
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -65,23 +64,15 @@ import pyquant  # noqa: E402
 from pyquant.formats import Int, QuantizedWeight  # noqa: E402
 from pyquant.ops import cpu_int  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import cpu_name  # noqa: E402
+
 FORMATS = {
     "int4_g128": Int(4, 128, False, torch.float16),
     "int8_g128": Int(8, 128, False, torch.float16),
 }
 MS = (1, 2, 4, 8, 16, 32, 64, 128)
 QUICK_MS = (1, 8, 64)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def l3_bytes(default: int = 32 << 20) -> int:
