@@ -137,7 +137,7 @@ def _gpu_choice(kernel, W):
     return kernel if kernel in ("triton", "cuda") else None
 
 
-def _check_gpu_args(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out):
+def _check_args(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out):
     dev = W.device
     for name, t in (("W", W), ("Hinv", Hinv), ("scale", scale), ("zero", zero), ("codes_out", codes_out),
                     ("err_out", err_out)):
@@ -209,7 +209,7 @@ def gptq_block_update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_
     if gpu == "reference":
         return gptq_block_update_reference(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
     if gpu is not None:
-        _check_gpu_args(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
+        _check_args(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
         if gpu == "cuda":
             return _update_cuda(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
         return _triton_gptq().gptq_block_update_triton(
@@ -220,11 +220,12 @@ def gptq_block_update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_
         raise KernelUnavailableError("gptq_block_update: the compiled CPU kernel is not available here")
     if ext is None:
         return gptq_block_update_reference(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
+    # The C++ loop indexes by start/stop/group_len blindly: the same bounds
+    # checks as the GPU kernels, plus the full contiguity it assumes.
+    _check_args(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
     for name, t in (("W", W), ("Hinv", Hinv), ("scale", scale), ("zero", zero)):
-        if t.dtype != torch.float32 or not t.is_contiguous():
+        if not t.is_contiguous():
             raise ShapeError(f"gptq_block_update: {name} must be contiguous fp32")
-    if codes_out.stride(1) != 1 or err_out.stride(1) != 1 or codes_out.dtype != torch.uint8:
-        raise ShapeError("gptq_block_update: codes_out/err_out must have unit column stride (codes uint8)")
     n, b = W.shape
     ext.gptq_block_update_f32(
         ptr(W), b, n, b, ptr(Hinv), Hinv.shape[1], ptr(scale), ptr(zero), scale.shape[1],

@@ -313,3 +313,27 @@ def test_shrink_search_matches_a_plain_search_over_group_params(fmt, weighted):
             best_err = torch.where(better, e, best_err)
             best = torch.where(better, torch.full_like(best, p), best)
     assert torch.equal(got, best)
+
+
+@pytest.mark.skipif(EXT is None, reason="needs the compiled extension")
+@pytest.mark.parametrize("bad", ["stop_past_block", "start_after_stop", "short_scales", "short_codes", "short_hinv"])
+def test_cpu_block_update_checks_bounds_before_the_kernel(bad):
+    # The C++ loop trusts start/stop/group_len and the output widths; a bad
+    # call must be a ShapeError, never a read or write past a tensor.
+    n, b, g = 4, 16, 8
+    W, Hinv = torch.randn(n, b), torch.eye(b)
+    scale, zero = torch.full((n, 2), 0.1), torch.full((n, 2), 8.0)
+    codes, err = torch.empty(n, b, dtype=torch.uint8), torch.empty(n, b)
+    start, stop = 0, b
+    if bad == "stop_past_block":
+        stop = b + 4
+    elif bad == "start_after_stop":
+        start, stop = 9, 4
+    elif bad == "short_scales":
+        scale, zero = scale[:, :1].contiguous(), zero[:, :1].contiguous()
+    elif bad == "short_codes":
+        codes = codes[:, :8]
+    else:
+        Hinv = Hinv[:8].contiguous()
+    with pytest.raises(ShapeError):
+        gptq_block_update(W, Hinv, scale, zero, start, stop, g, 15, codes, err, kernel="cpu")
