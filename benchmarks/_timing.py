@@ -16,7 +16,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -83,3 +83,23 @@ def load_average() -> Tuple[float, float, float]:
         return os.getloadavg()
     except (AttributeError, OSError):
         return (float("nan"),) * 3
+
+
+def cuda_event_ms(fn: Callable[[], object], reps: int, warmup: int = 2,
+                  before: Optional[Callable[[], object]] = None) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA stream, timed with
+    CUDA events; ``before()`` (e.g. an L2 flush) runs untimed before each rep."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if before is not None:
+            before()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,6 +28,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import cuda_event_ms  # noqa: E402
 
 import pyquant  # noqa: E402
 from pyquant.formats import GGUF, NF4, Int  # noqa: E402
@@ -53,18 +54,7 @@ class Timer:
 
     def __call__(self, fn) -> float:
         """Median milliseconds of fn() with a cold L2."""
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(self.reps):
-            self.flush.zero_()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
+        return cuda_event_ms(fn, self.reps, warmup=3, before=self.flush.zero_)
 
 
 def copy_gbps(timer: Timer) -> float:

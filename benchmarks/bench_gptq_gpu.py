@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,25 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import cuda_event_ms  # noqa: E402
 
 
 def device_name() -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", torch.cuda.get_device_name()).strip("_")
-
-
-def cuda_ms(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def random_hessian(k: int, seed: int = 0) -> torch.Tensor:
@@ -116,11 +102,11 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         return work.clone(), codes.clone(), err.clone()
 
-    copy_ms = cuda_ms(lambda: work.copy_(W0), reps=max(reps, 10))
+    copy_ms = cuda_event_ms(lambda: work.copy_(W0), reps=max(reps, 10))
     result = {"device": device_name(), "n": n, "k": k, "block": bs, "format": fmt.spec(), "reps": reps,
               "copy_ms": copy_ms, "block_update": {}, "quantize": {}}
     ref_out = outputs("reference")
-    ref_ms = cuda_ms(update("reference"), reps) - copy_ms
+    ref_ms = cuda_event_ms(update("reference"), reps) - copy_ms
     result["block_update"]["reference"] = {"ms": ref_ms}
     print(f"# GPTQ on {device_name()}: W {n}x{k}, {fmt.spec()}, block {bs}\n")
     print(f"in-block update, W ({n}, {bs}) (W restore copy {copy_ms * 1e3:.1f} us subtracted)")
@@ -136,7 +122,7 @@ def main(argv=None) -> int:
     for label, kernel, kw in candidates:
         try:
             out = outputs(kernel, **kw)
-            ms = cuda_ms(update(kernel, **kw), reps) - copy_ms
+            ms = cuda_event_ms(update(kernel, **kw), reps) - copy_ms
         except (KernelUnavailableError, RuntimeError) as exc:
             print(f"  {label:<24} failed: {exc}")
             result["block_update"][label] = {"error": str(exc)}
@@ -155,7 +141,7 @@ def main(argv=None) -> int:
             res = G.gptq_quantize(W, H, fmt, kernel=kernel)
             torch.cuda.synchronize()
             first_s = time.perf_counter() - t0
-            ms = cuda_ms(lambda: G.gptq_quantize(W, H, fmt, kernel=kernel), qreps, warmup=0)
+            ms = cuda_event_ms(lambda: G.gptq_quantize(W, H, fmt, kernel=kernel), qreps, warmup=0)
         except (KernelUnavailableError, RuntimeError) as exc:
             print(f"  {kernel:<10} failed: {exc}")
             result["quantize"][kernel] = {"error": str(exc)}
