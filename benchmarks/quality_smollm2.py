@@ -64,6 +64,8 @@ VARIANTS = {
     "awq-clip02": (dict(method="awq", awq_clip_max_shrink=0.2), "mix", None),
     "awq": (dict(method="awq"), "mix", None),
     "hqq": (dict(method="hqq"), None, None),
+    "hqq-integer": (dict(method="hqq", hqq_zero_point="integer"), None, None),
+    "hqq-float": (dict(method="hqq", hqq_zero_point="float"), None, None),  # the hqq package's formulation
     # GGUF k-quants (llama.cpp's rows-of-256 fallback for 576-wide layers): run once, not per bits/group
     "q4_k": (dict(method="q4_k"), None, None),
     "q6_k": (dict(method="q6_k"), None, None),

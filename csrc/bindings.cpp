@@ -15,6 +15,7 @@ void register_nf4_cpu(py::module_& m);
 void register_gguf_cpu(py::module_& m);
 void register_kquant_cpu(py::module_& m);
 void register_hqq_cpu(py::module_& m);
+void register_hqq_integer_zero_cpu(py::module_& m);
 void register_gptq_cpu(py::module_& m);
 #ifdef PYQUANT_WITH_CUDA
 void register_cuda(py::module_& m);
@@ -48,5 +49,6 @@ PYBIND11_MODULE(_C, m) {
   pyquant::register_gguf_cpu(m);
   pyquant::register_kquant_cpu(m);
   pyquant::register_hqq_cpu(m);
+  pyquant::register_hqq_integer_zero_cpu(m);
   pyquant::register_gptq_cpu(m);
 }

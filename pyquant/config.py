@@ -104,6 +104,7 @@ class QuantConfig:
     # --- GGUF ---------------------------------------------------------------
     gguf_fallback: bool = True  # k-quant on rows not a multiple of 256: llama.cpp's fallback type
     # --- HQQ and anything method-specific -----------------------------------
+    hqq_zero_point: str = "anchored"  # "anchored" | "integer" | "float" (the hqq package's); see above
     method_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
     # --- calibration pass ---------------------------------------------------
     batch_size: int = 8  # calibration sequences per forward
@@ -132,6 +133,10 @@ class QuantConfig:
             raise ValueRangeError("grid sizes must be >= 1")
         if not 0 <= self.clip_max_shrink < 1 or not 0 <= self.awq_clip_max_shrink < 1:
             raise ValueRangeError("max_shrink must lie in [0, 1)")
+        if self.hqq_zero_point not in ("anchored", "integer", "float"):
+            raise ValueRangeError(
+                f"hqq_zero_point must be 'anchored', 'integer' or 'float', got {self.hqq_zero_point!r}"
+            )
         if self.act_order is None:
             self.act_order = self.method == "gptq"
         if self.awq_clip is None:
@@ -182,6 +187,8 @@ class QuantConfig:
                 extra.append("static_groups")
             if self.clip:
                 extra.append(f"clip={self.clip}")
+        if self.method == "hqq":
+            extra.append(f"zero_point={self.method_kwargs.get('zero_point', self.hqq_zero_point)}")
         if self.method == "awq":
             extra.append(f"duo={self.awq_duo_scaling}")
             if self.awq_clip:

@@ -247,7 +247,8 @@ def _quantize_plain(w: torch.Tensor, cfg: QuantConfig) -> Tuple[QuantizedWeight,
             from .algorithms.hqq import hqq_quantize
         except ImportError as exc:
             raise FormatError(f"method 'hqq' is not available in this build ({exc})") from exc
-        return hqq_quantize(w.float(), fmt, **cfg.method_kwargs), None, ""
+        kwargs = {"zero_point": cfg.hqq_zero_point, **cfg.method_kwargs}
+        return hqq_quantize(w.float(), fmt, **kwargs), None, ""
     if cfg.is_gguf:
         from .algorithms.rtn import rtn
 

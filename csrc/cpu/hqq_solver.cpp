@@ -26,6 +26,7 @@
 #include <cstring>
 #include <limits>
 
+#include "scale_round.h"
 #include "simd.h"
 
 #if PQ_X86
@@ -38,31 +39,6 @@ namespace pyquant {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-// fp32 -> fp16/bf16 -> fp32, round to nearest even, overflow to inf (what
-// torch's .to(dtype) does). Only per-group scalars go through here.
-float round_to_dtype(float x, int dtype) {
-  if (dtype == 0 || !std::isfinite(x)) return x;
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if (dtype == 2) {  // bf16: keep the top 16 bits, ties to even
-    u += 0x7fffu + ((u >> 16) & 1u);
-    u &= 0xffff0000u;
-    float r;
-    std::memcpy(&r, &u, 4);
-    return r;
-  }
-  const float a = std::fabs(x);
-  if (a >= 65520.0f) return std::copysign(kInf, x);  // rounds past fp16's max 65504
-  if (a < 6.103515625e-05f) {  // fp16 subnormal: multiples of 2^-24 (the scaling is exact)
-    return std::nearbyint(x * 16777216.0f) * 5.9604644775390625e-08f;
-  }
-  u += 0xfffu + ((u >> 13) & 1u);  // 10 mantissa bits, ties to even; a carry moves the exponent
-  u &= 0xffffe000u;
-  float r;
-  std::memcpy(&r, &u, 4);
-  return r;
-}
 
 struct Params {
   float maxq;

@@ -3,14 +3,25 @@
     from pyquant.algorithms.hqq import hqq_quantize
     qw = hqq_quantize(W, Int(bits=4, group_size=64))          # W: (out, in)
 
-Per group, HQQ keeps the min/max scale and solves for a float zero point that
-minimises an l_p (p=0.7) reconstruction error with a half-quadratic proximal
-loop (``pyquant/algorithms/hqq_reference.py`` is the spec and explains the
-algorithm). The result is an ordinary asymmetric ``Int`` weight: float zero
-points are part of that format (``W_hat = (q - z) * s``).
+HQQ minimises an l_p (p=0.7) reconstruction error per group with a
+half-quadratic proximal loop. Three formulations (``zero_point=``):
 
-How it relates to the ``hqq`` package (0.2.8)
----------------------------------------------
+* ``"anchored"`` (the default): starts from RTN's integer zero point; the
+  solver moves the scale (never so far that a weight is clipped), then the
+  zero point, by at most 0.1 of a step, so a weight of 0 is reproduced to a
+  tenth of a step (``pyquant/algorithms/hqq_integer_zero.py``: spec, and why
+  it is the default: a free float zero costs SmolLM2 2-7x perplexity at 3
+  bits).
+* ``"integer"``: the same without the zero step: 0 is exactly representable.
+* ``"float"``: the ``hqq`` package's: min/max scale kept, a float zero point
+  solved (``pyquant/algorithms/hqq_reference.py`` is the spec and explains
+  the algorithm); the lowest weight error, and what the fused kernels solve.
+
+The result is an ordinary asymmetric ``Int`` weight (``W_hat = (q - z) * s``;
+float zero points are part of that format).
+
+How ``zero_point="float"`` relates to the ``hqq`` package (0.2.8)
+----------------------------------------------------------------
 * Same init (``s = (max - min) / (2**bits - 1)``, ``z = -min / s``), same
   proximal step, same parameters (``lp_norm=0.7, beta=10, kappa=1.01,
   iters=20``). Note that hqq's default optimizer (``..._legacy``) is handed
@@ -42,10 +53,12 @@ of a column, not consecutive ones; when ``g`` divides ``N``,
 ``hqq_quantize(W[p], fmt, axis=0)`` with ``p = arange(N).view(g, N // g).T.flatten()``
 has exactly hqq's groups. Here ``N`` need not be a multiple of the group size.
 
-Backends (``kernel=``): ``"cpu"`` (C++ OpenMP + AVX2/FMA, the default on CPU),
-``"reference"`` (pure torch, any device), ``"triton"`` and ``"cuda"`` (fused
-one-launch solvers; experimental: on a GPU, "auto" picks them only once a GPU
-run lists them in ``pyquant/ops/verified_kernels.json``).
+Backends (``kernel=``) for ``zero_point="float"``: ``"cpu"`` (C++ OpenMP +
+AVX2/FMA, the default on CPU), ``"reference"`` (pure torch, any device),
+``"triton"`` and ``"cuda"`` (fused one-launch solvers; on a GPU, "auto" picks
+them only once a GPU run lists them in ``pyquant/ops/verified_kernels.json``).
+``"anchored"`` and ``"integer"``: ``"cpu"`` (C++ OpenMP, the default on CPU)
+and ``"reference"`` (pure torch, any device; what "auto" runs on a GPU).
 """
 from __future__ import annotations
 
@@ -57,14 +70,17 @@ from .. import _ext
 from ..errors import FormatError, KernelUnavailableError, ValueRangeError
 from ..formats import Int, QuantizedWeight
 from ..validation import check_finite, check_weight_2d
+from .hqq_integer_zero import ZERO_SLACK, hqq_solve_integer_zero
 from .hqq_reference import HQQSolution, hqq_solve_reference, solver_schedule
 
 KERNELS = ("auto", "cpu", "reference", "triton", "cuda")
+ZERO_POINTS = ("anchored", "integer", "float")
 TRITON_NAME = "triton_hqq_solve"  # names verified_kernels.json would list
 CUDA_NAME = "cuda_hqq_solve"
+INTEGER_CPU_NAME = "hqq_solve_integer_zero_cpu"
 
 
-def _check_params(fmt, axis, iters, lp_norm, beta, kappa, kernel):
+def _check_params(fmt, axis, iters, lp_norm, beta, kappa, kernel, zero_point):
     if not isinstance(fmt, Int):
         raise FormatError(f"HQQ quantizes into the Int format, got {type(fmt).__name__} ({fmt!r})")
     if fmt.symmetric:
@@ -85,6 +101,13 @@ def _check_params(fmt, axis, iters, lp_norm, beta, kappa, kernel):
         raise ValueRangeError(f"beta * kappa**(iters-1) overflows: beta={beta}, kappa={kappa}, iters={iters}")
     if kernel not in KERNELS:
         raise KernelUnavailableError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if zero_point not in ZERO_POINTS:
+        raise ValueRangeError(f"zero_point must be one of {ZERO_POINTS}, got {zero_point!r}")
+    if zero_point != "float" and kernel in ("triton", "cuda"):
+        raise KernelUnavailableError(
+            f"kernel={kernel!r} solves zero_point='float' only; zero_point={zero_point!r} has a CPU kernel ('cpu') "
+            "and runs as torch code elsewhere ('reference')"
+        )
 
 
 def _ext_with(name):
@@ -108,7 +131,13 @@ def _cuda_usable(device: torch.device) -> bool:
     return device.type == "cuda" and ext is not None and ext.cuda_compiled()
 
 
-def _pick_kernel(kernel: str, device: torch.device) -> str:
+def _pick_kernel(kernel: str, device: torch.device, zero_point: str) -> str:
+    if zero_point != "float":
+        if kernel == "auto":
+            kernel = "cpu" if device.type == "cpu" and _ext_with(INTEGER_CPU_NAME) is not None else "reference"
+        if kernel == "cpu" and (device.type != "cpu" or _ext_with(INTEGER_CPU_NAME) is None):
+            raise KernelUnavailableError(f"the C++ HQQ solver needs a CPU tensor and pyquant._C (tensor on {device})")
+        return "integer_" + kernel
     if kernel == "auto":
         if device.type == "cpu":
             return "cpu" if _ext_with("hqq_solve_cpu") is not None else "reference"
@@ -161,17 +190,19 @@ def _triton_module():
     return importlib.import_module("pyquant.triton_kernels.hqq")
 
 
-def _solve_cpu(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, early_stop):
+def _solve_cpu(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, early_stop, zero_slack=None):
+    """The C++ solvers: float zero points, or (``zero_slack`` given) around integer ones."""
     from ..ops._dtypes import dtype_code
 
     n, k = w.shape
     sol = HQQSolution.empty(n, k, group)
     sched = solver_schedule(iters, lp_norm, beta, kappa).contiguous()
-    _ext.load().hqq_solve_cpu(
-        w.data_ptr(), *_out_ptrs(sol),
-        n, k, group, bits, dtype_code(scale_dtype), iters, sched.data_ptr(), float(lp_norm), kappa == 1.0,
-        bool(early_stop), torch.get_num_threads(),
-    )
+    args = (w.data_ptr(), *_out_ptrs(sol), n, k, group, bits, dtype_code(scale_dtype), iters, sched.data_ptr(),
+            float(lp_norm), kappa == 1.0, bool(early_stop))
+    if zero_slack is None:
+        _ext.load().hqq_solve_cpu(*args, torch.get_num_threads())
+    else:
+        _ext.load().hqq_solve_integer_zero_cpu(*args, float(zero_slack), torch.get_num_threads())
     return sol
 
 
@@ -190,19 +221,27 @@ def hqq_solve(
     kappa: float = 1.01,
     early_stop: bool = True,
     kernel: str = "auto",
+    zero_point: str = "anchored",
 ) -> HQQSolution:
     """Codes, stored scales/zeros and per-group squared errors of ``w`` (N, K)
     grouped along K (no packing). Validates like :func:`hqq_quantize`."""
     check_weight_2d("weight", w)
-    _check_params(fmt, 1, iters, lp_norm, beta, kappa, kernel)
+    _check_params(fmt, 1, iters, lp_norm, beta, kappa, kernel, zero_point)
     fmt.check_shape(tuple(w.shape))
     check_finite("weight", w)
-    which = _pick_kernel(kernel, w.device)
+    which = _pick_kernel(kernel, w.device, zero_point)
     group = fmt.group_size_for(w.shape[1])
     args = (fmt.bits, group, fmt.scale_dtype, iters, float(lp_norm), float(beta), float(kappa), bool(early_stop))
     with torch.no_grad():
         w32 = w.detach().to(torch.float32).contiguous()
-        if which == "reference":
+        slack = ZERO_SLACK if zero_point == "anchored" else 0.0
+        if which == "integer_reference":
+            sol = hqq_solve_integer_zero(w32, fmt.bits, group, fmt.scale_dtype, zero_slack=slack, iters=iters,
+                                         lp_norm=float(lp_norm), beta=float(beta), kappa=float(kappa),
+                                         early_stop=bool(early_stop))
+        elif which == "integer_cpu":
+            sol = _solve_cpu(w32, *args, zero_slack=slack)
+        elif which == "reference":
             sol = hqq_solve_reference(w32, fmt.bits, group, fmt.scale_dtype, iters=iters, lp_norm=float(lp_norm),
                                       beta=float(beta), kappa=float(kappa), early_stop=bool(early_stop))
         elif which == "cpu":
@@ -249,6 +288,7 @@ def hqq_quantize(
     kappa: float = 1.01,
     early_stop: bool = True,
     kernel: str = "auto",
+    zero_point: str = "anchored",
 ) -> QuantizedWeight:
     """Quantize ``w`` (out_features, in_features) into the asymmetric Int ``fmt`` with HQQ.
 
@@ -256,14 +296,16 @@ def hqq_quantize(
     ``(N, K)``; ``axis=0`` groups along the output dimension and returns the
     quantized transpose, shape ``(K, N)`` (see the module docstring).
     ``kernel``: "auto", "cpu", "reference", "triton" or "cuda".
+    ``zero_point``: "anchored" (default), "integer" or "float" (the ``hqq``
+    package's formulation); see the module docstring.
     Raises FormatError (symmetric / act_order / non-Int format), ValueRangeError
     (NaN/Inf weights, bad solver parameters, a scale overflowing scale_dtype),
     ShapeError/DtypeError (not a 2-D float tensor), KernelUnavailableError.
     """
     check_weight_2d("weight", w)
-    _check_params(fmt, axis, iters, lp_norm, beta, kappa, kernel)
+    _check_params(fmt, axis, iters, lp_norm, beta, kappa, kernel, zero_point)
     if axis == 0:
         w = w.t()
     sol = hqq_solve(w, fmt, iters=iters, lp_norm=lp_norm, beta=beta, kappa=kappa, early_stop=early_stop,
-                    kernel=kernel)
+                    kernel=kernel, zero_point=zero_point)
     return fmt.pack(sol.codes, sol.scales, sol.zeros)

@@ -117,6 +117,34 @@ def _div(a, b: torch.Tensor) -> torch.Tensor:
     return torch.div(a, b)
 
 
+def group_view(w: torch.Tensor, group_size: int):
+    """``w`` (N, K) zero-padded to whole groups, as ``(N, G, g)``, with the
+    mask of real columns ``(1, G, g)`` and each group's min and max ``(N, G)``."""
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    ng = math.ceil(k / g)
+    wp = torch.zeros((n, ng * g), dtype=torch.float32, device=w.device)
+    wp[:, :k] = w
+    W = wp.view(n, ng, g)
+    valid = torch.zeros((ng * g,), dtype=torch.bool, device=w.device)
+    valid[:k] = True
+    valid = valid.view(1, ng, g)
+    inf = torch.tensor(float("inf"), dtype=torch.float32, device=w.device)
+    return W, valid, torch.where(valid, W, inf).amin(-1), torch.where(valid, W, -inf).amax(-1)
+
+
+def rtn_scale_zero(lo: torch.Tensor, hi: torch.Tensor, maxq: float, scale_dtype: torch.dtype):
+    """pyquant's RTN per group from its min ``lo`` and max ``hi``: the range
+    widened to include 0, the stored scale, and an integral zero in
+    ``[0, maxq]`` (so 0 is exactly representable)."""
+    lo_r = lo.clamp(max=0.0)
+    hi_r = hi.clamp(min=0.0)
+    s_r = round_to(_div(hi_r - lo_r, maxq), scale_dtype)
+    s_r = torch.where(s_r > 0, s_r, torch.full_like(s_r, tiny_scale(scale_dtype)))
+    z_r = torch.clamp(torch.round(_div(-lo_r, s_r)), 0.0, maxq)
+    return s_r, z_r
+
+
 def hqq_solve_reference(
     w: torch.Tensor,
     bits: int,
@@ -131,22 +159,12 @@ def hqq_solve_reference(
 ) -> HQQSolution:
     """Quantize ``w`` (fp32, (N, K), finite) group-wise along K. See module docstring."""
     n, k = w.shape
-    g = k if group_size == -1 else group_size
-    ng = math.ceil(k / g)
     f32 = torch.float32
     dev = w.device
     maxq = float((1 << bits) - 1)
-
-    wp = torch.zeros((n, ng * g), dtype=f32, device=dev)
-    wp[:, :k] = w
-    W = wp.view(n, ng, g)
-    valid = torch.zeros((ng * g,), dtype=torch.bool, device=dev)
-    valid[:k] = True
-    valid = valid.view(1, ng, g)
+    W, valid, lo, hi = group_view(w, group_size)
+    ng, g = W.shape[1], W.shape[2]
     cnt = valid.sum(-1, dtype=torch.int32).to(f32)  # (1, ng)
-    inf = torch.tensor(float("inf"), dtype=f32, device=dev)
-    lo = torch.where(valid, W, inf).amin(-1)
-    hi = torch.where(valid, W, -inf).amax(-1)
 
     def sq_err(s, z, sinv):
         q = torch.clamp(torch.round(W * sinv[..., None] + z[..., None]), 0.0, maxq)
@@ -155,11 +173,7 @@ def hqq_solve_reference(
         return torch.where(valid, d * d, torch.zeros_like(d)).sum(-1)
 
     # --- candidate 1: pyquant's RTN (range including 0, integral zero) -------
-    lo_r = lo.clamp(max=0.0)
-    hi_r = hi.clamp(min=0.0)
-    s_r = round_to(_div(hi_r - lo_r, maxq), scale_dtype)
-    s_r = torch.where(s_r > 0, s_r, torch.full_like(s_r, tiny_scale(scale_dtype)))
-    z_r = torch.clamp(torch.round(_div(-lo_r, s_r)), 0.0, maxq)
+    s_r, z_r = rtn_scale_zero(lo, hi, maxq, scale_dtype)
     sinv_r = _div(1.0, s_r)
     e_r = sq_err(s_r, z_r, sinv_r)
 

@@ -1,9 +1,13 @@
-"""HQQ: C++/Triton/CUDA solvers against the pure-torch spec, against the hqq
-package and RTN on the same weights, ragged groups, axis 0/1, bad input."""
+"""HQQ with float zero points (``zero_point="float"``, the hqq package's
+formulation and the one the fused kernels solve): C++/Triton/CUDA solvers
+against the pure-torch spec, against the hqq package and RTN on the same
+weights, ragged groups, axis 0/1, bad input. The default integer-zero solver
+is tested in test_hqq_integer_zero.py."""
 # benchmarks/verified.py: a GPU run of this module decides whether the fused
 # solvers may be chosen by default (every test here exercises both or neither).
 GPU_KERNELS = ("cuda_hqq_solve", "triton_hqq_solve")
 import contextlib
+import functools
 import math
 import os
 import subprocess
@@ -15,9 +19,12 @@ import torch
 
 import pyquant
 from pyquant import DtypeError, FormatError, KernelUnavailableError, ShapeError, ValueRangeError
-from pyquant.algorithms.hqq import hqq_quantize, hqq_solve
+from pyquant.algorithms import hqq as hqq_module
 from pyquant.algorithms.hqq_reference import hqq_solve_reference
 from pyquant.formats import NF4, Int
+
+hqq_quantize = functools.partial(hqq_module.hqq_quantize, zero_point="float")
+hqq_solve = functools.partial(hqq_module.hqq_solve, zero_point="float")
 
 BITS = (2, 3, 4, 8)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
