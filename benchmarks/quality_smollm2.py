@@ -26,10 +26,12 @@ import json
 import os
 import platform
 import time
+from contextlib import nullcontext
 
 import torch
 
 import pyquant
+import quality_peers
 from pyquant.evaluation import (
     license_corpus_text,
     package_docs_text,
@@ -65,6 +67,11 @@ VARIANTS = {
     "awq": (dict(method="awq"), "mix", None),
     "hqq": (dict(method="hqq"), None, None),
     "hqq-integer": (dict(method="hqq", hqq_zero_point="integer"), None, None),
+    # peers on the same inputs (benchmarks/quality_peers.py)
+    "hqq-package": (dict(method="hqq", hqq_zero_point="float"), None, None),
+    "gptq-llmcompressor": (dict(method="gptq", damp=0.01, act_order=False, clip=None, static_groups=True), "mix", None),
+    # pyquant's GPTQ at llm-compressor's defaults (damp 0.01, act-order with static groups, min-max ranges)
+    "gptq-peer-settings": (dict(method="gptq", damp=0.01, act_order=True, clip=None, static_groups=True), "mix", None),
     "hqq-float": (dict(method="hqq", hqq_zero_point="float"), None, None),  # the hqq package's formulation
     # GGUF k-quants (llama.cpp's rows-of-256 fallback for 576-wide layers): run once, not per bits/group
     "q4_k": (dict(method="q4_k"), None, None),
@@ -192,14 +199,20 @@ def main(argv=None):
         data = calib(kind, n) if kind else None
         t = time.perf_counter()
         try:
-            pyquant.quantize_model(m, cfg, data, progress=False, verbose=False)
-        except pyquant.FormatError as exc:
+            if name == "hqq-package":
+                bpw = quality_peers.hqq_package(m, bits, group)
+            else:
+                peer = quality_peers.llmcompressor_gptq(bits) if name == "gptq-llmcompressor" else nullcontext()
+                with peer:
+                    pyquant.quantize_model(m, cfg, data, progress=False, verbose=False)
+        except (pyquant.FormatError, ImportError) as exc:
             print(f"{name} {bits}b g{group}: skipped ({exc})", flush=True)
             continue
         minutes = (time.perf_counter() - t) / 60
         qlayers = [mod for mod in m.modules() if isinstance(mod, pyquant.QuantLinear)]
-        bpw = (sum(q.quantized_weight.nbytes for q in qlayers) * 8
-               / sum(q.in_features * q.out_features for q in qlayers))
+        if qlayers:
+            bpw = (sum(q.quantized_weight.nbytes for q in qlayers) * 8
+                   / sum(q.in_features * q.out_features for q in qlayers))
         pin, pout = evaluate(m)
         del m
         row = dict(variant=name, bits=bits, group=group, ppl_in=pin, ppl_out=pout, minutes=minutes, bpw=bpw,
@@ -240,12 +253,14 @@ def print_table(rows):
 
 def merge(paths):
     """Print one table from the JSON of several runs (e.g. one per bit width,
-    run side by side); they must share the evaluation sets."""
+    run side by side); they must share the evaluation sets. A row appears once:
+    the first file listing a (variant, bits, group) wins."""
     runs = [json.load(open(p)) for p in paths]
     keys = {(r.get("eval"), r.get("seq_len")) for r in runs}
     if len(keys) != 1:
         raise SystemExit(f"runs were evaluated differently (eval, seq_len): {sorted(keys, key=str)}")
-    rows = [r for r in runs[0]["rows"] if r["variant"] == "float"]
+    floats = [r for run in runs for r in run["rows"] if r["variant"] == "float" and r["ppl_in"] == r["ppl_in"]]
+    rows = floats[:1]  # the first run that evaluated the float model (others may have --skip-float)
     seen = set()
     for run in runs:
         for r in run["rows"]:

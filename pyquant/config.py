@@ -58,6 +58,25 @@ out of domain (+2% / +41%): it overfits the calibration text. Defaults here:
   both methods. A quarter pydoc helped GPTQ at g128 (57% / -1.9%) but hurt
   AWQ (+6.5% out of domain), so it is not the recommendation.
 
+* HQQ ``hqq_zero_point="anchored"``: the zero point starts at RTN's integer,
+  the solver moves the scale (never clipping a weight), then the zero by at
+  most 0.1 of a step (``pyquant/algorithms/hqq_integer_zero.py`` says why:
+  near-zero weights in the columns of attention-sink / massive activations).
+  Perplexity in / out of domain, 16 x 512 tokens per set:
+
+  =========  ===============  ===============  ===============  ================
+  zero        4-bit g64        4-bit g128       3-bit g64        3-bit g128
+  =========  ===============  ===============  ===============  ================
+  RTN         12.86 / 16.31    13.22 / 16.01    28.37 / 64.60    51.56 / 147.19
+  float       12.03 / 13.80    13.32 / 21.49    66.52 / 275.79   146.02 / 485.06
+  integer     12.66 / 16.65    12.85 / 15.64    26.90 / 54.28    40.20 / 99.00
+  anchored    12.07 / 13.94    13.01 / 15.86    27.43 / 56.74    39.34 / 95.96
+  =========  ===============  ===============  ===============  ================
+
+  "float" is the hqq package's formulation (lowest weight error); "integer"
+  keeps 0 exact. A slack of 0.21 steps at 4 bits (the same offset relative
+  to the range as 0.1 at 3 bits) went to 17.63 out of domain at g128.
+
 benchmarks/results/quality-smollm2.md has the whole table with these defaults.
 """
 from __future__ import annotations
