@@ -25,28 +25,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
-#include "scale_round.h"
+#include "hqq_common.h"
 
 namespace py = pybind11;
 
 namespace pyquant {
 namespace {
-
-struct Params {
-  float maxq;
-  int dtype;
-  int iters;
-  const float* inv_beta;  // per step
-  const float* thr;       // per step
-  float thr_last;
-  float p1;  // lp_norm - 1
-  bool kappa_one;
-  bool early_stop;
-  float tiny;
-  float zero_slack;
-};
 
 inline float code(float w, float sinv, float z, float maxq) {
   return std::min(std::max(std::nearbyint(w * sinv + z), 0.0f), maxq);
@@ -69,9 +54,10 @@ float store(float s, float floor, int dtype) {
   return st < floor ? next_up_in_dtype(st, dtype) : st;
 }
 
-void solve_group(const float* w, int64_t L, const Params& P, uint8_t* codes, float* s_out, float* z_out,
-                 float* e_out, int32_t* steps_out) {
+void solve_group(const float* w, int64_t L, uint8_t* codes, float* s_out, float* z_out, float* e_out,
+                 int32_t* steps_out, const HqqParams& P, float zero_slack) {
   const float maxq = P.maxq;
+  const float p1 = P.lp_norm - 1.0f;
   float lo = w[0], hi = w[0];
   for (int64_t i = 1; i < L; ++i) {
     lo = std::min(lo, w[i]);
@@ -98,7 +84,7 @@ void solve_group(const float* w, int64_t L, const Params& P, uint8_t* codes, flo
         const float a = std::fabs(d);
         float we = 0.0f;
         if (a > thr) {
-          const float v = std::max(a - std::pow(std::max(a, 1e-30f), P.p1) * inv_beta, 0.0f);
+          const float v = std::max(a - std::pow(std::max(a, 1e-30f), p1) * inv_beta, 0.0f);
           we = d < 0.0f ? -v : v;
         }
         num += qz * (w[i] - we);
@@ -123,9 +109,9 @@ void solve_group(const float* w, int64_t L, const Params& P, uint8_t* codes, flo
   // Phase 2: HQQ's zero step at that stored scale, the zero kept within
   // zero_slack of the integer (so a weight of 0 stays within that many steps).
   float best_z = z;
-  if (hi > lo && P.zero_slack > 0.0f) {
+  if (hi > lo && zero_slack > 0.0f) {
     const float s_fix = best_s, sinv = 1.0f / s_fix;
-    const float z_lo = z - P.zero_slack, z_hi = z + P.zero_slack;
+    const float z_lo = z - zero_slack, z_hi = z + zero_slack;
     float zd = z;
     for (int it = 0; it < P.iters; ++it) {
       const float inv_beta = P.inv_beta[it], thr = P.thr[it];
@@ -136,7 +122,7 @@ void solve_group(const float* w, int64_t L, const Params& P, uint8_t* codes, flo
         const float a = std::fabs(d);
         float we = 0.0f;
         if (a > thr) {
-          const float v = std::max(a - std::pow(std::max(a, 1e-30f), P.p1) * inv_beta, 0.0f);
+          const float v = std::max(a - std::pow(std::max(a, 1e-30f), p1) * inv_beta, 0.0f);
           we = d < 0.0f ? -v : v;
         }
         tsum += q - (w[i] - we) * sinv;
@@ -166,34 +152,10 @@ void hqq_solve_integer_zero_cpu(uintptr_t w, uintptr_t codes, uintptr_t scales, 
                                 uintptr_t steps, int64_t n, int64_t k, int64_t group, int bits, int scale_dtype,
                                 int iters, uintptr_t schedule, double lp_norm, bool kappa_one, bool early_stop,
                                 double zero_slack, int nthreads) {
-  const float* sched = reinterpret_cast<const float*>(schedule);
-  Params P;
-  P.maxq = static_cast<float>((1 << bits) - 1);
-  P.dtype = scale_dtype;
-  P.iters = iters;
-  P.inv_beta = sched;
-  P.thr = sched + iters;
-  P.thr_last = iters > 0 ? sched[2 * iters - 1] : 0.0f;
-  P.p1 = static_cast<float>(lp_norm) - 1.0f;
-  P.kappa_one = kappa_one;
-  P.early_stop = early_stop;
-  P.tiny = scale_dtype == 0 ? std::numeric_limits<float>::min() : 6.103515625e-05f;  // RTN's fallback scale
-  P.zero_slack = static_cast<float>(zero_slack);
-  auto* pw = reinterpret_cast<const float*>(w);
-  auto* pc = reinterpret_cast<uint8_t*>(codes);
-  auto* ps = reinterpret_cast<float*>(scales);
-  auto* pz = reinterpret_cast<float*>(zeros);
-  auto* pe = reinterpret_cast<float*>(err);
-  auto* pt = reinterpret_cast<int32_t*>(steps);
-  const int64_t ng = (k + group - 1) / group;
-  const int64_t total = n * ng;
-  // Dynamic chunks: groups stop after different numbers of steps.
-#pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads)
-  for (int64_t t = 0; t < total; ++t) {
-    const int64_t row = t / ng, c0 = (t % ng) * group;
-    const int64_t L = std::min(group, k - c0);
-    solve_group(pw + row * k + c0, L, P, pc + row * k + c0, ps + t, pz + t, pe + t, pt + t);
-  }
+  const HqqParams P(bits, scale_dtype, iters, schedule, lp_norm, kappa_one, early_stop);
+  const float slack = static_cast<float>(zero_slack);
+  for_each_group(reinterpret_cast<const float*>(w), hqq_outputs(codes, scales, zeros, err, steps), n, k, group,
+                 nthreads, [&P, slack](auto... a) { solve_group(a..., P, slack); });
 }
 
 }  // namespace

@@ -26,7 +26,7 @@
 #include <cstring>
 #include <limits>
 
-#include "scale_round.h"
+#include "hqq_common.h"
 #include "simd.h"
 
 #if PQ_X86
@@ -39,19 +39,6 @@ namespace pyquant {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-struct Params {
-  float maxq;
-  int dtype;
-  int iters;
-  const float* inv_beta;  // per step
-  const float* thr;       // per step
-  float thr_last;
-  float lp_norm;
-  bool kappa_one;
-  bool early_stop;
-  float tiny;
-};
 
 struct StepOut {
   float zsum;    // sum of q - (w - w_e) / s over the group
@@ -295,8 +282,8 @@ struct Avx2 {
 #endif
 
 template <class I>
-void solve_group(const float* w, int64_t L, const Params& P, uint8_t* codes, float* s_out, float* z_out,
-                 float* e_out, int32_t* steps_out) {
+void solve_group(const float* w, int64_t L, uint8_t* codes, float* s_out, float* z_out, float* e_out,
+                 int32_t* steps_out, const HqqParams& P) {
   const float maxq = P.maxq;
   float lo, hi;
   I::minmax(w, L, lo, hi);
@@ -357,49 +344,19 @@ void solve_group(const float* w, int64_t L, const Params& P, uint8_t* codes, flo
   *steps_out = steps;
 }
 
-template <class I>
-void solve_all(const float* w, uint8_t* codes, float* scales, float* zeros, float* err, int32_t* steps, int64_t n,
-               int64_t k, int64_t group, const Params& P, int nthreads) {
-  const int64_t ng = (k + group - 1) / group;
-  const int64_t total = n * ng;
-  // Dynamic chunks: groups stop after different numbers of steps.
-#pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads)
-  for (int64_t t = 0; t < total; ++t) {
-    const int64_t row = t / ng, g = t % ng;
-    const int64_t c0 = g * group;
-    const int64_t L = std::min(group, k - c0);
-    solve_group<I>(w + row * k + c0, L, P, codes + row * k + c0, scales + t, zeros + t, err + t, steps + t);
-  }
-}
-
 void hqq_solve_cpu(uintptr_t w, uintptr_t codes, uintptr_t scales, uintptr_t zeros, uintptr_t err, uintptr_t steps,
                    int64_t n, int64_t k, int64_t group, int bits, int scale_dtype, int iters, uintptr_t schedule,
                    double lp_norm, bool kappa_one, bool early_stop, int nthreads) {
-  const float* sched = reinterpret_cast<const float*>(schedule);
-  Params P;
-  P.maxq = static_cast<float>((1 << bits) - 1);
-  P.dtype = scale_dtype;
-  P.iters = iters;
-  P.inv_beta = sched;
-  P.thr = sched + iters;
-  P.thr_last = iters > 0 ? sched[2 * iters - 1] : 0.0f;
-  P.lp_norm = static_cast<float>(lp_norm);
-  P.kappa_one = kappa_one;
-  P.early_stop = early_stop;
-  P.tiny = scale_dtype == 0 ? std::numeric_limits<float>::min() : 6.103515625e-05f;  // RTN's fallback scale
+  const HqqParams P(bits, scale_dtype, iters, schedule, lp_norm, kappa_one, early_stop);
+  const HqqOutputs out = hqq_outputs(codes, scales, zeros, err, steps);
   auto* pw = reinterpret_cast<const float*>(w);
-  auto* pc = reinterpret_cast<uint8_t*>(codes);
-  auto* ps = reinterpret_cast<float*>(scales);
-  auto* pz = reinterpret_cast<float*>(zeros);
-  auto* pe = reinterpret_cast<float*>(err);
-  auto* pt = reinterpret_cast<int32_t*>(steps);
 #if PQ_X86
   if (simd_level() == Simd::kAvx2) {
-    solve_all<Avx2>(pw, pc, ps, pz, pe, pt, n, k, group, P, nthreads);
+    for_each_group(pw, out, n, k, group, nthreads, [&P](auto... a) { solve_group<Avx2>(a..., P); });
     return;
   }
 #endif
-  solve_all<Scalar>(pw, pc, ps, pz, pe, pt, n, k, group, P, nthreads);
+  for_each_group(pw, out, n, k, group, nthreads, [&P](auto... a) { solve_group<Scalar>(a..., P); });
 }
 
 }  // namespace

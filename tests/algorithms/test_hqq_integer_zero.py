@@ -13,25 +13,19 @@ from pyquant.algorithms.hqq import hqq_quantize, hqq_solve
 from pyquant.algorithms.hqq_integer_zero import ZERO_SLACK
 from pyquant.algorithms.rtn import rtn
 from pyquant.formats import Int
+from test_hqq import mixed_weight
 
 MODES = ("anchored", "integer")
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 needs_ext = pytest.mark.skipif(not pyquant._ext.available(), reason="pyquant._C not built")
 
 
-def weight(n=40, k=300, seed=0):
-    """LLM-scale rows with exact zeros, unit-variance rows (shrinkage active),
-    heavy tails, an outlier, one-signed and degenerate (constant, zero) rows."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.02
+def weight(seed=0):
+    """test_hqq's mixed rows (every solver branch), with exact zeros in every
+    group: the weights the integer anchor exists for."""
+    torch.manual_seed(seed)  # mixed_weight's Student-t rows come from the global generator
+    w = mixed_weight(n=40, seed=seed)
     w[:, ::7] = 0.0
-    w[0:4] = torch.randn(4, k, generator=g)
-    w[4:8] = torch.distributions.StudentT(2.5).sample((4, k)) * 0.01
-    w[8, 5] = 3.0
-    w[9] = w[9].abs() + 0.5
-    w[10] = 0.25
-    w[11] = 0.0
-    w[12, :40] = -0.125
     return w
 
 

@@ -1,0 +1,103 @@
+// What the two HQQ CPU solvers (hqq_solver.cpp: float zero points,
+// hqq_integer_zero.cpp: zero points anchored at integers) share: rounding of
+// per-group scalars to the stored dtype, the solver parameters, the output
+// pointers and the parallel loop over groups.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace pyquant {
+
+// Scale dtype codes (pyquant/ops/_dtypes.py): 0 fp32, 1 fp16, 2 bf16.
+// fp32 -> fp16/bf16 -> fp32, round to nearest even, overflow to inf.
+inline float round_to_dtype(float x, int dtype) {
+  if (dtype == 0 || !std::isfinite(x)) return x;
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if (dtype == 2) {  // bf16: keep the top 16 bits, ties to even
+    u += 0x7fffu + ((u >> 16) & 1u);
+    u &= 0xffff0000u;
+    float r;
+    std::memcpy(&r, &u, 4);
+    return r;
+  }
+  const float a = std::fabs(x);
+  if (a >= 65520.0f) return std::copysign(std::numeric_limits<float>::infinity(), x);  // past fp16's max 65504
+  if (a < 6.103515625e-05f) {  // fp16 subnormal: multiples of 2^-24 (the scaling is exact)
+    return std::nearbyint(x * 16777216.0f) * 5.9604644775390625e-08f;
+  }
+  u += 0xfffu + ((u >> 13) & 1u);  // 10 mantissa bits, ties to even; a carry moves the exponent
+  u &= 0xffffe000u;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
+// The next value above x (finite, >= 0, already representable) in that dtype.
+inline float next_up_in_dtype(float x, int dtype) {
+  if (dtype == 0) return std::nextafter(x, std::numeric_limits<float>::infinity());
+  if (dtype == 1 && x < 6.103515625e-05f) return x + 5.9604644775390625e-08f;  // fp16 subnormal step 2^-24
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u += dtype == 2 ? 0x10000u : 0x2000u;  // one ulp of the 7 / 10 kept mantissa bits
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
+struct HqqParams {
+  float maxq;
+  int dtype;
+  int iters;
+  const float* inv_beta;  // 1/beta per step (solver_schedule row 0)
+  const float* thr;       // shrink threshold per step (row 1)
+  float thr_last;
+  float lp_norm;
+  bool kappa_one;
+  bool early_stop;
+  float tiny;  // RTN's scale for an all-zero group
+
+  HqqParams(int bits, int scale_dtype, int iters_, uintptr_t schedule, double lp, bool kappa_is_one, bool stop)
+      : maxq(static_cast<float>((1 << bits) - 1)), dtype(scale_dtype), iters(iters_),
+        inv_beta(reinterpret_cast<const float*>(schedule)), thr(inv_beta + iters_),
+        thr_last(iters_ > 0 ? thr[iters_ - 1] : 0.0f), lp_norm(static_cast<float>(lp)), kappa_one(kappa_is_one),
+        early_stop(stop), tiny(scale_dtype == 0 ? std::numeric_limits<float>::min() : 6.103515625e-05f) {}
+};
+
+// The solvers' outputs, from the data pointers Python hands over:
+// codes (n, k) uint8; scales, zeros, err (n, G) fp32; steps (n, G) int32.
+struct HqqOutputs {
+  uint8_t* codes;
+  float* scales;
+  float* zeros;
+  float* err;
+  int32_t* steps;
+};
+
+inline HqqOutputs hqq_outputs(uintptr_t codes, uintptr_t scales, uintptr_t zeros, uintptr_t err, uintptr_t steps) {
+  return HqqOutputs{reinterpret_cast<uint8_t*>(codes), reinterpret_cast<float*>(scales),
+                    reinterpret_cast<float*>(zeros), reinterpret_cast<float*>(err),
+                    reinterpret_cast<int32_t*>(steps)};
+}
+
+// fn(w, L, codes, scale, zero, err, steps) for every group of w (n, k) cut
+// along k into groups of `group` (the last one ragged). Dynamic chunks:
+// groups stop after different numbers of steps.
+template <class Fn>
+void for_each_group(const float* w, const HqqOutputs& out, int64_t n, int64_t k, int64_t group, int nthreads,
+                    Fn&& fn) {
+  const int64_t ng = (k + group - 1) / group;
+  const int64_t total = n * ng;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads)
+  for (int64_t t = 0; t < total; ++t) {
+    const int64_t off = (t / ng) * k + (t % ng) * group;
+    const int64_t L = std::min(group, k - (t % ng) * group);
+    fn(w + off, L, out.codes + off, out.scales + t, out.zeros + t, out.err + t, out.steps + t);
+  }
+}
+
+}  // namespace pyquant
