@@ -151,14 +151,15 @@ def main():
     print()
     print("| weight | bits | group | pyquant solver s | hqq optimizer s | speedup | pyquant quantize s | "
           "hqq quantize s | speedup | steps | rel err pyquant | rel err hqq (fp16) | rel err hqq (fp32) | "
-          "rel err RTN | groups <= hqq |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "rel err RTN | groups <= hqq | anchored (default) s | rel err anchored |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['weight']} | {r['bits']} | {r['group']} | {r['t_pyquant_solver_s']:.3f} | "
               f"{r['t_hqq_optimizer_s']:.2f} | {r['speedup_solver']:.0f}x | {r['t_pyquant_quantize_s']:.3f} | "
               f"{r['t_hqq_quantize_s']:.2f} | {r['speedup_quantize']:.0f}x | {r['mean_steps_pyquant']:.1f} | "
               f"{r['rel_err_pyquant']:.5f} | {r['rel_err_hqq_fp16']:.5f} | {r['rel_err_hqq_fp32']:.5f} | "
-              f"{r['rel_err_rtn']:.5f} | {r['groups_pyquant_le_hqq']:.4f} |")
+              f"{r['rel_err_rtn']:.5f} | {r['groups_pyquant_le_hqq']:.4f} | {r['t_pyquant_anchored_s']:.3f} | "
+              f"{r['rel_err_pyquant_anchored']:.5f} |")
     payload = dict(
         benchmark="hqq_4096x4096", cpu=cpu_name(), threads=args.threads, torch=torch.__version__,
         hqq=getattr(hqq, "__version__", None), simd=pyquant._ext.load().simd_level(), repeats=args.repeats,

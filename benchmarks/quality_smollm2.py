@@ -71,12 +71,18 @@ VARIANTS = {
     "hqq-package": (dict(method="hqq", hqq_zero_point="float"), None, None),
     "gptq-llmcompressor": (dict(method="gptq", damp=0.01, act_order=False, clip=None, static_groups=True), "mix", None),
     # pyquant's GPTQ at llm-compressor's defaults (damp 0.01, act-order with static groups, min-max ranges)
-    "gptq-peer-settings": (dict(method="gptq", damp=0.01, act_order=True, clip=None, static_groups=True), "mix", None),
+    "gptq-peer-settings": (dict(method="gptq", damp=0.01, act_order="static", clip=None, static_groups=True), "mix",
+                           None),
+    "gptq-desc-act-peer": (dict(method="gptq", damp=0.01, act_order=True, clip=None, static_groups=True), "mix", None),
+    "gptq-static-order": (dict(method="gptq", act_order="static"), "mix", None),
     "hqq-float": (dict(method="hqq", hqq_zero_point="float"), None, None),  # the hqq package's formulation
     # GGUF k-quants (llama.cpp's rows-of-256 fallback for 576-wide layers): run once, not per bits/group
     "q4_k": (dict(method="q4_k"), None, None),
     "q6_k": (dict(method="q6_k"), None, None),
 }
+# merged tables list each method's variants, then its peer, together
+TABLE_ORDER = ["rtn", "gptq-textbook", "gptq", "gptq-peer-settings", "gptq-llmcompressor", "awq", "hqq", "hqq-integer",
+               "hqq-float", "hqq-package"]
 DEFAULT_VARIANTS = ["rtn", "gptq-textbook", "gptq", "awq", "hqq", "q4_k", "q6_k"]
 
 
@@ -268,7 +274,13 @@ def merge(paths):
             if r["variant"] != "float" and key not in seen:
                 seen.add(key)
                 rows.append(r)
-    print_table(rows)
+    order = TABLE_ORDER + [v for v in VARIANTS if v not in TABLE_ORDER]
+
+    def key(r):  # float first, then by bits (high first), group and the order of VARIANTS; GGUF types last
+        rank = order.index(r["variant"]) if r["variant"] in order else len(order)
+        return (r["variant"] != "float", r["bits"] is None, -(r["bits"] or 0), r["group"] or 0, rank)
+
+    print_table(sorted(rows, key=key))
     (n_eval, seq_len), = keys
     print(f"\neval: {n_eval} x {seq_len} tokens per set; merged from {', '.join(paths)}")
 

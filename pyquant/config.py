@@ -104,7 +104,9 @@ class QuantConfig:
     symmetric: bool = False
     scale_dtype: torch.dtype = torch.float16
     # --- GPTQ -------------------------------------------------------------
-    act_order: Optional[bool] = None  # None: on for GPTQ (see above), off for everything else
+    # None: on for GPTQ (see above), off otherwise. True: desc_act (stored permutation); "static":
+    # llm-compressor's static act-order (processing order only, plain layout, static groups)
+    act_order: Optional[Union[bool, str]] = None
     static_groups: bool = True  # group ranges from the weights before any GPTQ update (see above)
     damp: float = 0.1
     block_size: int = 128
@@ -160,6 +162,8 @@ class QuantConfig:
             self.act_order = self.method == "gptq"
         if self.awq_clip is None:
             self.awq_clip = 0 < self.group_size <= AWQ_CLIP_MAX_GROUP
+        if self.act_order not in (True, False, "static"):
+            raise ValueRangeError(f"act_order must be True, False or 'static', got {self.act_order!r}")
         if self.act_order and self.method != "gptq":
             raise FormatError(f"act_order needs method='gptq' (got {self.method!r})")
         self.format()  # validates bits / group_size / scale_dtype
@@ -192,7 +196,7 @@ class QuantConfig:
             return GGUF(self.method.upper())
         from .formats import Int
 
-        return Int(self.bits, self.group_size, self.symmetric, self.scale_dtype, self.act_order)
+        return Int(self.bits, self.group_size, self.symmetric, self.scale_dtype, self.act_order is True)
 
     def describe(self) -> str:
         if self.is_gguf:
@@ -201,7 +205,7 @@ class QuantConfig:
         if self.method == "gptq":
             extra.append(f"damp={self.damp:g}")
             if self.act_order:
-                extra.append("act_order")
+                extra.append("act_order" if self.act_order is True else f"act_order={self.act_order}")
             if self.static_groups:
                 extra.append("static_groups")
             if self.clip:

@@ -572,6 +572,7 @@ def _gptq_block(block, prefix, groups, linears, selected, inps, kws, cfg, fmt, r
                 res = gptq_quantize(
                     w, H, fmt, damp=cfg.damp, block_size=cfg.block_size, static_groups=cfg.static_groups,
                     clip=cfg.clip, clip_grid=cfg.clip_grid, clip_max_shrink=cfg.clip_max_shrink,
+                    order="hessian" if cfg.act_order == "static" else "natural",
                 )
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"layer {full!r} (weight {tuple(w.shape)}): {exc}") from exc

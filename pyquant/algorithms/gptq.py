@@ -30,6 +30,10 @@ Implementation (the textbook algorithm, with these choices):
 * ``fmt.act_order`` (desc_act): columns are processed (and stored) in order of
   decreasing ``diag(H)``; groups are contiguous in that order, the format
   stores the permutation.
+* ``order="hessian"`` (llm-compressor's "static" act-order): columns are
+  processed in order of decreasing ``diag(H)`` but stay in their groups and
+  place, so the format is the plain layout (no permutation, no gather at
+  inference); the group parameters are computed up front (static groups).
 """
 from __future__ import annotations
 
@@ -322,9 +326,14 @@ def gptq_quantize(
     clip: Optional[str] = None,
     clip_grid: int = 20,
     clip_max_shrink: float = 0.2,
+    order: str = "natural",
     kernel: str = "auto",
 ) -> GPTQResult:
     """Quantize ``W`` (N, K) into ``fmt`` with GPTQ, given ``H`` (K, K).
+
+    ``order``: "natural" (column order, or the format's act-order permutation)
+    or "hessian" (decreasing ``diag(H)``, groups and layout unchanged; needs a
+    format without act_order, implies static groups).
 
     ``H`` is ``2/n X^T X`` of the layer's calibration inputs (see
     :class:`~pyquant.algorithms.hessian.HessianAccumulator`); it may be
@@ -340,6 +349,10 @@ def gptq_quantize(
         raise ValueRangeError(f"GPTQ damp must be > 0, got {damp!r}")
     if block_size < 1:
         raise ValueRangeError(f"GPTQ block_size must be >= 1, got {block_size!r}")
+    if order not in ("natural", "hessian"):
+        raise ValueRangeError(f"GPTQ order must be 'natural' or 'hessian', got {order!r}")
+    if order == "hessian" and fmt.act_order:
+        raise FormatError("GPTQ order='hessian' keeps the plain layout: use a format without act_order")
     fmt.check_shape(tuple(W.shape))
     n, k = W.shape
     W = W.detach().to(torch.float32).clone()
@@ -352,32 +365,39 @@ def gptq_quantize(
     dead = H.diagonal() == 0
     n_dead = int(dead.sum())
     H.diagonal()[dead] = 1.0
-    perm = None
-    if fmt.act_order:
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        W = W[:, perm].contiguous()
-        H = H[perm][:, perm].contiguous()
-    U, damp_used, retries = inverse_hessian_factor(H, damp)
-
     g = fmt.group_size_for(k)
     ng = fmt.num_groups(k)
-    bs = block_size if g >= k else math.ceil(block_size / g) * g
     maxq = fmt.max_code
     codes = torch.empty((n, k), dtype=torch.uint8, device=W.device)
     scales = torch.empty((n, ng), dtype=torch.float32, device=W.device)
     zeros = torch.empty((n, ng), dtype=torch.float32, device=W.device)
 
-    upfront = static_groups or g >= k
-    if upfront:
-        wg3 = pad_groups(W, g)
+    upfront = static_groups or g >= k or order == "hessian"
+
+    def upfront_params(Wx, Hx):  # every group's (scale, zero) from Wx as it stands
         weight = None
         if clip == "hessian":
-            hp = torch.zeros((ng * g, ng * g), dtype=H.dtype, device=H.device)
-            hp[:k, :k] = H
+            hp = torch.zeros((ng * g, ng * g), dtype=Hx.dtype, device=Hx.device)
+            hp[:k, :k] = Hx
             weight = torch.stack([hp[i * g : (i + 1) * g, i * g : (i + 1) * g] for i in range(ng)])
-        s, z = _params(wg3, fmt, clip, weight, clip_grid, clip_max_shrink)
-        scales.copy_(s)
-        zeros.copy_(z)
+        return _params(pad_groups(Wx, g), fmt, clip, weight, clip_grid, clip_max_shrink)
+
+    if order == "hessian":  # the original groups, before the columns are reordered
+        sz = upfront_params(W, H)
+    perm = None
+    if fmt.act_order or order == "hessian":
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        W = W[:, perm].contiguous()
+        H = H[perm][:, perm].contiguous()
+    if upfront and order != "hessian":  # groups contiguous in the (act-order) processing order
+        sz = upfront_params(W, H)
+    if upfront:
+        scales.copy_(sz[0])
+        zeros.copy_(sz[1])
+    U, damp_used, retries = inverse_hessian_factor(H, damp)
+    bs = block_size if g >= k else math.ceil(block_size / g) * g
+    # order="hessian": column j of the permuted weight keeps its original group.
+    col_group = (perm // g) if order == "hessian" else None
 
     loss = 0.0
     for i1 in range(0, k, bs):
@@ -387,7 +407,11 @@ def gptq_quantize(
         U1 = U[i1:i2, i1:i2].contiguous()
         Q1 = torch.empty((n, cnt), dtype=torch.uint8, device=W.device)
         E1 = torch.empty((n, cnt), dtype=torch.float32, device=W.device)
-        if upfront:
+        if col_group is not None:  # one (scale, zero) per column: groups are scattered in this order
+            gi = col_group[i1:i2]
+            gptq_block_update(W1, U1, scales[:, gi].contiguous(), zeros[:, gi].contiguous(), 0, cnt, 1, maxq,
+                              Q1, E1, kernel=kernel)
+        elif upfront:
             if g >= k:
                 s, z, glen = scales.contiguous(), zeros.contiguous(), max(cnt, 1)
             else:
@@ -410,5 +434,8 @@ def gptq_quantize(
         if i2 < k:
             W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)
 
+    if col_group is not None:  # back to the plain layout
+        codes = torch.empty_like(codes).index_copy_(1, perm, codes)
+        perm = None
     qw = fmt.pack(codes, scales, None if fmt.symmetric else zeros, perm=perm)
     return GPTQResult(qw, loss, damp_used, retries, n_dead)

@@ -162,6 +162,40 @@ def test_act_order_stores_the_permutation():
     assert torch.equal(res_i.qweight.tensors["perm"].long(), torch.arange(k))
 
 
+@pytest.mark.parametrize("clip", [None, "mse"])
+def test_hessian_order_keeps_groups_and_layout(clip):
+    """order="hessian" (llm-compressor's static act-order): processing order by
+    diag(H), original groups, plain layout, static group parameters."""
+    k = 200  # ragged last group
+    H, _ = correlated_hessian(k, seed=12)
+    w = torch.randn(24, k, generator=torch.Generator().manual_seed(13)) * 0.05
+    fmt = Int(3, 64)
+    res = gptq_quantize(w, H, fmt, order="hessian", clip=clip)
+    assert "perm" not in res.qweight.tensors
+    static = gptq_quantize(w, H, fmt, static_groups=True, clip=clip)
+    # the same group parameters as static groups (computed before any update) ...
+    assert torch.equal(res.qweight.tensors["scales"], static.qweight.tensors["scales"])
+    assert torch.equal(res.qweight.tensors["zeros"], static.qweight.tensors["zeros"])
+    # ... a different solution (another column order) that still beats RTN on the output error
+    dq = res.qweight.dequantize(torch.float32)
+    assert not torch.equal(dq, static.qweight.dequantize(torch.float32))
+    assert output_error(w, dq, H) < output_error(w, rtn(w, fmt).dequantize(torch.float32), H)
+    # With diag(H) already decreasing, the order is the natural one: the same result.
+    d = torch.linspace(4.0, 1.0, k)
+    s = (d / H.diagonal()).sqrt()
+    H_sorted = H * s[:, None] * s[None, :]
+    a = gptq_quantize(w, H_sorted, fmt, order="hessian", clip=clip)
+    b = gptq_quantize(w, H_sorted, fmt, static_groups=True, clip=clip)
+    assert torch.equal(a.qweight.dequantize(), b.qweight.dequantize())
+    # The identity Hessian gives RTN in any order.
+    c = gptq_quantize(w, torch.eye(k), fmt, order="hessian", clip=None)
+    assert torch.equal(c.qweight.dequantize(), rtn(w, fmt).dequantize())
+    with pytest.raises(FormatError, match="act_order"):
+        gptq_quantize(w, H, Int(3, 64, act_order=True), order="hessian")
+    with pytest.raises(ValueRangeError, match="order"):
+        gptq_quantize(w, H, fmt, order="random")
+
+
 def test_static_groups_use_the_unmodified_weights():
     torch.manual_seed(10)
     k = 128
