@@ -81,8 +81,8 @@ VARIANTS = {
     "q6_k": (dict(method="q6_k"), None, None),
 }
 # merged tables list each method's variants, then its peer, together
-TABLE_ORDER = ["rtn", "gptq-textbook", "gptq", "gptq-peer-settings", "gptq-llmcompressor", "awq", "hqq", "hqq-integer",
-               "hqq-float", "hqq-package"]
+TABLE_ORDER = ["rtn", "gptq-textbook", "gptq", "gptq-static-order", "gptq-desc-act-peer", "gptq-peer-settings",
+               "gptq-llmcompressor", "awq", "hqq", "hqq-integer", "hqq-float", "hqq-package"]
 DEFAULT_VARIANTS = ["rtn", "gptq-textbook", "gptq", "awq", "hqq", "q4_k", "q6_k"]
 
 

@@ -99,13 +99,13 @@ def test_awq_folding_is_exact_at_8_bits(calib):
 
 
 def test_gptq_variants_run(base_model, calib):
-    for kw in (dict(act_order=True), dict(static_groups=True), dict(true_sequential=False, clip=None),
-               dict(symmetric=True, group_size=-1), dict(clip="hessian")):
+    for kw in (dict(act_order=True), dict(act_order="static"), dict(static_groups=True),
+               dict(true_sequential=False, clip=None), dict(symmetric=True, group_size=-1), dict(clip="hessian")):
         model = copy.deepcopy(base_model)
         c = cfg("gptq", bits=4, group_size=kw.pop("group_size", 32), **kw)
         quantize_model(model, c, calib, progress=False, verbose=False)
         q = model.model.layers[0].self_attn.q_proj
-        assert q.qformat.act_order == c.act_order
+        assert q.qformat.act_order == (c.act_order is True)  # "static" keeps the plain layout
         with torch.no_grad():
             assert torch.isfinite(model(calib).logits).all()
 
@@ -224,6 +224,12 @@ def test_config_validation():
         QuantConfig("rtn", act_order=True)
     assert QuantConfig("gptq", bits=3, group_size=64, act_order=False).format() == pyquant.Int(3, 64)
     assert QuantConfig("gptq").act_order is True and QuantConfig("awq").act_order is False
+    assert QuantConfig("gptq", bits=3, group_size=64, act_order="static").format() == pyquant.Int(3, 64)
+    assert "act_order=static" in QuantConfig("gptq", act_order="static").describe()
+    with pytest.raises(ValueRangeError, match="act_order"):
+        QuantConfig("gptq", act_order="sometimes")
+    with pytest.raises(FormatError, match="act_order"):
+        QuantConfig("awq", act_order="static")
     assert QuantConfig("q4_0").format() == pyquant.GGUF("Q4_0")
     assert not QuantConfig("rtn").needs_calibration and QuantConfig("awq").needs_calibration
     with pytest.raises(FormatError, match="QuantConfig"):
