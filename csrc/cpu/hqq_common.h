@@ -49,6 +49,16 @@ inline float next_up_in_dtype(float x, int dtype) {
   return r;
 }
 
+// hqq's generalised soft threshold (shrink_lp_op) of an error d:
+// sign(d) * max(|d| - |d|^(p-1) / beta, 0), and 0 at or below the threshold
+// (where it is 0 mathematically; the spec's THRESHOLD_MARGIN explains thr).
+inline float shrink_lp(float d, float thr, float p1, float inv_beta) {
+  const float a = std::fabs(d);
+  if (!(a > thr)) return 0.0f;
+  const float v = std::max(a - std::pow(std::max(a, 1e-30f), p1) * inv_beta, 0.0f);
+  return d < 0.0f ? -v : v;
+}
+
 struct HqqParams {
   float maxq;
   int dtype;

@@ -82,11 +82,7 @@ void solve_group(const float* w, int64_t L, uint8_t* codes, float* s_out, float*
         const float qz = code(w[i], sinv, z, maxq) - z;
         const float d = w[i] - qz * s;
         const float a = std::fabs(d);
-        float we = 0.0f;
-        if (a > thr) {
-          const float v = std::max(a - std::pow(std::max(a, 1e-30f), p1) * inv_beta, 0.0f);
-          we = d < 0.0f ? -v : v;
-        }
+        const float we = shrink_lp(d, thr, p1, inv_beta);
         num += qz * (w[i] - we);
         den += qz * qz;
         maxd = std::max(maxd, a);
@@ -120,11 +116,7 @@ void solve_group(const float* w, int64_t L, uint8_t* codes, float* s_out, float*
         const float q = code(w[i], sinv, zd, maxq);
         const float d = w[i] - (q - zd) * s_fix;
         const float a = std::fabs(d);
-        float we = 0.0f;
-        if (a > thr) {
-          const float v = std::max(a - std::pow(std::max(a, 1e-30f), p1) * inv_beta, 0.0f);
-          we = d < 0.0f ? -v : v;
-        }
+        const float we = shrink_lp(d, thr, p1, inv_beta);
         tsum += q - (w[i] - we) * sinv;
         maxd = std::max(maxd, a);
       }

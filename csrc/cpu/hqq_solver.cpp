@@ -78,11 +78,7 @@ struct Scalar {
       const float q = qz(w[i], sinv_d, zd, maxq);
       const float d = w[i] - (q - zd) * s32;
       const float a = std::fabs(d);
-      float we = 0.0f;
-      if (a > thr) {
-        const float v = std::max(a - std::pow(std::max(a, 1e-30f), p1) * inv_beta, 0.0f);
-        we = d < 0.0f ? -v : v;
-      }
+      const float we = shrink_lp(d, thr, p1, inv_beta);
       o.zsum += q - (w[i] - we) * sinv_d;
       o.maxd = std::max(o.maxd, a);
       if (score) {

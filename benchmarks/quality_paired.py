@@ -1,0 +1,90 @@
+"""Is one variant's perplexity really different from another's? Paired bootstrap.
+
+Quantizes SmolLM2-135M with two variants of ``quality_smollm2.py`` (the same
+names, peers included), computes each evaluation sequence's mean token NLL on
+both sets, and bootstraps the mean of the per-sequence differences (10,000
+resamples of the 16 sequences): a 95% interval for ``ppl(A) / ppl(B)`` that
+accounts for how much the sequences themselves vary.
+
+    python benchmarks/quality_paired.py hqq hqq-package --bits 4 --group 64 --cache /tmp/q/cache.pt
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+from contextlib import nullcontext
+
+import torch
+
+import pyquant
+import quality_peers
+from quality_smollm2 import VARIANTS, build_sets, load_model, token_ids
+
+
+def quantized(model, name, bits, group, calib):
+    over, kind, n = VARIANTS[name]
+    m = copy.deepcopy(model)
+    if name == "hqq-package":
+        quality_peers.hqq_package(m, bits, group)
+        return m
+    cfg = pyquant.QuantConfig(bits=bits, group_size=group, **over)
+    peer = quality_peers.llmcompressor_gptq(bits) if name == "gptq-llmcompressor" else nullcontext()
+    with peer:
+        pyquant.quantize_model(m, cfg, calib(kind, n or 32) if kind else None, progress=False, verbose=False)
+    return m
+
+
+def sequence_nll(model, ids):
+    out = []
+    with torch.no_grad():
+        for row in ids:
+            logits = model(row[None]).logits[0, :-1]
+            out.append(float(torch.nn.functional.cross_entropy(logits.float(), row[1:])))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group", type=int, default=64)
+    p.add_argument("--eval", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", default=None, help="quality_smollm2.py's --cache file")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.cache and os.path.exists(args.cache):
+        from transformers import LlamaForCausalLM
+
+        c = torch.load(args.cache, weights_only=False)
+        model = LlamaForCausalLM(c["config"])
+        model.load_state_dict(c["state"])
+        model, ids = model.float().eval(), c["ids"]
+    else:
+        from pyquant.evaluation import license_corpus_text, package_docs_text, pydoc_text
+
+        model, tok, _ = load_model()
+        ids = {name: token_ids(tok, fn()) for name, fn in
+               (("pydoc", pydoc_text), ("licenses", license_corpus_text), ("generic", package_docs_text))}
+    ev_in, ev_out, calib, _ = build_sets(ids, 32, args.eval, 512)
+    nll = {}
+    for name in (args.a, args.b):
+        m = quantized(model, name, args.bits, args.group, calib)
+        nll[name] = (sequence_nll(m, ev_in), sequence_nll(m, ev_out))
+    gen = torch.Generator().manual_seed(0)
+    print(f"{args.a} vs {args.b}, {args.bits}-bit g{args.group}, {args.eval} x 512 tokens per set")
+    for i, label in enumerate(("in-domain", "out-of-domain")):
+        a, b = nll[args.a][i], nll[args.b][i]
+        d = a - b
+        boot = d[torch.randint(0, len(d), (10000, len(d)), generator=gen)].mean(1)
+        lo, hi = math.exp(float(boot.quantile(0.025))), math.exp(float(boot.quantile(0.975)))
+        print(f"  {label}: ppl {math.exp(float(a.mean())):.3f} vs {math.exp(float(b.mean())):.3f}, "
+              f"ratio {math.exp(float(d.mean())):.4f} (95% paired bootstrap {lo:.4f} .. {hi:.4f}); "
+              f"{args.a} better on {int((d < 0).sum())}/{len(d)} sequences")
+
+
+if __name__ == "__main__":
+    main()
