@@ -12,6 +12,12 @@
   0.01, actorder "static", min-max group parameters of the unmodified
   weight), packed losslessly into pyquant's Int format (fp32 scales). Needs
   groups that divide every row (compressed-tensors has no ragged groups).
+
+Neither peer is a test dependency: ``hqq`` comes with the ``test`` extra;
+llm-compressor is for this benchmark only and its package pulls a training
+stack, so install just what the GPTQ module imports:
+``pip install --no-deps llmcompressor compressed-tensors && pip install loguru``.
+Without it the ``gptq-llmcompressor`` rows are skipped with the reason.
 """
 from __future__ import annotations
 

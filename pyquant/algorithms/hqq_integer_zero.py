@@ -101,6 +101,10 @@ def hqq_solve_integer_zero(
             return torch.zeros_like(new, dtype=torch.bool)
         return (new == old) & ((kappa == 1.0) | (d.abs().amax(-1) <= thr_last))
 
+    def keep_better(active, e, best, cand, best_cand):  # each group keeps its best-scoring iterate
+        better = active & (e < best)
+        return torch.where(better, e, best), torch.where(better, cand, best_cand)
+
     # Phase 1: the scale, zero fixed at RTN's integer.
     z = z_int
     best_s, best = s_rtn, sq_err(s_rtn, z)
@@ -122,9 +126,7 @@ def hqq_solve_integer_zero(
         steps += active.to(torch.int32)
         s_st = _store(s_new, floor, scale_dtype)
         e = sq_err(s_st, z)
-        better = active & (e < best)
-        best = torch.where(better, e, best)
-        best_s = torch.where(better, s_st, best_s)
+        best, best_s = keep_better(active, e, best, s_st, best_s)
         active &= ~is_fixed(s_new, s, d)
         s = torch.where(active, s_new, s)
 
@@ -147,9 +149,7 @@ def hqq_solve_integer_zero(
             steps += active.to(torch.int32)
             zs = round_to(z_new, scale_dtype)
             e = sq_err(s, zs)
-            better = active & (e < best)
-            best = torch.where(better, e, best)
-            best_z = torch.where(better, zs, best_z)
+            best, best_z = keep_better(active, e, best, zs, best_z)
             active &= ~is_fixed(z_new, zd, d)
             zd = torch.where(active, z_new, zd)
 

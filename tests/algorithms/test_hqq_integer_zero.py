@@ -2,8 +2,6 @@
 ``"integer"``): the C++ solver against the torch spec, the invariants that
 make it the default (0 kept, nothing clipped, never worse than RTN per
 group), dispatch, config plumbing and bad input."""
-import math
-
 import pytest
 import torch
 
@@ -13,7 +11,7 @@ from pyquant.algorithms.hqq import hqq_quantize, hqq_solve
 from pyquant.algorithms.hqq_integer_zero import ZERO_SLACK
 from pyquant.algorithms.rtn import rtn
 from pyquant.formats import Int
-from test_hqq import mixed_weight
+from test_hqq import group_sq_err, mixed_weight
 
 MODES = ("anchored", "integer")
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -27,13 +25,6 @@ def weight(seed=0):
     w = mixed_weight(n=40, seed=seed)
     w[:, ::7] = 0.0
     return w
-
-
-def per_group(x, group):
-    n, k = x.shape
-    g = k if group == -1 else group
-    ng = math.ceil(k / g)
-    return torch.nn.functional.pad(x.double(), (0, ng * g - k)).view(n, ng, g)
 
 
 def expand(t, k, group):
@@ -85,7 +76,7 @@ def test_invariants(bits, kernel, mode):
     zero_err = w_hat[w == 0].abs() / s[w == 0]
     assert float(zero_err.max()) <= slack + ulp
     # err is each group's squared error with the stored values.
-    e = (per_group(w_hat - w, group) ** 2).sum(-1)
+    e = group_sq_err(w, w_hat, group)
     torch.testing.assert_close(sol.err.double(), e, rtol=1e-4, atol=1e-9)
 
 
@@ -97,8 +88,8 @@ def test_never_worse_than_rtn_per_group(bits, sdt, mode):
     fmt = Int(bits, 64, scale_dtype=sdt)
     ours = hqq_quantize(w, fmt, zero_point=mode).dequantize().float()
     base = rtn(w, fmt).dequantize().float()
-    e_ours = (per_group(ours - w, 64) ** 2).sum(-1)
-    e_rtn = (per_group(base - w, 64) ** 2).sum(-1)
+    e_ours = group_sq_err(w, ours, 64)
+    e_rtn = group_sq_err(w, base, 64)
     assert bool((e_ours <= e_rtn * (1 + 1e-6) + 1e-12).all())
 
 
