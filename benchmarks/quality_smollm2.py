@@ -57,6 +57,11 @@ VARIANTS = {
     "gptq": (dict(method="gptq"), "mix", None),
     "gptq-mix25": (dict(method="gptq"), "mix25", None),
     "gptq-damp1": (dict(method="gptq", damp=1.0), "mix", None),
+    "gptq-damp0.03": (dict(method="gptq", damp=0.03), "mix", None),
+    "gptq-damp0.01": (dict(method="gptq", damp=0.01), "mix", None),
+    "gptq-refit": (dict(method="gptq", damp=0.03, gptq_refit="scale_zero"), "mix", None),
+    "gptq-static-refit": (dict(method="gptq", damp=0.03, act_order="static", gptq_refit="scale_zero"), "mix", None),
+    "gptq-static-refit-s": (dict(method="gptq", damp=0.03, act_order="static", gptq_refit="scale"), "mix", None),
     "gptq-static-mix25": (dict(method="gptq", static_groups=True), "mix25", None),
     "awq-mix25": (dict(method="awq"), "mix25", None),
     "gptq-actorder-mix75": (dict(method="gptq", act_order=True), "mix75", None),
@@ -112,19 +117,23 @@ def token_ids(tok, text):
     return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def build_sets(ids, n_calib, n_eval, seq_len):
+def build_sets(ids, n_calib, n_eval, seq_len, draw=0):
+    """Evaluation sets and ``calib(kind, n)``. ``draw`` picks another,
+    disjoint calibration sample (the next pydoc sequences, generic windows
+    shifted by ``draw`` x 4096 tokens), to measure how much a result moves
+    with the calibration text alone."""
     pydoc, lic, generic = ids["pydoc"], ids["licenses"], ids["generic"]
-    if (n_calib + n_eval) * seq_len > pydoc.numel():
-        raise SystemExit(f"pydoc has {pydoc.numel()} tokens: calibration and evaluation would overlap")
+    if ((draw + 1) * n_calib + n_eval) * seq_len > pydoc.numel():
+        raise SystemExit(f"pydoc has {pydoc.numel()} tokens: calibration draw {draw} and evaluation would overlap")
     ev_in = pydoc[-n_eval * seq_len :].view(n_eval, seq_len)
     ev_out = spread_token_segments(lic, n_eval, seq_len)
 
     def calib(kind, n):
         if kind == "pydoc":
-            return pydoc[: n * seq_len].view(n, seq_len)
+            return pydoc[draw * n * seq_len : (draw + 1) * n * seq_len].view(n, seq_len)
         half = n * int(kind[3:] or 50) // 100  # "mixNN": NN% pydoc, the rest generic ("mix" = 50%)
-        a = pydoc[: half * seq_len].view(half, seq_len)
-        b = spread_token_segments(generic, n - half, seq_len)
+        a = pydoc[draw * half * seq_len : (draw + 1) * half * seq_len].view(half, seq_len)
+        b = spread_token_segments(generic, n - half, seq_len, offset=draw * 4096)
         return torch.cat([a, b])  # fixed order: pydoc first, then generic
 
     sizes = dict(pydoc=pydoc.numel(), licenses=lic.numel(), generic=generic.numel())
@@ -137,6 +146,8 @@ def main(argv=None):
     p.add_argument("--groups", type=int, nargs="+", default=[64, 128])
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     p.add_argument("--calib", type=int, default=32, help="calibration sequences for the 'mix' variants")
+    p.add_argument("--calib-draw", type=int, default=0,
+                   help="which disjoint calibration sample (0: the first); see build_sets")
     p.add_argument("--eval", type=int, default=8, help="evaluation sequences per set")
     p.add_argument("--skip-float", action="store_true", help="do not evaluate the float model")
     p.add_argument("--seq-len", type=int, default=512)
@@ -172,7 +183,7 @@ def main(argv=None):
                (("pydoc", pydoc_text), ("licenses", license_corpus_text), ("generic", package_docs_text))}
         if args.cache:
             torch.save(dict(config=model.config, state=model.state_dict(), loader=loader, ids=ids), args.cache)
-    ev_in, ev_out, calib, sizes = build_sets(ids, max(args.calib, 32), args.eval, args.seq_len)
+    ev_in, ev_out, calib, sizes = build_sets(ids, max(args.calib, 32), args.eval, args.seq_len, args.calib_draw)
     print(f"# SmolLM2-135M quantization quality ({platform.machine()}, {torch.get_num_threads()} threads)", flush=True)
     print(f"loader: {loader}; load + tokenize {time.perf_counter() - t0:.0f} s; corpora tokens: {sizes}", flush=True)
     rows = []
@@ -222,7 +233,8 @@ def main(argv=None):
         pin, pout = evaluate(m)
         del m
         row = dict(variant=name, bits=bits, group=group, ppl_in=pin, ppl_out=pout, minutes=minutes, bpw=bpw,
-                   calib=f"{kind} {n}x{args.seq_len}" if kind else "-", config=cfg.describe())
+                   calib=(f"{kind} {n}x{args.seq_len}" + (f" draw {args.calib_draw}" if args.calib_draw else "")
+                          if kind else "-"), config=cfg.describe())
         rows.append(row)
         label = name if bits is None else f"{name} {bits}b g{group}"
         print(f"{label}: {pin:.3f} / {pout:.3f} ({bpw:.2f} bits/weight, {minutes:.2f} min)", flush=True)

@@ -121,6 +121,9 @@ class QuantConfig:
     clip: Optional[str] = "mse"  # None | "mse" | "hessian": group range shrink search in GPTQ's quantizer
     clip_grid: int = 20
     clip_max_shrink: float = 0.2
+    # None | "scale" | "scale_zero": least-squares group parameters once the codes are fixed
+    # (pyquant/algorithms/group_refit.py); "scale_zero" stores float zero points (not GPTQ-exportable)
+    gptq_refit: Optional[str] = None
     # --- AWQ --------------------------------------------------------------
     awq_grid: int = 20
     awq_duo_scaling: Union[bool, str] = "both"  # False: mean|x|^a; True: x^a / w^(1-a); "both": search both
@@ -161,6 +164,8 @@ class QuantConfig:
             raise ValueRangeError("grid sizes must be >= 1")
         if not 0 <= self.clip_max_shrink < 1 or not 0 <= self.awq_clip_max_shrink < 1:
             raise ValueRangeError("max_shrink must lie in [0, 1)")
+        if self.gptq_refit not in (None, "scale", "scale_zero"):
+            raise ValueRangeError(f"gptq_refit must be None, 'scale' or 'scale_zero', got {self.gptq_refit!r}")
         if self.hqq_zero_point not in ("anchored", "integer", "float"):
             raise ValueRangeError(
                 f"hqq_zero_point must be 'anchored', 'integer' or 'float', got {self.hqq_zero_point!r}"
@@ -217,6 +222,8 @@ class QuantConfig:
                 extra.append("static_groups")
             if self.clip:
                 extra.append(f"clip={self.clip}")
+            if self.gptq_refit:
+                extra.append(f"refit={self.gptq_refit}")
         if self.method == "hqq":
             extra.append(f"zero_point={self.method_kwargs.get('zero_point', self.hqq_zero_point)}")
         if self.method == "awq":

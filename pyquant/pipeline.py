@@ -572,7 +572,7 @@ def _gptq_block(block, prefix, groups, linears, selected, inps, kws, cfg, fmt, r
                 res = gptq_quantize(
                     w, H, fmt, damp=cfg.damp, block_size=cfg.block_size, static_groups=cfg.static_groups,
                     clip=cfg.clip, clip_grid=cfg.clip_grid, clip_max_shrink=cfg.clip_max_shrink,
-                    order="hessian" if cfg.act_order == "static" else "natural",
+                    order="hessian" if cfg.act_order == "static" else "natural", refit=cfg.gptq_refit,
                 )
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"layer {full!r} (weight {tuple(w.shape)}): {exc}") from exc
@@ -582,6 +582,8 @@ def _gptq_block(block, prefix, groups, linears, selected, inps, kws, cfg, fmt, r
                 notes.append(f"Cholesky failed, damp raised to {res.damp:g}")
             if res.dead_columns:
                 notes.append(f"{res.dead_columns} dead inputs")
+            if cfg.gptq_refit and res.refit_rows < w.shape[0]:
+                notes.append(f"refit kept the GPTQ parameters of {w.shape[0] - res.refit_rows} rows")
             err = _rel_error(w, qw.dequantize(torch.float32), H)
             _set_module(block, name, QuantLinear(qw, mod.bias, kernel=kernel))
             rec = LayerRecord(full, "gptq", res.loss, err, time.perf_counter() - t0, "; ".join(notes))

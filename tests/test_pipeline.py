@@ -100,7 +100,8 @@ def test_awq_folding_is_exact_at_8_bits(calib):
 
 def test_gptq_variants_run(base_model, calib):
     for kw in (dict(act_order=True), dict(act_order="static"), dict(static_groups=True),
-               dict(true_sequential=False, clip=None), dict(symmetric=True, group_size=-1), dict(clip="hessian")):
+               dict(true_sequential=False, clip=None), dict(symmetric=True, group_size=-1), dict(clip="hessian"),
+               dict(gptq_refit="scale_zero"), dict(act_order="static", gptq_refit="scale")):
         model = copy.deepcopy(base_model)
         c = cfg("gptq", bits=4, group_size=kw.pop("group_size", 32), **kw)
         quantize_model(model, c, calib, progress=False, verbose=False)
@@ -230,6 +231,9 @@ def test_config_validation():
         QuantConfig("gptq", act_order="sometimes")
     with pytest.raises(FormatError, match="act_order"):
         QuantConfig("awq", act_order="static")
+    assert "refit=scale_zero" in QuantConfig("gptq", gptq_refit="scale_zero").describe()
+    with pytest.raises(ValueRangeError, match="gptq_refit"):
+        QuantConfig("gptq", gptq_refit="zero")
     assert QuantConfig("q4_0").format() == pyquant.GGUF("Q4_0")
     assert not QuantConfig("rtn").needs_calibration and QuantConfig("awq").needs_calibration
     with pytest.raises(FormatError, match="QuantConfig"):

@@ -34,6 +34,11 @@ Implementation (the textbook algorithm, with these choices):
   processed in order of decreasing ``diag(H)`` but stay in their groups and
   place, so the format is the plain layout (no permutation, no gather at
   inference); the group parameters are computed up front (static groups).
+* ``refit``: once every code is fixed, each group's (scale, zero) is
+  re-solved by least squares on the damped output error
+  (:mod:`~pyquant.algorithms.group_refit`); "scale" keeps the integer zero
+  points, "scale_zero" frees them (float zeros: not storable in GPTQ/AWQ
+  checkpoints).
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ from .. import _ext
 from ..errors import FormatError, KernelUnavailableError, ShapeError, ValueRangeError
 from ..formats import Int, QuantizedWeight
 from ..ops._dtypes import ptr
+from .group_refit import REFIT_MODES, refit_group_params
 from .int_grid import group_params, pad_groups, search_shrink
 
 MAX_DAMP_RETRIES = 6
@@ -60,6 +66,7 @@ class GPTQResult:
     damp: float  # relative damping actually used
     damp_retries: int
     dead_columns: int
+    refit_rows: int = 0  # rows whose group parameters the refit changed
 
 
 # --- the in-block update -----------------------------------------------------
@@ -327,13 +334,15 @@ def gptq_quantize(
     clip_grid: int = 20,
     clip_max_shrink: float = 0.2,
     order: str = "natural",
+    refit: Optional[str] = None,
     kernel: str = "auto",
 ) -> GPTQResult:
     """Quantize ``W`` (N, K) into ``fmt`` with GPTQ, given ``H`` (K, K).
 
     ``order``: "natural" (column order, or the format's act-order permutation)
     or "hessian" (decreasing ``diag(H)``, groups and layout unchanged; needs a
-    format without act_order, implies static groups).
+    format without act_order, implies static groups). ``refit``: None,
+    "scale" or "scale_zero" (see the module docstring).
 
     ``H`` is ``2/n X^T X`` of the layer's calibration inputs (see
     :class:`~pyquant.algorithms.hessian.HessianAccumulator`); it may be
@@ -351,6 +360,8 @@ def gptq_quantize(
         raise ValueRangeError(f"GPTQ block_size must be >= 1, got {block_size!r}")
     if order not in ("natural", "hessian"):
         raise ValueRangeError(f"GPTQ order must be 'natural' or 'hessian', got {order!r}")
+    if refit not in REFIT_MODES:
+        raise ValueRangeError(f"GPTQ refit must be one of {REFIT_MODES}, got {refit!r}")
     if order == "hessian" and fmt.act_order:
         raise FormatError("GPTQ order='hessian' keeps the plain layout: use a format without act_order")
     fmt.check_shape(tuple(W.shape))
@@ -365,6 +376,7 @@ def gptq_quantize(
     dead = H.diagonal() == 0
     n_dead = int(dead.sum())
     H.diagonal()[dead] = 1.0
+    W0, H0 = (W.clone(), H) if refit else (None, None)  # the refit fits the original weights
     g = fmt.group_size_for(k)
     ng = fmt.num_groups(k)
     maxq = fmt.max_code
@@ -437,5 +449,10 @@ def gptq_quantize(
     if col_group is not None:  # back to the plain layout
         codes = torch.empty_like(codes).index_copy_(1, perm, codes)
         perm = None
+    refit_rows = 0
+    if refit:
+        if perm is not None:  # the codes' (stored) column order
+            W0, H0 = W0[:, perm], H
+        scales, zeros, refit_rows = refit_group_params(W0, H0, codes, scales, zeros, fmt, damp=damp_used, mode=refit)
     qw = fmt.pack(codes, scales, None if fmt.symmetric else zeros, perm=perm)
-    return GPTQResult(qw, loss, damp_used, retries, n_dead)
+    return GPTQResult(qw, loss, damp_used, retries, n_dead, refit_rows)
