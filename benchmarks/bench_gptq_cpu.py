@@ -168,9 +168,16 @@ def main(argv=None):
         ("pyquant static groups, no clip, pure-torch reference", dict(static_groups=True, clip=None, kernel="reference")),
         ("pyquant dynamic groups (textbook GPTQ), C++", dict(clip=None, kernel="cpu")),
         ("pyquant defaults of the layer call + clip='mse', C++", dict(clip="mse", kernel="cpu")),
+        ("pyquant static groups, no clip + refit='scale_zero', C++",
+         dict(static_groups=True, clip=None, refit="scale_zero", kernel="cpu")),
+        ("pyquant QuantConfig defaults (act-order, static groups, clip='mse', damp 0.1, refit='scale_zero'), C++",
+         dict(static_groups=True, clip="mse", damp=0.1, refit="scale_zero", kernel="cpu",
+              fmt=Int(4, args.group, act_order=True))),
     ]
     for name, kw in cases:
-        res, tm, times = timed(lambda: gptq_quantize(W, H, fmt, **kw), args.repeats)
+        kw = dict(kw)
+        f = kw.pop("fmt", fmt)
+        res, tm, times = timed(lambda: gptq_quantize(W, H, f, **kw), args.repeats)
         rows.append((name, tm, min(times), rel_err(W, res.qweight.dequantize(torch.float32), H)))
     rtn = pyquant.quantize_weight(W, fmt).dequantize(torch.float32)
 

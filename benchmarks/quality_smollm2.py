@@ -44,28 +44,32 @@ from pyquant.evaluation import (
 # name -> (QuantConfig overrides, calibration set, n calibration sequences or None for --calib)
 VARIANTS = {
     "rtn": (dict(method="rtn"), None, None),
-    "gptq-textbook": (dict(method="gptq", damp=0.01, clip=None, act_order=False, static_groups=False), "pydoc", 32),
-    "gptq-damp0.1": (dict(method="gptq", damp=0.1, clip=None, act_order=False, static_groups=False), "pydoc", 32),
-    "gptq-damp0.1-mix": (dict(method="gptq", damp=0.1, clip=None, act_order=False), "mix", None),
-    "gptq-noclip": (dict(method="gptq", clip=None), "mix", None),
+    # variants named before the refit existed were run without it: they say so
+    "gptq-textbook": (dict(method="gptq", damp=0.01, clip=None, act_order=False, static_groups=False,
+                           gptq_refit=None), "pydoc", 32),
+    "gptq-damp0.1": (dict(method="gptq", damp=0.1, clip=None, act_order=False, static_groups=False,
+                          gptq_refit=None), "pydoc", 32),
+    "gptq-damp0.1-mix": (dict(method="gptq", damp=0.1, clip=None, act_order=False, gptq_refit=None), "mix", None),
+    "gptq-noclip": (dict(method="gptq", clip=None, gptq_refit=None), "mix", None),
     "awq-clip": (dict(method="awq", awq_clip=True), "mix", None),
-    "gptq-static": (dict(method="gptq", static_groups=True), "mix", None),
-    "gptq-dynamic": (dict(method="gptq", static_groups=False), "mix", None),
-    "gptq-noactorder": (dict(method="gptq", act_order=False), "mix", None),
-    "gptq-actorder": (dict(method="gptq", act_order=True), "mix", None),
-    "gptq-hclip": (dict(method="gptq", clip="hessian"), "mix", None),
-    "gptq": (dict(method="gptq"), "mix", None),
-    "gptq-mix25": (dict(method="gptq"), "mix25", None),
-    "gptq-damp1": (dict(method="gptq", damp=1.0), "mix", None),
-    "gptq-damp0.03": (dict(method="gptq", damp=0.03), "mix", None),
-    "gptq-damp0.01": (dict(method="gptq", damp=0.01), "mix", None),
-    "gptq-refit": (dict(method="gptq", damp=0.03, gptq_refit="scale_zero"), "mix", None),
+    "gptq-static": (dict(method="gptq", static_groups=True, gptq_refit=None), "mix", None),
+    "gptq-dynamic": (dict(method="gptq", static_groups=False, gptq_refit=None), "mix", None),
+    "gptq-noactorder": (dict(method="gptq", act_order=False, gptq_refit=None), "mix", None),
+    "gptq-actorder": (dict(method="gptq", act_order=True, gptq_refit=None), "mix", None),
+    "gptq-hclip": (dict(method="gptq", clip="hessian", gptq_refit=None), "mix", None),
+    "gptq": (dict(method="gptq"), "mix", None),  # the defaults
+    "gptq-norefit": (dict(method="gptq", gptq_refit=None), "mix", None),
+    "gptq-mix25": (dict(method="gptq", gptq_refit=None), "mix25", None),
+    "gptq-damp1": (dict(method="gptq", damp=1.0, gptq_refit=None), "mix", None),
+    "gptq-damp0.03": (dict(method="gptq", damp=0.03, gptq_refit=None), "mix", None),
+    "gptq-damp0.01": (dict(method="gptq", damp=0.01, gptq_refit=None), "mix", None),
+    "gptq-refit-s": (dict(method="gptq", gptq_refit="scale"), "mix", None),
     "gptq-static-refit": (dict(method="gptq", damp=0.03, act_order="static", gptq_refit="scale_zero"), "mix", None),
     "gptq-static-refit-s": (dict(method="gptq", damp=0.03, act_order="static", gptq_refit="scale"), "mix", None),
-    "gptq-static-mix25": (dict(method="gptq", static_groups=True), "mix25", None),
+    "gptq-static-mix25": (dict(method="gptq", static_groups=True, gptq_refit=None), "mix25", None),
     "awq-mix25": (dict(method="awq"), "mix25", None),
-    "gptq-actorder-mix75": (dict(method="gptq", act_order=True), "mix75", None),
-    "gptq-actorder-pydoc": (dict(method="gptq", act_order=True), "pydoc", None),
+    "gptq-actorder-mix75": (dict(method="gptq", act_order=True, gptq_refit=None), "mix75", None),
+    "gptq-actorder-pydoc": (dict(method="gptq", act_order=True, gptq_refit=None), "pydoc", None),
     "awq-pydoc": (dict(method="awq"), "pydoc", 32),
     "awq-noclip": (dict(method="awq", awq_clip=False), "mix", None),
     "awq-clip02": (dict(method="awq", awq_clip_max_shrink=0.2), "mix", None),
@@ -76,18 +80,19 @@ VARIANTS = {
     "hqq-package": (dict(method="hqq", hqq_zero_point="float"), None, None),
     "gptq-llmcompressor": (dict(method="gptq", damp=0.01, act_order=False, clip=None, static_groups=True), "mix", None),
     # pyquant's GPTQ at llm-compressor's defaults (damp 0.01, act-order with static groups, min-max ranges)
-    "gptq-peer-settings": (dict(method="gptq", damp=0.01, act_order="static", clip=None, static_groups=True), "mix",
-                           None),
-    "gptq-desc-act-peer": (dict(method="gptq", damp=0.01, act_order=True, clip=None, static_groups=True), "mix", None),
-    "gptq-static-order": (dict(method="gptq", act_order="static"), "mix", None),
+    "gptq-peer-settings": (dict(method="gptq", damp=0.01, act_order="static", clip=None, static_groups=True,
+                                gptq_refit=None), "mix", None),
+    "gptq-desc-act-peer": (dict(method="gptq", damp=0.01, act_order=True, clip=None, static_groups=True,
+                                gptq_refit=None), "mix", None),
+    "gptq-static-order": (dict(method="gptq", act_order="static", gptq_refit=None), "mix", None),
     "hqq-float": (dict(method="hqq", hqq_zero_point="float"), None, None),  # the hqq package's formulation
     # GGUF k-quants (llama.cpp's rows-of-256 fallback for 576-wide layers): run once, not per bits/group
     "q4_k": (dict(method="q4_k"), None, None),
     "q6_k": (dict(method="q6_k"), None, None),
 }
 # merged tables list each method's variants, then its peer, together
-TABLE_ORDER = ["rtn", "gptq-textbook", "gptq", "gptq-static-order", "gptq-desc-act-peer", "gptq-peer-settings",
-               "gptq-llmcompressor", "awq", "hqq", "hqq-integer", "hqq-float", "hqq-package"]
+TABLE_ORDER = ["rtn", "gptq-textbook", "gptq", "gptq-norefit", "gptq-refit-s", "gptq-static-order",
+               "gptq-desc-act-peer", "gptq-peer-settings", "gptq-llmcompressor", "awq", "hqq", "hqq-integer", "hqq-float", "hqq-package"]
 DEFAULT_VARIANTS = ["rtn", "gptq-textbook", "gptq", "awq", "hqq", "q4_k", "q6_k"]
 
 
@@ -142,9 +147,10 @@ def build_sets(ids, n_calib, n_eval, seq_len, draw=0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    p.add_argument("--groups", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
+    p.add_argument("--bits", type=int, nargs="+", default=None, help="default 4 3 (with --merge: all)")
+    p.add_argument("--groups", type=int, nargs="+", default=None, help="default 64 128 (with --merge: all)")
+    p.add_argument("--variants", nargs="+", default=None, help="default: " + " ".join(DEFAULT_VARIANTS)
+                   + " (with --merge: all)")
     p.add_argument("--calib", type=int, default=32, help="calibration sequences for the 'mix' variants")
     p.add_argument("--calib-draw", type=int, default=0,
                    help="which disjoint calibration sample (0: the first); see build_sets")
@@ -162,7 +168,10 @@ def main(argv=None):
                    help="QuantConfig overrides for every calibrated variant, e.g. damp=0.3 act_order=True")
     args = p.parse_args(argv)
     if args.merge:
-        return merge(args.merge)
+        return merge(args.merge, args.variants, args.bits, args.groups)
+    args.bits = args.bits or [4, 3]
+    args.groups = args.groups or [64, 128]
+    args.variants = args.variants or DEFAULT_VARIANTS
     if args.list:
         for k, v in VARIANTS.items():
             print(f"{k:20s} {v}")
@@ -269,7 +278,7 @@ def print_table(rows):
               f"| {r['ppl_out']:.3f} | {closed} | {vs} | {r['minutes']:.2f} |")
 
 
-def merge(paths):
+def merge(paths, variants=None, bits=None, groups=None):
     """Print one table from the JSON of several runs (e.g. one per bit width,
     run side by side); they must share the evaluation sets. A row appears once:
     the first file listing a (variant, bits, group) wins."""
@@ -282,15 +291,17 @@ def merge(paths):
     seen = set()
     for run in runs:
         for r in run["rows"]:
-            key = (r["variant"], r["bits"], r["group"])
-            if r["variant"] != "float" and key not in seen:
+            key = (r["variant"], r["bits"], r["group"], r["calib"])
+            wanted = ((variants is None or r["variant"] in variants) and (bits is None or r["bits"] in bits)
+                      and (groups is None or r["group"] in groups))
+            if r["variant"] != "float" and key not in seen and wanted:
                 seen.add(key)
                 rows.append(r)
     order = TABLE_ORDER + [v for v in VARIANTS if v not in TABLE_ORDER]
 
     def key(r):  # float first, then by bits (high first), group and the order of VARIANTS; GGUF types last
         rank = order.index(r["variant"]) if r["variant"] in order else len(order)
-        return (r["variant"] != "float", r["bits"] is None, -(r["bits"] or 0), r["group"] or 0, rank)
+        return (r["variant"] != "float", r["bits"] is None, -(r["bits"] or 0), r["group"] or 0, rank, r["calib"])
 
     print_table(sorted(rows, key=key))
     (n_eval, seq_len), = keys

@@ -31,11 +31,10 @@ from ..formats import Int
 
 REFIT_MODES = (None, "scale", "scale_zero")
 _CHUNK_FLOATS = 1 << 25  # rows per chunk keep the (groups x rows x k) product near 128 MiB
-
-
-def _row_errors(dq: torch.Tensor, w: torch.Tensor, Hd: torch.Tensor) -> torch.Tensor:
-    d = dq - w
-    return ((d @ Hd) * d).sum(1)
+# A row takes new parameters only if they lower its error by more than this
+# fraction of its output energy w Hd w^T: well above the fp32 accumulation
+# error of the normal equations the improvement is computed from.
+_MIN_GAIN = 1e-5
 
 
 def refit_group_params(
@@ -66,55 +65,63 @@ def refit_group_params(
             f"{tuple(scales.shape)}, zeros {tuple(zeros.shape)} do not describe one ({n}, {k}) layer in groups of {g}"
         )
     free_zero = mode == "scale_zero" and not fmt.symmetric
-    nb = 2 if free_zero else 1
     kp = ng * g
     dev = W.device
     mean_diag = float(H.diagonal().mean())
+    # Pad columns (ragged last group) get zero weight, zero code and zero Gram
+    # rows and columns: they add nothing to any sum below.
     Hd = torch.zeros((kp, kp), dtype=torch.float32, device=dev)
     Hd[:k, :k] = H
     Hd.diagonal()[:k] += damp * (mean_diag if mean_diag > 0 else 1.0)
-    # Pad columns have zero weight, zero basis and zero Gram rows: they add nothing.
-    Hblk = Hd.view(kp, ng, g).permute(1, 2, 0).contiguous()  # (G, g, kp): rows of Hd per group
-    idx = torch.arange(k, device=dev) // g
+    Hblk = Hd.view(ng, g, kp)  # group a's rows of Hd
+    # The constant basis vector (zero point) is the same in every row: its
+    # Gram entries are block sums of Hd, computed once.
+    Hsum = Hd.view(kp, ng, g).sum(-1).view(ng, g, ng)  # [a, j, b] = sum_{l in b} Hd[a j, b l]
+    H11 = Hsum.sum(1)  # [a, b] = sum over the block (a, b)
     out_s, out_z = scales.clone(), zeros.clone()
     changed = 0
-    rows = max(1, _CHUNK_FLOATS // (ng * nb * kp))
+    rows = max(1, _CHUNK_FLOATS // (ng * kp))
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         r = r1 - r0
+        s0, z0 = scales[r0:r1], zeros[r0:r1]
         w = torch.zeros((r, kp), dtype=torch.float32, device=dev)
         w[:, :k] = W[r0:r1]
-        q = torch.zeros((r, kp), dtype=torch.float32, device=dev)
-        q[:, :k] = codes[r0:r1].float()
-        s0, z0 = scales[r0:r1], zeros[r0:r1]
+        # dq = alpha * u (+ beta): u = q with a free zero (beta = -s z), u = q - z with it fixed.
+        u = torch.zeros((r, kp), dtype=torch.float32, device=dev)
+        u[:, :k] = codes[r0:r1].float()
+        if not free_zero:
+            u[:, :k] -= z0.repeat_interleave(g, 1)[:, :k]
+        u3 = u.view(r, ng, g)
+        wH = (w @ Hd).view(r, ng, g)
+        # T[b, i, (a, j)] = u_i[block b] @ Hd[block b rows, a j]: the one O(rows * k^2) step, a batched GEMM.
+        T = torch.bmm(u3.transpose(0, 1), Hblk).view(ng, r, ng, g)
+        Muu = (T * u3.unsqueeze(0)).sum(-1).permute(1, 2, 0)  # [i, a, b]
+        vu = (u3 * wH).sum(-1)
         if free_zero:
-            ones = torch.zeros((r, kp), dtype=torch.float32, device=dev)
-            ones[:, :k] = 1.0
-            basis = torch.stack([q.view(r, ng, g), ones.view(r, ng, g)], 2)  # (r, G, 2, g)
-            theta0 = torch.stack([s0, -s0 * z0], 2)  # (r, G, 2)
+            Mu1 = torch.bmm(u3.transpose(0, 1), Hsum).transpose(0, 1)  # [i, a, b] = u_a^T Hd_ab 1
+            M = torch.cat([torch.cat([Muu, Mu1], 2), torch.cat([Mu1.transpose(1, 2), H11.expand(r, ng, ng)], 2)], 1)
+            v = torch.cat([vu, wH.sum(-1)], 1)
+            theta0 = torch.cat([s0, -s0 * z0], 1)
         else:
-            qz = q.clone()
-            qz[:, :k] -= z0[:, idx]
-            basis = qz.view(r, ng, 1, g)
-            theta0 = s0.unsqueeze(2)
-        # T[b, (i, d), :] = basis[i, b, d, :] @ Hd[group b rows, :]: one batched GEMM over the groups.
-        T = torch.bmm(basis.permute(1, 0, 2, 3).reshape(ng, r * nb, g), Hblk).view(ng, r, nb, ng, g)
-        # M[i, (a, c), (b, d)] = sum_{j in a} basis[i, a, c, j] * T[b, i, d, a, j]
-        M = torch.einsum("iacj,bidaj->iacbd", basis, T).reshape(r, ng * nb, ng * nb)
-        v = torch.einsum("iacj,iaj->iac", basis, (w @ Hd).view(r, ng, g)).reshape(r, ng * nb)
+            M, v, theta0 = Muu, vu, s0
+        M, v, theta0 = M.double(), v.double(), theta0.double()
         # A group whose codes are all equal makes (q, 1) collinear: a ridge
         # towards the current parameters keeps every system well posed.
         lam = 1e-7 * M.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)
-        M.diagonal(dim1=1, dim2=2).add_(lam[:, None])
-        theta = torch.linalg.solve(M, v + lam[:, None] * theta0.reshape(r, -1)).view(r, ng, nb)
-        s1 = theta[..., 0]
-        z1 = -theta[..., 1] / s1 if free_zero else z0
-        s1 = s1.to(fmt.scale_dtype).float()
-        z1 = z1.to(fmt.scale_dtype).float() if free_zero else z1
-        e_old = _row_errors((q[:, :k] - z0[:, idx]) * s0[:, idx], w[:, :k], Hd[:k, :k])
-        e_new = _row_errors((q[:, :k] - z1[:, idx]) * s1[:, idx], w[:, :k], Hd[:k, :k])
-        ok = (e_new < e_old) & (s1 > 0).all(1) & torch.isfinite(z1).all(1)  # NaN compares False
-        out_s[r0:r1] = torch.where(ok[:, None], s1, s0)
-        out_z[r0:r1] = torch.where(ok[:, None], z1, z0)
+        Mr = M.clone()
+        Mr.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+        theta = torch.linalg.solve(Mr, v + lam[:, None] * theta0)
+        s1 = theta[:, :ng].to(fmt.scale_dtype).double()
+        z1 = (-theta[:, ng:] / theta[:, :ng]).to(fmt.scale_dtype).double() if free_zero else z0.double()
+        theta1 = torch.cat([s1, -s1 * z1], 1) if free_zero else s1
+        # Change of the row's error, from the normal equations (the quadratic is exact):
+        # e(t1) - e(t0) = (t1 - t0)^T (M (t1 + t0) - 2 v).
+        delta = theta1 - theta0
+        gain = -(delta * (torch.bmm(M, (theta1 + theta0).unsqueeze(2)).squeeze(2) - 2 * v)).sum(1)
+        energy = (w.double() * wH.view(r, kp).double()).sum(1)
+        ok = (gain > _MIN_GAIN * energy) & (s1 > 0).all(1) & torch.isfinite(z1).all(1)  # NaN compares False
+        out_s[r0:r1] = torch.where(ok[:, None], s1.float(), s0)
+        out_z[r0:r1] = torch.where(ok[:, None], z1.float(), z0)
         changed += int(ok.sum())
     return out_s, out_z, changed

@@ -65,7 +65,10 @@ def to_awq(qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
     codes, scales, zeros = fmt.unpack(qw)
     zf = zeros.to(torch.float32)
     if not torch.equal(zf, zf.round()) or int(zf.min()) < 0 or int(zf.max()) > 15:
-        raise FormatError("AWQ stores integer zero points in [0, 15]; this weight has float zeros")
+        raise FormatError(
+            "AWQ stores integer zero points in [0, 15]; this weight has float zeros (HQQ, or GPTQ with "
+            "gptq_refit='scale_zero')"
+        )
     return {
         "qweight": _pack_awq(codes.T.long()),
         "qzeros": _pack_awq(zf.long().T),

@@ -106,7 +106,10 @@ def to_gptq(qw: QuantizedWeight, version: int = 1) -> Dict[str, torch.Tensor]:
     codes, scales, zeros = fmt.unpack(qw)
     zf = zeros.to(torch.float32)
     if not torch.equal(zf, zf.round()) or int(zf.min()) < 0 or int(zf.max()) > fmt.max_code:
-        raise FormatError("GPTQ stores integer zero points in [0, 2**bits); this weight has float zeros (HQQ-style)")
+        raise FormatError(
+            "GPTQ stores integer zero points in [0, 2**bits); this weight has float zeros (HQQ, or GPTQ with "
+            "gptq_refit='scale_zero'): quantize with gptq_refit='scale' or None to export it"
+        )
     z = zf.long()
     if version == 1:
         if int(z.min()) < 1:
