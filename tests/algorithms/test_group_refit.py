@@ -123,3 +123,17 @@ def test_bad_input():
         refit_group_params(W, H, codes, torch.ones(4, 3), s, fmt, damp=0.1)
     with pytest.raises(ValueRangeError, match="refit"):
         gptq_quantize(W, H, fmt, refit="yes")
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_match_the_cpu_result():
+    fmt = Int(4, 64)
+    W, H = case(n=64, k=200, seed=7)
+    res = gptq_quantize(W, H, fmt, damp=0.05)
+    codes, s0, z0 = fmt.unpack(res.qweight)
+    s, z, n_cpu = refit_group_params(W, H, codes, s0, z0, fmt, damp=0.05)
+    sc, zc, n_gpu = refit_group_params(*(t.cuda() for t in (W, H, codes, s0, z0)), fmt, damp=0.05)
+    assert sc.is_cuda and n_gpu == n_cpu
+    # fp16-rounded parameters from fp32 sums in another order: at most one fp16 step apart
+    torch.testing.assert_close(sc.cpu(), s, rtol=2e-3, atol=0)
+    torch.testing.assert_close(zc.cpu(), z, rtol=2e-3, atol=2e-3)
