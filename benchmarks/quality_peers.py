@@ -71,7 +71,7 @@ def _llmcompressor_gptq(fns, bits):
         codes = torch.round(q[0] / s[:, idx] + z[:, idx]).clamp(0, (1 << bits) - 1).to(torch.uint8)
         qweight = Int(bits, g, scale_dtype=torch.float32).pack(codes, s, z)
         return types.SimpleNamespace(qweight=qweight, loss=float(loss.sum()), damp_retries=0, dead_columns=0,
-                                     damp=0.01)
+                                     damp=0.01, refit_rows=n)
 
     return gptq_quantize
 

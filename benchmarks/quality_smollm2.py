@@ -78,7 +78,8 @@ VARIANTS = {
     "hqq-integer": (dict(method="hqq", hqq_zero_point="integer"), None, None),
     # peers on the same inputs (benchmarks/quality_peers.py)
     "hqq-package": (dict(method="hqq", hqq_zero_point="float"), None, None),
-    "gptq-llmcompressor": (dict(method="gptq", damp=0.01, act_order=False, clip=None, static_groups=True), "mix", None),
+    "gptq-llmcompressor": (dict(method="gptq", damp=0.01, act_order=False, clip=None, static_groups=True,
+                                gptq_refit=None), "mix", None),
     # pyquant's GPTQ at llm-compressor's defaults (damp 0.01, act-order with static groups, min-max ranges)
     "gptq-peer-settings": (dict(method="gptq", damp=0.01, act_order="static", clip=None, static_groups=True,
                                 gptq_refit=None), "mix", None),

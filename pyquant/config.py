@@ -48,18 +48,19 @@ out of domain (+2% / +41%): it overfits the calibration text. Defaults here:
 * ``gptq_refit="scale_zero"``: once GPTQ has fixed every code, each group's
   (scale, zero) is re-solved by least squares on the same damped output
   error (one small linear system per row, about as much work again as the
-  column loop). It lowered perplexity on both sets at every size tried
-  (4-bit g64 10.96 / 13.44 vs 11.17 / 14.08 without it; g128 11.05 / 15.76
-  vs 11.34 / 15.89; 3-bit g64 13.87 / 50.50 vs 14.59 / 46.41 (out of domain
-  worse, still 22% better than RTN); g128 14.98 / 41.11 vs 15.61 / 52.67).
-  Over three disjoint calibration samples at 4-bit g64 (``--calib-draw``):
-  10.92 / 13.42 on average, llm-compressor's GPTQ on the same inputs
-  11.01 / 15.92, without the refit 11.06 / 13.54. The zero points become
-  floats (as HQQ's). ``"scale"`` keeps them integers (GPTQ/AWQ checkpoint
-  export) and about half of the layer-wise error reduction; on the model it
-  was 11.04 / 12.92, 11.24 / 16.92, 14.35 / 40.69 and 14.52 / 37.15 (same
-  order), i.e. worse than RTN out of domain at 4-bit g128, so it is the
-  export option rather than the default.
+  column loop). It lowered in-domain perplexity at every size tried, and
+  out-of-domain perplexity at all but one (4-bit g64 11.09 / 13.49 vs
+  11.17 / 14.08 without it; g128 11.12 / 15.99 vs 11.34 / 15.89, 0.6% worse
+  out of domain but still below RTN's 16.01; 3-bit g64 14.07 / 44.58 vs
+  14.59 / 46.41; g128 14.81 / 46.37 vs 15.61 / 52.67). Over three disjoint
+  calibration samples at 4-bit g64 (``--calib-draw``) it averaged
+  10.96 / 13.08 vs 11.06 / 13.54 without it; over four, 11.01 / 13.13 vs
+  llm-compressor's GPTQ on the same inputs 11.04 / 15.89. The zero points
+  become floats (as HQQ's). ``"scale"`` keeps them integers (GPTQ/AWQ
+  checkpoint export) and about half of the layer-wise error reduction; on
+  the model it was 11.04 / 12.92, 11.24 / 16.92, 14.35 / 40.69 and
+  14.52 / 37.15 (same order), i.e. worse than RTN out of domain at 4-bit
+  g128, so it is the export option rather than the default.
 * ``static_groups`` on for GPTQ: each group's range comes from the weights
   before any update (as llm-compressor does with act-order), so the ranges do
   not follow the error GPTQ pushes into later columns. At 4-bit g128 (32 mixed
