@@ -28,6 +28,7 @@ import torch
 
 from ..errors import ShapeError, ValueRangeError
 from ..formats import Int
+from .int_grid import pad_groups
 
 REFIT_MODES = (None, "scale", "scale_zero")
 _CHUNK_FLOATS = 1 << 25  # rows per chunk keep the (groups x rows x k) product near 128 MiB
@@ -78,6 +79,7 @@ def refit_group_params(
     # Gram entries are block sums of Hd, computed once.
     Hsum = Hd.view(kp, ng, g).sum(-1).view(ng, g, ng)  # [a, j, b] = sum_{l in b} Hd[a j, b l]
     H11 = Hsum.sum(1)  # [a, b] = sum over the block (a, b)
+    col_group = torch.arange(k, device=dev) // g
     out_s, out_z = scales.clone(), zeros.clone()
     changed = 0
     rows = max(1, _CHUNK_FLOATS // (ng * kp))
@@ -85,14 +87,10 @@ def refit_group_params(
         r1 = min(r0 + rows, n)
         r = r1 - r0
         s0, z0 = scales[r0:r1], zeros[r0:r1]
-        w = torch.zeros((r, kp), dtype=torch.float32, device=dev)
-        w[:, :k] = W[r0:r1]
+        w = pad_groups(W[r0:r1].float(), g).view(r, kp)
         # dq = alpha * u (+ beta): u = q with a free zero (beta = -s z), u = q - z with it fixed.
-        u = torch.zeros((r, kp), dtype=torch.float32, device=dev)
-        u[:, :k] = codes[r0:r1].float()
-        if not free_zero:
-            u[:, :k] -= z0.repeat_interleave(g, 1)[:, :k]
-        u3 = u.view(r, ng, g)
+        q = codes[r0:r1].float()
+        u3 = pad_groups(q if free_zero else q - z0[:, col_group], g)
         wH = (w @ Hd).view(r, ng, g)
         # T[b, i, (a, j)] = u_i[block b] @ Hd[block b rows, a j]: the one O(rows * k^2) step, a batched GEMM.
         T = torch.bmm(u3.transpose(0, 1), Hblk).view(ng, r, ng, g)
