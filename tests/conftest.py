@@ -14,7 +14,20 @@ if not torch.cuda.is_available():
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--runslow", action="store_true", default=False,
+        help="also run the tests marked slow (the real model, sm_90 compilation); CI does",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--runslow"):
+        # Deselected rather than skipped: a quick local run says how many it left out.
+        slow = [item for item in items if "slow" in item.keywords]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if "slow" not in item.keywords]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

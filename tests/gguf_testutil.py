@@ -1,7 +1,7 @@
 """Helpers for tests of the GGUF block formats (reference, kernels, io).
 
-Import as ``from gguf_testutil import ...`` (tests/ is on sys.path through
-tests/conftest.py). gguf-py (``gguf.quants``) is the peer every GGUF result is
+Import as ``from tests.gguf_testutil import ...`` (tests is a package; pytest puts
+the repository root on sys.path). gguf-py (``gguf.quants``) is the peer every GGUF result is
 checked against.
 """
 from __future__ import annotations

@@ -55,3 +55,22 @@ def test_env_cli():
     info = json.loads(r.stdout)
     for key in ("cpu_cxx", "cpu_simd", "cuda_cxx", "cuda_arches", "triton", "device", "kernels"):
         assert key in info
+
+
+def test_test_folders_cannot_shadow_installed_packages():
+    """A test folder without ``__init__.py`` goes on sys.path under its own
+    name: ``tests/triton`` once became ``import triton`` for the whole run
+    (breaking transformers, bitsandbytes and hqq with it). Every folder of
+    tests is a package of ``tests``, so none is ever a top-level name."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    for folder in [root, *root.rglob("*")]:
+        if folder.is_dir() and any(folder.glob("*.py")):
+            assert (folder / "__init__.py").is_file(), f"{folder} holds Python files but no __init__.py"
+    import importlib.util
+
+    spec = importlib.util.find_spec("triton")
+    if spec is not None:
+        origin = Path(spec.origin or next(iter(spec.submodule_search_locations))).resolve()
+        assert root not in origin.parents, f"'import triton' resolves inside the tests: {origin}"

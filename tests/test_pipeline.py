@@ -3,6 +3,8 @@ import math
 import sys
 
 import pytest
+
+from tests.deps import require
 import torch
 from torch import nn
 
@@ -10,7 +12,7 @@ import pyquant
 from pyquant import QuantConfig, quantize_model
 from pyquant.errors import DtypeError, FormatError, ShapeError, ValueRangeError
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 VOCAB = 256
 

@@ -11,6 +11,8 @@ whether that kernel is verified on a GPU.
 import os
 
 import pytest
+
+from tests.deps import require
 import torch
 
 if not torch.cuda.is_available():
@@ -137,7 +139,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}-b{}-{}:{}-g{}-q{}".format(*c))
 def test_triton_gptq_block_update_matches_reference(case):
-    pytest.importorskip("triton")
+    require("triton")
     n, b, start, stop, gl, maxq = case
     W, U, scale, zero = make_case(n, b, start, stop, gl, maxq, seed=n + b)
     ref = run("reference", W, U, scale, zero, start, stop, gl, maxq)
@@ -148,7 +150,7 @@ def test_triton_gptq_block_update_matches_reference(case):
 @pytest.mark.parametrize("case", [(5, 72, 0, 72, 24, 7), (9, 100, 8, 90, 20, 15)], ids=str)
 def test_triton_gptq_block_update_several_programs(case):
     """Four rows per program: ragged last program, rows split over programs."""
-    pytest.importorskip("triton")
+    require("triton")
     n, b, start, stop, gl, maxq = case
     W, U, scale, zero = make_case(n, b, start, stop, gl, maxq, seed=3)
     ref = run("reference", W, U, scale, zero, start, stop, gl, maxq)
@@ -177,7 +179,7 @@ def assert_quantize_agrees(kernel, fmt, n, k, seed, **kw):
 @pytest.mark.parametrize("fmt,kw", [(Int(4, 64), {}), (Int(3, -1, True), {}), (Int(4, 32), {"static_groups": True})],
                          ids=["int4-g64", "int3-sym-channel", "int4-g32-static"])
 def test_triton_gptq_block_update_end_to_end(fmt, kw):
-    pytest.importorskip("triton")
+    require("triton")
     assert_quantize_agrees("triton", fmt, 16, 192, seed=7, **kw)
 
 
@@ -199,7 +201,7 @@ def test_gptq_block_update_kernel_choice(monkeypatch):
 
 
 def test_triton_gptq_block_update_bad_input():
-    pytest.importorskip("triton")
+    require("triton")
     W, U, scale, zero = make_case(4, 16, 0, 16, 8, 15)
     W, U, scale, zero = (t.to(DEVICE) for t in (W, U, scale, zero))
     codes = torch.empty(4, 16, dtype=torch.uint8, device=DEVICE)
@@ -248,7 +250,7 @@ def test_cuda_gptq_block_update_matches_reference(case, kernel):
     if kernel == "cuda":
         cuda_ext_or_skip()
     else:
-        pytest.importorskip("triton")
+        require("triton")
     n, b, start, stop, gl, maxq = case
     W, U, scale, zero = make_case(n, b, start, stop, gl, maxq, seed=n + b)
     ref = run("reference", W, U, scale, zero, start, stop, gl, maxq, device="cuda")

@@ -7,7 +7,7 @@ from pyquant.algorithms.group_refit import refit_group_params
 from pyquant.errors import ShapeError, ValueRangeError
 from pyquant.formats import Int
 
-from test_gptq import correlated_hessian
+from tests.algorithms.test_gptq import correlated_hessian
 
 
 def damped(H, damp):

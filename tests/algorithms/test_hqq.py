@@ -15,6 +15,8 @@ import sys
 import textwrap
 
 import pytest
+
+from tests.deps import require
 import torch
 
 import pyquant
@@ -191,7 +193,7 @@ def test_triton_interpreter_matches_reference():
     """triton picks "interpret or compile" when triton.language is first
     imported, so the interpreter runs in a fresh process (in this one triton
     may already be loaded for real, e.g. by torch.compile tests)."""
-    pytest.importorskip("triton")
+    require("triton")
     root = os.path.dirname(os.path.dirname(os.path.abspath(pyquant.__file__)))
     code = textwrap.dedent(
         f"""
@@ -238,7 +240,7 @@ def hqq_package_dequant(w, bits, group, axis, scale_dtype):
 @pytest.mark.parametrize("sdt", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("bits", BITS)
 def test_not_worse_than_hqq_package_axis1(bits, sdt):
-    pytest.importorskip("hqq")
+    require("hqq")
     for name, w in _weights().items():
         fmt = Int(bits, 64, scale_dtype=sdt)
         theirs = hqq_package_dequant(w, bits, 64, 1, sdt)
@@ -258,7 +260,7 @@ def test_not_worse_than_hqq_package_axis1(bits, sdt):
 def test_not_worse_than_hqq_package_axis0(bits):
     """hqq's axis=0 groups strided rows (``W.reshape(g, -1)``): permuting the
     rows of W makes our contiguous axis-0 groups the very same sets."""
-    pytest.importorskip("hqq")
+    require("hqq")
     g = 32
     for name, w in _weights().items():
         n = w.shape[0]
@@ -358,7 +360,7 @@ def test_bad_input():
 @pytest.mark.parametrize("bits", BITS)
 def test_gpu_solvers_match_reference(kernel, bits, group, sdt):
     if kernel == "triton":
-        pytest.importorskip("triton")
+        require("triton")
     w = mixed_weight(n=64, k=1000, seed=7)
     fmt = Int(bits, group, scale_dtype=sdt)
     ref = reference(w, bits, fmt.group_size_for(1000), sdt)
@@ -374,7 +376,7 @@ def test_gpu_solvers_match_reference(kernel, bits, group, sdt):
 @pytest.mark.parametrize("kernel", ["cuda", "triton"])
 def test_gpu_solvers_large_and_ragged(kernel):
     if kernel == "triton":
-        pytest.importorskip("triton")
+        require("triton")
     torch.manual_seed(8)
     w = torch.randn(512, 4100) * 0.02
     for fmt in (Int(4, 64), Int(2, 256), Int(8, -1)):

@@ -11,7 +11,7 @@ from pyquant.algorithms.hqq import hqq_quantize, hqq_solve
 from pyquant.algorithms.hqq_integer_zero import ZERO_SLACK
 from pyquant.algorithms.rtn import rtn
 from pyquant.formats import Int
-from test_hqq import group_sq_err, mixed_weight
+from tests.algorithms.test_hqq import group_sq_err, mixed_weight
 
 MODES = ("anchored", "integer")
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -21,8 +21,8 @@ from pyquant.errors import DeviceError, DtypeError, FormatError, KernelUnavailab
 from pyquant.formats import GGUF
 from pyquant.ops.reference_gguf import gguf_dequantize
 
-from conftest import sqnr
-from gguf_testutil import K_TYPES, assert_bitexact, gguf_dequantize_np
+from tests.conftest import sqnr
+from tests.gguf_testutil import K_TYPES, assert_bitexact, gguf_dequantize_np
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "kquant" / "kquant_llamacpp.npz"
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.deps import require
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -116,7 +118,7 @@ def test_bench_report_renders():
     md = b.markdown(result)
     assert "| 4096x4096 | 1 | 10.0 | 30.0 | 3.00x | 2000 | 66% |" in md
     assert "no quantizer" in md
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     png = Path(os.environ.get("TMPDIR", "/tmp")) / "pyquant_bench_test.png"
     assert b.plot(result, png) and png.stat().st_size > 0
     png.unlink()

@@ -3,12 +3,14 @@ quantizers, bit-exact against gguf-py (``gguf.quants``)."""
 import struct
 
 import pytest
+
+from tests.deps import require
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyquant
-from gguf_testutil import (
+from tests.gguf_testutil import (
     ALL_TYPES,
     FP16_FIELDS,
     LEGACY_TYPES,
@@ -29,7 +31,7 @@ from pyquant.ops.reference_gguf import (
     unpack_legacy_blocks,
 )
 
-gguf = pytest.importorskip("gguf")
+gguf = require("gguf")
 
 # Largest block magnitude whose fp16 d (and m) stays finite, per legacy type.
 LARGE = {"Q4_0": 4.0e5, "Q5_0": 8.0e5, "Q4_1": 3.0e4, "Q5_1": 3.0e4, "Q8_0": 8.0e6}

@@ -18,12 +18,16 @@ from pyquant.formats import QuantizedWeight, format_from_spec
 from pyquant.formats.nf4 import NF4_CODEBOOK
 from pyquant.ops.reference_nf4 import PAD_CODE, dynamic_map, nf4_pack_codes, nf4_unpack_codes
 
-try:
+from tests.deps import installed, needs
+
+# bitsandbytes defines the format: when it is installed it must import (a
+# broken install fails here instead of turning every comparison into a skip).
+if installed("bitsandbytes"):
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
-except Exception:  # noqa: BLE001 - any import failure means "no peer to compare with"
+else:
     bnb = F = None
-needs_bnb = pytest.mark.skipif(bnb is None, reason="bitsandbytes not installed")
+needs_bnb = needs("bitsandbytes")
 
 BLOCK_SIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 # Every block size on a ragged shape, the real layer shape at four; more

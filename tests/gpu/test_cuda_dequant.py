@@ -8,7 +8,7 @@ import pyquant
 from pyquant.formats import GGUF, NF4, QuantizedWeight
 from pyquant.formats.gguf import BLOCK_TYPES
 
-from _cuda_util import cuda_ext_or_skip
+from tests.gpu._cuda_util import cuda_ext_or_skip
 
 pytestmark = pytest.mark.gpu
 

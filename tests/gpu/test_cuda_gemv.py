@@ -9,7 +9,7 @@ import torch
 import pyquant
 from pyquant.ops.dispatch import select_kernel
 
-from _cuda_util import assert_matmul_close, cuda_ext_or_skip, int_weight_cpu, misaligned_copy
+from tests.gpu._cuda_util import assert_matmul_close, cuda_ext_or_skip, int_weight_cpu, misaligned_copy
 
 pytestmark = pytest.mark.gpu
 

@@ -10,7 +10,7 @@ import torch
 import pyquant
 from pyquant.ops import reference, w8a8_matmul
 
-from _cuda_util import cuda_ext_or_skip, int_weight_cpu, misaligned_copy
+from tests.gpu._cuda_util import cuda_ext_or_skip, int_weight_cpu, misaligned_copy
 
 pytestmark = pytest.mark.gpu
 

@@ -20,9 +20,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pyquant import FormatError  # noqa: E402
+from tests.deps import require  # noqa: E402
 
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
+transformers = require("transformers")
+gguf = require("gguf")
 
 from pyquant.integrations.transformers import (  # noqa: E402
     _unpermute_rope_rows,

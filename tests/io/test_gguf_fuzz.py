@@ -17,16 +17,18 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
+
+from tests.deps import require
 import torch
 
 from pyquant import FormatError, QuantizedWeight
 from pyquant.io.gguf import GGUFFile
 
-hypothesis = pytest.importorskip("hypothesis")
+hypothesis = require("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-gguf = pytest.importorskip("gguf")
+gguf = require("gguf")
 
 # The hand builder lives with the reader tests; load it by path so this works
 # whatever pytest's import mode is.

@@ -14,13 +14,15 @@ import struct
 
 import numpy as np
 import pytest
+
+from tests.deps import require
 import torch
 
 import pyquant
 from pyquant import FormatError, QuantizedWeight
 from pyquant.io.gguf import GGUFFile
 
-gguf = pytest.importorskip("gguf")
+gguf = require("gguf")
 
 # --- spec constants, written out independently of the reader under test ---------
 U8, I8, U16, I16, U32, I32, F32, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)

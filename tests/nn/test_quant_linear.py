@@ -3,6 +3,8 @@ import copy
 import io
 
 import pytest
+
+from tests.deps import require
 import torch
 from torch import nn
 
@@ -105,7 +107,7 @@ def test_state_dict_roundtrip_and_format_change(model):
 
 
 def test_safetensors_state_dict(model, tmp_path):
-    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors = require("safetensors.torch")
     path = tmp_path / "m.safetensors"
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     safetensors.save_file(sd, str(path))

@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 import pytest
+
+from tests.deps import require
 import torch
 
 import pyquant
@@ -18,7 +20,7 @@ from pyquant.formats.gguf import BLOCK_TYPES, GGUF
 from pyquant.ops import cpu_gguf
 from pyquant.ops.dispatch import select_kernel
 
-gguf = pytest.importorskip("gguf")
+gguf = require("gguf")
 
 ALL_TYPES = list(BLOCK_TYPES)
 FUSED_TYPES = ["Q4_K", "Q6_K", "Q8_0"]

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-triton = pytest.importorskip("triton")
+from tests.deps import require
+
+triton = require("triton")
 
 ROOT = Path(__file__).resolve().parents[2]
 

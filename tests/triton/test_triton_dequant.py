@@ -9,22 +9,24 @@ import importlib.util
 import os
 
 import pytest
+
+from tests.deps import require
 import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+require("triton")
 
 import pyquant  # noqa: E402
 from pyquant.formats import GGUF, NF4, Int, QuantizedWeight  # noqa: E402
 from pyquant.ops import reference  # noqa: E402
-from gguf_testutil import ALL_TYPES, assert_bitexact, gguf_dequantize_np, random_blocks  # noqa: E402
+from tests.gguf_testutil import ALL_TYPES, assert_bitexact, gguf_dequantize_np, random_blocks  # noqa: E402
 
 # Kernels whose GPU verification these tests decide (benchmarks/verified.py).
 GPU_KERNELS = ("triton_dequantize",)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-tk = pytest.importorskip("pyquant.triton_kernels")
+tk = require("pyquant.triton_kernels")
 
 
 def int_weight(n, k, fmt: Int, seed=0, device=DEVICE) -> QuantizedWeight:
@@ -82,7 +84,7 @@ def test_dequant_forced_small_tiles_cover_grid(group, bk):
 def nf4_weight(n, k, block_size, double_quant, seed=0):
     """NF4 bytes and statistics made by bitsandbytes (the format's peer), and
     the peer's own fp32 dequantization."""
-    F = pytest.importorskip("bitsandbytes.functional")
+    F = require("bitsandbytes.functional")
     from bitsandbytes.backends.default import ops as bnb_default
 
     torch.manual_seed(seed)
@@ -131,7 +133,7 @@ def test_nf4_dequant_row_aligned_blocks(block_size, bk):
 
 
 def test_nf4_dynamic_map_matches_bitsandbytes():
-    F = pytest.importorskip("bitsandbytes.functional")
+    F = require("bitsandbytes.functional")
     from pyquant.triton_kernels._launch import _dynamic_map
 
     assert_bitexact(_dynamic_map(), F.create_dynamic_map(signed=True).float(), "dynamic map")

@@ -14,20 +14,22 @@ tolerances); shapes are tiny because the interpreter runs every program in Pytho
 import os
 
 import pytest
+
+from tests.deps import require
 import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+require("triton")
 
 from pyquant.formats import NF4, Int  # noqa: E402
 from pyquant.ops import triton_backend  # noqa: E402,F401  (makes pyquant.triton_kernels importable)
-from test_triton_qmatmul import DEVICE, check, int_weight, nf4_weight, rand_x  # noqa: E402
+from tests.triton.test_triton_qmatmul import DEVICE, check, int_weight, nf4_weight, rand_x  # noqa: E402
 
 # Kernels whose GPU verification these tests decide (benchmarks/verified.py).
 GPU_KERNELS = ("triton_gemv", "triton_splitk", "triton_gemm")
 
-tk = pytest.importorskip("pyquant.triton_kernels")
+tk = require("pyquant.triton_kernels")
 from pyquant.triton_kernels import _launch  # noqa: E402
 
 Config = tk.Config

@@ -10,23 +10,25 @@ import importlib.util
 import os
 
 import pytest
+
+from tests.deps import require
 import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+require("triton")
 
 import pyquant  # noqa: E402
 from pyquant.formats import GGUF, NF4, Int, QuantizedWeight  # noqa: E402
 from pyquant.ops import dispatch, reference  # noqa: E402
-from gguf_testutil import random_blocks  # noqa: E402
-from test_triton_dequant import int_weight  # noqa: E402,F401  (test_triton_packed imports it from here)
+from tests.gguf_testutil import random_blocks  # noqa: E402
+from tests.triton.test_triton_dequant import int_weight  # noqa: E402,F401  (test_triton_packed imports it from here)
 
 # Kernels whose GPU verification these tests decide (benchmarks/verified.py).
 GPU_KERNELS = ("triton_gemv", "triton_splitk", "triton_gemm")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-tk = pytest.importorskip("pyquant.triton_kernels")
+tk = require("pyquant.triton_kernels")
 Config = tk.Config
 
 # (rtol, atol as a fraction of max |y|, SQNR floor dB) vs the fp32 reference.
@@ -87,7 +89,7 @@ def check(y, x, qw, bias, what):
 
 # --- weights ------------------------------------------------------------------
 def nf4_weight(n, k, fmt, seed=0):
-    F = pytest.importorskip("bitsandbytes.functional")
+    F = require("bitsandbytes.functional")
     torch.manual_seed(seed)
     packed, st = F.quantize_4bit(torch.randn(n, k), blocksize=fmt.block_size,
                                  compress_statistics=fmt.double_quant, quant_type="nf4")

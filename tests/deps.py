@@ -1,0 +1,31 @@
+"""Optional test dependencies: skip when absent, fail when broken.
+
+``pytest.importorskip`` skips on any ImportError, so a peer library that is
+installed but broken (a bad wheel, an ABI mismatch) would silently turn its
+bit-exactness tests into skips. ``require`` skips only when the distribution
+is not installed at all (``find_spec`` finds nothing) and otherwise imports
+it, letting an import failure fail the test or the module.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import pytest
+
+
+def installed(name: str) -> bool:
+    """True when the top-level package of ``name`` is installed (nothing is imported)."""
+    return importlib.util.find_spec(name.split(".", 1)[0]) is not None
+
+
+def require(name: str):
+    """Import and return module ``name``; skip (with the reason) only if it is not installed."""
+    if not installed(name):
+        pytest.skip(f"optional dependency {name.split('.', 1)[0]!r} is not installed", allow_module_level=True)
+    return importlib.import_module(name)
+
+
+def needs(name: str):
+    """A ``skipif`` marker for tests that need ``name`` installed (import checked by the test)."""
+    return pytest.mark.skipif(not installed(name), reason=f"optional dependency {name!r} is not installed")
