@@ -53,33 +53,10 @@ def _nf4_tables(device: torch.device):
     key = str(device)
     t = _TABLES.get(key)
     if t is None:
-        from pyquant.formats.nf4 import NF4_CODEBOOK
+        from pyquant.formats.nf4 import dynamic_map, nf4_codebook
 
-        cb = torch.tensor(NF4_CODEBOOK, dtype=torch.float32)
-        t = _TABLES[key] = (cb.to(device), _dynamic_map().to(device))
+        t = _TABLES[key] = (nf4_codebook(device), dynamic_map(device))
     return t
-
-
-def _dynamic_map() -> torch.Tensor:
-    try:
-        from pyquant.ops.reference_nf4 import dynamic_map
-    except ImportError:  # the NF4 reference is not merged yet
-        return _dynamic_map_local()
-    return dynamic_map().to(torch.float32)
-
-
-def _dynamic_map_local() -> torch.Tensor:
-    # bitsandbytes' signed dynamic map: exponent level i (scale 10**(i-6)) owns
-    # the 2**i midpoints of linspace(0.1, 1, 2**i + 1), both signs, plus 0 and 1.
-    # fp32 at every step, the power of ten rounded to fp32 before the multiply.
-    vals = []
-    for i in range(7):
-        edges = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32)
-        mids = (edges[:-1] + edges[1:]) / 2.0
-        scale = torch.tensor(10.0 ** (i - 6), dtype=torch.float32)
-        vals += [mids * scale, -(mids * scale)]
-    vals.append(torch.tensor([0.0, 1.0], dtype=torch.float32))
-    return torch.sort(torch.cat(vals)).values
 
 
 @functools.lru_cache(maxsize=None)

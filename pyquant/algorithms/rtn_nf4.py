@@ -32,7 +32,7 @@ import torch
 from ..errors import ValueRangeError
 from ..formats.base import QuantizedWeight
 from ..formats.nf4 import NESTED_BLOCK_SIZE, NF4
-from ..ops.reference_nf4 import dynamic_map, nf4_codebook, nf4_pack_codes
+from ..formats.nf4 import dynamic_map, nf4_codebook
 
 # bitsandbytes clamps block maxima to this before taking reciprocals.
 _ABSMAX_FLOOR = 1e-38
@@ -107,12 +107,9 @@ def rtn_nf4(w: torch.Tensor, fmt: NF4) -> QuantizedWeight:
             f"weight contains NaN or Inf (first at index {tuple(bad)}, value {w[tuple(bad)].item()}); "
             "NF4 cannot encode it"
         )
-    shape = (int(w.shape[0]), int(w.shape[1]))
     codes, absmax = nf4_quantize_blocks(w.reshape(-1), fmt.block_size)
-    tensors = {"qweight": nf4_pack_codes(codes)}
+    codes = codes.view(w.shape)
     if fmt.double_quant:
         q, scale, offset = quantize_absmax_nested(absmax)
-        tensors.update(absmax_q=q, absmax_scale=scale, absmax_offset=offset)
-    else:
-        tensors["absmax"] = absmax
-    return QuantizedWeight(fmt, tensors, shape)
+        return fmt.pack(codes, absmax_q=q, absmax_scale=scale, absmax_offset=offset)
+    return fmt.pack(codes, absmax)

@@ -33,7 +33,7 @@ import torch
 from ..errors import DtypeError, FormatError, ShapeError
 from ..formats import NF4, QuantizedWeight
 from ..formats.nf4 import NESTED_BLOCK_SIZE
-from ..ops.reference_nf4 import dynamic_map, nf4_codebook
+from ..formats.nf4 import dynamic_map, nf4_codebook
 
 _PACKED_KEY_SUFFIX = "bitsandbytes__nf4"
 

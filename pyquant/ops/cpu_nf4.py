@@ -20,7 +20,7 @@ from ..formats import NF4
 from ..formats.base import named_packed
 from ._dtypes import ptr
 from .dispatch import register_kernel
-from .reference_nf4 import dynamic_map
+from ..formats.nf4 import dynamic_map
 
 # From this many rows of x on, decoded panels + torch.mm beat the C++ tiled
 # kernel (one core, K = N = 4096, tiled vs panels: 53 vs 55 ms at M = 128,

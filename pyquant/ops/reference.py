@@ -44,9 +44,7 @@ def dequantize_fp32(fmt: Format, qdata: List[torch.Tensor], shape) -> torch.Tens
     if isinstance(fmt, Int):
         return int_dequantize(fmt, t, shape)
     if isinstance(fmt, NF4):
-        from .reference_nf4 import nf4_dequantize
-
-        return nf4_dequantize(fmt, t, shape)
+        return fmt.decode(t, shape)
     if isinstance(fmt, GGUF):
         from .reference_gguf import gguf_dequantize
 
@@ -72,7 +70,7 @@ def pack(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
     if isinstance(fmt, Int):
         return pack_codes(codes, fmt.bits)
     if isinstance(fmt, NF4):
-        from .reference_nf4 import nf4_pack_codes
+        from ..formats.nf4 import nf4_pack_codes
 
         return nf4_pack_codes(codes)
     raise NotImplementedError(f"pack is defined for code formats (Int, NF4), not {fmt.spec()}")
@@ -82,7 +80,7 @@ def unpack(packed: torch.Tensor, fmt: Format, shape) -> torch.Tensor:
     if isinstance(fmt, Int):
         return unpack_codes(packed, fmt.bits, shape[1])
     if isinstance(fmt, NF4):
-        from .reference_nf4 import nf4_unpack_codes
+        from ..formats.nf4 import nf4_unpack_codes
 
         return nf4_unpack_codes(packed, shape[0] * shape[1]).view(shape)
     raise NotImplementedError(f"unpack is defined for code formats (Int, NF4), not {fmt.spec()}")

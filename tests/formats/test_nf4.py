@@ -16,7 +16,7 @@ from pyquant import NF4
 from pyquant.errors import DtypeError, FormatError, ShapeError, ValueRangeError
 from pyquant.formats import QuantizedWeight, format_from_spec
 from pyquant.formats.nf4 import NF4_CODEBOOK
-from pyquant.ops.reference_nf4 import PAD_CODE, dynamic_map, nf4_pack_codes, nf4_unpack_codes
+from pyquant.formats.nf4 import PAD_CODE, dynamic_map, nf4_pack_codes, nf4_unpack_codes
 
 from tests.deps import installed, needs
 

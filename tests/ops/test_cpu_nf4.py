@@ -14,7 +14,7 @@ from pyquant.errors import ShapeError
 from pyquant.ops import cpu_nf4
 from pyquant.ops._dtypes import ptr
 from pyquant.ops.dispatch import select_kernel
-from pyquant.ops.reference_nf4 import dynamic_map
+from pyquant.formats.nf4 import dynamic_map
 
 C = _ext.load()
 pytestmark = pytest.mark.skipif(C is None, reason="pyquant._C not built")

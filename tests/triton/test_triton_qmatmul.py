@@ -6,7 +6,6 @@ an SQNR floor, worst case in the message. Paths are forced with small configs
 so that every program/split/tail branch runs on tiny shapes: N = 40 is ragged
 for BN in {16, 32}, K = 200 ragged for BK in {32, 64} and for group 128.
 """
-import importlib.util
 import os
 
 import pytest
@@ -48,24 +47,7 @@ def sqnr(ref, approx) -> float:
 
 
 def ref_weight(qw):
-    """fp32 W_hat from the reference; for NF4, until ``reference_nf4`` is
-    merged, from bitsandbytes' flat decoder (the peer defining the format)."""
-    if isinstance(qw.format, NF4) and importlib.util.find_spec("pyquant.ops.reference_nf4") is None:
-        from bitsandbytes import functional as F
-        from bitsandbytes.backends.default import ops as bnb_default
-        from pyquant.formats.nf4 import NF4_CODEBOOK
-
-        t = {k: v.cpu() for k, v in qw.tensors.items()}
-        if qw.format.double_quant:
-            qs = F.QuantState(absmax=t["absmax_scale"], code=F.create_dynamic_map(signed=True),
-                              blocksize=256, dtype=torch.float32)
-            absmax = F.dequantize_blockwise(t["absmax_q"], qs) + t["absmax_offset"]
-        else:
-            absmax = t["absmax"]
-        compute = getattr(bnb_default._dequantize_4bit_compute, "__wrapped__", bnb_default._dequantize_4bit_compute)
-        w = compute(t["qweight"], absmax.float(), torch.tensor(NF4_CODEBOOK), qw.format.block_size, qw.shape,
-                    torch.float32)
-        return w.to(qw.device)
+    """fp32 W_hat from the reference (the format's own decode)."""
     return reference.dequantize_fp32(qw.format, qw.tensor_list(), qw.shape)
 
 
