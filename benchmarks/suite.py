@@ -131,7 +131,7 @@ def make_weight(fmt, shape, device, gen) -> QuantizedWeight:
             t = torch.rand(tshape, generator=gen) * 0.02 + 0.005
         tensors[name] = t.to(dtype)
     if isinstance(fmt, GGUF):
-        from pyquant.ops.reference_gguf import FP16_FIELDS
+        from pyquant.formats.gguf_blocks import FP16_FIELDS
 
         b = tensors["blocks"].view(-1, fmt.block.type_size)
         d = (torch.rand(b.shape[0], generator=gen) * 1e-3 + 1e-4).to(torch.float16).view(torch.int16).to(torch.int32)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pyquant.formats.gguf import BLOCK_TYPES
-from pyquant.ops.reference_gguf import FP16_FIELDS, K_TYPES, LEGACY_TYPES
+from pyquant.formats.gguf_blocks import FP16_FIELDS, K_TYPES, LEGACY_TYPES
 
 ALL_TYPES = tuple(BLOCK_TYPES)
 __all__ = [

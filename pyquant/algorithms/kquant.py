@@ -34,7 +34,7 @@ import torch
 from .. import _ext
 from ..errors import DeviceError, FormatError, KernelUnavailableError, ShapeError, ValueRangeError
 from ..formats import GGUF, QuantizedWeight
-from ..ops.reference_gguf import FP16_FIELDS, K_TYPES, f16_field
+from ..formats.gguf_blocks import FP16_FIELDS, K_TYPES, f16_field
 from ..validation import check_finite, check_float, check_weight_2d
 from .kquant_reference import QK_K, quantize_k_blocks
 
@@ -153,4 +153,4 @@ def kquant_quantize(
                 parts.append(quantize_k_blocks(fmt.type, xb[s:e], None if qb is None else qb[s:e]))
             blocks = torch.cat(parts).view(n, nb * bt.type_size)
     _check_fp16_fields(fmt.type, blocks, x)
-    return QuantizedWeight(fmt, {"blocks": blocks.to(device)}, (n, k))
+    return fmt.from_blocks(blocks.to(device), (n, k))

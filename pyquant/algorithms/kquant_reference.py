@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from ..errors import FormatError
-from ..ops.reference_gguf import K_TYPES, f16_bytes, k4_scale_min
+from ..formats.gguf_blocks import K_TYPES, k4_scale_min, pack_k4_scales, pack_k_blocks, pack_q3_scales, q3_scale_values
 
 QK_K = 256
 _EPS = float(np.float32(1e-15))  # GROUP_MAX_EPS
@@ -356,54 +356,6 @@ def _requantize(X, L, d, m, lo: float, hi: float, offset: float):
     return torch.where(d != 0, l, L)
 
 
-# --- byte packing (block layouts as in reference_gguf's docstring) ---------------
-def _pack_2bit(q: torch.Tensor) -> torch.Tensor:
-    """(B, 256) 2-bit codes -> (B, 64): byte 32h+l = sum_k q[128h + 32k + l] << 2k."""
-    B = q.shape[0]
-    sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=q.device).view(1, 1, 4, 1)
-    return ((q.view(B, 2, 4, 32) & 3) << sh).sum(2, dtype=torch.int32).view(B, 64)
-
-
-def _bit_planes(bits: torch.Tensor) -> torch.Tensor:
-    """(B, 256) bits -> (B, 32): byte l bit i = bits[32i + l]."""
-    B = bits.shape[0]
-    sh = torch.arange(8, dtype=torch.int32, device=bits.device).view(1, 8, 1)
-    return ((bits.view(B, 8, 32) & 1) << sh).sum(1, dtype=torch.int32)
-
-
-def _pack_k4_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
-    """The 12 scale bytes of Q4_K/Q5_K exactly as llama.cpp's stores build them
-    from uint8 ``ls``/``lm`` (B, 8): bits above the six a value should have are
-    not masked, as in C (only the ``_impl`` path of Q4_K can produce them)."""
-    ls, lm = ls.to(torch.int32), lm.to(torch.int32)
-    b0 = (ls[:, :4] | ((ls[:, 4:] >> 4) << 6)) & 0xFF
-    b4 = (lm[:, :4] | ((lm[:, 4:] >> 4) << 6)) & 0xFF
-    b8 = ((ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)) & 0xFF
-    return torch.cat([b0, b4, b8], dim=1)
-
-
-def _pack_q3_scales(l6: torch.Tensor) -> torch.Tensor:
-    """(B, 16) six-bit values -> the 12 scale bytes of Q3_K."""
-    l6 = l6.to(torch.int32)
-    low = (l6[:, :8] & 0xF) | ((l6[:, 8:] & 0xF) << 4)
-    sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=l6.device).view(1, 4, 1)
-    high = ((l6.view(-1, 4, 4) >> 4) << sh).sum(1, dtype=torch.int32)
-    return torch.cat([low, high], dim=1)
-
-
-def _q3_scale_values(sb: torch.Tensor) -> torch.Tensor:
-    """The 16 signed scales (six-bit - 32) read back from Q3_K's 12 bytes (B, 12)."""
-    B = sb.shape[0]
-    low = torch.cat([sb[:, 0:8] & 0xF, sb[:, 0:8] >> 4], dim=1)
-    sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=sb.device).view(1, 4, 1)
-    high = ((sb[:, 8:12].view(B, 1, 4) >> sh) & 3).reshape(B, 16)
-    return (low | (high << 4)) - 32
-
-
-def _cat_bytes(parts) -> torch.Tensor:
-    return torch.cat([p.to(torch.int32) for p in parts], dim=1).to(torch.uint8)
-
-
 # --- the five types ---------------------------------------------------------------
 def _q2_k(xb: torch.Tensor, qw: Optional[torch.Tensor]) -> torch.Tensor:
     B = xb.shape[0]
@@ -416,9 +368,10 @@ def _q2_k(xb: torch.Tensor, qw: Optional[torch.Tensor]) -> torch.Tensor:
         has_s, has_m = max_scale > 0, max_min > 0
         q4 = 15.0
         ls = nearest_int(_div(q4, max_scale) * S).to(torch.int32) & 0xFF
-        byte = torch.where(has_s, ls, torch.zeros_like(ls))
+        ls = torch.where(has_s, ls, torch.zeros_like(ls))
         lm = nearest_int(_div(q4, max_min) * M).to(torch.int32)
-        byte = torch.where(has_m, (byte | (lm << 4)) & 0xFF, byte)
+        lm = torch.where(has_m, lm, torch.zeros_like(lm))
+        byte = (ls | (lm << 4)) & 0xFF
         zero = torch.zeros_like(max_scale)
         d16 = torch.where(has_s, torch.div(max_scale, torch.full_like(max_scale, q4)), zero).to(torch.float16)
         m16 = torch.where(has_m, torch.div(max_min, torch.full_like(max_min, q4)), zero).to(torch.float16)
@@ -430,12 +383,12 @@ def _q2_k(xb: torch.Tensor, qw: Optional[torch.Tensor]) -> torch.Tensor:
         dm, Ls = make_qp_quants(_per_block(scales, 16), 15, sw)
         mm, Lm = make_qp_quants(_per_block(mins, 16), 15, sw)
         d16, m16 = dm.to(torch.float16), mm.to(torch.float16)
-        byte = (Ls.to(torch.int32) | (Lm.to(torch.int32) << 4)) & 0xFF
+        ls, lm = Ls.to(torch.int32), Lm.to(torch.int32)
+        byte = (ls | (lm << 4)) & 0xFF
     d = _per_group(d16.float() * (byte & 0xF).float())
     m = _per_group(m16.float() * (byte >> 4).float())
     L = _requantize(X, L, d, m, 0.0, 3.0, 0.0)
-    q = _rows(L, B)
-    return _cat_bytes([byte.t(), _pack_2bit(q), f16_bytes(d16).view(B, 2), f16_bytes(m16).view(B, 2)])
+    return pack_k_blocks("Q2_K", d16, m16, (byte & 0xF).t(), (byte >> 4).t(), _rows(L, B))
 
 
 def _q3_k(xb: torch.Tensor, qw: Optional[torch.Tensor]) -> torch.Tensor:
@@ -451,7 +404,7 @@ def _q3_k(xb: torch.Tensor, qw: Optional[torch.Tensor]) -> torch.Tensor:
         l6 = torch.where(has, l, torch.zeros_like(l)).t()
         d16 = torch.where(has, _div(1.0, iscale), torch.zeros_like(iscale)).to(torch.float16)
         none = torch.zeros(B, 12, dtype=torch.int32, device=xb.device)
-        sbytes = torch.where(has.unsqueeze(1), _pack_q3_scales(l6), none)
+        sbytes = torch.where(has.unsqueeze(1), pack_q3_scales(l6), none)
     else:
         sigma2 = _block_sigma2(xb, times_two=True)
         W = _importance(X, _columns(qw, 16), sigma2, 16)
@@ -459,12 +412,13 @@ def _q3_k(xb: torch.Tensor, qw: Optional[torch.Tensor]) -> torch.Tensor:
         scales, L = make_qx_quants(X, 4, W)
         d_block, Ls = make_qx_quants(_per_block(scales, 16), 32, sw)
         d16 = d_block.to(torch.float16)
-        sbytes = _pack_q3_scales(Ls.t())
-    sc = _q3_scale_values(sbytes)
+        sbytes = pack_q3_scales(Ls.t())
+    sc = q3_scale_values(sbytes)
     d = (d16.float().unsqueeze(1) * sc.float()).reshape(-1)
     L = _requantize(X, L, d, None, -4.0, 3.0, 4.0)
-    q = _rows(L, B)
-    return _cat_bytes([_bit_planes(q >> 2), _pack_2bit(q), sbytes, f16_bytes(d16).view(B, 2)])
+    # The stored six-bit scales are what the bytes read back (+32), so the
+    # block packs exactly the bytes built above.
+    return pack_k_blocks("Q3_K", d16, None, sc + 32, None, _rows(L, B))
 
 
 def _q45_k(xb: torch.Tensor, qw: Optional[torch.Tensor], five: bool) -> torch.Tensor:
@@ -498,18 +452,12 @@ def _q45_k(xb: torch.Tensor, qw: Optional[torch.Tensor], five: bool) -> torch.Te
         if five:  # only Q5_K's _impl clamps the uint8 codes
             ls, lm = ls.clamp_max(63.0), lm.clamp_max(63.0)
         d16, m16 = d_block.to(torch.float16), m_block.to(torch.float16)
-    sbytes = _pack_k4_scales(ls.t(), lm.t())
-    sc, mn = k4_scale_min(sbytes)
+    ls, lm = ls.t(), lm.t()
+    sc, mn = k4_scale_min(pack_k4_scales(ls, lm))
     d = (d16.float().unsqueeze(1) * sc.float()).reshape(-1)
     m = (m16.float().unsqueeze(1) * mn.float()).reshape(-1)
     L = _requantize(X, L, d, m, 0.0, float(nmax), 0.0)
-    q = _rows(L, B)
-    head = [f16_bytes(d16).view(B, 2), f16_bytes(m16).view(B, 2), sbytes]
-    qv = q.view(B, 4, 2, 32) & 0xF
-    qs = (qv[:, :, 0] | (qv[:, :, 1] << 4)).reshape(B, 128)
-    if five:
-        return _cat_bytes(head + [_bit_planes(q >> 4), qs])
-    return _cat_bytes(head + [qs])
+    return pack_k_blocks("Q5_K" if five else "Q4_K", d16, m16, ls, lm, _rows(L, B))
 
 
 def _q6_k(xb: torch.Tensor, qw: Optional[torch.Tensor]) -> torch.Tensor:
@@ -524,13 +472,7 @@ def _q6_k(xb: torch.Tensor, qw: Optional[torch.Tensor]) -> torch.Tensor:
     sc = _wrap_i8(nearest_int(iscale * S).clamp_max_(127.0))  # (16, B)
     d = _per_group(d16.float() * sc)
     L = _requantize(X, L, d, None, -32.0, 31.0, 32.0)
-    q = _rows(L, B)
-    qv = q.view(B, 2, 4, 32)
-    lo = qv & 0xF
-    ql = torch.cat([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], dim=2).reshape(B, 128)
-    sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=q.device).view(1, 1, 4, 1)
-    qh = ((qv >> 4) << sh).sum(2, dtype=torch.int32).reshape(B, 64)
-    out = _cat_bytes([ql, qh, sc.t().to(torch.int32) & 0xFF, f16_bytes(d16).view(B, 2)])
+    out = pack_k_blocks("Q6_K", d16, None, sc.t(), None, _rows(L, B))
     return torch.where(zero_block.unsqueeze(1), torch.zeros_like(out), out)
 
 

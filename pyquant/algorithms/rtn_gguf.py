@@ -34,7 +34,7 @@ import torch
 
 from ..errors import FormatError, ValueRangeError
 from ..formats import GGUF, QuantizedWeight
-from ..ops.reference_gguf import K_TYPES, pack_legacy_blocks
+from ..formats.gguf_blocks import K_TYPES
 
 # (levels below zero for the symmetric types / code range for the asymmetric, max code)
 _SYM = {"Q4_0": (8.0, 15), "Q5_0": (16.0, 31)}
@@ -78,7 +78,7 @@ def _check_fp16(type_name: str, name: str, v: torch.Tensor, blocks: torch.Tensor
 
 def legacy_fields(w: torch.Tensor, type_name: str):
     """RTN of fp32 ``w`` ``(N, K)`` into a legacy type: ``(d, m, codes)`` as
-    ``pack_legacy_blocks`` takes them (``d``/``m`` fp16 ``(N, K/32)``)."""
+    ``GGUF.pack`` takes them (``d``/``m`` fp16 ``(N, K/32)``)."""
     n, k = w.shape
     nb = k // 32
     wb = w.to(torch.float32).reshape(n, nb, 32)
@@ -125,5 +125,4 @@ def rtn_gguf(w: torch.Tensor, fmt: GGUF) -> QuantizedWeight:
         return kquant_quantize(w, fmt)
     fmt.check_shape(tuple(w.shape))
     d, m, codes = legacy_fields(w, fmt.type)
-    blocks = pack_legacy_blocks(fmt.type, d, m, codes)
-    return QuantizedWeight(fmt, {"blocks": blocks}, tuple(w.shape))
+    return fmt.pack(codes, d, m)

@@ -13,15 +13,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar, Dict, Mapping, Tuple
+from typing import Callable, ClassVar, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ..errors import DeviceError, DtypeError, FormatError, ShapeError
+from ..errors import DeviceError, DtypeError, FormatError, KernelUnavailableError, ShapeError
 
 TensorSpec = Tuple[Tuple[int, ...], torch.dtype]
 
 _FORMAT_FAMILIES: Dict[str, type] = {}
+
+# The container does not depend on the ops built on it: ``pyquant.ops`` installs
+# its dispatching dequantize here when it is imported (``install_dequantizer``).
+# Until then (formats imported on their own) a weight decodes with its format's
+# pure-torch spec.
+_DEQUANTIZER: Optional[Callable[["QuantizedWeight", torch.dtype, str], torch.Tensor]] = None
+
+
+def install_dequantizer(fn: Callable[["QuantizedWeight", torch.dtype, str], torch.Tensor]) -> None:
+    """Route ``QuantizedWeight.dequantize`` through ``fn(qw, dtype, kernel)`` (the op layer's kernels)."""
+    global _DEQUANTIZER
+    _DEQUANTIZER = fn
 
 
 def register_format(cls):
@@ -71,6 +83,28 @@ class Format:
         n, k = shape
         if n < 1 or k < 1:
             raise ShapeError(f"weight shape must be (out_features>=1, in_features>=1), got {tuple(shape)}")
+
+    # --- the spec of dequantization ------------------------------------------
+    def decode(self, tensors: Mapping[str, torch.Tensor], shape: Tuple[int, int]) -> torch.Tensor:
+        """The fp32 weight ``(N, K)`` that valid packed ``tensors`` encode, in
+        pure torch on their device: the spec every dequantize kernel is tested
+        against, bit for bit."""
+        raise NotImplementedError
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor], shape: Tuple[int, int]) -> torch.Tensor:
+        """:meth:`decode` after checking ``tensors`` against this format (names,
+        shapes, dtypes, one device): the entry point for untrusted tensors."""
+        shape = (int(shape[0]), int(shape[1]))
+        validate_packed(self, tensors, shape)
+        return self.decode(tensors, shape)
+
+    def pack_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Integer codes ``(N, K)`` -> the ``qweight`` tensor (code formats only)."""
+        raise FormatError(f"pack/unpack are defined for the code formats (Int, NF4), not {self.spec()}")
+
+    def unpack_codes(self, packed: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
+        """Inverse of :meth:`pack_codes`: uint8 codes ``(N, K)``."""
+        raise FormatError(f"pack/unpack are defined for the code formats (Int, NF4), not {self.spec()}")
 
     def bits_per_weight(self, shape: Tuple[int, int]) -> float:
         specs = self.tensor_specs(shape)
@@ -136,9 +170,11 @@ class QuantizedWeight:
 
     # --- conversions --------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32, kernel: str = "auto") -> torch.Tensor:
-        from ..ops import dequantize
-
-        return dequantize(self, dtype, kernel=kernel)
+        if _DEQUANTIZER is not None:
+            return _DEQUANTIZER(self, dtype, kernel)
+        if kernel not in ("auto", "reference"):
+            raise KernelUnavailableError(f"kernel={kernel!r} needs pyquant.ops; only the format's own decode is loaded")
+        return self.format.decode(self.tensors, self.shape).to(dtype)
 
     def to(self, device) -> "QuantizedWeight":
         return QuantizedWeight(
@@ -208,7 +244,7 @@ def validate_packed(fmt: Format, tensors: Mapping[str, torch.Tensor], shape: Tup
             raise DtypeError(f"{fmt.spec()} tensor {name!r} must be {dtype}, got {t.dtype}")
         if tuple(t.shape) != tuple(tshape):
             raise ShapeError(
-                f"{fmt.spec()} tensor {name!r} for weight shape {tuple(shape)} must have shape "
+                f"{fmt.spec()} tensor {name!r} for weight shape {tuple(shape)} must be "
                 f"{tuple(tshape)}, got {tuple(t.shape)}"
             )
         if device is None:

@@ -5,42 +5,42 @@ block ``type_size`` bytes, exactly as in a GGUF file (``ne[0] = K`` is the
 contiguous dimension). K must be a multiple of the block size (32 for the
 legacy types, 256 for the k-quants): that is a rule of the format itself.
 
-Tensor: ``blocks`` uint8 ``(N, K / block_size * type_size)``.
+Tensor: ``blocks`` uint8 ``(N, K / block_size * type_size)``. The byte layout
+of every block type is spelled out in :mod:`pyquant.formats.gguf_blocks`.
+
+Fields (what :meth:`GGUF.pack` takes and :meth:`GGUF.unpack` returns), per row
+of blocks, as stored:
+
+* ``codes`` ``(N, K)``: the stored integers (Q4_0 ``0..15`` meaning ``code - 8``,
+  Q8_0 signed ``-128..127``, Q3_K ``0..7`` meaning ``code - 4``, ...);
+* ``d`` ``(N, K / block_size)`` fp16 block scale; ``dmin`` the same shape for the
+  types with a min (Q4_1/Q5_1's ``m``, the k-quants' ``dmin``), else None;
+* k-quants only: ``scales`` (and ``mins`` for Q2_K/Q4_K/Q5_K)
+  ``(N, K / 256, sub-blocks)``, the integer scale of each sub-block as stored.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, NamedTuple, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..errors import FormatError, ShapeError
 from .base import Format, TensorSpec, register_format
+from .gguf_blocks import (
+    BLOCK_TYPES,
+    BLOCK_TYPES_BY_ID,
+    K_TYPES,
+    LEGACY_TYPES,
+    BlockType,
+    dequantize_blocks,
+    pack_k_blocks,
+    pack_legacy_blocks,
+    unpack_k_blocks,
+    unpack_legacy_blocks,
+)
 
-
-class BlockType(NamedTuple):
-    name: str
-    ggml_type: int  # the enum value in the GGUF tensor info
-    block_size: int  # weights per block
-    type_size: int  # bytes per block
-
-
-BLOCK_TYPES: Dict[str, BlockType] = {
-    t.name: t
-    for t in (
-        BlockType("Q4_0", 2, 32, 18),
-        BlockType("Q4_1", 3, 32, 20),
-        BlockType("Q5_0", 6, 32, 22),
-        BlockType("Q5_1", 7, 32, 24),
-        BlockType("Q8_0", 8, 32, 34),
-        BlockType("Q2_K", 10, 256, 84),
-        BlockType("Q3_K", 11, 256, 110),
-        BlockType("Q4_K", 12, 256, 144),
-        BlockType("Q5_K", 13, 256, 176),
-        BlockType("Q6_K", 14, 256, 210),
-    )
-}
-BLOCK_TYPES_BY_ID = {t.ggml_type: t for t in BLOCK_TYPES.values()}
+__all__ = ["GGUF", "BLOCK_TYPES", "BLOCK_TYPES_BY_ID", "BlockType", "K_TYPES", "LEGACY_TYPES"]
 
 
 @register_format
@@ -59,6 +59,10 @@ class GGUF(Format):
     @property
     def block(self) -> BlockType:
         return BLOCK_TYPES[self.type]
+
+    @property
+    def is_k_quant(self) -> bool:
+        return self.type in K_TYPES
 
     def spec(self) -> str:
         return f"gguf_{self.type.lower()}"
@@ -84,3 +88,58 @@ class GGUF(Format):
         n, k = shape
         b = self.block
         return {"blocks": ((n, k // b.block_size * b.type_size), torch.uint8)}
+
+    # --- packing (the byte layouts live in gguf_blocks) ------------------------
+    def from_blocks(self, blocks: torch.Tensor, shape: Tuple[int, int]):
+        """Wrap raw block bytes (what a quantizer or a GGUF file holds) as a QuantizedWeight."""
+        from .base import QuantizedWeight
+
+        n, k = int(shape[0]), int(shape[1])
+        self.check_shape((n, k))
+        return QuantizedWeight(self, {"blocks": blocks.reshape(n, -1)}, (n, k))
+
+    def pack(
+        self,
+        codes: torch.Tensor,
+        d: torch.Tensor,
+        dmin: Optional[torch.Tensor] = None,
+        scales: Optional[torch.Tensor] = None,
+        mins: Optional[torch.Tensor] = None,
+    ):
+        """Fields (see the module docstring) -> QuantizedWeight."""
+        if codes.dim() != 2:
+            raise ShapeError(f"GGUF codes must be 2-D (out_features, in_features), got shape {tuple(codes.shape)}")
+        n, k = int(codes.shape[0]), int(codes.shape[1])
+        self.check_shape((n, k))
+        if not self.is_k_quant:
+            if scales is not None or mins is not None:
+                raise FormatError(f"GGUF {self.type} has no sub-block scales or mins")
+            return self.from_blocks(pack_legacy_blocks(self.type, d, dmin, codes), (n, k))
+        if scales is None:
+            raise FormatError(f"GGUF {self.type} needs the sub-block scales")
+        nb = n * (k // self.block.block_size)
+        flat = lambda t: None if t is None else t.reshape(nb, -1)  # noqa: E731
+        blocks = pack_k_blocks(self.type, d.reshape(nb), flat(dmin), flat(scales), flat(mins), codes.reshape(nb, -1))
+        return self.from_blocks(blocks, (n, k))
+
+    def unpack(self, qw) -> Dict[str, Optional[torch.Tensor]]:
+        """QuantizedWeight -> its fields (the inverse of :meth:`pack`)."""
+        n, k = qw.shape
+        nb_row = k // self.block.block_size
+        blocks = qw.tensors["blocks"].reshape(n * nb_row, self.block.type_size)
+        if not self.is_k_quant:
+            d, m, codes = unpack_legacy_blocks(self.type, blocks)
+            return {"codes": codes.reshape(n, k), "d": d.view(n, nb_row),
+                    "dmin": None if m is None else m.view(n, nb_row), "scales": None, "mins": None}
+        f = unpack_k_blocks(self.type, blocks)
+        per_row = lambda t: None if t is None else t.reshape(n, nb_row, *t.shape[1:])  # noqa: E731
+        return {"codes": f["codes"].reshape(n, k), "d": f["d"].view(n, nb_row),
+                "dmin": None if f["dmin"] is None else f["dmin"].view(n, nb_row),
+                "scales": per_row(f["scales"]), "mins": per_row(f["mins"])}
+
+    def decode(self, tensors: Dict[str, torch.Tensor], shape: Tuple[int, int]) -> torch.Tensor:
+        """The fp32 weight ``(N, K)``: bit for bit what gguf-py and llama.cpp decode."""
+        n, k = int(shape[0]), int(shape[1])
+        bt = self.block
+        blocks = tensors["blocks"].reshape(n * (k // bt.block_size), bt.type_size)
+        return dequantize_blocks(self.type, blocks).reshape(n, k)

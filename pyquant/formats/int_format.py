@@ -167,6 +167,29 @@ class Int(Format):
             raise FormatError(f"format {self.spec()} has no act_order; got a perm tensor")
         return QuantizedWeight(self, tensors, shape)
 
+    def pack_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return pack_codes(codes, self.bits)
+
+    def unpack_codes(self, packed: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
+        return unpack_codes(packed, self.bits, shape[1])
+
+    def decode(self, tensors: Dict[str, torch.Tensor], shape: Tuple[int, int]) -> torch.Tensor:
+        """``W_hat = (q - z) * s`` in fp32, scattered back through ``perm`` with act_order."""
+        n, k = shape
+        codes = unpack_codes(tensors["qweight"], self.bits, k).to(torch.float32)
+        g = self.group_size_for(k)
+        scales = tensors["scales"].to(torch.float32).repeat_interleave(g, dim=1)[:, :k]
+        if self.symmetric:
+            w = (codes - float(self.zero_point)) * scales
+        else:
+            zeros = tensors["zeros"].to(torch.float32).repeat_interleave(g, dim=1)[:, :k]
+            w = (codes - zeros) * scales
+        if self.act_order:
+            out = torch.empty_like(w)
+            out[:, tensors["perm"].long()] = w
+            w = out
+        return w
+
     def unpack(self, qw) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """QuantizedWeight -> (codes uint8 (N, K), scales, zeros) in stored order.
 

@@ -7,6 +7,7 @@ import torch
 
 from ..errors import FormatError, ShapeError
 from ..formats import Format, QuantizedWeight
+from ..formats.base import install_dequantizer
 from ..validation import check_dtype_arg, check_matmul_inputs, check_same_device, check_tensor
 from . import library  # noqa: F401  (registers the torch.library ops)
 from . import reference_kernels  # noqa: F401
@@ -114,5 +115,7 @@ def unpack(qw: QuantizedWeight, kernel: str = "auto") -> torch.Tensor:
     n, k = qw.shape
     return torch.ops.pyquant.unpack(qw.tensors["qweight"], qw.format.spec(), n, k, kernel)
 
+
+install_dequantizer(lambda qw, dtype, kernel: dequantize(qw, dtype, kernel=kernel))
 
 __all__ = ["dequantize", "qmatmul", "pack", "unpack", "w8a8_matmul", "select_kernel", "register_kernel"]

@@ -12,44 +12,17 @@ from typing import List, Optional
 
 import torch
 
-from ..formats import GGUF, NF4, Format, Int
-from ..formats.int_format import pack_codes, unpack_codes
-from ..formats.int_format import CHUNK  # noqa: F401  (documented layout constant)
+from ..formats import Format, Int
 
 
 def _named(fmt: Format, qdata: List[torch.Tensor], shape) -> dict:
-    return dict(zip(fmt.tensor_specs(shape).keys(), qdata))
-
-
-def int_dequantize(fmt: Int, t: dict, shape) -> torch.Tensor:
-    n, k = shape
-    codes = unpack_codes(t["qweight"], fmt.bits, k).to(torch.float32)
-    g = fmt.group_size_for(k)
-    scales = t["scales"].to(torch.float32).repeat_interleave(g, dim=1)[:, :k]
-    if fmt.symmetric:
-        w = (codes - float(fmt.zero_point)) * scales
-    else:
-        zeros = t["zeros"].to(torch.float32).repeat_interleave(g, dim=1)[:, :k]
-        w = (codes - zeros) * scales
-    if fmt.act_order:
-        out = torch.empty_like(w)
-        out[:, t["perm"].long()] = w
-        w = out
-    return w
+    return dict(zip(fmt.tensor_specs(tuple(shape)).keys(), qdata))
 
 
 def dequantize_fp32(fmt: Format, qdata: List[torch.Tensor], shape) -> torch.Tensor:
-    """The fp32 weight ``(N, K)`` that ``qdata`` encodes."""
-    t = _named(fmt, qdata, shape)
-    if isinstance(fmt, Int):
-        return int_dequantize(fmt, t, shape)
-    if isinstance(fmt, NF4):
-        return fmt.decode(t, shape)
-    if isinstance(fmt, GGUF):
-        from .reference_gguf import gguf_dequantize
-
-        return gguf_dequantize(fmt, t, shape)
-    raise NotImplementedError(f"no reference dequantize for {fmt.spec()}")
+    """The fp32 weight ``(N, K)`` that ``qdata`` encodes: the format's own decode,
+    after checking the tensors against the format (the op takes any Tensor[])."""
+    return fmt.dequantize(_named(fmt, qdata, shape), shape)
 
 
 def dequantize(qdata: List[torch.Tensor], fmt: Format, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -67,23 +40,11 @@ def qmatmul(
 
 
 def pack(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
-    if isinstance(fmt, Int):
-        return pack_codes(codes, fmt.bits)
-    if isinstance(fmt, NF4):
-        from ..formats.nf4 import nf4_pack_codes
-
-        return nf4_pack_codes(codes)
-    raise NotImplementedError(f"pack is defined for code formats (Int, NF4), not {fmt.spec()}")
+    return fmt.pack_codes(codes)
 
 
 def unpack(packed: torch.Tensor, fmt: Format, shape) -> torch.Tensor:
-    if isinstance(fmt, Int):
-        return unpack_codes(packed, fmt.bits, shape[1])
-    if isinstance(fmt, NF4):
-        from ..formats.nf4 import nf4_unpack_codes
-
-        return nf4_unpack_codes(packed, shape[0] * shape[1]).view(shape)
-    raise NotImplementedError(f"unpack is defined for code formats (Int, NF4), not {fmt.spec()}")
+    return fmt.unpack_codes(packed, tuple(shape))
 
 
 # --- W8A8: dynamic per-token int8 activations x per-channel int8 weights -----
@@ -125,7 +86,7 @@ def w8a8_matmul_reference(
         raise NotImplementedError(f"W8A8 needs Int(8, per-channel, symmetric) weights, got {fmt.spec()}")
     n, k = shape
     t = _named(fmt, qdata, shape)
-    wq = unpack_codes(t["qweight"], 8, k).to(torch.float64) - 128.0
+    wq = fmt.unpack_codes(t["qweight"], shape).to(torch.float64) - 128.0
     q, sx = quantize_rows_int8(x)
     acc = q.to(torch.float64) @ wq.T
     sw = t["scales"].to(torch.float32).reshape(n)

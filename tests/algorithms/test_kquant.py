@@ -19,7 +19,6 @@ from pyquant.algorithms.kquant import imatrix_from_activations, kquant_quantize
 from pyquant.algorithms.kquant_reference import nearest_int, quantize_k_blocks, sqrt_rn
 from pyquant.errors import DeviceError, DtypeError, FormatError, KernelUnavailableError, ShapeError, ValueRangeError
 from pyquant.formats import GGUF
-from pyquant.ops.reference_gguf import gguf_dequantize
 
 from tests.conftest import sqnr
 from tests.gguf_testutil import K_TYPES, assert_bitexact, gguf_dequantize_np
@@ -122,8 +121,8 @@ def test_error_sane_and_imatrix_helps(type_name):
     fmt = GGUF(type_name)
     plain = kquant_quantize(w, fmt)
     weighted = kquant_quantize(w, fmt, imp)
-    d0 = gguf_dequantize(fmt, plain.tensors, w.shape)
-    d1 = gguf_dequantize(fmt, weighted.tensors, w.shape)
+    d0 = fmt.decode(plain.tensors, w.shape)
+    d1 = fmt.decode(weighted.tensors, w.shape)
     assert sqnr(w, d0) > SQNR_FLOOR[type_name], f"{type_name}: SQNR {sqnr(w, d0):.2f} dB"
     assert sqnr(w, d1) > SQNR_FLOOR[type_name] - 1.5, f"{type_name} imatrix: SQNR {sqnr(w, d1):.2f} dB"
     e0 = float(((w - d0) ** 2 * imp).sum())
@@ -146,7 +145,7 @@ def test_imatrix_from_calibration_activations():
     y = x @ w.t()
     err = []
     for imatrix in (None, im):
-        dq = gguf_dequantize(fmt, kquant_quantize(w, fmt, imatrix).tensors, w.shape)
+        dq = fmt.decode(kquant_quantize(w, fmt, imatrix).tensors, w.shape)
         err.append(float((y - x @ dq.t()).norm()))
     assert err[1] < 0.9 * err[0], f"output error {err[1]:.4g} with imatrix vs {err[0]:.4g} without"
 

@@ -23,10 +23,9 @@ from tests.gguf_testutil import (
 from pyquant.algorithms.rtn_gguf import legacy_fields, rtn_gguf
 from pyquant.formats import GGUF, QuantizedWeight
 from pyquant.formats.gguf import BLOCK_TYPES
-from pyquant.ops.reference_gguf import (
-    gguf_dequantize,
-    k4_pack_scale_min,
+from pyquant.formats.gguf_blocks import (
     k4_scale_min,
+    pack_k4_scales,
     pack_legacy_blocks,
     unpack_legacy_blocks,
 )
@@ -47,7 +46,7 @@ def _weight_blocks(type_name, n, k, gen, **kw):
 
 
 def _check_dequant(type_name, blocks, shape, what=""):
-    ours = gguf_dequantize(GGUF(type_name), {"blocks": blocks}, shape)
+    ours = GGUF(type_name).decode({"blocks": blocks}, shape)
     assert ours.dtype == torch.float32 and tuple(ours.shape) == tuple(shape)
     ref = gguf_dequantize_np(type_name, blocks).reshape(shape)
     assert_bitexact(ours, ref, f"{type_name} {what}")
@@ -118,7 +117,7 @@ def test_dequant_extreme_codes_known_values(type_name):
     expect_lo = {"Q4_0": -8.0, "Q4_1": 1.0, "Q5_0": -16.0, "Q5_1": 1.0, "Q8_0": 0.0,
                  "Q2_K": 0.0, "Q3_K": (-32.0) * (-4), "Q4_K": 0.0, "Q5_K": 0.0, "Q6_K": 0.0}
     for b, expect in ((hi, expect_hi), (lo, expect_lo)):
-        out = gguf_dequantize(GGUF(type_name), {"blocks": b}, (1, bs))
+        out = GGUF(type_name).dequantize({"blocks": b}, (1, bs))
         assert torch.all(out == expect[type_name]), (type_name, out.unique())
 
 
@@ -143,7 +142,7 @@ def test_k4_scale_min_roundtrip():
     g = _gen(3)
     sc = torch.randint(0, 64, (50, 8), generator=g)
     mn = torch.randint(0, 64, (50, 8), generator=g)
-    packed = k4_pack_scale_min(sc, mn)
+    packed = pack_k4_scales(sc, mn)
     assert int(packed.max()) < 256
     s2, m2 = k4_scale_min(packed)
     assert torch.equal(s2, sc.to(torch.int32)) and torch.equal(m2, mn.to(torch.int32))
@@ -168,7 +167,7 @@ def test_legacy_layout_by_hand():
     m = torch.tensor([[-2.0]], dtype=torch.float16)
     packed = pack_legacy_blocks("Q5_1", d, m, torch.tensor([codes]))
     assert bytes(packed.view(-1).tolist()) == raw
-    out = gguf_dequantize(GGUF("Q5_1"), {"blocks": packed}, (1, 32))
+    out = GGUF("Q5_1").dequantize({"blocks": packed}, (1, 32))
     assert torch.equal(out, torch.tensor([codes], dtype=torch.float32) * 0.5 - 2.0)
 
 
@@ -303,7 +302,7 @@ def test_k_not_divisible(type_name, k):
     with pytest.raises(pyquant.ShapeError, match="block size"):
         pyquant.quantize_weight(torch.randn(2, k), GGUF(type_name))
     with pytest.raises(pyquant.ShapeError, match="block size"):
-        gguf_dequantize(GGUF(type_name), {"blocks": torch.zeros((2, 1000), dtype=torch.uint8)}, (2, k))
+        GGUF(type_name).dequantize({"blocks": torch.zeros((2, 1000), dtype=torch.uint8)}, (2, k))
 
 
 @pytest.mark.parametrize("type_name", ["Q4_1", "Q3_K"])
@@ -316,11 +315,11 @@ def test_wrong_blocks_tensor(type_name):
         with pytest.raises(pyquant.ShapeError, match=str(good)):
             QuantizedWeight(GGUF(type_name), {"blocks": t}, (3, k))
         with pytest.raises(pyquant.ShapeError, match="must be"):
-            gguf_dequantize(GGUF(type_name), {"blocks": t}, (3, k))
+            GGUF(type_name).dequantize({"blocks": t}, (3, k))
     with pytest.raises(pyquant.DtypeError):
         QuantizedWeight(GGUF(type_name), {"blocks": torch.zeros(good, dtype=torch.int8)}, (3, k))
     with pytest.raises(pyquant.DtypeError):
-        gguf_dequantize(GGUF(type_name), {"blocks": torch.zeros(good, dtype=torch.int16)}, (3, k))
+        GGUF(type_name).dequantize({"blocks": torch.zeros(good, dtype=torch.int16)}, (3, k))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -377,8 +376,8 @@ def test_cuda_matches_cpu(type_name):
     bt = BLOCK_TYPES[type_name]
     blocks = _weight_blocks(type_name, 64, 4 * bt.block_size, _gen(31))
     shape = (64, 4 * bt.block_size)
-    cpu = gguf_dequantize(GGUF(type_name), {"blocks": blocks}, shape)
-    gpu = gguf_dequantize(GGUF(type_name), {"blocks": blocks.cuda()}, shape)
+    cpu = GGUF(type_name).dequantize({"blocks": blocks}, shape)
+    gpu = GGUF(type_name).dequantize({"blocks": blocks.cuda()}, shape)
     assert gpu.is_cuda
     assert_bitexact(gpu, cpu, f"{type_name} cuda dequant")
     if type_name in LEGACY_TYPES:

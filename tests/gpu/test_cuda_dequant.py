@@ -89,7 +89,7 @@ def test_cuda_nf4_dequantize_cuda_graph():
 # --- GGUF ------------------------------------------------------------------------
 def _gguf_random(type_name, n, k, seed):
     """Random block bytes with finite fp16 scale fields (every code and sub-scale value occurs)."""
-    from pyquant.ops.reference_gguf import FP16_FIELDS
+    from pyquant.formats.gguf_blocks import FP16_FIELDS
 
     bt = BLOCK_TYPES[type_name]
     g = torch.Generator().manual_seed(seed)
