@@ -45,7 +45,8 @@ import torch
 from torch import nn
 
 from ..formats import Int, QuantizedWeight
-from .int_grid import fake_quant, group_params, pad_groups, search_shrink
+from .primitives import fake_quant, group_params, pad_groups, search_shrink
+from .rtn import rtn_int
 
 
 @dataclasses.dataclass
@@ -159,13 +160,7 @@ def awq_clip_search(w: torch.Tensor, gram: torch.Tensor, fmt: Int, grid: int = 2
 
 def rtn_quantize(w: torch.Tensor, fmt: Int, shrink: Optional[torch.Tensor] = None) -> QuantizedWeight:
     """Pack ``w`` with RTN's rule (and the clipping ``shrink``)."""
-    n, k = w.shape
-    g = fmt.group_size_for(k)
-    wg = pad_groups(w.float(), g)
-    s, z = group_params(wg, fmt, shrink)
-    q, _ = fake_quant(wg, s.unsqueeze(-1), z.unsqueeze(-1), fmt.max_code)
-    codes = q.reshape(n, -1)[:, :k].to(torch.uint8)
-    return fmt.pack(codes, s, None if fmt.symmetric else z)
+    return rtn_int(w.float(), fmt, shrink)
 
 
 class ScaledInputLinear(nn.Module):

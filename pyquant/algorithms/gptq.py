@@ -21,7 +21,7 @@ Implementation (the textbook algorithm, with these choices):
   loop: C++ on the CPU) runs on a copy, the rest of W gets one GEMM per block.
 * Groups: each group's (scale, zero) are computed when the group starts, from
   its columns as updated so far (standard GPTQ), with RTN's rule
-  (:func:`~pyquant.algorithms.int_grid.group_params`) — so ``H = I``
+  (:func:`~pyquant.algorithms.primitives.group_params`) — so ``H = I``
   reproduces RTN exactly. ``static_groups=True`` computes all of them up front
   from the unmodified weights instead (as llm-compressor does).
   ``clip`` shrinks each group's range to minimise its quantization error:
@@ -53,7 +53,7 @@ from ..errors import FormatError, KernelUnavailableError, ShapeError, ValueRange
 from ..formats import Int, QuantizedWeight
 from ..ops._dtypes import ptr
 from .group_refit import REFIT_MODES, refit_group_params
-from .int_grid import group_params, pad_groups, search_shrink
+from .primitives import group_params, pad_groups, search_shrink
 
 MAX_DAMP_RETRIES = 6
 CLIP_MODES = (None, "none", "mse", "hessian")

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import torch
 
-from .hqq_reference import HQQSolution, _div, group_view, round_to, rtn_scale_zero, shrink_lp, solver_schedule
+from .hqq_reference import HQQSolution, _div, group_view, shrink_lp, solver_schedule
+from .primitives import range_scale_zero, round_to
 
 # How far (in quantization steps) the default mode lets the zero point leave
 # its integer; see the module docstring.
@@ -82,7 +83,7 @@ def hqq_solve_integer_zero(
     W, valid, lo, hi = group_view(w, group_size)
     ng, g = W.shape[1], W.shape[2]
     cnt = valid.sum(-1, dtype=torch.int32).to(torch.float32)
-    s_rtn, z_int = rtn_scale_zero(lo, hi, maxq, scale_dtype)
+    s_rtn, z_int = range_scale_zero(lo, hi, (1 << bits) - 1, scale_dtype)
     floor = _no_clip_scale(lo, hi, z_int, maxq)
     zero = torch.zeros((), dtype=torch.float32, device=w.device)
 

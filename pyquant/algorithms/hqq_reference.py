@@ -44,6 +44,8 @@ import math
 
 import torch
 
+from .primitives import range_scale_zero, round_to, tiny_scale  # noqa: F401  (tiny_scale: the solvers' contract)
+
 # Elements whose |W - W_hat| is below (1 - 2**-8) times the shrink threshold
 # beta**(-1/(2-p)) are not shrunk (mathematically their shrinkage is 0; the
 # margin keeps kernels with an approximate pow() in agreement with this spec).
@@ -76,17 +78,6 @@ class HQQSolution:
             torch.empty((n, k), dtype=torch.uint8, device=device), scales, torch.empty_like(scales),
             torch.empty_like(scales), torch.empty((n, ng), dtype=torch.int32, device=device),
         )
-
-
-def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 -> ``dtype`` -> fp32 (round to nearest even; overflow gives inf)."""
-    return x.to(dtype).to(torch.float32)
-
-
-def tiny_scale(scale_dtype: torch.dtype) -> float:
-    """Scale used for an all-zero group: the same fallback as RTN."""
-    finfo = torch.finfo(scale_dtype)
-    return finfo.tiny if finfo.bits > 16 else 2.0 ** -14
 
 
 def solver_schedule(iters: int, lp_norm: float, beta: float, kappa: float) -> torch.Tensor:
@@ -133,18 +124,6 @@ def group_view(w: torch.Tensor, group_size: int):
     return W, valid, torch.where(valid, W, inf).amin(-1), torch.where(valid, W, -inf).amax(-1)
 
 
-def rtn_scale_zero(lo: torch.Tensor, hi: torch.Tensor, maxq: float, scale_dtype: torch.dtype):
-    """pyquant's RTN per group from its min ``lo`` and max ``hi``: the range
-    widened to include 0, the stored scale, and an integral zero in
-    ``[0, maxq]`` (so 0 is exactly representable)."""
-    lo_r = lo.clamp(max=0.0)
-    hi_r = hi.clamp(min=0.0)
-    s_r = round_to(_div(hi_r - lo_r, maxq), scale_dtype)
-    s_r = torch.where(s_r > 0, s_r, torch.full_like(s_r, tiny_scale(scale_dtype)))
-    z_r = torch.clamp(torch.round(_div(-lo_r, s_r)), 0.0, maxq)
-    return s_r, z_r
-
-
 def hqq_solve_reference(
     w: torch.Tensor,
     bits: int,
@@ -173,7 +152,7 @@ def hqq_solve_reference(
         return torch.where(valid, d * d, torch.zeros_like(d)).sum(-1)
 
     # --- candidate 1: pyquant's RTN (range including 0, integral zero) -------
-    s_r, z_r = rtn_scale_zero(lo, hi, maxq, scale_dtype)
+    s_r, z_r = range_scale_zero(lo, hi, (1 << bits) - 1, scale_dtype)
     sinv_r = _div(1.0, s_r)
     e_r = sq_err(s_r, z_r, sinv_r)
 

@@ -1,35 +1,31 @@
 """Round-to-nearest: the calibration-free baseline for every format."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..formats import GGUF, NF4, Int, QuantizedWeight
-from .int_grid import group_params, pad_groups
+from .primitives import fake_quant, group_params, pad_groups
 
 
-def int_scales_zeros(w: torch.Tensor, fmt: Int):
-    """Per-group (scales, zeros) for RTN in the stored dtype, and the codes.
-
-    Asymmetric groups span ``[min(w, 0), max(w, 0)]`` (GPTQ's convention: 0.0 is
-    exactly representable and zero-padding a ragged last group changes nothing);
-    zero points are integers. Symmetric groups use ``absmax / (2**(bits-1) - 1)``
-    so both +absmax and -absmax are representable.
-    Returns codes uint8 (N, K), scales (N, G), zeros (N, G) or None.
-    """
+def int_scales_zeros(w: torch.Tensor, fmt: Int, shrink: Optional[torch.Tensor] = None):
+    """Codes uint8 (N, K), scales (N, G) and zeros (N, G) (None when symmetric)
+    of RTN (``primitives.group_params``'s rule), the range of each group shrunk
+    by ``shrink`` (N, G) where given (AWQ's clipping)."""
     n, k = w.shape
     g = fmt.group_size_for(k)
-    ng = fmt.num_groups(k)
     wg = pad_groups(w.to(torch.float32), g)
-    scale, zero = group_params(wg, fmt)
-    q = torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
-    codes = q.clamp(0, fmt.max_code).to(torch.uint8).view(n, ng * g)[:, :k]
+    scale, zero = group_params(wg, fmt, shrink)
+    q, _ = fake_quant(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), fmt.max_code)
+    codes = q.to(torch.uint8).view(n, -1)[:, :k]
     return codes, scale, None if fmt.symmetric else zero
 
 
-def rtn_int(w: torch.Tensor, fmt: Int) -> QuantizedWeight:
+def rtn_int(w: torch.Tensor, fmt: Int, shrink: Optional[torch.Tensor] = None) -> QuantizedWeight:
     if fmt.act_order:
         raise ValueError("act_order needs a calibration method (GPTQ); RTN has no column order")
-    codes, scale, zero = int_scales_zeros(w, fmt)
+    codes, scale, zero = int_scales_zeros(w, fmt, shrink)
     return fmt.pack(codes, scale, zero)
 
 
