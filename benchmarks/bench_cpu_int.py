@@ -62,7 +62,7 @@ if str(ROOT) not in sys.path:  # run from a source checkout without installing
 
 import pyquant  # noqa: E402
 from pyquant.formats import Int, QuantizedWeight  # noqa: E402
-from pyquant.ops import cpu_int  # noqa: E402
+from pyquant.ops.backends import cpu_int  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import cpu_name  # noqa: E402

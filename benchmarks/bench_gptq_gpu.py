@@ -59,7 +59,7 @@ def main(argv=None) -> int:
 
     from pyquant import _ext
     from pyquant.algorithms import gptq as G
-    from pyquant.algorithms.primitives import group_params, pad_groups
+    from pyquant.ops.primitives import group_params, pad_groups
     from pyquant.errors import KernelUnavailableError
     from pyquant.formats import Int
 

@@ -45,11 +45,6 @@ def gpu_kernel_names() -> List[str]:
     for (op, backend), ks in registered().items():
         if backend in GPU_BACKENDS:
             names.update(ks)
-    # Algorithm kernels (GPTQ update, HQQ solver) dispatch in their own module
-    # but obey the same verified list.
-    from pyquant.algorithms import gptq, hqq
-
-    names.update((gptq.CUDA_NAME, gptq.TRITON_NAME, hqq.CUDA_NAME, hqq.TRITON_NAME))
     return sorted(names)
 
 

@@ -50,4 +50,11 @@ def interpreting() -> bool:
     return _interp()
 
 
-__all__ = ["dequantize", "qmatmul", "tune", "interpreting", "Config", "PATHS", "m_bucket", "path_for_m"]
+def kernels_loaded() -> bool:
+    """Have the kernels been defined (and so compiled or interpreted) in this process?"""
+    import sys
+
+    return __name__ + "._kernels" in sys.modules
+
+
+__all__ = ["dequantize", "qmatmul", "tune", "interpreting", "kernels_loaded", "Config", "PATHS", "m_bucket", "path_for_m"]

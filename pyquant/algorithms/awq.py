@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..formats import Int, QuantizedWeight
-from .primitives import fake_quant, group_params, pad_groups, search_shrink
+from ..ops.primitives import fake_quant, group_params, pad_groups, search_shrink
 from .rtn import rtn_int
 
 

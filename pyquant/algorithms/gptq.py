@@ -17,11 +17,12 @@ Implementation (the textbook algorithm, with these choices):
   costs nothing on the calibration data and keeps the channel on other text.
 * Lazy batch updates: blocks of ``block_size`` columns (default 128, rounded
   up to a multiple of the group size so a group never straddles two blocks);
-  inside a block the sequential update (:func:`gptq_block_update`, the hot
-  loop: C++ on the CPU) runs on a copy, the rest of W gets one GEMM per block.
+  inside a block the sequential update (the op ``gptq_block_update``, the
+  hot loop: C++ on the CPU, fused CUDA/Triton kernels on a GPU) runs on a
+  copy, the rest of W gets one GEMM per block.
 * Groups: each group's (scale, zero) are computed when the group starts, from
   its columns as updated so far (standard GPTQ), with RTN's rule
-  (:func:`~pyquant.algorithms.primitives.group_params`) — so ``H = I``
+  (:func:`~pyquant.ops.primitives.group_params`) — so ``H = I``
   reproduces RTN exactly. ``static_groups=True`` computes all of them up front
   from the unmodified weights instead (as llm-compressor does).
   ``clip`` shrinks each group's range to minimise its quantization error:
@@ -48,12 +49,11 @@ from typing import Optional
 
 import torch
 
-from .. import _ext
-from ..errors import FormatError, KernelUnavailableError, ShapeError, ValueRangeError
+from ..errors import FormatError, ShapeError, ValueRangeError
 from ..formats import Int, QuantizedWeight
-from ..ops._dtypes import ptr
+from ..ops import gptq_block_update
+from ..ops.primitives import group_params, pad_groups, search_shrink
 from .group_refit import REFIT_MODES, refit_group_params
-from .primitives import group_params, pad_groups, search_shrink
 
 MAX_DAMP_RETRIES = 6
 CLIP_MODES = (None, "none", "mse", "hessian")
@@ -67,182 +67,6 @@ class GPTQResult:
     damp_retries: int
     dead_columns: int
     refit_rows: int = 0  # rows whose group parameters the refit changed
-
-
-# --- the in-block update -----------------------------------------------------
-def gptq_block_update_reference(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out):
-    """Pure-torch spec of the in-block column loop.
-
-    ``W`` (N, B) fp32 is updated in place (columns ``> i`` after column ``i``),
-    ``Hinv`` (B, B) is the block of the upper Cholesky factor of ``H^-1``,
-    ``scale``/``zero`` (N, n_groups) fp32 hold the parameters of the groups
-    covering columns ``[start, stop)``: column ``i`` uses
-    ``(i - start) // group_len``. Writes the codes (uint8) and the scaled errors
-    ``(w - dq) / Hinv[i, i]`` of those columns to ``codes_out``/``err_out``
-    (N, stop - start).
-    """
-    for i in range(start, stop):
-        g = (i - start) // group_len
-        s = scale[:, g]
-        z = zero[:, g]
-        w = W[:, i]
-        q = (torch.round(w / s) + z).clamp(0, maxq)
-        dq = (q - z) * s
-        e = (w - dq) / Hinv[i, i]
-        if i + 1 < W.shape[1]:
-            W[:, i + 1 :].addr_(e, Hinv[i, i + 1 :], alpha=-1)
-        codes_out[:, i - start] = q.to(torch.uint8)
-        err_out[:, i - start] = e
-
-
-def _cpu_ext():
-    ext = _ext.load()
-    return ext if ext is not None and hasattr(ext, "gptq_block_update_f32") else None
-
-
-# --- the fused GPU versions (experimental until a GPU run verifies them) ---------
-KERNELS = ("auto", "cpu", "reference", "triton", "cuda")
-TRITON_NAME = "triton_gptq_block_update"  # names verified_kernels.json would list
-CUDA_NAME = "cuda_gptq_block_update"
-CUDA_MAX_BLOCK = 512  # widest block the CUDA kernel keeps in registers
-
-
-def _cuda_ext():
-    ext = _ext.load()
-    if ext is None or not hasattr(ext, "gptq_block_update_cuda") or not ext.cuda_compiled():
-        return None
-    return ext
-
-
-def _gpu_choice(kernel, W):
-    """"triton" / "cuda" / "reference" for a GPU request, or None (the CPU paths below decide)."""
-    from .hqq import _triton_usable
-
-    dev = W.device
-    if kernel == "auto":
-        if dev.type != "cuda":
-            return None
-        from ..ops.dispatch import verified_kernels
-
-        if CUDA_NAME in verified_kernels() and _cuda_ext() is not None and W.shape[1] <= CUDA_MAX_BLOCK:
-            return "cuda"
-        if TRITON_NAME in verified_kernels() and _triton_usable(dev):
-            return "triton"
-        return "reference"
-    if kernel == "triton" and not _triton_usable(dev):
-        raise KernelUnavailableError(
-            f"gptq_block_update: the Triton kernel needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on "
-            f"CPU); tensor on {dev}"
-        )
-    if kernel == "cuda":
-        if dev.type != "cuda" or _cuda_ext() is None:
-            raise KernelUnavailableError(
-                f"gptq_block_update: the CUDA kernel needs a CUDA tensor and a CUDA build of pyquant._C "
-                f"(tensor on {dev})"
-            )
-        if W.shape[1] > CUDA_MAX_BLOCK:
-            raise KernelUnavailableError(
-                f"gptq_block_update: the CUDA kernel takes blocks of at most {CUDA_MAX_BLOCK} columns, got "
-                f"{W.shape[1]} (use a smaller block_size)"
-            )
-    return kernel if kernel in ("triton", "cuda") else None
-
-
-def _check_args(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out):
-    dev = W.device
-    for name, t in (("W", W), ("Hinv", Hinv), ("scale", scale), ("zero", zero), ("codes_out", codes_out),
-                    ("err_out", err_out)):
-        if t.device != dev:
-            raise ShapeError(f"gptq_block_update: {name} is on {t.device}, W on {dev}")
-        if t.dim() != 2:
-            raise ShapeError(f"gptq_block_update: {name} must be 2-D, got shape {tuple(t.shape)}")
-        if name != "codes_out" and t.dtype != torch.float32:
-            raise ShapeError(f"gptq_block_update: {name} must be fp32, got {t.dtype}")
-    n, b = W.shape
-    cnt = stop - start
-    if not 0 <= start <= stop <= b:
-        raise ShapeError(f"gptq_block_update: need 0 <= start <= stop <= {b}, got start={start}, stop={stop}")
-    if group_len < 1 or not 1 <= maxq <= 255:
-        raise ValueRangeError(f"gptq_block_update: group_len={group_len} must be >= 1, maxq={maxq} in [1, 255]")
-    ng = math.ceil(cnt / group_len)
-    if Hinv.shape[0] < stop or Hinv.shape[1] != b:
-        raise ShapeError(f"gptq_block_update: Hinv {tuple(Hinv.shape)} must have {b} columns and >= {stop} rows")
-    for name, t, cols in (("scale", scale, ng), ("zero", zero, ng), ("codes_out", codes_out, cnt),
-                          ("err_out", err_out, cnt)):
-        if t.shape[0] != n or t.shape[1] < cols:
-            raise ShapeError(f"gptq_block_update: {name} {tuple(t.shape)} must be ({n}, >= {cols})")
-    if codes_out.dtype != torch.uint8:
-        raise ShapeError(f"gptq_block_update: codes_out must be uint8, got {codes_out.dtype}")
-    if W.stride(1) != 1 or codes_out.stride(1) != 1 or err_out.stride(1) != 1:
-        raise ShapeError("gptq_block_update: W, codes_out and err_out must have unit column stride")
-
-
-def _update_cuda(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out):
-    n, b = W.shape
-    if n == 0 or stop <= start:
-        return
-    Hinv = Hinv.contiguous()
-    scale = scale.contiguous()
-    zero = zero.contiguous()
-    stream = torch.cuda.current_stream(W.device).cuda_stream
-    with torch.cuda.device(W.device):
-        _cuda_ext().gptq_block_update_cuda(
-            ptr(W), W.stride(0), n, b, ptr(Hinv), Hinv.stride(0), ptr(scale), ptr(zero), scale.stride(0),
-            start, stop, group_len, maxq, ptr(codes_out), codes_out.stride(0), ptr(err_out), err_out.stride(0),
-            stream,
-        )
-
-
-def _triton_gptq():
-    import importlib
-
-    from .hqq import _triton_module
-
-    _triton_module()  # registers pyquant.triton_kernels in a source checkout; its hqq module holds _rint/_div
-    return importlib.import_module("pyquant.triton_kernels.gptq")
-
-
-def gptq_block_update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out, kernel: str = "auto"):
-    """Dispatch point of the in-block update (same contract as the reference).
-
-    ``kernel``: "auto" (C++ on the CPU when built, else the reference; on a GPU
-    the fused CUDA or Triton kernel once a GPU run lists it in
-    ``pyquant/ops/verified_kernels.json``, else the reference), "cpu" (C++ or
-    KernelUnavailableError), "reference", "triton" (CUDA tensors, or CPU tensors
-    under TRITON_INTERPRET=1) or "cuda". Inputs must be fp32, ``W``/``Hinv``/
-    ``scale``/``zero`` contiguous (the GPU kernels need only a unit column
-    stride on ``W``) and ``codes_out``/``err_out`` row-major with unit column
-    stride.
-    """
-    if kernel not in KERNELS:
-        raise KernelUnavailableError(f"gptq_block_update: unknown kernel {kernel!r}")
-    gpu = _gpu_choice(kernel, W)
-    if gpu == "reference":
-        return gptq_block_update_reference(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
-    if gpu is not None:
-        _check_args(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
-        if gpu == "cuda":
-            return _update_cuda(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
-        return _triton_gptq().gptq_block_update_triton(
-            W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out
-        )
-    ext = _cpu_ext() if W.device.type == "cpu" and kernel != "reference" else None
-    if kernel == "cpu" and ext is None:
-        raise KernelUnavailableError("gptq_block_update: the compiled CPU kernel is not available here")
-    if ext is None:
-        return gptq_block_update_reference(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
-    # The C++ loop indexes by start/stop/group_len blindly: the same bounds
-    # checks as the GPU kernels, plus the full contiguity it assumes.
-    _check_args(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
-    for name, t in (("W", W), ("Hinv", Hinv), ("scale", scale), ("zero", zero)):
-        if not t.is_contiguous():
-            raise ShapeError(f"gptq_block_update: {name} must be contiguous fp32")
-    n, b = W.shape
-    ext.gptq_block_update_f32(
-        ptr(W), b, n, b, ptr(Hinv), Hinv.shape[1], ptr(scale), ptr(zero), scale.shape[1],
-        start, stop, group_len, maxq, ptr(codes_out), codes_out.stride(0), ptr(err_out), err_out.stride(0),
-        torch.get_num_threads(),
-    )
 
 
 # --- the inverse Hessian -----------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import ShapeError, ValueRangeError
 from ..formats import Int
-from .primitives import pad_groups
+from ..ops.primitives import pad_groups
 
 REFIT_MODES = (None, "scale", "scale_zero")
 _CHUNK_FLOATS = 1 << 25  # rows per chunk keep the (groups x rows x k) product near 128 MiB

@@ -9,12 +9,12 @@ half-quadratic proximal loop. Three formulations (``zero_point=``):
 * ``"anchored"`` (the default): starts from RTN's integer zero point; the
   solver moves the scale (never so far that a weight is clipped), then the
   zero point, by at most 0.1 of a step, so a weight of 0 is reproduced to a
-  tenth of a step (``pyquant/algorithms/hqq_integer_zero.py``: spec, and why
+  tenth of a step (``pyquant/ops/reference/hqq_integer_zero.py``: spec, and why
   it is the default: a free float zero costs SmolLM2 2-7x perplexity at 3
   bits).
 * ``"integer"``: the same without the zero step: 0 is exactly representable.
 * ``"float"``: the ``hqq`` package's: min/max scale kept, a float zero point
-  solved (``pyquant/algorithms/hqq_reference.py`` is the spec and explains
+  solved (``pyquant/ops/reference/hqq.py`` is the spec and explains
   the algorithm); the lowest weight error, and what the fused kernels solve.
 
 The result is an ordinary asymmetric ``Int`` weight (``W_hat = (q - z) * s``;
@@ -66,18 +66,14 @@ import math
 
 import torch
 
-from .. import _ext
 from ..errors import FormatError, KernelUnavailableError, ValueRangeError
 from ..formats import Int, QuantizedWeight
+from ..ops import solvers
+from ..ops.reference.hqq import HQQSolution
+from ..ops.reference.hqq_integer_zero import ZERO_SLACK
 from ..validation import check_finite, check_weight_2d
-from .hqq_integer_zero import ZERO_SLACK, hqq_solve_integer_zero
-from .hqq_reference import HQQSolution, hqq_solve_reference, solver_schedule
 
-KERNELS = ("auto", "cpu", "reference", "triton", "cuda")
 ZERO_POINTS = ("anchored", "integer", "float")
-TRITON_NAME = "triton_hqq_solve"  # names verified_kernels.json would list
-CUDA_NAME = "cuda_hqq_solve"
-INTEGER_CPU_NAME = "hqq_solve_integer_zero_cpu"
 
 
 def _check_params(fmt, axis, iters, lp_norm, beta, kappa, kernel, zero_point):
@@ -99,8 +95,6 @@ def _check_params(fmt, axis, iters, lp_norm, beta, kappa, kernel, zero_point):
         raise ValueRangeError(f"kappa must be a finite number >= 1, got {kappa!r}")
     if iters and math.log(beta) + (iters - 1) * math.log(kappa) > 700.0:  # beyond ~1e304
         raise ValueRangeError(f"beta * kappa**(iters-1) overflows: beta={beta}, kappa={kappa}, iters={iters}")
-    if kernel not in KERNELS:
-        raise KernelUnavailableError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if zero_point not in ZERO_POINTS:
         raise ValueRangeError(f"zero_point must be one of {ZERO_POINTS}, got {zero_point!r}")
     if zero_point != "float" and kernel in ("triton", "cuda"):
@@ -108,107 +102,6 @@ def _check_params(fmt, axis, iters, lp_norm, beta, kappa, kernel, zero_point):
             f"kernel={kernel!r} solves zero_point='float' only; zero_point={zero_point!r} has a CPU kernel ('cpu') "
             "and runs as torch code elsewhere ('reference')"
         )
-
-
-def _ext_with(name):
-    ext = _ext.load()
-    return ext if ext is not None and hasattr(ext, name) else None
-
-
-def _triton_usable(device: torch.device) -> bool:
-    import importlib.util
-    import os
-
-    if importlib.util.find_spec("triton") is None:
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _cuda_usable(device: torch.device) -> bool:
-    ext = _ext_with("hqq_solve_cuda")
-    return device.type == "cuda" and ext is not None and ext.cuda_compiled()
-
-
-def _pick_kernel(kernel: str, device: torch.device, zero_point: str) -> str:
-    if zero_point != "float":
-        if kernel == "auto":
-            kernel = "cpu" if device.type == "cpu" and _ext_with(INTEGER_CPU_NAME) is not None else "reference"
-        if kernel == "cpu" and (device.type != "cpu" or _ext_with(INTEGER_CPU_NAME) is None):
-            raise KernelUnavailableError(f"the C++ HQQ solver needs a CPU tensor and pyquant._C (tensor on {device})")
-        return "integer_" + kernel
-    if kernel == "auto":
-        if device.type == "cpu":
-            return "cpu" if _ext_with("hqq_solve_cpu") is not None else "reference"
-        from ..ops.dispatch import verified_kernels
-
-        if CUDA_NAME in verified_kernels() and _cuda_usable(device):
-            return "cuda"
-        if TRITON_NAME in verified_kernels() and _triton_usable(device):
-            return "triton"
-        return "reference"
-    if kernel == "cpu" and (device.type != "cpu" or _ext_with("hqq_solve_cpu") is None):
-        raise KernelUnavailableError(f"the C++ HQQ solver needs a CPU tensor and pyquant._C (tensor on {device})")
-    if kernel == "triton" and not _triton_usable(device):
-        raise KernelUnavailableError(
-            f"the Triton HQQ solver needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU); tensor on {device}"
-        )
-    if kernel == "cuda" and not _cuda_usable(device):
-        raise KernelUnavailableError(
-            f"the CUDA HQQ solver needs a CUDA tensor and a CUDA build of pyquant._C (tensor on {device})"
-        )
-    return kernel
-
-
-def _triton_module():
-    """``pyquant.triton_kernels.hqq``, imported lazily (it imports triton).
-
-    An installed pyquant has the subpackage (setup.py maps ``triton_kernels/``
-    onto it); in a source checkout used through PYTHONPATH the directory sits
-    next to ``pyquant/``, so the subpackage is registered from there."""
-    import importlib
-    import sys
-
-    try:
-        return importlib.import_module("pyquant.triton_kernels.hqq")
-    except ModuleNotFoundError as exc:
-        if exc.name != "pyquant.triton_kernels":
-            raise
-    import importlib.util
-    import os
-
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "triton_kernels")
-    spec = importlib.util.spec_from_file_location(
-        "pyquant.triton_kernels", os.path.join(src, "__init__.py"), submodule_search_locations=[src]
-    )
-    if spec is None:
-        raise KernelUnavailableError(f"pyquant.triton_kernels is not installed and {src} is missing")
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules["pyquant.triton_kernels"] = pkg
-    spec.loader.exec_module(pkg)
-    return importlib.import_module("pyquant.triton_kernels.hqq")
-
-
-def _solve_cpu(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, early_stop, zero_slack=None):
-    """The C++ solvers: float zero points, or (``zero_slack`` given) around integer ones."""
-    from ..ops._dtypes import dtype_code
-
-    n, k = w.shape
-    sol = HQQSolution.empty(n, k, group)
-    sched = solver_schedule(iters, lp_norm, beta, kappa).contiguous()
-    args = (w.data_ptr(), *_out_ptrs(sol), n, k, group, bits, dtype_code(scale_dtype), iters, sched.data_ptr(),
-            float(lp_norm), kappa == 1.0, bool(early_stop))
-    if zero_slack is None:
-        _ext.load().hqq_solve_cpu(*args, torch.get_num_threads())
-    else:
-        _ext.load().hqq_solve_integer_zero_cpu(*args, float(zero_slack), torch.get_num_threads())
-    return sol
-
-
-def _out_ptrs(sol: HQQSolution) -> tuple[int, ...]:
-    """Pointers to codes, scales, zeros, err, iters: the order the C++/CUDA solvers take."""
-    return tuple(t.data_ptr() for t in (sol.codes, sol.scales, sol.zeros, sol.err, sol.iters))
 
 
 def hqq_solve(
@@ -229,51 +122,22 @@ def hqq_solve(
     _check_params(fmt, 1, iters, lp_norm, beta, kappa, kernel, zero_point)
     fmt.check_shape(tuple(w.shape))
     check_finite("weight", w)
-    which = _pick_kernel(kernel, w.device, zero_point)
     group = fmt.group_size_for(w.shape[1])
-    args = (fmt.bits, group, fmt.scale_dtype, iters, float(lp_norm), float(beta), float(kappa), bool(early_stop))
+    params = dict(iters=iters, lp_norm=float(lp_norm), beta=float(beta), kappa=float(kappa),
+                  early_stop=bool(early_stop), kernel=kernel)
     with torch.no_grad():
         w32 = w.detach().to(torch.float32).contiguous()
-        slack = ZERO_SLACK if zero_point == "anchored" else 0.0
-        if which == "integer_reference":
-            sol = hqq_solve_integer_zero(w32, fmt.bits, group, fmt.scale_dtype, zero_slack=slack, iters=iters,
-                                         lp_norm=float(lp_norm), beta=float(beta), kappa=float(kappa),
-                                         early_stop=bool(early_stop))
-        elif which == "integer_cpu":
-            sol = _solve_cpu(w32, *args, zero_slack=slack)
-        elif which == "reference":
-            sol = hqq_solve_reference(w32, fmt.bits, group, fmt.scale_dtype, iters=iters, lp_norm=float(lp_norm),
-                                      beta=float(beta), kappa=float(kappa), early_stop=bool(early_stop))
-        elif which == "cpu":
-            sol = _solve_cpu(w32, *args)
-        elif which == "triton":
-            sol = _triton_module().hqq_solve_triton(w32, *args)
+        if zero_point == "float":
+            sol = solvers.hqq_solve(w32, fmt.bits, group, fmt.scale_dtype, **params)
         else:
-            from ..ops._dtypes import dtype_code
-
-            sol = _solve_cuda(w32, *args, dtype_code)
+            slack = ZERO_SLACK if zero_point == "anchored" else 0.0
+            sol = solvers.hqq_solve_integer_zero(w32, fmt.bits, group, fmt.scale_dtype, zero_slack=slack, **params)
     if bool(torch.isinf(sol.scales).any()):
         bad = torch.isinf(sol.scales).nonzero()[0].tolist()
         raise ValueRangeError(
             f"weight range per code overflows scale dtype {fmt.scale_dtype} (row {bad[0]}, group {bad[1]}); "
             "use scale_dtype=torch.float32"
         )
-    return sol
-
-
-def _solve_cuda(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, early_stop, dtype_code):
-    n, k = w.shape
-    dev = w.device
-    sol = HQQSolution.empty(n, k, group, dev)
-    sched_cpu = solver_schedule(iters, lp_norm, beta, kappa)
-    thr_last = float(sched_cpu[1, -1]) if iters else 0.0
-    sched = sched_cpu.to(dev).contiguous()
-    stream = torch.cuda.current_stream(dev).cuda_stream
-    _ext.load().hqq_solve_cuda(
-        w.data_ptr(), *_out_ptrs(sol),
-        n, k, group, bits, dtype_code(scale_dtype), iters, sched.data_ptr(), float(lp_norm),
-        thr_last, kappa == 1.0, bool(early_stop), stream,
-    )
     return sol
 
 

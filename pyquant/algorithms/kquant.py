@@ -7,8 +7,8 @@ per 32-weight sub-block, 6-bit sub-block scales), with one the
 importance-weighted ``quantize_row_q4_K_impl`` (``make_qkx3_quants`` with
 weights ``imatrix[k] * sqrt(sigma2 + w^2)``, then ``make_qp_quants`` for the
 sub-block scales). The same holds for the other four types; the algorithms
-are spelled out in ``kquant_reference`` (the pure-torch spec). The compiled
-CPU path (``pyquant._C.kquant_quantize``, csrc/cpu/kquant_quantize.cpp)
+are spelled out in ``pyquant.ops.reference.kquant`` (the pure-torch spec). The
+compiled CPU kernel of the op ``kquant_quantize`` (csrc/cpu/kquant_quantize.cpp)
 computes the same bytes far faster (a 4096x4096 weight in seconds rather than
 minutes) and is used when available; tests check the two agree.
 
@@ -31,17 +31,13 @@ from typing import Optional
 
 import torch
 
-from .. import _ext
-from ..errors import DeviceError, FormatError, KernelUnavailableError, ShapeError, ValueRangeError
+from ..errors import DeviceError, FormatError, ShapeError, ValueRangeError
 from ..formats import GGUF, QuantizedWeight
-from ..formats.gguf_blocks import FP16_FIELDS, K_TYPES, f16_field
+from ..formats.gguf_blocks import FP16_FIELDS, K_TYPES, QK_K, f16_field
+from ..ops import solvers
 from ..validation import check_finite, check_float, check_weight_2d
-from .kquant_reference import QK_K, quantize_k_blocks
 
 __all__ = ["kquant_quantize", "imatrix_from_activations", "K_TYPES"]
-
-# Super-blocks per call of the torch spec: bounds its (n, G) temporaries.
-_SPEC_CHUNK = 4096
 
 
 def imatrix_from_activations(x: torch.Tensor, imatrix: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -75,19 +71,6 @@ def _check_imatrix(imatrix, k: int, device) -> torch.Tensor:
     return q.contiguous()
 
 
-def _cpu_path(kernel: Optional[str]):
-    """The compiled module when the C++ path should run, else None."""
-    if kernel not in (None, "cpu", "reference"):
-        raise FormatError(f"kernel must be None, 'cpu' or 'reference', got {kernel!r}")
-    if kernel == "reference":
-        return None
-    ext = _ext.load()
-    ok = ext is not None and hasattr(ext, "kquant_quantize")
-    if kernel == "cpu" and not ok:
-        raise KernelUnavailableError("the compiled k-quant quantizer (pyquant._C.kquant_quantize) is not available")
-    return ext if ok else None
-
-
 def _check_fp16_fields(type_name: str, blocks: torch.Tensor, w: torch.Tensor) -> None:
     ts = blocks.shape[1] // (w.shape[1] // QK_K)
     b = blocks.reshape(-1, ts).to(torch.int32)
@@ -106,14 +89,14 @@ def _check_fp16_fields(type_name: str, blocks: torch.Tensor, w: torch.Tensor) ->
 
 
 def kquant_quantize(
-    w: torch.Tensor, fmt: GGUF, imatrix: Optional[torch.Tensor] = None, *, kernel: Optional[str] = None
+    w: torch.Tensor, fmt: GGUF, imatrix: Optional[torch.Tensor] = None, *, kernel: str = "auto"
 ) -> QuantizedWeight:
     """Quantize a float weight ``(N, K)`` into GGUF k-quant blocks.
 
     ``fmt``: ``GGUF`` with type Q2_K, Q3_K, Q4_K, Q5_K or Q6_K; ``K`` must be a
     multiple of 256. ``imatrix``: optional ``(K,)`` non-negative per-channel
     importance (llama.cpp's ``quant_weights``); None gives llama.cpp's
-    reference (no-imatrix) quantization. ``kernel``: None picks the compiled
+    reference (no-imatrix) quantization. ``kernel``: "auto" picks the compiled
     CPU path when available, ``"reference"`` forces the pure-torch spec,
     ``"cpu"`` requires the compiled path. Either runs on the CPU whatever the
     weight's device. Returns a ``QuantizedWeight`` with ``blocks`` uint8
@@ -128,29 +111,13 @@ def kquant_quantize(
     fmt.check_shape((n, k))
     check_finite("weight", w)
     qw = None if imatrix is None else _check_imatrix(imatrix, k, w.device)
-    ext = _cpu_path(kernel)
     # Quantization is offline and its bytes are defined by fp32 CPU arithmetic:
     # a weight on another device is quantized on the CPU and its blocks moved back.
     device = w.device
     x = w.detach().to("cpu", torch.float32).contiguous()
     if qw is not None:
         qw = qw.cpu()
-    bt = fmt.block
-    nb = k // QK_K
     with torch.no_grad():
-        if ext is not None:
-            blocks = torch.empty((n, nb * bt.type_size), dtype=torch.uint8)
-            ext.kquant_quantize(
-                bt.ggml_type, x.data_ptr(), 0 if qw is None else qw.data_ptr(), n, k, blocks.data_ptr(),
-                torch.get_num_threads(),
-            )
-        else:
-            xb = x.view(n * nb, QK_K)
-            qb = None if qw is None else qw.view(1, nb, QK_K).expand(n, nb, QK_K).reshape(n * nb, QK_K)
-            parts = []
-            for s in range(0, n * nb, _SPEC_CHUNK):
-                e = s + _SPEC_CHUNK
-                parts.append(quantize_k_blocks(fmt.type, xb[s:e], None if qb is None else qb[s:e]))
-            blocks = torch.cat(parts).view(n, nb * bt.type_size)
+        blocks = solvers.kquant_quantize(x, fmt, qw, kernel=kernel)
     _check_fp16_fields(fmt.type, blocks, x)
     return fmt.from_blocks(blocks.to(device), (n, k))

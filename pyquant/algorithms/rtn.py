@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ..formats import GGUF, NF4, Int, QuantizedWeight
-from .primitives import fake_quant, group_params, pad_groups
+from ..ops.primitives import fake_quant, group_params, pad_groups
 
 
 def int_scales_zeros(w: torch.Tensor, fmt: Int, shrink: Optional[torch.Tensor] = None):

@@ -1,121 +1,23 @@
-"""Public op entry points: validate at the boundary, then call the custom op."""
-from __future__ import annotations
+"""The op layer: every op as one ``torch.library`` op, its kernels chosen by one registry.
 
-from typing import Optional
+    pyquant.ops.qmatmul(x, qw)        pyquant.ops.dequantize(qw, dtype)
+    pyquant.ops.pack / unpack         pyquant.ops.w8a8_matmul(x, qw)
+    pyquant.ops.gptq_block_update / hqq_solve / hqq_solve_integer_zero / kquant_quantize
 
-import torch
-
-from ..errors import FormatError, ShapeError
-from ..formats import Format, QuantizedWeight
+``library`` defines the ops, ``dispatch`` holds the registry, ``reference`` the
+pure-torch spec of every op, ``backends`` the kernels of each backend and
+``primitives`` the group scale/zero math the quantizers share.
+"""
 from ..formats.base import install_dequantizer
-from ..validation import check_dtype_arg, check_matmul_inputs, check_same_device, check_tensor
-from . import library  # noqa: F401  (registers the torch.library ops)
-from . import reference_kernels  # noqa: F401
-from . import cpu_kernels  # noqa: F401
-from .dispatch import register_kernel, select_kernel  # noqa: F401
-from .w8a8 import w8a8_matmul
-
-
-def _check_qw(qw) -> None:
-    if not isinstance(qw, QuantizedWeight):
-        raise FormatError(f"expected a pyquant QuantizedWeight, got {type(qw).__name__}")
-
-
-def _check_code_format(fmt) -> None:
-    if fmt.family not in ("int", "nf4"):
-        raise FormatError(f"pack/unpack are defined for the code formats (Int, NF4), not {fmt.spec()}")
-
-
-def _check_kernel(kernel) -> None:  # also used by w8a8.py
-    if not isinstance(kernel, str):
-        raise FormatError(f"kernel must be a string, got {type(kernel).__name__}")
-
-
-def dequantize(
-    qw: QuantizedWeight, dtype: torch.dtype = torch.float32, kernel: str = "auto", out: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """The float weight ``(out_features, in_features)`` that ``qw`` encodes.
-
-    ``out``: a contiguous ``(N, K)`` tensor of ``dtype`` on the weight's device to
-    write into (and return); reusing one buffer avoids the cost of fresh pages.
-    """
-    _check_qw(qw)
-    check_dtype_arg("dtype", dtype)
-    _check_kernel(kernel)
-    n, k = qw.shape
-    if out is not None:
-        check_tensor("out", out)
-        if tuple(out.shape) != (n, k) or out.dtype != dtype or not out.is_contiguous():
-            raise ShapeError(
-                f"out must be a contiguous ({n}, {k}) tensor of {dtype}, got {tuple(out.shape)} {out.dtype}"
-                f"{'' if out.is_contiguous() else ' (not contiguous)'}"
-            )
-        check_same_device("out", out, qw.device, "the quantized weight")
-        torch.ops.pyquant.dequantize_out(qw.tensor_list(), qw.format.spec(), n, k, kernel, out)
-        return out
-    return torch.ops.pyquant.dequantize(qw.tensor_list(), qw.format.spec(), n, k, dtype, kernel)
-
-
-def _op_layer_is_idle(tensors) -> bool:
-    """True when going through ``torch.ops.pyquant.qmatmul`` would only cost
-    time: plain eager tensors, nothing for autograd to record, and no compiler,
-    tracer, functorch transform or Python mode that must see the op as one node.
-    The dispatcher and autograd wrapper cost ~20-30 us per call, as much as the
-    whole GEMV of a 2048-wide decode layer."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if torch._C._are_functorch_transforms_active():
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
-            return False
-    return True
-
-
-def qmatmul(
-    x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None, kernel: str = "auto"
-) -> torch.Tensor:
-    """``x @ W_hat.T + bias`` for any leading batch dims; output in ``x.dtype``.
-
-    In plain eager inference the op's implementation is called directly (same
-    kernel selection, same result); anything that needs the op as a graph node
-    or an autograd node (compile, tracing, modes, gradients) goes through
-    ``torch.ops.pyquant.qmatmul``.
-    """
-    _check_qw(qw)
-    _check_kernel(kernel)
-    n, k = qw.shape
-    check_matmul_inputs(x, n, k, qw.device, bias)
-    qdata = qw.tensor_list()
-    spec = qw.format.spec()
-    if _op_layer_is_idle((x, bias, *qdata)):
-        return library.qmatmul_impl(x, qdata, spec, n, k, bias, kernel)
-    return torch.ops.pyquant.qmatmul(x, qdata, spec, n, k, bias, kernel)
-
-
-def pack(codes: torch.Tensor, fmt: Format, kernel: str = "auto") -> torch.Tensor:
-    """Pack integer codes ``(N, K)`` into ``fmt``'s ``qweight`` layout."""
-    check_tensor("codes", codes)
-    if not isinstance(fmt, Format):
-        raise FormatError(f"fmt must be a pyquant Format, got {type(fmt).__name__}")
-    _check_code_format(fmt)
-    if codes.dim() != 2 or codes.numel() == 0:
-        raise ShapeError(f"codes must be a non-empty 2-D tensor, got shape {tuple(codes.shape)}")
-    fmt.check_shape(tuple(codes.shape))
-    return torch.ops.pyquant.pack(codes, fmt.spec(), kernel)
-
-
-def unpack(qw: QuantizedWeight, kernel: str = "auto") -> torch.Tensor:
-    """The uint8 codes ``(N, K)`` stored in ``qw`` (Int and NF4 formats)."""
-    _check_qw(qw)
-    _check_code_format(qw.format)
-    n, k = qw.shape
-    return torch.ops.pyquant.unpack(qw.tensors["qweight"], qw.format.spec(), n, k, kernel)
-
+from . import backends  # noqa: F401  (registers every backend's kernels)
+from .api import dequantize, pack, qmatmul, unpack, w8a8_matmul
+from .dispatch import register_kernel, select_kernel
+from .solvers import gptq_block_update, hqq_solve, hqq_solve_integer_zero, kquant_quantize
 
 install_dequantizer(lambda qw, dtype, kernel: dequantize(qw, dtype, kernel=kernel))
 
-__all__ = ["dequantize", "qmatmul", "pack", "unpack", "w8a8_matmul", "select_kernel", "register_kernel"]
+__all__ = [
+    "dequantize", "qmatmul", "pack", "unpack", "w8a8_matmul",
+    "gptq_block_update", "hqq_solve", "hqq_solve_integer_zero", "kquant_quantize",
+    "select_kernel", "register_kernel",
+]

@@ -1,10 +1,24 @@
-"""The one place where a backend is chosen for an op.
+"""The one registry of kernels, and the one place a backend is chosen.
 
-Backends register kernels with :func:`register_kernel`; :func:`select_kernel`
-picks one by device, format and M (the number of activation rows), or honours
-an explicit ``kernel=`` override. Rule 6 of DESIGN.md lives here: on a GPU a
-kernel is chosen by default only if it is listed in ``verified_kernels.json``
-(written from a GPU results file), otherwise it is reachable only by name.
+Every op (``dequantize``, ``qmatmul``, ``pack``, ``unpack``, ``w8a8_matmul`` and
+the solvers' ``gptq_block_update``, ``hqq_solve``, ``hqq_solve_integer_zero``,
+``kquant_quantize``) registers its kernels here with :func:`register_kernel`.
+A kernel's name is ``<backend>_<format>_<op>`` plus a path tag where one
+backend has several kernels for an op (``triton_any_qmatmul_gemv``): the name
+``verified_kernels.json``, the GPU tests and the benchmarks refer to, and what
+``pyquant env`` lists.
+
+:func:`select_kernel` picks one by device, format and M (rows of activations),
+or honours ``kernel=``, the same way for every op:
+
+* ``"auto"``: on the CPU the C++ kernel, else the pure-torch reference; on an
+  accelerator CUDA C++, then Triton, then dequantize + the vendor GEMM, then
+  the reference. DESIGN.md rule 6 lives here: a CUDA or Triton kernel is chosen
+  by default only when ``verified_kernels.json`` lists it (written from a GPU
+  run's results); otherwise it is reachable only by name.
+* a backend name (``"cpu"``, ``"cuda"``, ``"triton"``, ``"dequant"``,
+  ``"reference"``): that backend's kernel, or KernelUnavailableError naming the
+  op, format, device and M.
 """
 from __future__ import annotations
 
@@ -20,14 +34,21 @@ from .. import _ext
 from ..errors import KernelUnavailableError
 
 BACKENDS = ("cuda", "triton", "cpu", "dequant", "reference")
-OPS = ("dequantize", "qmatmul", "pack", "unpack", "w8a8_matmul")
+GPU_BACKENDS = ("cuda", "triton")
+OPS = (
+    "dequantize", "qmatmul", "pack", "unpack", "w8a8_matmul",
+    "gptq_block_update", "hqq_solve", "hqq_solve_integer_zero", "kquant_quantize",
+)
+_CPU_ORDER = ("cpu", "reference")
+_ACCELERATOR_ORDER = ("cuda", "triton", "dequant", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     op: str
     backend: str
-    name: str  # e.g. "int_gemv": what verified_kernels.json and benchmarks refer to
+    format: str  # the formats it takes: "int", "int4", "int8", "nf4", "gguf", or "any"
+    name: str  # <backend>_<format>_<op>[_<tag>]
     supports: Callable  # (fmt, device, m) -> bool
     fn: Callable
 
@@ -35,13 +56,23 @@ class Kernel:
 _REGISTRY: Dict[Tuple[str, str], List[Kernel]] = {}
 
 
-def register_kernel(op: str, backend: str, name: str, supports: Callable):
-    """Decorator registering ``fn`` as ``backend``'s kernel for ``op``."""
+def kernel_name(op: str, backend: str, fmt: str, tag: str = "") -> str:
+    return f"{backend}_{fmt}_{op}" + (f"_{tag}" if tag else "")
+
+
+def register_kernel(op: str, backend: str, fmt: str, supports: Callable, tag: str = ""):
+    """Decorator registering ``fn`` as ``backend``'s kernel for ``op`` on the
+    formats ``fmt`` names; ``supports(fmt, device, m)`` says whether it takes a
+    call (format details, device, the extension or Triton being there, M)."""
     if op not in OPS or backend not in BACKENDS:
         raise ValueError(f"unknown op/backend {op!r}/{backend!r}")
+    name = kernel_name(op, backend, fmt, tag)
 
     def deco(fn):
-        _REGISTRY.setdefault((op, backend), []).append(Kernel(op, backend, name, supports, fn))
+        kernels = _REGISTRY.setdefault((op, backend), [])
+        if any(k.name == name for k in kernels):
+            raise ValueError(f"kernel {name!r} is registered twice")
+        kernels.append(Kernel(op, backend, fmt, name, supports, fn))
         return fn
 
     return deco
@@ -65,31 +96,42 @@ def _find(op: str, backend: str, fmt, device: torch.device, m: int):
     return None
 
 
+def _describe(fmt) -> str:
+    return fmt.spec() if hasattr(fmt, "spec") else str(fmt)
+
+
 def select_kernel(op: str, fmt, device: torch.device, m: int = 1, kernel: str = "auto") -> Kernel:
     if kernel != "auto":
         if kernel not in BACKENDS:
             raise KernelUnavailableError(f"kernel must be 'auto' or one of {BACKENDS}, got {kernel!r}")
         k = _find(op, kernel, fmt, device, m)
         if k is None:
+            names = [k.name for k in _REGISTRY.get((op, kernel), ())] or "none registered"
             raise KernelUnavailableError(
-                f"no {kernel!r} kernel for {op} with format {fmt.spec()} on device {device} (M={m})"
+                f"no {kernel!r} kernel for {op} takes format {_describe(fmt)} on device {device} (M={m}); "
+                f"{kernel} kernels of {op}: {names}"
             )
         return k
     if device.type == "cpu":
-        order = ("cpu", "reference")
+        order = _CPU_ORDER
         _ext.load()  # the first call that wants compiled kernels says once if they are missing
     else:
-        order = ("cuda", "triton", "dequant", "reference")
+        order = _ACCELERATOR_ORDER
     for backend in order:
         k = _find(op, backend, fmt, device, m)
         if k is None:
             continue
-        if backend in ("cuda", "triton") and k.name not in verified_kernels():
+        if backend in GPU_BACKENDS and k.name not in verified_kernels():
             continue  # experimental until a GPU run has passed it
         return k
-    raise KernelUnavailableError(f"no kernel for {op} with format {fmt.spec()} on device {device}")
+    raise KernelUnavailableError(f"no kernel for {op} with format {_describe(fmt)} on device {device}")
 
 
 def registered() -> Dict[Tuple[str, str], List[str]]:
-    """(op, backend) -> kernel names, for ``pyquant.env()`` and tests."""
+    """(op, backend) -> kernel names, for ``pyquant.env()``, benchmarks and tests."""
     return {key: [k.name for k in ks] for key, ks in _REGISTRY.items()}
+
+
+def kernels(op: str = None) -> List[Kernel]:
+    """Every registered kernel (of ``op``), in registration order."""
+    return [k for (o, _), ks in _REGISTRY.items() if op in (None, o) for k in ks]

@@ -1,9 +1,12 @@
-"""torch.library definitions of pyquant's ops: schema, fake kernel, autograd.
+"""torch.library definitions of every pyquant op: schema, fake kernel, autograd.
 
-Each op takes the packed tensors as a ``Tensor[]`` in the format's canonical
-order plus the format's spec string, so one op serves every format and
-torch.compile sees a single graph node per layer. The implementation is one
-call to :func:`dispatch.select_kernel`.
+The weight ops take the packed tensors as a ``Tensor[]`` in the format's
+canonical order plus the format's spec string, so one op serves every format
+and torch.compile sees a single graph node per layer. The solver ops
+(``gptq_block_update``, ``hqq_solve``, ``hqq_solve_integer_zero``,
+``kquant_quantize``) take plain tensors and numbers. Every implementation is one
+call to :func:`dispatch.select_kernel`, and every op passes
+``torch.library.opcheck`` (tests/ops/test_opcheck.py).
 
 The ops are declared with the low-level ``torch.library.Library`` API and one
 ``CompositeExplicitAutograd`` implementation rather than the ``custom_op``
@@ -17,7 +20,7 @@ import functools
 
 import torch
 
-from ..formats import format_from_spec
+from ..formats import GGUF, format_from_spec
 from .dispatch import select_kernel
 
 _LIB = torch.library.Library("pyquant", "DEF")
@@ -26,11 +29,31 @@ _LIB.define("dequantize_out(Tensor[] qdata, str fmt, int n, int k, str kernel, T
 _LIB.define("qmatmul(Tensor x, Tensor[] qdata, str fmt, int n, int k, Tensor? bias, str kernel) -> Tensor")
 _LIB.define("pack(Tensor codes, str fmt, str kernel) -> Tensor")
 _LIB.define("unpack(Tensor packed, str fmt, int n, int k, str kernel) -> Tensor")
+_LIB.define("w8a8_matmul(Tensor x, Tensor[] qdata, str fmt, int n, int k, Tensor? bias, str kernel) -> Tensor")
+_LIB.define(
+    "gptq_block_update(Tensor(a!) W, Tensor Hinv, Tensor scale, Tensor zero, int start, int stop, int group_len, "
+    "int maxq, Tensor(b!) codes_out, Tensor(c!) err_out, str kernel) -> ()"
+)
+_HQQ_OUT = "(Tensor codes, Tensor scales, Tensor zeros, Tensor err, Tensor iters)"
+_LIB.define(
+    "hqq_solve(Tensor w, int bits, int group, ScalarType scale_dtype, int iters, float lp_norm, float beta, "
+    f"float kappa, bool early_stop, str kernel) -> {_HQQ_OUT}"
+)
+_LIB.define(
+    "hqq_solve_integer_zero(Tensor w, int bits, int group, ScalarType scale_dtype, float zero_slack, int iters, "
+    f"float lp_norm, float beta, float kappa, bool early_stop, str kernel) -> {_HQQ_OUT}"
+)
+_LIB.define("kquant_quantize(Tensor x, str type, Tensor? imatrix, str kernel) -> Tensor")
 
 
 @functools.lru_cache(maxsize=256)
 def _fmt(spec: str):
     return format_from_spec(spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _gguf(type_name: str):
+    return GGUF(type_name)
 
 
 def _impl(name):
@@ -150,3 +173,75 @@ def unpack_impl(packed, fmt, n, k, kernel):
 @torch.library.register_fake("pyquant::unpack")
 def _(packed, fmt, n, k, kernel):
     return packed.new_empty((n, k), dtype=torch.uint8)
+
+
+@_impl("w8a8_matmul")
+def w8a8_matmul_impl(x, qdata, fmt, n, k, bias, kernel):
+    f = _fmt(fmt)
+    x2 = x.reshape(-1, k)
+    kern = select_kernel("w8a8_matmul", f, x.device, x2.shape[0], kernel)
+    y = kern.fn(x2.contiguous(), list(qdata), f, (n, k), bias)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@torch.library.register_fake("pyquant::w8a8_matmul")
+def _(x, qdata, fmt, n, k, bias, kernel):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+# --- solvers: formats are implied by the arguments (fmt None in the registry) ---
+@_impl("gptq_block_update")
+def gptq_block_update_impl(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out, kernel):
+    # M of the query is the block width: the CUDA kernel keeps a block in registers.
+    kern = select_kernel("gptq_block_update", None, W.device, W.shape[1], kernel)
+    kern.fn(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
+
+
+@torch.library.register_fake("pyquant::gptq_block_update")
+def _(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out, kernel):
+    return None
+
+
+def _hqq_outputs(w, group):
+    n, k = w.shape
+    ng = -(-k // group)
+    scales = w.new_empty((n, ng), dtype=torch.float32)
+    return (w.new_empty((n, k), dtype=torch.uint8), scales, torch.empty_like(scales), torch.empty_like(scales),
+            w.new_empty((n, ng), dtype=torch.int32))
+
+
+@_impl("hqq_solve")
+def hqq_solve_impl(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, early_stop, kernel):
+    kern = select_kernel("hqq_solve", None, w.device, 1, kernel)
+    return kern.fn(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, early_stop)
+
+
+@torch.library.register_fake("pyquant::hqq_solve")
+def _(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, early_stop, kernel):
+    return _hqq_outputs(w, group)
+
+
+@_impl("hqq_solve_integer_zero")
+def hqq_solve_integer_zero_impl(w, bits, group, scale_dtype, zero_slack, iters, lp_norm, beta, kappa, early_stop,
+                                kernel):
+    kern = select_kernel("hqq_solve_integer_zero", None, w.device, 1, kernel)
+    return kern.fn(w, bits, group, scale_dtype, zero_slack, iters, lp_norm, beta, kappa, early_stop)
+
+
+@torch.library.register_fake("pyquant::hqq_solve_integer_zero")
+def _(w, bits, group, scale_dtype, zero_slack, iters, lp_norm, beta, kappa, early_stop, kernel):
+    return _hqq_outputs(w, group)
+
+
+@_impl("kquant_quantize")
+def kquant_quantize_impl(x, type, imatrix, kernel):
+    fmt = _gguf(type)
+    kern = select_kernel("kquant_quantize", fmt, x.device, x.shape[0], kernel)
+    return kern.fn(x, fmt, imatrix)
+
+
+@torch.library.register_fake("pyquant::kquant_quantize")
+def _(x, type, imatrix, kernel):
+    fmt = _gguf(type)
+    n, k = x.shape
+    return x.new_empty((n, k // fmt.block.block_size * fmt.block.type_size), dtype=torch.uint8)

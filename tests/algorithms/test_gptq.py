@@ -2,17 +2,14 @@ import pytest
 import torch
 
 from pyquant import _ext
-from pyquant.algorithms.gptq import (
-    gptq_block_update,
-    gptq_block_update_reference,
-    gptq_quantize,
-    inverse_hessian_factor,
-)
+from pyquant.algorithms.gptq import gptq_quantize, inverse_hessian_factor
 from pyquant.algorithms.hessian import HessianAccumulator
-from pyquant.algorithms.primitives import group_params, pad_groups
+from pyquant.ops.primitives import group_params, pad_groups
 from pyquant.algorithms.rtn import int_scales_zeros, rtn
 from pyquant.errors import FormatError, KernelUnavailableError, ShapeError, ValueRangeError
 from pyquant.formats import NF4, Int
+from pyquant.ops import gptq_block_update
+from pyquant.ops.reference.gptq import gptq_block_update_reference
 
 EXT = _ext.load()
 HAS_CPU = EXT is not None and hasattr(EXT, "gptq_block_update_f32")
@@ -328,7 +325,7 @@ def test_block_update_reference_is_the_textbook_loop():
 @pytest.mark.parametrize("fmt", [Int(3, 32), Int(4, 64, True), Int(2, 32, False, torch.bfloat16)], ids=lambda f: f.spec())
 @pytest.mark.parametrize("weighted", [False, True])
 def test_shrink_search_matches_a_plain_search_over_group_params(fmt, weighted):
-    from pyquant.algorithms.primitives import fake_quant, group_error, search_shrink
+    from pyquant.ops.primitives import fake_quant, group_error, search_shrink
 
     torch.manual_seed(19)
     wg = pad_groups(torch.randn(16, 100) * torch.rand(16, 1) * 3, fmt.group_size)

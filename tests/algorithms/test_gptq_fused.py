@@ -19,13 +19,11 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from pyquant import _ext  # noqa: E402
-from pyquant.algorithms import gptq as gptq_mod  # noqa: E402
-from pyquant.algorithms.gptq import (  # noqa: E402
-    gptq_block_update,
-    gptq_block_update_reference,
-    gptq_quantize,
-    inverse_hessian_factor,
-)
+from pyquant.algorithms.gptq import gptq_quantize, inverse_hessian_factor  # noqa: E402
+from pyquant.ops import gptq_block_update  # noqa: E402
+from pyquant.ops.reference.gptq import gptq_block_update_reference  # noqa: E402
+from pyquant.ops.backends import triton as triton_backend  # noqa: E402
+from tests.kernels import swap_kernel  # noqa: E402
 from pyquant.errors import KernelUnavailableError, ShapeError, ValueRangeError  # noqa: E402
 from pyquant.formats import Int  # noqa: E402
 
@@ -82,7 +80,7 @@ def run(kernel, W, U, scale, zero, start, stop, group_len, maxq, device=DEVICE, 
     codes, err = codes_buf[:, pad : pad + cnt], err_buf[:, pad : pad + cnt]
     args = (W, U.to(device), scale.to(device), zero.to(device), start, stop, group_len, maxq, codes, err)
     if kernel == "triton_block_n":
-        gptq_mod._triton_gptq().gptq_block_update_triton(*args, block_n=4)
+        triton_backend.kernels().gptq_block_update(*args, block_n=4)
     else:
         gptq_block_update(*args, kernel=kernel)
     if strided:  # the padding is untouched
@@ -138,7 +136,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}-b{}-{}:{}-g{}-q{}".format(*c))
-def test_triton_gptq_block_update_matches_reference(case):
+def test_triton_int_gptq_block_update_matches_reference(case):
     require("triton")
     n, b, start, stop, gl, maxq = case
     W, U, scale, zero = make_case(n, b, start, stop, gl, maxq, seed=n + b)
@@ -148,7 +146,7 @@ def test_triton_gptq_block_update_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", [(5, 72, 0, 72, 24, 7), (9, 100, 8, 90, 20, 15)], ids=str)
-def test_triton_gptq_block_update_several_programs(case):
+def test_triton_int_gptq_block_update_several_programs(case):
     """Four rows per program: ragged last program, rows split over programs."""
     require("triton")
     n, b, start, stop, gl, maxq = case
@@ -178,7 +176,7 @@ def assert_quantize_agrees(kernel, fmt, n, k, seed, **kw):
 
 @pytest.mark.parametrize("fmt,kw", [(Int(4, 64), {}), (Int(3, -1, True), {}), (Int(4, 32), {"static_groups": True})],
                          ids=["int4-g64", "int3-sym-channel", "int4-g32-static"])
-def test_triton_gptq_block_update_end_to_end(fmt, kw):
+def test_triton_int_gptq_block_update_end_to_end(fmt, kw):
     require("triton")
     assert_quantize_agrees("triton", fmt, 16, 192, seed=7, **kw)
 
@@ -195,12 +193,12 @@ def test_gptq_block_update_kernel_choice(monkeypatch):
         gptq_quantize(torch.randn(4, 32), torch.eye(32), Int(4, 32), kernel="cuda")
     # auto on the CPU is unchanged: never a GPU kernel, even if listed as verified
     monkeypatch.setattr("pyquant.ops.dispatch.verified_kernels",
-                        lambda: frozenset({gptq_mod.TRITON_NAME, gptq_mod.CUDA_NAME}))
-    monkeypatch.setattr(gptq_mod, "_triton_gptq", lambda: pytest.fail("auto chose Triton on the CPU"))
+                        lambda: frozenset({"triton_int_gptq_block_update", "cuda_int_gptq_block_update"}))
+    swap_kernel(monkeypatch, "triton_int_gptq_block_update", lambda *a: pytest.fail("auto chose Triton on the CPU"))
     gptq_block_update(W.clone(), U, scale, zero, 0, 16, 16, 15, codes, err)
 
 
-def test_triton_gptq_block_update_bad_input():
+def test_triton_int_gptq_block_update_bad_input():
     require("triton")
     W, U, scale, zero = make_case(4, 16, 0, 16, 8, 15)
     W, U, scale, zero = (t.to(DEVICE) for t in (W, U, scale, zero))
@@ -246,7 +244,7 @@ GPU_CASES = CASES + [
 @needs_cuda
 @pytest.mark.parametrize("kernel", ["cuda", "triton"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "n{}-b{}-{}:{}-g{}-q{}".format(*c))
-def test_cuda_gptq_block_update_matches_reference(case, kernel):
+def test_cuda_int_gptq_block_update_matches_reference(case, kernel):
     if kernel == "cuda":
         cuda_ext_or_skip()
     else:
@@ -263,7 +261,7 @@ def test_cuda_gptq_block_update_matches_reference(case, kernel):
 @pytest.mark.parametrize("fmt,kw", [(Int(4, 128), {}), (Int(3, -1, True), {}), (Int(4, 64), {"static_groups": True}),
                                     (Int(8, 128, act_order=True), {})],
                          ids=["int4-g128", "int3-sym-channel", "int4-g64-static", "int8-g128-actorder"])
-def test_cuda_gptq_block_update_end_to_end(fmt, kw):
+def test_cuda_int_gptq_block_update_end_to_end(fmt, kw):
     cuda_ext_or_skip()
     assert_quantize_agrees("cuda", fmt, 256, 512, seed=11, **kw)
     assert_quantize_agrees("triton", fmt, 256, 512, seed=11, **kw)
@@ -271,19 +269,19 @@ def test_cuda_gptq_block_update_end_to_end(fmt, kw):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_gptq_block_update_dispatch_and_bad_input(monkeypatch):
+def test_cuda_int_gptq_block_update_dispatch_and_bad_input(monkeypatch):
     cuda_ext_or_skip()
     W, U, scale, zero = (t.cuda() for t in make_case(64, 128, 0, 128, 64, 15))
     codes = torch.empty(64, 128, dtype=torch.uint8, device="cuda")
     err = torch.empty(64, 128, device="cuda")
     calls = []
-    monkeypatch.setattr(gptq_mod, "_update_cuda", lambda *a: calls.append("cuda"))
-    monkeypatch.setattr(gptq_mod, "_triton_gptq", lambda: calls.append("triton") or pytest.fail("triton"))
+    swap_kernel(monkeypatch, "cuda_int_gptq_block_update", lambda *a: calls.append("cuda"))
+    swap_kernel(monkeypatch, "triton_int_gptq_block_update", lambda *a: calls.append("triton") or pytest.fail("triton"))
     # unverified: auto on the GPU is the reference (DESIGN rule 6)
     monkeypatch.setattr("pyquant.ops.dispatch.verified_kernels", lambda: frozenset())
     gptq_block_update(W.clone(), U, scale, zero, 0, 128, 64, 15, codes, err)
     assert calls == []
-    monkeypatch.setattr("pyquant.ops.dispatch.verified_kernels", lambda: frozenset({gptq_mod.CUDA_NAME}))
+    monkeypatch.setattr("pyquant.ops.dispatch.verified_kernels", lambda: frozenset({"cuda_int_gptq_block_update"}))
     gptq_block_update(W.clone(), U, scale, zero, 0, 128, 64, 15, codes, err)
     assert calls == ["cuda"]
     monkeypatch.undo()

@@ -5,7 +5,7 @@ weights, ragged groups, axis 0/1, bad input. The default integer-zero solver
 is tested in test_hqq_integer_zero.py."""
 # benchmarks/verified.py: a GPU run of this module decides whether the fused
 # solvers may be chosen by default (every test here exercises both or neither).
-GPU_KERNELS = ("cuda_hqq_solve", "triton_hqq_solve")
+GPU_KERNELS = ("cuda_int_hqq_solve", "triton_int_hqq_solve")
 import contextlib
 import functools
 import math
@@ -22,7 +22,7 @@ import torch
 import pyquant
 from pyquant import DtypeError, FormatError, KernelUnavailableError, ShapeError, ValueRangeError
 from pyquant.algorithms import hqq as hqq_module
-from pyquant.algorithms.hqq_reference import hqq_solve_reference
+from pyquant.ops.reference.hqq import hqq_solve_reference
 from pyquant.formats import NF4, Int
 
 hqq_quantize = functools.partial(hqq_module.hqq_quantize, zero_point="float")

@@ -8,7 +8,7 @@ import torch
 import pyquant
 from pyquant import KernelUnavailableError, ValueRangeError
 from pyquant.algorithms.hqq import hqq_quantize, hqq_solve
-from pyquant.algorithms.hqq_integer_zero import ZERO_SLACK
+from pyquant.ops.reference.hqq_integer_zero import ZERO_SLACK
 from pyquant.algorithms.rtn import rtn
 from pyquant.formats import Int
 from tests.algorithms.test_hqq import group_sq_err, mixed_weight

@@ -16,7 +16,7 @@ import torch
 
 import pyquant
 from pyquant.algorithms.kquant import imatrix_from_activations, kquant_quantize
-from pyquant.algorithms.kquant_reference import nearest_int, quantize_k_blocks, sqrt_rn
+from pyquant.ops.reference.kquant import nearest_int, quantize_k_blocks, sqrt_rn
 from pyquant.errors import DeviceError, DtypeError, FormatError, KernelUnavailableError, ShapeError, ValueRangeError
 from pyquant.formats import GGUF
 
@@ -40,7 +40,7 @@ def fixture():
         return {k: f[k] for k in f.files}
 
 
-def _blocks(w, t, imatrix=None, kernel=None):
+def _blocks(w, t, imatrix=None, kernel="auto"):
     return kquant_quantize(w, GGUF(t), imatrix, kernel=kernel).tensors["blocks"]
 
 
@@ -83,11 +83,11 @@ def test_cpu_kernel_matches_spec_random(type_name):
 
 
 def test_spec_chunking_is_invisible(monkeypatch):
-    import pyquant.algorithms.kquant as kq
+    from pyquant.ops.backends import reference as reference_backend
 
     w = torch.randn(3, 768, generator=torch.Generator().manual_seed(5))
     whole = _blocks(w, "Q4_K", kernel="reference")
-    monkeypatch.setattr(kq, "_SPEC_CHUNK", 2)
+    monkeypatch.setattr(reference_backend, "KQUANT_CHUNK", 2)
     assert_bitexact(_blocks(w, "Q4_K", kernel="reference"), whole, "chunked")
 
 
@@ -196,7 +196,7 @@ def test_bad_input():
         kquant_quantize(w, GGUF("Q4_0"))
     with pytest.raises(FormatError):
         kquant_quantize(w, pyquant.formats.NF4())
-    with pytest.raises(FormatError, match="kernel"):
+    with pytest.raises(KernelUnavailableError, match="kquant_quantize"):
         kquant_quantize(w, fmt, kernel="triton")
 
 
@@ -234,5 +234,5 @@ def test_forced_cpu_kernel_unavailable(monkeypatch):
     monkeypatch.setattr(pyquant._ext, "load", lambda: None)
     with pytest.raises(KernelUnavailableError):
         kquant_quantize(torch.randn(2, 256), GGUF("Q6_K"), kernel="cpu")
-    # kernel=None falls back to the spec.
+    # kernel="auto" falls back to the spec.
     assert kquant_quantize(torch.randn(2, 256), GGUF("Q6_K")).tensors["blocks"].shape == (2, 210)

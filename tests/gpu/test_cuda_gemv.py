@@ -1,7 +1,7 @@
-"""CUDA INT4 GEMV (kernel "cuda_int4_gemv") against the reference.
+"""CUDA INT4 GEMV (kernel "cuda_int4_qmatmul_gemv") against the reference.
 
 Run by benchmarks/gpu_check.sh on a GPU machine; skipped elsewhere.
-Every test function is named test_cuda_int4_gemv_* (see _cuda_util.py).
+Every test function is named test_cuda_int4_qmatmul_gemv_* (see _cuda_util.py).
 """
 import pytest
 import torch
@@ -37,10 +37,10 @@ def _run(m, n, k, group, sym, dtype, sdtype=torch.float16, bias_dtype=None, floa
     return out
 
 
-def test_cuda_int4_gemv_is_selected_by_name():
+def test_cuda_int4_qmatmul_gemv_is_selected_by_name():
     cuda_ext_or_skip()
     fmt = pyquant.Int(4, 128, False)
-    assert select_kernel("qmatmul", fmt, torch.device("cuda"), 8, "cuda").name == "cuda_int4_gemv"
+    assert select_kernel("qmatmul", fmt, torch.device("cuda"), 8, "cuda").name == "cuda_int4_qmatmul_gemv"
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -48,32 +48,32 @@ def test_cuda_int4_gemv_is_selected_by_name():
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 3, 8])
-def test_cuda_int4_gemv_matches_reference(m, dtype, sym, group, shape):
+def test_cuda_int4_qmatmul_gemv_matches_reference(m, dtype, sym, group, shape):
     _run(m, *shape, group, sym, dtype)
 
 
 @pytest.mark.parametrize("m", range(1, 9))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_int4_gemv_every_m_with_bias(m, dtype):
+def test_cuda_int4_qmatmul_gemv_every_m_with_bias(m, dtype):
     _run(m, 70, 300, 128, False, dtype, bias_dtype=dtype)
     _run(m, 256, 1024, 64, True, dtype, bias_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_cuda_int4_gemv_scale_and_activation_dtypes(sdtype, dtype):
+def test_cuda_int4_qmatmul_gemv_scale_and_activation_dtypes(sdtype, dtype):
     _run(4, 70, 300, 32, False, dtype, sdtype=sdtype)
     _run(2, 33, 4160, 128, True, dtype, sdtype=sdtype, bias_dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("group", [64, -1])
-def test_cuda_int4_gemv_float_zero_points(group):
+def test_cuda_int4_qmatmul_gemv_float_zero_points(group):
     _run(5, 70, 300, group, False, torch.float16, float_zeros=True)
     _run(1, 33, 4160, group, False, torch.bfloat16, float_zeros=True)
 
 
 @pytest.mark.parametrize("k", [4096, 4104, 300, 31, 1])
-def test_cuda_int4_gemv_x_alignment_paths(k):
+def test_cuda_int4_qmatmul_gemv_x_alignment_paths(k):
     # 16-byte aligned rows take the vector staging path, the rest the scalar one.
     cuda_ext_or_skip()
     for offset in (0, 2, 6):
@@ -82,7 +82,7 @@ def test_cuda_int4_gemv_x_alignment_paths(k):
         _run(3, 48, k, 32 if k >= 32 else -1, False, torch.float16, x=xm)
 
 
-def test_cuda_int4_gemv_misaligned_qweight():
+def test_cuda_int4_qmatmul_gemv_misaligned_qweight():
     cuda_ext_or_skip()
     qw = int_weight_cpu(70, 300, 4, 32, False, torch.float16, 3).to("cuda")
     tensors = dict(qw.tensors)
@@ -94,13 +94,13 @@ def test_cuda_int4_gemv_misaligned_qweight():
                                rtol=0, atol=0)
 
 
-def test_cuda_int4_gemv_large_layer():
+def test_cuda_int4_qmatmul_gemv_large_layer():
     # Llama-3-8B q_proj-like shape: many blocks, four K tiles.
     for m in (1, 8):
         _run(m, 4096, 4096, 128, False, torch.float16, bias_dtype=torch.float16)
 
 
-def test_cuda_int4_gemv_batch_dims_and_empty():
+def test_cuda_int4_qmatmul_gemv_batch_dims_and_empty():
     cuda_ext_or_skip()
     qw = int_weight_cpu(70, 300, 4, 128, True, torch.float16, 0).to("cuda")
     x = torch.randn(2, 3, 300, device="cuda").bfloat16()
@@ -109,7 +109,7 @@ def test_cuda_int4_gemv_batch_dims_and_empty():
     assert empty.shape == (0, 70)
 
 
-def test_cuda_int4_gemv_not_offered_beyond_m8_or_other_bits():
+def test_cuda_int4_qmatmul_gemv_not_offered_beyond_m8_or_other_bits():
     cuda_ext_or_skip()
     dev = torch.device("cuda")
     with pytest.raises(pyquant.KernelUnavailableError):
@@ -118,7 +118,7 @@ def test_cuda_int4_gemv_not_offered_beyond_m8_or_other_bits():
         select_kernel("qmatmul", pyquant.Int(8, 128), dev, 1, "cuda")
 
 
-def test_cuda_int4_gemv_cuda_graph_capture_and_replay():
+def test_cuda_int4_qmatmul_gemv_cuda_graph_capture_and_replay():
     cuda_ext_or_skip()
     qw = int_weight_cpu(256, 1024, 4, 128, False, torch.float16, 0).to("cuda")
     bias = torch.randn(256, device="cuda").half()
@@ -139,7 +139,7 @@ def test_cuda_int4_gemv_cuda_graph_capture_and_replay():
         torch.testing.assert_close(y, pyquant.qmatmul(x, qw, bias, kernel="cuda"), rtol=0, atol=0)
 
 
-def test_cuda_int4_gemv_torch_compile_fullgraph():
+def test_cuda_int4_qmatmul_gemv_torch_compile_fullgraph():
     cuda_ext_or_skip()
     qw = int_weight_cpu(256, 1024, 4, 64, True, torch.bfloat16, 0).to("cuda")
     x = torch.randn(3, 1024, device="cuda").bfloat16()

@@ -1,8 +1,8 @@
-"""CUDA W8A8 (kernel "cuda_w8a8_gemm": per-token int8 quantizer + int8
+"""CUDA W8A8 (kernel "cuda_int8_w8a8_matmul": per-token int8 quantizer + int8
 tensor-core GEMM) against pyquant.ops.reference.w8a8_matmul_reference.
 
 Both sides do the same integer and fp32 operations in the same order, so the
-results are compared bit for bit. Every test is named test_cuda_w8a8_gemm_*.
+results are compared bit for bit. Every test is named test_cuda_int8_w8a8_matmul_*.
 """
 import pytest
 import torch
@@ -32,9 +32,9 @@ def _assert_equal(out, ref, what):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 70), (17, 4096), (130, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_cuda_w8a8_gemm_quantize_rows_bit_exact(shape, dtype):
+def test_cuda_int8_w8a8_matmul_quantize_rows_bit_exact(shape, dtype):
     cuda_ext_or_skip()
-    from pyquant.ops.cuda_kernels import quantize_rows_int8_cuda
+    from pyquant.ops.backends.cuda import quantize_rows_int8_cuda
 
     m, k = shape
     x = torch.randn(m, k, device="cuda").to(dtype) * 3
@@ -55,7 +55,7 @@ def test_cuda_w8a8_gemm_quantize_rows_bit_exact(shape, dtype):
     "mnk", [(1, 40, 70), (5, 128, 4096), (64, 257, 1000), (100, 96, 32), (300, 130, 160)],
     ids=lambda s: "x".join(map(str, s)),
 )
-def test_cuda_w8a8_gemm_matches_reference(mnk, dtype):
+def test_cuda_int8_w8a8_matmul_matches_reference(mnk, dtype):
     cuda_ext_or_skip()
     m, n, k = mnk
     qw = _weight(n, k)
@@ -68,7 +68,7 @@ def test_cuda_w8a8_gemm_matches_reference(mnk, dtype):
 
 
 @pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_w8a8_gemm_scale_and_bias_dtypes(sdtype):
+def test_cuda_int8_w8a8_matmul_scale_and_bias_dtypes(sdtype):
     cuda_ext_or_skip()
     qw = _weight(200, 640, sdtype, seed=2)
     x = torch.randn(2, 7, 640, device="cuda").half()
@@ -78,7 +78,7 @@ def test_cuda_w8a8_gemm_scale_and_bias_dtypes(sdtype):
     _assert_equal(out, w8a8_matmul(x, qw, bias, kernel="reference"), f"scales {sdtype}")
 
 
-def test_cuda_w8a8_gemm_close_to_float_matmul():
+def test_cuda_int8_w8a8_matmul_close_to_float_matmul():
     # Sanity of the whole scheme (not just agreement with the spec).
     cuda_ext_or_skip()
     qw = _weight(512, 2048)
@@ -89,7 +89,7 @@ def test_cuda_w8a8_gemm_close_to_float_matmul():
     assert rel < 0.02, rel
 
 
-def test_cuda_w8a8_gemm_misaligned_weight_and_empty():
+def test_cuda_int8_w8a8_matmul_misaligned_weight_and_empty():
     cuda_ext_or_skip()
     qw = _weight(64, 96)
     tensors = dict(qw.tensors)
@@ -100,7 +100,7 @@ def test_cuda_w8a8_gemm_misaligned_weight_and_empty():
     assert w8a8_matmul(x[:0], qw, kernel="cuda").shape == (0, 64)
 
 
-def test_cuda_w8a8_gemm_cuda_graph_capture_and_replay():
+def test_cuda_int8_w8a8_matmul_cuda_graph_capture_and_replay():
     cuda_ext_or_skip()
     qw = _weight(256, 1024)
     x = torch.randn(32, 1024, device="cuda").half()
@@ -119,7 +119,7 @@ def test_cuda_w8a8_gemm_cuda_graph_capture_and_replay():
     _assert_equal(y, w8a8_matmul(x, qw, kernel="reference"), "graph replay")
 
 
-def test_cuda_w8a8_gemm_torch_compile_fullgraph():
+def test_cuda_int8_w8a8_matmul_torch_compile_fullgraph():
     cuda_ext_or_skip()
     qw = _weight(128, 512)
     x = torch.randn(4, 512, device="cuda").bfloat16()

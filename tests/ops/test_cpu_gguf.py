@@ -17,7 +17,7 @@ import pyquant
 from pyquant import _ext
 from pyquant.formats import QuantizedWeight
 from pyquant.formats.gguf import BLOCK_TYPES, GGUF
-from pyquant.ops import cpu_gguf
+from pyquant.ops.backends import cpu_gguf
 from pyquant.ops.dispatch import select_kernel
 
 gguf = require("gguf")
@@ -153,8 +153,8 @@ def test_dequantize_thread_counts_agree(C):
 
 def test_cpu_kernel_is_the_default_on_cpu(C):
     for t in ALL_TYPES:
-        assert select_kernel("dequantize", GGUF(t), torch.device("cpu")).name == "gguf_dequantize"
-        assert select_kernel("qmatmul", GGUF(t), torch.device("cpu"), 1).name == "gguf_qmatmul"
+        assert select_kernel("dequantize", GGUF(t), torch.device("cpu")).name == "cpu_gguf_dequantize"
+        assert select_kernel("qmatmul", GGUF(t), torch.device("cpu"), 1).name == "cpu_gguf_qmatmul"
 
 
 def test_unknown_type_code_raises(C):

@@ -11,7 +11,7 @@ import torch
 import pyquant
 from pyquant import NF4, _ext
 from pyquant.errors import ShapeError
-from pyquant.ops import cpu_nf4
+from pyquant.ops.backends import cpu_nf4
 from pyquant.ops._dtypes import ptr
 from pyquant.ops.dispatch import select_kernel
 from pyquant.formats.nf4 import dynamic_map
@@ -157,8 +157,8 @@ def test_qmatmul_m1_vector_and_empty_batch():
 def test_dispatch_picks_cpu_kernel_and_falls_back(monkeypatch):
     fmt = NF4(64, True)
     cpu = torch.device("cpu")
-    assert select_kernel("qmatmul", fmt, cpu, 1).name == "nf4_qmatmul_cpu"
-    assert select_kernel("dequantize", fmt, cpu, 1).name == "nf4_dequantize_cpu"
+    assert select_kernel("qmatmul", fmt, cpu, 1).name == "cpu_nf4_qmatmul"
+    assert select_kernel("dequantize", fmt, cpu, 1).name == "cpu_nf4_dequantize"
     assert not cpu_nf4._supports(pyquant.Int(4, 32), cpu, 1)
     assert not cpu_nf4._supports(fmt, torch.device("meta"), 1)
     monkeypatch.setattr(cpu_nf4._ext, "load", lambda: None)

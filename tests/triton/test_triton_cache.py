@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from pyquant.formats import Int  # noqa: E402
-from pyquant.ops import triton_backend  # noqa: E402,F401  (makes pyquant.triton_kernels importable)
+from pyquant.ops.backends import triton as triton_backend  # noqa: E402,F401  (makes pyquant.triton_kernels importable)
 from pyquant.triton_kernels import cache as tcache  # noqa: E402
 from pyquant.triton_kernels.configs import (  # noqa: E402
     Config,

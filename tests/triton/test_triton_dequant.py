@@ -22,7 +22,7 @@ from pyquant.ops import reference  # noqa: E402
 from tests.gguf_testutil import ALL_TYPES, assert_bitexact, gguf_dequantize_np, random_blocks  # noqa: E402
 
 # Kernels whose GPU verification these tests decide (benchmarks/verified.py).
-GPU_KERNELS = ("triton_dequantize",)
+GPU_KERNELS = ("triton_any_dequantize",)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 tk = require("pyquant.triton_kernels")

@@ -23,11 +23,11 @@ if not torch.cuda.is_available():
 require("triton")
 
 from pyquant.formats import NF4, Int  # noqa: E402
-from pyquant.ops import triton_backend  # noqa: E402,F401  (makes pyquant.triton_kernels importable)
+from pyquant.ops.backends import triton as triton_backend  # noqa: E402,F401  (makes pyquant.triton_kernels importable)
 from tests.triton.test_triton_qmatmul import DEVICE, check, int_weight, nf4_weight, rand_x  # noqa: E402
 
 # Kernels whose GPU verification these tests decide (benchmarks/verified.py).
-GPU_KERNELS = ("triton_gemv", "triton_splitk", "triton_gemm")
+GPU_KERNELS = ("triton_any_qmatmul_gemv", "triton_any_qmatmul_splitk", "triton_any_qmatmul_gemm")
 
 tk = require("pyquant.triton_kernels")
 from pyquant.triton_kernels import _launch  # noqa: E402

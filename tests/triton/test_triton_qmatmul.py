@@ -24,7 +24,7 @@ from tests.gguf_testutil import random_blocks  # noqa: E402
 from tests.triton.test_triton_dequant import int_weight  # noqa: E402,F401  (test_triton_packed imports it from here)
 
 # Kernels whose GPU verification these tests decide (benchmarks/verified.py).
-GPU_KERNELS = ("triton_gemv", "triton_splitk", "triton_gemm")
+GPU_KERNELS = ("triton_any_qmatmul_gemv", "triton_any_qmatmul_splitk", "triton_any_qmatmul_gemm")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 tk = require("pyquant.triton_kernels")
@@ -196,7 +196,7 @@ def test_public_qmatmul_reaches_each_path(m):
     x = rand_x(m, 128, torch.float16, seed=m)
     bias = torch.randn(24).to(DEVICE)
     kern = dispatch.select_kernel("qmatmul", fmt, x.device, m, "triton")
-    assert kern.name == {1: "triton_gemv", 6: "triton_splitk", 70: "triton_gemm"}[m]
+    assert kern.name == {1: "triton_any_qmatmul_gemv", 6: "triton_any_qmatmul_splitk", 70: "triton_any_qmatmul_gemm"}[m]
     y = pyquant.qmatmul(x.view(1, m, 128), qw, bias, kernel="triton")
     assert y.shape == (1, m, 24)
     check(y.view(m, 24), x, qw, bias, f"public M={m}")
@@ -207,9 +207,9 @@ def test_default_dispatch_needs_verification(monkeypatch):
     cuda = torch.device("cuda")
     # Not listed in verified_kernels.json: never chosen by default on a GPU.
     assert dispatch.select_kernel("qmatmul", fmt, cuda, 1).backend in ("cuda", "dequant", "reference")
-    monkeypatch.setattr(dispatch, "verified_kernels", lambda: frozenset({"triton_gemv", "triton_dequantize"}))
+    monkeypatch.setattr(dispatch, "verified_kernels", lambda: frozenset({"triton_any_qmatmul_gemv", "triton_any_dequantize"}))
     if dispatch.select_kernel("qmatmul", fmt, cuda, 1).backend != "cuda":
-        assert dispatch.select_kernel("qmatmul", fmt, cuda, 1).name == "triton_gemv"
+        assert dispatch.select_kernel("qmatmul", fmt, cuda, 1).name == "triton_any_qmatmul_gemv"
         assert dispatch.select_kernel("qmatmul", fmt, cuda, 8).name != "triton_splitk"
     # CPU default order never includes Triton.
     assert dispatch.select_kernel("qmatmul", fmt, torch.device("cpu"), 1).backend in ("cpu", "reference")

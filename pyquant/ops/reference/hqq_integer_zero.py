@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import torch
 
-from .hqq_reference import HQQSolution, _div, group_view, shrink_lp, solver_schedule
-from .primitives import range_scale_zero, round_to
+from .hqq import HQQSolution, _div, group_view, shrink_lp, solver_schedule
+from ..primitives import range_scale_zero, round_to
 
 # How far (in quantization steps) the default mode lets the zero point leave
 # its integer; see the module docstring.

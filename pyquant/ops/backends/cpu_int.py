@@ -11,11 +11,11 @@ from typing import List, Optional
 
 import torch
 
-from .. import _ext
-from ..errors import FormatError, ValueRangeError
-from ..formats.base import named_packed
-from ._dtypes import dtype_code, ptr
-from .dispatch import register_kernel
+from ... import _ext
+from ...errors import FormatError, ValueRangeError
+from ...formats.base import named_packed
+from .._dtypes import dtype_code, ptr
+from ..dispatch import register_kernel
 
 _CPU = torch.device("cpu")
 
@@ -57,14 +57,14 @@ def _dequantize_fp32(t: dict, fmt, shape, perm: Optional[torch.Tensor]) -> torch
     return out
 
 
-@register_kernel("dequantize", "cpu", "cpu_int_dequantize", _supports)
+@register_kernel("dequantize", "cpu", "int", _supports)
 def dequantize(qdata: List[torch.Tensor], fmt, shape, dtype: torch.dtype) -> torch.Tensor:
     t = _named(fmt, qdata, shape)
     out = _dequantize_fp32(t, fmt, shape, _checked_perm(t, shape[1]))
     return out if dtype == torch.float32 else out.to(dtype)
 
 
-@register_kernel("unpack", "cpu", "cpu_int_unpack", _supports)
+@register_kernel("unpack", "cpu", "int", _supports)
 def unpack(packed: torch.Tensor, fmt, shape) -> torch.Tensor:
     C = _ext.load()
     n, k = shape
@@ -80,7 +80,7 @@ def unpack(packed: torch.Tensor, fmt, shape) -> torch.Tensor:
     return out
 
 
-@register_kernel("qmatmul", "cpu", "cpu_int_qmatmul", _supports)
+@register_kernel("qmatmul", "cpu", "int", _supports)
 def qmatmul(
     x: torch.Tensor, qdata: List[torch.Tensor], fmt, shape, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:

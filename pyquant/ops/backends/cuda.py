@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext
-from ..errors import ShapeError
-from ..formats.base import named_packed
-from ._dtypes import dtype_code, ptr
-from .dispatch import register_kernel
-from .reference import is_w8a8_format
+from ... import _ext
+from ...errors import ShapeError
+from ...formats.base import named_packed
+from .._dtypes import dtype_code, ptr
+from ..dispatch import register_kernel
+from ..reference.w8a8 import is_w8a8_format
 
 GEMV_MAX_M = 8  # the INT4 GEMV serves M in [0, 8]; larger M belongs to a GEMM
 
 
-def _cuda_ready(device: torch.device) -> bool:
+def cuda_ready(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     ext = _ext.load()
@@ -58,7 +58,7 @@ def _opt_code(t) -> int:
     return 0 if t is None else dtype_code(t.dtype)
 
 
-def _launch(dev: torch.device, entry: str, *args) -> None:
+def launch(dev: torch.device, entry: str, *args) -> None:
     """``_C.<entry>(*args, stream)`` on ``dev`` and its current torch stream.
 
     ``args`` are raw pointers and sizes: the caller keeps the tensors behind
@@ -89,14 +89,14 @@ def _matmul_out(x, qdata, fmt, shape, bias) -> tuple[dict, torch.Tensor, torch.T
 
 # --- Int: dequantize ---------------------------------------------------------
 def _int_any(fmt, device, m):
-    return fmt.family == "int" and not fmt.act_order and _cuda_ready(device)
+    return fmt.family == "int" and not fmt.act_order and cuda_ready(device)
 
 
-@register_kernel("dequantize", "cuda", "cuda_int_dequantize", _int_any)
+@register_kernel("dequantize", "cuda", "int", _int_any)
 def int_dequantize(qdata, fmt, shape, dtype):
     n, k = shape
     t, out = _dequant_out(qdata, fmt, shape, dtype)
-    _launch(
+    launch(
         out.device, "int_dequant_cuda",
         ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")), ptr(out), n, k, fmt.bits,
         fmt.group_size_for(k), dtype_code(fmt.scale_dtype), dtype_code(dtype),
@@ -111,11 +111,11 @@ def _int4_gemv_ok(fmt, device, m):
         and fmt.bits == 4
         and not fmt.act_order
         and 0 <= m <= GEMV_MAX_M
-        and _cuda_ready(device)
+        and cuda_ready(device)
     )
 
 
-@register_kernel("qmatmul", "cuda", "cuda_int4_gemv", _int4_gemv_ok)
+@register_kernel("qmatmul", "cuda", "int4", _int4_gemv_ok, tag="gemv")
 def int4_gemv(x, qdata, fmt, shape, bias):
     """x (M, K) fp16/bf16/fp32 contiguous, M <= 8 -> (M, N) in x.dtype."""
     n, k = shape
@@ -124,7 +124,7 @@ def int4_gemv(x, qdata, fmt, shape, bias):
     if m == 0:
         return out
     qweight = _aligned16(t["qweight"])  # held until the launch is enqueued
-    _launch(
+    launch(
         x.device, "int4_gemv_cuda",
         ptr(x), ptr(qweight), ptr(t["scales"]), ptr(t.get("zeros")), ptr(bias),
         ptr(out), m, n, k, fmt.group_size_for(k), dtype_code(fmt.scale_dtype), _opt_code(bias),
@@ -144,15 +144,15 @@ def quantize_rows_int8_cuda(x: torch.Tensor, kp: int | None = None):
     q = torch.empty((m, kp), dtype=torch.int8, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     x = x.contiguous()
-    _launch(x.device, "quantize_rows_int8_cuda", ptr(x), ptr(q), ptr(scale), m, k, kp, dtype_code(x.dtype))
+    launch(x.device, "quantize_rows_int8_cuda", ptr(x), ptr(q), ptr(scale), m, k, kp, dtype_code(x.dtype))
     return q, scale
 
 
 def _w8a8_ok(fmt, device, m):
-    return is_w8a8_format(fmt) and _cuda_ready(device)
+    return is_w8a8_format(fmt) and cuda_ready(device)
 
 
-@register_kernel("w8a8_matmul", "cuda", "cuda_w8a8_gemm", _w8a8_ok)
+@register_kernel("w8a8_matmul", "cuda", "int8", _w8a8_ok)
 def w8a8_gemm(x, qdata, fmt, shape, bias):
     n, k = shape
     t, out, bias = _matmul_out(x, qdata, fmt, shape, bias)
@@ -162,7 +162,7 @@ def w8a8_gemm(x, qdata, fmt, shape, bias):
     kp = fmt.packed_row_bytes(k)  # 8-bit codes: one byte per padded column
     qa, sa = quantize_rows_int8_cuda(x, kp)
     qweight = _aligned16(t["qweight"])
-    _launch(
+    launch(
         x.device, "w8a8_gemm_cuda",
         ptr(qa), ptr(sa), ptr(qweight), ptr(t["scales"]), ptr(bias), ptr(out),
         m, n, kp, dtype_code(fmt.scale_dtype), _opt_code(bias), dtype_code(out.dtype),
@@ -172,7 +172,7 @@ def w8a8_gemm(x, qdata, fmt, shape, bias):
 
 # --- NF4 and GGUF: dequantize --------------------------------------------------
 def _nf4_ok(fmt, device, m):
-    return fmt.family == "nf4" and _cuda_ready(device)
+    return fmt.family == "nf4" and cuda_ready(device)
 
 
 _DYN_MAPS: dict = {}
@@ -196,7 +196,7 @@ def _dynamic_map(device: torch.device) -> torch.Tensor:
     return table
 
 
-@register_kernel("dequantize", "cuda", "cuda_nf4_dequantize", _nf4_ok)
+@register_kernel("dequantize", "cuda", "nf4", _nf4_ok)
 def nf4_dequantize(qdata, fmt, shape, dtype):
     n, k = shape
     t, out = _dequant_out(qdata, fmt, shape, dtype)
@@ -205,20 +205,20 @@ def nf4_dequantize(qdata, fmt, shape, dtype):
         scales = (0, ptr(t["absmax_q"]), ptr(t["absmax_scale"]), ptr(t["absmax_offset"]), ptr(_dynamic_map(dev)))
     else:
         scales = (ptr(t["absmax"]), 0, 0, 0, 0)
-    _launch(dev, "nf4_dequant_cuda", ptr(t["qweight"]), *scales, ptr(out), n * k, fmt.block_size, dtype_code(dtype))
+    launch(dev, "nf4_dequant_cuda", ptr(t["qweight"]), *scales, ptr(out), n * k, fmt.block_size, dtype_code(dtype))
     return out
 
 
 def _gguf_ok(fmt, device, m):
-    return fmt.family == "gguf" and _cuda_ready(device)
+    return fmt.family == "gguf" and cuda_ready(device)
 
 
-@register_kernel("dequantize", "cuda", "cuda_gguf_dequantize", _gguf_ok)
+@register_kernel("dequantize", "cuda", "gguf", _gguf_ok)
 def gguf_dequantize(qdata, fmt, shape, dtype):
     n, k = shape
     t, out = _dequant_out(qdata, fmt, shape, dtype)
     bt = fmt.block
-    _launch(
+    launch(
         out.device, "gguf_dequant_cuda",
         ptr(t["blocks"]), ptr(out), n * (k // bt.block_size), bt.ggml_type, dtype_code(dtype),
     )

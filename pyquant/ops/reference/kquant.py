@@ -47,10 +47,10 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ..errors import FormatError
-from ..formats.gguf_blocks import K_TYPES, k4_scale_min, pack_k4_scales, pack_k_blocks, pack_q3_scales, q3_scale_values
+from ...errors import FormatError
+from ...formats.gguf_blocks import K_TYPES, QK_K, k4_scale_min, pack_k4_scales, pack_k_blocks, pack_q3_scales, q3_scale_values
 
-QK_K = 256
+
 _EPS = float(np.float32(1e-15))  # GROUP_MAX_EPS
 _MAGIC = 12582912.0  # 1.5 * 2**23
 

@@ -21,9 +21,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .. import _ext
-from ..formats.base import named_packed
-from .dispatch import register_kernel
+from ... import _ext
+from ...formats.base import named_packed
+from ..dispatch import register_kernel
 
 ROW_TILE = 256
 TORCH_MATMUL_MIN_M = 512
@@ -51,7 +51,7 @@ def _dequantize_fp32(blocks: torch.Tensor, fmt, n: int, k: int, out: Optional[to
     return out
 
 
-@register_kernel("dequantize", "cpu", "gguf_dequantize", _supports)
+@register_kernel("dequantize", "cpu", "gguf", _supports)
 def dequantize(qdata: List[torch.Tensor], fmt, shape: Tuple[int, int], dtype: torch.dtype, out=None) -> torch.Tensor:
     n, k = shape
     blocks = _blocks(qdata, fmt, shape)
@@ -65,7 +65,7 @@ def dequantize(qdata: List[torch.Tensor], fmt, shape: Tuple[int, int], dtype: to
 dequantize.writes_out = True
 
 
-@register_kernel("qmatmul", "cpu", "gguf_qmatmul", _supports)
+@register_kernel("qmatmul", "cpu", "gguf", _supports)
 def qmatmul(
     x2d: torch.Tensor, qdata: List[torch.Tensor], fmt, shape: Tuple[int, int], bias: Optional[torch.Tensor]
 ) -> torch.Tensor:

@@ -44,7 +44,7 @@ import math
 
 import torch
 
-from .primitives import range_scale_zero, round_to, tiny_scale  # noqa: F401  (tiny_scale: the solvers' contract)
+from ..primitives import range_scale_zero, round_to, tiny_scale  # noqa: F401  (tiny_scale: the solvers' contract)
 
 # Elements whose |W - W_hat| is below (1 - 2**-8) times the shrink threshold
 # beta**(-1/(2-p)) are not shrunk (mathematically their shrinkage is 0; the

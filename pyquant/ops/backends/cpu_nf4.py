@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext
-from ..errors import DeviceError, ShapeError
-from ..formats import NF4
-from ..formats.base import named_packed
-from ._dtypes import ptr
-from .dispatch import register_kernel
-from ..formats.nf4 import dynamic_map
+from ... import _ext
+from ...errors import DeviceError, ShapeError
+from ...formats import NF4
+from ...formats.base import named_packed
+from .._dtypes import ptr
+from ..dispatch import register_kernel
+from ...formats.nf4 import dynamic_map
 
 # From this many rows of x on, decoded panels + torch.mm beat the C++ tiled
 # kernel (one core, K = N = 4096, tiled vs panels: 53 vs 55 ms at M = 128,
@@ -46,7 +46,7 @@ def _weight_args(qdata, fmt: NF4, shape):
     return args, keep
 
 
-@register_kernel("dequantize", "cpu", "nf4_dequantize_cpu", _supports)
+@register_kernel("dequantize", "cpu", "nf4", _supports)
 def dequantize(qdata, fmt: NF4, shape, dtype: torch.dtype, out=None) -> torch.Tensor:
     n, k = shape
     args, keep = _weight_args(qdata, fmt, shape)
@@ -63,7 +63,7 @@ def dequantize(qdata, fmt: NF4, shape, dtype: torch.dtype, out=None) -> torch.Te
 dequantize.writes_out = True
 
 
-@register_kernel("qmatmul", "cpu", "nf4_qmatmul_cpu", _supports)
+@register_kernel("qmatmul", "cpu", "nf4", _supports)
 def qmatmul(x2d: torch.Tensor, qdata, fmt: NF4, shape, bias) -> torch.Tensor:
     n, k = shape
     if x2d.dim() != 2 or x2d.shape[1] != k:

@@ -1,0 +1,12 @@
+"""Kernels of every backend, registered with ``pyquant.ops.dispatch`` on import.
+
+One module per backend and job: the pure-torch reference (and the
+dequantize-then-GEMM path of accelerators), the CPU C++ kernels per format
+family and for the solvers, the CUDA C++ kernels, the Triton kernels. Importing
+them only registers Python functions: the extension, Triton and the CUDA
+runtime load at the first call that needs them.
+"""
+from . import reference  # noqa: F401
+from . import cpu_int, cpu_nf4, cpu_gguf, cpu_solvers  # noqa: F401
+from . import cuda, cuda_solvers  # noqa: F401
+from . import triton  # noqa: F401
