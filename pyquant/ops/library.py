@@ -93,18 +93,25 @@ def _(qdata, fmt, n, k, kernel, out):
     return None
 
 
-@_impl("qmatmul")
-def qmatmul_impl(x, qdata, fmt, n, k, bias, kernel):
+def _linear(op, x, qdata, fmt, n, k, bias, kernel):
+    """A kernel of ``op`` on x flattened to (M, K); any leading dims come back."""
     f = _fmt(fmt)
     x2 = x.reshape(-1, k)
-    kern = select_kernel("qmatmul", f, x.device, x2.shape[0], kernel)
+    kern = select_kernel(op, f, x.device, x2.shape[0], kernel)
     y = kern.fn(x2.contiguous(), list(qdata), f, (n, k), bias)
     return y.reshape(*x.shape[:-1], n)
 
 
-@torch.library.register_fake("pyquant::qmatmul")
-def _(x, qdata, fmt, n, k, bias, kernel):
+def _linear_fake(x, qdata, fmt, n, k, bias, kernel):
     return x.new_empty((*x.shape[:-1], n))
+
+
+@_impl("qmatmul")
+def qmatmul_impl(x, qdata, fmt, n, k, bias, kernel):
+    return _linear("qmatmul", x, qdata, fmt, n, k, bias, kernel)
+
+
+torch.library.register_fake("pyquant::qmatmul")(_linear_fake)
 
 
 def _qmatmul_setup_context(ctx, inputs, output):
@@ -177,16 +184,10 @@ def _(packed, fmt, n, k, kernel):
 
 @_impl("w8a8_matmul")
 def w8a8_matmul_impl(x, qdata, fmt, n, k, bias, kernel):
-    f = _fmt(fmt)
-    x2 = x.reshape(-1, k)
-    kern = select_kernel("w8a8_matmul", f, x.device, x2.shape[0], kernel)
-    y = kern.fn(x2.contiguous(), list(qdata), f, (n, k), bias)
-    return y.reshape(*x.shape[:-1], n)
+    return _linear("w8a8_matmul", x, qdata, fmt, n, k, bias, kernel)
 
 
-@torch.library.register_fake("pyquant::w8a8_matmul")
-def _(x, qdata, fmt, n, k, bias, kernel):
-    return x.new_empty((*x.shape[:-1], n))
+torch.library.register_fake("pyquant::w8a8_matmul")(_linear_fake)
 
 
 # --- solvers: formats are implied by the arguments (fmt None in the registry) ---
