@@ -62,15 +62,40 @@ def test_outputs_match_dequantized_model(model):
         assert torch.allclose(model(x), twin(x), atol=1e-4)
 
 
+BF16_ULP = 2.0**-8  # spacing of bf16 values in [1, 2)
+
+
+def _assert_within_bf16_ulps(y, ref, ulps, what):
+    """|y - ref| <= ulps bf16 steps at the largest |ref|: rounding, not a missing term."""
+    err = float((y.double() - ref.double()).abs().max())
+    tol = ulps * BF16_ULP * float(ref.abs().max())
+    assert err <= tol, f"{what}: max |error| {err:.4g} > {tol:.4g} ({ulps} bf16 ulps of max |ref|)"
+
+
 def test_autocast_bf16(model):
+    # nn.Linear's default bias (|b| < 1/sqrt(96)) moves the output after the
+    # LayerNorm by about as much as bf16 rounding does: give it a bias that counts.
+    with torch.no_grad():
+        model.up.bias.copy_(torch.randn(model.up.out_features))
     twin = _dequantized_twin(model)
     x = torch.randn(3, 96)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y, y_ref = model(x), twin(x)
+        up, down_in = model.up(x), torch.randn(3, 160)
+        down = model.down(down_in)
     assert model.up(x).dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.up(x).dtype == torch.bfloat16
-    assert torch.allclose(y.float(), y_ref.float(), atol=0.1, rtol=0.05)
+    # Each layer against the math autocast asks for: bf16 activations times the
+    # weight (rounded to bf16 as nn.Linear's would be) plus the bias, in fp64.
+    for out, mod, inp in ((up, model.up, x), (down, model.down, down_in)):
+        assert out.dtype == torch.bfloat16
+        ref = inp.bfloat16().double() @ mod.dequantized_weight().bfloat16().double().T
+        if mod.bias is not None:
+            ref = ref + mod.bias.bfloat16().double()
+        _assert_within_bf16_ulps(out, ref, 2, f"QuantLinear {tuple(mod.dequantized_weight().shape)} under autocast")
+    # The whole block against its dequantized twin under the same autocast.
+    _assert_within_bf16_ulps(y, y_ref, 4, "block under autocast vs its dequantized nn.Linear twin")
 
 
 def test_compile(model):
