@@ -92,7 +92,7 @@ def test_autocast_bf16(model):
         assert out.dtype == torch.bfloat16
         ref = inp.bfloat16().double() @ mod.dequantized_weight().bfloat16().double().T
         if mod.bias is not None:
-            ref = ref + mod.bias.bfloat16().double()
+            ref = ref + mod.bias.detach().bfloat16().double()
         _assert_within_bf16_ulps(out, ref, 2, f"QuantLinear {tuple(mod.dequantized_weight().shape)} under autocast")
     # The whole block against its dequantized twin under the same autocast.
     _assert_within_bf16_ulps(y, y_ref, 4, "block under autocast vs its dequantized nn.Linear twin")
@@ -163,6 +163,65 @@ def test_from_linear_with_ready_weight_and_bias():
         QuantLinear.from_linear(nn.Linear(32, 10), qw)
     with pytest.raises(pyquant.FormatError):
         QuantLinear.from_linear(nn.Conv1d(2, 2, 1), Int(4))
+
+
+# Formats whose packing from_linear / replace_linear must reproduce byte for byte:
+# Int over bits, group sizes (per-channel included), sym/asym and scale dtypes;
+# NF4 plain and double-quantized; GGUF legacy and k-quant blocks.
+PACKING_FORMATS = [
+    Int(2, 32, True),
+    Int(3, 64, False),
+    Int(4, 128, False, torch.bfloat16),
+    Int(4, -1, True),
+    Int(8, 32, False),
+    Int(8, 256, True, torch.float32),
+    pyquant.NF4(64),
+    pyquant.NF4(128, double_quant=True),
+    pyquant.GGUF("Q4_0"),
+    pyquant.GGUF("Q8_0"),
+    pyquant.GGUF("Q4_K"),
+    pyquant.GGUF("Q6_K"),
+]
+
+
+def _assert_packs_like_quantize_weight(module, linear, fmt, where):
+    """``module`` holds exactly ``pyquant.quantize_weight(linear.weight, fmt)`` and linear's bias."""
+    expected = pyquant.quantize_weight(linear.weight.detach(), fmt)
+    got = module.quantized_weight
+    assert got.format == fmt and got.shape == expected.shape, f"{where}: {got.format!r} {got.shape}"
+    assert sorted(got.tensors) == sorted(expected.tensors), f"{where}: packed tensors {sorted(got.tensors)}"
+    for name, want in expected.tensors.items():
+        have = got.tensors[name]
+        assert have.dtype == want.dtype and torch.equal(have, want), (
+            f"{where}: packed {name!r} differs from quantize_weight(linear.weight, {fmt.spec()}) "
+            f"in {int((have != want).sum()) if have.shape == want.shape else 'shape'} entries"
+        )
+    if linear.bias is None:
+        assert module.bias is None, where
+    else:
+        assert torch.equal(module.bias, linear.bias), f"{where}: bias"
+
+
+@pytest.mark.parametrize("fmt", PACKING_FORMATS, ids=lambda f: f.spec())
+def test_from_linear_packs_exactly_quantize_weight(fmt):
+    torch.manual_seed(11)
+    lin = nn.Linear(512, 24)
+    _assert_packs_like_quantize_weight(QuantLinear.from_linear(lin, fmt), lin, fmt, "from_linear")
+
+
+@pytest.mark.parametrize("fmt", PACKING_FORMATS, ids=lambda f: f.spec())
+def test_replace_linear_packs_each_layer_exactly_quantize_weight(fmt):
+    torch.manual_seed(12)
+    # Different shapes, nested, with and without bias; every K a whole number of k-quant blocks.
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Sequential(nn.Linear(512, 256, bias=False), nn.Linear(256, 40)))
+    float_model = copy.deepcopy(model)
+    replace_linear(model, fmt, filter=lambda name, mod: True)
+    linears = {name: mod for name, mod in float_model.named_modules() if isinstance(mod, nn.Linear)}
+    assert len(linears) == 3
+    for name, lin in linears.items():
+        module = model.get_submodule(name)
+        assert isinstance(module, QuantLinear), name
+        _assert_packs_like_quantize_weight(module, lin, fmt, f"replace_linear layer {name!r}")
 
 
 def test_replace_linear_errors():
