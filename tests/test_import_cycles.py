@@ -98,8 +98,9 @@ def imports_of(module: str, path: Path, modules: Dict[str, Path]) -> List[Edge]:
     for node in _import_nodes([tree]):
         if isinstance(node, ast.Call):
             arg = node.args[0]
-            name = arg.value if isinstance(arg, ast.Constant) else consts.get(arg.id) if isinstance(arg, ast.Name) else None
-            targets = [name] if isinstance(name, str) else []
+            if isinstance(arg, ast.Name):
+                arg = ast.Constant(consts.get(arg.id))
+            targets = [arg.value] if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else []
         elif isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         else:
@@ -114,7 +115,10 @@ def imports_of(module: str, path: Path, modules: Dict[str, Path]) -> List[Edge]:
         for target in targets:
             # A module name (import, import_module) that is no file here, such as the
             # compiled pyquant._C, is no edge; a `from` import falls back to its package.
-            resolved = _internal(target, modules) if isinstance(node, ast.ImportFrom) else target if target in modules else None
+            if isinstance(node, ast.ImportFrom):
+                resolved = _internal(target, modules)
+            else:
+                resolved = target if target in modules else None
             edge = Edge(module, resolved, node.lineno)
             if resolved is not None and resolved != module and edge not in edges:
                 edges.append(edge)
@@ -202,7 +206,8 @@ def test_triton_kernels_import_only_formats_and_errors_from_pyquant():
         if not (e.target == "pyquant.triton_kernels" or e.target.startswith("pyquant.triton_kernels."))
         and not any(e.target == ok or e.target.startswith(ok + ".") for ok in TRITON_ALLOWED)
     ]
-    assert not offenders, "triton_kernels may import only " + " and ".join(TRITON_ALLOWED) + " from pyquant:\n" + "\n".join(offenders)
+    allowed = " and ".join(TRITON_ALLOWED)
+    assert not offenders, f"triton_kernels may import only {allowed} from pyquant:\n" + "\n".join(offenders)
 
 
 # --- the graph builder itself, on a synthetic tree ------------------------------------------
@@ -214,9 +219,13 @@ def test_graph_resolves_relative_lazy_and_submodule_imports(tmp_path, monkeypatc
         "pyquant/__init__.py": "from . import a\n",
         "pyquant/a.py": "def f():\n    from .sub import b\n",  # lazy, and a submodule by name
         "pyquant/sub/__init__.py": "X = 1\n",
-        "pyquant/sub/b.py": "from ..sub import X\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pyquant import a\n",
+        "pyquant/sub/b.py": (
+            "from ..sub import X\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pyquant import a\n"
+        ),
         "pyquant/sub/c.py": "import pyquant.a\nfrom .. import sub\nimport pyquant._C\n",
-        "pyquant/sub/d.py": "NAME = 'pyquant.triton_kernels'\ndef f():\n    import importlib\n    return importlib.import_module(NAME)\n",
+        "pyquant/sub/d.py": (
+            "NAME = 'pyquant.triton_kernels'\ndef f():\n    import importlib\n    return importlib.import_module(NAME)\n"
+        ),
         "triton_kernels/__init__.py": "from ..a import f\n",
         "triton_kernels/k.py": "from . import configs\nfrom pyquant.sub.b import thing\n",
     }

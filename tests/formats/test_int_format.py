@@ -121,7 +121,8 @@ def test_rtn_accuracy_and_ragged_groups(bits, group, sym):
     worst = int(excess_steps.argmax())
     assert float(excess_steps.max()) <= 1e-5, (
         f"weight {tuple(divmod(worst, w.shape[1]))} = {float(w.flatten()[worst]):.6g} came back as "
-        f"{float(w_hat.flatten()[worst]):.6g}, {float(excess_steps.max()):.3g} steps farther than its group's nearest grid point"
+        f"{float(w_hat.flatten()[worst]):.6g}, {float(excess_steps.max()):.3g} steps farther than "
+        "its group's nearest grid point"
     )
     floor = RTN_SQNR_DB[(bits, sym)][GROUPS.index(group)] - SQNR_MARGIN_DB
     assert _sqnr(w, w_hat) > floor, f"SQNR {_sqnr(w, w_hat):.2f} dB <= {floor:.2f} for int{bits} g{group} sym={sym}"

@@ -93,7 +93,7 @@ def test_autocast_bf16(model):
         ref = inp.bfloat16().double() @ mod.dequantized_weight().bfloat16().double().T
         if mod.bias is not None:
             ref = ref + mod.bias.detach().bfloat16().double()
-        _assert_within_bf16_ulps(out, ref, 2, f"QuantLinear {tuple(mod.dequantized_weight().shape)} under autocast")
+        _assert_within_bf16_ulps(out, ref, 2, f"QuantLinear ({mod.out_features}, {mod.in_features}) under autocast")
     # The whole block against its dequantized twin under the same autocast.
     _assert_within_bf16_ulps(y, y_ref, 4, "block under autocast vs its dequantized nn.Linear twin")
 
@@ -213,7 +213,9 @@ def test_from_linear_packs_exactly_quantize_weight(fmt):
 def test_replace_linear_packs_each_layer_exactly_quantize_weight(fmt):
     torch.manual_seed(12)
     # Different shapes, nested, with and without bias; every K a whole number of k-quant blocks.
-    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Sequential(nn.Linear(512, 256, bias=False), nn.Linear(256, 40)))
+    model = nn.Sequential(
+        nn.Linear(256, 512), nn.GELU(), nn.Sequential(nn.Linear(512, 256, bias=False), nn.Linear(256, 40))
+    )
     float_model = copy.deepcopy(model)
     replace_linear(model, fmt, filter=lambda name, mod: True)
     linears = {name: mod for name, mod in float_model.named_modules() if isinstance(mod, nn.Linear)}
