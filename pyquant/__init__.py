@@ -8,6 +8,7 @@
 Importing pyquant compiles nothing, tunes nothing and needs neither a GPU,
 Triton nor the compiled extension.
 """
+from ._version import __version__
 from . import formats, ops
 from .env import env
 from .errors import (
@@ -28,7 +29,6 @@ from . import io
 from .config import QuantConfig
 from .pipeline import quantize_model
 
-__version__ = "0.1.0"
 
 __all__ = [
     "formats", "ops", "nn", "io", "env",

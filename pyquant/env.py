@@ -7,6 +7,7 @@ import platform
 import torch
 
 from . import _ext
+from ._version import __version__
 
 
 def env() -> dict:
@@ -16,7 +17,7 @@ def env() -> dict:
 
     ext = _ext.load()
     info = {
-        "pyquant": __import__("pyquant").__version__,
+        "pyquant": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),

@@ -247,3 +247,36 @@ def test_graph_resolves_relative_lazy_and_submodule_imports(tmp_path, monkeypatc
     (pkg / "sub" / "b.py").write_text("def g():\n    import pyquant.a\n")
     cycles = [c for c in strongly_connected_components(import_graph()) if len(c) > 1]
     assert cycles == [["pyquant.a", "pyquant.sub.b"]]
+
+
+# Each package of pyquant may import only from the layers below it (DESIGN.md's
+# data flow): the formats know nothing of kernels, the op layer nothing of the
+# algorithms that call it, the algorithms nothing of modules, files or models.
+LAYERS = (
+    ("pyquant.errors", "pyquant.validation", "pyquant._ext", "pyquant._version"),
+    ("pyquant.formats",),
+    ("pyquant.ops", "pyquant.triton_kernels"),
+    ("pyquant.algorithms", "pyquant.quantize", "pyquant.config"),
+    ("pyquant.nn",),
+    ("pyquant.pipeline", "pyquant.io", "pyquant.evaluation", "pyquant.integrations"),
+)
+
+
+def _layer(module: str) -> int | None:
+    for i, names in enumerate(LAYERS):
+        if any(module == n or module.startswith(n + ".") for n in names):
+            return i
+    return None
+
+
+def test_layers_import_only_downwards():
+    graph = import_graph()
+    modules = module_files()
+    offenders = []
+    for name, edges in sorted(graph.items()):
+        src = _layer(name)
+        for e in edges:
+            dst = _layer(e.target)
+            if src is not None and dst is not None and dst > src:
+                offenders.append(f"{_file(e.source, modules)}:{e.line} imports {e.target} (a higher layer)")
+    assert not offenders, "\n".join(offenders)

@@ -189,7 +189,7 @@ def _dynamic_map(device: torch.device) -> torch.Tensor:
                 "NF4 double-quant dequantize on CUDA: call it once before CUDA-graph capture "
                 "(its lookup table is copied to the device on first use)"
             )
-        from ..formats.nf4 import dynamic_map
+        from ...formats.nf4 import dynamic_map
 
         table = dynamic_map(device).contiguous()
         _DYN_MAPS[key] = table
