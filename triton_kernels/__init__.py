@@ -8,46 +8,49 @@ import triton either: the kernel modules load on first use.
     qmatmul(x2d, qdata, fmt, shape, bias, path=...)  -> (M, N) in x.dtype
     tune(qw, m_values=..., dtype=...)                -> tuned configs, saved per GPU
 
-``path`` forces "gemv" | "splitk" | "gemm" (default: by M, see ``configs``).
+``path`` forces "gemv" | "splitk" | "gemm" (default: by M, see ``path_for_m``).
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1
 before the first call (Triton reads it when the kernels are defined).
 
-Int4 / Int8 (and NF4 on the GEMV path) use the word-wise kernels of ``_packed``
-(16-byte weight loads, codes unpacked in registers, scales applied per chunk or
-per tile); the other formats the per-element decoders of ``_tiles``.
-
-Tools: ``python -m pyquant.triton_kernels.sass`` (sm_90 machine code of the main
-variants, no GPU needed), ``python -m pyquant.triton_kernels.bench`` (GPU timing
-against cuBLAS fp16 on the Llama shapes).
+Layout: ``decode.py`` (in-register decode of every format), ``matmul/`` (the
+kernels of each path and their launch code), ``tuning/`` (configs, per-GPU
+cache, autotune), ``tools/`` (``python -m pyquant.triton_kernels.tools.sass``:
+sm_90 machine code of the main variants, no GPU needed; ``python -m
+pyquant.triton_kernels.tools.bench``: GPU timing against cuBLAS fp16 on the
+Llama shapes). Of pyquant, only ``pyquant.formats`` and
+``pyquant.errors`` are imported here.
 """
 from __future__ import annotations
 
-from .configs import PATHS, Config, m_bucket, path_for_m  # noqa: F401  (no triton import)
+from .tuning.configs import PATHS, Config, m_bucket, path_for_m  # noqa: F401  (no triton import)
 
 
 def dequantize(qdata, fmt, shape, dtype, config=None):
-    from ._launch import dequantize as _deq
+    from .matmul.launch import dequantize as _deq
 
     return _deq(qdata, fmt, tuple(shape), dtype, config=config)
 
 
 def qmatmul(x, qdata, fmt, shape, bias=None, path=None, config=None):
-    from ._launch import qmatmul as _mm
+    from .matmul.launch import qmatmul as _mm
 
     return _mm(x, qdata, fmt, tuple(shape), bias, path=path, config=config)
 
 
 def tune(qw, m_values=None, dtype=None, paths=None, save=True, verbose=False):
-    """Autotune the kernels for one QuantizedWeight on its (CUDA) device; see ``tuning.tune``."""
-    from .tuning import tune as _tune
+    """Autotune the kernels for one QuantizedWeight on its (CUDA) device; see ``matmul.tune.tune``."""
+    from .matmul.tune import tune as _tune
 
     return _tune(qw, m_values=m_values, dtype=dtype, paths=paths, save=save, verbose=verbose)
 
 
 def interpreting() -> bool:
-    from ._launch import interpreting as _interp
+    from .matmul.launch import interpreting as _interp
 
     return _interp()
 
 
-__all__ = ["dequantize", "qmatmul", "tune", "interpreting", "Config", "PATHS", "m_bucket", "path_for_m"]
+__all__ = [
+    "dequantize", "qmatmul", "tune", "interpreting",
+    "Config", "PATHS", "m_bucket", "path_for_m",
+]

@@ -14,7 +14,7 @@ qmatmul registers one kernel per path, chosen by M: ``triton_gemv`` (M <= 4),
 ``triton_splitk`` (M <= 64), ``triton_gemm`` (larger M), so that each path can
 be verified on its own. Within a path the format picks the kernel: Int4/Int8
 (and NF4 rows of whole 32-code chunks on the GEMV) get the word-wise kernels of
-``triton_kernels/_packed.py``; every other format the generic decoders.
+``triton_kernels/matmul/*_packed.py``; every other format the generic decoders.
 
 In a source checkout (``PYTHONPATH=<repo>``, no install) the sub-package lives
 at ``<repo>/triton_kernels``; setup.py maps it to ``pyquant.triton_kernels``.
@@ -46,7 +46,7 @@ class _SourceTreeFinder(importlib.abc.MetaPathFinder):
         init = _SRC_DIR / "__init__.py"
         # only pyquant's own checkout (setup.py maps the folder), never another
         # distribution's top-level ``triton_kernels`` next to an install
-        if not (init.is_file() and (_SRC_DIR / "_tiles.py").is_file() and (_SRC_DIR.parent / "setup.py").is_file()):
+        if not (init.is_file() and (_SRC_DIR / "decode.py").is_file() and (_SRC_DIR.parent / "setup.py").is_file()):
             return None
         return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(_SRC_DIR)])
 
@@ -83,7 +83,7 @@ def _device_ok(device) -> bool:
         if not (interpret_requested() and triton_importable()):
             return False
         # Kernels defined before TRITON_INTERPRET was set are compiled for a GPU.
-        mod = sys.modules.get(_NAME + "._kernels")
+        mod = sys.modules.get(_NAME + ".matmul.dequant")
         return mod is None or type(mod.dequant_kernel).__name__ == "InterpretedFunction"
     return False
 
