@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         def fn():
             work.copy_(W0)
             if kernel == "triton":
-                tmod.gptq_block_update_triton(work, U1, s, z, 0, bs, 128, maxq, codes, err, **kw)
+                tmod.gptq_block_update(work, U1, s, z, 0, bs, 128, maxq, codes, err, **kw)
             else:
                 G.gptq_block_update(work, U1, s, z, 0, bs, 128, maxq, codes, err, kernel=kernel)
         return fn

@@ -7,17 +7,19 @@ import triton either: the kernel modules load on first use.
     dequantize(qdata, fmt, shape, dtype)            -> (N, K) in dtype, bit-exact
     qmatmul(x2d, qdata, fmt, shape, bias, path=...)  -> (M, N) in x.dtype
     tune(qw, m_values=..., dtype=...)                -> tuned configs, saved per GPU
+    hqq_solve(w, bits, group, ...)                   -> HQQ codes, scales, zeros, err, iters
+    gptq_block_update(W, Hinv, scale, zero, ...)     -> GPTQ's in-block update, in place
 
 ``path`` forces "gemv" | "splitk" | "gemm" (default: by M, see ``path_for_m``).
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1
 before the first call (Triton reads it when the kernels are defined).
 
 Layout: ``decode.py`` (in-register decode of every format), ``matmul/`` (the
-kernels of each path and their launch code), ``tuning/`` (configs, per-GPU
-cache, autotune), ``tools/`` (``python -m pyquant.triton_kernels.tools.sass``:
-sm_90 machine code of the main variants, no GPU needed; ``python -m
-pyquant.triton_kernels.tools.bench``: GPU timing against cuBLAS fp16 on the
-Llama shapes). Of pyquant, only ``pyquant.formats`` and
+kernels of each path and their launch code), ``solvers/`` (HQQ, GPTQ),
+``tuning/`` (configs, per-GPU cache, autotune), ``tools/`` (``python -m
+pyquant.triton_kernels.tools.sass``: sm_90 machine code of the main variants,
+no GPU needed; ``python -m pyquant.triton_kernels.tools.bench``: GPU timing
+against cuBLAS fp16 on the Llama shapes). Of pyquant, only ``pyquant.formats`` and
 ``pyquant.errors`` are imported here.
 """
 from __future__ import annotations
@@ -50,7 +52,23 @@ def interpreting() -> bool:
     return _interp()
 
 
+def hqq_solve(w, bits, group, scale_dtype, lp_norm, kappa_one, early_stop, schedule, tiny):
+    """Fused HQQ solve -> (codes, scales, zeros, err, iters); see ``solvers.hqq.hqq_solve``."""
+    from .solvers.hqq import hqq_solve as _solve
+
+    return _solve(w, bits, group, scale_dtype, lp_norm, kappa_one, early_stop, schedule, tiny)
+
+
+def gptq_block_update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out, block_n=None,
+                      num_warps=None):
+    """GPTQ's in-block column update, in place; see ``solvers.gptq.gptq_block_update``."""
+    from .solvers.gptq import gptq_block_update as _update
+
+    return _update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out, block_n=block_n,
+                   num_warps=num_warps)
+
+
 __all__ = [
-    "dequantize", "qmatmul", "tune", "interpreting",
+    "dequantize", "qmatmul", "tune", "interpreting", "hqq_solve", "gptq_block_update",
     "Config", "PATHS", "m_bucket", "path_for_m",
 ]

@@ -194,12 +194,10 @@ def _update_cuda(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, 
 
 
 def _triton_gptq():
-    import importlib
+    """``pyquant.triton_kernels``, imported lazily (its solver imports triton at the first call)."""
+    from ..ops.triton_backend import kernels
 
-    from .hqq import _triton_module
-
-    _triton_module()  # registers pyquant.triton_kernels in a source checkout; its hqq module holds _rint/_div
-    return importlib.import_module("pyquant.triton_kernels.gptq")
+    return kernels()
 
 
 def gptq_block_update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out, kernel: str = "auto"):
@@ -223,7 +221,7 @@ def gptq_block_update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_
         _check_args(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
         if gpu == "cuda":
             return _update_cuda(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
-        return _triton_gptq().gptq_block_update_triton(
+        return _triton_gptq().gptq_block_update(
             W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out
         )
     ext = _cpu_ext() if W.device.type == "cpu" and kernel != "reference" else None

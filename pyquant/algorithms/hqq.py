@@ -162,32 +162,10 @@ def _pick_kernel(kernel: str, device: torch.device, zero_point: str) -> str:
 
 
 def _triton_module():
-    """``pyquant.triton_kernels.hqq``, imported lazily (it imports triton).
+    """``pyquant.triton_kernels``, imported lazily (its solver imports triton at the first call)."""
+    from ..ops.triton_backend import kernels
 
-    An installed pyquant has the subpackage (setup.py maps ``triton_kernels/``
-    onto it); in a source checkout used through PYTHONPATH the directory sits
-    next to ``pyquant/``, so the subpackage is registered from there."""
-    import importlib
-    import sys
-
-    try:
-        return importlib.import_module("pyquant.triton_kernels.hqq")
-    except ModuleNotFoundError as exc:
-        if exc.name != "pyquant.triton_kernels":
-            raise
-    import importlib.util
-    import os
-
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "triton_kernels")
-    spec = importlib.util.spec_from_file_location(
-        "pyquant.triton_kernels", os.path.join(src, "__init__.py"), submodule_search_locations=[src]
-    )
-    if spec is None:
-        raise KernelUnavailableError(f"pyquant.triton_kernels is not installed and {src} is missing")
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules["pyquant.triton_kernels"] = pkg
-    spec.loader.exec_module(pkg)
-    return importlib.import_module("pyquant.triton_kernels.hqq")
+    return kernels()
 
 
 def _solve_cpu(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, early_stop, zero_slack=None):
@@ -247,7 +225,11 @@ def hqq_solve(
         elif which == "cpu":
             sol = _solve_cpu(w32, *args)
         elif which == "triton":
-            sol = _triton_module().hqq_solve_triton(w32, *args)
+            from .hqq_reference import tiny_scale
+
+            sol = HQQSolution(*_triton_module().hqq_solve(
+                w32, fmt.bits, group, fmt.scale_dtype, float(lp_norm), float(kappa) == 1.0, bool(early_stop),
+                solver_schedule(iters, float(lp_norm), float(beta), float(kappa)), tiny_scale(fmt.scale_dtype)))
         else:
             from ..ops._dtypes import dtype_code
 

@@ -82,7 +82,7 @@ def run(kernel, W, U, scale, zero, start, stop, group_len, maxq, device=DEVICE, 
     codes, err = codes_buf[:, pad : pad + cnt], err_buf[:, pad : pad + cnt]
     args = (W, U.to(device), scale.to(device), zero.to(device), start, stop, group_len, maxq, codes, err)
     if kernel == "triton_block_n":
-        gptq_mod._triton_gptq().gptq_block_update_triton(*args, block_n=4)
+        gptq_mod._triton_gptq().gptq_block_update(*args, block_n=4)
     else:
         gptq_block_update(*args, kernel=kernel)
     if strided:  # the padding is untouched
