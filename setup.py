@@ -68,7 +68,8 @@ class CMakeBuild(build_ext):
 
 setup(
     packages=find_packages(include=["pyquant", "pyquant.*"])
-    + ["pyquant.triton_kernels"],
+    + ["pyquant.triton_kernels"]
+    + [f"pyquant.triton_kernels.{p}" for p in find_packages("triton_kernels")],
     package_dir={"pyquant.triton_kernels": "triton_kernels"},
     package_data={"pyquant.ops": ["verified_kernels.json"]},
     ext_modules=[CMakeExtension("pyquant._C")],

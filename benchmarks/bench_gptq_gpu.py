@@ -59,6 +59,8 @@ def main(argv=None) -> int:
 
     from pyquant import _ext
     from pyquant.algorithms import gptq as G
+    from pyquant.ops import gptq_block_update
+    from pyquant.ops.backends import triton as triton_backend
     from pyquant.ops.primitives import group_params, pad_groups
     from pyquant.errors import KernelUnavailableError
     from pyquant.formats import Int
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
     have_cuda_kernel = _ext.load() is not None and hasattr(_ext.load(), "gptq_block_update_cuda") \
         and _ext.load().cuda_compiled()
     try:
-        tmod = G._triton_gptq()
+        tmod = triton_backend.kernels()
     except Exception as exc:  # triton missing: the CUDA kernel is still measured
         print(f"(triton unavailable: {exc})")
         tmod = None
@@ -92,9 +94,9 @@ def main(argv=None) -> int:
         def fn():
             work.copy_(W0)
             if kernel == "triton":
-                tmod.gptq_block_update_triton(work, U1, s, z, 0, bs, 128, maxq, codes, err, **kw)
+                tmod.gptq_block_update(work, U1, s, z, 0, bs, 128, maxq, codes, err, **kw)
             else:
-                G.gptq_block_update(work, U1, s, z, 0, bs, 128, maxq, codes, err, kernel=kernel)
+                gptq_block_update(work, U1, s, z, 0, bs, 128, maxq, codes, err, kernel=kernel)
         return fn
 
     def outputs(kernel, **kw):

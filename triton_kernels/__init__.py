@@ -1,60 +1,82 @@
 """Triton kernels of pyquant (installed as ``pyquant.triton_kernels``).
 
-Imported lazily by ``pyquant.ops.triton_backend`` at the first call that wants
+Imported lazily by ``pyquant.ops.backends.triton`` at the first call that wants
 Triton, never at ``import pyquant``. Importing this package itself does not
 import triton either: the kernel modules load on first use.
 
     dequantize(qdata, fmt, shape, dtype)            -> (N, K) in dtype, bit-exact
     qmatmul(x2d, qdata, fmt, shape, bias, path=...)  -> (M, N) in x.dtype
     tune(qw, m_values=..., dtype=...)                -> tuned configs, saved per GPU
+    hqq_solve(w, bits, group, ...)                   -> HQQ codes, scales, zeros, err, iters
+    gptq_block_update(W, Hinv, scale, zero, ...)     -> GPTQ's in-block update, in place
 
-``path`` forces "gemv" | "splitk" | "gemm" (default: by M, see ``configs``).
+``path`` forces "gemv" | "splitk" | "gemm" (default: by M, see ``path_for_m``).
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1
 before the first call (Triton reads it when the kernels are defined).
 
-Int4 / Int8 (and NF4 on the GEMV path) use the word-wise kernels of ``_packed``
-(16-byte weight loads, codes unpacked in registers, scales applied per chunk or
-per tile); the other formats the per-element decoders of ``_tiles``.
-
-Tools: ``python -m pyquant.triton_kernels.sass`` (sm_90 machine code of the main
-variants, no GPU needed), ``python -m pyquant.triton_kernels.bench`` (GPU timing
-against cuBLAS fp16 on the Llama shapes).
+Layout: ``decode.py`` (in-register decode of every format), ``matmul/`` (the
+kernels of each path and their launch code), ``solvers/`` (HQQ, GPTQ),
+``tuning/`` (configs, per-GPU cache, autotune), ``tools/`` (``python -m
+pyquant.triton_kernels.tools.sass``: sm_90 machine code of the main variants,
+no GPU needed; ``python -m pyquant.triton_kernels.tools.bench``: GPU timing
+against cuBLAS fp16 on the Llama shapes). Of pyquant, only ``pyquant.formats`` and
+``pyquant.errors`` are imported here.
 """
 from __future__ import annotations
 
-from .configs import PATHS, Config, m_bucket, path_for_m  # noqa: F401  (no triton import)
+from .tuning.configs import PATHS, Config, m_bucket, path_for_m  # noqa: F401  (no triton import)
 
 
 def dequantize(qdata, fmt, shape, dtype, config=None):
-    from ._launch import dequantize as _deq
+    from .matmul.launch import dequantize as _deq
 
     return _deq(qdata, fmt, tuple(shape), dtype, config=config)
 
 
 def qmatmul(x, qdata, fmt, shape, bias=None, path=None, config=None):
-    from ._launch import qmatmul as _mm
+    from .matmul.launch import qmatmul as _mm
 
     return _mm(x, qdata, fmt, tuple(shape), bias, path=path, config=config)
 
 
 def tune(qw, m_values=None, dtype=None, paths=None, save=True, verbose=False):
-    """Autotune the kernels for one QuantizedWeight on its (CUDA) device; see ``tuning.tune``."""
-    from .tuning import tune as _tune
+    """Autotune the kernels for one QuantizedWeight on its (CUDA) device; see ``matmul.tune.tune``."""
+    from .matmul.tune import tune as _tune
 
     return _tune(qw, m_values=m_values, dtype=dtype, paths=paths, save=save, verbose=verbose)
 
 
 def interpreting() -> bool:
-    from ._launch import interpreting as _interp
+    from .matmul.launch import interpreting as _interp
 
     return _interp()
 
 
 def kernels_loaded() -> bool:
-    """Have the kernels been defined (and so compiled or interpreted) in this process?"""
+    """Have the kernels been defined (compiled for a GPU or interpreted) in this process?
+    Triton decides between the two when a kernel is defined, not when it runs."""
     import sys
 
-    return __name__ + "._kernels" in sys.modules
+    return __name__ + ".matmul.dequant" in sys.modules
 
 
-__all__ = ["dequantize", "qmatmul", "tune", "interpreting", "kernels_loaded", "Config", "PATHS", "m_bucket", "path_for_m"]
+def hqq_solve(w, bits, group, scale_dtype, lp_norm, kappa_one, early_stop, schedule, tiny):
+    """Fused HQQ solve -> (codes, scales, zeros, err, iters); see ``solvers.hqq.hqq_solve``."""
+    from .solvers.hqq import hqq_solve as _solve
+
+    return _solve(w, bits, group, scale_dtype, lp_norm, kappa_one, early_stop, schedule, tiny)
+
+
+def gptq_block_update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out, block_n=None,
+                      num_warps=None):
+    """GPTQ's in-block column update, in place; see ``solvers.gptq.gptq_block_update``."""
+    from .solvers.gptq import gptq_block_update as _update
+
+    return _update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out, block_n=block_n,
+                   num_warps=num_warps)
+
+
+__all__ = [
+    "dequantize", "qmatmul", "tune", "interpreting", "kernels_loaded", "hqq_solve", "gptq_block_update",
+    "Config", "PATHS", "m_bucket", "path_for_m",
+]

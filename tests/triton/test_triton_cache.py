@@ -14,8 +14,8 @@ if not torch.cuda.is_available():
 
 from pyquant.formats import Int  # noqa: E402
 from pyquant.ops.backends import triton as triton_backend  # noqa: E402,F401  (makes pyquant.triton_kernels importable)
-from pyquant.triton_kernels import cache as tcache  # noqa: E402
-from pyquant.triton_kernels.configs import (  # noqa: E402
+from pyquant.triton_kernels.tuning import cache as tcache  # noqa: E402
+from pyquant.triton_kernels.tuning.configs import (  # noqa: E402
     Config,
     auto_split,
     cache_key,
@@ -158,7 +158,7 @@ def test_malformed_entries_dropped_others_kept(cache_dir):
 
 
 def test_get_config_cpu_uses_defaults_without_reading_cache(cache_dir):
-    from pyquant.triton_kernels import _launch
+    from pyquant.triton_kernels.matmul import launch as _launch
 
     cache_dir.mkdir(parents=True)
     (cache_dir / "cpu.json").write_text("{corrupt")
@@ -171,7 +171,7 @@ def test_get_config_cpu_uses_defaults_without_reading_cache(cache_dir):
 def test_get_config_gpu_lookup(cache_dir, monkeypatch):
     """The CUDA lookup path with the GPU queries faked: cached entry wins,
     unusable entries and misses fall back to the default, no tuning unless asked."""
-    from pyquant.triton_kernels import _launch
+    from pyquant.triton_kernels.matmul import launch as _launch
 
     monkeypatch.setattr(_launch, "gpu_name", lambda device: "Fake GPU")
     monkeypatch.setattr(_launch, "interpreting", lambda: False)
@@ -197,11 +197,11 @@ def test_autotune_env_tunes_once_and_persists(cache_dir, monkeypatch):
     every candidate (a failing one is skipped), keeps the fastest, saves it;
     the next lookup of the same bucket reads it back without timing."""
     import pyquant
-    from pyquant.triton_kernels import _launch, tuning
+    from pyquant.triton_kernels.matmul import launch as _launch
+    from pyquant.triton_kernels.tuning import autotune
 
     monkeypatch.setattr(_launch, "gpu_name", lambda device: "Fake GPU")
     monkeypatch.setattr(_launch, "interpreting", lambda: False)
-    monkeypatch.setattr(tuning, "_check_device", lambda device: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     launched = []
@@ -212,7 +212,7 @@ def test_autotune_env_tunes_once_and_persists(cache_dir, monkeypatch):
         launched.append(config)
 
     monkeypatch.setattr(_launch, "qmatmul", fake_qmatmul)
-    monkeypatch.setattr(tuning, "_time", lambda fn: (fn(), 1.0 / (launched[-1].BN * launched[-1].BK + launched[-1].SPLIT))[1])
+    monkeypatch.setattr(autotune, "_time", lambda fn: (fn(), 1.0 / (launched[-1].BN * launched[-1].BK + launched[-1].SPLIT))[1])
     monkeypatch.setenv("PYQUANT_AUTOTUNE", "1")
     qw = pyquant.quantize_weight(torch.randn(32, 256), Int(4, 128))
     fmt, cuda = qw.format, torch.device("cuda")
@@ -245,7 +245,7 @@ def test_imports_stay_lazy():
         import sys, pyquant
         assert "triton" not in sys.modules
         import pyquant.triton_kernels as tk
-        from pyquant.triton_kernels import cache, configs
+        from pyquant.triton_kernels.tuning import cache, configs
         assert "triton" not in sys.modules, "package import pulled triton"
         print(tk.__name__, tk.__file__.endswith("triton_kernels/__init__.py"))
         """

@@ -6,9 +6,9 @@ bundled ptxas) for representative variants of every kernel, in a subprocess
 where TRITON_INTERPRET is unset. It also checks that the bit-exact dequantize
 kernels contain no fused multiply-add (``enable_fp_fusion=False``), which is
 what keeps ``d * q + m`` rounded twice as in the references, and for the word-wise
-Int4/Int8 kernels (``_packed``) with their shipped configs, what their main loop's
+Int4/Int8 kernels (``matmul/*_packed.py``) with their shipped configs, what their main loop's
 machine code must look like: 16-byte weight loads, no byte loads, no spills, and an
-instruction count per weight under a bound (``pyquant.triton_kernels.sass``).
+instruction count per weight under a bound (``pyquant.triton_kernels.tools.sass``).
 """
 import os
 import subprocess
@@ -30,9 +30,12 @@ SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     import pyquant  # noqa: F401  (registers the source-tree finder)
-    from pyquant.triton_kernels import _kernels as K
+    from pyquant.triton_kernels.matmul.dequant import dequant_kernel
+    from pyquant.triton_kernels.matmul.epilogue import reduce_kernel
+    from pyquant.triton_kernels.matmul.gemv import gemv_kernel
+    from pyquant.triton_kernels.matmul.mm import mm_kernel
 
-    assert type(K.dequant_kernel).__name__ == "JITFunction"
+    assert type(dequant_kernel).__name__ == "JITFunction"
     TARGET = GPUTarget("cuda", 90, 32)
     TYPES = {"out": "*fp16", "perm": "*i32", "x": "*fp16", "ws": "*fp32", "bias": "*fp16",
              "p0": "*u8", "p1": "*fp16", "p2": "*fp16", "p3": "*u8", "p4": "*fp32", "p5": "*fp32",
@@ -45,7 +48,7 @@ SCRIPT = textwrap.dedent(
 
     def deq(fmt, c0, c1, types=None, perm=False, out="*fp16", c2=0, uniform=False):
         consts = dict(FMT=fmt, C0=c0, C1=c1, C2=c2, UNIFORM=uniform, HAS_PERM=perm, BN=32, BK=128, SOFT_BF16=False)
-        c = comp(K.dequant_kernel, consts, dict(types or {}, out=out), num_warps=4, enable_fp_fusion=False)
+        c = comp(dequant_kernel, consts, dict(types or {}, out=out), num_warps=4, enable_fp_fusion=False)
         return c.asm["ptx"].count("fma.rn")
 
     u8 = {"p1": "*u8", "p2": "*u8"}
@@ -66,40 +69,42 @@ SCRIPT = textwrap.dedent(
     assert not bad, f"fused multiply-adds in bit-exact dequantize kernels: {bad}"
 
     mm = dict(HAS_PERM=False, HAS_BIAS=True, SOFT_BF16=False, UNIFORM=False)
-    comp(K.gemv_kernel, dict(mm, FMT=1, C0=4, C1=1, C2=7, BM=1, BN=64, BK=128, SPLIT=4, UNIFORM=True), num_warps=4)
-    comp(K.gemv_kernel, dict(mm, FMT=2, C0=64, C1=1, C2=0, BM=2, BN=32, BK=64, SPLIT=4, UNIFORM=True), nf4_dq,
+    comp(gemv_kernel, dict(mm, FMT=1, C0=4, C1=1, C2=7, BM=1, BN=64, BK=128, SPLIT=4, UNIFORM=True), num_warps=4)
+    comp(gemv_kernel, dict(mm, FMT=2, C0=64, C1=1, C2=0, BM=2, BN=32, BK=64, SPLIT=4, UNIFORM=True), nf4_dq,
          num_warps=4)
-    comp(K.gemv_kernel, dict(mm, FMT=3, C0=14, C1=0, C2=0, BM=4, BN=16, BK=128, SPLIT=1),
+    comp(gemv_kernel, dict(mm, FMT=3, C0=14, C1=0, C2=0, BM=4, BN=16, BK=128, SPLIT=1),
          dict(u8, x="*bf16", out="*bf16", bias="*bf16"), num_warps=4)
     for fmt, c0, c1, types, dt, bm in ((1, 4, 1, {}, "fp16", 16), (1, 8, 0, {}, "bf16", 64),
                                        (2, 64, 1, nf4_dq, "fp16", 32), (3, 12, 0, u8, "bf16", 128),
                                        (3, 8, 0, u8, "fp32", 64)):
         t = dict(types, x=f"*{dt}", out=f"*{dt}", bias=f"*{dt}")
-        c = comp(K.mm_kernel, dict(mm, FMT=fmt, C0=c0, C1=c1, C2=6 if fmt == 1 else 0, BM=bm, BN=64, BK=64, SPLIT=1 if bm > 64 else 4,
+        c = comp(mm_kernel, dict(mm, FMT=fmt, C0=c0, C1=c1, C2=6 if fmt == 1 else 0, BM=bm, BN=64, BK=64, SPLIT=1 if bm > 64 else 4,
                                    GROUP_M=8, X_F32=dt == "fp32", UPCAST_DOT=False), t, num_warps=4, num_stages=3)
         if dt != "fp32":  # fp32 uses IEEE fp32 dots (no tf32 tensor cores)
             assert "mma" in c.asm["ptx"], (fmt, dt)
-    comp(K.mm_kernel, dict(mm, HAS_PERM=True, FMT=1, C0=4, C1=1, C2=5, BM=16, BN=64, BK=64, SPLIT=2, GROUP_M=8,
+    comp(mm_kernel, dict(mm, HAS_PERM=True, FMT=1, C0=4, C1=1, C2=5, BM=16, BN=64, BK=64, SPLIT=2, GROUP_M=8,
                            X_F32=False, UPCAST_DOT=False), num_warps=4, num_stages=3)
-    comp(K.reduce_kernel, dict(SPLIT=4, HAS_BIAS=True, BLOCK=1024, SOFT_BF16=False),
+    comp(reduce_kernel, dict(SPLIT=4, HAS_BIAS=True, BLOCK=1024, SOFT_BF16=False),
          {"ws": "*fp32", "out": "*bf16", "bias": "*fp32"}, num_warps=4)
     n = len(fmas) + 10
 
     # word-wise Int4/Int8 kernels: every constexpr branch compiles
-    from pyquant.triton_kernels import _packed as P, sass as S
-    from pyquant.triton_kernels.configs import _GEMV_PACKED, _SPLITK_PACKED
+    from pyquant.triton_kernels.matmul.gemv_packed import gemv_packed_kernel
+    from pyquant.triton_kernels.matmul.mm_packed import mm_int_kernel
+    from pyquant.triton_kernels.tools import sass as S
+    from pyquant.triton_kernels.tuning.configs import _GEMV_PACKED, _SPLITK_PACKED
 
     pk = dict(HAS_PERM=False, HAS_BIAS=True, SOFT_BF16=False)
     # (BM = 3 or 4, four activation rows, is the slowest build: only in the SASS check below)
     for bits, zero, gs, bm, x16, perm, dt in ((4, True, 7, 1, 1, False, "fp16"), (8, False, 0, 2, 2, False, "bf16"),
                                               (4, False, 5, 2, 0, True, "fp32"), (8, True, 6, 1, 1, True, "fp16")):
         t = {"x": f"*{dt}", "out": f"*{dt}", "bias": f"*{dt}", "sc": "*bf16", "zr": "*bf16"}
-        S.compile_sm90(P.gemv_packed_kernel, dict(pk, BITS=bits, HAS_ZERO=zero, GSHIFT=gs, BM=bm, BN=16, BK=512,
+        S.compile_sm90(gemv_packed_kernel, dict(pk, BITS=bits, HAS_ZERO=zero, GSHIFT=gs, BM=bm, BN=16, BK=512,
                                                SPLIT=2, X16=x16, HAS_PERM=perm, NF4=False, DQ=False), t,
                        num_warps=2, num_stages=1)
         n += 1
     for dq, t in ((False, {"sc": "*fp32"}), (True, {"sc": "*u8", "zr": "*fp32"})):
-        S.compile_sm90(P.gemv_packed_kernel, dict(pk, BITS=4, HAS_ZERO=False, GSHIFT=6, BM=2, BN=16, BK=512,
+        S.compile_sm90(gemv_packed_kernel, dict(pk, BITS=4, HAS_ZERO=False, GSHIFT=6, BM=2, BN=16, BK=512,
                                                SPLIT=1, X16=2, NF4=True, DQ=dq), dict(t, x="*bf16", out="*bf16",
                                                                                     bias="*bf16"),
                        num_warps=2, num_stages=1)
@@ -107,7 +112,7 @@ SCRIPT = textwrap.dedent(
     for bits, zero, gs, dt, sw, perm in ((4, True, 7, "fp16", False, False), (4, False, 5, "bf16", True, True),
                                          (8, True, 0, "fp32", False, False), (8, False, 7, "bf16", True, False)):
         t = {"x": f"*{dt}", "out": f"*{dt}", "bias": f"*{dt}"}
-        c = S.compile_sm90(P.mm_int_kernel, dict(pk, BITS=bits, HAS_ZERO=zero, GSHIFT=gs, BM=32, BN=64, BK=64,
+        c = S.compile_sm90(mm_int_kernel, dict(pk, BITS=bits, HAS_ZERO=zero, GSHIFT=gs, BM=32, BN=64, BK=64,
                                                  SPLIT=2, GROUP_M=8, X_F32=dt == "fp32", UPCAST_DOT=False,
                                                  SCALE_W=sw, HAS_PERM=perm), t, num_warps=4, num_stages=3)
         if dt != "fp32":
@@ -119,7 +124,7 @@ SCRIPT = textwrap.dedent(
     new = dict(HAS_PERM=False, HAS_BIAS=False, SOFT_BF16=False)
     for m, limit in ((1, 4.5), (4, 11.0)):
         c = _GEMV_PACKED[m]
-        k = S.compile_sm90(P.gemv_packed_kernel, dict(new, BITS=4, HAS_ZERO=True, GSHIFT=7, BM=m, BN=c.BN, BK=c.BK,
+        k = S.compile_sm90(gemv_packed_kernel, dict(new, BITS=4, HAS_ZERO=True, GSHIFT=7, BM=m, BN=c.BN, BK=c.BK,
                                                    SPLIT=1, X16=1, NF4=False, DQ=False),
                            num_warps=c.num_warps, num_stages=c.num_stages)
         st = S.stats(f"gemv M={m}", k, 2 * c.BN * c.BK / (32 * c.num_warps))  # two K tiles per iteration
@@ -129,7 +134,7 @@ SCRIPT = textwrap.dedent(
         n += 1
     for m, limit in ((16, 6.5), (64, 7.0)):
         c = _SPLITK_PACKED[m]
-        k = S.compile_sm90(P.mm_int_kernel, dict(new, BITS=4, HAS_ZERO=True, GSHIFT=7, BM=c.BM, BN=c.BN, BK=c.BK,
+        k = S.compile_sm90(mm_int_kernel, dict(new, BITS=4, HAS_ZERO=True, GSHIFT=7, BM=c.BM, BN=c.BN, BK=c.BK,
                                                  SPLIT=4, GROUP_M=8, X_F32=False, UPCAST_DOT=False,
                                                  SCALE_W=c.BM > 16), num_warps=c.num_warps, num_stages=c.num_stages)
         st = S.stats(f"split-K M={m}", k, c.BN * c.BK / (32 * c.num_warps))

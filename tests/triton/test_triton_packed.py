@@ -1,4 +1,4 @@
-"""Word-wise Int4/Int8 kernels (``triton_kernels/_packed.py``): every code path.
+"""Word-wise Int4/Int8 kernels (``triton_kernels/matmul/gemv_packed.py``, ``mm_packed.py``): every code path.
 
 GEMV (``gemv_packed_kernel``): unmasked full K tiles with the next tile prefetched,
 the masked ragged tail, 8-byte fp16/bf16 activation loads (X16) and the per-element
@@ -30,7 +30,8 @@ from tests.triton.test_triton_qmatmul import DEVICE, check, int_weight, nf4_weig
 GPU_KERNELS = ("triton_any_qmatmul_gemv", "triton_any_qmatmul_splitk", "triton_any_qmatmul_gemm")
 
 tk = require("pyquant.triton_kernels")
-from pyquant.triton_kernels import _launch  # noqa: E402
+from pyquant.triton_kernels.matmul import args as _args  # noqa: E402
+from pyquant.triton_kernels.tuning import configs  # noqa: E402
 
 Config = tk.Config
 
@@ -77,7 +78,7 @@ def test_packed_gemv_misaligned_x_and_many_rows():
     qw = int_weight(12, k, fmt, seed=1)
     buf = rand_x(1, 6 * k + 1, torch.float16, seed=1).view(-1)
     x = buf[1:].view(6, k)
-    assert _launch._x16(x, 6, k) == 0 and _launch._x16(x[:1].clone(), 1, k) == 1
+    assert _args.x16_mode(x, 6, k) == 0 and _args.x16_mode(x[:1].clone(), 1, k) == 1
     y = tk.qmatmul(x, qw.tensor_list(), fmt, qw.shape, None, path="gemv",
                    config=Config(BN=4, BK=32, SPLIT=1, num_warps=1))
     check(y, x, qw, None, "misaligned x, M=6 gemv")
@@ -94,11 +95,11 @@ def test_packed_gemv_act_order_tail():
 
 def test_packed_gemv_default_config_chooses_no_split_for_wide_n():
     # the shipped M = 1 config fills an H100 (132 SMs) from N alone at N = 4096
-    cfg = _launch.default_config("gemv", 1, packed=True)
+    cfg = configs.default_config("gemv", 1, packed=True)
     tiles = -(-4096 // cfg.BN)
-    assert tk.configs.resolve_split(cfg, tiles, 4096, 132, waves=1)[0] == 1
+    assert configs.resolve_split(cfg, tiles, 4096, 132, waves=1)[0] == 1
     # ... and splits K when N is small
-    assert tk.configs.resolve_split(cfg, -(-512 // cfg.BN), 4096, 132, waves=1)[0] > 1
+    assert configs.resolve_split(cfg, -(-512 // cfg.BN), 4096, 132, waves=1)[0] > 1
 
 
 # (NF4 format, K, M, x dtype, config): tails and splits as above; block 32 = one
@@ -114,7 +115,7 @@ NF4_CASES = {
 @pytest.mark.parametrize("case", list(NF4_CASES))
 def test_packed_gemv_nf4(case):
     fmt, k, m, dtype, cfg = NF4_CASES[case]
-    assert _launch.packed_gemv(fmt, k)
+    assert _args.packed_gemv(fmt, k)
     seed = 50 + list(NF4_CASES).index(case)
     qw = nf4_weight(20, k, fmt, seed=seed)
     x = rand_x(m, k, dtype, seed=seed)
@@ -124,8 +125,8 @@ def test_packed_gemv_nf4(case):
 
 
 def test_nf4_rows_not_whole_chunks_use_the_generic_gemv():
-    assert not _launch.packed_gemv(NF4(64), 200) and not _launch.packed_gemv(NF4(64), 96)
-    assert _launch.packed_gemv(NF4(64), 192) and not _launch.packed_path("splitk", NF4(64), 192)
+    assert not _args.packed_gemv(NF4(64), 200) and not _args.packed_gemv(NF4(64), 96)
+    assert _args.packed_gemv(NF4(64), 192) and not _args.packed_path("splitk", NF4(64), 192)
 
 
 # --- tensor cores -----------------------------------------------------------------
@@ -143,10 +144,10 @@ MM_CASES = {
 def test_packed_mm(name, case):
     fmt = FMTS[name]
     m, dtype, k, cfg, scaled = MM_CASES[case]
-    bk = _launch.mm_bk(fmt, k, cfg.BK)
+    bk = _args.mm_bk(fmt, k, cfg.BK)
     assert bk % 32 == 0 and (fmt.group_size == -1 or fmt.group_size % bk == 0)
     if fmt.group_size != -1 and bk == cfg.BK:
-        assert _launch.scale_weights(fmt, cfg.BM, bk) == scaled
+        assert _args.scale_weights(fmt, cfg.BM, bk) == scaled
     seed = 100 + list(FMTS).index(name) * 10 + list(MM_CASES).index(case)
     qw = int_weight(24, k, fmt, seed=seed)
     x = rand_x(m, k, dtype, seed=seed)
@@ -167,10 +168,10 @@ def test_packed_mm_act_order_and_gemm_path():
 
 def test_mm_bk_and_scale_rule():
     g128, g32, pc = Int(4, 128), Int(4, 32), Int(8, -1)
-    assert _launch.mm_bk(g128, 4096, 256) == 128 and _launch.mm_bk(g32, 4096, 128) == 32
-    assert _launch.mm_bk(pc, 4096, 16) == 32 and _launch.mm_bk(pc, 4096, 256) == 256
-    assert not _launch.scale_weights(g128, 16, 128) and _launch.scale_weights(g128, 64, 64)
-    assert _launch.scale_weights(g32, 16, 32) and not _launch.scale_weights(pc, 64, 64)
+    assert _args.mm_bk(g128, 4096, 256) == 128 and _args.mm_bk(g32, 4096, 128) == 32
+    assert _args.mm_bk(pc, 4096, 16) == 32 and _args.mm_bk(pc, 4096, 256) == 256
+    assert not _args.scale_weights(g128, 16, 128) and _args.scale_weights(g128, 64, 64)
+    assert _args.scale_weights(g32, 16, 32) and not _args.scale_weights(pc, 64, 64)
 
 
 def test_packed_tail_reads_no_scales_past_the_row():

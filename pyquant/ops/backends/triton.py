@@ -33,7 +33,7 @@ from pathlib import Path
 from ...formats import GGUF, NF4, Int
 from ..dispatch import register_kernel
 from ..primitives import tiny_scale
-from ..reference.hqq import HQQSolution, solver_schedule
+from ..reference.hqq import solver_schedule
 
 PACKAGE = "pyquant.triton_kernels"
 _SRC_DIR = Path(__file__).resolve().parents[3] / "triton_kernels"
@@ -132,10 +132,6 @@ def gptq_block_update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_
 
 @register_kernel("hqq_solve", "triton", "int", _solver_ok)
 def hqq_solve(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, early_stop):
-    n, k = w.shape
-    sol = HQQSolution.empty(n, k, group, w.device)
     schedule = solver_schedule(iters, lp_norm, beta, kappa).to(w.device)
-    kernels().hqq_solve(w, sol.codes, sol.scales, sol.zeros, sol.err, sol.iters, bits=bits, group=group,
-                        scale_dtype=scale_dtype, schedule=schedule, lp_norm=lp_norm, kappa_one=kappa == 1.0,
-                        early_stop=early_stop, tiny=tiny_scale(scale_dtype))
-    return sol.codes, sol.scales, sol.zeros, sol.err, sol.iters
+    return kernels().hqq_solve(w, bits, group, scale_dtype, lp_norm, kappa == 1.0, early_stop, schedule,
+                               tiny_scale(scale_dtype))

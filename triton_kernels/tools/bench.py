@@ -1,13 +1,15 @@
 """GPU timing of the Triton qmatmul against dense fp16 (cuBLAS) on the target shapes.
 
-    python -m pyquant.triton_kernels.bench                 # Int4 g128 asym, M = 1, 16, 64
-    python -m pyquant.triton_kernels.bench --fmt int8_g128_sym_fp16 --m 1 4 --tune
+    python -m pyquant.triton_kernels.tools.bench                 # Int4 g128 asym, M = 1, 16, 64
+    python -m pyquant.triton_kernels.tools.bench --fmt int8_g128_sym_fp16 --m 1 4 --tune
 
 For each (N, K) and M: the dense ``x @ W.T`` with fp16 W (torch.matmul, cuBLAS) and
 ``pyquant.triton_kernels.qmatmul`` on the same x, both timed in this process with
 ``triton.testing.do_bench`` (median), the speedup, and the weight bytes per second
-of the quantized kernel. Each quantized result is first checked against the fp32
-reference product. Needs CUDA; nothing here runs at import.
+of the quantized kernel. The weight is random packed data of the format (timing
+does not depend on the values); W is its Triton ``dequantize`` (bit-exact against
+the reference in tests/triton), and each quantized result is first checked
+against the fp32 product with it. Needs CUDA; nothing here runs at import.
 """
 from __future__ import annotations
 
@@ -19,31 +21,34 @@ TARGETS = {1: 3.5, 16: 3.0, 64: 2.0}  # wanted speedup over fp16 at M (Int4 grou
 
 
 def _weight(fmt, n, k, device):
+    """Random packed tensors of ``fmt`` for an (n, k) weight."""
     import torch
 
-    g = torch.Generator().manual_seed(0)
-    if fmt.family == "int":
-        codes = torch.randint(0, 1 << fmt.bits, (n, k), generator=g)
-        ng = fmt.num_groups(k)
-        scales = torch.rand(n, ng, generator=g) * 0.02 + 0.001
-        zeros = None if fmt.symmetric else torch.rand(n, ng, generator=g) * fmt.max_code
-        return fmt.pack(codes, scales, zeros).to(device)
-    import pyquant
+    from pyquant.formats import QuantizedWeight
 
-    return pyquant.quantize_weight(torch.randn(n, k, generator=g) * 0.02, fmt).to(device)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, (shape, dtype) in fmt.tensor_specs((n, k)).items():
+        if name == "perm":
+            t = torch.randperm(k, generator=g).to(dtype)
+        elif dtype == torch.uint8:
+            # codes, and GGUF blocks whose fp16 fields (d, dmin) sit among the codes:
+            # without bit 6 of each byte, every fp16 exponent is below 16 (finite)
+            t = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) & 0xBF
+        else:  # scales, zeros, absmax: small positive values
+            t = (torch.rand(shape, generator=g) * 0.02 + 0.001).to(dtype)
+        tensors[name] = t.to(device)
+    return QuantizedWeight(fmt, tensors, (n, k))
 
 
 def run(fmt_spec: str, ms, shapes=SHAPES, tune: bool = False, dtype_name: str = "fp16"):
     import torch
     from triton.testing import do_bench
 
-    import pyquant  # noqa: F401  (source-tree finder)
     from pyquant.formats import format_from_spec
-    from pyquant.ops import reference
 
-    from . import qmatmul
-    from . import tune as tune_fn
-    from .configs import path_for_m
+    from .. import dequantize, path_for_m, qmatmul
+    from .. import tune as tune_fn
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     fmt = format_from_spec(fmt_spec)
@@ -55,7 +60,7 @@ def run(fmt_spec: str, ms, shapes=SHAPES, tune: bool = False, dtype_name: str = 
     for n, k in shapes:
         qw = _weight(fmt, n, k, dev)
         qdata = qw.tensor_list()
-        w16 = reference.dequantize(qdata, fmt, qw.shape, dtype)
+        w16 = dequantize(qdata, fmt, qw.shape, dtype)
         wbytes = sum(t.numel() * t.element_size() for t in qdata)
         if tune:
             tune_fn(qw, m_values=ms, dtype=dtype, paths=sorted({path_for_m(m) for m in ms}))

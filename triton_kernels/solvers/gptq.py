@@ -20,12 +20,10 @@ under ``TRITON_INTERPRET=1`` (the interpreter's fma is a true fma too).
 """
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-from .hqq import _div, _rint
+from .ieee import div, exact_options, rint
 
 
 @triton.jit
@@ -50,10 +48,10 @@ def _gptq_block_kernel(
         s = tl.load(SCALE + rows64 * s_sn + g * s_sg, mask=rmask, other=1.0)
         z = tl.load(ZERO + rows64 * s_zn + g * s_zg, mask=rmask, other=0.0)
         wi = tl.sum(tl.where(cols[None, :] == i, w, 0.0), axis=1)
-        q = tl.minimum(tl.maximum(_rint(_div(wi, s)) + z, 0.0), maxq)
+        q = tl.minimum(tl.maximum(rint(div(wi, s)) + z, 0.0), maxq)
         dq = (q - z) * s
         d = tl.load(HINV + i * s_hi + i * s_hj)
-        e = _div(wi - dq, d + zero_rows)
+        e = div(wi - dq, d + zero_rows)
         later = (cols > i) & cmask
         h = tl.load(HINV + i * s_hi + cols * s_hj, mask=later, other=0.0)
         # Only columns > i change: a where (not h = 0 elsewhere) keeps the
@@ -62,10 +60,6 @@ def _gptq_block_kernel(
         tl.store(CODES + rows64 * s_cn + (i - start) * s_ck, q.to(tl.uint8), mask=rmask)
         tl.store(ERR + rows64 * s_en + (i - start) * s_ek, e, mask=rmask)
     tl.store(w_ptrs, w, mask=tile_mask)
-
-
-def _interpreting() -> bool:
-    return type(_gptq_block_kernel).__name__ == "InterpretedFunction"
 
 
 def default_block_n(n: int, b: int, interpreting: bool) -> int:
@@ -81,23 +75,20 @@ def default_block_n(n: int, b: int, interpreting: bool) -> int:
     return max(1, min(64, 1024 // block_b, triton.next_power_of_2(max(n, 1))))
 
 
-def gptq_block_update_triton(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out,
-                             block_n=None, num_warps=None):
+def gptq_block_update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out,
+                      block_n=None, num_warps=None):
     """Same contract as the reference (validated by the caller): updates ``W``
     (N, B) fp32 in place and writes ``codes_out``/``err_out`` (N, stop - start);
-    any strides."""
+    any strides. ``block_n`` (rows per program) and ``num_warps`` override the
+    launch shape (tests, benchmarks)."""
     n, b = W.shape
     if n == 0 or stop <= start:
         return
-    interp = _interpreting()
     if block_n is None:
-        block_n = default_block_n(n, b, interp)
+        block_n = default_block_n(n, b, type(_gptq_block_kernel).__name__ == "InterpretedFunction")
     block_b = triton.next_power_of_2(b)
     if num_warps is None:
         num_warps = 4 if block_n * block_b <= 4096 else 8
-    extra = {}
-    if W.device.type == "cuda" and not interp and os.environ.get("TRITON_INTERPRET") != "1":
-        extra["enable_fp_fusion"] = False
     grid = (triton.cdiv(n, block_n),)
     _gptq_block_kernel[grid](
         W, Hinv, scale, zero, codes_out, err_out,
@@ -105,5 +96,5 @@ def gptq_block_update_triton(W, Hinv, scale, zero, start, stop, group_len, maxq,
         W.stride(0), W.stride(1), Hinv.stride(0), Hinv.stride(1), scale.stride(0), scale.stride(1),
         zero.stride(0), zero.stride(1), codes_out.stride(0), codes_out.stride(1), err_out.stride(0),
         err_out.stride(1),
-        BLOCK_N=block_n, BLOCK_B=block_b, num_warps=num_warps, **extra,
+        BLOCK_N=block_n, BLOCK_B=block_b, num_warps=num_warps, **exact_options(_gptq_block_kernel, W.device),
     )

@@ -1,7 +1,7 @@
 """Offline sm_90 builds of the kernels and what their machine code says (no GPU needed).
 
-    python -m pyquant.triton_kernels.sass            # table of the representative variants
-    python -m pyquant.triton_kernels.sass --dump DIR # also writes each variant's SASS / PTX / TTGIR
+    python -m pyquant.triton_kernels.tools.sass            # table of the representative variants
+    python -m pyquant.triton_kernels.tools.sass --dump DIR # also writes each variant's SASS / PTX / TTGIR
 
 Compiles with Triton's own pipeline and bundled ptxas for ``GPUTarget("cuda", 90, 32)``
 and disassembles the cubin with the bundled ``cuobjdump``. Reported per variant:
@@ -155,31 +155,33 @@ def stats(name: str, compiled, weights_per_iter: float) -> SassStats:
 
 # --- representative variants ------------------------------------------------------
 # Int4 group 128 asymmetric fp16 scales and zeros, fp16 activations: the format of
-# the performance targets. "before" is the per-byte decoder of ``_tiles.w_tile``
+# the performance targets. "before" is the per-byte decoder of ``decode.w_tile``
 # with the shipped configs of that kernel; "after" the word-wise kernels with
 # theirs. Weights per thread and iteration = BN * BK / (32 * num_warps) per K tile
 # the loop body handles (two in ``gemv_packed_kernel``).
 def variants():
     """[(name, kernel, constexprs, types, options, weights per thread per iteration)]."""
-    from . import _kernels as K
-    from . import _packed as P
-    from .configs import _GEMV, _GEMV_PACKED, _SPLITK, _SPLITK_PACKED
+    from ..matmul.gemv import gemv_kernel
+    from ..matmul.gemv_packed import gemv_packed_kernel
+    from ..matmul.mm import mm_kernel
+    from ..matmul.mm_packed import mm_int_kernel
+    from ..tuning.configs import _GEMV, _GEMV_PACKED, _SPLITK, _SPLITK_PACKED
 
     out = []
     mm_old = dict(HAS_PERM=False, HAS_BIAS=False, SOFT_BF16=False)
     for m in (1, 4):
         c = _GEMV[m]
-        out.append((f"before: gemv int4 g128 M={m}", K.gemv_kernel,
+        out.append((f"before: gemv int4 g128 M={m}", gemv_kernel,
                     dict(mm_old, FMT=1, C0=4, C1=1, C2=7, UNIFORM=True, BM=m, BN=c.BN, BK=c.BK, SPLIT=1),
                     {}, dict(num_warps=c.num_warps, num_stages=c.num_stages), c.BN * c.BK / (32 * c.num_warps)))
     c = _GEMV[1]
-    out.append(("before: gemv nf4 b64 dq M=1", K.gemv_kernel,
+    out.append(("before: gemv nf4 b64 dq M=1", gemv_kernel,
                 dict(mm_old, FMT=2, C0=64, C1=1, C2=0, UNIFORM=True, BM=1, BN=c.BN, BK=c.BK, SPLIT=1),
                 {"p1": "*u8", "p2": "*fp32", "p3": "*fp32"}, dict(num_warps=c.num_warps, num_stages=c.num_stages),
                 c.BN * c.BK / (32 * c.num_warps)))
     for m in (16, 64):
         c = _SPLITK[m]
-        out.append((f"before: split-K int4 g128 M={m}", K.mm_kernel,
+        out.append((f"before: split-K int4 g128 M={m}", mm_kernel,
                     dict(mm_old, FMT=1, C0=4, C1=1, C2=7, UNIFORM=True, BM=c.BM, BN=c.BN, BK=c.BK, SPLIT=4,
                          GROUP_M=8, X_F32=False, UPCAST_DOT=False),
                     {}, dict(num_warps=c.num_warps, num_stages=c.num_stages), c.BN * c.BK / (32 * c.num_warps)))
@@ -191,21 +193,21 @@ def variants():
                 continue
             c = _GEMV_PACKED[m]
             # its main loop handles two K tiles per iteration
-            out.append((f"after: gemv {label} M={m}", P.gemv_packed_kernel,
+            out.append((f"after: gemv {label} M={m}", gemv_packed_kernel,
                         dict(new, BITS=bits, HAS_ZERO=zero, GSHIFT=gs, BM=m, BN=c.BN, BK=c.BK, SPLIT=1, X16=1,
                              NF4=False, DQ=False),
                         {}, dict(num_warps=c.num_warps, num_stages=c.num_stages),
                         2 * c.BN * c.BK / (32 * c.num_warps)))
     c = _GEMV_PACKED[1]
     for dq, types in ((False, {"sc": "*fp32"}), (True, {"sc": "*u8", "zr": "*fp32"})):
-        out.append((f"after: gemv nf4 b64{' dq' if dq else ''} M=1", P.gemv_packed_kernel,
+        out.append((f"after: gemv nf4 b64{' dq' if dq else ''} M=1", gemv_packed_kernel,
                     dict(new, BITS=4, HAS_ZERO=False, GSHIFT=6, BM=1, BN=c.BN, BK=c.BK, SPLIT=1, X16=1, NF4=True,
                          DQ=dq), types, dict(num_warps=c.num_warps, num_stages=c.num_stages),
                     2 * c.BN * c.BK / (32 * c.num_warps)))
     for bits, zero, label in ((4, True, "int4 g128"), (4, False, "int4 g128 sym"), (8, True, "int8 g128")):
         for m in (16, 64):
             c = _SPLITK_PACKED[m]
-            out.append((f"after: split-K {label} M={m}", P.mm_int_kernel,
+            out.append((f"after: split-K {label} M={m}", mm_int_kernel,
                         dict(new, BITS=bits, HAS_ZERO=zero, GSHIFT=7, BM=c.BM, BN=c.BN, BK=c.BK, SPLIT=4,
                              GROUP_M=8, X_F32=False, UPCAST_DOT=False, SCALE_W=c.BM > 16),
                         {}, dict(num_warps=c.num_warps, num_stages=c.num_stages), c.BN * c.BK / (32 * c.num_warps)))

@@ -1,18 +1,25 @@
-"""Element-wise weight decoders shared by every Triton kernel.
+"""In-register decode of every format: the only Triton code that knows bit layouts.
 
-Each decoder takes broadcastable index tensors ``nn`` (output row, int64) and
-``kk`` (input column in *stored* order, already clamped in range) and returns
-the fp32 weight of every (n, k) pair. The same function serves the dequantize
-kernel (tile ``[BN, BK]``), the GEMV kernel (``[BN, BK]``) and the tensor-core
-kernels (``[BK, BN]``): only the broadcast orientation of ``nn``/``kk`` changes.
+Two kinds of decoder, one per way the kernels read weights:
 
-Every byte is gathered with its own address computed from (n, k): duplicates
-(the two nibbles of one byte, the scale shared by a group) hit L1, so DRAM
-traffic equals the packed size while the code stays one formula per format.
+* Element-wise (``w_tile``, every format; the dequantize kernel and the generic
+  GEMV / tensor-core kernels). Each takes broadcastable index tensors ``nn``
+  (output row, int64) and ``kk`` (input column in *stored* order, already
+  clamped in range) and returns the fp32 weight of every (n, k) pair. The same
+  function serves ``[BN, BK]`` tiles (dequantize, GEMV) and ``[BK, BN]`` tiles
+  (tensor cores): only the broadcast orientation of ``nn``/``kk`` changes.
+  Every byte is gathered with its own address computed from (n, k): duplicates
+  (the two nibbles of one byte, the scale shared by a group) hit L1, so DRAM
+  traffic equals the packed size while the code stays one formula per format.
+
+* Word-wise (``code_magic``, ``nf4_level``, ``codes_tile``; the Int4 / Int8 /
+  NF4 kernels of ``matmul/gemv_packed.py`` and ``matmul/mm_packed.py``). Codes
+  are taken out of 32-bit words already in registers: a shift and a mask that
+  land the code in a float's mantissa, no int -> float conversion.
 
 The fp32 operations are the reference's, in its order (``pyquant/ops/
-reference.py``, ``reference_nf4.py``, ``reference_gguf.py``). Kernels that
-must be bit-exact are launched with ``enable_fp_fusion=False`` so that
+reference.py``, ``pyquant/formats/nf4.py``, ``reference_gguf.py``). Kernels
+that must be bit-exact are launched with ``enable_fp_fusion=False`` so that
 ``a * b + c`` is not contracted into an FMA (one rounding instead of two).
 """
 import triton
@@ -24,6 +31,7 @@ FMT_NF4 = 2
 FMT_GGUF = 3
 
 
+# --- element-wise: one gathered byte per weight ----------------------------------
 @triton.jit
 def _u8(p, off):
     return tl.load(p + off).to(tl.int32)
@@ -82,6 +90,16 @@ def _int_tile(qw, sc, zr, nn, kk, k0, row_bytes, ng, BITS: tl.constexpr, HAS_ZER
 
 
 @triton.jit
+def nf4_dq_absmax(am_q, am_scale, am_off, dmap, blk):
+    """fp32 absmax of NF4 block ``blk`` decoded from the double-quantized statistics:
+    ``am_q`` uint8 codes into the signed dynamic map ``dmap``, one fp32 ``am_scale``
+    per 256 blocks, one fp32 offset ``am_off``."""
+    # two separately rounded fp32 ops, as bitsandbytes' two passes
+    a = tl.load(dmap + tl.load(am_q + blk).to(tl.int32)) * tl.load(am_scale + (blk >> 8))
+    return a + tl.load(am_off)
+
+
+@triton.jit
 def _nf4_tile(qw, am, am_scale, am_off, cb, dmap, nn, kk, k0, K, BS: tl.constexpr, DQ: tl.constexpr,
               UNIFORM: tl.constexpr):
     # bitsandbytes flattens the weight: blocks and bytes ignore row boundaries
@@ -95,9 +113,7 @@ def _nf4_tile(qw, am, am_scale, am_off, cb, dmap, nn, kk, k0, K, BS: tl.constexp
     else:
         blk = i // BS
     if DQ:
-        # two separately rounded fp32 ops, as bitsandbytes' two passes
-        a = tl.load(dmap + tl.load(am + blk).to(tl.int32)) * tl.load(am_scale + (blk >> 8))
-        a = a + tl.load(am_off)
+        a = nf4_dq_absmax(am, am_scale, am_off, dmap, blk)
     else:
         a = tl.load(am + blk)
     return v * a
@@ -239,3 +255,77 @@ def w_tile(
         # GGUF: p0 raw blocks; i0 row bytes; C0 the ggml type id
         w = _gguf_tile(p0, n, k, i0, C0)
     return tl.where(inside, w, 0.0)
+
+
+# --- word-wise: codes out of 32-bit words in registers ---------------------------
+# Int layout (``pyquant/formats/int_format.py``): at 4 bits, byte j of a 32-code
+# chunk = c[j] | c[j + 16] << 4, so byte b of word w holds codes 4 w + b (low
+# nibble) and 16 + 4 w + b (high); at 8 bits byte j is c[j].
+@triton.jit
+def code_magic(w, P: tl.constexpr, BITS: tl.constexpr, OPQ):
+    """The code at bit P of w as the fp32 MAGIC + q (16 + q at 4 bits, 256 + q at
+    8): shifted under the exponent of MAGIC and or-ed with it. OPQ is an opaque 0
+    (a value the compiler cannot fold, see ``gemv_packed_kernel``)."""
+    if BITS == 4:
+        if P <= 19:
+            t = w << (19 - P)
+        else:
+            t = w >> (P - 19)
+        return ((t & (0x780000 + OPQ)) | 0x41800000).to(tl.float32, bitcast=True)
+    else:
+        if P <= 15:
+            t = w << (15 - P)
+        else:
+            t = w >> (P - 15)
+        return ((t & (0x7F8000 + OPQ)) | 0x43800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def nf4_level(w, P: tl.constexpr, cb):
+    # NF4 level of the code at bit P of w (the 16 fp32 levels stay in L1)
+    return tl.load(cb + ((w >> P) & 15))
+
+
+@triton.jit
+def _q16(w, P: tl.constexpr, MASK: tl.constexpr, DT: tl.constexpr, ZC: tl.constexpr, OPQ):
+    # the code q at bit P of w, minus the constant ZC, as an exact integer in DT
+    q = (w >> P) & MASK
+    if DT == tl.float16:
+        # 0x6400 | q is the fp16 1024 + q (q < 1024): one subtraction (two codes per
+        # HADD2), no int -> float conversion. (OPQ, an opaque 0, keeps the byte
+        # extraction of 8-bit codes as one PRMT; for nibbles it would cost more.)
+        if MASK == 255:
+            q = q | (0x6400 + OPQ)
+        else:
+            q = q | 0x6400
+        return q.to(tl.int16).to(tl.float16, bitcast=True) - (1024.0 + ZC)
+    elif DT == tl.bfloat16 and MASK == 15:
+        return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - (128.0 + ZC)
+    else:
+        return (q - ZC).to(tl.float32).to(DT)
+
+
+@triton.jit
+def _join4(a, b, c, d):
+    # [..., 4] = (a, b, c, d): join appends the new axis last, so the inner joins pair
+    # (a, c) and (b, d) and the outer one interleaves them
+    return tl.join(tl.join(a, c), tl.join(b, d))
+
+
+@triton.jit
+def codes_tile(w, BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ZC: tl.constexpr,
+               OPQ):
+    """Words [BN, BK * BITS / 32] -> codes - ZC [BN, BK] in stored column order, exact in DT."""
+    if BITS == 4:
+        # byte b of word wl of a chunk holds codes 4 wl + b (low nibble) and 16 + 4 wl + b (high)
+        lo = _join4(_q16(w, 0, 15, DT, ZC, OPQ), _q16(w, 8, 15, DT, ZC, OPQ),
+                    _q16(w, 16, 15, DT, ZC, OPQ), _q16(w, 24, 15, DT, ZC, OPQ))
+        hi = _join4(_q16(w, 4, 15, DT, ZC, OPQ), _q16(w, 12, 15, DT, ZC, OPQ),
+                    _q16(w, 20, 15, DT, ZC, OPQ), _q16(w, 28, 15, DT, ZC, OPQ))
+        q = tl.join(lo, hi)  # [BN, BKW, 4 (b), 2 (hi)]  (join appends the new axis last)
+        q = tl.reshape(q, (BN, BK // 32, 4, 4, 2))  # chunk, wl, b, hi
+        q = tl.permute(q, (0, 1, 4, 2, 3))  # chunk, hi, wl, b
+    else:
+        q = _join4(_q16(w, 0, 255, DT, ZC, OPQ), _q16(w, 8, 255, DT, ZC, OPQ),
+                   _q16(w, 16, 255, DT, ZC, OPQ), _q16(w, 24, 255, DT, ZC, OPQ))
+    return tl.reshape(q, (BN, BK))

@@ -1,6 +1,6 @@
-"""Word-wise kernels: Int4 / Int8 (and NF4 on the GEMV) read as 32-bit words.
+"""Word-wise GEMV: Int4 / Int8 / NF4 weights read as 32-bit words.
 
-The generic decoder (``_tiles.w_tile``) gathers every code's byte with its own
+The generic decoder (``decode.w_tile``) gathers every code's byte with its own
 address: one load instruction per weight plus its address arithmetic (~35
 instructions per weight in the sm_90 build of the M = 1 GEMV). These kernels load
 each 32-code chunk of a row (16 bytes at 4 bits, 32 at 8) as int32 words with
@@ -21,39 +21,11 @@ GEMV (``gemv_packed_kernel``, M <= 4 per program, CUDA cores)
     values are exact and of the size of q, so nothing is lost to the offset.
     The loop takes two K tiles per iteration and loads each tile's words and
     scales one tile ahead: two tiles of weights in flight per thread.
-
-Tensor cores (``mm_int_kernel``, split-K and GEMM)
-    The same words become exact integers in fp16/bf16 (0x6400 | q is the fp16
-    1024 + q: one LOP3 and one packed subtraction per two codes), joined into a
-    [BN, BK] tile in stored K order for ``tl.dot``. A K tile lies in one scale
-    group; either the dot of the exact codes is scaled per output
-    (s * (x . q - z * sum x), few rows) or the decoded tile is scaled before the
-    dot (more rows), see ``_launch.scale_weights``.
 """
 import triton
 import triton.language as tl
 
-from ._kernels import epilogue, grouped_tile
-from ._tiles import cast_to
-
-
-@triton.jit
-def _code(w, P: tl.constexpr, BITS: tl.constexpr, OPQ):
-    # the code at bit P of w as the fp32 MAGIC + q (16 + q at 4 bits, 256 + q at 8):
-    # shifted under the exponent of MAGIC and or-ed with it. OPQ is an opaque 0
-    # (see gemv_packed_kernel).
-    if BITS == 4:
-        if P <= 19:
-            t = w << (19 - P)
-        else:
-            t = w >> (P - 19)
-        return ((t & (0x780000 + OPQ)) | 0x41800000).to(tl.float32, bitcast=True)
-    else:
-        if P <= 15:
-            t = w << (15 - P)
-        else:
-            t = w >> (P - 15)
-        return ((t & (0x7F8000 + OPQ)) | 0x43800000).to(tl.float32, bitcast=True)
+from ..decode import cast_to, code_magic, nf4_dq_absmax, nf4_level
 
 
 @triton.jit
@@ -104,12 +76,6 @@ def _x4(xr, kk, off: tl.constexpr, K, perm, X16: tl.constexpr, MASKED: tl.conste
 
 
 @triton.jit
-def _nf4(w, P: tl.constexpr, cb):
-    # NF4 level of the code at bit P of w (the 16 fp32 levels stay in L1)
-    return tl.load(cb + ((w >> P) & 15))
-
-
-@triton.jit
 def _word_dot(p, sx, w, xr, kk, WOFF: tl.constexpr, K, perm, OPQ, cb, X16: tl.constexpr, BITS: tl.constexpr,
               MASKED: tl.constexpr, HAS_PERM: tl.constexpr, NF4: tl.constexpr):
     # Int: p += sum over the codes of word w (word WOFF of its chunk) of (MAGIC + q) * x;
@@ -118,28 +84,28 @@ def _word_dot(p, sx, w, xr, kk, WOFF: tl.constexpr, K, perm, OPQ, cb, X16: tl.co
         # bitsandbytes' order: byte b holds values 2b (high nibble) and 2b + 1 (low)
         x0, x1, x2, x3 = _x4(xr, kk, 8 * WOFF, K, perm, X16, MASKED, HAS_PERM)
         x4, x5, x6, x7 = _x4(xr, kk, 8 * WOFF + 4, K, perm, X16, MASKED, HAS_PERM)
-        p += _nf4(w, 4, cb) * x0[None, :]
-        p += _nf4(w, 0, cb) * x1[None, :]
-        p += _nf4(w, 12, cb) * x2[None, :]
-        p += _nf4(w, 8, cb) * x3[None, :]
-        p += _nf4(w, 20, cb) * x4[None, :]
-        p += _nf4(w, 16, cb) * x5[None, :]
-        p += _nf4(w, 28, cb) * x6[None, :]
-        p += _nf4(w, 24, cb) * x7[None, :]
+        p += nf4_level(w, 4, cb) * x0[None, :]
+        p += nf4_level(w, 0, cb) * x1[None, :]
+        p += nf4_level(w, 12, cb) * x2[None, :]
+        p += nf4_level(w, 8, cb) * x3[None, :]
+        p += nf4_level(w, 20, cb) * x4[None, :]
+        p += nf4_level(w, 16, cb) * x5[None, :]
+        p += nf4_level(w, 28, cb) * x6[None, :]
+        p += nf4_level(w, 24, cb) * x7[None, :]
     elif BITS == 4:
         for h in tl.static_range(2):
             x0, x1, x2, x3 = _x4(xr, kk, 4 * WOFF + 16 * h, K, perm, X16, MASKED, HAS_PERM)
-            p += _code(w, 4 * h, 4, OPQ) * x0[None, :]
-            p += _code(w, 8 + 4 * h, 4, OPQ) * x1[None, :]
-            p += _code(w, 16 + 4 * h, 4, OPQ) * x2[None, :]
-            p += _code(w, 24 + 4 * h, 4, OPQ) * x3[None, :]
+            p += code_magic(w, 4 * h, 4, OPQ) * x0[None, :]
+            p += code_magic(w, 8 + 4 * h, 4, OPQ) * x1[None, :]
+            p += code_magic(w, 16 + 4 * h, 4, OPQ) * x2[None, :]
+            p += code_magic(w, 24 + 4 * h, 4, OPQ) * x3[None, :]
             sx += (x0 + x1) + (x2 + x3)
     else:
         x0, x1, x2, x3 = _x4(xr, kk, 4 * WOFF, K, perm, X16, MASKED, HAS_PERM)
-        p += _code(w, 0, 8, OPQ) * x0[None, :]
-        p += _code(w, 8, 8, OPQ) * x1[None, :]
-        p += _code(w, 16, 8, OPQ) * x2[None, :]
-        p += _code(w, 24, 8, OPQ) * x3[None, :]
+        p += code_magic(w, 0, 8, OPQ) * x0[None, :]
+        p += code_magic(w, 8, 8, OPQ) * x1[None, :]
+        p += code_magic(w, 16, 8, OPQ) * x2[None, :]
+        p += code_magic(w, 24, 8, OPQ) * x3[None, :]
         sx += (x0 + x1) + (x2 + x3)
     return p, sx
 
@@ -203,8 +169,7 @@ def _tile_scales(sc, zr, am_off, dmap, rows_c, ng, kk, BN: tl.constexpr, CH: tl.
     if NF4:
         blk = rows_c[:, None] * ng + tl.minimum(kk >> GSHIFT, ng - 1)[None, :]
         if DQ:
-            s = tl.load(dmap + tl.load(sc + blk).to(tl.int32)) * tl.load(zr + (blk >> 8))
-            s = s + tl.load(am_off)
+            s = nf4_dq_absmax(sc, zr, am_off, dmap, blk)
         else:
             s = tl.load(sc + blk)
         z = tl.zeros((1, 1), dtype=tl.float32)
@@ -347,184 +312,3 @@ def gemv_packed_kernel(
                 HAS_BIAS, SPLIT, SOFT_BF16)
         _finish(acc3, ax3, m0, 3, out, ws, bias, sc, zr, rows, rows_c, ng, M, N, pid_s, BITS, HAS_ZERO, GSHIFT,
                 HAS_BIAS, SPLIT, SOFT_BF16)
-
-
-# --- tensor-core path (split-K / GEMM) -------------------------------------------
-@triton.jit
-def _q16(w, P: tl.constexpr, MASK: tl.constexpr, DT: tl.constexpr, ZC: tl.constexpr, OPQ):
-    # the code q at bit P of w, minus the constant ZC, as an exact integer in DT
-    q = (w >> P) & MASK
-    if DT == tl.float16:
-        # 0x6400 | q is the fp16 1024 + q (q < 1024): one subtraction (two codes per
-        # HADD2), no int -> float conversion. (OPQ, an opaque 0, keeps the byte
-        # extraction of 8-bit codes as one PRMT; for nibbles it would cost more.)
-        if MASK == 255:
-            q = q | (0x6400 + OPQ)
-        else:
-            q = q | 0x6400
-        return q.to(tl.int16).to(tl.float16, bitcast=True) - (1024.0 + ZC)
-    elif DT == tl.bfloat16 and MASK == 15:
-        return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - (128.0 + ZC)
-    else:
-        return (q - ZC).to(tl.float32).to(DT)
-
-
-@triton.jit
-def _join4(a, b, c, d):
-    # [..., 4] = (a, b, c, d): join appends the new axis last, so the inner joins pair
-    # (a, c) and (b, d) and the outer one interleaves them
-    return tl.join(tl.join(a, c), tl.join(b, d))
-
-
-@triton.jit
-def _codes_tile(w, BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ZC: tl.constexpr,
-                OPQ):
-    """Words [BN, BK * BITS / 32] -> codes - ZC [BN, BK] in stored column order, exact in DT."""
-    if BITS == 4:
-        # byte b of word wl of a chunk holds codes 4 wl + b (low nibble) and 16 + 4 wl + b (high)
-        lo = _join4(_q16(w, 0, 15, DT, ZC, OPQ), _q16(w, 8, 15, DT, ZC, OPQ),
-                    _q16(w, 16, 15, DT, ZC, OPQ), _q16(w, 24, 15, DT, ZC, OPQ))
-        hi = _join4(_q16(w, 4, 15, DT, ZC, OPQ), _q16(w, 12, 15, DT, ZC, OPQ),
-                    _q16(w, 20, 15, DT, ZC, OPQ), _q16(w, 28, 15, DT, ZC, OPQ))
-        q = tl.join(lo, hi)  # [BN, BKW, 4 (b), 2 (hi)]  (join appends the new axis last)
-        q = tl.reshape(q, (BN, BK // 32, 4, 4, 2))  # chunk, wl, b, hi
-        q = tl.permute(q, (0, 1, 4, 2, 3))  # chunk, hi, wl, b
-    else:
-        q = _join4(_q16(w, 0, 255, DT, ZC, OPQ), _q16(w, 8, 255, DT, ZC, OPQ),
-                   _q16(w, 16, 255, DT, ZC, OPQ), _q16(w, 24, 255, DT, ZC, OPQ))
-    return tl.reshape(q, (BN, BK))
-
-
-@triton.jit
-def _mm_scales(sc, zr, rows_c, ng, k0, BN: tl.constexpr, HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr):
-    """fp32 scale and zero of every row for the K tile at k0 (one group per tile);
-    per channel (GSHIFT 0) unused placeholders."""
-    if GSHIFT == 0:
-        s = tl.zeros((BN,), dtype=tl.float32)
-        z = s
-    else:
-        # a tile past the end (prefetch after the last one) reads the last group
-        gi = rows_c * ng + tl.minimum(k0 >> GSHIFT, ng - 1)
-        s = tl.load(sc + gi).to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(zr + gi).to(tl.float32)
-        else:
-            z = tl.zeros((BN,), dtype=tl.float32)
-    return s, z
-
-
-@triton.jit
-def _mm_step(acc, accx, s, z, wp, xr, perm, k0, K, row_words, BN: tl.constexpr, BK: tl.constexpr,
-             BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr, HAS_PERM: tl.constexpr,
-             X_F32: tl.constexpr, UPCAST_DOT: tl.constexpr, MASKED: tl.constexpr, DT: tl.constexpr,
-             SCALE_W: tl.constexpr):
-    """One K tile; ``s``, ``z``: its per-row scales and zeros (``_mm_scales``)."""
-    BKW: tl.constexpr = BK * BITS // 32
-    kw = (k0 // 32) * BITS + tl.arange(0, BKW)
-    kk = k0 + tl.arange(0, BK)
-    if MASKED:
-        w = tl.load(wp + kw[None, :], mask=(kw < row_words)[None, :], other=0)
-    else:
-        w = tl.load(wp + kw[None, :])
-    # symmetric weights: the implicit zero point is subtracted from the codes (exact),
-    # so no sum of x is needed.
-    # (the CPU interpreter's bf16 arithmetic is unreliable: there the codes are
-    # decoded in fp32, and rounded to bf16 as the GPU would)
-    if UPCAST_DOT:
-        DQ: tl.constexpr = tl.float32
-    else:
-        DQ: tl.constexpr = DT
-    if HAS_ZERO:
-        q = _codes_tile(w, BN, BK, BITS, DQ, 0, tl.minimum(K, 0))
-    else:
-        q = _codes_tile(w, BN, BK, BITS, DQ, 1 << (BITS - 1), tl.minimum(K, 0))
-    if SCALE_W:
-        # more rows: scale the decoded tile (BN * BK multiply-adds) instead of the
-        # BM * BN product after every dot; s * (q - z) rounded once to DT
-        zs = -z * s
-        if UPCAST_DOT:
-            s16 = cast_to(s, DT, True).to(tl.float32)
-            zs = cast_to(zs, DT, True).to(tl.float32)
-            q = cast_to(q * s16[:, None] + zs[:, None], DT, True).to(tl.float32)
-        else:
-            q = q * s.to(DT)[:, None] + zs.to(DT)[:, None]
-    if HAS_PERM:
-        if MASKED:
-            col = tl.load(perm + kk, mask=kk < K, other=0)
-        else:
-            col = tl.load(perm + kk)
-    else:
-        col = kk
-    if MASKED:
-        xt = tl.load(xr + col[None, :], mask=(kk < K)[None, :], other=0.0)
-    else:
-        xt = tl.load(xr + col[None, :])
-    if X_F32:
-        d = tl.dot(xt, tl.trans(q), input_precision="ieee")
-    elif UPCAST_DOT:
-        # Triton's CPU interpreter multiplies bf16 operands as raw bits: the same
-        # values in fp32 give the GPU's result up to the summation order
-        d = tl.dot(xt.to(tl.float32), tl.trans(q), input_precision="ieee")
-    else:
-        d = tl.dot(xt, tl.trans(q))
-    if SCALE_W:
-        return acc + d, accx
-    if HAS_ZERO:
-        sx = tl.sum(xt.to(tl.float32), axis=1)
-    if GSHIFT == 0:
-        if HAS_ZERO:
-            accx += sx[:, None]
-        return acc + d, accx
-    elif HAS_ZERO:
-        return acc + s[None, :] * (d - z[None, :] * sx[:, None]), accx
-    else:
-        return acc + s[None, :] * d, accx
-
-
-@triton.jit
-def mm_int_kernel(
-    x, out, ws, bias, perm, qw, sc, zr, M, N, K, k_per_split, row_bytes, ng,
-    BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GSHIFT: tl.constexpr, HAS_PERM: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-    GROUP_M: tl.constexpr, X_F32: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFT_BF16: tl.constexpr,
-    SCALE_W: tl.constexpr,
-):
-    """``y = x @ W_hat.T`` for Int4/Int8 on tensor cores: each K tile is one dot of x with
-    the exact integer codes, scaled per row afterwards: y += s * (x . q - z * sum(x))."""
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
-    pid_s = tl.program_id(1)
-    if X_F32:
-        DT: tl.constexpr = tl.float32
-    else:
-        DT: tl.constexpr = x.dtype.element_ty
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    rows_c = tl.minimum(offs_n, N - 1)
-    # rows past M / N read row M - 1 / N - 1 (in bounds, never stored): no load masks
-    xr = x + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * K
-    row_words = row_bytes // 4
-    wp = qw.to(tl.pointer_type(tl.int32)) + rows_c.to(tl.int64)[:, None] * row_words
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    accx = tl.zeros((BM, 1), dtype=tl.float32)
-    k_lo = pid_s * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    k_full = k_lo + (k_hi - k_lo) // BK * BK
-    # the scales of the next tile are loaded at the start of each iteration (Triton's
-    # pipeliner streams the words and x through shared memory, but not these 2-byte loads)
-    s, z = _mm_scales(sc, zr, rows_c, ng, k_lo, BN, HAS_ZERO, GSHIFT)
-    for k0 in range(k_lo, k_full, BK):
-        ns, nz = _mm_scales(sc, zr, rows_c, ng, k0 + BK, BN, HAS_ZERO, GSHIFT)
-        acc, accx = _mm_step(acc, accx, s, z, wp, xr, perm, k0, K, row_words, BN, BK, BITS, HAS_ZERO,
-                             GSHIFT, HAS_PERM, X_F32, UPCAST_DOT, False, DT, SCALE_W)
-        s = ns
-        z = nz
-    if k_full < k_hi:
-        acc, accx = _mm_step(acc, accx, s, z, wp, xr, perm, k_full, K, row_words, BN, BK, BITS,
-                             HAS_ZERO, GSHIFT, HAS_PERM, X_F32, UPCAST_DOT, True, DT, SCALE_W)
-    if GSHIFT == 0:
-        s = tl.load(sc + rows_c * ng).to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(zr + rows_c * ng).to(tl.float32)
-            acc = acc - z[None, :] * accx
-        acc = s[None, :] * acc
-    epilogue(acc, out, ws, bias, offs_m, offs_n, M, N, pid_s, SPLIT, HAS_BIAS, SOFT_BF16)

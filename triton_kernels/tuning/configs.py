@@ -113,7 +113,7 @@ _GEMV_PACKED = {
 # scale group (the launcher caps BK at the group size). With BM = 16 the tile is a
 # dot with the exact integer codes, scaled per output afterwards (3 BM / BK
 # multiply-adds per weight); with more rows (or BK < 64) the decoded tile is
-# scaled instead (one fp16 multiply-add per weight), see ``_launch.scale_weights``.
+# scaled instead (one fp16 multiply-add per weight), see ``matmul/args.scale_weights``.
 # BN = 128 halves the per-row sums of x (asymmetric formats) per weight; 3 stages
 # keep two tiles of weights in flight through cp.async. From the sm_90 builds:
 # 4.6 (M = 16), 5.9 (M = 32), 5.7 (M = 64) loop instructions per weight.

@@ -11,32 +11,24 @@ The arithmetic follows ``pyquant/algorithms/hqq_reference.py`` (round half to
 even, no FMA contraction: the launch passes ``enable_fp_fusion=False`` on a
 GPU); pow() uses the hardware exp2/log2, so zero points may differ from the
 spec in the last bits. Runs on CPU tensors under ``TRITON_INTERPRET=1``.
+
+The caller (``pyquant.algorithms.hqq``) owns the algorithm's parameters: it
+passes the per-step schedule (``hqq_reference.solver_schedule``: 1/beta and the
+shrink threshold of every step, so beta and kappa need not be known here) and
+the all-zero group's scale (``hqq_reference.tiny_scale``), and wraps the five
+returned tensors into its ``HQQSolution``.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ..algorithms.hqq_reference import HQQSolution, solver_schedule, tiny_scale
+from pyquant.errors import FormatError, ShapeError
 
-
-@triton.jit
-def _rint(x):
-    # Round half to even from floor (portable: the interpreter has no rint).
-    f = tl.floor(x)
-    d = x - f
-    odd = f - 2.0 * tl.floor(f * 0.5)
-    return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd))
-
-
-@triton.jit
-def _div(a, b):
-    # IEEE division: a plain "/" lowers to div.full.f32 (2 ulp) on NVIDIA GPUs
-    return tl.math.div_rn(a, b)
+from .ieee import div, exact_options, rint
 
 
 @triton.jit
@@ -54,7 +46,7 @@ def _to_stored(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _sq_err(w, valid, s, z, sinv, maxq):
-    q = tl.minimum(tl.maximum(_rint(w * sinv[:, None] + z[:, None]), 0.0), maxq)
+    q = tl.minimum(tl.maximum(rint(w * sinv[:, None] + z[:, None]), 0.0), maxq)
     d = w - (q - z[:, None]) * s[:, None]
     return tl.sum(tl.where(valid, d * d, 0.0), axis=1)
 
@@ -84,19 +76,19 @@ def _hqq_solve_kernel(
     # candidate 1: pyquant's RTN
     lo_r = tl.minimum(lo, 0.0)
     hi_r = tl.maximum(hi, 0.0)
-    s_r = _to_stored(_div(hi_r - lo_r, maxq + tl.zeros_like(hi_r)), DTYPE)
+    s_r = _to_stored(div(hi_r - lo_r, maxq + tl.zeros_like(hi_r)), DTYPE)
     s_r = tl.where(s_r > 0.0, s_r, tiny)
-    z_r = tl.minimum(tl.maximum(_rint(_div(-lo_r, s_r)), 0.0), maxq)
-    sinv_r = _div(tl.full(s_r.shape, 1.0, tl.float32), s_r)
+    z_r = tl.minimum(tl.maximum(rint(div(-lo_r, s_r)), 0.0), maxq)
+    sinv_r = div(tl.full(s_r.shape, 1.0, tl.float32), s_r)
     e_r = _sq_err(w, valid, s_r, z_r, sinv_r, maxq)
 
     # candidate 2: HQQ from hqq's min/max init
-    sinv_h = _div(maxq + tl.zeros_like(hi), hi - lo)
+    sinv_h = div(maxq + tl.zeros_like(hi), hi - lo)
     one = tl.full(hi.shape, 1.0, tl.float32)
-    s32 = _div(one, sinv_h)
+    s32 = div(one, sinv_h)
     s_st = _to_stored(s32, DTYPE)
-    sinv_d = _div(one, s32)
-    sinv_e = _div(one, s_st)
+    sinv_d = div(one, s32)
+    sinv_e = div(one, s_st)
     zd = -lo * sinv_d
     big = 3.0e38
     ok = gmask & (hi > lo) & (tl.abs(s32) < big) & (s_st > 0.0) & (s_st < big) & (sinv_e < big)
@@ -122,7 +114,7 @@ def _hqq_solve_kernel(
 
         inv_beta = tl.load(SCHED + it)
         thr = tl.load(SCHED + ITERS + it)
-        q = tl.minimum(tl.maximum(_rint(w * sinv_d[:, None] + zd[:, None]), 0.0), maxq)
+        q = tl.minimum(tl.maximum(rint(w * sinv_d[:, None] + zd[:, None]), 0.0), maxq)
         d = w - (q - zd[:, None]) * s32[:, None]
         a = tl.abs(d)
         pw = tl.exp2(p1 * tl.log2(tl.maximum(a, 1e-30)))
@@ -130,7 +122,7 @@ def _hqq_solve_kernel(
         v = tl.where(a > thr, v, 0.0)
         we = tl.where(d < 0.0, -v, v)
         t = q - (w - we) * sinv_d[:, None]
-        znew = _div(tl.sum(tl.where(valid, t, 0.0), axis=1), L.to(tl.float32))
+        znew = div(tl.sum(tl.where(valid, t, 0.0), axis=1), L.to(tl.float32))
         steps += active.to(tl.int32)
         if EARLY:
             maxd = tl.max(tl.where(valid, a, 0.0), axis=1)
@@ -156,7 +148,7 @@ def _hqq_solve_kernel(
     s = tl.where(use_h, s_st, s_r)
     z = tl.where(use_h, best_z, z_r)
     sinv = tl.where(use_h, sinv_e, sinv_r)
-    q = tl.minimum(tl.maximum(_rint(w * sinv[:, None] + z[:, None]), 0.0), maxq)
+    q = tl.minimum(tl.maximum(rint(w * sinv[:, None] + z[:, None]), 0.0), maxq)
     tl.store(CODES + offs, q.to(tl.uint8), mask=valid)
     tl.store(SCALES + gid, s, mask=gmask)
     tl.store(ZEROS + gid, z, mask=gmask)
@@ -167,28 +159,49 @@ def _hqq_solve_kernel(
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def hqq_solve_triton(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, early_stop) -> HQQSolution:
-    """``w``: fp32 contiguous (N, K), finite (validated by the caller)."""
+def hqq_solve(w, bits, group, scale_dtype, lp_norm, kappa_one, early_stop, schedule, tiny):
+    """Fused HQQ solve of ``w``, fp32 contiguous (N, K), finite (validated by the caller).
+
+    ``bits``: code width (codes 0 .. 2**bits - 1); ``group``: weights per group
+    along K (the last group of a row may be shorter); ``scale_dtype``: the stored
+    scale/zero dtype (fp32, fp16 or bf16) every candidate is rounded to;
+    ``lp_norm``: p of the shrinkage; ``kappa_one``: beta stays constant (kappa ==
+    1), so a group whose zero stopped moving has converged; ``early_stop``: stop
+    a group at that fixed point; ``schedule``: fp32 (2, iters), row 0 1/beta and
+    row 1 the shrink threshold of each of the ``iters`` proximal steps (on the
+    CPU: its last threshold is read on the host); ``tiny``: the scale of an
+    all-zero group.
+
+    Returns ``(codes, scales, zeros, err, iters)``: uint8 (N, K); fp32 (N, G)
+    scales and zeros (already rounded to ``scale_dtype``) and squared error per
+    group; int32 (N, G) proximal steps each group ran.
+    """
+    if scale_dtype not in _DTYPE_CODE:
+        raise FormatError(f"hqq_solve: scale_dtype must be fp32, fp16 or bf16, got {scale_dtype}")
+    if schedule.dim() != 2 or schedule.shape[0] != 2 or schedule.dtype != torch.float32:
+        raise ShapeError(f"hqq_solve: schedule must be fp32 (2, iters), got {schedule.dtype} {tuple(schedule.shape)}")
     n, k = w.shape
+    iters = schedule.shape[1]
     ng = math.ceil(k / group)
     total = n * ng
     dev = w.device
-    sol = HQQSolution.empty(n, k, group, dev)
-    sched = solver_schedule(iters, lp_norm, beta, kappa)
-    thr_last = float(sched[1, -1]) if iters else 0.0
+    codes = torch.empty((n, k), dtype=torch.uint8, device=dev)
+    scales = torch.empty((n, ng), dtype=torch.float32, device=dev)
+    zeros = torch.empty_like(scales)
+    err = torch.empty_like(scales)
+    steps = torch.empty((n, ng), dtype=torch.int32, device=dev)
+    thr_last = float(schedule[1, -1]) if iters else 0.0
     if iters == 0:  # keep a valid pointer for the (never executed) schedule loads
-        sched = torch.zeros((2, 1), dtype=torch.float32)
-    sched = sched.to(dev).contiguous()
+        schedule = torch.zeros((2, 1), dtype=torch.float32)
+    schedule = schedule.to(dev).contiguous()
     block_l = triton.next_power_of_2(group)
     block_g = max(1, min(64, 4096 // block_l))  # ~4K fp32 per array per program
     grid = (triton.cdiv(total, block_g),)
-    extra = {}
-    if dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        extra["enable_fp_fusion"] = False
     _hqq_solve_kernel[grid](
-        w, sol.codes, sol.scales, sol.zeros, sol.err, sol.iters, sched,
-        total, ng, k, group, float((1 << bits) - 1), thr_last, float(lp_norm) - 1.0, tiny_scale(scale_dtype),
-        ITERS=iters, DTYPE=_DTYPE_CODE[scale_dtype], KAPPA_ONE=kappa == 1.0, EARLY=bool(early_stop),
-        BLOCK_G=block_g, BLOCK_L=block_l, num_warps=4 if block_g * block_l <= 2048 else 8, **extra,
+        w, codes, scales, zeros, err, steps, schedule,
+        total, ng, k, group, float((1 << bits) - 1), thr_last, float(lp_norm) - 1.0, float(tiny),
+        ITERS=iters, DTYPE=_DTYPE_CODE[scale_dtype], KAPPA_ONE=bool(kappa_one), EARLY=bool(early_stop),
+        BLOCK_G=block_g, BLOCK_L=block_l, num_warps=4 if block_g * block_l <= 2048 else 8,
+        **exact_options(_hqq_solve_kernel, dev),
     )
-    return sol
+    return codes, scales, zeros, err, steps
