@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "cuda_check.h"
+#include "launchers.h"
 
 namespace pyquant {
 namespace {

@@ -3,8 +3,8 @@
 // the CPU tests exercise the same bit handling.
 #include "cuda_check.h"
 #include "cuda_common.cuh"
+#include "launchers.h"
 #include "pyquant/int_decode.h"
-#include "int_dequant.h"
 
 namespace pyquant {
 namespace {
