@@ -18,22 +18,18 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
-#include <pybind11/pybind11.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 
-#include "hqq_common.h"
+#include "hqq_kernels.h"
 #include "simd.h"
 
 #if PQ_X86
 #include <immintrin.h>
 #endif
-
-namespace py = pybind11;
 
 namespace pyquant {
 namespace {
@@ -340,30 +336,17 @@ void solve_group(const float* w, int64_t L, uint8_t* codes, float* s_out, float*
   *steps_out = steps;
 }
 
-void hqq_solve_cpu(uintptr_t w, uintptr_t codes, uintptr_t scales, uintptr_t zeros, uintptr_t err, uintptr_t steps,
-                   int64_t n, int64_t k, int64_t group, int bits, int scale_dtype, int iters, uintptr_t schedule,
-                   double lp_norm, bool kappa_one, bool early_stop, int nthreads) {
-  const HqqParams P(bits, scale_dtype, iters, schedule, lp_norm, kappa_one, early_stop);
-  const HqqOutputs out = hqq_outputs(codes, scales, zeros, err, steps);
-  auto* pw = reinterpret_cast<const float*>(w);
+}  // namespace
+
+void hqq_solve(const float* w, const HqqOutputs& out, int64_t n, int64_t k, int64_t group, const HqqParams& P,
+               int nthreads) {
 #if PQ_X86
   if (simd_level() == Simd::kAvx2) {
-    for_each_group(pw, out, n, k, group, nthreads, [&P](auto... a) { solve_group<Avx2>(a..., P); });
+    for_each_group(w, out, n, k, group, nthreads, [&P](auto... a) { solve_group<Avx2>(a..., P); });
     return;
   }
 #endif
-  for_each_group(pw, out, n, k, group, nthreads, [&P](auto... a) { solve_group<Scalar>(a..., P); });
-}
-
-}  // namespace
-
-void register_hqq_cpu(py::module_& m) {
-  m.def("hqq_solve_cpu", &hqq_solve_cpu, py::call_guard<py::gil_scoped_release>(), py::arg("w"), py::arg("codes"),
-        py::arg("scales"), py::arg("zeros"), py::arg("err"), py::arg("steps"), py::arg("n"), py::arg("k"),
-        py::arg("group"), py::arg("bits"), py::arg("scale_dtype"), py::arg("iters"), py::arg("schedule"),
-        py::arg("lp_norm"), py::arg("kappa_one"), py::arg("early_stop"), py::arg("nthreads"),
-        "HQQ solver over fp32 w (n, k) grouped along k; writes codes, stored scales/zeros (fp32), "
-        "per-group squared error and step count.");
+  for_each_group(w, out, n, k, group, nthreads, [&P](auto... a) { solve_group<Scalar>(a..., P); });
 }
 
 }  // namespace pyquant

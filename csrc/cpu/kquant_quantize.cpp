@@ -11,21 +11,19 @@
 //  * integers stored into uint8_t/int8_t wrap, as in llama.cpp.
 // Input is validated in Python (finite, K % 256 == 0, importance >= 0).
 
-#include <pybind11/pybind11.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
 
+#include "kquant_kernels.h"
+
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
 #endif
-
-namespace py = pybind11;
 
 namespace pyquant {
 namespace {
@@ -628,14 +626,12 @@ int type_size(int ggml_type) {
   }
 }
 
-// x: fp32 (nrows, k) contiguous; qw: fp32 (k,) or 0; out: uint8 (nrows, k/256*type_size).
-void kquant_quantize(int ggml_type, uintptr_t x_ptr, uintptr_t qw_ptr, int64_t nrows, int64_t k, uintptr_t out_ptr,
+}  // namespace
+
+void kquant_quantize(int ggml_type, const float* x, const float* qw, int64_t nrows, int64_t k, uint8_t* out,
                      int nthreads) {
   const int ts = type_size(ggml_type);
   if (ts == 0) throw std::invalid_argument("kquant_quantize: not a k-quant ggml type");
-  const float* x = reinterpret_cast<const float*>(x_ptr);
-  const float* qw = reinterpret_cast<const float*>(qw_ptr);
-  uint8_t* out = reinterpret_cast<uint8_t*>(out_ptr);
   const int64_t nb = k / kSuper, total = nrows * nb;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t b = 0; b < total; ++b) {
@@ -650,14 +646,6 @@ void kquant_quantize(int ggml_type, uintptr_t x_ptr, uintptr_t qw_ptr, int64_t n
       default: block_q6_k(xb, qb, ob); break;
     }
   }
-}
-
-}  // namespace
-
-void register_kquant_cpu(py::module_& m) {
-  m.def("kquant_quantize", &kquant_quantize, py::arg("ggml_type"), py::arg("x"), py::arg("qw"), py::arg("nrows"),
-        py::arg("k"), py::arg("out"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
-        "llama.cpp k-quant quantization of fp32 rows (qw = importance pointer or 0) into GGUF block bytes");
 }
 
 }  // namespace pyquant

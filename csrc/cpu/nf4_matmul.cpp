@@ -19,7 +19,7 @@
 #include <algorithm>
 #include <cstring>
 
-#include "nf4_cpu.h"
+#include "nf4_kernels.h"
 #include "simd.h"
 
 namespace pyquant {

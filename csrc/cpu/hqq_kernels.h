@@ -1,7 +1,8 @@
-// What the two HQQ CPU solvers (hqq_solver.cpp: float zero points,
-// hqq_integer_zero.cpp: zero points anchored at integers) share: rounding of
-// per-group scalars to the stored dtype, the solver parameters, the output
-// pointers and the parallel loop over groups.
+// Internal interface of the two HQQ CPU solvers (hqq_solver.cpp: float zero
+// points, hqq_integer_zero.cpp: zero points anchored at integers; bound in
+// hqq_bindings.cpp) and what they share: rounding of per-group scalars to the
+// stored dtype, the solver parameters, the output pointers and the parallel
+// loop over groups.
 #pragma once
 
 #include <algorithm>
@@ -71,15 +72,16 @@ struct HqqParams {
   bool early_stop;
   float tiny;  // RTN's scale for an all-zero group
 
-  HqqParams(int bits, int scale_dtype, int iters_, uintptr_t schedule, double lp, bool kappa_is_one, bool stop)
-      : maxq(static_cast<float>((1 << bits) - 1)), dtype(scale_dtype), iters(iters_),
-        inv_beta(reinterpret_cast<const float*>(schedule)), thr(inv_beta + iters_),
+  // schedule: fp32 (2, iters), solver_schedule's rows.
+  HqqParams(int bits, int scale_dtype, int iters_, const float* schedule, double lp, bool kappa_is_one, bool stop)
+      : maxq(static_cast<float>((1 << bits) - 1)), dtype(scale_dtype), iters(iters_), inv_beta(schedule),
+        thr(inv_beta + iters_),
         thr_last(iters_ > 0 ? thr[iters_ - 1] : 0.0f), lp_norm(static_cast<float>(lp)), kappa_one(kappa_is_one),
         early_stop(stop), tiny(scale_dtype == 0 ? std::numeric_limits<float>::min() : 6.103515625e-05f) {}
 };
 
-// The solvers' outputs, from the data pointers Python hands over:
-// codes (n, k) uint8; scales, zeros, err (n, G) fp32; steps (n, G) int32.
+// The solvers' outputs: codes (n, k) uint8; scales, zeros, err (n, G) fp32;
+// steps (n, G) int32.
 struct HqqOutputs {
   uint8_t* codes;
   float* scales;
@@ -87,12 +89,6 @@ struct HqqOutputs {
   float* err;
   int32_t* steps;
 };
-
-inline HqqOutputs hqq_outputs(uintptr_t codes, uintptr_t scales, uintptr_t zeros, uintptr_t err, uintptr_t steps) {
-  return HqqOutputs{reinterpret_cast<uint8_t*>(codes), reinterpret_cast<float*>(scales),
-                    reinterpret_cast<float*>(zeros), reinterpret_cast<float*>(err),
-                    reinterpret_cast<int32_t*>(steps)};
-}
 
 // fn(w, L, codes, scale, zero, err, steps) for every group of w (n, k) cut
 // along k into groups of `group` (the last one ragged). Dynamic chunks:
@@ -109,5 +105,16 @@ void for_each_group(const float* w, const HqqOutputs& out, int64_t n, int64_t k,
     fn(w + off, L, out.codes + off, out.scales + t, out.zeros + t, out.err + t, out.steps + t);
   }
 }
+
+// Entry points: every group of w (n, k), cut along k into groups of `group`
+// (the last one ragged), solved independently; writes codes, the stored
+// scale and zero (fp32), the group's squared error and its step count.
+// Float zero points (hqq_solver.cpp).
+void hqq_solve(const float* w, const HqqOutputs& out, int64_t n, int64_t k, int64_t group, const HqqParams& P,
+               int nthreads);
+// The scale solved without clipping around RTN's integer zero, then the zero
+// moved at most zero_slack from it (hqq_integer_zero.cpp).
+void hqq_solve_integer_zero(const float* w, const HqqOutputs& out, int64_t n, int64_t k, int64_t group,
+                            const HqqParams& P, float zero_slack, int nthreads);
 
 }  // namespace pyquant
