@@ -7,6 +7,7 @@
 #include "simd.h"
 #include "pyquant/common.h"
 #include "pyquant/int_decode.h"
+#include "pyquant/static_switch.h"
 
 #if PQ_X86
 #include <immintrin.h>

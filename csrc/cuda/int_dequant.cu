@@ -5,6 +5,7 @@
 #include "cuda_common.cuh"
 #include "launchers.h"
 #include "pyquant/int_decode.h"
+#include "pyquant/static_switch.h"
 
 namespace pyquant {
 namespace {
@@ -37,20 +38,11 @@ void int_dequant_cuda(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uint
   auto q = reinterpret_cast<const uint8_t*>(qweight);
   auto sc = reinterpret_cast<const void*>(scales);
   auto z = reinterpret_cast<const void*>(zeros);
-  switch (out_dtype) {
-    case kF16:
-      int_dequant_kernel<<<blocks, threads, 0, s>>>(q, sc, z, reinterpret_cast<__half*>(out), n, k, bits, group,
-                                                    ngroups, scale_dtype);
-      break;
-    case kBF16:
-      int_dequant_kernel<<<blocks, threads, 0, s>>>(q, sc, z, reinterpret_cast<__nv_bfloat16*>(out), n, k, bits,
-                                                    group, ngroups, scale_dtype);
-      break;
-    default:
-      int_dequant_kernel<<<blocks, threads, 0, s>>>(q, sc, z, reinterpret_cast<float*>(out), n, k, bits, group,
-                                                    ngroups, scale_dtype);
-  }
-  PQ_CUDA_CHECK(cudaGetLastError());
+  PQ_DTYPE_SWITCH(out_dtype, scalar_t, "int_dequant_cuda", [&] {
+    int_dequant_kernel<<<blocks, threads, 0, s>>>(q, sc, z, reinterpret_cast<scalar_t*>(out), n, k, bits, group,
+                                                  ngroups, scale_dtype);
+    PQ_CUDA_CHECK(cudaGetLastError());
+  });
 }
 
 }  // namespace pyquant
