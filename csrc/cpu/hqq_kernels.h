@@ -11,15 +11,17 @@
 #include <cstring>
 #include <limits>
 
+#include "pyquant/common.h"
+
 namespace pyquant {
 
-// Scale dtype codes (pyquant/ops/_dtypes.py): 0 fp32, 1 fp16, 2 bf16.
-// fp32 -> fp16/bf16 -> fp32, round to nearest even, overflow to inf.
+// fp32 -> the scale dtype (a DType) -> fp32, round to nearest even, overflow
+// to inf.
 inline float round_to_dtype(float x, int dtype) {
-  if (dtype == 0 || !std::isfinite(x)) return x;
+  if (dtype == kF32 || !std::isfinite(x)) return x;
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  if (dtype == 2) {  // bf16: keep the top 16 bits, ties to even
+  if (dtype == kBF16) {  // keep the top 16 bits, ties to even
     u += 0x7fffu + ((u >> 16) & 1u);
     u &= 0xffff0000u;
     float r;
@@ -40,11 +42,11 @@ inline float round_to_dtype(float x, int dtype) {
 
 // The next value above x (finite, >= 0, already representable) in that dtype.
 inline float next_up_in_dtype(float x, int dtype) {
-  if (dtype == 0) return std::nextafter(x, std::numeric_limits<float>::infinity());
-  if (dtype == 1 && x < 6.103515625e-05f) return x + 5.9604644775390625e-08f;  // fp16 subnormal step 2^-24
+  if (dtype == kF32) return std::nextafter(x, std::numeric_limits<float>::infinity());
+  if (dtype == kF16 && x < 6.103515625e-05f) return x + 5.9604644775390625e-08f;  // fp16 subnormal step 2^-24
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  u += dtype == 2 ? 0x10000u : 0x2000u;  // one ulp of the 7 / 10 kept mantissa bits
+  u += dtype == kBF16 ? 0x10000u : 0x2000u;  // one ulp of the 7 / 10 kept mantissa bits
   float r;
   std::memcpy(&r, &u, 4);
   return r;
@@ -77,7 +79,7 @@ struct HqqParams {
       : maxq(static_cast<float>((1 << bits) - 1)), dtype(scale_dtype), iters(iters_), inv_beta(schedule),
         thr(inv_beta + iters_),
         thr_last(iters_ > 0 ? thr[iters_ - 1] : 0.0f), lp_norm(static_cast<float>(lp)), kappa_one(kappa_is_one),
-        early_stop(stop), tiny(scale_dtype == 0 ? std::numeric_limits<float>::min() : 6.103515625e-05f) {}
+        early_stop(stop), tiny(scale_dtype == kF32 ? std::numeric_limits<float>::min() : 6.103515625e-05f) {}
 };
 
 // The solvers' outputs: codes (n, k) uint8; scales, zeros, err (n, G) fp32;

@@ -266,7 +266,7 @@ void int4_gemv_cuda(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t 
   p.n = n;
   p.k = k;
   p.row_bytes = ((k + 31) / 32) * 16;
-  p.ngroups = (k + group - 1) / group;
+  p.ngroups = cuda::ceil_div(k, group);
   if (p.ngroups == 1) {
     p.gshift = 31;  // chunk * 32 < 2^31, so every chunk maps to group 0
   } else {

@@ -29,11 +29,11 @@ __global__ void int_dequant_kernel(const uint8_t* __restrict__ qweight, const vo
 
 void int_dequant_cuda(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t out, int64_t n, int64_t k,
                       int bits, int64_t group, int scale_dtype, int out_dtype, uintptr_t stream) {
-  const int64_t ngroups = (k + group - 1) / group;
+  const int64_t ngroups = cuda::ceil_div(k, group);
   const int64_t total = n * k;
   if (total == 0) return;
   const int threads = 256;
-  const int64_t blocks = (total + threads - 1) / threads;
+  const int64_t blocks = cuda::ceil_div(total, threads);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   auto q = reinterpret_cast<const uint8_t*>(qweight);
   auto sc = reinterpret_cast<const void*>(scales);
