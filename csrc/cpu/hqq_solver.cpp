@@ -24,6 +24,7 @@
 #include <cstring>
 #include <limits>
 
+#include "avx2_reduce.h"
 #include "hqq_kernels.h"
 #include "simd.h"
 
@@ -95,24 +96,6 @@ struct Scalar {
 #if PQ_X86
 // ------------------------------------------------------------- AVX2+FMA ---
 struct Avx2 {
-  PQ_TARGET_AVX2 static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  PQ_TARGET_AVX2 static inline float hmax(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  PQ_TARGET_AVX2 static inline float hmin(__m256 v) {
-    __m128 s = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_min_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_min_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
   // Lanes [0, n) set: masks the ragged end of a group (loads read zeros there).
   PQ_TARGET_AVX2 static inline __m256i tail_mask(int64_t n) {
     const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -171,8 +154,8 @@ struct Avx2 {
       vlo = _mm256_min_ps(vlo, x);
       vhi = _mm256_max_ps(vhi, x);
     }
-    lo = hmin(vlo);
-    hi = hmax(vhi);
+    lo = hmin_avx2(vlo);
+    hi = hmax_avx2(vhi);
     for (; i < L; ++i) {
       lo = std::min(lo, w[i]);
       hi = std::max(hi, w[i]);
@@ -196,7 +179,7 @@ struct Avx2 {
       d = _mm256_and_ps(d, _mm256_castsi256_ps(m));
       acc = _mm256_add_ps(acc, _mm256_mul_ps(d, d));
     }
-    return hsum(acc);
+    return hsum_avx2(acc);
   }
 
   // One proximal step on the unrounded zero zd, fused with scoring the
@@ -251,7 +234,7 @@ struct Avx2 {
       step_lanes<kScore, true>(_mm256_maskload_ps(w + i, m), _mm256_castsi256_ps(m), maxq, s32, sinv_d, zd, inv_beta,
                                thr, p1, s_st, sinv_e, zs, zacc, dmax, eacc);
     }
-    return StepOut{hsum(zacc), hmax(dmax), hsum(eacc)};
+    return StepOut{hsum_avx2(zacc), hmax_avx2(dmax), hsum_avx2(eacc)};
   }
 
   static StepOut step(const float* w, int64_t L, float maxq, float s32, float sinv_d, float zd, float inv_beta,
