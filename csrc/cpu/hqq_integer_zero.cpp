@@ -14,11 +14,7 @@
 // all its steps, OpenMP hands groups to threads. Plain loops: the step is a
 // handful of flops per weight and the shrinkage pow() only runs where
 // |W - W_hat| exceeds beta^(-1/(2-p)), which LLM-scale weights never do.
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+#include "fp_contract_off.h"
 
 #include <algorithm>
 #include <cmath>

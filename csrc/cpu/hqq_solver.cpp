@@ -9,14 +9,9 @@
 // step is a handful of vector ops plus, only where shrinkage is active, a
 // pow() done with a vectorised log2/exp2.
 //
-// Contraction of a*b+c into an FMA would change rounding against the spec
-// (GCC contracts even vector intrinsics, which it implements as plain vector
-// arithmetic; clang contracts within an expression by default), hence:
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+// Contraction of a*b+c into an FMA would change rounding against the spec,
+// hence fp_contract_off.h first.
+#include "fp_contract_off.h"
 
 #include <algorithm>
 #include <cmath>

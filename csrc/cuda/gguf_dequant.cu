@@ -98,7 +98,7 @@ __device__ __forceinline__ void decode8(const uint8_t* b, int i0, float* v) {
 template <int TYPE, typename T>
 __global__ void __launch_bounds__(kThreads) gguf_dequant_kernel(const uint8_t* __restrict__ blocks,
                                                                  T* __restrict__ out, int64_t nblocks) {
-  constexpr int kBlock = TYPE == kQ2_K || TYPE == kQ3_K || TYPE == kQ4_K || TYPE == kQ5_K || TYPE == kQ6_K ? 256 : 32;
+  constexpr int kBlock = block_size(TYPE);
   constexpr int kOctets = kBlock / 8;
   const int64_t o = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (o >= nblocks * kOctets) return;
