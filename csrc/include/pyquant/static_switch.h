@@ -6,12 +6,12 @@
 //   PQ_DTYPE_SWITCH(out_dtype, scalar_t, "int_dequant_cuda", [&] {
 //     int_dequant_kernel<scalar_t><<<grid, threads, 0, stream>>>(...);
 //   });
-//   PQ_BITS_SWITCH(w.bits, kBits, "int_gemm_avx2", [&] { gemm_rows<kBits>(...); });
+//   PQ_BITS_SWITCH(w.bits, kBits, "int_gemm_avx2", [&] { gemm<kBits>(...); });
 //
 // The macro opens a scope per accepted value, declares the name given as its
 // second argument there (`using scalar_t = ...;` or `constexpr int kBits =
 // ...;`) and calls the lambda written in that scope, so the lambda sees the
-// name; the switch's value is the lambda's. Plain C++ (no CUDA API), so host
+// name; the switch's value is the lambda's. No CUDA runtime calls, so host
 // C++ and the host side of .cu files use the same macros.
 //
 // A code outside the list throws std::invalid_argument naming the launcher,
