@@ -1,7 +1,8 @@
 // pyquant._C: thin pybind11 bindings. Every kernel entry point takes raw
-// pointers (as integers), sizes, dtype codes and a thread count; validation
-// happened in Python (DESIGN.md rule 4). Each family registers its own
-// functions so kernel files stay independent.
+// pointers (as integers), sizes, dtype codes and a thread count (CPU) or a
+// stream (CUDA); validation happened in Python (DESIGN.md rule 4). Each CPU
+// family registers its functions in cpu/<family>_bindings.cpp, the CUDA
+// launchers all in cuda/cuda_bindings.cpp, so kernel files never see pybind11.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -15,7 +16,6 @@ void register_nf4_cpu(py::module_& m);
 void register_gguf_cpu(py::module_& m);
 void register_kquant_cpu(py::module_& m);
 void register_hqq_cpu(py::module_& m);
-void register_hqq_integer_zero_cpu(py::module_& m);
 void register_gptq_cpu(py::module_& m);
 #ifdef PYQUANT_WITH_CUDA
 void register_cuda(py::module_& m);
@@ -49,6 +49,5 @@ PYBIND11_MODULE(_C, m) {
   pyquant::register_gguf_cpu(m);
   pyquant::register_kquant_cpu(m);
   pyquant::register_hqq_cpu(m);
-  pyquant::register_hqq_integer_zero_cpu(m);
   pyquant::register_gptq_cpu(m);
 }

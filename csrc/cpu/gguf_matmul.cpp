@@ -23,8 +23,10 @@
 #include <string>
 #include <vector>
 
-#include "gguf_kernels.h"
+#include "avx2_reduce.h"
 #include "gguf_avx2.h"  // x86 only; empty elsewhere
+#include "gguf_kernels.h"
+#include "micro_gemm.h"
 
 namespace pyquant {
 namespace gguf {
@@ -32,65 +34,13 @@ namespace {
 
 constexpr int kTileN = 12;      // weight rows per thread task (a multiple of kNR)
 constexpr int kChunkK = 1024;   // weights per row decoded at a time (a multiple of 256)
-constexpr int kMR = 4;          // x rows per register tile
-constexpr int kNR = 3;          // weight rows per register tile
+constexpr int kMR = kMicroMR;   // x rows per register tile
+constexpr int kNR = kMicroNR;   // weight rows per register tile
 
 // ------------------------------------------------------ tiled (any type) ---
 
-// y[m * ldy + n] += dot(x[m], w[n]) over len weights, for m < MR, n < NR.
-template <int MR, int NR>
-void micro_scalar(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* y, int64_t ldy) {
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < len; ++k) acc += x[m * ldx + k] * w[n * ldw + k];
-      y[m * ldy + n] += acc;
-    }
-}
-
 inline void prefetch(const uint8_t* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
-}
-
-using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
-
-#if PQ_X86
-using avx2::hsum;
-
-// len is a multiple of 32 (one legacy block), so there is no tail.
-template <int MR, int NR>
-PQ_TARGET_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* y,
-                               int64_t ldy) {
-  __m256 acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < len; k += 8) {
-    __m256 wv[NR];
-    for (int n = 0; n < NR; ++n) wv[n] = _mm256_loadu_ps(w + n * ldw + k);
-    for (int m = 0; m < MR; ++m) {
-      const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
-      for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_fmadd_ps(wv[n], xv, acc[m][n]);
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) y[m * ldy + n] += hsum(acc[m][n]);
-}
-#endif
-
-MicroFn micro_fn(Simd level, int mr, int nr) {
-#define PQ_MICRO_CASES(F)                                                                        \
-  static const MicroFn table[kMR][kNR] = {{F<1, 1>, F<1, 2>, F<1, 3>},                           \
-                                          {F<2, 1>, F<2, 2>, F<2, 3>},                           \
-                                          {F<3, 1>, F<3, 2>, F<3, 3>},                           \
-                                          {F<4, 1>, F<4, 2>, F<4, 3>}};                          \
-  return table[mr - 1][nr - 1];
-#if PQ_X86
-  if (level == Simd::kAvx2) {
-    PQ_MICRO_CASES(micro_avx2)
-  }
-#endif
-  PQ_MICRO_CASES(micro_scalar)
-#undef PQ_MICRO_CASES
 }
 
 void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias, float* y, int64_t M, int64_t N,
@@ -105,9 +55,9 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
   // Allocated before the parallel region: an allocation failure must surface
   // as a Python exception, not terminate inside OpenMP.
   std::vector<float> buffers(size_t(nthreads) * kTileN * kc);
-  MicroFn micro[kMR][kNR];
+  MicroGemmFn micro[kMR][kNR];
   for (int a = 0; a < kMR; ++a)
-    for (int b = 0; b < kNR; ++b) micro[a][b] = micro_fn(level, a + 1, b + 1);
+    for (int b = 0; b < kNR; ++b) micro[a][b] = micro_gemm_fn(a + 1, b + 1, level == Simd::kAvx2);
 
 #pragma omp parallel num_threads(nthreads)
   {
@@ -187,7 +137,7 @@ PQ_TARGET_AVX2 void gemv_q4_k(const uint8_t* w, int64_t row_bytes, const float* 
       }
     }
   }
-  for (int r = 0; r < R; ++r) y[r] = hsum(_mm256_sub_ps(acc[r], mins[r]));
+  for (int r = 0; r < R; ++r) y[r] = hsum_avx2(_mm256_sub_ps(acc[r], mins[r]));
 }
 
 PQ_TARGET_AVX2 inline __m256 widen_s8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
@@ -222,7 +172,7 @@ PQ_TARGET_AVX2 void gemv_q6_k(const uint8_t* w, int64_t row_bytes, const float* 
       }
     }
   }
-  for (int r = 0; r < R; ++r) y[r] = hsum(acc[r]);
+  for (int r = 0; r < R; ++r) y[r] = hsum_avx2(acc[r]);
 }
 
 template <int R>
@@ -246,7 +196,7 @@ PQ_TARGET_AVX2 void gemv_q8_0(const uint8_t* w, int64_t row_bytes, const float* 
       acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(f16_at(blk + LayoutQ8_0::kD)), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) y[r] = hsum(acc[r]);
+  for (int r = 0; r < R; ++r) y[r] = hsum_avx2(acc[r]);
 }
 
 using GemvFn = void (*)(const uint8_t*, int64_t, const float*, const float*, int64_t, float*);

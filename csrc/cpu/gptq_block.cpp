@@ -12,47 +12,27 @@
 // tile instead of once per row, which is what makes the update compute- rather
 // than bandwidth-bound (Hinv's block is 64 KiB, more than L1). OpenMP splits
 // the tiles across threads.
-#include <pybind11/pybind11.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
+#include "gptq_kernels.h"
 #include "simd.h"
 
 #if PQ_X86
 #include <immintrin.h>
 #endif
 
-namespace py = pybind11;
-
 namespace pyquant {
 namespace {
 
 constexpr int kTile = 8;
 
-struct BlockArgs {
-  float* w;
-  int64_t ldw;
-  int64_t n, b;
-  const float* hinv;
-  int64_t ldh;
-  const float* scale;
-  const float* zero;
-  int64_t ldsz;
-  int64_t start, stop, group_len;
-  float maxq;
-  uint8_t* codes;
-  int64_t ldc;
-  float* err;
-  int64_t lde;
-};
-
 // Quantizes column i of rows [r0, r0 + rows) and returns each row's scaled
 // error in e[]. Division (not a reciprocal multiply) and round-half-even
 // (nearbyint under the default rounding mode) match torch.round(w / s) bit for
 // bit, so a GPTQ run whose Hessian is the identity reproduces RTN exactly.
-inline void quantize_column(const BlockArgs& a, int64_t r0, int rows, int64_t i, float* e) {
+inline void quantize_column(const GptqBlockArgs& a, int64_t r0, int rows, int64_t i, float* e) {
   const int64_t g = (i - a.start) / a.group_len;
   const float d = a.hinv[i * a.ldh + i];
   for (int r = 0; r < rows; ++r) {
@@ -70,7 +50,7 @@ inline void quantize_column(const BlockArgs& a, int64_t r0, int rows, int64_t i,
   }
 }
 
-void tile_scalar(const BlockArgs& a, int64_t r0, int rows) {
+void tile_scalar(const GptqBlockArgs& a, int64_t r0, int rows) {
   float e[kTile];
   for (int64_t i = a.start; i < a.stop; ++i) {
     quantize_column(a, r0, rows, i, e);
@@ -85,7 +65,7 @@ void tile_scalar(const BlockArgs& a, int64_t r0, int rows) {
 
 #if PQ_X86
 template <int R>
-PQ_TARGET_AVX2 void tile_avx2_fixed(const BlockArgs& a, int64_t r0) {
+PQ_TARGET_AVX2 void tile_avx2_fixed(const GptqBlockArgs& a, int64_t r0) {
   float e[kTile];
   float* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = a.w + (r0 + r) * a.ldw;
@@ -108,7 +88,7 @@ PQ_TARGET_AVX2 void tile_avx2_fixed(const BlockArgs& a, int64_t r0) {
   }
 }
 
-PQ_TARGET_AVX2 void tile_avx2(const BlockArgs& a, int64_t r0, int rows) {
+PQ_TARGET_AVX2 void tile_avx2(const GptqBlockArgs& a, int64_t r0, int rows) {
   switch (rows) {
     case 8: tile_avx2_fixed<8>(a, r0); break;
     case 7: tile_avx2_fixed<7>(a, r0); break;
@@ -122,7 +102,9 @@ PQ_TARGET_AVX2 void tile_avx2(const BlockArgs& a, int64_t r0, int rows) {
 }
 #endif
 
-void block_update(const BlockArgs& a, int nthreads) {
+}  // namespace
+
+void gptq_block_update(const GptqBlockArgs& a, int nthreads) {
   const int64_t tiles = (a.n + kTile - 1) / kTile;
   const bool avx2 = PQ_X86 && simd_level() == Simd::kAvx2;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -137,27 +119,6 @@ void block_update(const BlockArgs& a, int nthreads) {
 #endif
     tile_scalar(a, r0, rows);
   }
-}
-
-}  // namespace
-
-void register_gptq_cpu(py::module_& m) {
-  m.def(
-      "gptq_block_update_f32",
-      [](uintptr_t w, int64_t ldw, int64_t n, int64_t b, uintptr_t hinv, int64_t ldh, uintptr_t scale,
-         uintptr_t zero, int64_t ldsz, int64_t start, int64_t stop, int64_t group_len, int64_t maxq,
-         uintptr_t codes, int64_t ldc, uintptr_t err, int64_t lde, int nthreads) {
-        BlockArgs a{reinterpret_cast<float*>(w), ldw, n, b, reinterpret_cast<const float*>(hinv), ldh,
-                    reinterpret_cast<const float*>(scale), reinterpret_cast<const float*>(zero), ldsz, start,
-                    stop, group_len, static_cast<float>(maxq), reinterpret_cast<uint8_t*>(codes), ldc,
-                    reinterpret_cast<float*>(err), lde};
-        block_update(a, std::max(1, nthreads));
-      },
-      py::arg("w"), py::arg("ldw"), py::arg("n"), py::arg("b"), py::arg("hinv"), py::arg("ldh"),
-      py::arg("scale"), py::arg("zero"), py::arg("ldsz"), py::arg("start"), py::arg("stop"),
-      py::arg("group_len"), py::arg("maxq"), py::arg("codes"), py::arg("ldc"), py::arg("err"),
-      py::arg("lde"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
-      "GPTQ in-block column update (fp32, row-major; see pyquant.algorithms.gptq)");
 }
 
 }  // namespace pyquant

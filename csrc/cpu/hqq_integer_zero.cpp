@@ -14,21 +14,13 @@
 // all its steps, OpenMP hands groups to threads. Plain loops: the step is a
 // handful of flops per weight and the shrinkage pow() only runs where
 // |W - W_hat| exceeds beta^(-1/(2-p)), which LLM-scale weights never do.
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-
-#include <pybind11/pybind11.h>
+#include "fp_contract_off.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
-#include "hqq_common.h"
-
-namespace py = pybind11;
+#include "hqq_kernels.h"
 
 namespace pyquant {
 namespace {
@@ -140,26 +132,11 @@ void solve_group(const float* w, int64_t L, uint8_t* codes, float* s_out, float*
   *steps_out = steps;
 }
 
-void hqq_solve_integer_zero_cpu(uintptr_t w, uintptr_t codes, uintptr_t scales, uintptr_t zeros, uintptr_t err,
-                                uintptr_t steps, int64_t n, int64_t k, int64_t group, int bits, int scale_dtype,
-                                int iters, uintptr_t schedule, double lp_norm, bool kappa_one, bool early_stop,
-                                double zero_slack, int nthreads) {
-  const HqqParams P(bits, scale_dtype, iters, schedule, lp_norm, kappa_one, early_stop);
-  const float slack = static_cast<float>(zero_slack);
-  for_each_group(reinterpret_cast<const float*>(w), hqq_outputs(codes, scales, zeros, err, steps), n, k, group,
-                 nthreads, [&P, slack](auto... a) { solve_group(a..., P, slack); });
-}
-
 }  // namespace
 
-void register_hqq_integer_zero_cpu(py::module_& m) {
-  m.def("hqq_solve_integer_zero_cpu", &hqq_solve_integer_zero_cpu, py::call_guard<py::gil_scoped_release>(),
-        py::arg("w"), py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("err"), py::arg("steps"),
-        py::arg("n"), py::arg("k"), py::arg("group"), py::arg("bits"), py::arg("scale_dtype"), py::arg("iters"),
-        py::arg("schedule"), py::arg("lp_norm"), py::arg("kappa_one"), py::arg("early_stop"), py::arg("zero_slack"),
-        py::arg("nthreads"),
-        "HQQ around integer zero points (scale solved without clipping, then the zero within zero_slack) over fp32 w (n, k) grouped along k; "
-        "writes codes, stored scales, zeros, per-group squared error and step count.");
+void hqq_solve_integer_zero(const float* w, const HqqOutputs& out, int64_t n, int64_t k, int64_t group,
+                            const HqqParams& P, float zero_slack, int nthreads) {
+  for_each_group(w, out, n, k, group, nthreads, [&P, zero_slack](auto... a) { solve_group(a..., P, zero_slack); });
 }
 
 }  // namespace pyquant

@@ -9,16 +9,9 @@
 // step is a handful of vector ops plus, only where shrinkage is active, a
 // pow() done with a vectorised log2/exp2.
 //
-// Contraction of a*b+c into an FMA would change rounding against the spec
-// (GCC contracts even vector intrinsics, which it implements as plain vector
-// arithmetic; clang contracts within an expression by default), hence:
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-
-#include <pybind11/pybind11.h>
+// Contraction of a*b+c into an FMA would change rounding against the spec,
+// hence fp_contract_off.h first.
+#include "fp_contract_off.h"
 
 #include <algorithm>
 #include <cmath>
@@ -26,14 +19,13 @@
 #include <cstring>
 #include <limits>
 
-#include "hqq_common.h"
+#include "avx2_reduce.h"
+#include "hqq_kernels.h"
 #include "simd.h"
 
 #if PQ_X86
 #include <immintrin.h>
 #endif
-
-namespace py = pybind11;
 
 namespace pyquant {
 namespace {
@@ -99,24 +91,6 @@ struct Scalar {
 #if PQ_X86
 // ------------------------------------------------------------- AVX2+FMA ---
 struct Avx2 {
-  PQ_TARGET_AVX2 static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  PQ_TARGET_AVX2 static inline float hmax(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  PQ_TARGET_AVX2 static inline float hmin(__m256 v) {
-    __m128 s = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_min_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_min_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
   // Lanes [0, n) set: masks the ragged end of a group (loads read zeros there).
   PQ_TARGET_AVX2 static inline __m256i tail_mask(int64_t n) {
     const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -175,8 +149,8 @@ struct Avx2 {
       vlo = _mm256_min_ps(vlo, x);
       vhi = _mm256_max_ps(vhi, x);
     }
-    lo = hmin(vlo);
-    hi = hmax(vhi);
+    lo = hmin_avx2(vlo);
+    hi = hmax_avx2(vhi);
     for (; i < L; ++i) {
       lo = std::min(lo, w[i]);
       hi = std::max(hi, w[i]);
@@ -200,7 +174,7 @@ struct Avx2 {
       d = _mm256_and_ps(d, _mm256_castsi256_ps(m));
       acc = _mm256_add_ps(acc, _mm256_mul_ps(d, d));
     }
-    return hsum(acc);
+    return hsum_avx2(acc);
   }
 
   // One proximal step on the unrounded zero zd, fused with scoring the
@@ -255,7 +229,7 @@ struct Avx2 {
       step_lanes<kScore, true>(_mm256_maskload_ps(w + i, m), _mm256_castsi256_ps(m), maxq, s32, sinv_d, zd, inv_beta,
                                thr, p1, s_st, sinv_e, zs, zacc, dmax, eacc);
     }
-    return StepOut{hsum(zacc), hmax(dmax), hsum(eacc)};
+    return StepOut{hsum_avx2(zacc), hmax_avx2(dmax), hsum_avx2(eacc)};
   }
 
   static StepOut step(const float* w, int64_t L, float maxq, float s32, float sinv_d, float zd, float inv_beta,
@@ -340,30 +314,17 @@ void solve_group(const float* w, int64_t L, uint8_t* codes, float* s_out, float*
   *steps_out = steps;
 }
 
-void hqq_solve_cpu(uintptr_t w, uintptr_t codes, uintptr_t scales, uintptr_t zeros, uintptr_t err, uintptr_t steps,
-                   int64_t n, int64_t k, int64_t group, int bits, int scale_dtype, int iters, uintptr_t schedule,
-                   double lp_norm, bool kappa_one, bool early_stop, int nthreads) {
-  const HqqParams P(bits, scale_dtype, iters, schedule, lp_norm, kappa_one, early_stop);
-  const HqqOutputs out = hqq_outputs(codes, scales, zeros, err, steps);
-  auto* pw = reinterpret_cast<const float*>(w);
+}  // namespace
+
+void hqq_solve(const float* w, const HqqOutputs& out, int64_t n, int64_t k, int64_t group, const HqqParams& P,
+               int nthreads) {
 #if PQ_X86
   if (simd_level() == Simd::kAvx2) {
-    for_each_group(pw, out, n, k, group, nthreads, [&P](auto... a) { solve_group<Avx2>(a..., P); });
+    for_each_group(w, out, n, k, group, nthreads, [&P](auto... a) { solve_group<Avx2>(a..., P); });
     return;
   }
 #endif
-  for_each_group(pw, out, n, k, group, nthreads, [&P](auto... a) { solve_group<Scalar>(a..., P); });
-}
-
-}  // namespace
-
-void register_hqq_cpu(py::module_& m) {
-  m.def("hqq_solve_cpu", &hqq_solve_cpu, py::call_guard<py::gil_scoped_release>(), py::arg("w"), py::arg("codes"),
-        py::arg("scales"), py::arg("zeros"), py::arg("err"), py::arg("steps"), py::arg("n"), py::arg("k"),
-        py::arg("group"), py::arg("bits"), py::arg("scale_dtype"), py::arg("iters"), py::arg("schedule"),
-        py::arg("lp_norm"), py::arg("kappa_one"), py::arg("early_stop"), py::arg("nthreads"),
-        "HQQ solver over fp32 w (n, k) grouped along k; writes codes, stored scales/zeros (fp32), "
-        "per-group squared error and step count.");
+  for_each_group(w, out, n, k, group, nthreads, [&P](auto... a) { solve_group<Scalar>(a..., P); });
 }
 
 }  // namespace pyquant

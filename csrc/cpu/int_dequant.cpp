@@ -134,37 +134,29 @@ void parallel_rows(int64_t n, int nthreads, F&& body) {
 }  // namespace
 
 void int_unpack(const uint8_t* qweight, int64_t n, int64_t k, int bits, uint8_t* out, int nthreads) {
-  const bool avx2 = simd_level() == Simd::kAvx2;
-  parallel_rows(n, nthreads, [&](int64_t n0, int64_t n1) {
 #if PQ_X86
-    if (avx2) {
-      switch (bits) {
-        case 2: return unpack_rows_avx2<2>(qweight, k, out, n0, n1);
-        case 3: return unpack_rows_avx2<3>(qweight, k, out, n0, n1);
-        case 4: return unpack_rows_avx2<4>(qweight, k, out, n0, n1);
-        default: return unpack_rows_avx2<8>(qweight, k, out, n0, n1);
-      }
-    }
+  if (simd_level() == Simd::kAvx2) {
+    PQ_BITS_SWITCH(bits, kBits, "int_unpack", [&] {
+      parallel_rows(n, nthreads,
+                    [&](int64_t n0, int64_t n1) { unpack_rows_avx2<kBits>(qweight, k, out, n0, n1); });
+    });
+    return;
+  }
 #endif
-    unpack_rows_scalar(qweight, k, bits, out, n0, n1);
-  });
+  parallel_rows(n, nthreads, [&](int64_t n0, int64_t n1) { unpack_rows_scalar(qweight, k, bits, out, n0, n1); });
 }
 
 void int_dequantize(const IntWeight& w, const int32_t* perm, float* out, int nthreads) {
-  const bool avx2 = simd_level() == Simd::kAvx2;
-  parallel_rows(w.n, nthreads, [&](int64_t n0, int64_t n1) {
 #if PQ_X86
-    if (avx2) {
-      switch (w.bits) {
-        case 2: return dequant_rows_avx2<2>(w, perm, out, n0, n1);
-        case 3: return dequant_rows_avx2<3>(w, perm, out, n0, n1);
-        case 4: return dequant_rows_avx2<4>(w, perm, out, n0, n1);
-        default: return dequant_rows_avx2<8>(w, perm, out, n0, n1);
-      }
-    }
+  if (simd_level() == Simd::kAvx2) {
+    PQ_BITS_SWITCH(w.bits, kBits, "int_dequantize", [&] {
+      parallel_rows(w.n, nthreads,
+                    [&](int64_t n0, int64_t n1) { dequant_rows_avx2<kBits>(w, perm, out, n0, n1); });
+    });
+    return;
+  }
 #endif
-    dequant_rows_scalar(w, perm, out, n0, n1);
-  });
+  parallel_rows(w.n, nthreads, [&](int64_t n0, int64_t n1) { dequant_rows_scalar(w, perm, out, n0, n1); });
 }
 
 }  // namespace pyquant

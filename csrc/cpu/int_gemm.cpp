@@ -150,15 +150,11 @@ PQ_TARGET_AVX2 void gemm_part(const float* x, int64_t ldx, int64_t m, const IntW
     }
   }
 }
-#endif
 
-}  // namespace
-
-void int_gemm_avx2(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias, float* y,
-                   int nthreads) {
-#if PQ_X86
-  // Tiles are handed out dynamically: on a shared machine a thread that loses
-  // its core for a while then holds up only the tile it is on.
+// Tiles are handed out dynamically: on a shared machine a thread that loses
+// its core for a while then holds up only the tile it is on.
+template <int BITS>
+void gemm(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias, float* y, int nthreads) {
   // Super-tiles as large as measured best, but at least ~4 per thread so
   // that the dynamic hand-out can balance the load.
   const int64_t tiles = (w.n + kTileN - 1) / kTileN;
@@ -169,13 +165,17 @@ void int_gemm_avx2(const float* x, int64_t ldx, int64_t m, const IntWeight& w, c
     const int64_t nb = t * super_rows, ne = std::min(w.n, nb + super_rows);
     for (int64_t i = 0; i < m; ++i)
       for (int64_t n = nb; n < ne; ++n) y[i * w.n + n] = bias ? bias[n] : 0.0f;
-    switch (w.bits) {
-      case 2: gemm_part<2>(x, ldx, m, w, y, nb, ne); break;
-      case 3: gemm_part<3>(x, ldx, m, w, y, nb, ne); break;
-      case 4: gemm_part<4>(x, ldx, m, w, y, nb, ne); break;
-      default: gemm_part<8>(x, ldx, m, w, y, nb, ne); break;
-    }
+    gemm_part<BITS>(x, ldx, m, w, y, nb, ne);
   }
+}
+#endif
+
+}  // namespace
+
+void int_gemm_avx2(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias, float* y,
+                   int nthreads) {
+#if PQ_X86
+  PQ_BITS_SWITCH(w.bits, kBits, "int_gemm_avx2", [&] { gemm<kBits>(x, ldx, m, w, bias, y, nthreads); });
 #endif
 }
 

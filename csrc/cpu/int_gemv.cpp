@@ -338,12 +338,8 @@ void gemv_dispatch_m(const void* x, int xdtype, int64_t ldx, int64_t m, const In
 void int_gemv_avx2(const void* x, int xdtype, int64_t ldx, int64_t m, const IntWeight& w, const float* bias,
                    float* y, int nthreads) {
 #if PQ_X86
-  switch (w.bits) {
-    case 2: return gemv_dispatch_m<2>(x, xdtype, ldx, m, w, bias, y, nthreads);
-    case 3: return gemv_dispatch_m<3>(x, xdtype, ldx, m, w, bias, y, nthreads);
-    case 4: return gemv_dispatch_m<4>(x, xdtype, ldx, m, w, bias, y, nthreads);
-    default: return gemv_dispatch_m<8>(x, xdtype, ldx, m, w, bias, y, nthreads);
-  }
+  PQ_BITS_SWITCH(w.bits, kBits, "int_gemv_avx2",
+                 [&] { gemv_dispatch_m<kBits>(x, xdtype, ldx, m, w, bias, y, nthreads); });
 #endif
 }
 

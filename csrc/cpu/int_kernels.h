@@ -4,9 +4,11 @@
 #pragma once
 #include <cstdint>
 
+#include "avx2_reduce.h"
 #include "simd.h"
 #include "pyquant/common.h"
 #include "pyquant/int_decode.h"
+#include "pyquant/static_switch.h"
 
 #if PQ_X86
 #include <immintrin.h>
@@ -105,13 +107,6 @@ PQ_TARGET_AVX2 inline void int_decode_chunk_avx2(const uint8_t* c, __m256i v[4])
       }
     }
   }
-}
-
-PQ_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 #endif
 

@@ -4,14 +4,13 @@
 // file only has to produce the same bytes, which means:
 //  * fp32 operations in the spec's order, left-to-right sums, and no fused
 //    multiply-add: a contracted a*b+c rounds once instead of twice and flips
-//    the scale searches (hence fp-contract off below; baseline x86-64 has no
+//    the scale searches (hence fp_contract_off.h; baseline x86-64 has no
 //    FMA anyway, aarch64 has and GCC would contract by default);
 //  * sqrtf is the correctly rounded instruction (sqrtss), which the spec
 //    reproduces explicitly because torch's CPU sqrt is not;
 //  * integers stored into uint8_t/int8_t wrap, as in llama.cpp.
 // Input is validated in Python (finite, K % 256 == 0, importance >= 0).
-
-#include <pybind11/pybind11.h>
+#include "fp_contract_off.h"
 
 #include <algorithm>
 #include <cmath>
@@ -19,18 +18,13 @@
 #include <cstring>
 #include <stdexcept>
 
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-
-namespace py = pybind11;
+#include "kquant_kernels.h"
+#include "pyquant/gguf_blocks.h"
 
 namespace pyquant {
 namespace {
 
-constexpr int kSuper = 256;
+constexpr int kSuper = gguf::kQK;
 constexpr float kTinyGroup = 1e-15f;  // groups below this amax quantize to zero
 
 // Round to nearest (ties to even) by adding 1.5*2^23 and reading the low
@@ -616,26 +610,12 @@ void block_q6_k(const float* x, const float* qw, uint8_t* out) {
   }
 }
 
-// ggml type id -> bytes per super-block (0: not a k-quant).
-int type_size(int ggml_type) {
-  switch (ggml_type) {
-    case 10: return 84;
-    case 11: return 110;
-    case 12: return 144;
-    case 13: return 176;
-    case 14: return 210;
-    default: return 0;
-  }
-}
+}  // namespace
 
-// x: fp32 (nrows, k) contiguous; qw: fp32 (k,) or 0; out: uint8 (nrows, k/256*type_size).
-void kquant_quantize(int ggml_type, uintptr_t x_ptr, uintptr_t qw_ptr, int64_t nrows, int64_t k, uintptr_t out_ptr,
+void kquant_quantize(int ggml_type, const float* x, const float* qw, int64_t nrows, int64_t k, uint8_t* out,
                      int nthreads) {
-  const int ts = type_size(ggml_type);
-  if (ts == 0) throw std::invalid_argument("kquant_quantize: not a k-quant ggml type");
-  const float* x = reinterpret_cast<const float*>(x_ptr);
-  const float* qw = reinterpret_cast<const float*>(qw_ptr);
-  uint8_t* out = reinterpret_cast<uint8_t*>(out_ptr);
+  if (!gguf::is_kquant(ggml_type)) throw std::invalid_argument("kquant_quantize: not a k-quant ggml type");
+  const int ts = gguf::type_size(ggml_type);
   const int64_t nb = k / kSuper, total = nrows * nb;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t b = 0; b < total; ++b) {
@@ -643,21 +623,13 @@ void kquant_quantize(int ggml_type, uintptr_t x_ptr, uintptr_t qw_ptr, int64_t n
     const float* qb = qw ? qw + (b % nb) * kSuper : nullptr;
     uint8_t* ob = out + b * ts;
     switch (ggml_type) {
-      case 10: block_q2_k(xb, qb, ob); break;
-      case 11: block_q3_k(xb, qb, ob); break;
-      case 12: block_q45_k(xb, qb, ob, false); break;
-      case 13: block_q45_k(xb, qb, ob, true); break;
+      case gguf::kQ2_K: block_q2_k(xb, qb, ob); break;
+      case gguf::kQ3_K: block_q3_k(xb, qb, ob); break;
+      case gguf::kQ4_K: block_q45_k(xb, qb, ob, false); break;
+      case gguf::kQ5_K: block_q45_k(xb, qb, ob, true); break;
       default: block_q6_k(xb, qb, ob); break;
     }
   }
-}
-
-}  // namespace
-
-void register_kquant_cpu(py::module_& m) {
-  m.def("kquant_quantize", &kquant_quantize, py::arg("ggml_type"), py::arg("x"), py::arg("qw"), py::arg("nrows"),
-        py::arg("k"), py::arg("out"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
-        "llama.cpp k-quant quantization of fp32 rows (qw = importance pointer or 0) into GGUF block bytes");
 }
 
 }  // namespace pyquant

@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "nf4_cpu.h"
+#include "nf4_kernels.h"
 
 namespace py = pybind11;
 

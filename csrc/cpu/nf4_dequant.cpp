@@ -1,7 +1,7 @@
 // NF4 dequantization on the CPU: flat ranges of the weight to fp32.
 #include <algorithm>
 
-#include "nf4_cpu.h"
+#include "nf4_kernels.h"
 #include "simd.h"
 
 namespace pyquant {

@@ -19,7 +19,9 @@
 #include <algorithm>
 #include <cstring>
 
-#include "nf4_cpu.h"
+#include "avx2_reduce.h"
+#include "micro_gemm.h"
+#include "nf4_kernels.h"
 #include "simd.h"
 
 namespace pyquant {
@@ -30,7 +32,7 @@ constexpr int64_t kFusedMaxM = 4;   // rows of x sharing one decode in the fused
 constexpr int64_t kFusedUpToM = 5;  // above this M the tiled kernel is faster (1 core, K = N = 4096)
 constexpr int64_t kTileN = 12;      // weight rows per decoded tile (a multiple of kNR)
 constexpr int64_t kTileK = 1024;    // columns per decoded tile (12 x 1024 fp32 = 48 KiB, in L2)
-constexpr int kMR = 4, kNR = 3;     // micro-kernel: x rows x W rows; 12 accumulators + 3 w + 1 x = 16 ymm
+constexpr int kMR = kMicroMR, kNR = kMicroNR;  // register tile of the tiled kernel (micro_gemm.h)
 
 // ---------------------------------------------------------------- scalar ---
 
@@ -60,29 +62,8 @@ void fused_rows_scalar(const Weight& w, const float* x, int64_t ldx, int64_t n0,
   }
 }
 
-template <int MR, int NR>
-void micro_scalar(const float* x, int64_t ldx, const float* wb, int64_t ldw, int64_t kc, float* y,
-                  int64_t ldy) {
-  float acc[MR][NR] = {};
-  for (int64_t kk = 0; kk < kc; ++kk) {
-    for (int r = 0; r < MR; ++r) {
-      const float xv = x[r * ldx + kk];
-      for (int j = 0; j < NR; ++j) acc[r][j] += xv * wb[j * ldw + kk];
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NR; ++j) y[r * ldy + j] += acc[r][j];
-}
-
 // ------------------------------------------------------------------ AVX2 ---
 #if PQ_X86
-
-PQ_TARGET_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 template <int MR>
 PQ_TARGET_AVX2 void fused_rows_avx2(const Weight& w, const float* x, int64_t ldx, int64_t n0, int64_t n1,
@@ -110,7 +91,7 @@ PQ_TARGET_AVX2 void fused_rows_avx2(const Weight& w, const float* x, int64_t ldx
           acc0 = _mm256_fmadd_ps(s0, vs, acc0);
           acc1 = _mm256_fmadd_ps(s1, vs, acc1);
         }
-        y[n] = hsum(_mm256_add_ps(acc0, acc1)) + (bias ? bias[n] : 0.0f);
+        y[n] = hsum_avx2(_mm256_add_ps(acc0, acc1)) + (bias ? bias[n] : 0.0f);
       }
       return;
     }
@@ -177,31 +158,7 @@ PQ_TARGET_AVX2 void fused_rows_avx2(const Weight& w, const float* x, int64_t ldx
       ++b;
     }
     const float bv = bias ? bias[n] : 0.0f;
-    for (int r = 0; r < MR; ++r) y[r * ldy + n] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + tail[r] + bv;
-  }
-}
-
-template <int MR, int NR>
-PQ_TARGET_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* wb, int64_t ldw, int64_t kc, float* y,
-                               int64_t ldy) {
-  __m256 acc[MR][NR];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_setzero_ps();
-  int64_t kk = 0;
-  for (; kk + 8 <= kc; kk += 8) {
-    __m256 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(wb + j * ldw + kk);
-    for (int r = 0; r < MR; ++r) {
-      const __m256 xv = _mm256_loadu_ps(x + r * ldx + kk);
-      for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    for (int j = 0; j < NR; ++j) {
-      float t = hsum(acc[r][j]);
-      for (int64_t k2 = kk; k2 < kc; ++k2) t += x[r * ldx + k2] * wb[j * ldw + k2];
-      y[r * ldy + j] += t;
-    }
+    for (int r = 0; r < MR; ++r) y[r * ldy + n] = hsum_avx2(_mm256_add_ps(acc0[r], acc1[r])) + tail[r] + bv;
   }
 }
 
@@ -210,7 +167,6 @@ PQ_TARGET_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* wb, int
 // ------------------------------------------------------------- drivers ---
 
 using FusedFn = void (*)(const Weight&, const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t);
-using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
 
 FusedFn fused_fn(int mr, bool avx2) {
 #if PQ_X86
@@ -229,27 +185,6 @@ FusedFn fused_fn(int mr, bool avx2) {
     case 3: return fused_rows_scalar<3>;
     default: return fused_rows_scalar<4>;
   }
-}
-
-MicroFn micro_fn(int mr, int nr, bool avx2) {
-#if PQ_X86
-  if (avx2) {
-    static const MicroFn t[kMR][kNR] = {
-        {micro_avx2<1, 1>, micro_avx2<1, 2>, micro_avx2<1, 3>},
-        {micro_avx2<2, 1>, micro_avx2<2, 2>, micro_avx2<2, 3>},
-        {micro_avx2<3, 1>, micro_avx2<3, 2>, micro_avx2<3, 3>},
-        {micro_avx2<4, 1>, micro_avx2<4, 2>, micro_avx2<4, 3>},
-    };
-    return t[mr - 1][nr - 1];
-  }
-#endif
-  static const MicroFn t[kMR][kNR] = {
-      {micro_scalar<1, 1>, micro_scalar<1, 2>, micro_scalar<1, 3>},
-      {micro_scalar<2, 1>, micro_scalar<2, 2>, micro_scalar<2, 3>},
-      {micro_scalar<3, 1>, micro_scalar<3, 2>, micro_scalar<3, 3>},
-      {micro_scalar<4, 1>, micro_scalar<4, 2>, micro_scalar<4, 3>},
-  };
-  return t[mr - 1][nr - 1];
 }
 
 void qmatmul_fused(const Weight& w, const float* x, int64_t m, const float* bias, float* y, int nthreads,
@@ -298,7 +233,7 @@ void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias
         const int mr = int(std::min<int64_t>(kMR, m - m0));
         for (int64_t j = 0; j < nc; j += kNR) {
           const int nr = int(std::min<int64_t>(kNR, nc - j));
-          micro_fn(mr, nr, avx2)(x + m0 * K + k0, K, wbuf + j * kTileK, kTileK, kc, y + m0 * N + n0 + j, N);
+          micro_gemm_fn(mr, nr, avx2)(x + m0 * K + k0, K, wbuf + j * kTileK, kTileK, kc, y + m0 * N + n0 + j, N);
         }
       }
     }

@@ -1,15 +1,13 @@
-// Python bindings of the CUDA launchers (compiled only with PYQUANT_CUDA=ON).
-// One m.def per launcher; the declarations live next to the kernels.
+// Python bindings of the CUDA launchers (compiled only with PYQUANT_CUDA=ON):
+// one m.def per launcher of launchers.h, each releasing the GIL while it
+// enqueues work.
 #include <pybind11/pybind11.h>
 
 #include "launchers.h"
-#include "int_dequant.h"
 
 namespace py = pybind11;
 
 namespace pyquant {
-
-void register_hqq_cuda(py::module_& m);
 
 void register_cuda(py::module_& m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -32,14 +30,20 @@ void register_cuda(py::module_& m) {
   m.def("gguf_dequant_cuda", &gguf_dequant_cuda, nogil, py::arg("blocks"), py::arg("out"), py::arg("nblocks"),
         py::arg("type"), py::arg("out_dtype"), py::arg("stream"));
 
-  m.def("int_dequant_cuda", &int_dequant_cuda, py::call_guard<py::gil_scoped_release>(), py::arg("qweight"),
-        py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("n"), py::arg("k"), py::arg("bits"),
-        py::arg("group"), py::arg("scale_dtype"), py::arg("out_dtype"), py::arg("stream"));
+  m.def("int_dequant_cuda", &int_dequant_cuda, nogil, py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+        py::arg("out"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("group"), py::arg("scale_dtype"),
+        py::arg("out_dtype"), py::arg("stream"));
+
   m.def("gptq_block_update_cuda", &gptq_block_update_cuda, nogil, py::arg("w"), py::arg("ldw"), py::arg("n"),
         py::arg("b"), py::arg("hinv"), py::arg("ldh"), py::arg("scale"), py::arg("zero"), py::arg("ldsz"),
         py::arg("start"), py::arg("stop"), py::arg("group_len"), py::arg("maxq"), py::arg("codes"), py::arg("ldc"),
         py::arg("err"), py::arg("lde"), py::arg("stream"));
-  register_hqq_cuda(m);
+
+  m.def("hqq_solve_cuda", &hqq_solve_cuda, nogil, py::arg("w"), py::arg("codes"), py::arg("scales"),
+        py::arg("zeros"), py::arg("err"), py::arg("steps"), py::arg("n"), py::arg("k"), py::arg("group"),
+        py::arg("bits"), py::arg("scale_dtype"), py::arg("iters"), py::arg("schedule"), py::arg("lp_norm"),
+        py::arg("thr_last"), py::arg("kappa_one"), py::arg("early_stop"), py::arg("stream"),
+        "HQQ solver on the GPU (experimental): same contract as hqq_solve_cpu, device pointers, a stream.");
 }
 
 }  // namespace pyquant

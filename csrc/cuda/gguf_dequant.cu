@@ -24,6 +24,7 @@
 #include "cuda_common.cuh"
 #include "launchers.h"
 #include "pyquant/gguf_blocks.h"
+#include "pyquant/static_switch.h"
 
 namespace pyquant {
 namespace {
@@ -97,7 +98,7 @@ __device__ __forceinline__ void decode8(const uint8_t* b, int i0, float* v) {
 template <int TYPE, typename T>
 __global__ void __launch_bounds__(kThreads) gguf_dequant_kernel(const uint8_t* __restrict__ blocks,
                                                                  T* __restrict__ out, int64_t nblocks) {
-  constexpr int kBlock = TYPE == kQ2_K || TYPE == kQ3_K || TYPE == kQ4_K || TYPE == kQ5_K || TYPE == kQ6_K ? 256 : 32;
+  constexpr int kBlock = block_size(TYPE);
   constexpr int kOctets = kBlock / 8;
   const int64_t o = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (o >= nblocks * kOctets) return;
@@ -112,17 +113,10 @@ template <int TYPE>
 void launch_type(const uint8_t* blocks, void* out, int64_t nblocks, int out_dtype, cudaStream_t s) {
   const int64_t octets = nblocks * (block_size(TYPE) / 8);
   const int64_t grid = cuda::ceil_div(octets, kThreads);
-  switch (out_dtype) {
-    case kF16:
-      gguf_dequant_kernel<TYPE, __half><<<grid, kThreads, 0, s>>>(blocks, static_cast<__half*>(out), nblocks);
-      break;
-    case kBF16:
-      gguf_dequant_kernel<TYPE, __nv_bfloat16>
-          <<<grid, kThreads, 0, s>>>(blocks, static_cast<__nv_bfloat16*>(out), nblocks);
-      break;
-    default:
-      gguf_dequant_kernel<TYPE, float><<<grid, kThreads, 0, s>>>(blocks, static_cast<float*>(out), nblocks);
-  }
+  PQ_DTYPE_SWITCH(out_dtype, scalar_t, "gguf_dequant_cuda", [&] {
+    gguf_dequant_kernel<TYPE, scalar_t><<<grid, kThreads, 0, s>>>(blocks, static_cast<scalar_t*>(out), nblocks);
+    PQ_CUDA_CHECK(cudaGetLastError());
+  });
 }
 
 }  // namespace
@@ -146,7 +140,6 @@ void gguf_dequant_cuda(uintptr_t blocks, uintptr_t out, int64_t nblocks, int typ
     case kQ5_K: launch_type<kQ5_K>(b, o, nblocks, out_dtype, s); break;
     default: launch_type<kQ6_K>(b, o, nblocks, out_dtype, s);
   }
-  PQ_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace pyquant

@@ -29,6 +29,7 @@
 #include <string>
 
 #include "cuda_check.h"
+#include "cuda_common.cuh"
 #include "launchers.h"
 
 namespace pyquant {
@@ -135,7 +136,7 @@ __global__ void __launch_bounds__(kWarps * 32) gptq_block_kernel(const GptqArgs 
 template <int kSlots, int kRows>
 void launch(const GptqArgs& a, cudaStream_t stream) {
   const int64_t rows_per_cta = int64_t(kWarps) * kRows;
-  const int64_t ctas = (a.n + rows_per_cta - 1) / rows_per_cta;
+  const int64_t ctas = cuda::ceil_div(a.n, rows_per_cta);
   gptq_block_kernel<kSlots, kRows><<<static_cast<unsigned>(ctas), kWarps * 32, 0, stream>>>(a);
   PQ_CUDA_CHECK(cudaGetLastError());
 }

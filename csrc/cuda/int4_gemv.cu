@@ -41,6 +41,7 @@
 #include "cuda_check.h"
 #include "cuda_common.cuh"
 #include "launchers.h"
+#include "pyquant/static_switch.h"
 
 namespace pyquant {
 namespace {
@@ -265,7 +266,7 @@ void int4_gemv_cuda(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t 
   p.n = n;
   p.k = k;
   p.row_bytes = ((k + 31) / 32) * 16;
-  p.ngroups = (k + group - 1) / group;
+  p.ngroups = cuda::ceil_div(k, group);
   if (p.ngroups == 1) {
     p.gshift = 31;  // chunk * 32 < 2^31, so every chunk maps to group 0
   } else {
@@ -276,14 +277,11 @@ void int4_gemv_cuda(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t 
   }
   p.scale_dtype = scale_dtype;
   p.bias_dtype = bias_dtype;
-  const int elem = x_dtype == kF32 ? 4 : 2;
-  p.x_vec16 = (x % 16 == 0) && ((k * elem) % 16 == 0);
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (x_dtype) {
-    case kF16: launch_gemv<__half>(p, int(m), s); break;
-    case kBF16: launch_gemv<__nv_bfloat16>(p, int(m), s); break;
-    default: launch_gemv<float>(p, int(m), s);
-  }
+  PQ_DTYPE_SWITCH(x_dtype, scalar_t, "int4_gemv_cuda", [&] {
+    p.x_vec16 = (x % 16 == 0) && ((k * int64_t(sizeof(scalar_t))) % 16 == 0);
+    launch_gemv<scalar_t>(p, int(m), s);
+  });
 }
 
 }  // namespace pyquant

@@ -3,8 +3,9 @@
 // the CPU tests exercise the same bit handling.
 #include "cuda_check.h"
 #include "cuda_common.cuh"
+#include "launchers.h"
 #include "pyquant/int_decode.h"
-#include "int_dequant.h"
+#include "pyquant/static_switch.h"
 
 namespace pyquant {
 namespace {
@@ -28,29 +29,20 @@ __global__ void int_dequant_kernel(const uint8_t* __restrict__ qweight, const vo
 
 void int_dequant_cuda(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t out, int64_t n, int64_t k,
                       int bits, int64_t group, int scale_dtype, int out_dtype, uintptr_t stream) {
-  const int64_t ngroups = (k + group - 1) / group;
+  const int64_t ngroups = cuda::ceil_div(k, group);
   const int64_t total = n * k;
   if (total == 0) return;
   const int threads = 256;
-  const int64_t blocks = (total + threads - 1) / threads;
+  const int64_t blocks = cuda::ceil_div(total, threads);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   auto q = reinterpret_cast<const uint8_t*>(qweight);
   auto sc = reinterpret_cast<const void*>(scales);
   auto z = reinterpret_cast<const void*>(zeros);
-  switch (out_dtype) {
-    case kF16:
-      int_dequant_kernel<<<blocks, threads, 0, s>>>(q, sc, z, reinterpret_cast<__half*>(out), n, k, bits, group,
-                                                    ngroups, scale_dtype);
-      break;
-    case kBF16:
-      int_dequant_kernel<<<blocks, threads, 0, s>>>(q, sc, z, reinterpret_cast<__nv_bfloat16*>(out), n, k, bits,
-                                                    group, ngroups, scale_dtype);
-      break;
-    default:
-      int_dequant_kernel<<<blocks, threads, 0, s>>>(q, sc, z, reinterpret_cast<float*>(out), n, k, bits, group,
-                                                    ngroups, scale_dtype);
-  }
-  PQ_CUDA_CHECK(cudaGetLastError());
+  PQ_DTYPE_SWITCH(out_dtype, scalar_t, "int_dequant_cuda", [&] {
+    int_dequant_kernel<<<blocks, threads, 0, s>>>(q, sc, z, reinterpret_cast<scalar_t*>(out), n, k, bits, group,
+                                                  ngroups, scale_dtype);
+    PQ_CUDA_CHECK(cudaGetLastError());
+  });
 }
 
 }  // namespace pyquant

@@ -1,8 +1,9 @@
-// Host entry points of the CUDA kernels in this folder (bound in
-// cuda_bindings.cpp). Pointers arrive as integers, already validated in
+// Host entry points of every CUDA kernel in this folder, all bound in
+// cuda_bindings.cpp. Pointers arrive as integers, already validated in
 // Python (pyquant/ops/cuda_kernels.py); dtype codes are pyquant::DType.
 // Every launcher enqueues on `stream` (torch's current stream), never
-// synchronizes, allocates nothing, and throws on a launch error.
+// synchronizes, allocates nothing, and throws on a launch error or an
+// unknown code.
 #pragma once
 #include <cstdint>
 
@@ -35,6 +36,12 @@ void nf4_dequant_cuda(uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, u
                       uintptr_t absmax_offset, uintptr_t dyn_map, uintptr_t out, int64_t numel, int64_t block_size,
                       int out_dtype, uintptr_t stream);
 
+// Int format (pyquant/formats/int_format.py) -> out (N, K) in out_dtype:
+// (q - z) * s, qweight (N, row bytes) uint8, scales/zeros (N, ceil(K/group))
+// in scale_dtype; zeros == 0 means symmetric (zero point 2^(bits-1)).
+void int_dequant_cuda(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t out, int64_t n, int64_t k,
+                      int bits, int64_t group, int scale_dtype, int out_dtype, uintptr_t stream);
+
 // nblocks raw GGUF blocks of ggml type `type` -> out (nblocks * block size values)
 // in out_dtype.
 void gguf_dequant_cuda(uintptr_t blocks, uintptr_t out, int64_t nblocks, int type, int out_dtype, uintptr_t stream);
@@ -48,5 +55,13 @@ void gptq_block_update_cuda(uintptr_t w, int64_t ldw, int64_t n, int64_t b, uint
                             uintptr_t scale, uintptr_t zero, int64_t ldsz, int64_t start, int64_t stop,
                             int64_t group_len, int64_t maxq, uintptr_t codes, int64_t ldc, uintptr_t err,
                             int64_t lde, uintptr_t stream);
+
+// HQQ solver (spec: pyquant/algorithms/hqq_reference.py), fp32 w (n, k) in
+// groups of `group` along k: codes uint8 (n, k), scales/zeros/err fp32 and
+// steps int32 (n, ceil(k/group)); schedule fp32 (2, iters) on the device.
+// Same contract as the CPU solver hqq_solve_cpu.
+void hqq_solve_cuda(uintptr_t w, uintptr_t codes, uintptr_t scales, uintptr_t zeros, uintptr_t err, uintptr_t steps,
+                    int64_t n, int64_t k, int64_t group, int bits, int scale_dtype, int iters, uintptr_t schedule,
+                    double lp_norm, double thr_last, bool kappa_one, bool early_stop, uintptr_t stream);
 
 }  // namespace pyquant

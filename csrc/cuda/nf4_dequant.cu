@@ -22,6 +22,7 @@
 #include "cuda_common.cuh"
 #include "launchers.h"
 #include "pyquant/nf4_decode.h"
+#include "pyquant/static_switch.h"
 
 namespace pyquant {
 namespace {
@@ -86,12 +87,10 @@ void nf4_dequant_cuda(uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, u
   p.block_size = block_size;
   const int64_t blocks = cuda::ceil_div(cuda::ceil_div(numel, 8), kThreads);
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (out_dtype) {
-    case kF16: nf4_dequant_kernel<__half><<<blocks, kThreads, 0, s>>>(p); break;
-    case kBF16: nf4_dequant_kernel<__nv_bfloat16><<<blocks, kThreads, 0, s>>>(p); break;
-    default: nf4_dequant_kernel<float><<<blocks, kThreads, 0, s>>>(p);
-  }
-  PQ_CUDA_CHECK(cudaGetLastError());
+  PQ_DTYPE_SWITCH(out_dtype, scalar_t, "nf4_dequant_cuda", [&] {
+    nf4_dequant_kernel<scalar_t><<<blocks, kThreads, 0, s>>>(p);
+    PQ_CUDA_CHECK(cudaGetLastError());
+  });
 }
 
 }  // namespace pyquant

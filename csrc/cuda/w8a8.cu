@@ -30,6 +30,7 @@
 #include "cuda_check.h"
 #include "cuda_common.cuh"
 #include "launchers.h"
+#include "pyquant/static_switch.h"
 
 namespace pyquant {
 namespace {
@@ -231,18 +232,10 @@ void quantize_rows_int8_cuda(uintptr_t x, uintptr_t q, uintptr_t scale, int64_t 
   auto qp = reinterpret_cast<int8_t*>(q);
   auto sp = reinterpret_cast<float*>(scale);
   const dim3 grid(static_cast<unsigned>(m));
-  switch (x_dtype) {
-    case kF16:
-      quantize_rows_int8_kernel<<<grid, kQuantThreads, 0, s>>>(reinterpret_cast<const __half*>(x), qp, sp, k, kp);
-      break;
-    case kBF16:
-      quantize_rows_int8_kernel<<<grid, kQuantThreads, 0, s>>>(reinterpret_cast<const __nv_bfloat16*>(x), qp, sp, k,
-                                                               kp);
-      break;
-    default:
-      quantize_rows_int8_kernel<<<grid, kQuantThreads, 0, s>>>(reinterpret_cast<const float*>(x), qp, sp, k, kp);
-  }
-  PQ_CUDA_CHECK(cudaGetLastError());
+  PQ_DTYPE_SWITCH(x_dtype, scalar_t, "quantize_rows_int8_cuda", [&] {
+    quantize_rows_int8_kernel<<<grid, kQuantThreads, 0, s>>>(reinterpret_cast<const scalar_t*>(x), qp, sp, k, kp);
+    PQ_CUDA_CHECK(cudaGetLastError());
+  });
 }
 
 void w8a8_gemm_cuda(uintptr_t qa, uintptr_t sa, uintptr_t w, uintptr_t sw, uintptr_t bias, uintptr_t out, int64_t m,
@@ -266,12 +259,10 @@ void w8a8_gemm_cuda(uintptr_t qa, uintptr_t sa, uintptr_t w, uintptr_t sw, uintp
   if (gy > 65535) throw std::invalid_argument("w8a8_gemm_cuda: M too large (more than 65535 * 64 rows)");
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (out_dtype) {
-    case kF16: w8a8_gemm_kernel<__half><<<grid, kGemmThreads, 0, s>>>(p); break;
-    case kBF16: w8a8_gemm_kernel<__nv_bfloat16><<<grid, kGemmThreads, 0, s>>>(p); break;
-    default: w8a8_gemm_kernel<float><<<grid, kGemmThreads, 0, s>>>(p);
-  }
-  PQ_CUDA_CHECK(cudaGetLastError());
+  PQ_DTYPE_SWITCH(out_dtype, scalar_t, "w8a8_gemm_cuda", [&] {
+    w8a8_gemm_kernel<scalar_t><<<grid, kGemmThreads, 0, s>>>(p);
+    PQ_CUDA_CHECK(cudaGetLastError());
+  });
 }
 
 }  // namespace pyquant

@@ -57,9 +57,12 @@ struct LayoutQ4_K { enum { kBlock = 256, kBytes = 144, kD = 0, kDmin = 2, kScale
 struct LayoutQ5_K { enum { kBlock = 256, kBytes = 176, kD = 0, kDmin = 2, kScales = 4, kQh = 16, kQs = 48 }; };
 struct LayoutQ6_K { enum { kBlock = 256, kBytes = 210, kQl = 0, kQh = 128, kScales = 192, kD = 208 }; };
 
-PQ_HD int block_size(int type) {
-  return type == kQ2_K || type == kQ3_K || type == kQ4_K || type == kQ5_K || type == kQ6_K ? 256 : 32;
+// Q2_K..Q6_K: 256-value super-blocks (the k-quants); the others 32 values.
+PQ_HD constexpr bool is_kquant(int type) {
+  return type == kQ2_K || type == kQ3_K || type == kQ4_K || type == kQ5_K || type == kQ6_K;
 }
+
+PQ_HD constexpr int block_size(int type) { return is_kquant(type) ? kQK : 32; }
 
 PQ_HD int type_size(int type) {
   switch (type) {

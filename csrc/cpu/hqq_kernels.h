@@ -1,7 +1,8 @@
-// What the two HQQ CPU solvers (hqq_solver.cpp: float zero points,
-// hqq_integer_zero.cpp: zero points anchored at integers) share: rounding of
-// per-group scalars to the stored dtype, the solver parameters, the output
-// pointers and the parallel loop over groups.
+// Internal interface of the two HQQ CPU solvers (hqq_solver.cpp: float zero
+// points, hqq_integer_zero.cpp: zero points anchored at integers; bound in
+// hqq_bindings.cpp) and what they share: rounding of per-group scalars to the
+// stored dtype, the solver parameters, the output pointers and the parallel
+// loop over groups.
 #pragma once
 
 #include <algorithm>
@@ -10,15 +11,17 @@
 #include <cstring>
 #include <limits>
 
+#include "pyquant/common.h"
+
 namespace pyquant {
 
-// Scale dtype codes (pyquant/ops/_dtypes.py): 0 fp32, 1 fp16, 2 bf16.
-// fp32 -> fp16/bf16 -> fp32, round to nearest even, overflow to inf.
+// fp32 -> the scale dtype (a DType) -> fp32, round to nearest even, overflow
+// to inf.
 inline float round_to_dtype(float x, int dtype) {
-  if (dtype == 0 || !std::isfinite(x)) return x;
+  if (dtype == kF32 || !std::isfinite(x)) return x;
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  if (dtype == 2) {  // bf16: keep the top 16 bits, ties to even
+  if (dtype == kBF16) {  // keep the top 16 bits, ties to even
     u += 0x7fffu + ((u >> 16) & 1u);
     u &= 0xffff0000u;
     float r;
@@ -39,11 +42,11 @@ inline float round_to_dtype(float x, int dtype) {
 
 // The next value above x (finite, >= 0, already representable) in that dtype.
 inline float next_up_in_dtype(float x, int dtype) {
-  if (dtype == 0) return std::nextafter(x, std::numeric_limits<float>::infinity());
-  if (dtype == 1 && x < 6.103515625e-05f) return x + 5.9604644775390625e-08f;  // fp16 subnormal step 2^-24
+  if (dtype == kF32) return std::nextafter(x, std::numeric_limits<float>::infinity());
+  if (dtype == kF16 && x < 6.103515625e-05f) return x + 5.9604644775390625e-08f;  // fp16 subnormal step 2^-24
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  u += dtype == 2 ? 0x10000u : 0x2000u;  // one ulp of the 7 / 10 kept mantissa bits
+  u += dtype == kBF16 ? 0x10000u : 0x2000u;  // one ulp of the 7 / 10 kept mantissa bits
   float r;
   std::memcpy(&r, &u, 4);
   return r;
@@ -71,15 +74,16 @@ struct HqqParams {
   bool early_stop;
   float tiny;  // RTN's scale for an all-zero group
 
-  HqqParams(int bits, int scale_dtype, int iters_, uintptr_t schedule, double lp, bool kappa_is_one, bool stop)
-      : maxq(static_cast<float>((1 << bits) - 1)), dtype(scale_dtype), iters(iters_),
-        inv_beta(reinterpret_cast<const float*>(schedule)), thr(inv_beta + iters_),
+  // schedule: fp32 (2, iters), solver_schedule's rows.
+  HqqParams(int bits, int scale_dtype, int iters_, const float* schedule, double lp, bool kappa_is_one, bool stop)
+      : maxq(static_cast<float>((1 << bits) - 1)), dtype(scale_dtype), iters(iters_), inv_beta(schedule),
+        thr(inv_beta + iters_),
         thr_last(iters_ > 0 ? thr[iters_ - 1] : 0.0f), lp_norm(static_cast<float>(lp)), kappa_one(kappa_is_one),
-        early_stop(stop), tiny(scale_dtype == 0 ? std::numeric_limits<float>::min() : 6.103515625e-05f) {}
+        early_stop(stop), tiny(scale_dtype == kF32 ? std::numeric_limits<float>::min() : 6.103515625e-05f) {}
 };
 
-// The solvers' outputs, from the data pointers Python hands over:
-// codes (n, k) uint8; scales, zeros, err (n, G) fp32; steps (n, G) int32.
+// The solvers' outputs: codes (n, k) uint8; scales, zeros, err (n, G) fp32;
+// steps (n, G) int32.
 struct HqqOutputs {
   uint8_t* codes;
   float* scales;
@@ -87,12 +91,6 @@ struct HqqOutputs {
   float* err;
   int32_t* steps;
 };
-
-inline HqqOutputs hqq_outputs(uintptr_t codes, uintptr_t scales, uintptr_t zeros, uintptr_t err, uintptr_t steps) {
-  return HqqOutputs{reinterpret_cast<uint8_t*>(codes), reinterpret_cast<float*>(scales),
-                    reinterpret_cast<float*>(zeros), reinterpret_cast<float*>(err),
-                    reinterpret_cast<int32_t*>(steps)};
-}
 
 // fn(w, L, codes, scale, zero, err, steps) for every group of w (n, k) cut
 // along k into groups of `group` (the last one ragged). Dynamic chunks:
@@ -109,5 +107,16 @@ void for_each_group(const float* w, const HqqOutputs& out, int64_t n, int64_t k,
     fn(w + off, L, out.codes + off, out.scales + t, out.zeros + t, out.err + t, out.steps + t);
   }
 }
+
+// Entry points: every group of w (n, k), cut along k into groups of `group`
+// (the last one ragged), solved independently; writes codes, the stored
+// scale and zero (fp32), the group's squared error and its step count.
+// Float zero points (hqq_solver.cpp).
+void hqq_solve(const float* w, const HqqOutputs& out, int64_t n, int64_t k, int64_t group, const HqqParams& P,
+               int nthreads);
+// The scale solved without clipping around RTN's integer zero, then the zero
+// moved at most zero_slack from it (hqq_integer_zero.cpp).
+void hqq_solve_integer_zero(const float* w, const HqqOutputs& out, int64_t n, int64_t k, int64_t group,
+                            const HqqParams& P, float zero_slack, int nthreads);
 
 }  // namespace pyquant

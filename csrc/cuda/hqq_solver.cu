@@ -14,29 +14,19 @@
 #include <cstdint>
 
 #include "cuda_check.h"
+#include "cuda_common.cuh"
+#include "launchers.h"
 
 namespace pyquant {
 namespace {
 
 constexpr int kWarps = 4;  // groups per block
 
+// x rounded to the scale dtype (RNE, as torch's .to()) and widened back.
 __device__ __forceinline__ float to_stored(float x, int dtype) {
-  if (dtype == 1) return __half2float(__float2half_rn(x));
-  if (dtype == 2) return __bfloat162float(__float2bfloat16_rn(x));
+  if (dtype == kF16) return __half2float(__float2half_rn(x));
+  if (dtype == kBF16) return __bfloat162float(__float2bfloat16_rn(x));
   return x;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_min(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
 }
 
 __device__ __forceinline__ float qz(float w, float sinv, float z, float maxq) {
@@ -54,7 +44,7 @@ __device__ float sq_err(const float* w, int64_t L, int lane, float s, float z, f
     const float d = resid(w[i], qz(w[i], sinv, z, maxq), z, s);
     e = __fadd_rn(e, __fmul_rn(d, d));
   }
-  return warp_sum(e);
+  return cuda::warp_sum(e);
 }
 
 __global__ void hqq_solve_kernel(const float* __restrict__ W, uint8_t* __restrict__ codes, float* __restrict__ scales,
@@ -74,8 +64,8 @@ __global__ void hqq_solve_kernel(const float* __restrict__ W, uint8_t* __restric
     lo = fminf(lo, w[i]);
     hi = fmaxf(hi, w[i]);
   }
-  lo = warp_min(lo);
-  hi = warp_max(hi);
+  lo = cuda::warp_min(lo);
+  hi = cuda::warp_max(hi);
 
   // candidate 1: pyquant's RTN
   const float lo_r = fminf(lo, 0.0f), hi_r = fmaxf(hi, 0.0f);
@@ -119,8 +109,8 @@ __global__ void hqq_solve_kernel(const float* __restrict__ W, uint8_t* __restric
         zsum = __fadd_rn(zsum, __fsub_rn(q, __fmul_rn(__fsub_rn(x, we), sinv_d)));
         maxd = fmaxf(maxd, a);
       }
-      zsum = warp_sum(zsum);
-      maxd = warp_max(maxd);
+      zsum = cuda::warp_sum(zsum);
+      maxd = cuda::warp_max(maxd);
       ++steps;
       const float znew = zsum / static_cast<float>(L);
       const bool fixed = early_stop && znew == zd && (kappa_one || maxd <= thr_last);
@@ -146,13 +136,13 @@ __global__ void hqq_solve_kernel(const float* __restrict__ W, uint8_t* __restric
 void hqq_solve_cuda(uintptr_t w, uintptr_t codes, uintptr_t scales, uintptr_t zeros, uintptr_t err, uintptr_t steps,
                     int64_t n, int64_t k, int64_t group, int bits, int scale_dtype, int iters, uintptr_t schedule,
                     double lp_norm, double thr_last, bool kappa_one, bool early_stop, uintptr_t stream) {
-  const int64_t ng = (k + group - 1) / group;
+  const int64_t ng = cuda::ceil_div(k, group);
   const int64_t total = n * ng;
   if (total == 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const float* sched = reinterpret_cast<const float*>(schedule);
-  const float tiny = scale_dtype == 0 ? 1.17549435e-38f : 6.103515625e-05f;  // RTN's fallback scale
-  const int64_t blocks = (total + kWarps - 1) / kWarps;
+  const float tiny = scale_dtype == kF32 ? 1.17549435e-38f : 6.103515625e-05f;  // RTN's fallback scale
+  const int64_t blocks = cuda::ceil_div(total, kWarps);
   hqq_solve_kernel<<<static_cast<unsigned>(blocks), kWarps * 32, 0, s>>>(
       reinterpret_cast<const float*>(w), reinterpret_cast<uint8_t*>(codes), reinterpret_cast<float*>(scales),
       reinterpret_cast<float*>(zeros), reinterpret_cast<float*>(err), reinterpret_cast<int32_t*>(steps), sched, n, k,
