@@ -8,9 +8,10 @@ per-weight function).
 
 Each method's ``quantize`` is its per-weight function,
 ``quantize(w (N, K), fmt, **options) -> QuantizedWeight``; the calibrated ones
-take their statistics as keyword arguments too (GPTQ: ``hessian``; AWQ: the
-clipping ``shrink`` of its scaled weight). A GGUF block type used as a method
-name ("q4_0", "q4_k", ...) is round to nearest into that type.
+take their statistics as keyword arguments too (GPTQ: ``hessian``, and it
+returns the solver's result, whose ``qweight`` is the QuantizedWeight; AWQ:
+the clipping ``shrink`` of its scaled weight). A GGUF block type used as a
+method name ("q4_0", "q4_k", ...) is round to nearest into that type.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def _hqq(w: torch.Tensor, fmt: Format, **options) -> QuantizedWeight:
     return hqq_quantize(w, fmt, **options)
 
 
-def _gptq(w: torch.Tensor, fmt: Format, *, hessian: torch.Tensor, **options) -> QuantizedWeight:
+def _gptq(w: torch.Tensor, fmt: Format, *, hessian: torch.Tensor, **options):
     # The module attribute is looked up on each call: benchmarks/quality_peers.py swaps in a peer's
     # GPTQ there to run it inside pyquant's pipeline.
     from .algorithms import gptq
@@ -77,7 +78,7 @@ def _nothing(cfg) -> Dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
-    quantize: Callable[..., QuantizedWeight]
+    quantize: Callable[..., Any]  # the per-weight function (see the module docstring)
     needs_calibration: bool
     block_pass: str  # the module of pyquant.pipeline.passes that runs it in quantize_model
     # format families it quantizes into; QuantConfig builds the first

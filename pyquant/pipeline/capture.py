@@ -241,13 +241,18 @@ def input_groups(block: nn.Module, x, kw) -> Tuple[List[List[str]], Dict[str, Op
     return groups, group_producer, linears
 
 
-def block_groups(block: nn.Module, x, kw):
-    """:func:`input_groups` on one sequence of a captured batch (the whole batch
-    when a keyword argument is not batch-major)."""
+def on_one_sequence(fn, x, kw):
+    """``fn(x, kw)`` on batch row 0 of a captured batch (see :func:`first_sample`),
+    or on the whole batch when a keyword argument is not batch-major."""
     try:
-        return input_groups(block, *first_sample(x, kw))
+        return fn(*first_sample(x, kw))
     except (RuntimeError, ValueError, IndexError):
-        return input_groups(block, x, kw)
+        return fn(x, kw)
+
+
+def block_groups(block: nn.Module, x, kw):
+    """:func:`input_groups` on one sequence of a captured batch."""
+    return on_one_sequence(lambda x1, kw1: input_groups(block, x1, kw1), x, kw)
 
 
 def accumulate(block, layer: nn.Module, inps, kws, acc, stop: bool = True):

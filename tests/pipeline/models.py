@@ -18,6 +18,8 @@ FAMILIES = {
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
+# A family pyquant has no adapter for (LayerNorm with bias, Llama's layer names).
+UNCLAIMED = {"stablelm": ("StableLmConfig", "StableLmForCausalLM", {})}
 
 
 # Small search grids keep the tests fast; the algorithms are the same.
@@ -44,7 +46,7 @@ def tiny_model(family, seed=0):
     (so AWQ scales every group): embedding columns, and the rows of the layers
     feeding o_proj and down_proj."""
     transformers = require("transformers")
-    config_cls, model_cls, extra = FAMILIES[family]
+    config_cls, model_cls, extra = {**FAMILIES, **UNCLAIMED}[family]
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **extra)).eval()
     for name, p in model.named_parameters():

@@ -164,8 +164,34 @@ def test_a_wrong_adapter_rule_is_caught_by_the_check(monkeypatch, calib):
     assert float((logits(model, calib) - ref).norm() / ref.norm()) <= 1e-4
 
 
+def test_a_family_without_adapter_folds_only_what_it_verifies(calib):
+    base = tiny_model("stablelm")
+    before = {n: p.clone() for n, p in base.named_parameters()}
+    with pytest.raises(FormatError, match="no fold adapter for model family 'stablelm'"):
+        pyquant.quantize_model(base, fast_config("awq", awq_strict_folds=True), calib, progress=False,
+                               verbose=False)
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+    ref = logits(base, calib)
+    folded = copy.deepcopy(base)
+    notes = {r.name: r.note for r in fold_model(folded, fast_config("awq", bits=4, group_size=32), calib)}
+    layer = "model.layers.0."
+    assert "folded into norm input_layernorm (x * w + b)" in notes[layer + "self_attn.q_proj"]
+    assert "folded into norm post_attention_layernorm (x * w + b)" in notes[layer + "mlp.up_proj"]
+    # o_proj and down_proj read no module's output: no guess from their names, an explicit scale.
+    assert "explicit input scale" in notes[layer + "self_attn.o_proj"]
+    assert "explicit input scale" in notes[layer + "mlp.down_proj"]
+    assert float((logits(folded, calib) - ref).norm() / ref.norm()) <= 1e-4
+    errs = {}
+    for method in ("rtn", "awq"):
+        model = copy.deepcopy(base)
+        pyquant.quantize_model(model, fast_config(method, bits=4, group_size=32), calib, progress=False,
+                               verbose=False)
+        errs[method] = rel_mse(logits(model, calib), ref)
+    assert errs["awq"] <= errs["rtn"], errs
+
+
 class ToyBlock(nn.Module):
-    """No adapter: AWQ finds the producers by running the block: a norm, a linear, an activation."""
+    """A block no adapter knows: a (1 + w) norm, a linear feeding a linear, an activation."""
 
     def __init__(self, d):
         super().__init__()
@@ -178,42 +204,17 @@ class ToyBlock(nn.Module):
         return x + self.down(torch.nn.functional.gelu(self.mid(self.up(self.norm(x)))))
 
 
-class ToyNormLM(nn.Module):
-    def __init__(self, vocab=64, d=32, n=2):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList([ToyBlock(d) for _ in range(n)])
-        self.head = nn.Linear(d, vocab)
-
-    def get_input_embeddings(self):
-        return self.emb
-
-    def forward(self, input_ids, **kw):
-        h = self.emb(input_ids)
-        for layer in self.layers:
-            h = layer(h)
-        return self.head(h)
-
-
-def test_a_family_without_adapter_folds_what_it_verifies():
+def test_producers_found_by_running_the_block_are_folded_and_checked(calib):
+    model = tiny_model("llama")
     torch.manual_seed(3)
-    model = ToyNormLM()
+    model.model.layers = nn.ModuleList([ToyBlock(64) for _ in range(2)])
     with torch.no_grad():
-        model.emb.weight[:, :3] *= 30
-        for block in model.layers:
+        for block in model.model.layers:
             block.up.weight[:4] *= 10
-    ids = torch.randint(0, 64, (8, 16))
-    cfg = pyquant.QuantConfig("awq", bits=4, group_size=32, awq_grid=5)
-    with pytest.raises(FormatError, match="no fold adapter for model family 'ToyNormLM'"):
-        pyquant.quantize_model(copy.deepcopy(model), pyquant.QuantConfig("awq", awq_strict_folds=True), ids,
-                               progress=False, verbose=False)
-    with torch.no_grad():
-        ref = model(ids)
-    report = fold_model(model, cfg, ids)
-    notes = {r.name: r.note for r in report}
-    assert "folded into norm norm (x * (1 + w))" in notes["layers.0.up"]
-    assert "folded into linear up" in notes["layers.0.mid"]
-    assert "explicit input scale" in notes["layers.0.down"]
-    assert isinstance(model.layers[0].down, ScaledInputLinear)
-    with torch.no_grad():
-        assert float((model(ids) - ref).norm() / ref.norm()) <= 1e-4
+    ref = logits(model, calib)
+    notes = {r.name: r.note for r in fold_model(model, fast_config("awq", bits=4, group_size=32), calib)}
+    assert "folded into norm norm (x * (1 + w))" in notes["model.layers.0.up"]
+    assert "folded into linear up" in notes["model.layers.0.mid"]
+    assert "explicit input scale" in notes["model.layers.0.down"]
+    assert isinstance(model.model.layers[0].down, ScaledInputLinear)
+    assert float((logits(model, calib) - ref).norm() / ref.norm()) <= 1e-4

@@ -44,7 +44,8 @@ def test_quantize_weight_honours_the_hqq_zero_point():
 
     w, fmt = weight(), Int(4, 64)
     for zero in ("anchored", "integer", "float"):
-        assert same(pyquant.quantize_weight(w, fmt, method="hqq", zero_point=zero), hqq_quantize(w, fmt, zero_point=zero))
+        want = hqq_quantize(w, fmt, zero_point=zero)
+        assert same(pyquant.quantize_weight(w, fmt, method="hqq", zero_point=zero), want)
     default = pyquant.quantize_weight(w, fmt, method="hqq")
     assert same(default, hqq_quantize(w, fmt, zero_point="anchored"))
     assert not same(default, pyquant.quantize_weight(w, fmt, method="hqq", zero_point="float"))

@@ -27,7 +27,7 @@ from ...methods import METHODS
 from ...nn.quant_linear import QuantLinear
 from .. import folds
 from ..arch import ADAPTERS, GENERIC, Adapter
-from ..capture import accumulate_all, group_accumulator
+from ..capture import accumulate_all, group_accumulator, on_one_sequence
 from ..report import LayerRecord, QuantReport
 from . import BlockContext, check_weight, layer_error, rel_error
 
@@ -67,7 +67,7 @@ def check_model(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, cfg: 
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         for rule in adapter.rules:
             missing = [n for n in rule.consumers if n not in linears]
-            target = (folds._none(f"the {family} adapter's layers {missing} are not in the block")
+            target = (folds.cannot_fold(f"the {family} adapter's layers {missing} are not in the block")
                       if missing else folds.from_rule(block, rule, linears[rule.consumers[0]].in_features, family))
             if target.kind == "none":
                 raise _strict_error(f"{blocks_name}.{i}", list(rule.consumers), target, target.reason)
@@ -75,46 +75,44 @@ def check_model(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, cfg: 
 
 def fold_block(ctx: BlockContext) -> Dict[str, _Scaled]:
     """Steps 1 and 2: statistics, scale search and verified folds, for every selected layer."""
-    cfg = ctx.cfg
     accs = [group_accumulator(ctx.linears, ctx.prefix, g, abs_mean=True) for g in ctx.groups]
     accumulate_all(ctx.block, [(ctx.linears[g[0]], acc) for g, acc in zip(ctx.groups, accs)], ctx.inps, ctx.kws)
-    check = None
+    # The float block, before any fold: one sequence is enough to show a wrong fold.
+    firsts = {g[0]: ctx.linears[g[0]] for g in ctx.groups}
+    check = on_one_sequence(lambda x, kw: folds.FoldCheck(ctx.block, x, kw, firsts), ctx.inps[0], ctx.kws[0])
     out: Dict[str, _Scaled] = {}
     for g, acc in zip(ctx.groups, accs):
         sel = [n for n in g if n in ctx.selected]
-        if not sel:
-            continue
-        t0 = time.perf_counter()
-        gram = acc.gram.clone()
-        target = folds.plan(ctx.block, g, ctx.linears, ctx.producers.get(g[0]), ctx.adapter)
-        explicit = None
-        if target.kind == "none":
-            note = _refuse(ctx, g, target, target.reason)
-        else:
-            res = A.awq_search_scale([ctx.linears[n].weight for n in sel], gram, acc.abs_mean(), ctx.fmt,
-                                     grid=cfg.awq_grid, duo_scaling=cfg.awq_duo_scaling, tie=target.tie,
-                                     max_rows=cfg.awq_max_rows)
-            s = res.scale
-            if res.ratio == 0.0:
-                note = "scale search kept s=1"
-            else:
-                if check is None:  # the float block, before its first fold
-                    check = folds.FoldCheck(ctx.block, ctx.inps[0], ctx.kws[0],
-                                            {h[0]: ctx.linears[h[0]] for h in ctx.groups})
-                # An explicit input scale goes on the selected layers only; a fold touches every reader.
-                consumers = sel if target.kind == "input" else list(g)
-                why = folds.apply_checked(check, target, g, consumers, ctx.linears, s)
-                found = f"alpha={res.ratio:.2f}{' duo' if res.duo else ''}"
-                if why is None:
-                    note = f"{found}, {target.describe()}"
-                    gram.div_(s.unsqueeze(0) * s.unsqueeze(1))
-                    explicit = s if target.kind == "input" else None
-                else:
-                    note = f"{found} found, " + _refuse(ctx, g, target, why)
-        seconds = (time.perf_counter() - t0) / len(sel)
-        for n in sel:
-            out[n] = _Scaled(gram, note, seconds, explicit)
+        if sel:
+            t0 = time.perf_counter()
+            gram = acc.gram.clone()
+            note, explicit = _scale_group(ctx, g, sel, acc.abs_mean(), gram, check)
+            seconds = (time.perf_counter() - t0) / len(sel)
+            out.update({n: _Scaled(gram, note, seconds, explicit) for n in sel})
     return out
+
+
+def _scale_group(ctx: BlockContext, g: List[str], sel: List[str], x_mean: torch.Tensor, gram: torch.Tensor,
+                 check: folds.FoldCheck):
+    """Search and fold the scale of group ``g`` (``gram`` follows the scaled input).
+    Returns the note and, for an explicit input scale, ``s``."""
+    cfg = ctx.cfg
+    target = folds.plan(ctx.block, g, ctx.linears, ctx.producers.get(g[0]), ctx.adapter)
+    if target.kind == "none":
+        return _refuse(ctx, g, target, target.reason), None
+    res = A.awq_search_scale([ctx.linears[n].weight for n in sel], gram, x_mean, ctx.fmt, grid=cfg.awq_grid,
+                             duo_scaling=cfg.awq_duo_scaling, tie=target.tie, max_rows=cfg.awq_max_rows)
+    if res.ratio == 0.0:
+        return "scale search kept s=1", None
+    s = res.scale
+    found = f"alpha={res.ratio:.2f}{' duo' if res.duo else ''}"
+    # An explicit input scale goes on the selected layers only; a fold changes every reader's columns.
+    consumers = sel if target.kind == "input" else list(g)
+    why = folds.apply_checked(check, target, g, consumers, ctx.linears, s)
+    if why is not None:
+        return f"{found} found, " + _refuse(ctx, g, target, why), None
+    gram.div_(s.unsqueeze(0) * s.unsqueeze(1))
+    return f"{found}, {target.describe()}", (s if target.kind == "input" else None)
 
 
 def _refuse(ctx: BlockContext, group: List[str], target: folds.FoldTarget, why: str) -> str:
