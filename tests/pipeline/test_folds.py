@@ -122,6 +122,16 @@ def test_a_wrong_norm_fold_is_undone_and_reported(monkeypatch, calib):
     assert float((logits(model, calib) - ref).norm() / ref.norm()) <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_blocks_keep_right_folds_and_undo_wrong_ones(monkeypatch, calib, dtype):
+    # A 16-bit block's own rounding is above 1e-4: the bound follows the dtype, a wrong fold stays far above it.
+    report = fold_model(tiny_model("gemma3_text").to(dtype), fast_config("awq", bits=4, group_size=32), calib)
+    assert not report.warnings and sum("folded into norm" in r.note for r in report) == 10
+    claim_every_norm_is_x_times_w(monkeypatch)
+    report = fold_model(tiny_model("gemma3_text").to(dtype), fast_config("awq", bits=4, group_size=32), calib)
+    assert sum("unscaled" in r.note for r in report) == 10
+
+
 def test_strict_folds_raise_naming_the_layer_and_the_norm_class(monkeypatch, calib):
     claim_every_norm_is_x_times_w(monkeypatch)
     model = tiny_model("gemma3_text")
