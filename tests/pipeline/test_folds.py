@@ -192,12 +192,12 @@ def test_a_family_without_adapter_folds_only_what_it_verifies(calib):
     assert "explicit input scale" in notes[layer + "mlp.down_proj"]
     assert float((logits(folded, calib) - ref).norm() / ref.norm()) <= 1e-4
     errs = {}
-    for method in ("rtn", "awq"):
+    for method in ("rtn", "gptq", "awq", "hqq"):  # every method works without an adapter
         model = copy.deepcopy(base)
         pyquant.quantize_model(model, fast_config(method, bits=4, group_size=32), calib, progress=False,
                                verbose=False)
         errs[method] = rel_mse(logits(model, calib), ref)
-    assert errs["awq"] <= errs["rtn"], errs
+    assert all(errs[m] <= 1.1 * errs["rtn"] for m in errs), errs
 
 
 class ToyBlock(nn.Module):
