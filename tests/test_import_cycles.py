@@ -256,7 +256,7 @@ LAYERS = (
     ("pyquant.errors", "pyquant.validation", "pyquant._ext", "pyquant._version"),
     ("pyquant.formats",),
     ("pyquant.ops", "pyquant.triton_kernels"),
-    ("pyquant.algorithms", "pyquant.quantize", "pyquant.config"),
+    ("pyquant.algorithms", "pyquant.methods", "pyquant.quantize", "pyquant.config"),
     ("pyquant.nn",),
     ("pyquant.pipeline", "pyquant.io", "pyquant.evaluation", "pyquant.integrations"),
 )

@@ -27,14 +27,10 @@ Clipping (``awq_clip_search``)
     error ``d^T G_gg d`` (AutoAWQ measures the same per-group partial outputs on
     a token sample).
 
-Where ``1/s`` goes (done by the pipeline, see ``pyquant.pipeline``):
-RMSNorm/LayerNorm weight (and bias) for q/k/v and gate/up; the rows of
-``v_proj`` for ``o_proj`` (with grouped-query attention the scale is tied
-across the query heads that share a key/value head, so it folds exactly);
-the rows of ``up_proj`` for ``down_proj`` (``down`` reads
-``act(gate) * up``). Any other producer gets an explicit input scale:
-:class:`ScaledInputLinear` wraps the QuantLinear and multiplies its input by
-``1/s`` (one extra elementwise op).
+Where ``1/s`` goes (into a norm, the rows of a preceding linear, or an
+explicit input scale) is ``pyquant.algorithms.awq_fold``; which producer a
+group has, and the check that a fold keeps the float function, is the
+pipeline's (``pyquant.pipeline.arch``, ``pyquant.pipeline.folds``).
 """
 from __future__ import annotations
 
@@ -42,7 +38,6 @@ import dataclasses
 from typing import List, Optional, Sequence
 
 import torch
-from torch import nn
 
 from ..formats import Int, QuantizedWeight
 from ..ops.primitives import fake_quant, group_params, pad_groups, search_shrink
@@ -161,69 +156,6 @@ def awq_clip_search(w: torch.Tensor, gram: torch.Tensor, fmt: Int, grid: int = 2
 def rtn_quantize(w: torch.Tensor, fmt: Int, shrink: Optional[torch.Tensor] = None) -> QuantizedWeight:
     """Pack ``w`` with RTN's rule (and the clipping ``shrink``)."""
     return rtn_int(w.float(), fmt, shrink)
-
-
-class ScaledInputLinear(nn.Module):
-    """``inner(x * inv_scale)``: AWQ's input scale where no producer can absorb it."""
-
-    def __init__(self, inner: nn.Module, scale: torch.Tensor):
-        super().__init__()
-        self.inner = inner
-        self.register_buffer("inv_scale", (1.0 / scale.float()).to(scale.device))
-
-    @property
-    def in_features(self):
-        return self.inner.in_features
-
-    @property
-    def out_features(self):
-        return self.inner.out_features
-
-    def forward(self, x):
-        return self.inner(x * self.inv_scale.to(x.dtype))
-
-
-# --- folding -------------------------------------------------------------------
-@torch.no_grad()
-def scale_columns(linear: nn.Linear, s: torch.Tensor) -> None:
-    linear.weight.mul_(s.to(linear.weight.dtype))
-
-
-@torch.no_grad()
-def fold_into_rows(linear: nn.Linear, s: torch.Tensor) -> None:
-    """Divide the outputs of ``linear`` by ``s`` (its rows and bias)."""
-    linear.weight.div_(s.to(linear.weight.dtype).unsqueeze(1))
-    if linear.bias is not None:
-        linear.bias.div_(s.to(linear.bias.dtype))
-
-
-@torch.no_grad()
-def fold_into_norm(norm: nn.Module, s: torch.Tensor) -> None:
-    """Divide the outputs of an affine norm (RMSNorm/LayerNorm) by ``s``."""
-    norm.weight.div_(s.to(norm.weight.dtype))
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.div_(s.to(norm.bias.dtype))
-
-
-def gqa_tie(num_heads: int, num_kv_heads: int, head_dim: int, device=None) -> Optional[torch.Tensor]:
-    """Tie classes of o_proj's input channels: channel ``h * head_dim + d`` reads
-    value channel ``(h // (num_heads // num_kv_heads)) * head_dim + d``; the
-    class is that value channel. None without grouping (classes = channels)."""
-    if num_kv_heads == num_heads:
-        return None
-    rep = num_heads // num_kv_heads
-    h = torch.arange(num_heads, device=device).repeat_interleave(head_dim)
-    d = torch.arange(head_dim, device=device).repeat(num_heads)
-    return (h // rep) * head_dim + d
-
-
-def untie(s_full: torch.Tensor, tie: Optional[torch.Tensor], n_cls: int) -> torch.Tensor:
-    """The per-class value of a tied scale (each class's channels hold equal values)."""
-    if tie is None:
-        return s_full
-    out = torch.empty(n_cls, dtype=s_full.dtype, device=s_full.device)
-    out[tie] = s_full
-    return out
 
 
 __all__: List[str] = [

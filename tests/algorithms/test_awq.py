@@ -4,6 +4,7 @@ from torch import nn
 
 import pyquant
 from pyquant.algorithms import awq as A
+from pyquant.algorithms import awq_fold as F
 from pyquant.algorithms.rtn import rtn
 from pyquant.formats import Int
 
@@ -69,14 +70,14 @@ def test_rtn_quantize_without_shrink_is_rtn():
 
 
 def test_gqa_tie_and_untie():
-    tie = A.gqa_tie(num_heads=4, num_kv_heads=2, head_dim=3)
+    tie = F.gqa_tie(num_heads=4, num_kv_heads=2, head_dim=3)
     # query heads 0,1 read kv head 0; heads 2,3 read kv head 1
     assert tie.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]
-    assert A.gqa_tie(4, 4, 3) is None
+    assert F.gqa_tie(4, 4, 3) is None
     v = torch.arange(12.0)
     tied = A._tie(v, tie)
     assert torch.equal(tied[:3], tied[3:6])
-    assert torch.equal(A.untie(tied, tie, 6), torch.tensor([1.5, 2.5, 3.5, 7.5, 8.5, 9.5]))
+    assert torch.equal(F.untie(tied, tie, 6), torch.tensor([1.5, 2.5, 3.5, 7.5, 8.5, 9.5]))
 
 
 def test_folding_keeps_the_float_function():
@@ -87,8 +88,8 @@ def test_folding_keeps_the_float_function():
     x = torch.randn(5, 4)
     s = torch.rand(16) + 0.5
     y0 = lin(prev(x) * norm_w)
-    A.scale_columns(lin, s)
-    A.fold_into_rows(prev, s)
+    F.scale_columns(lin, s)
+    F.fold_into_rows(prev, s)
     torch.testing.assert_close(lin(prev(x) * norm_w), y0)
 
 
@@ -98,8 +99,8 @@ def test_scaled_input_linear():
     x = torch.randn(3, 16)
     y0 = lin(x)
     s = torch.rand(16) + 0.5
-    A.scale_columns(lin, s)
-    wrapped = A.ScaledInputLinear(lin, s)
+    F.scale_columns(lin, s)
+    wrapped = F.ScaledInputLinear(lin, s)
     torch.testing.assert_close(wrapped(x), y0)
     assert wrapped.in_features == 16 and wrapped.out_features == 4
 
@@ -146,7 +147,7 @@ def test_awq_on_a_non_llama_block_uses_an_explicit_input_scale():
         ref = model(ids)
     report = pyquant.quantize_model(model, pyquant.QuantConfig("awq", bits=8, group_size=32), ids,
                                     progress=False, verbose=False)
-    wrapped = [m for m in model.modules() if isinstance(m, A.ScaledInputLinear)]
+    wrapped = [m for m in model.modules() if isinstance(m, F.ScaledInputLinear)]
     assert any("explicit input scale" in r.note for r in report)
     assert len(wrapped) == sum("explicit input scale" in r.note for r in report)
     assert isinstance(model.head, nn.Linear) and not isinstance(model.head, pyquant.QuantLinear)

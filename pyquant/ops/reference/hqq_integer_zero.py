@@ -26,7 +26,7 @@ Rounding the float zero alone brings perplexity back to RTN's. An integer
 zero with a solved scale ("integer") beats RTN everywhere except 4-bit g64
 out of domain (+2%); letting the zero move by a tenth of a step recovers
 most of the float zero's gain at 4 bits without its damage at 3 bits
-(numbers in ``pyquant/config.py`` and ``benchmarks/results/quality-smollm2.md``).
+(numbers in ``benchmarks/results/defaults-evidence.md`` and ``benchmarks/results/quality-smollm2.md``).
 
 The initial iterate is RTN itself, so each group's squared error is never
 above RTN's. This file is the spec and runs on any device;

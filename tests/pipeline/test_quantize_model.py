@@ -12,18 +12,11 @@ import pyquant
 from pyquant import QuantConfig, quantize_model
 from pyquant.errors import DtypeError, FormatError, ShapeError, ValueRangeError
 
+from tests.pipeline.models import fast_config as cfg, rel_mse, tiny_llama
+
 transformers = require("transformers")
 
 VOCAB = 256
-
-
-def tiny_llama(seed=0, kv_heads=2, layers=2):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=kv_heads, head_dim=16, vocab_size=VOCAB, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +30,8 @@ def calib():
     return torch.randint(0, VOCAB, (8, 32), generator=g)
 
 
-# Small search grids keep the tests fast; the algorithms are the same.
-FAST = dict(awq_grid=5, awq_clip_grid=5, clip_grid=5)
-
-
-def cfg(method, **kw):
-    extra = {k: v for k, v in FAST.items() if k not in kw}
-    return QuantConfig(method, **extra, **kw)
-
-
 def linear_names(model):
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
-
-
-def rel_mse(a, b):
-    return float((a - b).pow(2).mean() / b.pow(2).mean())
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
