@@ -17,6 +17,7 @@ import torch
 from ..errors import DtypeError, FormatError, ShapeError
 from ..formats import Int, QuantizedWeight
 from .int32_bitstream import pack_int32, unpack_int32
+from .int_layout import exact_scales, integer_zeros
 
 # Nibble i of a packed word holds output column 8c + AWQ_ORDER[i].
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -63,14 +64,62 @@ def to_awq(qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
     if n % 8:
         raise ShapeError(f"AWQ packs 8 output features per int32: out_features={n} is not a multiple of 8")
     codes, scales, zeros = fmt.unpack(qw)
-    zf = zeros.to(torch.float32)
-    if not torch.equal(zf, zf.round()) or int(zf.min()) < 0 or int(zf.max()) > 15:
-        raise FormatError(
-            "AWQ stores integer zero points in [0, 15]; this weight has float zeros (HQQ, or GPTQ with "
-            "gptq_refit='scale_zero')"
-        )
+    z = integer_zeros(fmt, zeros, "AWQ")
     return {
         "qweight": _pack_awq(codes.T.long()),
-        "qzeros": _pack_awq(zf.long().T),
+        "qzeros": _pack_awq(z.T),
         "scales": scales.T.contiguous().to(torch.float16),
     }
+
+
+# --- one layer of a checkpoint, and the checkpoint's quantization_config ------------------
+LAYER_TENSORS = ("qweight", "qzeros", "scales")
+
+
+def export_layer(qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
+    """One layer's AWQ GEMM tensors (``qweight``, ``qzeros``, ``scales``) from a 4-bit Int weight."""
+    if not isinstance(qw, QuantizedWeight):
+        raise FormatError(f"expected a pyquant QuantizedWeight, got {type(qw).__name__}")
+    if isinstance(qw.format, Int) and qw.format.group_size == -1:
+        raise FormatError("AWQ checkpoints hold grouped weights; this one is per-channel (group_size=-1)")
+    out = to_awq(qw)
+    out["scales"] = exact_scales(qw.tensors["scales"], torch.float16, "AWQ").T.contiguous()
+    return out
+
+
+def import_layer(tensors: Dict[str, torch.Tensor], bits: int, group_size: int) -> QuantizedWeight:
+    """An Int QuantizedWeight from one layer's AWQ GEMM tensors."""
+    if bits != 4:
+        raise FormatError(f"AWQ GEMM checkpoints are 4-bit, got bits={bits!r}")
+    missing = [name for name in LAYER_TENSORS if name not in tensors]
+    if missing:
+        raise FormatError(f"AWQ layer has no {missing} tensor (has {sorted(tensors)})")
+    return from_awq(tensors["qweight"], tensors["qzeros"], tensors["scales"], group_size)
+
+
+def quantization_config(fmt: Int) -> Dict:
+    """The ``quantization_config`` transformers and AutoAWQ read (GEMM kernels, zero points)."""
+    return {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": fmt.group_size,
+        "zero_point": True,
+        "version": "gemm",
+        "modules_to_not_convert": None,
+    }
+
+
+def parse_quantization_config(q: Dict, where: str):
+    """``(bits, group_size)`` from an AWQ ``quantization_config`` (AutoAWQ's or transformers' names)."""
+    bits = q.get("bits", q.get("w_bit"))
+    group = q.get("group_size", q.get("q_group_size"))
+    version = str(q.get("version", "gemm")).lower()
+    if bits != 4 or isinstance(bits, bool):
+        raise FormatError(f"{where}: AWQ bits must be 4, got {bits!r}")
+    if not isinstance(group, int) or isinstance(group, bool) or group <= 0:
+        raise FormatError(f"{where}: AWQ group_size must be a positive integer, got {group!r}")
+    if version != "gemm":
+        raise FormatError(f"{where}: AWQ version {version!r} is not supported (only the GEMM layout)")
+    if q.get("zero_point", True) is not True:
+        raise FormatError(f"{where}: AWQ without zero points is not supported")
+    return bits, group

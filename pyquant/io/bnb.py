@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from types import SimpleNamespace
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -36,6 +36,7 @@ from ..formats.nf4 import NESTED_BLOCK_SIZE
 from ..formats.nf4 import dynamic_map, nf4_codebook
 
 _PACKED_KEY_SUFFIX = "bitsandbytes__nf4"
+_MAX_JSON_BYTES = 1 << 16  # the real entry is under 200 bytes
 
 
 def _state_from_dict(d: Mapping[str, Any]) -> SimpleNamespace:
@@ -47,10 +48,15 @@ def _state_from_dict(d: Mapping[str, Any]) -> SimpleNamespace:
         if name == _PACKED_KEY_SUFFIX or name.startswith("bitsandbytes__"):
             if name != _PACKED_KEY_SUFFIX:
                 raise FormatError(f"quant state entry {key!r} is not NF4 (only {_PACKED_KEY_SUFFIX!r} converts)")
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.numel() > _MAX_JSON_BYTES:
+                raise FormatError(f"quant state entry {key!r} must be a uint8 JSON string of at most {_MAX_JSON_BYTES} bytes")
             try:
-                flat.update(json.loads(bytes(value.cpu().tolist()).decode("utf-8")))
+                packed = json.loads(bytes(value.cpu().reshape(-1).tolist()).decode("utf-8"))
             except (ValueError, UnicodeDecodeError) as exc:
                 raise FormatError(f"quant state entry {key!r} is not valid JSON: {exc}") from None
+            if not isinstance(packed, dict):
+                raise FormatError(f"quant state entry {key!r} must hold a JSON object")
+            flat.update(packed)
         else:
             flat[name] = value
     for req in ("quant_type", "absmax", "blocksize"):
@@ -195,3 +201,64 @@ def to_bnb(qw: QuantizedWeight, dtype: torch.dtype = torch.float32):
     else:
         state = QuantState(absmax=t["absmax"].clone(), **common)
     return packed, state
+
+
+# --- one Linear4bit of a state dict ------------------------------------------------------
+LAYER_MARKER = "weight.quant_state.bitsandbytes__nf4"
+
+
+def import_layer(state: Mapping[str, torch.Tensor]) -> QuantizedWeight:
+    """An NF4 QuantizedWeight from one ``Linear4bit``'s state dict entries (``weight``,
+    ``weight.absmax``, ..., ``weight.quant_state.bitsandbytes__nf4``; names without the layer prefix)."""
+    if "weight" not in state:
+        raise FormatError(f"bitsandbytes layer state has no 'weight' entry (has {sorted(state)})")
+    for key in state:
+        if key.startswith("weight.quant_state.bitsandbytes__") and key != LAYER_MARKER:
+            raise FormatError(f"{key!r}: only bitsandbytes' nf4 quant type converts to pyquant NF4")
+    quant_state = {k: v for k, v in state.items() if k.startswith("weight.")}
+    return from_bnb(state["weight"], quant_state)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def export_layer(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
+    """One ``Linear4bit``'s state dict entries (what ``QuantState.as_dict(packed=True)`` gives, plus
+    ``weight``) for an NF4 weight; needs no bitsandbytes install. ``dtype``: the weight's float dtype."""
+    if not isinstance(qw, QuantizedWeight) or not isinstance(qw.format, NF4):
+        spec = qw.format.spec() if isinstance(qw, QuantizedWeight) else type(qw).__name__
+        raise FormatError(f"only NF4 weights convert to bitsandbytes, got {spec}")
+    fmt, t = qw.format, qw.tensors
+    out = {"weight": t["qweight"].reshape(-1, 1).clone()}
+    meta = {"quant_type": "nf4", "blocksize": fmt.block_size, "dtype": _dtype_name(dtype), "shape": list(qw.shape)}
+    if fmt.double_quant:
+        out["weight.absmax"] = t["absmax_q"].clone()
+        out["weight.quant_map"] = nf4_codebook().clone()
+        out["weight.nested_absmax"] = t["absmax_scale"].clone()
+        out["weight.nested_quant_map"] = dynamic_map().clone()
+        meta.update(
+            nested_blocksize=NESTED_BLOCK_SIZE, nested_dtype="float32", nested_offset=float(t["absmax_offset"].item())
+        )
+    else:
+        out["weight.absmax"] = t["absmax"].clone()
+        out["weight.quant_map"] = nf4_codebook().clone()
+    out[LAYER_MARKER] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+    return out
+
+
+def quantization_config(fmt: NF4, compute_dtype: torch.dtype, skip: list) -> Dict:
+    """The ``quantization_config`` transformers' BitsAndBytesConfig reads for an NF4 model."""
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": fmt.double_quant,
+        "bnb_4bit_compute_dtype": _dtype_name(compute_dtype),
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": sorted(skip) or None,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+    }

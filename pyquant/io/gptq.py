@@ -23,6 +23,7 @@ import torch
 from ..errors import DtypeError, FormatError, ShapeError
 from ..formats import Int, QuantizedWeight
 from .int32_bitstream import pack_int32, unpack_int32
+from .int_layout import exact_scales, integer_zeros, original_columns, perm_from_g_idx
 
 
 def _check_version(version: int) -> None:
@@ -44,39 +45,30 @@ def from_gptq(
     _check_version(version)
     if bits not in (2, 3, 4, 8):
         raise FormatError(f"GPTQ bits must be 2, 3, 4 or 8, got {bits!r}")
+    Int(bits, group_size)  # refuses a group size pyquant has no layout for, before it divides anything
     for name, t in (("qweight", qweight), ("qzeros", qzeros)):
         if t.dtype != torch.int32 or t.dim() != 2:
             raise DtypeError(f"GPTQ {name} must be a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
     if scales.dim() != 2 or not scales.is_floating_point():
         raise DtypeError(f"GPTQ scales must be a 2-D float tensor, got {scales.dtype} {tuple(scales.shape)}")
     ng, n = scales.shape
+    if ng < 1 or n < 1 or qweight.shape[0] < 1:
+        raise ShapeError(f"GPTQ tensors are empty: qweight {tuple(qweight.shape)}, scales {tuple(scales.shape)}")
+    if (qweight.shape[0] * 32) % bits:
+        raise ShapeError(f"GPTQ qweight has {qweight.shape[0]} rows of int32, not a whole number of {bits}-bit codes")
     k = qweight.shape[0] * 32 // bits
     if qweight.shape[1] != n:
         raise ShapeError(f"GPTQ qweight has {qweight.shape[1]} columns but scales has {n}")
     if qzeros.shape != (ng, n * bits // 32):
         raise ShapeError(f"GPTQ qzeros must have shape {(ng, n * bits // 32)}, got {tuple(qzeros.shape)}")
     gs = k if group_size == -1 else group_size
-    if g_idx is None:
-        g_idx = torch.arange(k, device=qweight.device) // gs
-    if g_idx.shape != (k,):
-        raise ShapeError(f"GPTQ g_idx must have shape ({k},), got {tuple(g_idx.shape)}")
-    g_idx = g_idx.long()
-    if int(g_idx.min()) < 0 or int(g_idx.max()) >= ng:
-        raise FormatError(f"GPTQ g_idx values must lie in [0, {ng - 1}], got [{int(g_idx.min())}, {int(g_idx.max())}]")
+    perm = None if g_idx is None else perm_from_g_idx(g_idx, k, gs, ng, "GPTQ")
 
     codes = unpack_int32(qweight, bits, 0, k).T  # (N, K)
     zeros = unpack_int32(qzeros, bits, 1, n).T.to(torch.float32).contiguous()  # (N, ng)
     if version == 1:
         zeros = zeros + 1
-    trivial = torch.equal(g_idx, torch.arange(k, device=g_idx.device) // gs)
-    perm = None
-    if not trivial:
-        perm = torch.sort(g_idx, stable=True).indices
-        if not torch.equal(g_idx[perm], torch.arange(k, device=g_idx.device) // gs):
-            raise FormatError(
-                f"GPTQ g_idx groups do not have {gs} columns each (group sizes "
-                f"{torch.bincount(g_idx, minlength=ng).tolist()[:8]}...); this layout has no Int equivalent"
-            )
+    if perm is not None:
         codes = codes[:, perm]
     mid = float(1 << (bits - 1))
     if symmetric is None:
@@ -104,29 +96,88 @@ def to_gptq(qw: QuantizedWeight, version: int = 1) -> Dict[str, torch.Tensor]:
     if (n * fmt.bits) % 32:
         raise ShapeError(f"GPTQ packs zeros along N: out_features={n} at {fmt.bits} bits does not fill int32 words")
     codes, scales, zeros = fmt.unpack(qw)
-    zf = zeros.to(torch.float32)
-    if not torch.equal(zf, zf.round()) or int(zf.min()) < 0 or int(zf.max()) > fmt.max_code:
-        raise FormatError(
-            "GPTQ stores integer zero points in [0, 2**bits); this weight has float zeros (HQQ, or GPTQ with "
-            "gptq_refit='scale_zero'): quantize with gptq_refit='scale' or None to export it"
-        )
-    z = zf.long()
+    z = integer_zeros(fmt, zeros, "GPTQ")
     if version == 1:
         if int(z.min()) < 1:
-            raise FormatError("GPTQ v1 stores zero-1 and cannot hold a zero point of 0; export with version=2")
+            raise FormatError(
+                "GPTQ v1 stores zero-1 and cannot hold a zero point of 0; export with version=2 "
+                "(checkpoint_format='gptq_v2')"
+            )
         z = z - 1
-    gs = fmt.group_size_for(k)
-    g_idx = torch.arange(k, device=codes.device) // gs
-    if fmt.act_order:
-        perm = qw.tensors["perm"].long()
-        orig = torch.empty_like(codes)
-        orig[:, perm] = codes
-        codes = orig
-        g_idx = torch.empty_like(g_idx)
-        g_idx[perm] = torch.arange(k, device=codes.device) // gs
+    codes, g_idx = original_columns(qw, codes)
     return {
         "qweight": pack_int32(codes.T.long(), fmt.bits, 0),
         "qzeros": pack_int32(z.T, fmt.bits, 1),
         "scales": scales.T.contiguous().to(torch.float16),
-        "g_idx": g_idx.to(torch.int32),
+        "g_idx": g_idx,
     }
+
+
+# --- one layer of a checkpoint, and the checkpoint's quantization_config ------------------
+CHECKPOINT_FORMATS = {"gptq": 1, "gptq_v2": 2}
+LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _version(checkpoint_format: str) -> int:
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise FormatError(
+            f"GPTQ checkpoint_format must be one of {sorted(CHECKPOINT_FORMATS)}, got {checkpoint_format!r}"
+        )
+    return CHECKPOINT_FORMATS[checkpoint_format]
+
+
+def export_layer(qw: QuantizedWeight, checkpoint_format: str = "gptq") -> Dict[str, torch.Tensor]:
+    """One layer's GPTQ tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``) from an Int weight.
+
+    ``checkpoint_format="gptq"`` (AutoGPTQ, v1 zeros stored minus one) or ``"gptq_v2"`` (GPTQModel).
+    """
+    version = _version(checkpoint_format)
+    if not isinstance(qw, QuantizedWeight):
+        raise FormatError(f"expected a pyquant QuantizedWeight, got {type(qw).__name__}")
+    out = to_gptq(qw, version=version)
+    out["scales"] = exact_scales(qw.tensors["scales"], torch.float16, "GPTQ").T.contiguous()
+    return out
+
+
+def import_layer(
+    tensors: Dict[str, torch.Tensor], bits: int, group_size: int, checkpoint_format: str = "gptq"
+) -> QuantizedWeight:
+    """An Int QuantizedWeight from one layer's GPTQ tensors (``g_idx`` optional)."""
+    version = _version(checkpoint_format)
+    missing = [name for name in LAYER_TENSORS[:3] if name not in tensors]
+    if missing:
+        raise FormatError(f"GPTQ layer has no {missing} tensor (has {sorted(tensors)})")
+    return from_gptq(
+        tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors.get("g_idx"), bits, group_size, version
+    )
+
+
+def quantization_config(fmt: Int, act_order: bool, checkpoint_format: str = "gptq") -> Dict:
+    """The ``quantization_config`` transformers, GPTQModel and AutoGPTQ read."""
+    _version(checkpoint_format)
+    return {
+        "quant_method": "gptq",
+        "bits": fmt.bits,
+        "group_size": fmt.group_size,
+        "desc_act": bool(act_order),
+        "sym": fmt.symmetric,
+        "checkpoint_format": checkpoint_format,
+        "static_groups": False,
+        "true_sequential": True,
+        "lm_head": False,
+    }
+
+
+def parse_quantization_config(q: Dict, where: str):
+    """``(bits, group_size, checkpoint_format)`` from a GPTQ ``quantization_config``."""
+    bits, group = q.get("bits"), q.get("group_size", -1)
+    if bits not in (2, 3, 4, 8) or isinstance(bits, bool):
+        raise FormatError(f"{where}: GPTQ bits must be 2, 3, 4 or 8, got {bits!r}")
+    if not isinstance(group, int) or isinstance(group, bool) or not (group == -1 or group > 0):
+        raise FormatError(f"{where}: GPTQ group_size must be -1 or a positive integer, got {group!r}")
+    fmt = q.get("checkpoint_format", q.get("format", "gptq"))
+    if fmt not in CHECKPOINT_FORMATS:
+        raise FormatError(f"{where}: GPTQ checkpoint_format {fmt!r} is not one of {sorted(CHECKPOINT_FORMATS)}")
+    if q.get("dynamic"):
+        raise FormatError(f"{where}: GPTQ 'dynamic' per-module overrides are not supported")
+    return bits, group, fmt
