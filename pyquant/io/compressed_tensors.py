@@ -38,14 +38,15 @@ MAX_TARGET_CHARS = 512
 
 
 def _pack_padded(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """compressed-tensors' stream: like GPTQ's, with the last word zero-padded."""
+    """compressed-tensors' stream: GPTQ's, padded with zero codes to whole 32-value
+    chunks, then cut to the ``ceil(count * bits / 32)`` words that hold real codes."""
     length = values.shape[dim]
-    pad = -(-length * bits // 32) * 32 // bits - length
+    pad = -length % 32
     if pad:
         shape = list(values.shape)
         shape[dim] = pad
         values = torch.cat([values.to(torch.int64), values.new_zeros(shape, dtype=torch.int64)], dim=dim)
-    return pack_int32(values, bits, dim)
+    return pack_int32(values, bits, dim).narrow(dim, 0, _words(length, bits)).contiguous()
 
 
 def _words(count: int, bits: int) -> int:
@@ -191,9 +192,18 @@ def export_layer(qw: QuantizedWeight, scale_dtype: Optional[torch.dtype] = None)
     return out
 
 
-def weight_args(fmt: Int) -> Dict:
-    """The ``weights`` quantization args of a config group holding ``fmt``."""
-    per_channel = fmt.group_size == -1
+def weight_args(fmt: Int, in_features: int) -> Dict:
+    """The ``weights`` quantization args of a layer of ``fmt`` with ``in_features`` columns.
+
+    compressed-tensors needs whole groups: one group spanning the row is written
+    as per-channel, other ragged rows are refused.
+    """
+    groups = fmt.num_groups(in_features)
+    per_channel = fmt.group_size == -1 or groups == 1
+    if not per_channel and in_features % fmt.group_size:
+        raise ShapeError(
+            f"compressed-tensors needs in_features divisible by group_size: {in_features} % {fmt.group_size} != 0"
+        )
     return {
         "num_bits": fmt.bits,
         "type": "int",

@@ -122,7 +122,10 @@ def _export_compressed_tensors(model, options):
     layers, tensors = _layer_tensors(model, lambda name, qw: ct.export_layer(qw, dtype))
     groups: Dict[Tuple, Tuple[Dict, List[str]]] = {}
     for name, mod in layers.items():
-        args = ct.weight_args(mod.qformat)
+        try:
+            args = ct.weight_args(mod.qformat, mod.in_features)
+        except ValueError as exc:
+            raise type(exc)(f"layer {name!r}: {exc}") from exc
         groups.setdefault(tuple(sorted((k, str(v)) for k, v in args.items())), (args, []))[1].append(name)
     return tensors, ct.quantization_config(groups, list(float_linears(model))), {}
 
