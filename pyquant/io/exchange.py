@@ -76,8 +76,6 @@ def _no_float_linears(model: nn.Module, what: str) -> None:
 
 def _layer_tensors(model, export_one: Callable[[str, QuantizedWeight], Dict[str, torch.Tensor]]):
     layers = quantized_layers(model)
-    if not layers:
-        raise FormatError(f"{type(model).__name__} has no QuantLinear layer: quantize it before exporting")
     tensors: Dict[str, torch.Tensor] = {}
     for name, mod in layers.items():
         try:
@@ -179,6 +177,8 @@ def export_model(model: nn.Module, out_dir, format: str, **options) -> str:
     if not isinstance(model, nn.Module):
         raise FormatError(f"export_model needs a torch.nn.Module, got {type(model).__name__}")
     options = dict(options)
+    if not quantized_layers(model):
+        raise FormatError(f"{type(model).__name__} has no QuantLinear layer: quantize it before exporting")
     if format == "gguf":
         from .gguf_model import export_gguf
 
