@@ -87,6 +87,23 @@ class WeightArgs:
             )
 
 
+def _stored_integers(t: torch.Tensor, name: str, shape, weight_shape, bits: int, packed_dim: int, storage: str):
+    """Unsigned codes of ``shape``: an int32 stream packed along ``packed_dim`` (pack-quantized)
+    or signed int8 values (the unpacked layouts), after checking the stored dtype and shape."""
+    if storage == PACKED_FORMAT:
+        want = list(shape)
+        want[packed_dim] = _words(shape[packed_dim], bits)
+        if t.dtype != torch.int32 or list(t.shape) != want:
+            raise FormatError(
+                f"{name} for shape {tuple(weight_shape)} at {bits} bits must be int32 {tuple(want)}, "
+                f"got {t.dtype} {tuple(t.shape)}"
+            )
+        return unpack_int32(t, bits, packed_dim, shape[packed_dim])
+    if t.dtype != torch.int8 or tuple(t.shape) != tuple(shape):
+        raise FormatError(f"{name} for shape {tuple(weight_shape)} must be int8 {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
+    return t.to(torch.int64) + (1 << (bits - 1))
+
+
 def import_layer(tensors: Mapping[str, torch.Tensor], args: WeightArgs) -> QuantizedWeight:
     """An Int QuantizedWeight from one layer's compressed-tensors tensors (names without the layer prefix)."""
     bits, mid = args.bits, 1 << (args.bits - 1)
@@ -107,17 +124,7 @@ def import_layer(tensors: Mapping[str, torch.Tensor], args: WeightArgs) -> Quant
         raise FormatError("pack-quantized layer has no 'weight_shape' tensor")
     if n < 1 or k < 1:
         raise ShapeError(f"weight shape must be positive, got {(n, k)}")
-    if args.storage == PACKED_FORMAT:
-        if data.dtype != torch.int32 or tuple(data.shape) != (n, _words(k, bits)):
-            raise FormatError(
-                f"weight_packed for shape {(n, k)} at {bits} bits must be int32 {(n, _words(k, bits))}, "
-                f"got {data.dtype} {tuple(data.shape)}"
-            )
-        codes = unpack_int32(data, bits, 1, k)
-    else:
-        if data.dtype != torch.int8 or tuple(data.shape) != (n, k):
-            raise FormatError(f"weight must be int8 {(n, k)}, got {data.dtype} {tuple(data.shape)}")
-        codes = data.to(torch.int64) + mid
+    codes = _stored_integers(data, key, (n, k), (n, k), bits, 1, args.storage)
     if not scale.is_floating_point() or scale.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise DtypeError(f"weight_scale must be float16, bfloat16 or float32, got {scale.dtype}")
     group = args.group_size if args.strategy == "group" else -1
@@ -142,16 +149,8 @@ def import_layer(tensors: Mapping[str, torch.Tensor], args: WeightArgs) -> Quant
             if zp.numel() != 1 or zp.dtype not in (torch.int8, torch.int32):
                 raise FormatError(f"per-tensor weight_zero_point must be one integer, got {zp.dtype} {tuple(zp.shape)}")
             z = zp.reshape(1, 1).to(torch.int64).expand(n, 1) + mid
-        elif args.storage == PACKED_FORMAT:
-            if zp.dtype != torch.int32 or tuple(zp.shape) != (_words(n, bits), ng):
-                raise FormatError(
-                    f"packed weight_zero_point must be int32 {(_words(n, bits), ng)}, got {zp.dtype} {tuple(zp.shape)}"
-                )
-            z = unpack_int32(zp, bits, 0, n)
         else:
-            if zp.dtype != torch.int8 or tuple(zp.shape) != (n, ng):
-                raise FormatError(f"weight_zero_point must be int8 {(n, ng)}, got {zp.dtype} {tuple(zp.shape)}")
-            z = zp.to(torch.int64) + mid
+            z = _stored_integers(zp, "weight_zero_point", (n, ng), (n, k), bits, 0, args.storage)
         if int(z.min()) < 0 or int(z.max()) >= (1 << bits):
             raise FormatError(f"weight_zero_point values fall outside the {bits}-bit range")
         zeros = z.to(torch.float32)
