@@ -256,6 +256,8 @@ class Scheme:
             raise FormatError(f"{where}: quantization_status {status!r}: only compressed checkpoints hold packed weights")
         if q.get("sparsity_config"):
             raise FormatError(f"{where}: sparse compressed-tensors checkpoints are not supported")
+        if q.get("transform_config"):
+            raise FormatError(f"{where}: checkpoints with weight transforms (transform_config) are not supported")
         groups = q.get("config_groups")
         if not isinstance(groups, Mapping) or not groups:
             raise FormatError(f"{where}: config_groups must be a non-empty object")

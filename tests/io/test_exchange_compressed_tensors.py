@@ -7,6 +7,7 @@ checkpoints load only that way: transformers' compressed path expects the zero p
 unpacked while compressed-tensors packs it (an upstream mismatch).
 """
 import json
+import os
 
 import pytest
 import torch
@@ -117,6 +118,24 @@ def test_llm_compressor_checkpoint_imports_bit_exact_and_exports_back(llm_compre
         for part in ("weight_packed", "weight_scale", "weight_shape"):
             key = f"{name}.{part}"
             assert torch.equal(back[key], src[key]), key
+
+
+LLMC = os.path.join(os.path.dirname(__file__), "..", "fixtures", "llmcompressor")
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a16_asym", "w8a16"])
+def test_llm_compressor_written_checkpoint(scheme, tmp_path):
+    """Checkpoints llm-compressor 0.14 wrote (tests/fixtures/llmcompressor/make.py)."""
+    src = os.path.join(LLMC, scheme)
+    model = import_model(src)
+    layers = quantized_layers(model)
+    assert len(layers) == 7 and next(model.parameters()).dtype == torch.bfloat16
+    _assert_peer_weights(model, _peer_dense(src, torch.bfloat16))
+    export_model(model, tmp_path / "back", "compressed-tensors")
+    before, after = read_tensors(src), read_tensors(str(tmp_path / "back"))
+    assert set(before) == set(after)
+    for key, t in before.items():
+        assert after[key].dtype == t.dtype and torch.equal(after[key], t), key
 
 
 def test_unpacked_int8_layout_reads_the_peer_quantizer_output():
