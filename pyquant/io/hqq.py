@@ -158,7 +158,9 @@ def export_layer(qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
         raise FormatError(f"expected a pyquant QuantizedWeight, got {type(qw).__name__}")
     fmt = qw.format
     if not isinstance(fmt, Int) or fmt.act_order:
-        raise FormatError(f"HQQ layers hold Int weights without act-order, got {fmt.spec()}")
+        raise FormatError(
+            f"HQQ layers hold Int weights without act-order, got {fmt.spec()} (quantize with act_order=False)"
+        )
     n, k = qw.shape
     group = fmt.group_size_for(k)
     if k % group:

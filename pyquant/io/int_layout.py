@@ -64,8 +64,9 @@ def integer_zeros(fmt: Int, zeros: torch.Tensor, what: str) -> torch.Tensor:
     zf = zeros.to(torch.float32)
     if not torch.equal(zf, zf.round()) or int(zf.min()) < 0 or int(zf.max()) > fmt.max_code:
         raise FormatError(
-            f"{what} stores integer zero points in [0, {fmt.max_code}]; this weight has float zeros (HQQ, or GPTQ "
-            "with gptq_refit='scale_zero', the default): quantize with gptq_refit='scale' or None to export it"
+            f"{what} stores integer zero points in [0, {fmt.max_code}]; this weight has float zeros (GPTQ with "
+            "gptq_refit='scale_zero', the default, or HQQ): quantize with QuantConfig(gptq_refit='scale') (or None), "
+            "or for HQQ hqq_zero_point='integer', to export it"
         )
     return zf.long()
 
