@@ -332,7 +332,12 @@ def import_model(path, format: Optional[str] = None, **options) -> nn.Module:
         used.update(names)
         used.add(bias_key)
     rest = {k: td.get(k) for k in keys if k not in used}
-    model = build_model(path, config, options.get("dtype"))
+    shapes = {k: tuple(t.shape) for k, t in rest.items()}
+    for prefix, (qw, bias) in layers.items():
+        shapes[f"{prefix}.weight"] = qw.shape
+        if bias is not None:
+            shapes[f"{prefix}.bias"] = tuple(bias.shape)
+    model = build_model(path, config, options.get("dtype"), shapes)
     return install(model, layers, rest, path)
 
 

@@ -40,6 +40,8 @@ from ..integrations.transformers import (
     llama_config_from_gguf,
 )
 from ..nn import QuantLinear
+from ..formats.gguf import BLOCK_TYPES
+from .gguf import _DENSE as DENSE_TYPES
 from .gguf import GGUFFile, ValueType
 from .gguf_writer import write_gguf
 from .hf_dir import atomic_output
@@ -76,6 +78,7 @@ def load_gguf_quantized(path, dtype: torch.dtype = torch.float32) -> nn.Module:
     path = os.fspath(path)
     with GGUFFile(path) as f:
         config = llama_config_from_gguf(f, dtype)
+        _check_shapes(f, config)
         with _no_init():
             model = LlamaForCausalLM(config).to(dtype)
         modules = dict(model.named_modules())
@@ -84,8 +87,6 @@ def load_gguf_quantized(path, dtype: torch.dtype = torch.float32) -> nn.Module:
         dense: Dict[str, torch.Tensor] = {}
         for name in f.tensor_names():
             target = hf_name(name)
-            if target is None:
-                raise FormatError(f"{path}: tensor {name!r} has no place in LlamaForCausalLM")
             t = f.tensor(name)  # raises, naming the tensor, for types pyquant has no format for
             kind = name.split(".")[2] if name.startswith("blk.") else None
             if kind in heads:
@@ -96,11 +97,42 @@ def load_gguf_quantized(path, dtype: torch.dtype = torch.float32) -> nn.Module:
             else:
                 dense[target] = _dequantize(t) if isinstance(t, QuantizedWeight) else t
     layers = {name: (qw, dense.pop(f"{name}.bias", None)) for name, qw in quantized.items()}
-    for key, t in dense.items():
-        expected = model.get_parameter(key).shape if key in dict(model.named_parameters()) else None
-        if expected is not None and tuple(t.shape) != tuple(expected):
-            raise FormatError(f"{path}: tensor for {key} has shape {tuple(t.shape)}, the config needs {tuple(expected)}")
     return install(model, layers, dense, path)
+
+
+def _check_shapes(f: GGUFFile, config) -> None:
+    """Every parameter the metadata's config implies has a tensor of that shape in the file.
+
+    Checked on a meta-device skeleton (no memory) before the real model is
+    built, so hyperparameters in the header cannot make the loader allocate
+    more than the file's own tensors.
+    """
+    from transformers import LlamaForCausalLM
+
+    blocks = {int(n.split(".")[1]) for n in f.tensor_names() if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if blocks != set(range(config.num_hidden_layers)):
+        raise FormatError(
+            f"{f.path}: block_count {config.num_hidden_layers} disagrees with the tensors' blocks "
+            f"({len(blocks)} blocks, numbered up to {max(blocks, default=-1)})"
+        )
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(config)
+    expected = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
+    found = set()
+    for name in f.tensor_names():
+        target = hf_name(name)
+        if target is None or target not in expected:
+            raise FormatError(f"{f.path}: tensor {name!r} has no place in LlamaForCausalLM for this config")
+        info = f.tensor_info(name)
+        if info.type_name not in BLOCK_TYPES and info.type_name not in DENSE_TYPES:
+            raise FormatError(f"{f.path}: tensor {name!r} has ggml type {info.type_name}, which pyquant has no format for")
+        shape = info.shape
+        if shape != expected[target]:
+            raise FormatError(f"{f.path}: tensor {name!r} has shape {shape}, the metadata's config needs {expected[target]}")
+        found.add(target)
+    missing = [n for n in expected if n not in found and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing:
+        raise FormatError(f"{f.path}: no GGUF tensor for {missing[:8]}")
 
 
 # --- writing ---------------------------------------------------------------------------------

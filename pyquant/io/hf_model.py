@@ -11,6 +11,7 @@ tensor fails the import without a half-built model.
 from __future__ import annotations
 
 import os
+import re
 from typing import Dict, Mapping, Optional, Set, Tuple
 
 import torch
@@ -66,8 +67,19 @@ def config_dict(model: nn.Module) -> dict:
     return d
 
 
-def build_model(directory: str, config: dict, dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """The transformers model that ``config`` (a config.json dict) describes, weights uninitialised."""
+def build_model(
+    directory: str,
+    config: dict,
+    dtype: Optional[torch.dtype] = None,
+    shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
+) -> nn.Module:
+    """The transformers model that ``config`` (a config.json dict) describes, weights uninitialised.
+
+    ``shapes``: parameter name -> shape of what the checkpoint holds. The config
+    is checked against them first (layer count, then every parameter's shape on
+    a meta-device skeleton, which costs no memory), so a config.json cannot make
+    the import allocate more than the checkpoint's own tensors.
+    """
     import transformers
 
     from ..integrations.transformers import _no_init  # skips the random init of weights about to be overwritten
@@ -90,12 +102,35 @@ def build_model(directory: str, config: dict, dtype: Optional[torch.dtype] = Non
         dtype = getattr(torch, name, None) if isinstance(name, str) else None
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             dtype = torch.float32
-    with _no_init():
+
+    def instantiate():
         if cls is not None:
-            model = cls._from_config(cfg, dtype=dtype) if hasattr(cls, "_from_config") else cls(cfg)
-        else:
-            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+            return cls._from_config(cfg, dtype=dtype) if hasattr(cls, "_from_config") else cls(cfg)
+        return transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+    if shapes is not None:
+        _check_layer_count(path, getattr(cfg, "num_hidden_layers", None), shapes)
+        with torch.device("meta"):
+            skeleton = instantiate()
+        for name, p in skeleton.named_parameters():
+            if name in shapes and tuple(shapes[name]) != tuple(p.shape):
+                raise FormatError(
+                    f"{directory}: tensor {name!r} has shape {tuple(shapes[name])}, config.json gives {tuple(p.shape)}"
+                )
+    with _no_init():
+        model = instantiate()
     return model.to(dtype).eval()
+
+
+def _check_layer_count(path: str, layers, shapes: Mapping[str, Tuple[int, ...]]) -> None:
+    """``num_hidden_layers`` may not exceed the blocks the checkpoint has tensors for."""
+    if not isinstance(layers, int):
+        return
+    indices = {int(m) for key in shapes for m in re.findall(r"\.(\d+)\.", key)}
+    if layers > max(indices, default=-1) + 1:
+        raise FormatError(
+            f"{path}: num_hidden_layers={layers} but the checkpoint has tensors for {max(indices, default=-1) + 1} blocks"
+        )
 
 
 def install(

@@ -141,6 +141,20 @@ def test_refusals(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_header_hyperparameters_are_checked_against_the_tensors(tmp_path):
+    tok = _bpe_tokenizer()
+    path = export_model(quantized_copy(tiny_llama(vocab_size=len(tok), layers=1), Int(4, 32, True)),
+                        tmp_path / "ok.gguf", "gguf", tokenizer=tok)
+    with GGUFFile(path) as f:
+        metadata, types = dict(f.metadata), dict(f.metadata_types)
+        tensors = {name: f.tensor(name) for name in f.tensor_names()}
+    for key, value in (("llama.embedding_length", 1 << 30), ("llama.block_count", 1 << 20),
+                       ("llama.feed_forward_length", 129)):
+        bad = write_gguf(tmp_path / "bad.gguf", {**metadata, key: value}, tensors, types, overwrite=True)
+        with pytest.raises(pyquant.FormatError, match="bad.gguf"):
+            load_gguf_quantized(bad)
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_round_trip_keeps_every_block(tmp_path):
     from pyquant.integrations.transformers import load_gguf_llama_model

@@ -96,6 +96,8 @@ def test_bad_tensors_name_file_and_layer(gptq_dir, tmp_path, edit, error, match)
         (lambda c: c["quantization_config"].__setitem__("quant_method", "pyquant"), "load_quantized"),
         (lambda c: c["quantization_config"].__setitem__("quant_method", "fp8"), "'fp8'"),
         (lambda c: c.__setitem__("model_type", 3), "model_type"),
+        (lambda c: c.__setitem__("num_hidden_layers", 1 << 20), "num_hidden_layers=1048576"),
+        (lambda c: c.__setitem__("intermediate_size", 1 << 30), "config.json gives"),
     ],
 )
 def test_bad_config(gptq_dir, tmp_path, edit, match):
