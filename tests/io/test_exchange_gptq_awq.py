@@ -188,6 +188,17 @@ def test_exported_model_config_and_peer_weights(tmp_path):
     assert_same_layers(model, import_model(tmp_path / "a"))
 
 
+def test_tied_embeddings_are_written_once_and_tied_again(tmp_path):
+    model = quantized_copy(tiny_llama(tie=True), Int(4, 32, True))
+    export_model(model, tmp_path, "gptq", overwrite=True)
+    assert "lm_head.weight" not in read_tensors(str(tmp_path))
+    back = import_model(tmp_path)
+    assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
+    ids = token_ids()
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+
+
 def test_refusals_name_the_layer_and_the_fix(tmp_path):
     base = tiny_llama()
     hqq_like = quantized_copy(base, Int(4, 32, False))
