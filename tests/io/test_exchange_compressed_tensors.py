@@ -120,12 +120,12 @@ def test_llm_compressor_checkpoint_imports_bit_exact_and_exports_back(llm_compre
             assert torch.equal(back[key], src[key]), key
 
 
-LLMC = os.path.join(os.path.dirname(__file__), "..", "fixtures", "llmcompressor")
+LLMC = os.path.join(os.path.dirname(__file__), "..", "fixtures", "llmcompressor_checkpoints")
 
 
 @pytest.mark.parametrize("scheme", ["w4a16", "w4a16_asym", "w8a16"])
 def test_llm_compressor_written_checkpoint(scheme, tmp_path):
-    """Checkpoints llm-compressor 0.14 wrote (tests/fixtures/llmcompressor/make.py)."""
+    """Checkpoints llm-compressor 0.14 wrote (tests/fixtures/llmcompressor_checkpoints/make.py)."""
     src = os.path.join(LLMC, scheme)
     model = import_model(src)
     layers = quantized_layers(model)
