@@ -117,20 +117,20 @@ def _export_awq(model, options):
 
 def _export_compressed_tensors(model, options):
     dtype = _model_dtype(model)
-    layers, tensors = _layer_tensors(model, lambda name, qw: ct.export_layer(qw, dtype))
     groups: Dict[Tuple, Tuple[Dict, List[str]]] = {}
-    for name, mod in layers.items():
+    for name, mod in quantized_layers(model).items():
         try:
             args = ct.weight_args(mod.qformat, mod.in_features)
         except ValueError as exc:
             raise type(exc)(f"layer {name!r}: {exc}") from exc
         groups.setdefault(tuple(sorted((k, str(v)) for k, v in args.items())), (args, []))[1].append(name)
+    _, tensors = _layer_tensors(model, lambda name, qw: ct.export_layer(qw, dtype))
     return tensors, ct.quantization_config(groups, list(float_linears(model))), {}
 
 
 def _export_hqq(model, options):
     layers, tensors = _layer_tensors(model, lambda name, qw: hqq.export_layer(qw))
-    name, mod = next(iter(layers.items()))
+    mod = next(iter(layers.values()))
     return tensors, hqq.quantization_config(mod.qformat, mod.in_features, list(float_linears(model))), {}
 
 
@@ -205,10 +205,6 @@ def export_model(model: nn.Module, out_dir, format: str, **options) -> str:
 
 
 # --- import ----------------------------------------------------------------------------------
-def _gptq_settings(q, where):
-    return gptq.parse_quantization_config(q, where)
-
-
 def _import_gptq(tensors, settings, name):
     bits, group, checkpoint_format = settings
     return gptq.import_layer(tensors, bits, group, checkpoint_format)
@@ -221,7 +217,7 @@ def _import_awq(tensors, settings, name):
 
 _IMPORTERS = {
     # format: (marker tensor suffix, layer tensor suffixes, settings parser, layer importer)
-    "gptq": ("qweight", gptq.LAYER_TENSORS, _gptq_settings, _import_gptq),
+    "gptq": ("qweight", gptq.LAYER_TENSORS, gptq.parse_quantization_config, _import_gptq),
     "awq": ("qweight", awq.LAYER_TENSORS, awq.parse_quantization_config, _import_awq),
     "compressed-tensors": (
         "weight_scale", ct.LAYER_TENSORS, lambda q, where: ct.Scheme(q, where),

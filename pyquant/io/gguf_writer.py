@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import torch

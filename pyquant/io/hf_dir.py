@@ -64,15 +64,6 @@ def read_config(directory: str) -> dict:
     return read_json(os.path.join(directory, CONFIG_NAME), "config.json")
 
 
-def quantization_config(directory: str, config: Optional[dict] = None) -> dict:
-    """The ``quantization_config`` object of a directory's config.json ({} if none)."""
-    config = read_config(directory) if config is None else config
-    q = config.get("quantization_config", {})
-    if not isinstance(q, dict):
-        raise FormatError(f"{os.path.join(directory, CONFIG_NAME)}: quantization_config must be an object")
-    return q
-
-
 def _safetensors_dtype(name: str) -> torch.dtype:
     table = {
         "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -279,6 +270,6 @@ def write_json(path: str, value) -> None:
 
 
 __all__ = [
-    "TensorDir", "atomic_output", "read_json", "read_config", "quantization_config", "write_safetensors",
+    "TensorDir", "atomic_output", "read_json", "read_config", "write_safetensors",
     "write_json", "parse_size",
 ]
