@@ -97,7 +97,7 @@ def _linear(op, x, qdata, fmt, n, k, bias, kernel):
     """A kernel of ``op`` on x flattened to (M, K); any leading dims come back."""
     f = _fmt(fmt)
     x2 = x.reshape(-1, k)
-    kern = select_kernel(op, f, x.device, x2.shape[0], kernel)
+    kern = select_kernel(op, f, x.device, x2.shape[0], kernel, shape=(n, k))
     y = kern.fn(x2.contiguous(), list(qdata), f, (n, k), bias)
     return y.reshape(*x.shape[:-1], n)
 

@@ -52,12 +52,16 @@ def test_verified_from_junit_and_apply(tmp_path):
     assert res["untested"] == ["cuda_int_dequantize"]
     assert res["kernels"]["cuda_int4_gemv"] == {"passed": 2, "failed": 0, "skipped": 0}
 
+    assert set(res["sources"]) == set(KERNELS)  # every kernel's source hash at the time of the run
+
     target = tmp_path / "verified_kernels.json"
-    target.write_text(json.dumps({"verified": ["cuda_w8a8_gemm", "triton_x"]}))
+    target.write_text(json.dumps({"verified": ["cuda_w8a8_gemm", "triton_x"]}))  # the older layout
     assert v.main(["apply", str(out), "--file", str(target)]) == 0
-    data = json.loads(target.read_text())
-    assert data["verified"] == ["cuda_int4_gemv", "triton_x"]  # failed kernels are withdrawn
-    assert data["evidence"]["cuda_int4_gemv"].startswith("dev ")
+    data = json.loads(target.read_text())["kernels"]
+    assert sorted(data) == ["cuda_int4_gemv", "triton_x"]  # failed kernels are withdrawn
+    assert data["cuda_int4_gemv"]["device"] == "dev" and data["cuda_int4_gemv"]["date"] == res["date"]
+    assert data["cuda_int4_gemv"]["source_sha256"] == res["sources"]["cuda_int4_gemv"]
+    assert data["triton_x"]["source_sha256"] is None  # carried over from the older layout: not verified
 
 
 def test_verified_module_declared_kernels_and_no_gpu(tmp_path):
