@@ -107,14 +107,14 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"input last dim {x.shape[-1]} != in_features={self.in_features}")
-        if torch.is_autocast_enabled(x.device.type):
+        if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         plans = self.__dict__.get("_plans")  # launch plans of the eager path (ops/plans.py)
         if plans is None:
             plans = self.__dict__["_plans"] = PlanCache()
-        buffers = self._buffers
+        buffers = self._buffers  # dict lookups: nn.Module.__getattr__ costs ~1 us per name
         return linear(x, [buffers[n] for n in self._packed_names], self._format,
-                      (self.out_features, self.in_features), self.bias, self.kernel, plans)
+                      (self.out_features, self.in_features), self._parameters["bias"], self.kernel, plans)
 
     def extra_repr(self) -> str:
         bpw = self.quantized_weight.bits_per_weight

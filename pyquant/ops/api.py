@@ -113,7 +113,9 @@ def qmatmul(
     """
     _check_qw(qw)
     _check_kernel(kernel)
-    return linear(x, qw.tensor_list(), qw.format, qw.shape, bias, kernel, plan_cache(qw))
+    cache = plan_cache(qw)
+    tensors = qw.tensors
+    return linear(x, [tensors[n] for n in cache.names(qw.format, qw.shape)], qw.format, qw.shape, bias, kernel, cache)
 
 
 def pack(codes: torch.Tensor, fmt: Format, kernel: str = "auto") -> torch.Tensor:

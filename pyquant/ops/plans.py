@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import KernelUnavailableError
 from .dispatch import select_kernel
@@ -34,12 +35,22 @@ Plan = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 class PlanCache:
     """The launch plans of one weight, valid while its packed tensors are the same."""
 
-    __slots__ = ("tensors", "ptrs", "plans")
+    __slots__ = ("tensors", "ptrs", "plans", "layout")
 
     def __init__(self):
         self.tensors: Tuple[torch.Tensor, ...] = ()
         self.ptrs: Tuple[int, ...] = ()
         self.plans: Dict[tuple, Plan] = {}
+        self.layout = (None, None, ())  # (format, shape, packed tensor names) of a QuantizedWeight
+
+    def names(self, fmt, shape) -> Tuple[str, ...]:
+        """The packed tensor names of ``fmt`` at ``shape`` in canonical order (computed
+        once: ``Format.tensor_specs`` builds a dict each call)."""
+        f, s, names = self.layout
+        if f is not fmt or s != shape:
+            names = tuple(fmt.tensor_specs(shape))
+            self.layout = (fmt, shape, names)
+        return names
 
     # a copied or pickled module starts with no plans (they hold pointers and compiled kernels)
     def __deepcopy__(self, memo):
@@ -111,7 +122,25 @@ def build_plan(op: str, qdata, fmt, shape, device: torch.device, m: int, kernel:
 
 
 def run_qmatmul(cache: PlanCache, x: torch.Tensor, qdata, fmt, shape, bias, kernel: str) -> torch.Tensor:
-    """``x @ W_hat.T + bias`` through ``cache``'s plans (inputs already validated)."""
+    """``x @ W_hat.T + bias`` through ``cache``'s plans, for the eager public entry
+    points (``pyquant.qmatmul``, ``QuantLinear.forward``; inputs validated)."""
+    return execute(cache, x, qdata, fmt, shape, bias, kernel)
+
+
+_OP_CACHES = WeakIdKeyDictionary()
+
+
+def run_op(x: torch.Tensor, qdata, fmt, shape, bias, kernel: str) -> torch.Tensor:
+    """The same for ``torch.ops.pyquant.qmatmul``'s implementation (autograd, CUDA
+    graph trees): the op gets a fresh tensor list each call, so its plans are kept
+    per packed ``qweight`` tensor (weakly: they go with it)."""
+    cache = _OP_CACHES.get(qdata[0])
+    if cache is None:
+        cache = _OP_CACHES[qdata[0]] = PlanCache()
+    return execute(cache, x, qdata, fmt, shape, bias, kernel)
+
+
+def execute(cache: PlanCache, x: torch.Tensor, qdata, fmt, shape, bias, kernel: str) -> torch.Tensor:
     if not cache.valid_for(qdata):
         cache.reset(qdata)
     n, k = shape

@@ -66,7 +66,7 @@ def test_plan_results_match_the_op(builds):
         for _ in range(2):
             torch.testing.assert_close(pyquant.qmatmul(x, qw, bias), want, rtol=0, atol=0)
             torch.testing.assert_close(pyquant.qmatmul(xt, qw, bias), want_t, rtol=0, atol=0)
-    assert len(builds) == 1
+    assert len(builds) == 2  # the op's plans (kept per qweight tensor) and the QuantizedWeight's
 
 
 def test_no_stale_plan_after_the_weight_changes(builds):
@@ -109,9 +109,9 @@ def test_quant_linear_takes_the_same_fast_path(builds):
                                          "auto")
         for _ in range(3):
             torch.testing.assert_close(lin(x), want, rtol=0, atol=0)
-    assert builds == [4]
+    assert builds == [4, 4]  # the op's plans and the module's
     y = lin(x)  # gradients (the bias is a parameter): the op, an autograd node, as before
-    assert y.grad_fn is not None and len(builds) == 1
+    assert y.grad_fn is not None and len(builds) == 2
 
 
 def test_quant_linear_rebuilds_after_to_load_and_copy(builds):
@@ -272,3 +272,33 @@ def test_triton_direct_launch_passes_what_the_jit_passes():
                        env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stdout.startswith("launches")
+
+
+def test_steady_state_does_no_host_work_but_the_launch(monkeypatch):
+    # after the first call: no kernel selection, no packed-tensor checks, no format parsing
+    from pyquant.ops.backends import cuda
+
+    counts = {"select": 0, "named_packed": 0}
+
+    def counting(name, real):
+        def f(*a, **kw):
+            counts[name] += 1
+            return real(*a, **kw)
+
+        return f
+
+    monkeypatch.setattr(plans, "select_kernel", counting("select", plans.select_kernel))
+    monkeypatch.setattr(cuda, "named_packed", counting("named_packed", cuda.named_packed))
+    qw = _qw(n=48, k=256, fmt=Int(4, 128, False, torch.float16))
+    lin = pyquant.QuantLinear(qw, kernel="cuda")
+    x = torch.randn(2, 256, dtype=torch.float16)
+    with torch.no_grad(), _host_stubs.stub_extension() as ext, _host_stubs.cuda_backend_on_cpu():
+        pyquant.qmatmul(x, qw, kernel="cuda")
+        lin(x)
+        first = dict(counts)
+        ext.record = True
+        for _ in range(5):
+            pyquant.qmatmul(x, qw, kernel="cuda")
+            lin(x)
+    assert counts == first and first["named_packed"] == 2
+    assert len(ext.calls) == 10

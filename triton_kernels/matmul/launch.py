@@ -143,35 +143,50 @@ def dequantize(qdata, fmt, shape, dtype: torch.dtype, config: Optional[Config] =
 X, OUT, WS, BIAS = "<x>", "<out>", "<ws>", "<bias>"
 
 
+def _idle(hook) -> bool:
+    # None (triton < 3.9) or an empty HookChain: the launcher would call nothing
+    return hook is None or getattr(hook, "calls", None) == []
+
+
+def _no_launch_hooks() -> bool:
+    """No profiler hook wants launch metadata: the launcher can be called bare."""
+    return _idle(knobs.runtime.launch_enter_hook) and _idle(knobs.runtime.launch_exit_hook)
+
+
 class _Launch:
     """One kernel launch with its arguments bound: by name through the JIT the first
     time (compiling or finding the specialisation), then straight to the compiled
     kernel's launcher with the same arguments in the same order. The key of the
     QmatmulPlan entry holding it fixes everything the JIT specialises on."""
 
-    __slots__ = ("kernel", "grid", "params", "options", "names", "template", "slots", "compiled")
+    __slots__ = ("kernel", "grid", "grid3", "params", "options", "names", "template", "slots", "compiled")
 
     def __init__(self, kernel, grid, params: dict, options: dict):
         self.kernel, self.grid, self.params, self.options = kernel, grid, params, options
+        self.grid3 = (*grid, 1, 1)[:3]
         self.names = kernel.arg_names
         self.template = [params[n] for n in self.names]
         self.slots = [(i, v) for i, v in enumerate(self.template) if isinstance(v, str) and v.startswith("<")]
         self.compiled = None
 
-    def __call__(self, vals: dict) -> None:
+    def __call__(self, vals: dict, stream: Optional[int] = None) -> Optional[int]:
+        """Launch; returns the stream used on the direct path (the next launch of the
+        same call reuses it), None after a JIT launch."""
         argv = list(self.template)
         for i, name in self.slots:
             argv[i] = vals[name]
         c = self.compiled
-        if c is not None and knobs.runtime.launch_enter_hook is None:  # no profiler hook to call
-            dev = driver.active.get_current_device()
-            g = self.grid
-            c.run(g[0], g[1], g[2], driver.active.get_current_stream(dev), c.function, c.packed_metadata, None,
-                  None, None, *argv)
-            return
+        if c is not None and _no_launch_hooks():
+            if stream is None:
+                drv = driver.active
+                stream = drv.get_current_stream(drv.get_current_device())
+            g = self.grid3
+            c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, None, None, None, *argv)
+            return stream
         c = self.kernel[self.grid](*argv, **self.options)
         if knobs is not None and getattr(c, "packed_metadata", None) is not None and hasattr(c, "function"):
             self.compiled = c  # None under the interpreter: every call goes through it
+        return None
 
 
 class QmatmulPlan:
@@ -201,9 +216,9 @@ class QmatmulPlan:
         main, reduce, ws_shape = entry
         ws = torch.empty(ws_shape, dtype=torch.float32, device=x.device) if ws_shape else out
         vals = {X: x, OUT: out, WS: ws, BIAS: bias if bias is not None else out}
-        main(vals)
+        stream = main(vals)
         if reduce is not None:
-            reduce(vals)
+            reduce(vals, stream)
         return out
 
     def _prepare(self, x, bias):
