@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("from-junit", help="junit XML(s) of a GPU test run -> verified-kernels JSON")
-    a.add_argument("junit", nargs="+")
+    a.add_argument("junit", nargs="*", help="JUnit XML reports (none: every kernel untested)")
     a.add_argument("--device", default="unknown")
     a.add_argument("--out")
     a.add_argument("--kernels", help="comma-separated kernel names (default: every registered CUDA/Triton kernel)")
