@@ -5,8 +5,8 @@ extension's CMake build (Release ``-O3``, C++17, ``--expt-relaxed-constexpr``);
 the cubin holds every template instance the file's launchers instantiate, and
 ``cuobjdump`` (the toolkit's, else the copy Triton bundles: a CUDA install may
 ship nvcc without it) lists their SASS and resource usage. Cubins are cached by
-a hash of the file, the headers it includes and the compiler's version, so a
-second report costs only the disassembly.
+a hash of the file, the headers beside it and in ``csrc/include``, and the
+compiler's version, so a second report costs only the disassembly.
 
 Needs a source checkout (``csrc/`` is not installed) and nvcc.
 """
@@ -58,28 +58,6 @@ def sources() -> Dict[str, Path]:
     return {p.stem: p for p in sorted((CSRC / "cuda").glob("*.cu"))}
 
 
-_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
-
-
-def include_closure(path: Path, dirs=None) -> list:
-    """``path`` and every quoted include it reaches in ``dirs`` (default: its own
-    folder and ``csrc/include``), sorted: what a change to the kernel can touch."""
-    dirs = dirs or (path.parent, CSRC / "include")
-    seen, todo = set(), [path]
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        for inc in _INCLUDE.findall(p.read_text()):
-            for d in (p.parent, *dirs):
-                q = (d / inc).resolve()
-                if q.is_file():
-                    todo.append(q)
-                    break
-    return sorted(seen)
-
-
 def _cache_dir() -> Path:
     root = os.environ.get("PYQUANT_CACHE_DIR")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "pyquant"
@@ -94,8 +72,10 @@ def cubin(path: Path, arch: str = ARCH) -> Path:
     """The cached cubin of one ``.cu`` file for ``arch`` (compiled on a miss)."""
     exe = nvcc()
     h = hashlib.sha256()
-    for p in include_closure(path):
-        h.update(str(p.relative_to(CSRC) if p.is_relative_to(CSRC) else p).encode())
+    # the file and every header it could include (a change to any rebuilds: a cheap rule)
+    headers = sorted(q for d in (path.parent, CSRC / "include") for q in d.rglob("*") if q.suffix in (".h", ".cuh"))
+    for p in [path, *headers]:
+        h.update(str(p).encode())
         h.update(p.read_bytes())
     h.update(_compiler_version(exe).encode())
     h.update(" ".join((arch, *FLAGS)).encode())

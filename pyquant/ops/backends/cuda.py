@@ -181,12 +181,10 @@ def int4_gemv_plan(qdata, fmt, shape, device: torch.device, m: int):
     def run(x, bias):
         rows = x.shape[0]
         out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-        if rows == 0:
-            return out
-        if bias is not None and not bias.is_contiguous():
-            bias = bias.contiguous()
-        launch_on(index, entry, x.data_ptr(), *weight, ptr(bias), out.data_ptr(), rows, *sizes,
-                  0 if bias is None else codes[bias.dtype], codes[x.dtype])
+        if rows:
+            b = None if bias is None else bias.contiguous()  # alive until the launch is enqueued
+            launch_on(index, entry, x.data_ptr(), *weight, ptr(b), out.data_ptr(), rows, *sizes,
+                      0 if b is None else codes[b.dtype], codes[x.dtype])
         return out
 
     run.keep = (qweight, scales, zeros)
