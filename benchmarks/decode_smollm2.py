@@ -69,8 +69,11 @@ def decode_rounds(models: dict, ids, new_tokens: int, rounds: int) -> dict:
     return speeds, outputs
 
 
-def layer_table(threads: int, repeat: int, vocab: int):
-    """Per SmolLM2 linear shape at M = 1: fp32 F.linear and int4 qmatmul microseconds."""
+def layer_table(threads: int, repeat: int, vocab: int, clock=time.perf_counter):
+    """Per SmolLM2 linear shape at M = 1: fp32 F.linear and int4 qmatmul microseconds
+    on ``threads`` threads, by ``clock`` (wall, or this thread's CPU time)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     rows = []
     shapes = dict(SHAPES, head=(vocab, 576))
     for name, (n, k) in shapes.items():
@@ -80,10 +83,27 @@ def layer_table(threads: int, repeat: int, vocab: int):
         x = torch.randn(1, k)
         loops = 50
         fns = [lambda: [F.linear(x, w) for _ in range(loops)], lambda: [pyquant.qmatmul(x, qw) for _ in range(loops)]]
-        (dense, _), (quant, _) = interleaved(fns, repeat)
+        (dense, _), (quant, _) = interleaved(fns, repeat, clock=clock)
         rows.append(dict(layer=name, n=n, k=k, dense_us=dense / loops * 1e6, int4_us=quant / loops * 1e6,
                          per_token=PER_LAYER.get(name, 1)))
+    torch.set_num_threads(saved)
     return rows
+
+
+def print_layers(title: str, layers, n_layers: int):
+    """The per-layer table; returns one token's linears (fp32 ms, int4 ms), head excluded."""
+    print(f"\n{title}\n")
+    print("| linear at M = 1 | N x K | per token | fp32 F.linear us | int4 qmatmul us | int4 / fp32 time |")
+    print("|---|---|---:|---:|---:|---:|")
+    dense_tok = quant_tok = 0.0
+    for r in layers:
+        count = r["per_token"] * (n_layers if r["layer"] != "head" else 1)
+        if r["layer"] != "head":
+            dense_tok += count * r["dense_us"]
+            quant_tok += count * r["int4_us"]
+        print(f"| {r['layer']} | {r['n']}x{r['k']} | {count} | {r['dense_us']:.1f} | {r['int4_us']:.1f} | "
+              f"{r['int4_us'] / r['dense_us']:.2f} |")
+    return dense_tok / 1e3, quant_tok / 1e3
 
 
 def main(argv=None) -> int:
@@ -106,6 +126,7 @@ def main(argv=None) -> int:
     agree = float((outputs["float32"] == outputs["int4 QuantLinear"]).float().mean())
     n_layers = model.config.num_hidden_layers
     layers = layer_table(args.threads, args.repeat, model.config.vocab_size)
+    layers_cpu1 = layer_table(1, args.repeat, model.config.vocab_size, clock=time.thread_time)
 
     f32, q = speeds["float32"], speeds["int4 QuantLinear"]
     ratios = [b / a for a, b in zip(f32, q)]
@@ -116,23 +137,18 @@ def main(argv=None) -> int:
     for name, s in speeds.items():
         print(f"| {name} | {statistics.median(s):.1f} | {max(s):.1f} |")
     print(f"\nint4 / float32 tokens/s per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
-          f"(median {statistics.median(ratios):.2f}x); greedy tokens equal: {agree:.0%}\n")
-    print("| linear at M = 1 | N x K | per token | fp32 F.linear us | int4 qmatmul us | int4 / fp32 time |")
-    print("|---|---|---:|---:|---:|---:|")
-    dense_tok = quant_tok = 0.0
-    for r in layers:
-        count = r["per_token"] * (n_layers if r["layer"] != "head" else 1)
-        if r["layer"] != "head":
-            dense_tok += count * r["dense_us"]
-            quant_tok += count * r["int4_us"]
-        print(f"| {r['layer']} | {r['n']}x{r['k']} | {count} | {r['dense_us']:.1f} | {r['int4_us']:.1f} | "
-              f"{r['int4_us'] / r['dense_us']:.2f} |")
+          f"(median {statistics.median(ratios):.2f}x); greedy tokens equal: {agree:.0%}")
+    dense_tok, quant_tok = print_layers(f"wall-clock, {args.threads} threads:", layers, n_layers)
+    cpu1 = print_layers("one thread, its CPU time (what the kernel costs whatever the machine's load):",
+                        layers_cpu1, n_layers)
     step_f32 = 1e6 / statistics.median(f32)
-    print(f"\nper token: the {n_layers} layers' linears take {dense_tok / 1e3:.2f} ms in fp32 and "
-          f"{quant_tok / 1e3:.2f} ms as int4 qmatmul; a whole float32 decode step takes {step_f32 / 1e3:.2f} ms")
+    print(f"\nper token: the {n_layers} layers' linears take {dense_tok:.2f} ms in fp32 and {quant_tok:.2f} ms as "
+          f"int4 qmatmul ({args.threads} threads, wall); {cpu1[0]:.2f} / {cpu1[1]:.2f} ms (1 thread, CPU time); "
+          f"a whole float32 decode step takes {step_f32 / 1e3:.2f} ms")
     result = dict(cpu=cpu_name(), threads=args.threads, load=list(load_average()), new_tokens=args.new_tokens,
                   speeds=speeds, ratios=ratios, token_agreement=agree, layers=layers,
-                  linears_fp32_ms_per_token=dense_tok / 1e3, linears_int4_ms_per_token=quant_tok / 1e3,
+                  layers_1thread_cputime=layers_cpu1, linears_fp32_ms_per_token=dense_tok,
+                  linears_int4_ms_per_token=quant_tok,
                   step_fp32_ms=step_f32 / 1e3, env=pyquant.env())
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
