@@ -141,6 +141,7 @@ def dequantize(qdata, fmt, shape, dtype: torch.dtype, config: Optional[Config] =
 # Placeholders for the tensors a call brings; every other argument is fixed by the
 # weight, M and the config.
 X, OUT, WS, BIAS = "<x>", "<out>", "<ws>", "<bias>"
+_SLOTS = (X, OUT, WS, BIAS)
 
 
 def _idle(hook) -> bool:
@@ -166,17 +167,18 @@ class _Launch:
         self.grid3 = (*grid, 1, 1)[:3]
         self.names = kernel.arg_names
         self.template = [params[n] for n in self.names]
-        self.slots = [(i, v) for i, v in enumerate(self.template) if isinstance(v, str) and v.startswith("<")]
+        self.slots = [(i, _SLOTS.index(v)) for i, v in enumerate(self.template) if isinstance(v, str) and v in _SLOTS]
         self.compiled = None
 
-    def __call__(self, vals: dict, stream: Optional[int] = None) -> Optional[int]:
-        """Launch; returns the stream used on the direct path (the next launch of the
-        same call reuses it), None after a JIT launch."""
+    def __call__(self, vals: tuple, stream: Optional[int] = None) -> Optional[int]:
+        """Launch with ``vals`` = (x, out, ws, bias) in the placeholders; returns the
+        stream used on the direct path (the next launch of the same call passes it on:
+        hooks checked, stream read once per call), None after a JIT launch."""
         argv = list(self.template)
-        for i, name in self.slots:
-            argv[i] = vals[name]
+        for i, j in self.slots:
+            argv[i] = vals[j]
         c = self.compiled
-        if c is not None and _no_launch_hooks():
+        if c is not None and (stream is not None or _no_launch_hooks()):
             if stream is None:
                 drv = driver.active
                 stream = drv.get_current_stream(drv.get_current_device())
@@ -215,7 +217,7 @@ class QmatmulPlan:
             entry = self._entries[key] = self._prepare(x, bias)
         main, reduce, ws_shape = entry
         ws = torch.empty(ws_shape, dtype=torch.float32, device=x.device) if ws_shape else out
-        vals = {X: x, OUT: out, WS: ws, BIAS: bias if bias is not None else out}
+        vals = (x, out, ws, bias if bias is not None else out)
         stream = main(vals)
         if reduce is not None:
             reduce(vals, stream)
