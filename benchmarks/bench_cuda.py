@@ -9,8 +9,11 @@ the same process (DESIGN.md, Benchmarks).
   pre-quantized int8 operands (the int8 GEMM alone, where available).
 * dequantize kernels registered for CUDA (cuda_*_dequantize): GB/s vs copy.
 
-Timing: CUDA events around each call, an L2 flush (256 MB write) before every
-call so the weights come from HBM, warm-up, median of ``--reps``.
+Timing (``_timing.CudaTimer``): CUDA graphs of calls rotating over operand copies
+totalling more than 4x the L2 cache (every call reads its weight from HBM, no
+flush), replayed >= 50 times: median and p10/p90 per call. The baselines are
+timed the same way in the same process. ``eager us``: the host cost of one
+public call while the GPU is kept busy.
 
     python benchmarks/bench_cuda.py --out build/gpu_check/bench   # JSON, markdown, PNG
 """
@@ -29,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import cuda_event_ms  # noqa: E402
+from _timing import CudaTimer, gpu_info  # noqa: E402
 
 import pyquant  # noqa: E402
-from pyquant.formats import GGUF, NF4, Int  # noqa: E402
+from pyquant.formats import GGUF, NF4, Int, QuantizedWeight  # noqa: E402
 from pyquant.ops import w8a8_matmul  # noqa: E402
 from pyquant.ops.dispatch import select_kernel  # noqa: E402
 
@@ -47,25 +50,29 @@ def device_name() -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", torch.cuda.get_device_name()).strip("_")
 
 
-class Timer:
-    def __init__(self, reps: int):
-        self.reps = reps
-        self.flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
-
-    def __call__(self, fn) -> float:
-        """Median milliseconds of fn() with a cold L2."""
-        return cuda_event_ms(fn, self.reps, warmup=3, before=self.flush.zero_)
-
-
-def copy_gbps(timer: Timer) -> float:
-    src = torch.empty(512 * 1024 * 1024, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src))
-    return 2 * src.numel() / ms / 1e6  # read + write
-
-
 def _nbytes(qw) -> int:
     return sum(t.numel() * t.element_size() for t in qw.tensors.values())
+
+
+def _copies(timer, t) -> list:
+    """``t`` (a tensor or QuantizedWeight) and clones, as many as the rotation needs."""
+    if isinstance(t, QuantizedWeight):
+        n = timer.copies(_nbytes(t))
+        return [t] + [QuantizedWeight(t.format, {k: v.clone() for k, v in t.tensors.items()}, t.shape)
+                      for _ in range(n - 1)]
+    return [t] + [t.clone() for _ in range(timer.copies(t.numel() * t.element_size()) - 1)]
+
+
+def _time(timer, fn, operands):
+    """Per-call microseconds (Stats) of ``fn(operand)`` over the operand copies."""
+    return timer.kernel([lambda o=o: fn(o) for o in operands]).scaled(1e3)
+
+
+def copy_gbps(timer) -> float:
+    srcs = _copies(timer, torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda"))
+    dst = torch.empty_like(srcs[0])
+    st = _time(timer, lambda s: dst.copy_(s), srcs)
+    return 2 * srcs[0].numel() / st.median / 1e3  # read + write
 
 
 def _weight(n, k, fmt):
@@ -77,23 +84,28 @@ def _weight(n, k, fmt):
         return pyquant.quantize_weight(w.cpu(), fmt).to("cuda")
 
 
+def _stats(st, prefix=""):
+    return {f"{prefix}us": st.median, f"{prefix}p10_us": st.p10, f"{prefix}p90_us": st.p90}
+
+
 def bench_gemv(timer, copy_bw, shapes, ms):
     rows = []
     fmt = Int(4, 128, False, torch.float16)
     for n, k in shapes:
-        qw = _weight(n, k, fmt)
-        wd = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        qws = _copies(timer, _weight(n, k, fmt))
+        wds = _copies(timer, torch.randn(n, k, device="cuda", dtype=torch.float16))
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            t_q = timer(lambda: pyquant.qmatmul(x, qw, kernel="cuda"))
-            t_d = timer(lambda: F.linear(x, wd))
-            nbytes = _nbytes(qw) + 2 * m * (k + n)
-            gbps = nbytes / t_q / 1e6
+            t_q = _time(timer, lambda q: pyquant.qmatmul(x, q, kernel="cuda"), qws)
+            t_d = _time(timer, lambda w: F.linear(x, w), wds)
+            nbytes = _nbytes(qws[0]) + 2 * m * (k + n)
+            gbps = nbytes / t_q.median / 1e3
             rows.append({
-                "kernel": "cuda_int4_gemv", "shape": f"{n}x{k}", "m": m, "ms": t_q, "dense_ms": t_d,
-                "speedup_vs_dense": t_d / t_q, "gbps": gbps, "copy_fraction": gbps / copy_bw,
+                "kernel": "cuda_int4_qmatmul_gemv", "shape": f"{n}x{k}", "m": m, **_stats(t_q), **_stats(t_d, "dense_"),
+                "speedup_vs_dense": t_d.median / t_q.median, "gbps": gbps, "copy_fraction": gbps / copy_bw,
+                "eager_us": timer.eager_us(lambda: pyquant.qmatmul(x, qws[0], kernel="cuda")),
             })
-        del qw, wd
+        del qws, wds
     return rows
 
 
@@ -102,25 +114,26 @@ def bench_w8a8(timer, shapes, ms):
     fmt = Int(8, -1, True, torch.float16)
     has_int_mm = hasattr(torch, "_int_mm")
     for n, k in shapes:
-        qw = _weight(n, k, fmt)
-        wd = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        wi8 = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8).t()  # (K, N) column-major, as cuBLASLt wants
+        qws = _copies(timer, _weight(n, k, fmt))
+        wds = _copies(timer, torch.randn(n, k, device="cuda", dtype=torch.float16))
+        # (K, N) column-major, as cuBLASLt wants
+        wi8s = [w.t() for w in _copies(timer, torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8))]
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            t_q = timer(lambda: w8a8_matmul(x, qw, kernel="cuda"))
-            t_d = timer(lambda: F.linear(x, wd))
-            row = {"kernel": "cuda_w8a8_gemm", "shape": f"{n}x{k}", "m": m, "ms": t_q, "dense_ms": t_d,
-                   "speedup_vs_dense": t_d / t_q, "tops": 2 * m * n * k / t_q / 1e9}
+            t_q = _time(timer, lambda q: w8a8_matmul(x, q, kernel="cuda"), qws)
+            t_d = _time(timer, lambda w: F.linear(x, w), wds)
+            row = {"kernel": "cuda_int8_w8a8_matmul", "shape": f"{n}x{k}", "m": m, **_stats(t_q), **_stats(t_d, "dense_"),
+                   "speedup_vs_dense": t_d.median / t_q.median, "tops": 2 * m * n * k / t_q.median / 1e6}
             if has_int_mm:
                 xi8 = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
                 try:
-                    t_i = timer(lambda: torch._int_mm(xi8, wi8))
-                    row["int_mm_ms"] = t_i
-                    row["speedup_vs_int_mm"] = t_i / t_q
+                    t_i = _time(timer, lambda w: torch._int_mm(xi8, w), wi8s)
+                    row["int_mm_us"] = t_i.median
+                    row["speedup_vs_int_mm"] = t_i.median / t_q.median
                 except RuntimeError as exc:  # shape constraints of _int_mm
                     row["int_mm_error"] = str(exc).splitlines()[0]
             rows.append(row)
-        del qw, wd, wi8
+        del qws, wds, wi8s
     return rows
 
 
@@ -136,43 +149,49 @@ def bench_dequant(timer, copy_bw):
         except pyquant.KernelUnavailableError:
             continue
         try:
-            qw = pyquant.quantize_weight(torch.randn(n, k) * 0.02, fmt).to("cuda")
+            qws = _copies(timer, pyquant.quantize_weight(torch.randn(n, k) * 0.02, fmt).to("cuda"))
         except Exception as exc:  # a format without a quantizer here
             rows.append({"kernel": kern.name, "format": fmt.spec(), "error": str(exc).splitlines()[0]})
             continue
-        t = timer(lambda: pyquant.dequantize(qw, torch.float16, kernel="cuda"))
-        gbps = (_nbytes(qw) + 2 * n * k) / t / 1e6
-        rows.append({"kernel": kern.name, "format": fmt.spec(), "shape": f"{n}x{k}", "ms": t, "gbps": gbps,
+        t = _time(timer, lambda q: pyquant.dequantize(q, torch.float16, kernel="cuda"), qws)
+        gbps = (_nbytes(qws[0]) + 2 * n * k) / t.median / 1e3
+        rows.append({"kernel": kern.name, "format": fmt.spec(), "shape": f"{n}x{k}", **_stats(t), "gbps": gbps,
                      "copy_fraction": gbps / copy_bw})
     return rows
 
 
+def _us(r, prefix=""):
+    return f"{r[prefix + 'us']:.1f} | {r[prefix + 'p10_us']:.1f}-{r[prefix + 'p90_us']:.1f}"
+
+
 def markdown(result) -> str:
-    out = [f"## CUDA kernels on {result['device']} (copy {result['copy_gbps']:.0f} GB/s)", ""]
+    out = [f"## CUDA kernels on {result['device']} (copy {result['copy_gbps']:.0f} GB/s; CUDA graphs over "
+           "weight copies > 4x L2, median and p10-p90 per call)", ""]
     if result["gemv"]:
-        out += ["### cuda_int4_gemv (int4 g128 asym, fp16)", "",
-                "| shape | M | us | dense us | speedup | GB/s | of copy |", "|---|---|---|---|---|---|---|"]
+        out += ["### cuda_int4_qmatmul_gemv (int4 g128 asym, fp16)", "",
+                "| shape | M | us | p10-p90 | dense us | dense p10-p90 | speedup | GB/s | of copy | eager us |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["gemv"]:
-            out.append(f"| {r['shape']} | {r['m']} | {r['ms'] * 1e3:.1f} | {r['dense_ms'] * 1e3:.1f} | "
-                       f"{r['speedup_vs_dense']:.2f}x | {r['gbps']:.0f} | {r['copy_fraction']:.0%} |")
+            out.append(f"| {r['shape']} | {r['m']} | {_us(r)} | {_us(r, 'dense_')} | {r['speedup_vs_dense']:.2f}x | "
+                       f"{r['gbps']:.0f} | {r['copy_fraction']:.0%} | {r['eager_us']:.1f} |")
         out.append("")
     if result["w8a8"]:
-        out += ["### cuda_w8a8_gemm (int8 per-channel, fp16, incl. activation quantization)", "",
-                "| shape | M | us | dense us | speedup | TOPS | vs _int_mm |", "|---|---|---|---|---|---|---|"]
+        out += ["### cuda_int8_w8a8_matmul (int8 per-channel, fp16, incl. activation quantization)", "",
+                "| shape | M | us | p10-p90 | dense us | dense p10-p90 | speedup | TOPS | vs _int_mm |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in result["w8a8"]:
             vs = f"{r['speedup_vs_int_mm']:.2f}x" if "speedup_vs_int_mm" in r else "-"
-            out.append(f"| {r['shape']} | {r['m']} | {r['ms'] * 1e3:.1f} | {r['dense_ms'] * 1e3:.1f} | "
-                       f"{r['speedup_vs_dense']:.2f}x | {r['tops']:.0f} | {vs} |")
+            out.append(f"| {r['shape']} | {r['m']} | {_us(r)} | {_us(r, 'dense_')} | {r['speedup_vs_dense']:.2f}x | "
+                       f"{r['tops']:.0f} | {vs} |")
         out.append("")
     if result["dequant"]:
-        out += ["### dequantize to fp16 (4096x4096)", "", "| kernel | format | us | GB/s | of copy |",
-                "|---|---|---|---|---|"]
+        out += ["### dequantize to fp16 (4096x4096)", "", "| kernel | format | us | p10-p90 | GB/s | of copy |",
+                "|---|---|---|---|---|---|"]
         for r in result["dequant"]:
             if "error" in r:
-                out.append(f"| {r['kernel']} | {r['format']} | - | - | {r['error']} |")
+                out.append(f"| {r['kernel']} | {r['format']} | - | - | - | {r['error']} |")
             else:
-                out.append(f"| {r['kernel']} | {r['format']} | {r['ms'] * 1e3:.1f} | {r['gbps']:.0f} | "
-                           f"{r['copy_fraction']:.0%} |")
+                out.append(f"| {r['kernel']} | {r['format']} | {_us(r)} | {r['gbps']:.0f} | {r['copy_fraction']:.0%} |")
         out.append("")
     return "\n".join(out)
 
@@ -189,12 +208,12 @@ def plot(result, path: Path) -> bool:
     for shape in sorted({r["shape"] for r in result["gemv"]}):
         rs = [r for r in result["gemv"] if r["shape"] == shape]
         axes[0].plot([r["m"] for r in rs], [r["speedup_vs_dense"] for r in rs], marker="o", label=shape)
-    axes[0].set(title="cuda_int4_gemv vs dense fp16", xlabel="M", ylabel="speedup", xscale="log", xticks=GEMV_MS)
+    axes[0].set(title="cuda_int4_qmatmul_gemv vs dense fp16", xlabel="M", ylabel="speedup", xscale="log", xticks=GEMV_MS)
     axes[0].set_xticklabels([str(m) for m in GEMV_MS])
     for shape in sorted({r["shape"] for r in result["w8a8"]}):
         rs = [r for r in result["w8a8"] if r["shape"] == shape]
         axes[1].plot([r["m"] for r in rs], [r["speedup_vs_dense"] for r in rs], marker="o", label=shape)
-    axes[1].set(title="cuda_w8a8_gemm vs dense fp16", xlabel="M", ylabel="speedup", xscale="log")
+    axes[1].set(title="cuda_int8_w8a8_matmul vs dense fp16", xlabel="M", ylabel="speedup", xscale="log")
     for ax in axes:
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.legend(fontsize=7)
@@ -208,7 +227,7 @@ def plot(result, path: Path) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--replays", type=int, default=50, help="CUDA-graph replays per candidate (>= 50)")
     ap.add_argument("--quick", action="store_true", help="two shapes per kernel")
     ap.add_argument("--skip", default="", help="comma list of gemv,w8a8,dequant to skip")
     args = ap.parse_args(argv)
@@ -222,11 +241,11 @@ def main(argv=None) -> int:
         print("bench_cuda: pyquant._C has no CUDA kernels (build with PYQUANT_CUDA=ON)", file=sys.stderr)
         return 2
     skip = set(filter(None, args.skip.split(",")))
-    timer = Timer(args.reps)
+    timer = CudaTimer("cuda", replays=args.replays)
     copy_bw = copy_gbps(timer)
     gemv_shapes = GEMV_SHAPES[:2] if args.quick else GEMV_SHAPES
     gemm_shapes = GEMM_SHAPES[:2] if args.quick else GEMM_SHAPES
-    result = {"device": device_name(), "torch": torch.__version__, "cuda_arches": list(ext.cuda_arches()),
+    result = {"device": device_name(), "gpu": gpu_info(), "cuda_arches": list(ext.cuda_arches()),
               "copy_gbps": copy_bw, "gemv": [], "w8a8": [], "dequant": []}
     for key, fn in (("gemv", lambda: bench_gemv(timer, copy_bw, gemv_shapes, GEMV_MS)),
                     ("w8a8", lambda: bench_w8a8(timer, gemm_shapes, GEMM_MS)),

@@ -1,30 +1,37 @@
 """pyquant benchmark suite: qmatmul and dequantize on LLM layer shapes.
 
-Every figure is a ratio against a baseline timed in the same process:
+Every figure is a ratio against a baseline timed in the same process, the same way:
 
-* qmatmul: torch's dense ``F.linear`` in the activation dtype (fp16 on CUDA,
-  fp32 on the CPU) on the same shape; every pyquant backend that is available
-  for the format and M (forced with ``kernel=``: cuda, triton, cpu; the
-  reference only with ``--with-reference`` or on the CPU), and the peers
-  where installed: torch's tinygemm ``_weight_int4pack_mm`` (CUDA, bf16
-  activations: it has no fp16 path) and bitsandbytes' NF4 ``matmul_4bit``.
+* qmatmul: torch's dense ``F.linear`` in the activation dtype (fp16 on CUDA: cuBLAS;
+  fp32 on the CPU) on the same shape; every pyquant backend available for the
+  format and M (forced with ``kernel=``: cuda, triton, cpu; the reference only with
+  ``--with-reference`` or on the CPU), and the peers where installed: torch's
+  tinygemm ``_weight_int4pack_mm`` (CUDA, bf16 activations: it has no fp16 path)
+  and bitsandbytes' NF4 ``matmul_4bit``.
 * dequantize: achieved GB/s (packed bytes read + output written) against a
   device-to-device copy measured in the same run.
+
+GPU timing (``_timing.GraphTimer``): each candidate is captured in a CUDA graph of
+calls rotating over weight copies totalling more than 4x the L2 cache (each call
+reads its weight from HBM; no flush), replayed >= 50 times; rows give the median
+and p10/p90 of the per-call time. ``eager us`` is apart: the wall time of one
+public call (``pyquant.qmatmul``) while the GPU is kept busy, i.e. its host cost.
+``--repeat-check`` times the first shape's dense baseline and first backend twice
+and records how far the two runs differ. On the CPU: medians of wall-clock calls.
 
 Shapes: Llama-3-8B / 70B linear layers (out x in) 4096x4096, 14336x4096,
 4096x14336, 28672x8192, and SmolLM2-135M's 1536x576, 576x1536, 576x576,
 192x576; M in 1, 2, 4, 8, 16, 32, 64, 128, 512, 2048. Formats: Int4 g128 asym,
 Int8 per-channel sym, NF4 (block 64), GGUF Q4_K (only where K % 256 == 0).
+Triton runs on the CPU only under TRITON_INTERPRET=1.
 
-Timing: CUDA events around each call, an L2 flush (a 256 MB write) between
-calls, warm-up, median (triton.testing.do_bench's method); the CPU uses
-time.perf_counter medians. Triton runs on the CPU only under TRITON_INTERPRET=1.
-
-Output: a markdown table on stdout, ``<out>/<device-name>.json`` and, with
-matplotlib, ``<out>/<device-name>.png`` (speedup vs M per shape).
+Output: a markdown table on stdout, ``<out>/<device-name>.json`` (with the GPU's
+name, clocks, torch / CUDA / triton versions) and, with matplotlib,
+``<out>/<device-name>.png`` (speedup vs M per shape).
 
     python benchmarks/suite.py --quick --device cpu
     python benchmarks/suite.py --device cuda --out benchmarks/results
+    python benchmarks/suite.py --device cuda --formats int4_g128_asym --m 1,4,16,64,128,512,2048
 """
 from __future__ import annotations
 
@@ -35,10 +42,10 @@ import math
 import os
 import platform
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +53,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import CudaTimer, Stats, gpu_info  # noqa: E402
 
 import pyquant  # noqa: E402
 from pyquant.errors import KernelUnavailableError  # noqa: E402
@@ -64,55 +74,29 @@ FORMATS = {
 
 
 # --- timing -------------------------------------------------------------------
-class Timer:
-    def __init__(self, device: torch.device, quick: bool):
-        self.device = device
-        self.quick = quick
-        self.flush = None
-        if device.type == "cuda":
-            self.flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
+class CpuTimer:
+    """CPU: wall-clock medians of back-to-back calls (one operand: no cache to defeat
+    that a CPU benchmark could, at these sizes)."""
 
-    def __call__(self, fn) -> float:
-        """Median milliseconds of ``fn()``."""
-        if self.device.type == "cuda":
-            return self._cuda(fn)
-        return self._cpu(fn)
+    def __init__(self, quick: bool):
+        self.budget = 0.2 if quick else 1.0
 
-    def _cuda(self, fn) -> float:
+    def copies(self, nbytes: int) -> int:
+        return 1
+
+    def kernel(self, calls) -> Stats:
+        fn = calls[0]
         fn()
-        torch.cuda.synchronize()
-        # estimate, then size the run to ~100 ms (25 ms quick), 5..200 reps
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(3):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        est = max(s.elapsed_time(e) / 3, 1e-3)
-        budget = 25.0 if self.quick else 100.0
-        reps = int(min(200, max(5, budget / est)))
-        for _ in range(min(reps, 10)):  # warm-up
-            fn()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
-            self.flush.zero_()  # cold L2, as a layer in a real forward pass sees it
-            starts[i].record()
-            fn()
-            ends[i].record()
-        torch.cuda.synchronize()
-        return statistics.median(a.elapsed_time(b) for a, b in zip(starts, ends))
-
-    def _cpu(self, fn) -> float:
-        fn()
-        budget = 0.2 if self.quick else 1.0
         times = []
-        t_end = time.perf_counter() + budget
+        t_end = time.perf_counter() + self.budget
         while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 50):
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
+            times.append((time.perf_counter() - t0) * 1e3)
+        return Stats.of(times)
+
+    def eager_us(self, fn) -> float:
+        return float("nan")  # on the CPU the call is the kernel
 
 
 # --- weights ------------------------------------------------------------------
@@ -173,22 +157,27 @@ class BnbNF4:
 
 
 def make_peers(fmt_name, shape, device, dtype):
+    """[(name, factory)] of the peer libraries for this format: ``factory()`` builds
+    one instance (one weight copy) whose ``__call__(x)`` is the peer's matmul."""
     peers = []
     if fmt_name == "int4_g128_asym" and device.type == "cuda" and shape[1] % 128 == 0:
-        try:
-            p = Tinygemm(shape, device)
-            p(torch.randn(1, shape[1], device=device))
-            peers.append(p)
-        except Exception as exc:  # op missing or shape unsupported in this torch
-            print(f"# tinygemm unavailable for {shape}: {exc.__class__.__name__}: {str(exc)[:100]}", file=sys.stderr)
+        peers.append((Tinygemm.name, lambda: Tinygemm(shape, device)))
     if fmt_name == "nf4_b64":
+        peers.append((BnbNF4.name, lambda: BnbNF4(shape, device, dtype)))
+    out = []
+    for name, factory in peers:
         try:
-            p = BnbNF4(shape, device, dtype)
-            p(torch.randn(1, shape[1], device=device, dtype=dtype))
-            peers.append(p)
-        except Exception as exc:
-            print(f"# bitsandbytes NF4 unavailable: {exc.__class__.__name__}: {str(exc)[:100]}", file=sys.stderr)
-    return peers
+            factory()(torch.randn(1, shape[1], device=device, dtype=dtype))
+            out.append((name, factory))
+        except Exception as exc:  # op missing, package missing, shape unsupported
+            print(f"# {name} unavailable for {shape}: {exc.__class__.__name__}: {str(exc)[:100]}", file=sys.stderr)
+    return out
+
+
+def weight_copies(qw: QuantizedWeight, count: int) -> List[QuantizedWeight]:
+    """``qw`` and ``count - 1`` copies in their own memory (and their own launch plans)."""
+    return [qw] + [QuantizedWeight(qw.format, {k: v.clone() for k, v in qw.tensors.items()}, qw.shape)
+                   for _ in range(count - 1)]
 
 
 # --- the suite ----------------------------------------------------------------
@@ -227,7 +216,9 @@ def device_name(device: torch.device) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
 
 
-def run(args) -> dict:
+def run(args, timer=None) -> dict:
+    """The suite on ``args.device``; ``timer`` (a CudaTimer or CpuTimer by default)
+    is what the tests replace."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
@@ -244,110 +235,168 @@ def run(args) -> dict:
         ms = [int(v) for v in args.m.split(",")]
     formats = {k: v for k, v in FORMATS.items() if not args.formats or k in args.formats.split(",")}
     backends = backends_for(device, args.with_reference)
-    timer = Timer(device, args.quick)
+    if timer is None:
+        timer = CudaTimer(device, args.replays) if device.type == "cuda" else CpuTimer(args.quick)
     gen = torch.Generator().manual_seed(0)
     matmul_rows, dequant_rows = [], []
+    esize = torch.empty((), dtype=dtype).element_size()
 
     # copy bandwidth: a buffer the size of the largest fp16/fp32 weight output
     biggest = max(n * k for n, k in shapes)
-    src = torch.empty(biggest, dtype=dtype, device=device).normal_()
-    dst = torch.empty_like(src)
-    copy_ms = timer(lambda: dst.copy_(src))
-    copy_gbps = 2 * src.numel() * src.element_size() / copy_ms / 1e6
-    del src, dst
+    srcs = [torch.empty(biggest, dtype=dtype, device=device).normal_() for _ in range(timer.copies(biggest * esize))]
+    dst = torch.empty_like(srcs[0])
+    copy_ms = timer.kernel([lambda s=s: dst.copy_(s) for s in srcs]).median
+    copy_gbps = 2 * biggest * esize / copy_ms / 1e6
+    del srcs, dst
     print(f"# {device_name(device)}: device copy {copy_gbps:.1f} GB/s; activations {dtype}; backends {backends}",
           file=sys.stderr)
+
+    def timed(fn_per_copy, operands):
+        """(Stats in us, error) of one candidate over its operand copies."""
+        try:
+            return timer.kernel([lambda o=o: fn_per_copy(o) for o in operands]).scaled(1e3), None
+        except Exception as exc:  # one broken kernel must not hide the others' numbers
+            return None, repr(exc)[:200]
 
     for shape in shapes:
         n, k = shape
         w_dense = (torch.randn(n, k, generator=gen) * 0.02).to(device=device, dtype=dtype)
+        dense_copies = [w_dense] + [w_dense.clone() for _ in range(timer.copies(n * k * esize) - 1)]
         for fname, fmt in formats.items():
             try:
                 fmt.check_shape(shape)
             except Exception:
                 continue  # e.g. Q4_K needs K % 256 == 0
             qw = make_weight(fmt, shape, device, gen)
-            # dequantize bandwidth
-            for b in backends:
+            copies = weight_copies(qw, timer.copies(qw.nbytes))
+            for b in backends:  # dequantize bandwidth
                 kname = kernel_name("dequantize", fmt, device, n, b)
                 if kname is None:
                     continue
-                try:
-                    t = timer(lambda: pyquant.dequantize(qw, dtype, kernel=b))
-                except Exception as exc:
-                    dequant_rows.append(dict(n=n, k=k, format=fname, backend=b, kernel=kname, error=repr(exc)[:200]))
+                st, err = timed(lambda q, b=b: pyquant.dequantize(q, dtype, kernel=b), copies)
+                row = dict(n=n, k=k, format=fname, backend=b, kernel=kname)
+                if err:
+                    dequant_rows.append(dict(row, error=err))
                     continue
-                moved = qw.nbytes + n * k * torch.empty((), dtype=dtype).element_size()
-                gbps = moved / t / 1e6
-                dequant_rows.append(dict(n=n, k=k, format=fname, backend=b, kernel=kname, ms=t, gbps=gbps,
+                gbps = (qw.nbytes + n * k * esize) / st.median / 1e3
+                dequant_rows.append(dict(row, us=st.median, p10_us=st.p10, p90_us=st.p90, gbps=gbps,
                                          copy_fraction=gbps / copy_gbps))
-            peers = make_peers(fname, shape, device, dtype)
+            peers = [(name, [factory() for _ in copies]) for name, factory in make_peers(fname, shape, device, dtype)]
             for m in ms:
                 x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
-                dense_ms = timer(lambda: F.linear(x, w_dense))
-                flops = 2.0 * m * n * k
-                wbytes = qw.nbytes  # packed weight read once: the memory-bound floor at small M
+                dense, err = timed(lambda w: F.linear(x, w), dense_copies)
+                if err:
+                    matmul_rows.append(dict(n=n, k=k, m=m, format=fname, backend="dense", kernel="F.linear",
+                                            error=err))
+                    continue
 
-                def add(backend, kname, fn):
-                    try:
-                        t = timer(fn)
-                    except Exception as exc:
-                        matmul_rows.append(dict(n=n, k=k, m=m, format=fname, backend=backend, kernel=kname,
-                                                error=repr(exc)[:200]))
+                def add(backend, kname, fn, operands, eager=None):
+                    st, err = timed(fn, operands)
+                    row = dict(n=n, k=k, m=m, format=fname, backend=backend, kernel=kname)
+                    if err:
+                        matmul_rows.append(dict(row, error=err))
                         return
-                    matmul_rows.append(dict(n=n, k=k, m=m, format=fname, backend=backend, kernel=kname, ms=t,
-                                            dense_ms=dense_ms, speedup=dense_ms / t, tflops=flops / t / 1e9,
-                                            weight_gbps=wbytes / t / 1e6))
+                    matmul_rows.append(dict(
+                        row, us=st.median, p10_us=st.p10, p90_us=st.p90, dense_us=dense.median,
+                        dense_p10_us=dense.p10, dense_p90_us=dense.p90, speedup=dense.median / st.median,
+                        tflops=2.0 * m * n * k / st.median / 1e6, weight_gbps=qw.nbytes / st.median / 1e3,
+                        eager_us=timer.eager_us(eager) if eager is not None else float("nan")))
 
                 for b in backends:
                     kname = kernel_name("qmatmul", fmt, device, m, b)
                     if kname is not None:
-                        add(b, kname, lambda b=b: pyquant.qmatmul(x, qw, kernel=b))
-                for p in peers:
-                    add(p.name, p.name, lambda p=p: p(x))
-            del qw, peers
+                        add(b, kname, lambda q, b=b: pyquant.qmatmul(x, q, kernel=b), copies,
+                            eager=lambda b=b: pyquant.qmatmul(x, qw, kernel=b))
+                for name, instances in peers:
+                    add(name, name, lambda p: p(x), instances)
+            del qw, copies, peers
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        del w_dense
+        del w_dense, dense_copies
 
-    return {
+    result = {
         "device": device_name(device),
         "device_type": device.type,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "triton": pyquant.env()["triton"],
         "pyquant": pyquant.__version__,
+        "timing": ("CUDA graphs over weight copies > 4x L2, per-call median and p10/p90 of "
+                   f"{getattr(timer, 'graphs', None) and timer.graphs.replays} replays")
+        if device.type == "cuda" else "wall-clock medians",
+        "gpu": gpu_info() if device.type == "cuda" else None,
         "activation_dtype": str(dtype).replace("torch.", ""),
         "quick": args.quick,
         "copy_gbps": copy_gbps,
         "matmul": matmul_rows,
         "dequantize": dequant_rows,
     }
+    if args.repeat_check and matmul_rows:
+        result["repeat_check"] = repeat_check(args, timer, device, dtype, shapes[0], ms[0], formats, backends)
+    return result
+
+
+def repeat_check(args, timer, device, dtype, shape, m, formats, backends) -> dict:
+    """Times the dense baseline and the first pyquant backend of one shape twice
+    more; the relative spread of the medians says how far two runs agree."""
+    n, k = shape
+    fmt = next(iter(formats.values()))
+    gen = torch.Generator().manual_seed(1)
+    qw = make_weight(fmt, shape, device, gen)
+    copies = weight_copies(qw, timer.copies(qw.nbytes))
+    w = (torch.randn(n, k, generator=gen) * 0.02).to(device=device, dtype=dtype)
+    dense_copies = [w] + [w.clone() for _ in range(timer.copies(w.numel() * w.element_size()) - 1)]
+    x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    backend = next((b for b in backends if kernel_name("qmatmul", fmt, device, m, b)), None)
+    out = {"shape": f"{n}x{k}", "m": m, "backend": backend}
+    for name, calls in (("dense", [lambda w=w: F.linear(x, w) for w in dense_copies]),
+                        (backend, [lambda q=q: pyquant.qmatmul(x, q, kernel=backend) for q in copies])):
+        if name is None:
+            continue
+        a, b = timer.kernel(calls).median, timer.kernel(calls).median
+        out[name] = {"run1_us": a * 1e3, "run2_us": b * 1e3, "rel_diff": abs(a - b) / min(a, b)}
+    return out
+
+
+def _us(v) -> str:
+    return "-" if v is None or v != v else f"{v:.1f}"
 
 
 def markdown(result: dict) -> str:
-    lines = [f"## {result['device']} (torch {result['torch']}, triton {result['triton']}, "
-             f"{result['activation_dtype']} activations)", "",
+    gpu = result.get("gpu") or {}
+    clocks = ", ".join(f"{k} {gpu[k]}" for k in ("clocks.sm", "clocks.max.sm", "clocks.mem") if gpu.get(k))
+    lines = [f"## {result['device']} (torch {result['torch']}, triton {result['triton']}"
+             f"{', CUDA ' + str(gpu['cuda']) if gpu.get('cuda') else ''}, {result['activation_dtype']} activations)",
+             "", f"Timing: {result.get('timing', '-')}.{' Clocks: ' + clocks + '.' if clocks else ''}", "",
              "### qmatmul vs dense F.linear (speedup > 1: faster than dense)", "",
-             "| N x K | M | format | backend | kernel | ms | dense ms | speedup | TFLOP/s | weight GB/s |",
-             "|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
+             "| N x K | M | format | backend | kernel | us | p10-p90 us | dense us | speedup | TFLOP/s | "
+             "weight GB/s | eager us |",
+             "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["matmul"]:
+        head = f"| {r['n']}x{r['k']} | {r['m']} | {r['format']} | {r['backend']} | {r['kernel']} |"
         if "error" in r:
-            lines.append(f"| {r['n']}x{r['k']} | {r['m']} | {r['format']} | {r['backend']} | {r['kernel']} | "
-                         f"error: {r['error'][:60]} | | | | |")
+            lines.append(f"{head} error: {r['error'][:60]} | | | | | | |")
         else:
-            lines.append(f"| {r['n']}x{r['k']} | {r['m']} | {r['format']} | {r['backend']} | {r['kernel']} | "
-                         f"{r['ms']:.4f} | {r['dense_ms']:.4f} | {r['speedup']:.2f} | {r['tflops']:.2f} | "
-                         f"{r['weight_gbps']:.1f} |")
+            lines.append(f"{head} {_us(r['us'])} | {_us(r['p10_us'])}-{_us(r['p90_us'])} | {_us(r['dense_us'])} | "
+                         f"{r['speedup']:.2f} | {r['tflops']:.2f} | {r['weight_gbps']:.0f} | {_us(r['eager_us'])} |")
     lines += ["", f"### dequantize bandwidth (device copy: {result['copy_gbps']:.1f} GB/s)", "",
-              "| N x K | format | backend | kernel | ms | GB/s | of copy |", "|---|---|---|---|---:|---:|---:|"]
+              "| N x K | format | backend | kernel | us | p10-p90 us | GB/s | of copy |",
+              "|---|---|---|---|---:|---:|---:|---:|"]
     for r in result["dequantize"]:
+        head = f"| {r['n']}x{r['k']} | {r['format']} | {r['backend']} | {r['kernel']} |"
         if "error" in r:
-            lines.append(f"| {r['n']}x{r['k']} | {r['format']} | {r['backend']} | {r['kernel']} | "
-                         f"error: {r['error'][:60]} | | |")
+            lines.append(f"{head} error: {r['error'][:60]} | | | |")
         else:
-            lines.append(f"| {r['n']}x{r['k']} | {r['format']} | {r['backend']} | {r['kernel']} | {r['ms']:.4f} | "
-                         f"{r['gbps']:.1f} | {100 * r['copy_fraction']:.0f}% |")
+            lines.append(f"{head} {_us(r['us'])} | {_us(r['p10_us'])}-{_us(r['p90_us'])} | {r['gbps']:.1f} | "
+                         f"{100 * r['copy_fraction']:.0f}% |")
+    rc = result.get("repeat_check")
+    if rc:
+        lines += ["", f"### two runs of {rc['shape']} M={rc['m']}", ""]
+        for name in ("dense", rc.get("backend")):
+            if name in rc:
+                v = rc[name]
+                lines.append(f"- {name}: {v['run1_us']:.1f} us and {v['run2_us']:.1f} us "
+                             f"({100 * v['rel_diff']:.1f}% apart)")
     return "\n".join(lines)
 
 
@@ -401,6 +450,9 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", help=f"subset of {','.join(FORMATS)}")
     ap.add_argument("--with-reference", action="store_true", help="also time the pure-torch reference on CUDA")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--replays", type=int, default=50, help="CUDA-graph replays per candidate (>= 50)")
+    ap.add_argument("--repeat-check", action="store_true",
+                    help="time the first shape's baseline and first backend twice more (run-to-run agreement)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,6 +17,15 @@ verifies anything (``--no-gpu`` records the counts and verifies nothing).
         --out benchmarks/results/NVIDIA_H100_80GB_HBM3-verified.json
     # then, reviewed and committed by a developer:
     python benchmarks/verified.py apply benchmarks/results/NVIDIA_H100_80GB_HBM3-verified.json
+    # the source hashes of today's checkout (what a run would record)
+    python benchmarks/verified.py hashes
+
+Verified means verified: ``from-junit`` records, for every kernel, the SHA-256 of
+the source it was built from in this checkout (``pyquant.ops.kernel_sources``:
+the ``.cu`` file and its headers, or the Triton modules), and ``apply`` writes it
+into the kernel's entry of ``verified_kernels.json``. Dispatch counts an entry only
+while today's source has the same hash, so a kernel edited after its GPU run is
+experimental again until the next run passes it.
 """
 from __future__ import annotations
 
@@ -46,6 +55,15 @@ def gpu_kernel_names() -> List[str]:
         if backend in GPU_BACKENDS:
             names.update(ks)
     return sorted(names)
+
+
+def source_hashes(kernels: Iterable[str]) -> Dict[str, object]:
+    """{kernel: SHA-256 of its source in this checkout, or None where not on disk}."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from pyquant.ops.dispatch import source_hash
+
+    return {k: source_hash(k) for k in kernels}
 
 
 def testcases(junit_paths: Iterable[str]):
@@ -127,6 +145,7 @@ def from_junit(args) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "junit": [str(p) for p in args.junit],
         **result,
+        "sources": source_hashes(kernels),
     }
     if args.extra:
         result.update(json.loads(args.extra))
@@ -142,27 +161,51 @@ def from_junit(args) -> int:
     return 0
 
 
+def read_entries(path: Path) -> Dict[str, dict]:
+    """Kernel entries of a verified_kernels.json; the older layout (a ``verified``
+    list, no source hashes) reads as entries without a hash (not verified)."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if "kernels" in data:
+        return dict(data["kernels"])
+    evidence = data.get("evidence", {})
+    out = {}
+    for k in data.get("verified", []):
+        device, _, date = evidence.get(k, "").partition(" ")
+        out[k] = {"device": device or None, "date": date or None, "source_sha256": None}
+    return out
+
+
 def apply(args) -> int:
     """Merge a device's results into verified_kernels.json: kernels verified
-    there are added, kernels that failed there are removed."""
+    there are added with the source hash of that run, kernels that failed there
+    are removed."""
     res = json.loads(Path(args.results).read_text())
     if not res.get("gpu", True):
         print(f"{args.results} comes from a run without a GPU: nothing to apply", file=sys.stderr)
         return 1
     target = Path(args.file)
-    current = json.loads(target.read_text()) if target.exists() else {}
-    verified = set(current.get("verified", []))
-    evidence = dict(current.get("evidence", {}))
-    source = f"{res.get('device', '?')} {res.get('date', '')}".strip()
+    entries = read_entries(target)
+    sources = res.get("sources", {})
     for k in res.get("verified", []):
-        verified.add(k)
-        evidence[k] = source
+        entries[k] = {"device": res.get("device"), "date": res.get("date"), "source_sha256": sources.get(k)}
     for k in res.get("failed", []):
-        verified.discard(k)
-        evidence.pop(k, None)
-    out = {"verified": sorted(verified), "evidence": {k: evidence[k] for k in sorted(evidence) if k in verified}}
+        entries.pop(k, None)
+    out = {"note": NOTE, "kernels": {k: entries[k] for k in sorted(entries)}}
     target.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"{target}: verified = {out['verified']}")
+    for k, v in out["kernels"].items():
+        print(f"{target}: {k} source {(v.get('source_sha256') or 'not recorded')[:16]}")
+    return 0
+
+
+NOTE = ("GPU kernels that passed their tests on a device, with the SHA-256 of the source they were built from "
+        "(benchmarks/verified.py); dispatch uses an entry only while today's source has that hash")
+
+
+def hashes(args) -> int:
+    for k, h in source_hashes(gpu_kernel_names()).items():
+        print(f"{k}: {h or '(source not on disk)'}")
     return 0
 
 
@@ -170,7 +213,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("from-junit", help="junit XML(s) of a GPU test run -> verified-kernels JSON")
-    a.add_argument("junit", nargs="+")
+    a.add_argument("junit", nargs="*", help="JUnit XML reports (none: every kernel untested)")
     a.add_argument("--device", default="unknown")
     a.add_argument("--out")
     a.add_argument("--kernels", help="comma-separated kernel names (default: every registered CUDA/Triton kernel)")
@@ -179,8 +222,9 @@ def main(argv=None) -> int:
     b = sub.add_parser("apply", help="merge a verified-kernels JSON into pyquant/ops/verified_kernels.json")
     b.add_argument("results")
     b.add_argument("--file", default=str(VERIFIED_FILE))
+    sub.add_parser("hashes", help="print the source hash of every GPU kernel in this checkout")
     args = ap.parse_args(argv)
-    return from_junit(args) if args.cmd == "from-junit" else apply(args)
+    return {"from-junit": from_junit, "apply": apply, "hashes": hashes}[args.cmd](args)
 
 
 if __name__ == "__main__":

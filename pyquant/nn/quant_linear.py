@@ -8,6 +8,8 @@ from torch import nn
 
 from ..errors import FormatError, ShapeError
 from ..formats import Format, QuantizedWeight
+from ..ops.api import linear
+from ..ops.plans import PlanCache
 
 
 class QuantLinear(nn.Module):
@@ -105,12 +107,14 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"input last dim {x.shape[-1]} != in_features={self.in_features}")
-        if torch.is_autocast_enabled(x.device.type):
+        if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        bias = self.bias
-        return torch.ops.pyquant.qmatmul(
-            x, [getattr(self, n) for n in self._packed_names], self._spec, self.out_features, self.in_features, bias, self.kernel
-        )
+        plans = self.__dict__.get("_plans")  # launch plans of the eager path (ops/plans.py)
+        if plans is None:
+            plans = self.__dict__["_plans"] = PlanCache()
+        buffers = self._buffers  # dict lookups: nn.Module.__getattr__ costs ~1 us per name
+        return linear(x, [buffers[n] for n in self._packed_names], self._format,
+                      (self.out_features, self.in_features), self._parameters["bias"], self.kernel, plans)
 
     def extra_repr(self) -> str:
         bpw = self.quantized_weight.bits_per_weight

@@ -13,7 +13,7 @@ import torch
 from ..errors import FormatError, ShapeError
 from ..formats import Format, QuantizedWeight
 from ..validation import check_dtype_arg, check_matmul_inputs, check_same_device, check_tensor
-from . import library
+from . import library, plans
 from .reference.w8a8 import is_w8a8_format
 from .solvers import check_kernel_arg as _check_kernel
 
@@ -57,10 +57,10 @@ def dequantize(
 
 def _op_layer_is_idle(tensors) -> bool:
     """True when going through ``torch.ops.pyquant.qmatmul`` would only cost
-    time: plain eager tensors, nothing for autograd to record, and no compiler,
-    tracer, functorch transform or Python mode that must see the op as one node.
-    The dispatcher and autograd wrapper cost ~20-30 us per call, as much as the
-    whole GEMV of a 2048-wide decode layer."""
+    time: plain eager tensors (parameters included), nothing for autograd to
+    record, and no compiler, tracer, functorch transform or Python mode that must
+    see the op as one node. The dispatcher and autograd wrapper cost ~20-30 us
+    per call, as much as the whole GEMV of a 2048-wide decode layer."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._are_functorch_transforms_active():
@@ -69,9 +69,36 @@ def _op_layer_is_idle(tensors) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
             return False
     return True
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def linear(x: torch.Tensor, qdata, fmt: Format, shape, bias: Optional[torch.Tensor], kernel: str,
+           cache: plans.PlanCache) -> torch.Tensor:
+    """``x @ W_hat.T + bias`` for the packed tensors ``qdata`` of a weight: what
+    ``qmatmul`` and ``QuantLinear.forward`` run after their own checks.
+
+    In plain eager inference the launch plan of ``cache`` runs (same kernel
+    selection, same result, the host work done once per weight and M bucket);
+    anything that needs the op as a graph node or an autograd node (compile,
+    tracing, modes, gradients) goes through ``torch.ops.pyquant.qmatmul``."""
+    n, k = shape
+    check_matmul_inputs(x, n, k, qdata[0].device, bias)
+    if _op_layer_is_idle((x, bias, *qdata)):
+        return plans.run_qmatmul(cache, x, qdata, fmt, shape, bias, kernel)
+    return torch.ops.pyquant.qmatmul(x, qdata, fmt.spec(), n, k, bias, kernel)
+
+
+def plan_cache(qw: QuantizedWeight) -> plans.PlanCache:
+    """The launch plans of ``qw``, kept on the object (a copy starts empty)."""
+    cache = qw.__dict__.get("_launch_plans")
+    if cache is None:
+        cache = qw.__dict__["_launch_plans"] = plans.PlanCache()
+    return cache
 
 
 def qmatmul(
@@ -79,20 +106,16 @@ def qmatmul(
 ) -> torch.Tensor:
     """``x @ W_hat.T + bias`` for any leading batch dims; output in ``x.dtype``.
 
-    In plain eager inference the op's implementation is called directly (same
-    kernel selection, same result); anything that needs the op as a graph node
-    or an autograd node (compile, tracing, modes, gradients) goes through
+    In plain eager inference a launch plan cached on ``qw`` runs (same kernel
+    selection, same result); anything that needs the op as a graph node or an
+    autograd node (compile, tracing, modes, gradients) goes through
     ``torch.ops.pyquant.qmatmul``.
     """
     _check_qw(qw)
     _check_kernel(kernel)
-    n, k = qw.shape
-    check_matmul_inputs(x, n, k, qw.device, bias)
-    qdata = qw.tensor_list()
-    spec = qw.format.spec()
-    if _op_layer_is_idle((x, bias, *qdata)):
-        return library.qmatmul_impl(x, qdata, spec, n, k, bias, kernel)
-    return torch.ops.pyquant.qmatmul(x, qdata, spec, n, k, bias, kernel)
+    cache = plan_cache(qw)
+    tensors = qw.tensors
+    return linear(x, [tensors[n] for n in cache.names(qw.format, qw.shape)], qw.format, qw.shape, bias, kernel, cache)
 
 
 def pack(codes: torch.Tensor, fmt: Format, kernel: str = "auto") -> torch.Tensor:

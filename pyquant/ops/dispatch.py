@@ -18,20 +18,33 @@ or honours ``kernel=``, the same way for every op:
   run's results); otherwise it is reachable only by name.
 * a backend name (``"cpu"``, ``"cuda"``, ``"triton"``, ``"dequant"``,
   ``"reference"``): that backend's kernel, or KernelUnavailableError naming the
-  op, format, device and M.
+  op, format, weight shape, device and M.
+
+Verified means verified: an entry of ``verified_kernels.json`` records the
+SHA-256 of the kernel's source (``kernel_sources``: the ``.cu`` file and its
+headers, or the Triton modules the backend names) at its passing GPU run; an
+entry whose source has changed since, or that records none, does not count.
+The hashes are computed once per process, at the first default dispatch that
+asks.
+
+A kernel may also register a ``plan`` factory: ``plan(qdata, fmt, shape, device,
+m)`` returns ``run(x2d, bias) -> y`` with everything that depends only on the
+weight and the M bucket done once (pointers, sizes, launch configuration);
+``pyquant.ops.plans`` caches them per weight.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
-import os
-from typing import Callable, Dict, List, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from .. import _ext
 from ..errors import KernelUnavailableError
+from . import kernel_sources
 
 BACKENDS = ("cuda", "triton", "cpu", "dequant", "reference")
 GPU_BACKENDS = ("cuda", "triton")
@@ -51,6 +64,8 @@ class Kernel:
     name: str  # <backend>_<format>_<op>[_<tag>]
     supports: Callable  # (fmt, device, m) -> bool
     fn: Callable
+    plan: Optional[Callable] = None  # (qdata, fmt, shape, device, m) -> run(x2d, bias); see the module doc
+    sources: Optional[Callable] = None  # () -> (root, files) the kernel is built from (GPU kernels)
 
 
 _REGISTRY: Dict[Tuple[str, str], List[Kernel]] = {}
@@ -60,10 +75,14 @@ def kernel_name(op: str, backend: str, fmt: str, tag: str = "") -> str:
     return f"{backend}_{fmt}_{op}" + (f"_{tag}" if tag else "")
 
 
-def register_kernel(op: str, backend: str, fmt: str, supports: Callable, tag: str = ""):
+def register_kernel(op: str, backend: str, fmt: str, supports: Callable, tag: str = "", plan: Callable = None,
+                    sources: Callable = None):
     """Decorator registering ``fn`` as ``backend``'s kernel for ``op`` on the
     formats ``fmt`` names; ``supports(fmt, device, m)`` says whether it takes a
-    call (format details, device, the extension or Triton being there, M)."""
+    call (format details, device, the extension or Triton being there, M).
+    ``plan``: an optional launch-plan factory (module doc); ``sources``: for GPU
+    kernels, ``() -> (root, files)`` of their source (a CUDA kernel without one
+    counts every CUDA source and header)."""
     if op not in OPS or backend not in BACKENDS:
         raise ValueError(f"unknown op/backend {op!r}/{backend!r}")
     name = kernel_name(op, backend, fmt, tag)
@@ -72,21 +91,55 @@ def register_kernel(op: str, backend: str, fmt: str, supports: Callable, tag: st
         kernels = _REGISTRY.setdefault((op, backend), [])
         if any(k.name == name for k in kernels):
             raise ValueError(f"kernel {name!r} is registered twice")
-        kernels.append(Kernel(op, backend, fmt, name, supports, fn))
+        kernels.append(Kernel(op, backend, fmt, name, supports, fn, plan, sources))
         return fn
 
     return deco
 
 
+VERIFIED_FILE = Path(__file__).with_name("verified_kernels.json")
+
+
+def kernel_by_name(name: str) -> Optional[Kernel]:
+    for ks in _REGISTRY.values():
+        for k in ks:
+            if k.name == name:
+                return k
+    return None
+
+
+def source_hash(name: str) -> Optional[str]:
+    """SHA-256 of the source kernel ``name`` is built from today; None when the
+    kernel is unknown or its source is not on disk."""
+    k = kernel_by_name(name)
+    if k is None:
+        return None
+    if k.sources is not None:
+        root, files = k.sources()
+    elif k.backend == "cuda":
+        root, files = kernel_sources.CSRC, kernel_sources.all_cuda_sources()
+    else:
+        return None
+    return kernel_sources.files_hash(files, root)
+
+
+def verified_entries(path: Optional[Path] = None) -> Dict[str, dict]:
+    """{kernel name: {device, date, source_sha256}} as recorded by GPU runs."""
+    try:
+        data = json.loads(Path(path or VERIFIED_FILE).read_text())
+    except FileNotFoundError:
+        return {}
+    return dict(data.get("kernels", {}))
+
+
 @functools.lru_cache(maxsize=None)
 def verified_kernels() -> frozenset:
-    """Names of GPU kernels that passed the test suite on a real device."""
-    path = os.path.join(os.path.dirname(__file__), "verified_kernels.json")
-    try:
-        with open(path) as f:
-            return frozenset(json.load(f).get("verified", []))
-    except FileNotFoundError:
-        return frozenset()
+    """Names of GPU kernels that passed the test suite on a real device *with
+    today's source* (the recorded hash matches); computed once per process."""
+    return frozenset(
+        name for name, entry in verified_entries().items()
+        if entry.get("source_sha256") and entry["source_sha256"] == source_hash(name)
+    )
 
 
 def _find(op: str, backend: str, fmt, device: torch.device, m: int):
@@ -100,15 +153,18 @@ def _describe(fmt) -> str:
     return fmt.spec() if hasattr(fmt, "spec") else str(fmt)
 
 
-def select_kernel(op: str, fmt, device: torch.device, m: int = 1, kernel: str = "auto") -> Kernel:
+def select_kernel(op: str, fmt, device: torch.device, m: int = 1, kernel: str = "auto", shape=None) -> Kernel:
+    """The kernel of ``op`` for format ``fmt`` on ``device`` with M rows (``shape``,
+    the weight's (N, K), only names it in errors)."""
     if kernel != "auto":
         if kernel not in BACKENDS:
             raise KernelUnavailableError(f"kernel must be 'auto' or one of {BACKENDS}, got {kernel!r}")
         k = _find(op, kernel, fmt, device, m)
         if k is None:
             names = [k.name for k in _REGISTRY.get((op, kernel), ())] or "none registered"
+            what = f" weight {shape[0]}x{shape[1]}" if shape is not None else ""
             raise KernelUnavailableError(
-                f"no {kernel!r} kernel for {op} takes format {_describe(fmt)} on device {device} (M={m}); "
+                f"no {kernel!r} kernel for {op} takes format {_describe(fmt)}{what} on device {device} (M={m}); "
                 f"{kernel} kernels of {op}: {names}"
             )
         return k
@@ -124,7 +180,8 @@ def select_kernel(op: str, fmt, device: torch.device, m: int = 1, kernel: str = 
         if backend in GPU_BACKENDS and k.name not in verified_kernels():
             continue  # experimental until a GPU run has passed it
         return k
-    raise KernelUnavailableError(f"no kernel for {op} with format {_describe(fmt)} on device {device}")
+    what = f" weight {shape[0]}x{shape[1]}" if shape is not None else ""
+    raise KernelUnavailableError(f"no kernel for {op} with format {_describe(fmt)}{what} on device {device}")
 
 
 def registered() -> Dict[Tuple[str, str], List[str]]:

@@ -21,6 +21,7 @@ import functools
 import torch
 
 from ..formats import GGUF, format_from_spec
+from . import plans
 from .dispatch import select_kernel
 
 _LIB = torch.library.Library("pyquant", "DEF")
@@ -97,7 +98,7 @@ def _linear(op, x, qdata, fmt, n, k, bias, kernel):
     """A kernel of ``op`` on x flattened to (M, K); any leading dims come back."""
     f = _fmt(fmt)
     x2 = x.reshape(-1, k)
-    kern = select_kernel(op, f, x.device, x2.shape[0], kernel)
+    kern = select_kernel(op, f, x.device, x2.shape[0], kernel, shape=(n, k))
     y = kern.fn(x2.contiguous(), list(qdata), f, (n, k), bias)
     return y.reshape(*x.shape[:-1], n)
 
@@ -108,7 +109,8 @@ def _linear_fake(x, qdata, fmt, n, k, bias, kernel):
 
 @_impl("qmatmul")
 def qmatmul_impl(x, qdata, fmt, n, k, bias, kernel):
-    return _linear("qmatmul", x, qdata, fmt, n, k, bias, kernel)
+    # the weight's launch plans (ops/plans.py), as the eager entry points use them
+    return plans.run_op(x, qdata, _fmt(fmt), (n, k), bias, kernel)
 
 
 torch.library.register_fake("pyquant::qmatmul")(_linear_fake)

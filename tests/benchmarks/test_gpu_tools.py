@@ -52,12 +52,16 @@ def test_verified_from_junit_and_apply(tmp_path):
     assert res["untested"] == ["cuda_int_dequantize"]
     assert res["kernels"]["cuda_int4_gemv"] == {"passed": 2, "failed": 0, "skipped": 0}
 
+    assert set(res["sources"]) == set(KERNELS)  # every kernel's source hash at the time of the run
+
     target = tmp_path / "verified_kernels.json"
-    target.write_text(json.dumps({"verified": ["cuda_w8a8_gemm", "triton_x"]}))
+    target.write_text(json.dumps({"verified": ["cuda_w8a8_gemm", "triton_x"]}))  # the older layout
     assert v.main(["apply", str(out), "--file", str(target)]) == 0
-    data = json.loads(target.read_text())
-    assert data["verified"] == ["cuda_int4_gemv", "triton_x"]  # failed kernels are withdrawn
-    assert data["evidence"]["cuda_int4_gemv"].startswith("dev ")
+    data = json.loads(target.read_text())["kernels"]
+    assert sorted(data) == ["cuda_int4_gemv", "triton_x"]  # failed kernels are withdrawn
+    assert data["cuda_int4_gemv"]["device"] == "dev" and data["cuda_int4_gemv"]["date"] == res["date"]
+    assert data["cuda_int4_gemv"]["source_sha256"] == res["sources"]["cuda_int4_gemv"]
+    assert data["triton_x"]["source_sha256"] is None  # carried over from the older layout: not verified
 
 
 def test_verified_module_declared_kernels_and_no_gpu(tmp_path):
@@ -105,18 +109,20 @@ def test_gpu_test_names_follow_the_rule():
 
 def test_bench_report_renders():
     b = _load("bench_cuda")
+    st = {"us": 10.0, "p10_us": 9.5, "p90_us": 11.0, "dense_us": 30.0, "dense_p10_us": 29.0, "dense_p90_us": 31.5}
     result = {
         "device": "dev", "copy_gbps": 3000.0,
-        "gemv": [{"kernel": "cuda_int4_gemv", "shape": "4096x4096", "m": m, "ms": 0.01, "dense_ms": 0.03,
-                  "speedup_vs_dense": 3.0, "gbps": 2000.0, "copy_fraction": 0.66} for m in (1, 2)],
-        "w8a8": [{"kernel": "cuda_w8a8_gemm", "shape": "4096x4096", "m": 16, "ms": 0.02, "dense_ms": 0.03,
+        "gemv": [{"kernel": "cuda_int4_qmatmul_gemv", "shape": "4096x4096", "m": m, **st,
+                  "speedup_vs_dense": 3.0, "gbps": 2000.0, "copy_fraction": 0.66, "eager_us": 5.2} for m in (1, 2)],
+        "w8a8": [{"kernel": "cuda_int8_w8a8_matmul", "shape": "4096x4096", "m": 16, **st,
                   "speedup_vs_dense": 1.5, "tops": 27.0}],
         "dequant": [{"kernel": "cuda_int_dequantize", "format": "int4_g128_asym_fp16", "shape": "4096x4096",
-                     "ms": 0.05, "gbps": 800.0, "copy_fraction": 0.27},
+                     "us": 50.0, "p10_us": 49.0, "p90_us": 52.0, "gbps": 800.0, "copy_fraction": 0.27},
                     {"kernel": "cuda_nf4_dequantize", "format": "nf4_b64", "error": "no quantizer"}],
     }
     md = b.markdown(result)
-    assert "| 4096x4096 | 1 | 10.0 | 30.0 | 3.00x | 2000 | 66% |" in md
+    assert "| 4096x4096 | 1 | 10.0 | 9.5-11.0 | 30.0 | 29.0-31.5 | 3.00x | 2000 | 66% | 5.2 |" in md
+    assert "| cuda_int_dequantize | int4_g128_asym_fp16 | 50.0 | 49.0-52.0 | 800 | 27% |" in md
     assert "no quantizer" in md
     require("matplotlib")
     png = Path(os.environ.get("TMPDIR", "/tmp")) / "pyquant_bench_test.png"
@@ -136,3 +142,48 @@ def test_gpu_check_refuses_to_run_without_a_gpu(tmp_path):
     assert p.returncode == 2
     assert "needs a GPU machine" in p.stdout + p.stderr
     assert not (tmp_path / "work").exists()  # refused before writing anything
+
+
+def test_gpu_check_steps_are_named_in_junit_and_summary(tmp_path):
+    r = _load("gpu_check_report")
+    work, results = tmp_path / "work", tmp_path / "results"
+    (work / "suite").mkdir(parents=True)
+    log = work / "step-build.log"
+    log.write_text("compiling\nerror: nvcc died\n")
+    r.step_junit("build", 1, 12.0, log, work / "junit-build.xml")
+    r.step_junit("benchmark", 0, 3.0, log, work / "junit-benchmark.xml")
+    r.pytest_step_junit("gpu-test_cuda_gemv", 124, 120.0, log, work / "junit-gpu-test_cuda_gemv.xml")  # killed
+    (work / "junit-gpu-test_cuda_int.xml").write_text(JUNIT)
+    r.pytest_step_junit("gpu-test_cuda_int", 1, 5.0, log, work / "junit-gpu-test_cuda_int.xml")  # kept as is
+    r.pytest_step_junit("gpu-elsewhere", 5, 1.0, log, work / "junit-gpu-elsewhere.xml")  # nothing collected: ok
+    (work / "suite" / "dev.md").write_text("## suite table")
+    res = r.summary(work, results, "dev", "90a")
+    assert res["steps"]["build"] == {"passed": 0, "failed": 1, "skipped": 0,
+                                     "failed_tests": ["gpu_check::build (build: exit status 1)"]}
+    assert res["steps"]["gpu-test_cuda_gemv"]["failed_tests"] == [
+        "gpu_check::gpu-test_cuda_gemv (gpu-test_cuda_gemv: timed out)"]
+    assert res["steps"]["gpu-elsewhere"]["failed"] == 0 and res["steps"]["benchmark"]["passed"] == 1
+    assert any("test_cuda_w8a8_gemm_matches_reference" in t for t in res["failed"])
+    md = (results / "dev.md").read_text()
+    assert "| build | 0 | 1 | 0 |" in md and "nvcc died" not in md and "## suite table" in md
+    assert "- gpu_check::build (build: exit status 1)" in md
+    assert "nvcc died" in (work / "junit-build.xml").read_text()  # the log's tail is in the report
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_without_a_gpu_writes_named_steps(tmp_path):
+    if shutil.which("nvidia-smi") is not None:
+        pytest.skip("this machine has nvidia-smi")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK")}
+    env.update(PYTHON=sys.executable, GPU_CHECK_ALLOW_NO_GPU="1", GPU_CHECK_SKIP_BUILD="1",
+               GPU_CHECK_WORK=str(tmp_path / "work"), GPU_CHECK_RESULTS=str(tmp_path / "results"),
+               OUT=str(tmp_path / "out"))
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    res = json.loads((tmp_path / "results" / "no-gpu.json").read_text())
+    assert res["steps"]["verified"]["passed"] == 1 and res["failed"] == []
+    verified = json.loads((tmp_path / "results" / "no-gpu-verified.json").read_text())
+    assert verified["gpu"] is False and verified["verified"] == []
+    assert all(len(h) == 64 for h in verified["sources"].values() if h)
+    assert {"gpu_check.log", "no-gpu.json", "no-gpu.md", "gpu_check_raw.tar.gz"} <= set(os.listdir(tmp_path / "out"))

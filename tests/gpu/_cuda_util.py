@@ -17,13 +17,19 @@ EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24
 
 
 def cuda_ext_or_skip():
+    """The extension with its CUDA kernels. On a machine with a CUDA device a build
+    without them is a failure (a broken or CPU-only build must not pass the GPU run
+    as "all skipped"); elsewhere the test skips."""
     import pytest
 
     from pyquant import _ext
 
     ext = _ext.load()
     if ext is None or not ext.cuda_compiled():
-        pytest.skip("pyquant._C was built without CUDA")
+        what = "pyquant._C is missing" if ext is None else "pyquant._C was built without CUDA"
+        if torch.cuda.is_available():
+            pytest.fail(f"{what} on a machine with a CUDA device: build it with PYQUANT_CUDA=1")
+        pytest.skip(what)
     return ext
 
 

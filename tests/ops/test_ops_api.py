@@ -214,18 +214,18 @@ def test_dequantize_out_bad_input():
 
 
 def _count_eager_calls(monkeypatch):
-    """Counts calls that bypass torch.ops.pyquant.qmatmul: the op itself runs
-    the implementation object registered at import, not this module attribute."""
-    from pyquant.ops import library
+    """Counts calls that bypass torch.ops.pyquant.qmatmul: the eager path runs the
+    weight's launch plan (pyquant.ops.plans) instead of the op."""
+    from pyquant.ops import plans
 
     calls = []
-    real = library.qmatmul_impl
+    real = plans.run_qmatmul
 
     def counting(*args):
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(library, "qmatmul_impl", counting)
+    monkeypatch.setattr(plans, "run_qmatmul", counting)
     return calls
 
 

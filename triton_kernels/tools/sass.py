@@ -112,13 +112,76 @@ def resource_usage(compiled) -> Dict[str, int]:
     return {"regs": int(m.group(1)), "stack": int(m.group(2)), "smem": int(m.group(3)), "local": int(m.group(4))}
 
 
+_INSTR = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
 def parse_sass(sass: str):
     """-> [(address, instruction text)] of the first function in ``sass``."""
     out = []
     for line in sass.splitlines():
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if out and "Function :" in line:
+            break
+        m = _INSTR.match(line)
         if m:
             out.append((int(m.group(1), 16), m.group(2).strip()))
+    return out
+
+
+def split_functions(sass: str) -> Dict[str, list]:
+    """-> {mangled function name: [(address, instruction text)]} of every function
+    in a ``cuobjdump -sass`` listing (a cubin of nvcc holds every template instance)."""
+    out: Dict[str, list] = {}
+    cur = None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            cur = out.setdefault(m.group(1), [])
+            continue
+        m = _INSTR.match(line)
+        if m and cur is not None:
+            cur.append((int(m.group(1), 16), m.group(2).strip()))
+    return out
+
+
+def parse_res_usage(text: str) -> Dict[str, Dict[str, int]]:
+    """-> {mangled function name: {regs, stack, smem, local}} from ``cuobjdump -res-usage``."""
+    out = {}
+    name = None
+    for line in text.splitlines():
+        m = re.search(r"Function (\S+):", line)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if m and name is not None:
+            out[name] = {"regs": int(m.group(1)), "stack": int(m.group(2)), "smem": int(m.group(3)),
+                         "local": int(m.group(4))}
+            name = None
+    return out
+
+
+def mem_widths(mem_ops: Dict[str, int]) -> Dict[str, int]:
+    """Memory instructions of a loop grouped by kind and access width in bits:
+    ``{"LDG.128": 16, "LDG.8": 2, "STS.128": 4}`` (a kind without a width suffix is
+    32 bits wide; ``LDGSTS`` is cp.async global -> shared)."""
+    out: Dict[str, int] = {}
+    for op, count in mem_ops.items():
+        parts = op.split(".")
+        kind = parts[0]
+        if kind not in ("LDG", "STG", "LDS", "STS", "LDL", "STL", "LDGSTS", "LDSM", "LD", "ST"):
+            continue
+        width = 32
+        for p in parts[1:]:
+            if p in ("U8", "S8"):
+                width = 8
+            elif p in ("U16", "S16"):
+                width = 16
+            elif p.isdigit():
+                width = int(p)
+        if kind == "LDSM":  # ldmatrix: x1/x2/x4 of 8x8 16-bit tiles per warp
+            width = 128
+        key = f"{kind}.{width}"
+        out[key] = out.get(key, 0) + count
     return out
 
 
@@ -142,15 +205,23 @@ def main_loop(instrs):
     return [t for pc, t in instrs if lo <= pc <= hi]
 
 
-def stats(name: str, compiled, weights_per_iter: float) -> SassStats:
-    sass = disassemble(compiled)
-    instrs = parse_sass(sass)
-    body = main_loop(instrs)
+def stats_of(name: str, instrs, res: Dict[str, int], weights_per_iter: float, whole_kernel: bool = False
+             ) -> SassStats:
+    """SassStats of one function's instructions and resource usage. ``whole_kernel``: a
+    kernel where each thread handles one tile counts as its own loop body. Counts are
+    static: both sides of a branch in the loop count, whichever runs."""
+    body = [t for _, t in instrs] if whole_kernel else main_loop(instrs)
     ops = collections.Counter(opcode(t) for t in body)
     mem = {k: v for k, v in ops.items() if k.startswith(_MEM_PREFIX)}
-    res = resource_usage(compiled)
     return SassStats(name, res["regs"], res["local"] + res["stack"], res["smem"], len(instrs), len(body),
                      weights_per_iter, dict(ops), mem)
+
+
+def stats(name: str, compiled, weights_per_iter: float) -> SassStats:
+    res = resource_usage(compiled)
+    # Triton's shared memory is dynamic: cuobjdump sees none, the launch metadata has it
+    res["smem"] = max(res["smem"], int(getattr(compiled.metadata, "shared", 0) or 0))
+    return stats_of(name, parse_sass(disassemble(compiled)), res, weights_per_iter)
 
 
 # --- representative variants ------------------------------------------------------

@@ -8,11 +8,15 @@ the GPU tests (``test_<kernel name>_*``) and the benchmarks refer to them.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import torch
 
 from ... import _ext
 from ...errors import ShapeError
 from ...formats.base import named_packed
+from .. import _dtypes, kernel_sources
 from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
 from ..reference.w8a8 import is_w8a8_format
@@ -20,11 +24,38 @@ from ..reference.w8a8 import is_w8a8_format
 GEMV_MAX_M = 8  # the INT4 GEMV serves M in [0, 8]; larger M belongs to a GEMM
 
 
-def cuda_ready(device: torch.device) -> bool:
+def _ext_ready(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     ext = _ext.load()
     return ext is not None and ext.cuda_compiled()
+
+
+def _raw_stream(index: int) -> int:
+    try:
+        return torch._C._cuda_getCurrentRawStream(index)
+    except AttributeError:  # a torch without the private accessor
+        return torch.cuda.current_stream(index).cuda_stream
+
+
+@dataclasses.dataclass
+class CudaRuntime:
+    """The device calls of this backend's host path, in one place: whether CUDA
+    kernels can take tensors of a device, torch's current raw stream on a device
+    index, and the current device (read, set). The host-path benchmark and tests
+    replace it to run every other line on the CPU (benchmarks/_host_stubs.py)."""
+
+    ready: Callable[[torch.device], bool] = _ext_ready
+    stream: Callable[[int], int] = _raw_stream
+    current_device: Callable[[], int] = lambda: torch._C._cuda_getDevice()  # noqa: E731
+    set_device: Callable[[int], None] = lambda index: torch._C._cuda_setDevice(index)  # noqa: E731
+
+
+RUNTIME = CudaRuntime()
+
+
+def cuda_ready(device: torch.device) -> bool:
+    return RUNTIME.ready(device)
 
 
 def _packed(fmt, qdata, shape, device: torch.device) -> dict:
@@ -36,10 +67,6 @@ def _check_x(x: torch.Tensor, k: int, bias) -> None:
         raise ShapeError(f"x must be a contiguous (M, {k}) tensor, got {tuple(x.shape)}")
     if bias is not None and (bias.device != x.device or bias.dim() != 1):
         raise ShapeError(f"bias must be 1-D on {x.device}, got {tuple(bias.shape)} on {bias.device}")
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
 
 
 def _aligned16(t: torch.Tensor) -> torch.Tensor:
@@ -58,14 +85,32 @@ def _opt_code(t) -> int:
     return 0 if t is None else dtype_code(t.dtype)
 
 
-def launch(dev: torch.device, entry: str, *args) -> None:
-    """``_C.<entry>(*args, stream)`` on ``dev`` and its current torch stream.
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else RUNTIME.current_device()
+
+
+def launch_on(index: int, fn, *args) -> None:
+    """``fn(*args, stream)`` with device ``index`` current and torch's current
+    stream of that device (read at each launch: capture may run on a side stream).
 
     ``args`` are raw pointers and sizes: the caller keeps the tensors behind
     them alive until this returns (the launch is then enqueued on the stream).
     """
-    with torch.cuda.device(dev):
-        getattr(_ext.load(), entry)(*args, _stream(dev))
+    rt = RUNTIME
+    prev = rt.current_device()
+    if prev == index:
+        fn(*args, rt.stream(index))
+        return
+    rt.set_device(index)
+    try:
+        fn(*args, rt.stream(index))
+    finally:
+        rt.set_device(prev)
+
+
+def launch(dev: torch.device, entry: str, *args) -> None:
+    """``_C.<entry>(*args, stream)`` on ``dev`` and its current torch stream."""
+    launch_on(_index(dev), getattr(_ext.load(), entry), *args)
 
 
 def _dequant_out(qdata, fmt, shape, dtype) -> tuple[dict, torch.Tensor]:
@@ -92,7 +137,11 @@ def _int_any(fmt, device, m):
     return fmt.family == "int" and not fmt.act_order and cuda_ready(device)
 
 
-@register_kernel("dequantize", "cuda", "int", _int_any)
+def _src(*files):
+    return lambda: (kernel_sources.CSRC, kernel_sources.cuda_sources(*files))
+
+
+@register_kernel("dequantize", "cuda", "int", _int_any, sources=_src("int_dequant.cu"))
 def int_dequantize(qdata, fmt, shape, dtype):
     n, k = shape
     t, out = _dequant_out(qdata, fmt, shape, dtype)
@@ -115,22 +164,39 @@ def _int4_gemv_ok(fmt, device, m):
     )
 
 
-@register_kernel("qmatmul", "cuda", "int4", _int4_gemv_ok, tag="gemv")
+def int4_gemv_plan(qdata, fmt, shape, device: torch.device, m: int):
+    """Launch plan of the GEMV for one weight: checked tensors, the 16-byte
+    aligned qweight, pointers and sizes fixed once; a call allocates the output
+    and launches (ops/plans.py)."""
+    n, k = shape
+    t = _packed(fmt, qdata, shape, device)
+    qweight = _aligned16(t["qweight"])  # kept alive by this closure
+    scales, zeros = t["scales"], t.get("zeros")
+    weight = (ptr(qweight), ptr(scales), ptr(zeros))
+    sizes = (n, k, fmt.group_size_for(k), dtype_code(fmt.scale_dtype))
+    entry = getattr(_ext.load(), "int4_gemv_cuda")
+    index = _index(device)
+    codes = _dtypes.DTYPE_CODES
+
+    def run(x, bias):
+        rows = x.shape[0]
+        out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+        if rows:
+            b = None if bias is None else bias.contiguous()  # alive until the launch is enqueued
+            launch_on(index, entry, x.data_ptr(), *weight, ptr(b), out.data_ptr(), rows, *sizes,
+                      0 if b is None else codes[b.dtype], codes[x.dtype])
+        return out
+
+    run.keep = (qweight, scales, zeros)
+    return run
+
+
+@register_kernel("qmatmul", "cuda", "int4", _int4_gemv_ok, tag="gemv", plan=int4_gemv_plan,
+                 sources=_src("int4_gemv.cu"))
 def int4_gemv(x, qdata, fmt, shape, bias):
     """x (M, K) fp16/bf16/fp32 contiguous, M <= 8 -> (M, N) in x.dtype."""
-    n, k = shape
-    t, out, bias = _matmul_out(x, qdata, fmt, shape, bias)
-    m = x.shape[0]
-    if m == 0:
-        return out
-    qweight = _aligned16(t["qweight"])  # held until the launch is enqueued
-    launch(
-        x.device, "int4_gemv_cuda",
-        ptr(x), ptr(qweight), ptr(t["scales"]), ptr(t.get("zeros")), ptr(bias),
-        ptr(out), m, n, k, fmt.group_size_for(k), dtype_code(fmt.scale_dtype), _opt_code(bias),
-        dtype_code(x.dtype),
-    )
-    return out
+    _check_x(x, shape[1], bias)
+    return int4_gemv_plan(qdata, fmt, shape, x.device, x.shape[0])(x, bias)
 
 
 # --- W8A8: per-token int8 activations x per-channel int8 weights --------------
@@ -152,7 +218,7 @@ def _w8a8_ok(fmt, device, m):
     return is_w8a8_format(fmt) and cuda_ready(device)
 
 
-@register_kernel("w8a8_matmul", "cuda", "int8", _w8a8_ok)
+@register_kernel("w8a8_matmul", "cuda", "int8", _w8a8_ok, sources=_src("w8a8.cu"))
 def w8a8_gemm(x, qdata, fmt, shape, bias):
     n, k = shape
     t, out, bias = _matmul_out(x, qdata, fmt, shape, bias)
@@ -196,7 +262,7 @@ def _dynamic_map(device: torch.device) -> torch.Tensor:
     return table
 
 
-@register_kernel("dequantize", "cuda", "nf4", _nf4_ok)
+@register_kernel("dequantize", "cuda", "nf4", _nf4_ok, sources=_src("nf4_dequant.cu"))
 def nf4_dequantize(qdata, fmt, shape, dtype):
     n, k = shape
     t, out = _dequant_out(qdata, fmt, shape, dtype)
@@ -213,7 +279,7 @@ def _gguf_ok(fmt, device, m):
     return fmt.family == "gguf" and cuda_ready(device)
 
 
-@register_kernel("dequantize", "cuda", "gguf", _gguf_ok)
+@register_kernel("dequantize", "cuda", "gguf", _gguf_ok, sources=_src("gguf_dequant.cu"))
 def gguf_dequantize(qdata, fmt, shape, dtype):
     n, k = shape
     t, out = _dequant_out(qdata, fmt, shape, dtype)

@@ -101,7 +101,22 @@ def _supports_path(lo, hi):
     return supports
 
 
-@register_kernel("dequantize", "triton", "any", _supports_dequantize)
+def _sources(*patterns):
+    """``() -> (package folder, files)`` of the Triton modules a kernel runs."""
+
+    def files():
+        spec = importlib.util.find_spec(PACKAGE)
+        root = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else _SRC_DIR
+        return root, sorted({p for pat in patterns for p in root.glob(pat)}) or [root / patterns[0]]
+
+    return files
+
+
+_MATMUL_SOURCES = _sources("__init__.py", "decode.py", "matmul/*.py", "tuning/*.py")
+_SOLVER_SOURCES = _sources("__init__.py", "solvers/*.py")
+
+
+@register_kernel("dequantize", "triton", "any", _supports_dequantize, sources=_MATMUL_SOURCES)
 def dequantize(qdata, fmt, shape, dtype):
     return kernels().dequantize(qdata, fmt, shape, dtype)
 
@@ -114,10 +129,20 @@ def _qmatmul(path):
     return fn
 
 
+def _qmatmul_plan(path):
+    """Launch-plan factory (ops/plans.py): ``matmul.launch.QmatmulPlan`` binds the
+    config and arguments once per M and launches compiled kernels directly."""
+
+    def plan(qdata, fmt, shape, device, m):
+        return importlib.import_module(PACKAGE + ".matmul.launch").QmatmulPlan(qdata, fmt, shape, path=path)
+
+    return plan
+
+
 _BIG = 1 << 62
-register_kernel("qmatmul", "triton", "any", _supports_path(0, 4), tag="gemv")(_qmatmul("gemv"))
-register_kernel("qmatmul", "triton", "any", _supports_path(5, 64), tag="splitk")(_qmatmul("splitk"))
-register_kernel("qmatmul", "triton", "any", _supports_path(65, _BIG), tag="gemm")(_qmatmul("gemm"))
+for _tag, _lo, _hi in (("gemv", 0, 4), ("splitk", 5, 64), ("gemm", 65, _BIG)):
+    register_kernel("qmatmul", "triton", "any", _supports_path(_lo, _hi), tag=_tag, plan=_qmatmul_plan(_tag),
+                    sources=_MATMUL_SOURCES)(_qmatmul(_tag))
 
 
 # --- solvers -----------------------------------------------------------------------
@@ -125,12 +150,12 @@ def _solver_ok(fmt, device, m):
     return usable(device)
 
 
-@register_kernel("gptq_block_update", "triton", "int", _solver_ok)
+@register_kernel("gptq_block_update", "triton", "int", _solver_ok, sources=_SOLVER_SOURCES)
 def gptq_block_update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out):
     kernels().gptq_block_update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out)
 
 
-@register_kernel("hqq_solve", "triton", "int", _solver_ok)
+@register_kernel("hqq_solve", "triton", "int", _solver_ok, sources=_SOLVER_SOURCES)
 def hqq_solve(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, early_stop):
     schedule = solver_schedule(iters, lp_norm, beta, kappa).to(w.device)
     return kernels().hqq_solve(w, bits, group, scale_dtype, lp_norm, kappa == 1.0, early_stop, schedule,

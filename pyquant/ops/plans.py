@@ -1,0 +1,156 @@
+"""Launch plans: the eager ``qmatmul`` of one weight with its host work done once.
+
+A plan is ``run(x2d, bias) -> y`` for one weight, activation dtype, ``kernel=``
+and M bucket (0, 1, 2, 4, 8, ... rows): the kernel is selected, the packed tensors
+checked and their pointers, sizes and launch configuration computed when the plan
+is built; a call then allocates the output and launches. Kernels that register a
+``plan`` factory (``dispatch.register_kernel``) do their own; every other kernel
+gets a plan that calls its function.
+
+Plans live in a :class:`PlanCache` per weight (on the ``QuantizedWeight`` object
+for ``pyquant.qmatmul``, on the module for ``QuantLinear``). A cache is only
+trusted for the very tensors it was built from: each call compares the packed
+tensors by identity and data pointer, so a weight whose tensors are replaced,
+moved to another device (``module.to``) or re-pointed (``t.data = ...``) gets new
+plans, never a stale one. A plan holds references to the tensors whose pointers
+it keeps, so those pointers stay valid while it lives.
+
+Nothing a plan does per call breaks CUDA-graph capture: no host sync, outputs
+allocated per call (the graph's pool fixes their addresses), the current stream
+read at each launch.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..errors import KernelUnavailableError
+from .dispatch import select_kernel
+
+Plan = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+class PlanCache:
+    """The launch plans of one weight, valid while its packed tensors are the same."""
+
+    __slots__ = ("tensors", "ptrs", "plans", "layout")
+
+    def __init__(self):
+        self.tensors: Tuple[torch.Tensor, ...] = ()
+        self.ptrs: Tuple[int, ...] = ()
+        self.plans: Dict[tuple, Plan] = {}
+        self.layout = (None, None, ())  # (format, shape, packed tensor names) of a QuantizedWeight
+
+    def names(self, fmt, shape) -> Tuple[str, ...]:
+        """The packed tensor names of ``fmt`` at ``shape`` in canonical order (computed
+        once: ``Format.tensor_specs`` builds a dict each call)."""
+        f, s, names = self.layout
+        if f is not fmt or s != shape:
+            names = tuple(fmt.tensor_specs(shape))
+            self.layout = (fmt, shape, names)
+        return names
+
+    # a copied or pickled module starts with no plans (they hold pointers and compiled kernels)
+    def __deepcopy__(self, memo):
+        return PlanCache()
+
+    def __reduce__(self):
+        return (PlanCache, ())
+
+    def valid_for(self, qdata) -> bool:
+        if len(qdata) != len(self.tensors):
+            return False
+        for q, t, p in zip(qdata, self.tensors, self.ptrs):
+            if q is not t or q.data_ptr() != p:
+                return False
+        return True
+
+    def reset(self, qdata) -> None:
+        self.tensors = tuple(qdata)
+        self.ptrs = tuple(q.data_ptr() for q in qdata)
+        self.plans = {}
+
+
+def m_bucket(m: int) -> int:
+    """0, or the power of two at least ``m``: M values one plan serves."""
+    return 0 if m <= 0 else 1 << (m - 1).bit_length()
+
+
+def _generic_plan(kern, qdata, fmt, shape) -> Plan:
+    fn, qlist = kern.fn, list(qdata)
+
+    def run(x, bias):
+        return fn(x, qlist, fmt, shape, bias)
+
+    return run
+
+
+def _kernel_plan(op: str, qdata, fmt, shape, device: torch.device, m: int, kernel: str):
+    kern = select_kernel(op, fmt, device, m, kernel, shape=shape)
+    if kern.plan is not None:
+        return kern, kern.plan(qdata, fmt, shape, device, m)
+    return kern, _generic_plan(kern, qdata, fmt, shape)
+
+
+def _selects(op, fmt, device, m, kernel, shape, kern) -> bool:
+    try:
+        return select_kernel(op, fmt, device, m, kernel, shape=shape) is kern
+    except KernelUnavailableError:
+        return False
+
+
+def build_plan(op: str, qdata, fmt, shape, device: torch.device, m: int, kernel: str) -> Plan:
+    """The plan of ``op`` for M rows; serves every M of ``m_bucket(m)`` when the
+    same kernel takes both ends of the bucket, else one plan per M."""
+    kern, plan = _kernel_plan(op, qdata, fmt, shape, device, m, kernel)
+    hi = m_bucket(m)
+    lo = hi // 2 + 1 if hi > 1 else hi
+    if all(_selects(op, fmt, device, e, kernel, shape, kern) for e in {lo, hi} - {m}):
+        return plan
+    exact = {m: plan}
+
+    def per_m(x, bias):  # a kernel boundary inside the bucket
+        rows = x.shape[0]
+        p = exact.get(rows)
+        if p is None:
+            p = exact[rows] = _kernel_plan(op, qdata, fmt, shape, device, rows, kernel)[1]
+        return p(x, bias)
+
+    return per_m
+
+
+_OP_CACHES = WeakIdKeyDictionary()
+
+
+def run_op(x: torch.Tensor, qdata, fmt, shape, bias, kernel: str) -> torch.Tensor:
+    """The same for ``torch.ops.pyquant.qmatmul``'s implementation (autograd, CUDA
+    graph trees): the op gets a fresh tensor list each call, so its plans are kept
+    per packed ``qweight`` tensor (weakly: they go with it)."""
+    cache = _OP_CACHES.get(qdata[0])
+    if cache is None:
+        cache = _OP_CACHES[qdata[0]] = PlanCache()
+    return execute(cache, x, qdata, fmt, shape, bias, kernel)
+
+
+def execute(cache: PlanCache, x: torch.Tensor, qdata, fmt, shape, bias, kernel: str) -> torch.Tensor:
+    """``x @ W_hat.T + bias`` through ``cache``'s plans (inputs already validated)."""
+    if not cache.valid_for(qdata):
+        cache.reset(qdata)
+    n, k = shape
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    m = x2.shape[0]
+    key = (m_bucket(m), x.dtype, kernel)
+    plan = cache.plans.get(key)
+    if plan is None:
+        plan = cache.plans[key] = build_plan("qmatmul", cache.tensors, fmt, shape, x.device, m, kernel)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    y = plan(x2, bias)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
+# What the eager public entry points (``pyquant.qmatmul``, ``QuantLinear.forward``)
+# call: ``execute`` itself (one Python frame less), under its own name.
+run_qmatmul = execute

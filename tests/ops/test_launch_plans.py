@@ -1,0 +1,304 @@
+"""Launch plans (pyquant.ops.plans): built once per weight and M bucket, never served
+stale, the same path for pyquant.qmatmul and QuantLinear, the CUDA backend's plan
+launching what its kernel expects (recorded by a stand-in extension,
+benchmarks/_host_stubs.py), Triton's direct launches passing what its JIT passes
+(a stand-in driver, in a subprocess: the kernels must be compiled, not
+interpreted), and verification tied to a kernel's source hash."""
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyquant
+from pyquant.errors import KernelUnavailableError
+from pyquant.formats import Int
+from pyquant.ops import dispatch, plans
+from pyquant.ops.dispatch import Kernel
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _host_stubs  # noqa: E402
+
+
+def _qw(n=24, k=80, fmt=None, seed=0):
+    torch.manual_seed(seed)
+    return pyquant.quantize_weight(torch.randn(n, k), fmt or Int(4, 32, False))
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    calls = []
+    real = plans.build_plan
+
+    def counting(*args):
+        calls.append(args[5])  # M
+        return real(*args)
+
+    monkeypatch.setattr(plans, "build_plan", counting)
+    return calls
+
+
+def test_one_plan_per_m_bucket_and_dtype(builds):
+    qw = _qw()
+    with torch.no_grad():
+        for m in (1, 1, 3, 4, 3, 5, 8, 6):
+            y = pyquant.qmatmul(torch.randn(m, 80), qw)
+            assert y.shape == (m, 24)
+        assert builds == [1, 3, 5]  # buckets 1, 4, 8
+        pyquant.qmatmul(torch.randn(2, 80, dtype=torch.bfloat16), qw)
+        pyquant.qmatmul(torch.randn(1, 80), qw, kernel="reference")
+    assert builds == [1, 3, 5, 2, 1]
+
+
+def test_plan_results_match_the_op(builds):
+    qw = _qw()
+    x, bias = torch.randn(2, 3, 80), torch.randn(24)
+    with torch.no_grad():
+        xt = x.transpose(0, 1)  # not contiguous
+        want = torch.ops.pyquant.qmatmul(x, qw.tensor_list(), qw.format.spec(), 24, 80, bias, "auto")
+        want_t = torch.ops.pyquant.qmatmul(xt, qw.tensor_list(), qw.format.spec(), 24, 80, bias, "auto")
+        for _ in range(2):
+            torch.testing.assert_close(pyquant.qmatmul(x, qw, bias), want, rtol=0, atol=0)
+            torch.testing.assert_close(pyquant.qmatmul(xt, qw, bias), want_t, rtol=0, atol=0)
+    assert len(builds) == 2  # the op's plans (kept per qweight tensor) and the QuantizedWeight's
+
+
+def test_no_stale_plan_after_the_weight_changes(builds):
+    qw = _qw()
+    x = torch.randn(2, 80)
+    with torch.no_grad():
+        y0 = pyquant.qmatmul(x, qw)
+        # a replaced tensor
+        other = _qw(seed=1)
+        qw.tensors["scales"] = other.tensors["scales"]
+        qw.tensors["zeros"] = other.tensors["zeros"]
+        qw.tensors["qweight"] = other.tensors["qweight"]
+        torch.testing.assert_close(pyquant.qmatmul(x, qw), pyquant.qmatmul(x, other), rtol=0, atol=0)
+        assert len(builds) == 3
+        # the same tensor object pointing at new memory (t.data = ...)
+        q = qw.tensors["qweight"]
+        q.data = _qw(seed=0).tensors["qweight"].clone()
+        qw.tensors["scales"].data = _qw(seed=0).tensors["scales"].clone()
+        qw.tensors["zeros"].data = _qw(seed=0).tensors["zeros"].clone()
+        torch.testing.assert_close(pyquant.qmatmul(x, qw), y0, rtol=0, atol=0)
+        assert len(builds) == 4
+
+
+def test_plan_cache_checks_identity_and_pointer():
+    qw = _qw()
+    cache = plans.PlanCache()
+    qdata = qw.tensor_list()
+    cache.reset(qdata)
+    assert cache.valid_for(qdata)
+    assert not cache.valid_for([t.clone() for t in qdata])
+    assert not cache.valid_for([t.to("meta") for t in qdata])  # moved to another device
+    assert not cache.valid_for(qdata[:-1])
+
+
+def test_quant_linear_takes_the_same_fast_path(builds):
+    lin = pyquant.QuantLinear(_qw(), bias=torch.randn(24, requires_grad=True))
+    x = torch.randn(4, 80)
+    with torch.no_grad():
+        want = torch.ops.pyquant.qmatmul(x, lin.quantized_weight.tensor_list(), lin.qformat.spec(), 24, 80, lin.bias,
+                                         "auto")
+        for _ in range(3):
+            torch.testing.assert_close(lin(x), want, rtol=0, atol=0)
+    assert builds == [4, 4]  # the op's plans and the module's
+    y = lin(x)  # gradients (the bias is a parameter): the op, an autograd node, as before
+    assert y.grad_fn is not None and len(builds) == 2
+
+
+def test_quant_linear_rebuilds_after_to_load_and_copy(builds):
+    lin = pyquant.QuantLinear(_qw(), bias=torch.randn(24))
+    x = torch.randn(1, 80)
+    with torch.no_grad():
+        lin(x)
+        twin = copy.deepcopy(lin)  # starts without plans, holds its own tensors
+        torch.testing.assert_close(twin(x), lin(x), rtol=0, atol=0)
+        assert len(builds) == 2
+        other = pyquant.QuantLinear(_qw(seed=3), bias=torch.zeros(24))
+        lin.load_state_dict(other.state_dict())
+        torch.testing.assert_close(lin(x), other(x), rtol=0, atol=0)
+        lin.to(torch.bfloat16)  # the bias is converted; packed buffers stay
+        assert lin(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_bucket_with_a_kernel_boundary_plans_per_m(monkeypatch):
+    # two reference kernels: M <= 5 and M > 5, a boundary inside the bucket 5..8
+    calls = []
+
+    def make(tag):
+        def fn(x, qdata, fmt, shape, bias):
+            calls.append((tag, x.shape[0]))
+            return torch.zeros(x.shape[0], shape[0])
+
+        return fn
+
+    small = Kernel("qmatmul", "reference", "any", "reference_any_qmatmul_small", lambda f, d, m: m <= 5,
+                   make("small"))
+    large = Kernel("qmatmul", "reference", "any", "reference_any_qmatmul_large", lambda f, d, m: m > 5,
+                   make("large"))
+    monkeypatch.setitem(dispatch._REGISTRY, ("qmatmul", "reference"), [small, large])
+    qw = _qw()
+    with torch.no_grad():
+        for m in (5, 6, 8, 5):
+            pyquant.qmatmul(torch.randn(m, 80), qw, kernel="reference")
+    assert calls == [("small", 5), ("large", 6), ("large", 8), ("small", 5)]
+
+
+def test_forced_kernel_that_cannot_take_the_weight_names_the_shape():
+    qw = _qw(fmt=Int(8, 32, True))
+    with pytest.raises(KernelUnavailableError, match=r"weight 24x80"):
+        pyquant.qmatmul(torch.randn(2, 80), qw, kernel="cuda")
+    with torch.no_grad(), _host_stubs.stub_extension(), _host_stubs.cuda_backend_on_cpu():
+        with pytest.raises(KernelUnavailableError, match=r"int8_g32_sym.* weight 24x80 on device cpu \(M=9\)"):
+            pyquant.qmatmul(torch.randn(9, 80), _qw(fmt=Int(8, 32, True)), kernel="cuda")
+        with pytest.raises(KernelUnavailableError, match=r"weight 24x80 on device cpu \(M=9\)"):
+            pyquant.qmatmul(torch.randn(9, 80), _qw(), kernel="cuda")  # the GEMV stops at M = 8
+
+
+def test_cuda_plan_launches_what_the_kernel_expects():
+    qw = _qw(n=48, k=300, fmt=Int(4, 32, False, torch.bfloat16))
+    x = torch.randn(3, 300, dtype=torch.float16)
+    bias = torch.randn(48, dtype=torch.float32)
+    with torch.no_grad(), _host_stubs.stub_extension() as ext, _host_stubs.cuda_backend_on_cpu():
+        ext.record = True
+        for _ in range(2):
+            y = pyquant.qmatmul(x, qw, bias, kernel="cuda")
+        lin = pyquant.QuantLinear(qw, bias=bias, kernel="cuda")
+        lin(x)
+    assert y.shape == (3, 48) and y.dtype == torch.float16
+    (name, args), again, via_module = ext.calls
+    assert name == "int4_gemv_cuda" and again[0] == name and via_module[0] == name
+    t = qw.tensors
+    want = (x.data_ptr(), t["qweight"].data_ptr(), t["scales"].data_ptr(), t["zeros"].data_ptr(), bias.data_ptr())
+    assert args[:5] == want
+    assert args[6:] == (3, 48, 300, 32, 2, 0, 1, 0)  # M N K group, bf16 scales, fp32 bias, fp16 x, stream 0
+    assert again[1][:5] == want and again[1][6:] == args[6:]
+    assert via_module[1][1:4] == want[1:4] and via_module[1][4] == lin.bias.data_ptr()  # the module's own bias
+    assert via_module[1][6:] == args[6:]
+
+
+def test_verified_means_the_recorded_source(monkeypatch, tmp_path):
+    src = tmp_path / "kernel.cu"
+    src.write_text("// v1\n")
+    fake = Kernel("qmatmul", "cuda", "int4", "cuda_int4_qmatmul_fake", lambda f, d, m: False, None,
+                  sources=lambda: (tmp_path, [src]))
+    monkeypatch.setitem(dispatch._REGISTRY, ("qmatmul", "cuda"), [*dispatch._REGISTRY[("qmatmul", "cuda")], fake])
+    good = dispatch.source_hash("cuda_int4_qmatmul_fake")
+    assert good and len(good) == 64
+    vfile = tmp_path / "verified_kernels.json"
+    vfile.write_text(json.dumps({"kernels": {
+        "cuda_int4_qmatmul_fake": {"device": "d", "date": "t", "source_sha256": good},
+        "cuda_int4_qmatmul_gemv": {"device": "d", "date": "t", "source_sha256": "0" * 64},  # another source
+        "cuda_int_dequantize": {"device": "d", "date": "t", "source_sha256": None},  # none recorded
+    }}))
+    monkeypatch.setattr(dispatch, "VERIFIED_FILE", vfile)
+    dispatch.verified_kernels.cache_clear()
+    try:
+        assert dispatch.verified_kernels() == {"cuda_int4_qmatmul_fake"}
+        src.write_text("// v2: edited after its GPU run\n")
+        assert dispatch.verified_kernels() == {"cuda_int4_qmatmul_fake"}  # computed once per process
+        dispatch.verified_kernels.cache_clear()
+        assert dispatch.verified_kernels() == frozenset()
+        src.unlink()  # a source that is not on disk cannot be named
+        assert dispatch.source_hash("cuda_int4_qmatmul_fake") is None
+    finally:
+        dispatch.verified_kernels.cache_clear()
+
+
+def test_cuda_kernel_sources_follow_includes():
+    from pyquant.ops import kernel_sources
+
+    names = {p.name for p in kernel_sources.cuda_sources("int4_gemv.cu")}
+    assert {"int4_gemv.cu", "cuda_common.cuh", "launchers.h", "common.h", "static_switch.h"} <= names
+    assert "w8a8.cu" not in names
+    assert dispatch.source_hash("cuda_int4_qmatmul_gemv") != dispatch.source_hash("cuda_int8_w8a8_matmul")
+
+
+TRITON_SCRIPT = textwrap.dedent(
+    r"""
+    import sys, torch
+    sys.path.insert(0, "benchmarks")
+    import _host_stubs as H
+    import pyquant
+    from pyquant.formats import Int
+
+    torch.manual_seed(0)
+    qw = pyquant.quantize_weight(torch.randn(64, 1024), Int(4, 128, False, torch.float16))
+    bias = torch.randn(64, dtype=torch.float16)
+    with torch.no_grad(), H.triton_on_cpu() as drv:
+        drv.record = True
+        for m in (1, 16):
+            x = torch.randn(m, 1024, dtype=torch.float16)
+            for _ in range(2):  # through the JIT, then straight to the compiled kernel
+                pyquant.qmatmul(x, qw, bias, kernel="triton")
+        assert len(drv.launches) >= 4, drv.launches
+        by_name = {}
+        for name, args in drv.launches:
+            by_name.setdefault(name, []).append(args)
+        for name, calls in by_name.items():
+            first, second = calls[0], calls[1]
+            assert len(first) == len(second), name
+            def norm(a):
+                return [("T", v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor) else v for v in a]
+            f, s = norm(first), norm(second)
+            # grid, stream, metadata and every argument equal; tensors by dtype and shape
+            assert f[:4] == s[:4] and f[9:] == s[9:], (name, f, s)
+            weights = [v for v in first[9:] if isinstance(v, torch.Tensor) and v.dtype == torch.uint8]
+            assert all(any(w is t for t in qw.tensors.values()) for w in weights), name
+    print("launches", len(drv.launches))
+    """
+)
+
+
+@pytest.mark.slow
+def test_triton_direct_launch_passes_what_the_jit_passes():
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except Exception as exc:
+        pytest.skip(f"triton has no NVIDIA backend here: {exc}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # kernels compiled for sm_90
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True, timeout=1200,
+                       env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.startswith("launches")
+
+
+def test_steady_state_does_no_host_work_but_the_launch(monkeypatch):
+    # after the first call: no kernel selection, no packed-tensor checks, no format parsing
+    from pyquant.ops.backends import cuda
+
+    counts = {"select": 0, "named_packed": 0}
+
+    def counting(name, real):
+        def f(*a, **kw):
+            counts[name] += 1
+            return real(*a, **kw)
+
+        return f
+
+    monkeypatch.setattr(plans, "select_kernel", counting("select", plans.select_kernel))
+    monkeypatch.setattr(cuda, "named_packed", counting("named_packed", cuda.named_packed))
+    qw = _qw(n=48, k=256, fmt=Int(4, 128, False, torch.float16))
+    lin = pyquant.QuantLinear(qw, kernel="cuda")
+    x = torch.randn(2, 256, dtype=torch.float16)
+    with torch.no_grad(), _host_stubs.stub_extension() as ext, _host_stubs.cuda_backend_on_cpu():
+        pyquant.qmatmul(x, qw, kernel="cuda")
+        lin(x)
+        first = dict(counts)
+        ext.record = True
+        for _ in range(5):
+            pyquant.qmatmul(x, qw, kernel="cuda")
+            lin(x)
+    assert counts == first and first["named_packed"] == 2
+    assert len(ext.calls) == 10
