@@ -59,12 +59,14 @@ def missing_tools() -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def compile_cubin(source: str, arch: str = ARCH) -> bytes:
-    """``source`` (a path relative to the repository) -> cubin bytes, with the build's flags."""
+def compile_cubin(source: str, arch: str = ARCH, defines: tuple = ()) -> bytes:
+    """``source`` (a path relative to the repository) -> cubin bytes, with the
+    build's flags (plus ``-D`` ``defines``)."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "k.cubin")
         cmd = [nvcc(), "-std=c++17", "-O3", f"-arch={arch}", "--expt-relaxed-constexpr", "-cubin",
-               f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}", "-o", out, str(ROOT / source)]
+               f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}", *[f"-D{x}" for x in defines],
+               "-o", out, str(ROOT / source)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         return Path(out).read_bytes()
 
@@ -151,8 +153,8 @@ def main_loop(instrs, marker: Optional[str] = None):
     return body(best)
 
 
-def kernels(source: str, arch: str = ARCH, marker: Optional[str] = None) -> List[KernelSass]:
-    cubin = compile_cubin(source, arch)
+def kernels(source: str, arch: str = ARCH, marker: Optional[str] = None, defines: tuple = ()) -> List[KernelSass]:
+    cubin = compile_cubin(source, arch, tuple(defines))
     sass = _cuobjdump(cubin, "-sass")
     res = _cuobjdump(cubin, "-res-usage")
     usage = {}

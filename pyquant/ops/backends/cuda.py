@@ -96,9 +96,10 @@ def _int_any(fmt, device, m):
 def int_dequantize(qdata, fmt, shape, dtype):
     n, k = shape
     t, out = _dequant_out(qdata, fmt, shape, dtype)
+    qweight = _aligned16(t["qweight"])  # 128-bit chunk loads; held until the launch is enqueued
     launch(
         out.device, "int_dequant_cuda",
-        ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")), ptr(out), n, k, fmt.bits,
+        ptr(qweight), ptr(t["scales"]), ptr(t.get("zeros")), ptr(out), n, k, fmt.bits,
         fmt.group_size_for(k), dtype_code(fmt.scale_dtype), dtype_code(dtype),
     )
     return out
