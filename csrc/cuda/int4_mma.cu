@@ -85,7 +85,7 @@ struct MmaParams {
 // 255 registers).
 template <int MT, int FP>
 struct Cfg {
-  static constexpr int TW = MT <= 2 ? (FP >= 4 ? 4 : 2) : MT == 4 ? 2 : 1;
+  static constexpr int TW = MT <= 2 ? (FP >= 4 ? 4 : 2) : MT == 4 ? (FP >= 4 ? 2 : 1) : 1;
   static constexpr int kBlockN = kWarps * TW * 16;
   static constexpr int kW = kBlockN * kStageK / 2;            // code bytes per stage
   static constexpr int kWPerThread = kW / 16 / kThreads;       // 16-byte copies
@@ -96,9 +96,11 @@ struct Cfg {
   static constexpr int kS = kSChunks * 16;
   static constexpr int kStage = kW + kX + 2 * kS;
   static constexpr int kTotal = kStages * kStage;
-  // CTAs per SM the shared memory allows (228 KB per SM on H100, 164 KB on A100:
-  // the smaller one), told to ptxas so it may use the registers that leaves.
-  static constexpr int kMinBlocks = (164 * 1024) / kTotal < 1 ? 1 : (164 * 1024) / kTotal;
+  // CTAs per SM the shared memory allows (164 KB on A100, the smaller of A100
+  // and H100), at most 2, told to ptxas: it then keeps per-thread offsets in
+  // registers (up to 255) instead of recomputing them in the main loop.
+  static constexpr int kSmemBlocks = (164 * 1024) / kTotal;
+  static constexpr int kMinBlocks = kSmemBlocks < 1 ? 1 : kSmemBlocks > 2 ? 2 : kSmemBlocks;
   static_assert(kW % (16 * kThreads) == 0 && MT * 8 * kXChunksPerRow % kThreads == 0, "whole copies per thread");
   static_assert(2 * kSChunks <= kThreads, "one scale copy per thread at most");
 };

@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from pyquant.triton_kernels.tools.sass import opcode, parse_sass
+
 ROOT = Path(__file__).resolve().parents[2]
 ARCH = "sm_90a"
 
@@ -114,20 +116,6 @@ class KernelSass:
 _MEM_PREFIX = ("LDG", "STG", "LDS", "STS", "LDL", "STL", "LDGSTS", "LDSM", "STSM", "ATOM", "RED", "LD.", "ST.")
 
 
-def opcode(text: str) -> str:
-    parts = text.split()
-    return parts[1] if parts[0].startswith("@") else parts[0]
-
-
-def _instructions(body: str):
-    out = []
-    for line in body.splitlines():
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
-        if m:
-            out.append((int(m.group(1), 16), m.group(2).strip()))
-    return out
-
-
 def main_loop(instrs, marker: Optional[str] = None):
     """Instructions of a kernel's main loop: among its backward branches, the
     one whose body holds the most ``marker`` instructions (an opcode prefix:
@@ -163,7 +151,7 @@ def kernels(source: str, arch: str = ARCH, marker: Optional[str] = None, defines
     out = []
     chunks = re.split(r"\n\s*Function : (\S+)\n", sass)
     for name, body in zip(chunks[1::2], chunks[2::2]):
-        instrs = _instructions(body)
+        instrs = parse_sass(body)
         regs, spill, smem = usage.get(name, (0, 0, 0))
         out.append(KernelSass(name, regs, spill, smem, [t for _, t in instrs], main_loop(instrs, marker)))
     return out

@@ -139,6 +139,7 @@ def test_plan_splits_is_valid_and_fills_the_gpu(n, k, m):
     stages = math.ceil(k / cuda_mma.STAGE_K)
     assert 1 <= s <= stages and math.ceil(stages / math.ceil(stages / s)) == s
     assert s == 1 or 4 * s * m * n <= cuda_mma.WORKSPACE_BYTES
+    assert s == 1 or stages / s >= cuda_mma.MIN_STAGES_PER_SPLIT
     blocks = math.ceil(n / cuda_mma.block_n(m, 128))
     if k >= 4096 and m <= 16:
         assert blocks * s >= sms, "every SM gets a CTA on the large shapes"

@@ -25,7 +25,8 @@ MAX_M = 64
 MAX_M_GROUP32 = 32  # 64 rows x group 32 needs more than 255 registers per thread
 STAGE_K = 128  # kStageK of int4_mma.cu: K is split on whole stages
 MIN_BLOCK_N = 64  # the narrowest column block (M > 32): tickets per column of N
-CTAS_PER_SM = 4  # grid target: several CTAs per SM hide the tail of the last wave
+CTAS_PER_SM = 2  # grid target: about what fits on an SM at once (shared memory: 2-3 CTAs)
+MIN_STAGES_PER_SPLIT = 2  # a split streams at least this many 128-deep stages
 WORKSPACE_BYTES = 4 << 20  # split-K partials stay within L2
 
 
@@ -33,17 +34,19 @@ def block_n(m: int, group: int) -> int:
     """Output rows per CTA (Cfg<MT, FP>::kBlockN): 64 * n16 tiles per warp."""
     mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     steps = 2 if group == 32 else 4 if group == 64 else 8
-    tiles_per_warp = (4 if steps >= 4 else 2) if mt <= 2 else 2 if mt == 4 else 1
+    wide = steps >= 4  # groups of 64+: fewer scale copies and registers per tile
+    tiles_per_warp = (4 if wide else 2) if mt <= 2 else (2 if wide else 1) if mt == 4 else 1
     return 4 * 16 * tiles_per_warp
 
 
 def plan_splits(m: int, n: int, k: int, group: int, sm_count: int) -> int:
-    """K splits for an (M, N, K) call: about CTAS_PER_SM CTAs per SM, at most one
-    split per 128-column stage, partials within WORKSPACE_BYTES, and a count
-    the kernel accepts (no empty split)."""
+    """K splits for an (M, N, K) call: about CTAS_PER_SM CTAs per SM, at least
+    MIN_STAGES_PER_SPLIT stages per split, partials within WORKSPACE_BYTES, and
+    a count the kernel accepts (no empty split). A first guess from the
+    kernel's shape; the GPU benchmark is what tunes CTAS_PER_SM."""
     stages = math.ceil(k / STAGE_K)
     blocks = math.ceil(n / block_n(m, group))
-    splits = max(1, min(stages, round(CTAS_PER_SM * sm_count / blocks)))
+    splits = max(1, min(stages // MIN_STAGES_PER_SPLIT, round(CTAS_PER_SM * sm_count / blocks)))
     splits = max(1, min(splits, WORKSPACE_BYTES // max(1, 4 * m * n)))
     per_split = math.ceil(stages / splits)
     return math.ceil(stages / per_split)
