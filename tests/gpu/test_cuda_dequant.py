@@ -8,7 +8,7 @@ import pyquant
 from pyquant.formats import GGUF, NF4, QuantizedWeight
 from pyquant.formats.gguf import BLOCK_TYPES
 
-from tests.gpu._cuda_util import cuda_ext_or_skip
+from tests.gpu._cuda_util import cuda_ext_or_skip, misaligned_copy
 
 pytestmark = pytest.mark.gpu
 
@@ -59,6 +59,15 @@ def test_cuda_nf4_dequantize_bit_exact(shape, dq):
         for dtype in DTYPES:
             out = pyquant.dequantize(qg, dtype, kernel="cuda")
             _assert_bit_exact(out.cpu(), ref32.to(dtype), f"NF4 {shape} dq={dq} {dtype}")
+
+
+def test_cuda_nf4_dequantize_misaligned_qweight():
+    # the kernel reads 16-byte chunks: an unaligned view is copied first, same result
+    _ext_with("nf4_dequant_cuda")
+    qw = _nf4_random(37, 129, 32, True, 1).to("cuda")
+    t = dict(qw.tensors, qweight=misaligned_copy(qw.tensors["qweight"], 3))
+    out = pyquant.dequantize(QuantizedWeight(qw.format, t, qw.shape), torch.float16, kernel="cuda")
+    _assert_bit_exact(out.cpu(), pyquant.dequantize(qw.cpu(), torch.float16, kernel="reference"), "NF4 misaligned")
 
 
 @pytest.mark.parametrize("dq", [False, True], ids=["plain", "dq"])
