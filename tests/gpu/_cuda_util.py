@@ -75,3 +75,18 @@ def assert_matmul_close(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bia
             f"{what}: {int(bad.sum())} of {out.numel()} outputs off; worst at ({r}, {c}): got {out[r, c].item()}, "
             f"want {ref[r, c].item()} (tol {tol[r, c].item():.3g})"
         )
+
+
+def capture_graph(fn):
+    """``fn()`` warmed up once, then captured in a CUDA graph on a side stream:
+    returns ``(graph, output)``; ``graph.replay()`` rewrites ``output`` in place."""
+    fn()  # warm-up outside the capture (first-use copies and allocations)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(graph):
+            y = fn()
+    torch.cuda.current_stream().wait_stream(s)
+    return graph, y

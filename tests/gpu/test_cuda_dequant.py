@@ -8,7 +8,7 @@ import pyquant
 from pyquant.formats import GGUF, NF4, QuantizedWeight
 from pyquant.formats.gguf import BLOCK_TYPES
 
-from tests.gpu._cuda_util import cuda_ext_or_skip, misaligned_copy
+from tests.gpu._cuda_util import capture_graph, cuda_ext_or_skip, misaligned_copy
 
 pytestmark = pytest.mark.gpu
 
@@ -82,14 +82,8 @@ def test_cuda_nf4_dequantize_rtn_weights(dq):
 def test_cuda_nf4_dequantize_cuda_graph():
     _ext_with("nf4_dequant_cuda")
     qw = _nf4_random(64, 256, 64, True, 1).to("cuda")
-    pyquant.dequantize(qw, torch.float16, kernel="cuda")  # first use copies the lookup table
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.cuda.graph(graph):
-        y = pyquant.dequantize(qw, torch.float16, kernel="cuda")
-    torch.cuda.current_stream().wait_stream(s)
+    # the warm-up call outside the capture copies the lookup table to the device
+    graph, y = capture_graph(lambda: pyquant.dequantize(qw, torch.float16, kernel="cuda"))
     graph.replay()
     torch.cuda.synchronize()
     _assert_bit_exact(y.cpu(), pyquant.dequantize(qw.cpu(), torch.float16, kernel="reference"), "NF4 graph")

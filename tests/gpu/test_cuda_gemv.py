@@ -9,7 +9,8 @@ import torch
 import pyquant
 from pyquant.ops.dispatch import select_kernel
 
-from tests.gpu._cuda_util import assert_matmul_close, cuda_ext_or_skip, int_weight_cpu, misaligned_copy
+from tests.gpu._cuda_util import (assert_matmul_close, capture_graph, cuda_ext_or_skip, int_weight_cpu,
+                                  misaligned_copy)
 
 pytestmark = pytest.mark.gpu
 
@@ -123,15 +124,7 @@ def test_cuda_int4_qmatmul_gemv_cuda_graph_capture_and_replay():
     qw = int_weight_cpu(256, 1024, 4, 128, False, torch.float16, 0).to("cuda")
     bias = torch.randn(256, device="cuda").half()
     x = torch.randn(4, 1024, device="cuda").half()
-    pyquant.qmatmul(x, qw, bias, kernel="cuda")  # warm-up outside the capture
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(s):
-        with torch.cuda.graph(graph):
-            y = pyquant.qmatmul(x, qw, bias, kernel="cuda")
-    torch.cuda.current_stream().wait_stream(s)
+    graph, y = capture_graph(lambda: pyquant.qmatmul(x, qw, bias, kernel="cuda"))
     for _ in range(2):
         x.copy_(torch.randn_like(x))
         graph.replay()

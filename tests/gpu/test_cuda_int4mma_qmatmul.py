@@ -14,7 +14,8 @@ from pyquant.formats import to_mma
 from pyquant.ops.backends import cuda_mma
 from pyquant.ops.dispatch import select_kernel
 
-from tests.gpu._cuda_util import assert_matmul_close, cuda_ext_or_skip, int_weight_cpu, misaligned_copy
+from tests.gpu._cuda_util import (assert_matmul_close, capture_graph, cuda_ext_or_skip, int_weight_cpu,
+                                  misaligned_copy)
 
 pytestmark = pytest.mark.gpu
 
@@ -162,15 +163,7 @@ def test_cuda_int4mma_qmatmul_cuda_graph_capture_and_replay():
     qw = _mma_weight(4096, 4096, 128, False)  # split-K: workspace and tickets inside the graph
     bias = torch.randn(4096, device="cuda").half()
     x = torch.randn(4, 4096, device="cuda").half()
-    pyquant.qmatmul(x, qw, bias, kernel="cuda")
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(s):
-        with torch.cuda.graph(graph):
-            y = pyquant.qmatmul(x, qw, bias, kernel="cuda")
-    torch.cuda.current_stream().wait_stream(s)
+    graph, y = capture_graph(lambda: pyquant.qmatmul(x, qw, bias, kernel="cuda"))
     for _ in range(2):
         x.copy_(torch.randn_like(x))
         graph.replay()
