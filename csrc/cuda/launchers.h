@@ -29,6 +29,11 @@ void int4_mma_cuda(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t z
                    uintptr_t ws, uintptr_t tickets, int64_t m, int64_t n, int64_t k, int64_t group, int64_t splits,
                    int scale_dtype, int bias_dtype, int x_dtype, uintptr_t stream);
 
+// IntMMA weight -> out (N, K) in out_dtype, bit-exact with IntMMA.decode; perm
+// (int32 (K,), or 0) scatters stored column j to output column perm[j].
+void int4_mma_dequant_cuda(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t perm, uintptr_t out,
+                           int64_t n, int64_t k, int64_t group, int scale_dtype, int out_dtype, uintptr_t stream);
+
 // Per-row symmetric int8 quantization of x (M, K): scale[m] = max|x[m]| / 127,
 // q[m, j] = clamp(rint(x[m, j] / scale[m]), -127, 127) (0 where the scale is 0),
 // q (M, kp) int8 with columns K..kp-1 set to 0.

@@ -291,3 +291,42 @@ def emulate(x: np.ndarray, qweight: np.ndarray, scales: np.ndarray, zeros, n: in
                     v += ws[sp, mm, row]
                 out[mm, row] = v + (0.0 if bias is None else bias[row])
     return out
+
+
+# --- the dequantizer (csrc/cuda/int4_mma_dequant.cu) ---------------------------------
+def emulate_dequant(qweight: np.ndarray, scales: np.ndarray, zeros, perm, n: int, k: int, group: int) -> np.ndarray:
+    """out (N, K) float64 as int4_mma_dequant_kernel writes it (before the cast):
+    slot (tile, layout block, lane) -> rows g and g+8, columns 2t, 2t+1, 2t+8, 2t+9
+    of each of its four k16 steps."""
+    np_ = math.ceil(n / 16) * 16
+    tiles16, blocks64 = np_ // 16, math.ceil(k / 64)
+    ngroups = 1 if group == -1 else math.ceil(k / group)
+    gshift = 31 if group == -1 else int(math.log2(group))
+    q16 = qweight.reshape(-1, 16)
+    s = scales.reshape(-1)
+    z = None if zeros is None else zeros.reshape(-1)
+    out = np.full((n, k), np.nan)
+    for tile in range(tiles16):
+        for slot in range(blocks64 * 32):
+            kb, lane = slot >> 5, slot & 31
+            g, t = lane >> 2, lane & 3
+            chunk = q16[(tile * blocks64 + kb) * 32 + lane]
+            words = [int.from_bytes(chunk[4 * j:4 * j + 4].tobytes(), "little") for j in range(4)]
+            rows = (tile * 16 + g, tile * 16 + g + 8)
+            for j in range(4):
+                k0 = kb * 64 + 16 * j
+                if k0 >= k:
+                    break
+                gi = min(k0 >> gshift, ngroups - 1)
+                sp = s[gi * np_ + tile * 16 + 2 * g: gi * np_ + tile * 16 + 2 * g + 2]
+                zp = (8.0, 8.0) if z is None else z[gi * np_ + tile * 16 + 2 * g: gi * np_ + tile * 16 + 2 * g + 2]
+                v = [(((words[j] >> (4 * i)) & 0xF) - zp[i & 1]) * sp[i & 1] for i in range(8)]
+                for h in range(2):
+                    if rows[h] >= n:
+                        continue
+                    for c in range(2):
+                        col = k0 + 8 * c + 2 * t
+                        for e, val in enumerate((v[h + 2 * c], v[h + 2 * c + 4])):
+                            if col + e < k:
+                                out[rows[h], perm[col + e] if perm is not None else col + e] = val
+    return out

@@ -120,6 +120,18 @@ def test_kernel_emulation_matches_the_reference(n, k, group, sym, dtype, m, spli
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("n,k,group,sym,act_order", [(20, 300, 128, False, False), (33, 130, 32, True, True),
+                                                     (16, 64, -1, False, False), (40, 255, 64, False, True)])
+def test_dequantize_kernel_emulation_is_the_format_decode(n, k, group, sym, act_order):
+    mma = to_mma(_weight(n, k, group, sym, torch.bfloat16, act_order=act_order))
+    t = mma.tensors
+    got = emu.emulate_dequant(t["qweight"].numpy(), t["scales"].double().numpy(),
+                              None if sym else t["zeros"].double().numpy(),
+                              t["perm"].numpy() if act_order else None, n, k, group)
+    assert not np.isnan(got).any(), "an output the kernel never writes"
+    np.testing.assert_array_equal(got, mma.format.decode(t, mma.shape).double().numpy())
+
+
 @pytest.mark.parametrize("group,sym,act_order", [(128, False, False), (64, True, True), (-1, False, False)])
 def test_algorithm_spec_equals_the_op_reference(group, sym, act_order):
     qw = _weight(50, 320, group, sym, torch.bfloat16, act_order=act_order)

@@ -1,9 +1,11 @@
-"""Tensor-core CUDA kernels on the mma-layout int4 format (IntMMA).
+"""CUDA kernels on the mma-layout int4 format (IntMMA).
 
-``cuda_int4mma_qmatmul`` (csrc/cuda/int4_mma.cu): weight-only int4 for M <= 64
-activation rows, fp16/bf16 activations and fp16/bf16 scales. Experimental
-until a GPU run lists it in verified_kernels.json: reachable with
-``kernel="cuda"`` on an IntMMA weight (``pyquant.formats.to_mma``).
+``cuda_int4mma_qmatmul`` (csrc/cuda/int4_mma.cu): weight-only int4 on tensor
+cores for M <= 64 activation rows, fp16/bf16 activations and fp16/bf16 scales.
+``cuda_int4mma_dequantize`` (csrc/cuda/int4_mma_dequant.cu): the weight in
+full, for the dequantize-then-GEMM path of larger M. Experimental until a GPU
+run lists them in verified_kernels.json: reachable with ``kernel="cuda"`` on an
+IntMMA weight (``pyquant.formats.to_mma``).
 
 The launch shape lives here as plain functions (tested on the CPU): the
 column-block width the kernel uses for an M, and how many K splits keep every
@@ -19,7 +21,7 @@ import torch
 from ...formats.int_mma import IntMMA
 from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
-from .cuda import _aligned16, _matmul_out, _opt_code, cuda_ready, launch
+from .cuda import _aligned16, _dequant_out, _matmul_out, _opt_code, cuda_ready, launch
 
 MAX_M = 64
 MAX_M_GROUP32 = 32  # 64 rows x group 32 needs more than 255 registers per thread
@@ -103,5 +105,22 @@ def int4_mma(x, qdata, fmt, shape, bias):
         x.device, "int4_mma_cuda",
         ptr(xk), ptr(qweight), ptr(scales), ptr(zeros), ptr(bias), ptr(out), ptr(ws), ptr(tickets),
         m, n, xk.shape[1], group, splits, dtype_code(fmt.scale_dtype), _opt_code(bias), dtype_code(x.dtype),
+    )
+    return out
+
+
+def _mma_dequant_ok(fmt, device, m):
+    return isinstance(fmt, IntMMA) and cuda_ready(device)
+
+
+@register_kernel("dequantize", "cuda", "int4mma", _mma_dequant_ok)
+def int4_mma_dequantize(qdata, fmt, shape, dtype):
+    n, k = shape
+    t, out = _dequant_out(qdata, fmt, shape, dtype)
+    qweight = _aligned16(t["qweight"])  # 128-bit lane slots; held until the launch is enqueued
+    launch(
+        out.device, "int4_mma_dequant_cuda",
+        ptr(qweight), ptr(t["scales"]), ptr(t.get("zeros")), ptr(t.get("perm")), ptr(out), n, k, fmt.group_size,
+        dtype_code(fmt.scale_dtype), dtype_code(dtype),
     )
     return out
