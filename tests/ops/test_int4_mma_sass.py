@@ -78,3 +78,15 @@ def test_at_most_two_instructions_per_weight_where_bandwidth_bound(kernels, dtyp
         assert per <= 2.0, f"{k.short}: {per:.2f} instructions per weight"
         checked += 1
     assert checked == 6  # 2 scale dtypes x (MT 1, 2 at FP 8 and MT 1 at FP 4)
+
+
+def test_dequantizer_reads_lane_slots_with_128_bit_loads():
+    why = cuda_sass.missing_tools()
+    if why:
+        pytest.skip(why)
+    ks = cuda_sass.kernels("csrc/cuda/int4_mma_dequant.cu", marker="LDG.E.EF.128")
+    assert len(ks) == 9  # output dtype x scale dtype
+    for k in ks:
+        assert k.spill == 0, f"{k.short}: spills"
+        loads = {op: n for op, n in k.loop_mem().items() if op.startswith("LDG") and "U16" not in op}
+        assert loads.get("LDG.E.EF.128") == 1, f"{k.short}: the lane slot is not one 128-bit streaming load {loads}"
