@@ -128,5 +128,16 @@ __device__ __forceinline__ float warp_min(float v) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Group index of column c is c >> group_shift(group, k): 31 when one group
+// spans the row (group -1, or group >= k), log2(group) for a power of two
+// >= 32, and -1 for a size the kernels do not take (the caller throws).
+inline int group_shift(int64_t group, int64_t k) {
+  if (group == -1 || group >= k) return 31;
+  if (group < 32 || (group & (group - 1))) return -1;
+  int s = 0;
+  while ((int64_t(1) << s) < group) ++s;
+  return s;
+}
+
 }  // namespace cuda
 }  // namespace pyquant

@@ -438,12 +438,9 @@ void int4_mma_cuda(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t z
   const int64_t ngroups = group == -1 ? 1 : cuda::ceil_div(k, group);
   if (np * kp / 2 >= (int64_t(1) << 31) || m * k >= (int64_t(1) << 31) || ngroups * np >= (int64_t(1) << 31))
     fail("tensors too large for 32-bit indexing");
-  int gshift = 31;  // one group per row: every column maps to group 0
-  if (group != -1) {
-    if (group != 32 && group != 64 && group != 128 && group != 256) fail("group size must be 32, 64, 128, 256 or -1");
-    gshift = 0;
-    while ((int64_t(1) << gshift) < group) ++gshift;
-  }
+  if (group != -1 && group != 32 && group != 64 && group != 128 && group != 256)
+    fail("group size must be 32, 64, 128, 256 or -1");
+  const int gshift = cuda::group_shift(group, k);
   const int64_t stages = cuda::ceil_div(k, kStageK);
   if (splits < 1 || splits > stages) fail("splits must be in [1, ceil(K / 128)]");
   const int64_t per_split = cuda::ceil_div(stages, splits);

@@ -132,18 +132,16 @@ void int4_mma_dequant_cuda(uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
   p.tiles16 = p.np / 16;
   p.blocks64 = int(cuda::ceil_div(k, 64));
   p.ngroups = group == -1 ? 1 : int(cuda::ceil_div(k, group));
-  p.gshift = 31;
-  if (group != -1) {
-    if (group < 32 || (group & (group - 1)))
-      throw std::invalid_argument("int4_mma_dequant_cuda: group size must be a power of two >= 32, got " +
-                                  std::to_string(group));
-    p.gshift = 0;
-    while ((int64_t(1) << p.gshift) < group) ++p.gshift;
-  }
+  p.gshift = cuda::group_shift(group, k);
+  if (p.gshift < 0)
+    throw std::invalid_argument("int4_mma_dequant_cuda: group size must be a power of two >= 32, got " +
+                                std::to_string(group));
   p.pairs = perm == 0 && k % 2 == 0;
-  const dim3 grid(unsigned(cuda::ceil_div(p.blocks64 * 32, kThreads)), unsigned(std::min<int64_t>(p.tiles16, kMaxGridTiles)));
+  const dim3 grid(unsigned(cuda::ceil_div(p.blocks64 * 32, kThreads)),
+                  unsigned(std::min<int64_t>(p.tiles16, kMaxGridTiles)));
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  PQ_DTYPE_SWITCH(out_dtype, scalar_t, "int4_mma_dequant_cuda", [&] { launch_scales<scalar_t>(p, scale_dtype, grid, s); });
+  PQ_DTYPE_SWITCH(out_dtype, scalar_t, "int4_mma_dequant_cuda",
+                  [&] { launch_scales<scalar_t>(p, scale_dtype, grid, s); });
 }
 
 }  // namespace pyquant

@@ -228,15 +228,10 @@ void int_dequant_cuda(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uint
   p.row_bytes = int_row_bytes(k, bits);
   p.chunks_per_row = int(cuda::ceil_div(k, kIntChunk));
   p.ngroups = int(cuda::ceil_div(k, group));
-  if (p.ngroups == 1) {
-    p.gshift = 31;
-  } else {
-    if (group < kIntChunk || (group & (group - 1)))
-      throw std::invalid_argument("int_dequant_cuda: group size must be a power of two >= 32, got " +
-                                  std::to_string(group));
-    p.gshift = 0;
-    while ((int64_t(1) << p.gshift) < group) ++p.gshift;
-  }
+  p.gshift = cuda::group_shift(group, k);
+  if (p.gshift < 0)
+    throw std::invalid_argument("int_dequant_cuda: group size must be a power of two >= 32, got " +
+                                std::to_string(group));
   p.scale_dtype = scale_dtype;
   const dim3 grid(unsigned(cuda::ceil_div(p.chunks_per_row, kThreads)), unsigned(std::min<int64_t>(n, kMaxGridRows)));
   auto s = reinterpret_cast<cudaStream_t>(stream);

@@ -86,7 +86,8 @@ void nf4_dequant_cuda(uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, u
   if (numel == 0) return;
   if (block_size < 32 || (block_size & (block_size - 1)))
     throw std::invalid_argument("nf4_dequant_cuda: block_size must be a power of two >= 32");
-  if (out % 16 || qweight % 16) throw std::invalid_argument("nf4_dequant_cuda: qweight and out must be 16-byte aligned");
+  if (out % 16 || qweight % 16)
+    throw std::invalid_argument("nf4_dequant_cuda: qweight and out must be 16-byte aligned");
   Nf4Params p;
   p.qweight = reinterpret_cast<const uint8_t*>(qweight);
   p.scales.absmax = reinterpret_cast<const float*>(absmax);

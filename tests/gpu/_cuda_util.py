@@ -90,3 +90,18 @@ def capture_graph(fn):
             y = fn()
     torch.cuda.current_stream().wait_stream(s)
     return graph, y
+
+
+def check_qmatmul(qw, m: int, dtype: torch.dtype, bias_dtype=None, seed: int = 0, x=None, what: str = ""):
+    """``pyquant.qmatmul(x, qw, bias, kernel="cuda")`` for a random ``x`` (M, K)
+    (or the given one) and bias, checked against the float64 reference; returns the output."""
+    n, k = qw.shape
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    if x is None:
+        x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    bias = None if bias_dtype is None else torch.randn(n, device="cuda", generator=g).to(bias_dtype)
+    out = pyquant.qmatmul(x, qw, bias, kernel="cuda")
+    assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], n)
+    w = pyquant.dequantize(qw, torch.float32, kernel="reference")
+    assert_matmul_close(out.reshape(-1, n), x.reshape(-1, k), w, bias, what)
+    return out

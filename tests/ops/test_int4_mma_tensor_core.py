@@ -32,7 +32,8 @@ def _w64(qw) -> torch.Tensor:
     n, k = qw.shape
     codes, scales, zeros = qw.format.unpack(qw)
     g = qw.format.group_size_for(k)
-    w = (codes.double() - zeros.double().repeat_interleave(g, 1)[:, :k]) * scales.double().repeat_interleave(g, 1)[:, :k]
+    z = zeros.double().repeat_interleave(g, 1)[:, :k]
+    w = (codes.double() - z) * scales.double().repeat_interleave(g, 1)[:, :k]
     if qw.format.act_order:
         out = torch.empty_like(w)
         out[:, qw.tensors["perm"].long()] = w
