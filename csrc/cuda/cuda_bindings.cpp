@@ -16,6 +16,15 @@ void register_cuda(py::module_& m) {
         py::arg("zeros"), py::arg("bias"), py::arg("out"), py::arg("m"), py::arg("n"), py::arg("k"),
         py::arg("group"), py::arg("scale_dtype"), py::arg("bias_dtype"), py::arg("x_dtype"), py::arg("stream"));
 
+  m.def("int4_mma_cuda", &int4_mma_cuda, nogil, py::arg("x"), py::arg("qweight"), py::arg("scales"),
+        py::arg("zeros"), py::arg("bias"), py::arg("out"), py::arg("ws"), py::arg("tickets"), py::arg("m"),
+        py::arg("n"), py::arg("k"), py::arg("group"), py::arg("splits"), py::arg("scale_dtype"),
+        py::arg("bias_dtype"), py::arg("x_dtype"), py::arg("stream"));
+
+  m.def("int4_mma_dequant_cuda", &int4_mma_dequant_cuda, nogil, py::arg("qweight"), py::arg("scales"),
+        py::arg("zeros"), py::arg("perm"), py::arg("out"), py::arg("n"), py::arg("k"), py::arg("group"),
+        py::arg("scale_dtype"), py::arg("out_dtype"), py::arg("stream"));
+
   m.def("quantize_rows_int8_cuda", &quantize_rows_int8_cuda, nogil, py::arg("x"), py::arg("q"), py::arg("scale"),
         py::arg("m"), py::arg("k"), py::arg("kp"), py::arg("x_dtype"), py::arg("stream"));
 

@@ -31,6 +31,24 @@ __device__ __forceinline__ float to_float<__half>(__half v) { return __half2floa
 template <>
 __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// Element i of a float array stored as `dtype` (pyquant::DType), with the
+// hardware conversions: the shared load_float of pyquant/common.h converts
+// fp16 in software (it is also CPU code), tens of instructions per call.
+__device__ __forceinline__ float load_scale(const void* p, int64_t i, int dtype) {
+  const uint16_t raw = static_cast<const uint16_t*>(p)[dtype == kF32 ? 0 : i];
+  if (dtype == kF16) return __half2float(__ushort_as_half(raw));
+  if (dtype == kBF16) return __uint_as_float(uint32_t(raw) << 16);
+  return static_cast<const float*>(p)[i];
+}
+
+// A float (exactly representable) in both halves of a half2 / bfloat162.
+template <typename P>
+__device__ __forceinline__ P float2_to_pair(float v);
+template <>
+__device__ __forceinline__ __half2 float2_to_pair<__half2>(float v) { return __float2half2_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat162 float2_to_pair<__nv_bfloat162>(float v) { return __float2bfloat162_rn(v); }
+
 // 16 bytes of T (8 halves / 8 bfloat16 / 4 floats) -> floats.
 __device__ __forceinline__ void unpack16(const uint4& v, __half* /*tag*/, float* f) {
   const __half2* h = reinterpret_cast<const __half2*>(&v);
@@ -109,6 +127,17 @@ __device__ __forceinline__ float warp_min(float v) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Group index of column c is c >> group_shift(group, k): 31 when one group
+// spans the row (group -1, or group >= k), log2(group) for a power of two
+// >= 32, and -1 for a size the kernels do not take (the caller throws).
+inline int group_shift(int64_t group, int64_t k) {
+  if (group == -1 || group >= k) return 31;
+  if (group < 32 || (group & (group - 1))) return -1;
+  int s = 0;
+  while ((int64_t(1) << s) < group) ++s;
+  return s;
+}
 
 }  // namespace cuda
 }  // namespace pyquant

@@ -16,6 +16,24 @@ void int4_gemv_cuda(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t 
                     int64_t m, int64_t n, int64_t k, int64_t group, int scale_dtype, int bias_dtype, int x_dtype,
                     uintptr_t stream);
 
+// y (M, N) in x's dtype = x (M, K) @ W_hat^T + bias on tensor cores, W_hat from
+// an IntMMA weight (pyquant/formats/int_mma.py: qweight (ceil(N/16), ceil(K/64)*512)
+// uint8, scales/zeros (ceil(K/group), ceil(N/16)*16) fp16 or bf16). x fp16/bf16,
+// M <= 64 (M <= 32 for group 32), K % 8 == 0, x/qweight/scales/zeros 16-byte
+// aligned. K is cut into `splits` ranges of whole 128-column stages (a valid
+// count: ceil(S / ceil(S / splits)) == splits for S = ceil(K / 128)); with
+// splits > 1, ws is fp32 (splits, M, N) scratch and tickets int32
+// (ceil(N / 64),), all zero before the first launch and left zero by every
+// launch (the last CTA of a column block resets its ticket).
+void int4_mma_cuda(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t bias, uintptr_t out,
+                   uintptr_t ws, uintptr_t tickets, int64_t m, int64_t n, int64_t k, int64_t group, int64_t splits,
+                   int scale_dtype, int bias_dtype, int x_dtype, uintptr_t stream);
+
+// IntMMA weight -> out (N, K) in out_dtype, bit-exact with IntMMA.decode; perm
+// (int32 (K,), or 0) scatters stored column j to output column perm[j].
+void int4_mma_dequant_cuda(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t perm, uintptr_t out,
+                           int64_t n, int64_t k, int64_t group, int scale_dtype, int out_dtype, uintptr_t stream);
+
 // Per-row symmetric int8 quantization of x (M, K): scale[m] = max|x[m]| / 127,
 // q[m, j] = clamp(rint(x[m, j] / scale[m]), -127, 127) (0 where the scale is 0),
 // q (M, kp) int8 with columns K..kp-1 set to 0.

@@ -81,3 +81,33 @@ def assert_matmul_close(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bia
             f"{what}: {int(bad.sum())} of {out.numel()} outputs off; worst at ({r}, {c}): got {out[r, c].item()}, "
             f"want {ref[r, c].item()} (tol {tol[r, c].item():.3g})"
         )
+
+
+def capture_graph(fn):
+    """``fn()`` warmed up once, then captured in a CUDA graph on a side stream:
+    returns ``(graph, output)``; ``graph.replay()`` rewrites ``output`` in place."""
+    fn()  # warm-up outside the capture (first-use copies and allocations)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(graph):
+            y = fn()
+    torch.cuda.current_stream().wait_stream(s)
+    return graph, y
+
+
+def check_qmatmul(qw, m: int, dtype: torch.dtype, bias_dtype=None, seed: int = 0, x=None, what: str = ""):
+    """``pyquant.qmatmul(x, qw, bias, kernel="cuda")`` for a random ``x`` (M, K)
+    (or the given one) and bias, checked against the float64 reference; returns the output."""
+    n, k = qw.shape
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    if x is None:
+        x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    bias = None if bias_dtype is None else torch.randn(n, device="cuda", generator=g).to(bias_dtype)
+    out = pyquant.qmatmul(x, qw, bias, kernel="cuda")
+    assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], n)
+    w = pyquant.dequantize(qw, torch.float32, kernel="reference")
+    assert_matmul_close(out.reshape(-1, n), x.reshape(-1, k), w, bias, what)
+    return out

@@ -8,7 +8,7 @@ import pyquant
 from pyquant.formats import GGUF, NF4, QuantizedWeight
 from pyquant.formats.gguf import BLOCK_TYPES
 
-from tests.gpu._cuda_util import cuda_ext_or_skip
+from tests.gpu._cuda_util import capture_graph, cuda_ext_or_skip, misaligned_copy
 
 pytestmark = pytest.mark.gpu
 
@@ -61,6 +61,15 @@ def test_cuda_nf4_dequantize_bit_exact(shape, dq):
             _assert_bit_exact(out.cpu(), ref32.to(dtype), f"NF4 {shape} dq={dq} {dtype}")
 
 
+def test_cuda_nf4_dequantize_misaligned_qweight():
+    # the kernel reads 16-byte chunks: an unaligned view is copied first, same result
+    _ext_with("nf4_dequant_cuda")
+    qw = _nf4_random(37, 129, 32, True, 1).to("cuda")
+    t = dict(qw.tensors, qweight=misaligned_copy(qw.tensors["qweight"], 3))
+    out = pyquant.dequantize(QuantizedWeight(qw.format, t, qw.shape), torch.float16, kernel="cuda")
+    _assert_bit_exact(out.cpu(), pyquant.dequantize(qw.cpu(), torch.float16, kernel="reference"), "NF4 misaligned")
+
+
 @pytest.mark.parametrize("dq", [False, True], ids=["plain", "dq"])
 def test_cuda_nf4_dequantize_rtn_weights(dq):
     _ext_with("nf4_dequant_cuda")
@@ -73,14 +82,8 @@ def test_cuda_nf4_dequantize_rtn_weights(dq):
 def test_cuda_nf4_dequantize_cuda_graph():
     _ext_with("nf4_dequant_cuda")
     qw = _nf4_random(64, 256, 64, True, 1).to("cuda")
-    pyquant.dequantize(qw, torch.float16, kernel="cuda")  # first use copies the lookup table
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.cuda.graph(graph):
-        y = pyquant.dequantize(qw, torch.float16, kernel="cuda")
-    torch.cuda.current_stream().wait_stream(s)
+    # the warm-up call outside the capture copies the lookup table to the device
+    graph, y = capture_graph(lambda: pyquant.dequantize(qw, torch.float16, kernel="cuda"))
     graph.replay()
     torch.cuda.synchronize()
     _assert_bit_exact(y.cpu(), pyquant.dequantize(qw.cpu(), torch.float16, kernel="reference"), "NF4 graph")

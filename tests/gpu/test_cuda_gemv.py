@@ -9,7 +9,7 @@ import torch
 import pyquant
 from pyquant.ops.dispatch import select_kernel
 
-from tests.gpu._cuda_util import assert_matmul_close, cuda_ext_or_skip, int_weight_cpu, misaligned_copy
+from tests.gpu._cuda_util import capture_graph, check_qmatmul, cuda_ext_or_skip, int_weight_cpu, misaligned_copy
 
 pytestmark = pytest.mark.gpu
 
@@ -23,18 +23,8 @@ SHAPES = [(70, 300), (33, 4160), (256, 1024)]
 def _run(m, n, k, group, sym, dtype, sdtype=torch.float16, bias_dtype=None, float_zeros=False, seed=0, x=None):
     cuda_ext_or_skip()
     qw = int_weight_cpu(n, k, 4, group, sym, sdtype, seed, float_zeros).to("cuda")
-    g = torch.Generator(device="cuda").manual_seed(seed + 1)
-    if x is None:
-        x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
-    bias = None
-    if bias_dtype is not None:
-        bias = torch.randn(n, device="cuda", generator=g).to(bias_dtype)
-    out = pyquant.qmatmul(x, qw, bias, kernel="cuda")
-    assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], n)
-    w = pyquant.dequantize(qw, torch.float32, kernel="reference")
-    assert_matmul_close(out.reshape(-1, n), x.reshape(-1, k), w, bias,
-                        f"M={m} N={n} K={k} g={group} sym={sym} {dtype} scales={sdtype}")
-    return out
+    what = f"M={m} N={n} K={k} g={group} sym={sym} {dtype} scales={sdtype}"
+    return check_qmatmul(qw, m, dtype, bias_dtype, seed, x, what)
 
 
 def test_cuda_int4_qmatmul_gemv_is_selected_by_name():
@@ -123,15 +113,7 @@ def test_cuda_int4_qmatmul_gemv_cuda_graph_capture_and_replay():
     qw = int_weight_cpu(256, 1024, 4, 128, False, torch.float16, 0).to("cuda")
     bias = torch.randn(256, device="cuda").half()
     x = torch.randn(4, 1024, device="cuda").half()
-    pyquant.qmatmul(x, qw, bias, kernel="cuda")  # warm-up outside the capture
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(s):
-        with torch.cuda.graph(graph):
-            y = pyquant.qmatmul(x, qw, bias, kernel="cuda")
-    torch.cuda.current_stream().wait_stream(s)
+    graph, y = capture_graph(lambda: pyquant.qmatmul(x, qw, bias, kernel="cuda"))
     for _ in range(2):
         x.copy_(torch.randn_like(x))
         graph.replay()

@@ -10,7 +10,7 @@ import torch
 import pyquant
 from pyquant.ops import reference, w8a8_matmul
 
-from tests.gpu._cuda_util import cuda_ext_or_skip, int_weight_cpu, misaligned_copy
+from tests.gpu._cuda_util import capture_graph, cuda_ext_or_skip, int_weight_cpu, misaligned_copy
 
 pytestmark = pytest.mark.gpu
 
@@ -104,15 +104,7 @@ def test_cuda_int8_w8a8_matmul_cuda_graph_capture_and_replay():
     cuda_ext_or_skip()
     qw = _weight(256, 1024)
     x = torch.randn(32, 1024, device="cuda").half()
-    w8a8_matmul(x, qw, kernel="cuda")
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(s):
-        with torch.cuda.graph(graph):
-            y = w8a8_matmul(x, qw, kernel="cuda")
-    torch.cuda.current_stream().wait_stream(s)
+    graph, y = capture_graph(lambda: w8a8_matmul(x, qw, kernel="cuda"))
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()

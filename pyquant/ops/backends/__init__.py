@@ -8,5 +8,5 @@ runtime load at the first call that needs them.
 """
 from . import reference  # noqa: F401
 from . import cpu_int, cpu_nf4, cpu_gguf, cpu_solvers  # noqa: F401
-from . import cuda, cuda_solvers  # noqa: F401
+from . import cuda, cuda_mma, cuda_solvers  # noqa: F401
 from . import triton  # noqa: F401

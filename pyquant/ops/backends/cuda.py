@@ -145,9 +145,10 @@ def _src(*files):
 def int_dequantize(qdata, fmt, shape, dtype):
     n, k = shape
     t, out = _dequant_out(qdata, fmt, shape, dtype)
+    qweight = _aligned16(t["qweight"])  # 128-bit chunk loads; held until the launch is enqueued
     launch(
         out.device, "int_dequant_cuda",
-        ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")), ptr(out), n, k, fmt.bits,
+        ptr(qweight), ptr(t["scales"]), ptr(t.get("zeros")), ptr(out), n, k, fmt.bits,
         fmt.group_size_for(k), dtype_code(fmt.scale_dtype), dtype_code(dtype),
     )
     return out
@@ -271,7 +272,8 @@ def nf4_dequantize(qdata, fmt, shape, dtype):
         scales = (0, ptr(t["absmax_q"]), ptr(t["absmax_scale"]), ptr(t["absmax_offset"]), ptr(_dynamic_map(dev)))
     else:
         scales = (ptr(t["absmax"]), 0, 0, 0, 0)
-    launch(dev, "nf4_dequant_cuda", ptr(t["qweight"]), *scales, ptr(out), n * k, fmt.block_size, dtype_code(dtype))
+    qweight = _aligned16(t["qweight"])  # 128-bit chunk loads; held until the launch is enqueued
+    launch(dev, "nf4_dequant_cuda", ptr(qweight), *scales, ptr(out), n * k, fmt.block_size, dtype_code(dtype))
     return out
 
 
