@@ -55,7 +55,7 @@ _SHARD_NAME = re.compile(r"[A-Za-z0-9._-]+\.safetensors")
 
 __all__ = [
     "save_quantized", "load_quantized", "quantization_config_for", "read_checkpoint", "CheckpointPlan",
-    "LayerPlan", "QuantSettings", "atomic_directory",
+    "LayerPlan", "QuantSettings", "atomic_directory", "check_target",
 ]
 
 
@@ -163,7 +163,7 @@ def shard_files(directory: str) -> Tuple[List[str], Optional[Dict[str, str]]]:
     """The safetensors files of a checkpoint directory and, when sharded, the index's weight map."""
     index_path = os.path.join(directory, INDEX_FILE)
     if os.path.isfile(index_path):
-        index = _read_json(index_path)
+        index = read_json(index_path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise FormatError(f"{index_path}: no weight_map object of tensor name -> file name")
@@ -284,7 +284,7 @@ def read_checkpoint(directory: str) -> CheckpointPlan:
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise FormatError(f"{directory}: no {CONFIG_NAME}: not a pyquant checkpoint")
-    config = _read_json(config_path)
+    config = read_json(config_path)
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     if qc is None:
         raise FormatError(f"{config_path}: no quantization_config: not a pyquant checkpoint")
@@ -292,7 +292,7 @@ def read_checkpoint(directory: str) -> CheckpointPlan:
     return plan_from_files(files, qc, config_path, weight_map)
 
 
-def _read_json(path: str):
+def read_json(path: str):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -454,16 +454,22 @@ def parse_size(size) -> int:
     raise FormatError(f"max_shard_size {size!r} is not a positive size such as 2GB, 500MB or 1GiB")
 
 
-@contextlib.contextmanager
-def atomic_directory(directory, overwrite: bool = False) -> Iterator[str]:
-    """Yield a temporary directory beside ``directory``; on success it becomes ``directory``
-    (one rename), on any error it is removed. An existing non-empty ``directory`` is an
-    error unless ``overwrite``, checked before anything is written."""
+def check_target(directory, overwrite: bool = False) -> str:
+    """The absolute path of ``directory`` if a checkpoint may be written there, else FileExistsError."""
     final = os.path.abspath(os.fspath(directory))
     if os.path.exists(final) and not os.path.isdir(final):
         raise FileExistsError(f"{final} exists and is not a directory")
     if os.path.isdir(final) and os.listdir(final) and not overwrite:
         raise FileExistsError(f"{final} exists and is not empty (pass overwrite=True / --force to replace it)")
+    return final
+
+
+@contextlib.contextmanager
+def atomic_directory(directory, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary directory beside ``directory``; on success it becomes ``directory``
+    (one rename), on any error it is removed. An existing non-empty ``directory`` is an
+    error unless ``overwrite``, checked before anything is written."""
+    final = check_target(directory, overwrite)
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
@@ -506,7 +512,7 @@ def load_quantized(directory_or_model_id, *, model: Optional[nn.Module] = None, 
 def _load_transformers(directory: str, device, dtype, kwargs) -> nn.Module:
     import transformers
 
-    config = _read_json(os.path.join(directory, CONFIG_NAME))
+    config = read_json(os.path.join(directory, CONFIG_NAME))
     archs = config.get("architectures") or []
     cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
     if cls is None or not hasattr(cls, "from_pretrained"):
