@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad command line (already reported in one line)
+        return exc.code if isinstance(exc.code, int) else 2
     handler = {"quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench, "inspect": cmd_inspect,
                "env": cmd_env}[args.command]
     try:

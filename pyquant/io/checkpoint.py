@@ -475,7 +475,7 @@ def atomic_directory(directory, overwrite: bool = False) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 is not what a saved model should have
+        _readable(tmp)
         old = None
         if os.path.isdir(final):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
@@ -486,6 +486,16 @@ def atomic_directory(directory, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _readable(directory: str) -> None:
+    """mkdtemp's 0700 (and writers' private temporary files) are not what a saved model should have."""
+    os.chmod(directory, 0o755)
+    for root, dirs, files in os.walk(directory):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o755)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
 
 
 # --- load ---------------------------------------------------------------------------
