@@ -43,6 +43,8 @@ class _RegisteringLoader(importlib.abc.Loader):
         register_now()
 
     def __getattr__(self, name):  # get_source, get_filename...: the real loader's
+        if name == "_inner":
+            raise AttributeError(name)
         return getattr(self._inner, name)
 
 

@@ -133,12 +133,8 @@ class LayerPlan:
 
     def module(self, device="cpu", dtype: Optional[torch.dtype] = None) -> QuantLinear:
         """The QuantLinear, read from the files (``device="meta"``: a skeleton that reads nothing)."""
-        if torch.device(device).type == "meta":
-            tensors = {n: torch.empty(e.shape, dtype=e.dtype, device="meta") for n, e in self.packed.items()}
-            bias = None if self.bias is None else torch.empty(self.bias.shape, dtype=self.bias.dtype, device="meta")
-        else:
-            tensors = {n: e.read(device) for n, e in self.packed.items()}
-            bias = None if self.bias is None else self.bias.read(device)
+        tensors = {n: e.read(device) for n, e in self.packed.items()}
+        bias = None if self.bias is None else self.bias.read(device)
         if bias is not None and dtype is not None:
             bias = bias.to(dtype)
         return QuantLinear(QuantizedWeight(self.format, tensors, self.shape), bias)

@@ -51,7 +51,10 @@ class TensorEntry:
         return f"{self.path}: tensor {self.name!r}"
 
     def read(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The tensor, read from the file with one copy into its own memory."""
+        """The tensor, read from the file with one copy into its own memory (on ``"meta"``: its
+        shape and dtype only, nothing read)."""
+        if torch.device(device).type == "meta":
+            return torch.empty(self.shape, dtype=self.dtype, device="meta")
         nbytes = self.end - self.begin
         raw = torch.empty(nbytes, dtype=torch.uint8, device="cpu")  # even under a meta-device context
         with open(self.path, "rb") as f:
