@@ -25,6 +25,7 @@ import functools
 import os
 
 from transformers import modeling_utils
+from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -63,7 +64,9 @@ class PyquantHfQuantizer(HfQuantizer):
         files = [os.fspath(f) for f in checkpoint_files]
         where = os.path.join(os.path.dirname(files[0]), checkpoint.CONFIG_NAME)
         plan = checkpoint.plan_from_files(files, self.quantization_config.to_dict(), where)
-        checkpoint.check_model(plan, model, strict=False)
+        # Every float tensor too, unless transformers renames this family's checkpoint keys on load
+        # (then it checks them itself; the quantized layers are always checked here).
+        checkpoint.check_model(plan, model, strict=not get_model_conversion_mapping(model, add_legacy=False))
         # Checked: only now does the skeleton change.
         for name, lp in plan.layers.items():
             parent, _, child = name.rpartition(".")

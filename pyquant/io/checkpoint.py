@@ -299,7 +299,9 @@ def read_json(path: str):
 # --- the model side ---------------------------------------------------------------
 def check_model(plan: CheckpointPlan, model: nn.Module, strict: bool = True) -> None:
     """Raise unless ``model`` has a linear of the right shape for each quantized layer and, with
-    ``strict``, a place of the right shape for each other tensor and a tensor for each of its own."""
+    ``strict``, a place of the right shape for each other tensor and a tensor for each of its own
+    (a tied tensor needs one for its group: shared in the module, or tied later as a transformers
+    model's ``all_tied_weights_keys`` says)."""
     modules = dict(model.named_modules())
     for name, lp in plan.layers.items():
         mod = modules.get(name)
@@ -328,13 +330,11 @@ def _check_other_tensors(plan: CheckpointPlan, model: nn.Module) -> None:
             raise FormatError(f"{entry.where}: the model has no parameter or buffer {key!r}")
         if tuple(own[key].shape) != entry.shape:
             raise FormatError(f"{entry.where}: shape {entry.shape}, the model's {key} is {tuple(own[key].shape)}")
+    tied_later = getattr(model, "all_tied_weights_keys", None) or {}
     for group in _tie_groups(own):
+        group = group + [tied_later[k] for k in group if k in tied_later]
         if not any(k in plan.tensors for k in group):
             raise FormatError(f"{plan.where}: missing tensor {group[0]!r}")
-    for name, buf in model.named_buffers():
-        if buf.device.type == "meta" and name not in own and not name.startswith(quantized):
-            raise FormatError(f"non-persistent buffer {name!r} of the model is on the meta device: no checkpoint "
-                              "holds it; build the skeleton with real buffers")
 
 
 def _tie_groups(state: Mapping[str, torch.Tensor]) -> List[List[str]]:
@@ -512,13 +512,27 @@ def load_quantized(directory_or_model_id, *, model: Optional[nn.Module] = None, 
     if model is None:
         return _load_transformers(directory, device, dtype, from_pretrained_kwargs)
     check_model(plan, model, strict=True)
+    _check_unsaved_buffers(model)
     return install(model, plan, device, dtype).eval()
+
+
+def _check_unsaved_buffers(model: nn.Module) -> None:
+    """A non-persistent buffer is in no checkpoint: a skeleton must bring it real (transformers'
+    from_pretrained recomputes its own; a plain module cannot be asked to)."""
+    saved = set(model.state_dict(keep_vars=True))
+    for name, buf in model.named_buffers():
+        if buf.device.type == "meta" and name not in saved:
+            raise FormatError(f"non-persistent buffer {name!r} of the model is on the meta device and no "
+                              "checkpoint holds it: build the skeleton with real buffers")
 
 
 def _load_transformers(directory: str, device, dtype, kwargs) -> nn.Module:
     import transformers
 
     config = read_json(os.path.join(directory, CONFIG_NAME))
+    if "model_type" not in config:
+        raise FormatError(f"{directory}: config.json describes no transformers model (saved from a plain module?): "
+                          "pass load_quantized(..., model=<the module, e.g. built on the meta device>)")
     archs = config.get("architectures") or []
     cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
     if cls is None or not hasattr(cls, "from_pretrained"):

@@ -104,6 +104,25 @@ def test_broken_checkpoint_fails_from_pretrained(quantized, tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(path)
 
 
+def test_missing_float_tensor_fails_from_pretrained(quantized, tmp_path):
+    """transformers would initialise a missing norm at random: pyquant's quantizer refuses first."""
+    model, _ = quantized
+    path = pyquant.save_quantized(model, tmp_path / "z")
+    f = os.path.join(path, "model.safetensors")
+    tensors = load_file(f)
+    del tensors["model.norm.weight"]
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(FormatError, match=r"config.json: missing tensor 'model.norm.weight'"):
+        transformers.AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_plain_checkpoint_needs_a_model(tmp_path):
+    net = torch.nn.Sequential(QuantLinear.from_linear(torch.nn.Linear(64, 64), NF4(64)))
+    path = pyquant.save_quantized(net, tmp_path / "plain")
+    with pytest.raises(FormatError, match="describes no transformers model.*model="):
+        pyquant.load_quantized(path)
+
+
 def test_transformers_imported_before_pyquant(quantized, tmp_path):
     """Registration works whichever of the two is imported first (a fresh interpreter)."""
     model, logits = quantized
