@@ -144,10 +144,11 @@ class LayerPlan:
 class CheckpointPlan:
     """Every tensor of a checkpoint, its quantized layers and settings, checked against each other."""
 
-    where: str
+    where: str  # config.json
     settings: QuantSettings
     tensors: Dict[str, TensorEntry]
     layers: Dict[str, LayerPlan]
+    source: str  # where the tensors are listed: the one shard, or the index
 
     def other_keys(self) -> List[str]:
         """The tensors that belong to no quantized layer (embeddings, norms, a float head)."""
@@ -189,17 +190,19 @@ def read_tensor_table(files: Sequence[str], weight_map: Optional[Mapping[str, st
     for name, file in (weight_map or {}).items():
         entry = table.get(name)
         if entry is None or os.path.basename(entry.path) != file:
-            raise FormatError(f"{where}: missing tensor {name!r}: {INDEX_FILE} puts it in {file}, which does not hold it")
+            raise FormatError(f"{where}: missing tensor {name!r}: the index puts it in {file}, which does not hold it")
     return table
 
 
-def plan_layers(table: Mapping[str, TensorEntry], settings: QuantSettings, where: str) -> Dict[str, LayerPlan]:
-    """Every quantized layer (a ``<layer>.format`` tensor), checked against the settings and its format."""
+def plan_layers(table: Mapping[str, TensorEntry], settings: QuantSettings, where: str,
+                source: str) -> Dict[str, LayerPlan]:
+    """Every quantized layer (a ``<layer>.format`` tensor), checked against the settings and its format;
+    ``where`` names config.json, ``source`` the file that should list a missing tensor."""
     layers = {}
     for key, entry in table.items():
         if key.endswith(".format"):
             layer = key[: -len(".format")]
-            layers[layer] = _plan_layer(layer, entry, table, settings, where)
+            layers[layer] = _plan_layer(layer, entry, table, settings, source)
     for layer in settings.layers:
         if layer not in layers:
             raise FormatError(
@@ -210,10 +213,10 @@ def plan_layers(table: Mapping[str, TensorEntry], settings: QuantSettings, where
     return layers
 
 
-def _plan_layer(layer: str, fmt_entry: TensorEntry, table, settings: QuantSettings, where: str) -> LayerPlan:
+def _plan_layer(layer: str, fmt_entry: TensorEntry, table, settings: QuantSettings, source: str) -> LayerPlan:
     shape_entry = table.get(layer + ".shape")
     if shape_entry is None:
-        raise FormatError(f"{where}: missing tensor {layer + '.shape'!r} (next to {fmt_entry.where})")
+        raise FormatError(f"{source}: missing tensor {layer + '.shape'!r} (next to {fmt_entry.where})")
     fmt = _read_format(fmt_entry)
     shape = _read_shape(shape_entry)
     expected = settings.format_of(layer)
@@ -231,7 +234,7 @@ def _plan_layer(layer: str, fmt_entry: TensorEntry, table, settings: QuantSettin
     for name, (tshape, dtype) in specs.items():
         entry = table.get(f"{layer}.{name}")
         if entry is None:
-            raise FormatError(f"{where}: missing tensor {layer + '.' + name!r} of {fmt.spec()} layer {layer!r}")
+            raise FormatError(f"{source}: missing tensor {layer + '.' + name!r} of {fmt.spec()} layer {layer!r}")
         if entry.dtype != dtype:
             raise FormatError(f"{entry.where}: dtype {entry.dtype}, format {fmt.spec()} stores {name} as {dtype}")
         if entry.shape != tuple(tshape):
@@ -270,8 +273,9 @@ def plan_from_files(files: Sequence[str], quantization_config, where: str,
                     weight_map: Optional[Mapping[str, str]] = None) -> CheckpointPlan:
     """Read and check the headers of ``files`` against a quantization_config (nothing else is read)."""
     settings = parse_quantization_config(quantization_config, where)
-    table = read_tensor_table(files, weight_map, where)
-    return CheckpointPlan(where, settings, table, plan_layers(table, settings, where))
+    source = files[0] if len(files) == 1 else os.path.join(os.path.dirname(files[0]), INDEX_FILE)
+    table = read_tensor_table(files, weight_map, source)
+    return CheckpointPlan(where, settings, table, plan_layers(table, settings, where, source), source)
 
 
 def read_checkpoint(directory: str) -> CheckpointPlan:
@@ -334,7 +338,7 @@ def _check_other_tensors(plan: CheckpointPlan, model: nn.Module) -> None:
     for group in _tie_groups(own):
         group = group + [tied_later[k] for k in group if k in tied_later]
         if not any(k in plan.tensors for k in group):
-            raise FormatError(f"{plan.where}: missing tensor {group[0]!r}")
+            raise FormatError(f"{plan.source}: missing tensor {group[0]!r}")
 
 
 def _tie_groups(state: Mapping[str, torch.Tensor]) -> List[List[str]]:

@@ -112,7 +112,7 @@ def test_missing_float_tensor_fails_from_pretrained(quantized, tmp_path):
     tensors = load_file(f)
     del tensors["model.norm.weight"]
     save_file(tensors, f, metadata={"format": "pt"})
-    with pytest.raises(FormatError, match=r"config.json: missing tensor 'model.norm.weight'"):
+    with pytest.raises(FormatError, match=r"model.safetensors: missing tensor 'model.norm.weight'"):
         transformers.AutoModelForCausalLM.from_pretrained(path)
 
 

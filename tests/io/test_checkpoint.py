@@ -175,8 +175,9 @@ BROKEN = {
                     "model.safetensors", r"tensor 'a.scales': dtype torch.float32"),
     "wrong shape": (lambda p: _rewrite(p, _set("a.qweight", torch.zeros(96, 16, dtype=torch.uint8))),
                     "model.safetensors", r"tensor 'a.qweight': shape \(96, 16\)"),
-    "missing tensor": (lambda p: _rewrite(p, _drop("c.absmax")), "config.json", r"missing tensor 'c.absmax'"),
-    "missing float tensor": (lambda p: _rewrite(p, _drop("norm.bias")), "config.json",
+    "missing tensor": (lambda p: _rewrite(p, _drop("c.absmax")), "model.safetensors",
+                       r"missing tensor 'c.absmax'"),
+    "missing float tensor": (lambda p: _rewrite(p, _drop("norm.bias")), "model.safetensors",
                              r"missing tensor 'norm.bias'"),
     "unknown format": (lambda p: _rewrite(p, _set("d.format", _spec_tensor("int5_g7_fp16"))),
                        "model.safetensors", r"tensor 'd.format'.*unknown format spec 'int5_g7_fp16'"),
@@ -220,6 +221,23 @@ def test_model_that_does_not_fit_is_refused(saved):
     with pytest.raises(FormatError, match=r"tensor 'c.format' quantizes 'c', the model has Conv1d there"):
         pyquant.load_quantized(path, model=target)
     assert not any(isinstance(m, QuantLinear) for m in target.modules())
+
+
+def test_missing_tensor_in_a_sharded_checkpoint_names_the_index(tmp_path):
+    path = pyquant.save_quantized(quantized_net(), tmp_path / "s", max_shard_size="10KB")
+    index_path = os.path.join(path, checkpoint.INDEX_FILE)
+    index = json.load(open(index_path))
+    shard = index["weight_map"]["c.absmax"]
+    tensors = dict(load_file(os.path.join(path, shard)))
+    del tensors["c.absmax"]
+    save_file(tensors, os.path.join(path, shard), metadata={"format": "pt"})
+    with pytest.raises(FormatError, match=rf"{checkpoint.INDEX_FILE}: missing tensor 'c.absmax': the index puts "
+                                          rf"it in {shard}"):
+        pyquant.load_quantized(path, model=skeleton())
+    del index["weight_map"]["c.absmax"]
+    json.dump(index, open(index_path, "w"))
+    with pytest.raises(FormatError, match=rf"{checkpoint.INDEX_FILE}: missing tensor 'c.absmax' of nf4_b64 layer 'c'"):
+        pyquant.load_quantized(path, model=skeleton())
 
 
 def test_hostile_index_and_header(saved, tmp_path):
