@@ -92,6 +92,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"pyquant {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped (`| head`): exit as a shell tool killed by SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except Exception as exc:  # noqa: BLE001  (every failure: one line, unless asked for the traceback)
         if os.environ.get("PYQUANT_TRACEBACK"):
             raise
