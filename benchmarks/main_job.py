@@ -85,10 +85,14 @@ def run(out: str, sizes: dict, method: str = "gptq") -> dict:
     t0 = time.perf_counter()
     if cli.main(argv) != 0:
         raise SystemExit("pyquant quantize failed (the error is above)")
-    quantize_s = time.perf_counter() - t0
+    return evaluate(out, sizes, method, time.perf_counter() - t0, t_start)
 
+
+def evaluate(out: str, sizes: dict, method: str, quantize_s: float, t_start: float) -> dict:
+    """Steps 2-4 on the checkpoint ``out``: perplexity, reload, generation, qmatmul timing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gguf = smollm2_gguf_path()
     float_model, tokenizer = load_causal_lm(gguf)
     segments = token_segments(tokenizer, pydoc_text(), sizes["eval_segments"], sizes["eval_len"], from_end=True)
     ppl_float = perplexity(float_model, segments)
