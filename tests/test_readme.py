@@ -49,13 +49,13 @@ def ci_commands():
             if line.strip().startswith(("pip install", "python -m pytest"))]
 
 
-def _shell(code: str, cwd, timeout=1500) -> subprocess.CompletedProcess:
+def _shell(code: str, cwd, timeout=3000) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     return subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
-def _python(code: str, cwd, timeout=1500) -> subprocess.CompletedProcess:
+def _python(code: str, cwd, timeout=3000) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
