@@ -26,8 +26,14 @@ from .quantize import quantize_weight
 from . import nn
 from .nn import QuantLinear, replace_linear
 from . import io
+from .io.checkpoint import load_quantized, save_quantized
 from .config import QuantConfig
 from .pipeline import quantize_model
+from .integrations import hf_hook as _hf_hook
+
+# transformers' from_pretrained/save_pretrained learn pyquant checkpoints once transformers
+# loads its models (never imported from here: see pyquant/integrations/hf_hook.py).
+_hf_hook.install()
 
 
 __all__ = [
@@ -37,5 +43,5 @@ __all__ = [
     "QuantLinear", "replace_linear",
     "PyquantError", "ShapeError", "DtypeError", "DeviceError", "FormatError", "ValueRangeError",
     "KernelUnavailableError",
-    "QuantConfig", "quantize_model",
+    "QuantConfig", "quantize_model", "save_quantized", "load_quantized",
 ]

@@ -1,6 +1,9 @@
-"""Load a llama-architecture GGUF file into ``transformers.LlamaForCausalLM``.
+"""Models into transformers: a llama-architecture GGUF file into ``transformers.LlamaForCausalLM``,
+and any model the command line takes (``load_causal_lm``: a directory or a GGUF file).
 
     model, tokenizer = load_gguf_llama("SmolLM2-135M-Instruct.Q4_1.gguf")
+
+(pyquant checkpoints reach ``from_pretrained`` through ``hf_quantizer.py``.)
 
 The weights come from pyquant's own reader (:class:`pyquant.io.gguf.GGUFFile`)
 and are dequantized tensor by tensor; the config is built from the GGUF
@@ -21,7 +24,8 @@ from ..errors import FormatError
 from ..formats.base import QuantizedWeight
 from ..io.gguf import GGUFFile
 
-__all__ = ["load_gguf_llama", "load_gguf_llama_model", "llama_config_from_gguf", "load_gguf_weights", "hf_name"]
+__all__ = ["load_gguf_llama", "load_gguf_llama_model", "llama_config_from_gguf", "load_gguf_weights", "hf_name",
+           "load_causal_lm"]
 
 # GGUF name inside block N -> transformers name inside model.layers.N
 _BLOCK_NAMES = {
@@ -240,3 +244,36 @@ def load_gguf_llama(path, dtype: torch.dtype = torch.float32) -> Tuple["torch.nn
         os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), local_files_only=True
     )
     return model, tokenizer
+
+
+def load_causal_lm(path, dtype: torch.dtype = torch.float32) -> Tuple["torch.nn.Module", object]:
+    """``(model, tokenizer or None)`` from a transformers model directory (pyquant
+    checkpoints included: their layers stay packed) or a GGUF file, in eval mode.
+
+    A llama GGUF file goes through pyquant's own reader (:func:`load_gguf_llama`);
+    any other architecture through transformers' GGUF support, which names the
+    architectures it cannot read. Local files only.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise FormatError(f"{path}: a model is a transformers directory or a .gguf file")
+        with GGUFFile(path) as f:
+            arch = f.metadata.get("general.architecture")
+        if arch == "llama":
+            return load_gguf_llama(path, dtype)
+        folder, name = os.path.split(os.path.abspath(path))
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, local_files_only=True)
+        return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FormatError(f"{path}: no config.json: not a transformers model directory")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError):  # a directory may hold weights only
+        tokenizer = None
+    return model.eval(), tokenizer

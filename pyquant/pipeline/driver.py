@@ -19,6 +19,7 @@ note in the report (calibrating them would need their own capture pass).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Callable, Optional, Union
 
@@ -28,6 +29,7 @@ from torch import nn
 from ..config import QuantConfig
 from ..errors import FormatError, ValueRangeError
 from ..methods import METHODS
+from ..nn import QuantLinear
 from . import passes
 from .arch import adapter_for, family_of
 from .capture import (
@@ -35,7 +37,7 @@ from .capture import (
     select_targets, vocab_size,
 )
 from .passes import BlockContext, plain
-from .report import Log, QuantReport
+from .report import Log, QuantReport, record_sizes
 
 
 def quantize_model(
@@ -47,13 +49,15 @@ def quantize_model(
     device: Union[str, torch.device, None] = None,
     offload: bool = False,
     progress: bool = True,
-    verbose: bool = True,
+    verbose: bool = False,
     kernel: str = "auto",
 ) -> QuantReport:
     """Replace, in place, the selected ``nn.Linear`` layers of ``model`` by
     ``QuantLinear`` modules quantized as ``config`` says. Returns a
-    :class:`QuantReport` (one :class:`LayerRecord` per layer, also logged to
-    stderr when ``verbose``).
+    :class:`QuantReport` (one :class:`LayerRecord` per layer). ``progress``:
+    one progress bar on stderr, then the report's closing summary table.
+    ``verbose``: also a line per layer on stderr (otherwise those lines go to
+    the ``pyquant`` logger at INFO level).
 
     ``calibration_data``: LongTensor (n_samples, seq_len) of token ids, or an
     iterable of such tensors (or 1-D sequences); needed by GPTQ and AWQ,
@@ -81,6 +85,7 @@ def quantize_model(
     t_start = time.perf_counter()
     report = QuantReport(config)
     targets = select_targets(model, filter)
+    sizes = _float_sizes(targets)
     log = Log(report, verbose, progress, len(targets), config.method)
     try:
         with torch.no_grad():
@@ -88,7 +93,21 @@ def quantize_model(
     finally:
         log.close()
     report.seconds = time.perf_counter() - t_start
+    _close(report, model, targets, sizes, progress or verbose)
     return report
+
+
+def _float_sizes(targets):
+    """(bytes, weights) of the selected layers' float weights, before they are replaced."""
+    return (sum(m.weight.numel() * m.weight.element_size() for m in targets.values()),
+            sum(m.weight.numel() for m in targets.values()))
+
+
+def _close(report: QuantReport, model, targets, sizes, show: bool) -> None:
+    packed = [m for m in (model.get_submodule(n) for n in targets) if isinstance(m, QuantLinear)]
+    record_sizes(report, *sizes, packed)
+    if show:
+        print(report.summary(), file=sys.stderr, flush=True)
 
 
 def run(model, cfg: QuantConfig, data, *, filter, device, offload: bool, progress: bool, verbose: bool, kernel: str,
@@ -100,10 +119,12 @@ def run(model, cfg: QuantConfig, data, *, filter, device, offload: bool, progres
     t_start = time.perf_counter()
     report = QuantReport(cfg)
     targets = select_targets(model, filter)
+    sizes = _float_sizes(targets)
     with torch.no_grad():
         _run_blocks(model, cfg, data, targets, report, device, offload, progress, verbose, kernel, block_fn,
                     check_fn, quantize_outside)
     report.seconds = time.perf_counter() - t_start
+    _close(report, model, targets, sizes, progress or verbose)
     return report
 
 
