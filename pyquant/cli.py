@@ -28,7 +28,6 @@ EXPORT_FORMATS = ("gptq", "awq", "compressed-tensors", "gguf")
 # What a method must produce for a peer's layout: GPTQ/AWQ-style checkpoints store integer zero
 # points, so GPTQ's group refit keeps them integer (QuantConfig.gptq_refit="scale").
 EXPORT_CONFIG = {"gptq_refit": "scale"}
-EXCHANGE_MODULE = "pyquant.io.exchange"
 SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "suite.py"
 
 
@@ -112,12 +111,11 @@ def one_line(exc: BaseException) -> str:
 # --- quantize -------------------------------------------------------------------------
 def cmd_quantize(args) -> int:
     from .config import QuantConfig
-    from .io.checkpoint import check_target, save_quantized
+    from .io.checkpoint import save_quantized
 
     options = EXPORT_CONFIG if args.format != "pyquant" and args.method == "gptq" else {}
     config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, **options)
-    export = exporter(args.format)
-    check_target(args.out, args.force)  # refuse before an hour of work, not after
+    check_export_target(args.out, args.format, args.force)  # refuse before an hour of work, not after
     if args.calib and not os.path.isfile(args.calib):
         raise FileNotFoundError(f"{args.calib}: no such calibration file")
     t0 = time.perf_counter()
@@ -127,13 +125,14 @@ def cmd_quantize(args) -> int:
     from .pipeline import quantize_model
 
     report = quantize_model(model, config, ids, device=args.device, verbose=args.verbose)
-    if export is None:
+    if args.format == "pyquant":
         save_quantized(model, args.out, tokenizer=tokenizer, method=args.method, overwrite=args.force)
     else:
-        from .io.checkpoint import atomic_directory
+        from .io.exchange import export_model
 
-        with atomic_directory(args.out, args.force) as tmp:
-            export(model, tmp, args.format, tokenizer=tokenizer, config=config)
+        # export_model writes atomically itself; an existing (empty, or --force) target is replaced
+        export_model(model, args.out, args.format, tokenizer=tokenizer,
+                     overwrite=args.force or os.path.isdir(args.out))
     minutes = (time.perf_counter() - t0) / 60
     from .pipeline.report import format_bytes, markdown_table
 
@@ -151,23 +150,16 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def exporter(fmt: str):
-    """None for pyquant's own layout, else the exchange module's ``export_model``."""
-    if fmt == "pyquant":
-        return None
-    try:
-        module = importlib.import_module(EXCHANGE_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != EXCHANGE_MODULE:
-            raise
-        module = None
-    export = getattr(module, "export_model", None)
-    if export is None:
-        from .errors import FormatError
+def check_export_target(out: str, fmt: str, force: bool) -> None:
+    """FileExistsError unless ``out`` may be written: a new or empty directory (or, for
+    GGUF, a new ``.gguf`` file); anything else only with ``--force``."""
+    from .io.checkpoint import check_target
 
-        raise FormatError(f"--format {fmt} needs {EXCHANGE_MODULE}.export_model, which this pyquant does not have; "
-                          "use --format pyquant")
-    return export
+    if fmt == "gguf" and out.endswith(".gguf"):
+        if os.path.isdir(out) or (os.path.lexists(out) and not force):
+            raise FileExistsError(f"{os.path.abspath(out)} exists (pass --force to replace the file)")
+        return
+    check_target(out, force)
 
 
 def load_model(path):
@@ -210,7 +202,11 @@ def calibration_ids(tokenizer, args):
 
 
 def dir_bytes(path: str) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    """Bytes of a checkpoint directory, or of a single file (a GGUF export)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
 # --- eval -----------------------------------------------------------------------------

