@@ -64,7 +64,34 @@ def criteria(w, dq_rtn, dq_hqq, gram, group):
         out[f"out_{tag}"] = float(((d @ gram) * d).sum())  # output error on calibration text
         diag = torch.diagonal(gram)
         out[f"diag_{tag}"] = float((d * d * diag).sum())  # output error, channels independent
+        wg = torch.nn.functional.pad(w, (0, (-k) % group)).view(n, -1, group)
+        # error along each group's own weights: the coherent (gain) part of the error
+        out[f"along_{tag}"] = float(((dg * wg).sum(-1) ** 2 / (wg * wg).sum(-1).clamp_min(1e-30)).sum())
     return out
+
+
+def group_rule(w, dq_rtn, dq_hqq, group, rule):
+    """Per (row, group): True where HQQ's group is kept. ``along``: its error
+    along the group's weights is no larger than RTN's; ``sse+along``: the
+    squared error plus ``group`` times that component (a random error puts
+    1/group of its energy there) is no larger than RTN's."""
+    n, k = w.shape
+    pad = lambda t: torch.nn.functional.pad(t, (0, (-k) % group)).view(n, -1, group)
+    wg = pad(w)
+    norm = (wg * wg).sum(-1).clamp_min(1e-30)
+
+    def score(dq):
+        d = pad(dq - w)
+        along = (d * wg).sum(-1) ** 2 / norm
+        return along if rule == "along" else (d * d).sum(-1) + group * along
+
+    return score(dq_hqq) <= score(dq_rtn)
+
+
+def mix(w, dq_rtn, dq_hqq, keep, group):
+    n, k = w.shape
+    pad = lambda t: torch.nn.functional.pad(t, (0, (-k) % group)).view(n, -1, group)
+    return torch.where(keep[..., None], pad(dq_hqq), pad(dq_rtn)).view(n, -1)[:, :k]
 
 
 def main():
@@ -77,6 +104,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=None)
     p.add_argument("--per-layer", action="store_true")
+    p.add_argument("--rules", nargs="*", default=None,
+                   help="compare per-group fallback rules instead (along, sse+along); skips the swaps")
     p.add_argument("--stride", type=int, default=4, help="score every stride-th position")
     p.add_argument("--calib", type=int, default=8, help="mixed calibration sequences for the output error")
     p.add_argument("--json", default=None)
@@ -92,6 +121,8 @@ def main():
     hqq = {n: pyquant.quantize_weight(w, fmt, "hqq", zero_point=args.zero_point).dequantize(torch.float32)
            for n, w in float_w.items()}
     print(f"quantized in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.rules:
+        return compare_rules(args, model, targets, float_w, rtn, hqq, evals)
     grams = layer_inputs_gram(model, list(targets), calib("mix", args.calib))
     crit = {n: criteria(float_w[n], rtn[n], hqq[n], grams[n], args.group) for n in targets}
 
@@ -113,15 +144,38 @@ def main():
             ppl = assign(lambda n: n != name)
             rows.append((f"rtn for {name}", ppl))
             print(f"rtn for {name}: {ppl}", flush=True)
-    print("\n| layers | " + " | ".join(f"{k} hqq/rtn" for k in ("sse", "bias", "diag", "out")) + " |")
+    keys = ("sse", "bias", "diag", "out", "along")
+    print("\n| layers | " + " | ".join(f"{k} hqq/rtn" for k in keys) + " |")
     for kind in kinds:
         names = [n for n in targets if n.endswith(kind)]
         ratio = {c: sum(crit[n][f"{c}_hqq"] for n in names) / sum(crit[n][f"{c}_rtn"] for n in names)
-                 for c in ("sse", "bias", "diag", "out")}
+                 for c in keys}
         print(f"| {kind} | " + " | ".join(f"{v:.3f}" for v in ratio.values()) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), rows=rows, criteria=crit), f, indent=1)
+
+
+def compare_rules(args, model, targets, float_w, rtn, hqq, evals):
+    """All RTN, all HQQ, and HQQ with a per-group fallback to RTN by each rule."""
+    rows = []
+    for rule in ("rtn", "hqq") + tuple(args.rules):
+        kept, total = 0, 0
+        with torch.no_grad():
+            for n, m in targets.items():
+                if rule in ("rtn", "hqq"):
+                    m.weight.copy_(rtn[n] if rule == "rtn" else hqq[n])
+                    continue
+                keep = group_rule(float_w[n], rtn[n], hqq[n], args.group, rule)
+                kept, total = kept + int(keep.sum()), total + keep.numel()
+                m.weight.copy_(mix(float_w[n], rtn[n], hqq[n], keep, args.group))
+        ppl = {c: perplexity(model, evals[c], stride=args.stride) for c in ("pydoc", "licenses")}
+        share = f", HQQ kept on {100 * kept / total:.1f}% of groups" if total else ""
+        rows.append((rule, ppl, kept / total if total else None))
+        print(f"{rule}: {ppl}{share}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
