@@ -290,11 +290,13 @@ def main(argv=None, default_model="gemma3"):
     print()
     print_table(rows)
     scored = "" if args.stride == 1 else f", loss at every {args.stride}th position"
-    print(f"\neval: {args.eval} x {args.seq_len} tokens per set{scored}; total {(time.perf_counter() - t0) / 60:.1f} min")
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"\neval: {args.eval} x {args.seq_len} tokens per set{scored}; total {minutes:.1f} min")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(model=args.model, rows=rows, sizes=sizes, loader=loader, eval=args.eval,
-                           seq_len=args.seq_len, stride=args.stride, threads=torch.get_num_threads(), env=pyquant.env()),
+                           seq_len=args.seq_len, stride=args.stride, threads=torch.get_num_threads(),
+                           env=pyquant.env()),
                       f, indent=2, default=str)
 
 
@@ -371,7 +373,8 @@ def print_models_table(by_model):
     head = ["method", "bits", "group"]
     for name in names:
         width, _, sets = blocks[name]
-        head += [f"{MODELS[name][0]} {c}" for _, c in sets] + [f"{MODELS[name][0]} gap closed", f"{MODELS[name][0]} out vs RTN"]
+        title = MODELS[name][0]
+        head += [f"{title} {c}" for _, c in sets] + [f"{title} gap closed", f"{title} out vs RTN"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for key in keys:
@@ -404,7 +407,8 @@ def merge(paths, variants=None, bits=None, groups=None):
 
     merged = {}
     for name, model_runs in by_model.items():
-        floats = [r for run in model_runs for r in run["rows"] if r["variant"] == "float" and r["ppl_in"] == r["ppl_in"]]
+        floats = [r for run in model_runs for r in run["rows"]
+                  if r["variant"] == "float" and r["ppl_in"] == r["ppl_in"]]
         rows = floats[:1]  # the first run that evaluated the float model (others may have --skip-float)
         seen = set()
         for run in model_runs:

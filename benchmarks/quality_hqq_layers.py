@@ -11,11 +11,13 @@ QuantLinear computes, at float speed) in these assignments:
   evaluation per layer).
 
 Perplexity is estimated on ``--eval`` sequences of pydoc (in-domain) and of
-licenses (out-of-domain), from the loss at every ``--stride``-th position. Next to each swap, per layer kind, the difference
-HQQ - RTN of candidate criteria that need no calibration data, and of the
-layer's output error on the calibration text (``tr(dW H dW^T)``, H from
-``--calib`` x 512 mixed calibration tokens), so one can see which of them ranks the swaps
-as the perplexity does.
+licenses (out-of-domain), from the loss at every ``--stride``-th position.
+Then, per layer kind, the ratio HQQ / RTN of candidate criteria: the squared
+weight error, the squared sum of each group's errors, the error along each
+group's weights, and the layer's output error on calibration text (diagonal
+and full ``tr(dW H dW^T)``, H from ``--calib`` x 512 mixed tokens), to see
+which of them ranks HQQ and RTN as the perplexity does. ``--rules``
+instead compares per-group fallbacks from HQQ to RTN by such criteria.
 
     python benchmarks/quality_hqq_layers.py --model gemma3 --bits 3 --group 64 --cache /tmp/q/gemma3.pt
 """
