@@ -1,26 +1,25 @@
 """Is one variant's perplexity really different from another's? Paired bootstrap.
 
-Quantizes SmolLM2-135M with two variants of ``quality_smollm2.py`` (the same
-names, peers included), computes each evaluation sequence's mean token NLL on
-both sets, and bootstraps the mean of the per-sequence differences (10,000
+Quantizes a model (``--model``, as in ``quality.py``) with two variants of
+``quality.py`` (the same names, peers included), computes each evaluation
+sequence's mean token NLL on every set, and bootstraps the mean of the per-sequence differences (10,000
 resamples of the 16 sequences): a 95% interval for ``ppl(A) / ppl(B)`` that
 accounts for how much the sequences themselves vary.
 
-    python benchmarks/quality_paired.py hqq hqq-package --bits 4 --group 64 --cache /tmp/q/cache.pt
+    python benchmarks/quality_paired.py hqq hqq-package --model smollm2 --bits 4 --group 64 --cache /tmp/q/cache.pt
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import math
-import os
 from contextlib import nullcontext
 
 import torch
 
 import pyquant
 import quality_peers
-from quality_smollm2 import VARIANTS, build_sets, load_model, token_ids
+from quality import EVAL_SETS, MODELS, VARIANTS, build_sets, load_cached
 
 
 def quantized(model, name, bits, group, calib):
@@ -53,30 +52,20 @@ def main():
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--eval", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cache", default=None, help="quality_smollm2.py's --cache file")
+    p.add_argument("--cache", default=None, help="quality.py's --cache file")
+    p.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.cache and os.path.exists(args.cache):
-        from transformers import LlamaForCausalLM
-
-        c = torch.load(args.cache, weights_only=False)
-        model = LlamaForCausalLM(c["config"])
-        model.load_state_dict(c["state"])
-        model, ids = model.float().eval(), c["ids"]
-    else:
-        from pyquant.evaluation import license_corpus_text, package_docs_text, pydoc_text
-
-        model, tok, _ = load_model()
-        ids = {name: token_ids(tok, fn()) for name, fn in
-               (("pydoc", pydoc_text), ("licenses", license_corpus_text), ("generic", package_docs_text))}
-    ev_in, ev_out, calib, _ = build_sets(ids, 32, args.eval, 512)
+    model, ids, _ = load_cached(args.model, args.cache)
+    evals, calib, _ = build_sets(ids, 32, args.eval, 512)
+    sets = [(corpus, title) for _, corpus, title in EVAL_SETS if corpus in evals]
     nll = {}
     for name in (args.a, args.b):
         m = quantized(model, name, args.bits, args.group, calib)
-        nll[name] = (sequence_nll(m, ev_in), sequence_nll(m, ev_out))
+        nll[name] = [sequence_nll(m, evals[corpus]) for corpus, _ in sets]
     gen = torch.Generator().manual_seed(0)
     print(f"{args.a} vs {args.b}, {args.bits}-bit g{args.group}, {args.eval} x 512 tokens per set")
-    for i, label in enumerate(("in-domain", "out-of-domain")):
+    for i, (_, label) in enumerate(sets):
         a, b = nll[args.a][i], nll[args.b][i]
         d = a - b
         boot = d[torch.randint(0, len(d), (10000, len(d)), generator=gen)].mean(1)

@@ -1,4 +1,4 @@
-"""Peer libraries through the same whole-model quality run (quality_smollm2.py).
+"""Peer libraries through the same whole-model quality run (quality.py).
 
 * ``hqq-package``: the ``hqq`` package's ``Quantizer.quantize`` (axis 1,
   optimize=True, its defaults otherwise) on every linear layer but the head;

@@ -21,7 +21,8 @@ which layers fell back. With ``gguf_fallback=False`` such a layer is an error.
 Each option's default was chosen on SmolLM2-135M, in and out of the
 calibration domain; the experiments and their numbers are in
 ``benchmarks/results/defaults-evidence.md`` (the whole table with these
-defaults: ``benchmarks/results/quality-smollm2.md``).
+defaults: ``benchmarks/results/quality-smollm2.md``; a second model,
+Gemma-3-270M, and what the defaults do there: ``quality-gemma3.md``).
 """
 from __future__ import annotations
 

@@ -200,6 +200,24 @@ def test_a_family_without_adapter_folds_only_what_it_verifies(calib):
     assert all(errs[m] <= 1.1 * errs["rtn"] for m in errs), errs
 
 
+def test_gemma3_without_its_adapter_folds_only_what_it_verifies(monkeypatch, calib):
+    """The second benchmark model's family as if pyquant had no adapter for it: strict AWQ refuses it
+    by name; otherwise the norms are found by running the block and probed as x * (1 + w), the rest
+    gets explicit input scales, and the float function is kept."""
+    base = tiny_model("gemma3_text")
+    monkeypatch.delitem(arch.ADAPTERS, "gemma3_text")
+    with pytest.raises(FormatError, match="no fold adapter for model family 'gemma3_text'"):
+        pyquant.quantize_model(copy.deepcopy(base), fast_config("awq", awq_strict_folds=True), calib,
+                               progress=False, verbose=False)
+    ref = logits(base, calib)
+    folded = copy.deepcopy(base)
+    notes = {r.name: r.note for r in fold_model(folded, fast_config("awq", bits=4, group_size=32), calib)}
+    layer = "model.layers.0."
+    assert "folded into norm input_layernorm (x * (1 + w))" in notes[layer + "self_attn.q_proj"]
+    assert "folded into norm pre_feedforward_layernorm (x * (1 + w))" in notes[layer + "mlp.up_proj"]
+    assert float((logits(folded, calib) - ref).norm() / ref.norm()) <= 1e-4
+
+
 class ToyBlock(nn.Module):
     """A block no adapter knows: a (1 + w) norm, a linear feeding a linear, an activation."""
 
