@@ -1,10 +1,8 @@
-"""Offline sm_90a builds of the CUDA kernels and what their machine code says
-(no GPU needed): nvcc compiles one .cu file of csrc/cuda to a cubin, Triton's
-bundled cuobjdump disassembles it, and every kernel function is reduced to
-the figures the tensor-core issue holds the kernels to: registers, spills,
-shared memory, its main loop (the backward branch with the longest body),
-instructions per weight in that loop, and the loop's memory instructions by
-kind and width.
+"""The CUDA kernels' sm_90a machine code as the tensor-core tests read it (no GPU
+needed): one ``csrc/cuda`` file compiled by the offline report's build
+(``pyquant.triton_kernels.tools.cuda_build``), every kernel function reduced to
+registers, spills, shared memory, its main loop (``sass.main_loop``), instructions
+per weight in that loop, and the loop's memory instructions by kind and width.
 
     python -m tests.ops.cuda_sass csrc/cuda/int4_mma.cu   # table of every kernel
 
@@ -15,77 +13,31 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
-import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from pyquant.triton_kernels.tools.sass import opcode, parse_sass
+from pyquant.triton_kernels.tools import cuda_build
+from pyquant.triton_kernels.tools.sass import main_loop, opcode, parse_res_usage, split_functions
 
 ROOT = Path(__file__).resolve().parents[2]
-ARCH = "sm_90a"
-
-
-def nvcc() -> Optional[str]:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    default = Path("/usr/local/cuda/bin/nvcc")
-    return str(default) if default.exists() else None
-
-
-def cuobjdump() -> Optional[str]:
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        import triton
-    except ImportError:
-        return None
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return str(path) if path.exists() else None
+ARCH = cuda_build.ARCH
 
 
 def missing_tools() -> Optional[str]:
     """Why the SASS checks cannot run here, or None."""
-    if nvcc() is None:
-        return "nvcc not found (CUDA toolkit not installed)"
-    if cuobjdump() is None:
-        return "cuobjdump not found (neither the CUDA toolkit's nor Triton's bundled one)"
+    try:
+        cuda_build.nvcc()
+        cuda_build.cuobjdump()
+    except cuda_build.ToolMissing as exc:
+        return str(exc)
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def compile_cubin(source: str, arch: str = ARCH, defines: tuple = ()) -> bytes:
-    """``source`` (a path relative to the repository) -> cubin bytes, with the
-    build's flags (plus ``-D`` ``defines``)."""
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "k.cubin")
-        cmd = [nvcc(), "-std=c++17", "-O3", f"-arch={arch}", "--expt-relaxed-constexpr", "-cubin",
-               f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}", *[f"-D{x}" for x in defines],
-               "-o", out, str(ROOT / source)]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        return Path(out).read_bytes()
-
-
-def _cuobjdump(cubin: bytes, flag: str) -> str:
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        Path(path).write_bytes(cubin)
-        return subprocess.run([cuobjdump(), flag, path], capture_output=True, text=True, check=True).stdout
 
 
 def demangle_short(name: str) -> str:
     """``_ZN...int4_mma_kernelI6__halfS2_Li1ELi8EEE...`` -> ``int4_mma_kernel<__half, __half, 1, 8>``."""
-    tool = shutil.which("c++filt")
-    if tool is None:
-        return name
-    full = subprocess.run([tool, name], capture_output=True, text=True).stdout.strip()
+    full = cuda_build.demangle([name])[name]
     m = re.search(r"(\w+<.*>)\(", full)
     return m.group(1) if m else full
 
@@ -116,44 +68,14 @@ class KernelSass:
 _MEM_PREFIX = ("LDG", "STG", "LDS", "STS", "LDL", "STL", "LDGSTS", "LDSM", "STSM", "ATOM", "RED", "LD.", "ST.")
 
 
-def main_loop(instrs, marker: Optional[str] = None):
-    """Instructions of a kernel's main loop: among its backward branches, the
-    one whose body holds the most ``marker`` instructions (an opcode prefix:
-    ``HMMA`` for a tensor-core loop, ``STG`` for a dequantizer), the innermost
-    of those on a tie; without a marker, the longest body."""
-    loops = []
-    for pc, txt in instrs:
-        m = re.search(r"\bBRA\s+(?:`?\(?\.L_x_\d+\)?|0x([0-9a-f]+))", txt)
-        if m and m.group(1):
-            target = int(m.group(1), 16)
-            if target < pc:
-                loops.append((target, pc))
-    if not loops:
-        return []
-
-    def body(r):
-        return [t for pc, t in instrs if r[0] <= pc <= r[1]]
-
-    if marker is None:
-        best = max(loops, key=lambda r: r[1] - r[0])
-    else:
-        best = max(loops, key=lambda r: (sum(opcode(t).startswith(marker) for t in body(r)), -(r[1] - r[0])))
-    return body(best)
-
-
 def kernels(source: str, arch: str = ARCH, marker: Optional[str] = None, defines: tuple = ()) -> List[KernelSass]:
-    cubin = compile_cubin(source, arch, tuple(defines))
-    sass = _cuobjdump(cubin, "-sass")
-    res = _cuobjdump(cubin, "-res-usage")
-    usage = {}
-    for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res):
-        usage[m.group(1)] = (int(m.group(2)), int(m.group(3)) + int(m.group(5)), int(m.group(4)))
+    cubin = cuda_build.cubin(ROOT / source, arch, tuple(defines))
+    usage = parse_res_usage(cuda_build.res_usage(cubin))
     out = []
-    chunks = re.split(r"\n\s*Function : (\S+)\n", sass)
-    for name, body in zip(chunks[1::2], chunks[2::2]):
-        instrs = parse_sass(body)
-        regs, spill, smem = usage.get(name, (0, 0, 0))
-        out.append(KernelSass(name, regs, spill, smem, [t for _, t in instrs], main_loop(instrs, marker)))
+    for name, instrs in split_functions(cuda_build.disassemble(cubin)).items():
+        res = usage.get(name, {"regs": 0, "stack": 0, "smem": 0, "local": 0})
+        out.append(KernelSass(name, res["regs"], res["stack"] + res["local"], res["smem"], [t for _, t in instrs],
+                              main_loop(instrs, marker)))
     return out
 
 

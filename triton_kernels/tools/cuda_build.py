@@ -18,7 +18,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
@@ -68,8 +68,9 @@ def _compiler_version(exe: str) -> str:
     return subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout
 
 
-def cubin(path: Path, arch: str = ARCH) -> Path:
-    """The cached cubin of one ``.cu`` file for ``arch`` (compiled on a miss)."""
+def cubin(path: Path, arch: str = ARCH, defines: Tuple[str, ...] = ()) -> Path:
+    """The cached cubin of one ``.cu`` file for ``arch`` (compiled on a miss), with
+    ``-D`` ``defines`` (a test builds one path of a kernel alone this way)."""
     exe = nvcc()
     h = hashlib.sha256()
     # the file and every header it could include (a change to any rebuilds: a cheap rule)
@@ -78,12 +79,13 @@ def cubin(path: Path, arch: str = ARCH) -> Path:
         h.update(str(p).encode())
         h.update(p.read_bytes())
     h.update(_compiler_version(exe).encode())
-    h.update(" ".join((arch, *FLAGS)).encode())
+    flags = (*FLAGS, *(f"-D{d}" for d in defines))
+    h.update(" ".join((arch, *flags)).encode())
     out = _cache_dir() / f"{path.stem}-{arch}-{h.hexdigest()[:16]}.cubin"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [exe, "-cubin", f"-arch={arch}", *FLAGS, f"-I{CSRC / 'include'}", f"-I{path.parent}", str(path),
+        cmd = [exe, "-cubin", f"-arch={arch}", *flags, f"-I{CSRC / 'include'}", f"-I{path.parent}", str(path),
                "-o", str(tmp)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:

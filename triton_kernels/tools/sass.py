@@ -190,8 +190,11 @@ def opcode(text: str) -> str:
     return parts[1] if parts[0].startswith("@") else parts[0]
 
 
-def main_loop(instrs):
-    """Instructions of the backward branch with the longest body (the K loop)."""
+def main_loop(instrs, marker: Optional[str] = None):
+    """Instructions of a kernel's main loop: the backward branch with the longest body,
+    or with ``marker`` (an opcode prefix: ``HMMA`` for a tensor-core loop, ``STG`` for a
+    dequantizer) the one whose body holds the most ``marker`` instructions, the
+    innermost of those on a tie."""
     loops = []
     for pc, txt in instrs:
         m = re.search(r"\bBRA\s+(?:`?\(?\.L_x_\d+\)?|0x([0-9a-f]+))", txt)
@@ -201,8 +204,13 @@ def main_loop(instrs):
                 loops.append((target, pc))
     if not loops:
         return []
-    lo, hi = max(loops, key=lambda r: r[1] - r[0])
-    return [t for pc, t in instrs if lo <= pc <= hi]
+
+    def body(r):
+        return [t for pc, t in instrs if r[0] <= pc <= r[1]]
+
+    if marker is None:
+        return body(max(loops, key=lambda r: r[1] - r[0]))
+    return body(max(loops, key=lambda r: (sum(opcode(t).startswith(marker) for t in body(r)), -(r[1] - r[0]))))
 
 
 def stats_of(name: str, instrs, res: Dict[str, int], weights_per_iter: float, whole_kernel: bool = False
