@@ -130,9 +130,7 @@ def cmd_quantize(args) -> int:
     else:
         from .io.exchange import export_model
 
-        # export_model writes atomically itself; an existing (empty, or --force) target is replaced
-        export_model(model, args.out, args.format, tokenizer=tokenizer,
-                     overwrite=args.force or os.path.isdir(args.out))
+        export_model(model, args.out, args.format, tokenizer=tokenizer, overwrite=args.force)  # atomic itself
     minutes = (time.perf_counter() - t0) / 60
     from .pipeline.report import format_bytes, markdown_table
 
@@ -151,15 +149,10 @@ def cmd_quantize(args) -> int:
 
 
 def check_export_target(out: str, fmt: str, force: bool) -> None:
-    """FileExistsError unless ``out`` may be written: a new or empty directory (or, for
-    GGUF, a new ``.gguf`` file); anything else only with ``--force``."""
-    from .io.checkpoint import check_target
+    """FileExistsError unless ``out`` may be written (GGUF to a ``.gguf`` path writes one file)."""
+    from .io.files import check_target
 
-    if fmt == "gguf" and out.endswith(".gguf"):
-        if os.path.isdir(out) or (os.path.lexists(out) and not force):
-            raise FileExistsError(f"{os.path.abspath(out)} exists (pass --force to replace the file)")
-        return
-    check_target(out, force)
+    check_target(out, force, is_dir=not (fmt == "gguf" and out.endswith(".gguf")))
 
 
 def load_model(path):

@@ -62,7 +62,7 @@ class PyquantHfQuantizer(HfQuantizer):
             raise FormatError("pyquant's HfQuantizer needs the checkpoint files from from_pretrained "
                               "(transformers >= 5); use pyquant.load_quantized")
         files = [os.fspath(f) for f in checkpoint_files]
-        where = os.path.join(os.path.dirname(files[0]), checkpoint.CONFIG_NAME)
+        where = os.path.join(os.path.dirname(files[0]), "config.json")
         plan = checkpoint.plan_from_files(files, self.quantization_config.to_dict(), where)
         # Every float tensor too, unless transformers renames this family's checkpoint keys on load
         # (then it checks them itself; the quantized layers are always checked here).

@@ -25,14 +25,9 @@ no float copy of a quantized weight exists at any moment.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import json
 import os
-import re
-import shutil
-import tempfile
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -42,20 +37,19 @@ from ..errors import FormatError, PyquantError
 from ..formats import Format, QuantizedWeight
 from ..formats.base import format_from_spec
 from ..nn import QuantLinear
+from .files import (CONFIG_NAME, INDEX_NAME, atomic_output, parse_size, read_json, safetensors_files, write_json,
+                    write_safetensors)
 from .safetensors_file import TensorEntry, read_header
 
 QUANT_METHOD = "pyquant"
 FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+INDEX_FILE = INDEX_NAME
 LAYER_INFO = ("format", "shape")  # what a QuantLinear stores besides its packed tensors and bias
 _MAX_SPEC_BYTES = 256
-_SHARD_NAME = re.compile(r"[A-Za-z0-9._-]+\.safetensors")
 
 __all__ = [
     "save_quantized", "load_quantized", "quantization_config_for", "read_checkpoint", "CheckpointPlan",
-    "LayerPlan", "QuantSettings", "atomic_directory", "check_target",
+    "LayerPlan", "QuantSettings",
 ]
 
 
@@ -154,28 +148,6 @@ class CheckpointPlan:
         """The tensors that belong to no quantized layer (embeddings, norms, a float head)."""
         taken = {k for lp in self.layers.values() for k in lp.keys()}
         return [k for k in self.tensors if k not in taken]
-
-
-def shard_files(directory: str) -> Tuple[List[str], Optional[Dict[str, str]]]:
-    """The safetensors files of a checkpoint directory and, when sharded, the index's weight map."""
-    index_path = os.path.join(directory, INDEX_FILE)
-    if os.path.isfile(index_path):
-        index = read_json(index_path)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise FormatError(f"{index_path}: no weight_map object of tensor name -> file name")
-        names = sorted(set(weight_map.values()))
-        for name in names:
-            # An index is untrusted too: it may name only files beside it.
-            if not _SHARD_NAME.fullmatch(name) or name.startswith("."):
-                raise FormatError(f"{index_path}: weight_map names {name!r}, not a shard file in this directory")
-            if not os.path.isfile(os.path.join(directory, name)):
-                raise FormatError(f"{index_path}: shard {name!r} is missing from {directory}")
-        return [os.path.join(directory, n) for n in names], weight_map
-    single = os.path.join(directory, SINGLE_FILE)
-    if os.path.isfile(single):
-        return [single], None
-    raise FormatError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE}: not a safetensors checkpoint")
 
 
 def read_tensor_table(files: Sequence[str], weight_map: Optional[Mapping[str, str]] = None,
@@ -284,20 +256,12 @@ def read_checkpoint(directory: str) -> CheckpointPlan:
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise FormatError(f"{directory}: no {CONFIG_NAME}: not a pyquant checkpoint")
-    config = read_json(config_path)
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    config = read_json(config_path, CONFIG_NAME)
+    qc = config.get("quantization_config")
     if qc is None:
         raise FormatError(f"{config_path}: no quantization_config: not a pyquant checkpoint")
-    files, weight_map = shard_files(directory)
+    files, weight_map = safetensors_files(directory)
     return plan_from_files(files, qc, config_path, weight_map)
-
-
-def read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: cannot read JSON: {exc}") from None
 
 
 # --- the model side ---------------------------------------------------------------
@@ -386,7 +350,7 @@ def save_quantized(model: nn.Module, directory, max_shard_size="2GB", *, tokeniz
     """
     qc = quantization_config_for(model, method)
     limit = parse_size(max_shard_size)
-    with atomic_directory(directory, overwrite) as tmp:
+    with atomic_output(directory, overwrite) as tmp:
         if hasattr(model, "save_pretrained") and hasattr(model, "config"):
             model.config.quantization_config = qc
             model.save_pretrained(tmp, max_shard_size=limit)
@@ -399,103 +363,15 @@ def save_quantized(model: nn.Module, directory, max_shard_size="2GB", *, tokeniz
 
 
 def _write_plain(model: nn.Module, directory: str, qc: dict, limit: int) -> None:
-    from safetensors.torch import save_file
-
     state, seen = {}, set()
     for key, t in model.state_dict().items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
         if ident is not None and ident in seen:  # a tied tensor: stored once, as safetensors requires
             continue
         seen.add(ident)
-        state[key] = t.detach().contiguous()
-    shards = _split(state, limit)
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = SINGLE_FILE if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        _write_json(os.path.join(directory, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
-    _write_json(os.path.join(directory, CONFIG_NAME), {"quantization_config": qc})
-
-
-def _split(state: Dict[str, torch.Tensor], limit: int) -> List[Dict[str, torch.Tensor]]:
-    """Tensors in order, a new shard whenever the next one would pass ``limit`` bytes."""
-    shards: List[Dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in state.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += n
-    return shards
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(size) -> int:
-    """Bytes from an int or a string such as "2GB" (10^9, as transformers counts) or "1GiB"."""
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
-    if m and m.group(2).upper() in _UNITS and float(m.group(1)) > 0:
-        return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    raise FormatError(f"max_shard_size {size!r} is not a positive size such as 2GB, 500MB or 1GiB")
-
-
-def check_target(directory, overwrite: bool = False) -> str:
-    """The absolute path of ``directory`` if a checkpoint may be written there, else FileExistsError."""
-    final = os.path.abspath(os.fspath(directory))
-    if os.path.exists(final) and not os.path.isdir(final):
-        raise FileExistsError(f"{final} exists and is not a directory")
-    if os.path.isdir(final) and os.listdir(final) and not overwrite:
-        raise FileExistsError(f"{final} exists and is not empty (pass overwrite=True / --force to replace it)")
-    return final
-
-
-@contextlib.contextmanager
-def atomic_directory(directory, overwrite: bool = False) -> Iterator[str]:
-    """Yield a temporary directory beside ``directory``; on success it becomes ``directory``
-    (one rename), on any error it is removed. An existing non-empty ``directory`` is an
-    error unless ``overwrite``, checked before anything is written."""
-    final = check_target(directory, overwrite)
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
-    try:
-        yield tmp
-        _readable(tmp)
-        old = None
-        if os.path.isdir(final):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
-            os.rename(final, os.path.join(old, "d"))
-        os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _readable(directory: str) -> None:
-    """mkdtemp's 0700 (and writers' private temporary files) are not what a saved model should have."""
-    os.chmod(directory, 0o755)
-    for root, dirs, files in os.walk(directory):
-        for d in dirs:
-            os.chmod(os.path.join(root, d), 0o755)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o644)
+        state[key] = t
+    write_safetensors(state, directory, limit)
+    write_json(os.path.join(directory, CONFIG_NAME), {"quantization_config": qc})
 
 
 # --- load ---------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from ..errors import FormatError
 from ..formats import NF4, Int, QuantizedWeight
 from . import awq, bnb, gptq, hqq
 from . import compressed_tensors as ct
-from .hf_dir import TensorDir, atomic_output, read_config, read_json, write_json, write_safetensors
+from .files import atomic_output, read_json, write_json, write_safetensors
+from .hf_dir import TensorDir, read_config
 from .hf_model import build_model, config_dict, float_linears, float_tensors, install, quantized_layers
 
 FORMATS = ("gptq", "awq", "compressed-tensors", "gguf", "hqq", "bnb")

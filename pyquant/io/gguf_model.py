@@ -44,7 +44,7 @@ from ..formats.gguf import BLOCK_TYPES
 from .gguf import _DENSE as DENSE_TYPES
 from .gguf import GGUFFile, ValueType
 from .gguf_writer import write_gguf
-from .hf_dir import atomic_output
+from .files import atomic_output
 from .hf_model import install
 
 __all__ = ["load_gguf_quantized", "export_gguf", "gguf_tensor_name", "int_to_gguf", "tokenizer_metadata"]

@@ -31,7 +31,7 @@ from ..errors import FormatError
 from ..formats import GGUF, QuantizedWeight
 from ..formats.gguf import BLOCK_TYPES
 from .gguf import _SCALARS, DEFAULT_ALIGNMENT, GGML_TYPES, MAGIC, MAX_DIMS, ValueType
-from .hf_dir import atomic_output
+from .files import atomic_output
 
 VERSION = 3
 _DENSE_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",

@@ -13,6 +13,7 @@ from typing import List, Tuple
 
 from ..errors import FormatError
 from . import checkpoint
+from .files import CONFIG_NAME, read_json, safetensors_files
 from .gguf import GGUFFile
 from .safetensors_file import read_header
 
@@ -51,12 +52,12 @@ def _shape(dims) -> str:
 def describe(path) -> Inventory:
     path = os.fspath(path)
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, checkpoint.CONFIG_NAME)):
-            config = checkpoint.read_json(os.path.join(path, checkpoint.CONFIG_NAME))
-            qc = config.get("quantization_config") if isinstance(config, dict) else None
+        if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            config = read_json(os.path.join(path, CONFIG_NAME), CONFIG_NAME)
+            qc = config.get("quantization_config")
             if isinstance(qc, dict) and qc.get("quant_method") == checkpoint.QUANT_METHOD:
                 return _pyquant_checkpoint(path)
-        files, _ = checkpoint.shard_files(path)
+        files, _ = safetensors_files(path)
         return _safetensors(path, files)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory")

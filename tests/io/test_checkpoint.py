@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import pyquant  # noqa: E402
 from pyquant.errors import FormatError  # noqa: E402
 from pyquant.formats import GGUF, NF4, Int, QuantizedWeight  # noqa: E402
-from pyquant.io import checkpoint  # noqa: E402
+from pyquant.io import checkpoint, files  # noqa: E402
 from pyquant.nn import QuantLinear  # noqa: E402
 
 
@@ -265,10 +265,10 @@ def test_missing_directory_and_file(tmp_path):
 
 
 def test_parse_size():
-    assert checkpoint.parse_size("2GB") == 2 * 10**9 and checkpoint.parse_size("1GiB") == 2**30
-    assert checkpoint.parse_size(123) == 123
+    assert files.parse_size("2GB") == 2 * 10**9 and files.parse_size("1GiB") == 2**30
+    assert files.parse_size(123) == 123
     with pytest.raises(FormatError, match="max_shard_size"):
-        checkpoint.parse_size("lots")
+        files.parse_size("lots")
 
 
 # --- memory: the packed tensors, never a float copy of the weights ---------------------------
