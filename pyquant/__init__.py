@@ -27,6 +27,7 @@ from . import nn
 from .nn import QuantLinear, replace_linear
 from . import io
 from .io.checkpoint import load_quantized, save_quantized
+from .io.exchange import export_model, import_model
 from .config import QuantConfig
 from .pipeline import quantize_model
 from .integrations import hf_hook as _hf_hook
@@ -43,5 +44,5 @@ __all__ = [
     "QuantLinear", "replace_linear",
     "PyquantError", "ShapeError", "DtypeError", "DeviceError", "FormatError", "ValueRangeError",
     "KernelUnavailableError",
-    "QuantConfig", "quantize_model", "save_quantized", "load_quantized",
+    "QuantConfig", "quantize_model", "save_quantized", "load_quantized", "export_model", "import_model",
 ]
