@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pyquant.ops.dispatch import registered
-from pyquant.triton_kernels.tools import cuda_build, gpu_model
+from pyquant.triton_kernels.tools import cuda_build, gpu_model, report
 from pyquant.triton_kernels.tools import sass as S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,8 +76,11 @@ def test_sass_parsing_by_function():
 BOUNDS = {
     ("cuda_int4_qmatmul_gemv", "M=1"): (14.0, 4, {"LDG.128": 8}),
     ("cuda_int4_qmatmul_gemv", "M=4"): (17.5, 3, {"LDG.128": 8}),
+    ("cuda_int4mma_qmatmul", "MT=1"): (1.5, 2, {"LDGSTS.128": 8}),
+    ("cuda_int4mma_qmatmul", "MT=2"): (2.0, 2, {"LDGSTS.128": 8}),
+    ("cuda_int4mma_qmatmul", "MT=8"): (6.0, 2, {"LDGSTS.128": 8}),
     ("cuda_int8_w8a8_matmul", "GEMM"): (4.0, 4, {"LDGSTS.128": 4}),
-    ("cuda_int_dequantize", "int4"): (400.0, 8, {}),
+    ("cuda_int_dequantize", "int4"): (3.0, 8, {"LDG.128": 1}),
     ("cuda_nf4_dequantize", "nf4"): (37.0, 8, {}),
     ("cuda_gguf_dequantize", "Q4_K"): (34.0, 8, {}),
     ("triton_any_qmatmul_gemv", "M=1"): (4.5, 6, {"LDG.128": 8}),
@@ -89,6 +92,20 @@ BOUNDS = {
     ("triton_any_dequantize", "int4"): (22.5, 10, {}),
 }
 WEIGHT_STREAMING = ("qmatmul",)  # main loops that must not read weights byte by byte
+
+
+def test_int4mma_launch_shape_matches_the_launcher():
+    """The report models the tensor-core kernel's grid with its own copy of the launch plan
+    (triton_kernels may not import pyquant.ops); this keeps the copy honest."""
+    from pyquant.ops.backends import cuda_mma
+
+    for m in (1, 8, 9, 16, 17, 32, 33, 64):
+        mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+        for group, fp in ((32, 2), (64, 4), (128, 8)):
+            bn = report.int4mma_block_n(mt, fp)
+            assert bn == cuda_mma.block_n(m, group), (m, group)
+            for n, k in report.SHAPES + ((576, 576), (1536, 576), (576, 1536), (64, 128)):
+                assert report.int4mma_splits(n, k, m, bn, 132) == cuda_mma.plan_splits(m, n, k, group, 132), (m, n, k)
 
 
 def _report_tools_or_skip():

@@ -65,6 +65,8 @@ class Variant:
     visits: Callable[[int, int, int], int]  # weights the main loop handles for (N, K, M), every M tile
     build: Callable[[], Tuple[list, Dict[str, int]]]  # -> (instructions, resource usage)
     whole_kernel: bool = False  # one tile per thread: the whole kernel is the "loop" (its loops are helpers)
+    marker: Optional[str] = None  # the main loop is the one holding most of these opcodes (HMMA: the MMA loop)
+    dynamic_smem: int = 0  # shared memory the launch asks for (not in the cubin's static figure)
 
 
 @dataclasses.dataclass
@@ -88,20 +90,20 @@ class KernelRow:
 class _CudaFile:
     """One compiled ``csrc/cuda`` file: functions by readable name, resources by mangled name."""
 
-    _cache: Dict[str, "_CudaFile"] = {}
+    _cache: Dict[Tuple[str, Tuple[str, ...]], "_CudaFile"] = {}
 
-    def __init__(self, stem: str):
+    def __init__(self, stem: str, defines: Tuple[str, ...] = ()):
         path = cuda_build.sources()[stem]
-        cub = cuda_build.cubin(path)
+        cub = cuda_build.cubin(path, defines=defines)
         self.functions = S.split_functions(cuda_build.disassemble(cub))
         self.res = S.parse_res_usage(cuda_build.res_usage(cub))
         self.names = cuda_build.demangle(self.functions)
 
     @classmethod
-    def get(cls, stem: str) -> "_CudaFile":
-        if stem not in cls._cache:
-            cls._cache[stem] = cls(stem)
-        return cls._cache[stem]
+    def get(cls, stem: str, defines: Tuple[str, ...] = ()) -> "_CudaFile":
+        if (stem, defines) not in cls._cache:
+            cls._cache[stem, defines] = cls(stem, defines)
+        return cls._cache[stem, defines]
 
     def function(self, pattern: str):
         mangled = cuda_build.find_function(self.names, pattern)
@@ -110,8 +112,49 @@ class _CudaFile:
         return self.functions[mangled], self.res[mangled]
 
 
-def _cuda(stem: str, pattern: str):
-    return lambda: _CudaFile.get(stem).function(pattern)
+def _cuda(stem: str, pattern: str, defines: Tuple[str, ...] = ()):
+    return lambda: _CudaFile.get(stem, defines).function(pattern)
+
+
+def int4mma_block_n(mt: int, fp: int) -> int:
+    """Output rows per CTA of int4_mma_kernel<T, TS, MT, FP> (int4_mma.cu's Cfg::kBlockN)."""
+    tiles = (4 if fp >= 4 else 2) if mt <= 2 else (2 if fp >= 4 else 1) if mt == 4 else 1
+    return 4 * tiles * 16
+
+
+def int4mma_smem(mt: int, fp: int) -> int:
+    """Dynamic shared memory of int4_mma_kernel<T, TS, MT, FP> (Cfg::kTotal): four pipeline
+    stages of 128-deep codes, x rows and one scale and zero row per scale period."""
+    bn = int4mma_block_n(mt, fp)
+    codes, x, scales = bn * 128 // 2, mt * 8 * 128 * 2, (8 // fp) * bn * 2
+    return 4 * (codes + x + 2 * scales)
+
+
+def int4mma_splits(n: int, k: int, m: int, block_n: int, sms: int) -> int:
+    """K splits the launcher plans (about two CTAs per SM, two 128-deep stages per split
+    at least, partials within 4 MiB); tests/benchmarks checks it against cuda_mma.plan_splits."""
+    stages = cdiv(k, 128)
+    splits = max(1, min(stages // 2, round(2 * sms / cdiv(n, block_n)), (4 << 20) // (4 * m * n)))
+    return cdiv(stages, cdiv(stages, splits))
+
+
+def int4mma_variants(gpu: gpu_model.GpuModel = gpu_model.H100) -> List[Variant]:
+    """The tensor-core int4 kernel at group 128, fp16: its M <= 8, <= 16 and <= 64 builds."""
+    out = []
+    for mt, m in ((1, 1), (2, 16), (8, 64)):
+        bn = int4mma_block_n(mt, 8)
+
+        def splits(n, k, m, bn=bn):
+            return int4mma_splits(n, k, m, bn, gpu.sms)
+        out.append(Variant(
+            "cuda_int4mma_qmatmul", f"int4 g128 fp16 MT={mt} (M<={8 * mt})", (m,), 128, bn,
+            grid=lambda n, k, m, bn=bn, splits=splits: cdiv(n, bn) * splits(n, k, m),
+            # split-K partials are not counted: capped at 4 MiB, they stay in L2
+            nbytes=lambda n, k, m: int4_g128_bytes(n, k) + act_bytes(n, k, m),
+            visits=lambda n, k, m: n * k,
+            build=_cuda("int4_mma", rf"int4_mma_kernel<__half, __half, {mt}, 8>"), marker="HMMA",
+            dynamic_smem=int4mma_smem(mt, 8)))
+    return out
 
 
 def cuda_variants() -> List[Variant]:
@@ -124,6 +167,7 @@ def cuda_variants() -> List[Variant]:
             nbytes=lambda n, k, m: int4_g128_bytes(n, k) + act_bytes(n, k, m),
             visits=lambda n, k, m: n * k,
             build=_cuda("int4_gemv", rf"int4_gemv_kernel<{m}, __half>")))
+    out.extend(int4mma_variants())
     # 64 x 128 output tile, 64-wide K tiles, 128 threads: 128 * 64 weights per tile
     out.append(Variant(
         "cuda_int8_w8a8_matmul", "int8 pc fp16 (GEMM)", (16, 128, 2048), 128, 128 * 64 / 128,
@@ -135,13 +179,16 @@ def cuda_variants() -> List[Variant]:
         "cuda_int8_w8a8_matmul", "activation quantizer (per row)", (), 256, 1,
         grid=lambda n, k, m: m, nbytes=lambda n, k, m: 0, visits=lambda n, k, m: 0,
         build=_cuda("w8a8", r"quantize_rows_int8_kernel<__half>")))
-    # one thread per 32-code chunk of a row, 128 threads across the row, one grid row per weight row
+    # one thread per 32-code chunk of a row, 128 threads across the row, grid rows striding over rows;
+    # built with its fast path alone (fp16 scales, integral zeros: what int4 g128 checkpoints hold)
+    # so the count is the path that runs, not both sides of the branch
     out.append(Variant(
-        "cuda_int_dequantize", "int4 g128 -> fp16", (0,), 128, 32,
+        "cuda_int_dequantize", "int4 g128 -> fp16 (fast path)", (0,), 128, 32,
         grid=lambda n, k, m: cdiv(cdiv(k, 32), 128) * n,
         nbytes=lambda n, k, m: int4_g128_bytes(n, k) + 2 * n * k,
         visits=lambda n, k, m: n * k,
-        build=_cuda("int_dequant", r"int_dequant_kernel<__half, 4>"), whole_kernel=True))
+        build=_cuda("int_dequant", r"int_dequant_kernel<__half, 4>", ("PYQUANT_DEQUANT_FAST_PATH_ONLY",)),
+        marker="STG.E.128"))  # the loop over rows that stores whole chunks
     # 32 consecutive outputs (half an NF4 block) per thread
     out.append(Variant(
         "cuda_nf4_dequantize", "nf4 b64 -> fp16", (0,), 256, 32,
@@ -244,7 +291,8 @@ def kernel_rows(variants: List[Variant], gpu: gpu_model.GpuModel = gpu_model.H10
     rows = []
     for v in variants:
         instrs, res = v.build()
-        st = S.stats_of(f"{v.kernel}: {v.label}", instrs, res, v.weights_per_iter, v.whole_kernel)
+        res = {**res, "smem": res["smem"] + v.dynamic_smem}
+        st = S.stats_of(f"{v.kernel}: {v.label}", instrs, res, v.weights_per_iter, v.whole_kernel, v.marker)
         rows.append(KernelRow(v.kernel, v.label, v.threads, st, gpu_model.occupancy(st.regs, st.smem, v.threads, gpu)))
     return rows
 

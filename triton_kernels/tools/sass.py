@@ -213,12 +213,12 @@ def main_loop(instrs, marker: Optional[str] = None):
     return body(max(loops, key=lambda r: (sum(opcode(t).startswith(marker) for t in body(r)), -(r[1] - r[0]))))
 
 
-def stats_of(name: str, instrs, res: Dict[str, int], weights_per_iter: float, whole_kernel: bool = False
-             ) -> SassStats:
+def stats_of(name: str, instrs, res: Dict[str, int], weights_per_iter: float, whole_kernel: bool = False,
+             marker: Optional[str] = None) -> SassStats:
     """SassStats of one function's instructions and resource usage. ``whole_kernel``: a
-    kernel where each thread handles one tile counts as its own loop body. Counts are
-    static: both sides of a branch in the loop count, whichever runs."""
-    body = [t for _, t in instrs] if whole_kernel else main_loop(instrs)
+    kernel where each thread handles one tile counts as its own loop body; ``marker``: as
+    in :func:`main_loop`. Counts are static: both sides of a branch in the loop count."""
+    body = [t for _, t in instrs] if whole_kernel else main_loop(instrs, marker)
     ops = collections.Counter(opcode(t) for t in body)
     mem = {k: v for k, v in ops.items() if k.startswith(_MEM_PREFIX)}
     return SassStats(name, res["regs"], res["local"] + res["stack"], res["smem"], len(instrs), len(body),
