@@ -202,6 +202,14 @@ main() {
     else
       echo "(bench_cuda left out: the budget is spent; the suite above has the GEMV rows)"
     fi
+    # the tensor-core int4 kernel (IntMMA layout) against cuBLAS fp16 in the same process
+    if (( $(limit 45 5) >= 30 )); then
+      mkdir -p "$WORK/suite-mma"
+      step benchmark-mma 45 5 "$PY" benchmarks/suite.py --device cuda --formats int4mma_g128_asym \
+        --shapes 4096x4096,14336x4096 --m 1,16,64 --out "$WORK/suite-mma" || status=1
+    else
+      echo "(benchmark-mma left out: the budget is spent)"
+    fi
   elif (( ! build_ok )); then
     skipped_step gpu-tests "the build failed"
     skipped_step benchmark "the build failed"

@@ -59,7 +59,7 @@ from _timing import CudaTimer, Stats, gpu_info  # noqa: E402
 
 import pyquant  # noqa: E402
 from pyquant.errors import KernelUnavailableError  # noqa: E402
-from pyquant.formats import GGUF, NF4, Int, QuantizedWeight  # noqa: E402
+from pyquant.formats import GGUF, NF4, Int, IntMMA, QuantizedWeight, to_mma  # noqa: E402
 from pyquant.ops.dispatch import select_kernel  # noqa: E402
 
 LLAMA = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
@@ -67,6 +67,8 @@ SMOLLM2 = [(1536, 576), (576, 1536), (576, 576), (192, 576)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048]
 FORMATS = {
     "int4_g128_asym": Int(4, 128, False, torch.float16),
+    # the same weight repacked for the tensor-core kernel (cuda_int4mma_qmatmul; other backends decline it)
+    "int4mma_g128_asym": IntMMA(4, 128, False, torch.float16),
     "int8_pc_sym": Int(8, -1, True, torch.float16),
     "nf4_b64": NF4(64),
     "q4_k": GGUF("Q4_K"),
@@ -104,6 +106,9 @@ def make_weight(fmt, shape, device, gen) -> QuantizedWeight:
     """A packed weight of ``fmt``: RTN of a random matrix for Int, random valid
     packed data for NF4/GGUF (speed does not depend on the values)."""
     n, k = shape
+    if isinstance(fmt, IntMMA):
+        plain = Int(fmt.bits, fmt.group_size, fmt.symmetric, fmt.scale_dtype)
+        return to_mma(make_weight(plain, shape, device, gen))
     if isinstance(fmt, Int):
         w = torch.randn(n, k, generator=gen).to(device) * 0.02
         return pyquant.quantize_weight(w, fmt)
@@ -233,7 +238,10 @@ def run(args, timer=None) -> dict:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     if args.m:
         ms = [int(v) for v in args.m.split(",")]
-    formats = {k: v for k, v in FORMATS.items() if not args.formats or k in args.formats.split(",")}
+    if args.formats:
+        formats = {k: v for k, v in FORMATS.items() if k in args.formats.split(",")}
+    else:  # the mma layout has a CUDA kernel only: elsewhere it would time the reference
+        formats = {k: v for k, v in FORMATS.items() if device.type == "cuda" or not isinstance(v, IntMMA)}
     backends = backends_for(device, args.with_reference)
     if timer is None:
         timer = CudaTimer(device, args.replays) if device.type == "cuda" else CpuTimer(args.quick)
