@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 
+#include "lora_epilogue.h"
 #include "pyquant/nf4_decode.h"
 #include "simd.h"
 
@@ -30,10 +31,17 @@ void decode_range_avx2(const Weight& w, int64_t begin, int64_t end, float* out);
 // dequantized weight.
 void dequantize(const Weight& w, float* out, int nthreads, int64_t row_begin, int64_t row_end);
 
-// y (M, N) fp32 = x (M, K) fp32 @ W^T (+ bias fp32 (N,) if not null).
-// path: -1 chooses by M; 0 forces the fused (GEMV-style) kernel, 1 the tiled
-// one (tests run both on every shape).
-void qmatmul(const Weight& w, const float* x, int64_t m, const float* bias, float* y, int nthreads, int path = -1);
+// y (M, N) fp32 = x (M, K) fp32 @ W^T (+ bias fp32 (N,) if not null) (+ the
+// low-rank epilogue). path: -1 chooses by M; 0 forces the fused (GEMV-style)
+// kernel, 1 the tiled one (tests run both on every shape).
+void qmatmul(const Weight& w, const float* x, int64_t m, const float* bias, const LoraEpilogue& lora, float* y,
+             int nthreads, int path = -1);
+
+// The codebook as int8, round(127 * c): the weight side of the integer-dot
+// kernels (q8_kernels.h). Rounding moves a value by at most 0.5 / 127 of its
+// block's absmax (rms ~0.3 / 127).
+constexpr int8_t kNf4CodebookI8[16] = {-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127};
+constexpr float kNf4I8Inv = 1.0f / 127.0f;
 
 // block_size is a power of two (the format enforces it): block index = i >> log2.
 inline int nf4_log2(int64_t v) { return __builtin_ctzll(static_cast<unsigned long long>(v)); }
