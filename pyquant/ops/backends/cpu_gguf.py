@@ -8,12 +8,15 @@ Kernels:
 * ``gguf_dequantize``: every block type, bit-exact with ``gguf.quants.dequantize``
   (fp32 out; other dtypes are a torch cast of it, i.e. correctly rounded).
 * ``gguf_qmatmul``: fused in C++ for every block type below
-  ``TORCH_MATMUL_MIN_M`` activation rows (a dedicated M=1 kernel for Q4_K,
-  Q6_K and Q8_0, a tiled decode-and-multiply kernel otherwise). From there on
-  torch's GEMM beats our register-tiled dot products (4096x4096, one thread:
-  even at M=256, 15% behind at M=512), so the weight is dequantized in tiles of
-  ``ROW_TILE`` rows, each multiplied with torch; memory stays at one tile,
-  never the whole float weight.
+  ``TORCH_MATMUL_MIN_M`` activation rows. By default (``cpu_activations``
+  "auto" or "int8") with llama.cpp's arithmetic: x quantized to Q8_0 / Q8_1 /
+  Q8_K blocks once per call, integer dot products per block, at the SIMD
+  level in effect (csrc/cpu/q8_*.cpp). With ``cpu_activations("fp32")``, in
+  exact fp32 (a dedicated M=1 kernel for Q4_K, Q6_K and Q8_0, a tiled
+  decode-and-multiply kernel otherwise). From ``TORCH_MATMUL_MIN_M`` on,
+  torch's GEMM beats both, so the weight is dequantized in tiles of
+  ``ROW_TILE`` rows, each multiplied with torch (exact fp32); memory stays at
+  one tile, never the whole float weight.
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ import torch
 
 from ... import _ext
 from ...formats.base import named_packed
+from .._dtypes import dtype_code
 from ..dispatch import register_kernel
+from . import cpu_activations
 
 ROW_TILE = 256
 TORCH_MATMUL_MIN_M = 512
@@ -71,9 +76,11 @@ def qmatmul(
 ) -> torch.Tensor:
     n, k = shape
     m = x2d.shape[0]
-    x = x2d.to(torch.float32).contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()
     blocks = _blocks(qdata, fmt, shape)
+    int8 = cpu_activations.use_int8("gguf")
+    # int8 kernels read x in its own dtype; the exact ones want fp32
+    x = x2d.contiguous() if int8 and m < TORCH_MATMUL_MIN_M else x2d.to(torch.float32).contiguous()
     if m >= TORCH_MATMUL_MIN_M:
         y = _tiled_torch_matmul(x, blocks, fmt, n, k, b)
     else:
@@ -81,7 +88,7 @@ def qmatmul(
         if y.numel():
             _ext.load().gguf_qmatmul(fmt.block.ggml_type, x.data_ptr(), blocks.data_ptr(),
                                      0 if b is None else b.data_ptr(), y.data_ptr(), m, n, k,
-                                     torch.get_num_threads())
+                                     torch.get_num_threads(), int8, dtype_code(x.dtype))
     return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
 
 
