@@ -1,8 +1,8 @@
 // The q8 kernels' driver (baseline code): picks the kernel table of the
 // SIMD level in effect, quantizes x once, and shares blocks of weight rows
 // among the threads; each block runs every row of x in passes of up to
-// kMaxMR, then its bias and low-rank epilogue while the block of y is in
-// cache. The kernels themselves live in q8_scalar.cpp and q8_impl.inc.
+// the table's mr_* rows, then its bias and low-rank epilogue while the block of
+// y is in cache. The kernels themselves live in q8_scalar.cpp and q8_impl.inc.
 #include <omp.h>
 
 #include <algorithm>
@@ -98,7 +98,7 @@ class ActBuffer {
         size_t(m * kp),                                                        // qs
         with_abs ? size_t(m * kp) : 0,                                         // aqs
         size_t(m * a.nb) * 4,                                                  // d
-        kind == ActKind::kQ8_1 || kind == ActKind::kQ8_32 ? size_t(m * a.nb) * 4 : 0,  // s
+        k256 ? 0 : size_t(m * a.nb) * 4,                                       // s
         k256 ? 0 : size_t(m * a.nb) * 4,                                       // isum
         k256 ? size_t(m * kp / 16) * 2 : 0,                                    // bsums
         kind == ActKind::kQ8_32 ? size_t(m * kp / 4) * 4 : 0,                  // dl
@@ -127,22 +127,22 @@ class ActBuffer {
 
 // Threads worth waking: each should get ~2^17 multiply-adds at least (a
 // parallel region costs microseconds idle, much more on a busy machine).
-int threads_for(int64_t m, int64_t n, int64_t k, int nthreads, int64_t blocks) {
-  const int64_t passes = (m + kMaxMR - 1) / kMaxMR;
+int threads_for(int64_t m, int64_t n, int64_t k, int nthreads, int64_t blocks, int mr) {
+  const int64_t passes = (m + mr - 1) / mr;
   const int64_t work = n * k * passes;
   return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(nthreads), work >> 17, blocks})));
 }
 
 // Runs rows(m0, mr, n0, n1) over every block of kRows weight rows and every
-// pass of up to kMaxMR rows of x, then epi(n0, n1) for the block.
+// pass of up to max_mr rows of x, then epi(n0, n1) for the block.
 template <typename Rows, typename Epi>
-void run(int64_t m, int64_t n, int64_t k, int nthreads, Rows&& rows, Epi&& epi) {
+void run(int64_t m, int64_t n, int64_t k, int nthreads, int max_mr, Rows&& rows, Epi&& epi) {
   const int64_t blocks = (n + kRows - 1) / kRows;
-  const int nt_want = threads_for(m, n, k, nthreads, blocks);
+  const int nt_want = threads_for(m, n, k, nthreads, blocks, max_mr);
   std::unique_ptr<Share[]> shares(new Share[size_t(nt_want)]);
   auto block = [&](int64_t b) {
     const int64_t n0 = b * kRows, n1 = std::min(n, n0 + kRows);
-    for (int64_t m0 = 0; m0 < m; m0 += kMaxMR) rows(m0, int(std::min<int64_t>(kMaxMR, m - m0)), n0, n1);
+    for (int64_t m0 = 0; m0 < m; m0 += max_mr) rows(m0, int(std::min<int64_t>(max_mr, m - m0)), n0, n1);
     epi(n0, n1);
   };
 #pragma omp parallel num_threads(nt_want)
@@ -166,11 +166,12 @@ void gguf_qmatmul(int type, const void* x, int x_dtype, int64_t m, const uint8_t
   const ActKind kind = is_kquant(type) ? ActKind::kQ8_K
                        : (type == kQ4_1 || type == kQ5_1) ? ActKind::kQ8_1
                                                           : ActKind::kQ8_0;
-  ActBuffer buf(kind, Layout::kNatural, t.gguf_abs[type], m, k, k);
+  const Layout layout = t.gguf_layout_min_k > 0 && k % t.gguf_layout_min_k == 0 ? t.gguf_layout[type] : Layout::kNatural;
+  ActBuffer buf(kind, layout, t.gguf_abs[type], m, k, k);
   t.quantize(x, x_dtype, buf.a);
   const GgufWeight w{type, blocks, n, k, k / block_size(type) * type_size(type)};
   const GgufRowsFn fn = t.gguf[type];
-  run(m, n, k, nthreads, [&](int64_t m0, int mr, int64_t n0, int64_t n1) { fn(w, buf.a, m0, mr, n0, n1, y, n); },
+  run(m, n, k, nthreads, t.mr_gguf, [&](int64_t m0, int mr, int64_t n0, int64_t n1) { fn(w, buf.a, m0, mr, n0, n1, y, n); },
       [&](int64_t n0, int64_t n1) { add_bias(y, n, m, n0, n1, bias); });
 }
 
@@ -194,7 +195,7 @@ void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, cons
   }
   const IntArgs args{&w, xg.get()};
   const IntRowsFn fn = t.int_rows[w.bits];
-  run(m, w.n, w.k, nthreads,
+  run(m, w.n, w.k, nthreads, t.mr_int,
       [&](int64_t m0, int mr, int64_t n0, int64_t n1) { fn(args, a, m0, mr, n0, n1, y, w.n); },
       [&](int64_t n0, int64_t n1) {
         add_bias(y, w.n, m, n0, n1, bias);
@@ -213,7 +214,7 @@ void nf4_qmatmul(const void* x, int x_dtype, int64_t m, const nf4cpu::Weight& w,
   ActBuffer buf(ActKind::kQ8_32, t->nf4_layout, true, m, w.k, w.k);
   t->quantize(x, x_dtype, buf.a);
   const Nf4RowsFn fn = t->nf4;
-  run(m, w.n, w.k, nthreads, [&](int64_t m0, int mr, int64_t n0, int64_t n1) { fn(w, buf.a, m0, mr, n0, n1, y, w.n); },
+  run(m, w.n, w.k, nthreads, t->mr_nf4, [&](int64_t m0, int mr, int64_t n0, int64_t n1) { fn(w, buf.a, m0, mr, n0, n1, y, w.n); },
       [&](int64_t n0, int64_t n1) {
         add_bias(y, w.n, m, n0, n1, bias);
         lora.apply(y, w.n, 0, m, n0, n1);

@@ -29,12 +29,11 @@ namespace q8 {
 
 constexpr int kBlock = 32;    // activation block of Q8_0 / Q8_1 / Int / NF4
 constexpr int kSuper = 256;   // Q8_K block
-constexpr int kMaxMR = 4;     // rows of x sharing one weight decode
 constexpr int kGgufTypes = 15;  // ggml type codes 0..14
 
 // How x is quantized.
 enum class ActKind : int {
-  kQ8_0 = 0,   // ggml Q8_0: d rounded to fp16, q = rint(x * 127 / amax)
+  kQ8_0 = 0,   // ggml Q8_0: d rounded to fp16, q = rint(x * 127 / amax) (s = d * sum q)
   kQ8_1 = 1,   // ggml Q8_1: Q8_0 plus s = fp16(d * sum q)
   kQ8_K = 2,   // ggml Q8_K: per 256, d = max / -127 (fp32), bsums per 16
   kQ8_32 = 3,  // Int / NF4: Q8_0 with the fp32 d
@@ -62,7 +61,7 @@ struct Acts {
   int8_t* qs = nullptr;       // (m, kp)
   uint8_t* aqs = nullptr;     // (m, kp) |qs|, for kernels with signed weights on vpmaddubsw (else null)
   float* d = nullptr;         // (m, nb) scale as kernels multiply it
-  float* s = nullptr;         // (m, nb) Q8_1: fp16(d * sum q) as fp32; Q8_32: d * sum q
+  float* s = nullptr;         // (m, nb) Q8_1: fp16(d * sum q) as fp32; Q8_0, Q8_32: d * sum q (fp32)
   int32_t* isum = nullptr;    // (m, nb) sum of the codes of a 32-block (Q8_0/Q8_1/Q8_32)
   int16_t* bsums = nullptr;   // (m, kp / 16) Q8_K: sum of every 16 codes
   float* dl = nullptr;        // (m, kp / 4) Q8_32: lane scales (see above)
@@ -90,7 +89,8 @@ struct IntArgs {
   const float* xg;  // (m, w->groups)
 };
 
-// Rows [n0, n1) of y[m0 .. m0 + mr) = q8 product (no bias); y is (M, ldy).
+// Rows [n0, n1) of y[m0 .. m0 + mr) = q8 product (no bias); y is (M, ldy);
+// 1 <= mr <= the table's mr_* for the family.
 using GgufRowsFn = void (*)(const GgufWeight& w, const Acts& a, int64_t m0, int mr, int64_t n0, int64_t n1,
                             float* y, int64_t ldy);
 using IntRowsFn = void (*)(const IntArgs& w, const Acts& a, int64_t m0, int mr, int64_t n0, int64_t n1, float* y,
@@ -104,6 +104,7 @@ using QuantizeFn = void (*)(const void* x, int x_dtype, Acts& a);
 // The kernels of one SIMD level.
 struct Table {
   QuantizeFn quantize;
+  int mr_gguf, mr_int, mr_nf4;  // most rows of x one call of a rows function takes (sharing one weight decode)
   GgufRowsFn gguf[kGgufTypes];  // by ggml type code; null: none
   IntRowsFn int_rows[9];        // by bits (2, 3, 4, 8)
   Nf4RowsFn nf4;
@@ -112,6 +113,8 @@ struct Table {
   Layout nf4_layout;
   int nf4_min_group;            // the NF4 kernel needs K % this == 0
   bool gguf_abs[kGgufTypes];
+  Layout gguf_layout[kGgufTypes];  // used when K % gguf_layout_min_k == 0, else natural
+  int64_t gguf_layout_min_k;
 };
 
 const Table& table_scalar();

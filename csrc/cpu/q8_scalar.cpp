@@ -39,7 +39,7 @@ void quantize_block32(const float* x, ActKind kind, int8_t* q, float& d, float& 
     s = dd * float(sum);
   } else {
     d = half_bits_to_float(float_to_half_rne(dd));
-    s = half_bits_to_float(float_to_half_rne(dd * float(sum)));
+    s = kind == ActKind::kQ8_1 ? half_bits_to_float(float_to_half_rne(dd * float(sum))) : d * float(sum);
   }
 }
 
@@ -242,6 +242,7 @@ void nf4_rows(const nf4cpu::Weight& w, const Acts& a, int64_t m0, int mr, int64_
 Table make_table() {
   Table t{};
   t.quantize = quantize;
+  t.mr_gguf = t.mr_int = t.mr_nf4 = 4;
   t.gguf[kQ4_0] = gguf_rows<kQ4_0>;
   t.gguf[kQ4_1] = gguf_rows<kQ4_1>;
   t.gguf[kQ5_0] = gguf_rows<kQ5_0>;
