@@ -64,8 +64,19 @@ Cpu detect() {
   return c;
 }
 
+// PYQUANT_SIMD_HIDE=avx512,avxvnni: treat those levels as absent, to see
+// (and test) what a CPU without them gets: the fallbacks, and the errors.
+Cpu with_hidden(Cpu c) {
+  const char* env = std::getenv("PYQUANT_SIMD_HIDE");
+  if (env == nullptr) return c;
+  const std::string list = std::string(",") + env + ",";
+  for (int l = 1; l < kSimdLevels; ++l)
+    if (list.find(std::string(",") + kNames[l] + ",") != std::string::npos) c.level[l] = false;
+  return c;
+}
+
 const Cpu& cpu() {
-  static const Cpu c = detect();
+  static const Cpu c = with_hidden(detect());
   return c;
 }
 

@@ -11,7 +11,8 @@
 //
 // The level in effect is the best the CPU supports, or the one named by the
 // environment variable PYQUANT_SIMD (read once); set_simd_level changes it at
-// run time (tests run every level present). Asking for a level the CPU lacks
+// run time (tests run every level present). PYQUANT_SIMD_HIDE (a comma list
+// of levels) makes the dispatcher treat those as absent, as on a smaller CPU. Asking for a level the CPU lacks
 // is an error, never a path to an illegal instruction: kernels for a level
 // are only ever called through simd_level().
 #pragma once
