@@ -91,19 +91,23 @@ class ActBuffer {
  public:
   ActBuffer(ActKind kind, Layout layout, bool with_abs, int64_t m, int64_t k, int64_t kp) {
     a.m = m, a.k = k, a.kp = kp, a.kind = kind, a.layout = layout;
-    const bool k256 = kind == ActKind::kQ8_K;
+    const bool k256 = kind == ActKind::kQ8_K, two = kind == ActKind::kQ8x2_32;
+    const bool lanes = kind == ActKind::kQ8_32 || two;
     a.nb = kp / (k256 ? kSuper : kBlock);
-    size_t off[7], total = 0;
-    const size_t sizes[7] = {
-        size_t(m * kp),                                                        // qs
-        with_abs ? size_t(m * kp) : 0,                                         // aqs
-        size_t(m * a.nb) * 4,                                                  // d
-        k256 ? 0 : size_t(m * a.nb) * 4,                                       // s
-        k256 ? 0 : size_t(m * a.nb) * 4,                                       // isum
-        k256 ? size_t(m * kp / 16) * 2 : 0,                                    // bsums
-        kind == ActKind::kQ8_32 ? size_t(m * kp / 4) * 4 : 0,                  // dl
+    constexpr int kArrays = 9;
+    size_t off[kArrays], total = 0;
+    const size_t sizes[kArrays] = {
+        size_t(m * kp),                            // qs
+        with_abs ? size_t(m * kp) : 0,             // aqs
+        size_t(m * a.nb) * 4,                      // d
+        k256 ? 0 : size_t(m * a.nb) * 4,           // s
+        k256 ? 0 : size_t(m * a.nb) * 4,           // isum
+        k256 ? size_t(m * kp / 16) * 2 : 0,        // bsums
+        lanes ? size_t(m * kp / 4) * 4 : 0,        // dl
+        two ? size_t(m * kp) : 0,                  // qs2
+        two ? size_t(m * a.nb) * 4 : 0,            // isum2
     };
-    for (int i = 0; i < 7; ++i) {
+    for (int i = 0; i < kArrays; ++i) {
       off[i] = total;
       total += (sizes[i] + 63) / 64 * 64;
     }
@@ -118,6 +122,8 @@ class ActBuffer {
     a.isum = static_cast<int32_t*>(at(4));
     a.bsums = static_cast<int16_t*>(at(5));
     a.dl = static_cast<float*>(at(6));
+    a.qs2 = static_cast<int8_t*>(at(7));
+    a.isum2 = static_cast<int32_t*>(at(8));
   }
   Acts a;
 
@@ -180,7 +186,7 @@ void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, cons
   if (m <= 0 || w.n <= 0) return;
   const Table& t = table_for(simd_level());
   const int64_t kp = w.chunks * kIntChunk;
-  ActBuffer buf(ActKind::kQ8_32, t.int_layout[w.bits], t.int_abs[w.bits], m, w.k, kp);
+  ActBuffer buf(ActKind::kQ8x2_32, t.int_layout[w.bits], t.int_abs[w.bits], m, w.k, kp);
   Acts& a = buf.a;
   t.quantize(x, x_dtype, a);
   // X[g] = sum over the group's 32-blocks of d * sum(q): the zero-point term.
@@ -211,7 +217,7 @@ void nf4_qmatmul(const void* x, int x_dtype, int64_t m, const nf4cpu::Weight& w,
   if (!nf4_supported(w.k)) throw std::invalid_argument("NF4 q8 kernel needs K % 32 == 0, got " + std::to_string(w.k));
   const Table* t = &table_for(simd_level());
   if (w.k % t->nf4_min_group != 0) t = &table_scalar();  // (unreachable for layer shapes: K % 64 == 0)
-  ActBuffer buf(ActKind::kQ8_32, t->nf4_layout, true, m, w.k, w.k);
+  ActBuffer buf(ActKind::kQ8x2_32, t->nf4_layout, false, m, w.k, w.k);
   t->quantize(x, x_dtype, buf.a);
   const Nf4RowsFn fn = t->nf4;
   run(m, w.n, w.k, nthreads, t->mr_nf4, [&](int64_t m0, int mr, int64_t n0, int64_t n1) { fn(w, buf.a, m0, mr, n0, n1, y, w.n); },
@@ -222,7 +228,7 @@ void nf4_qmatmul(const void* x, int x_dtype, int64_t m, const nf4cpu::Weight& w,
 }
 
 void quantize_activations(ActKind kind, const void* x, int x_dtype, int64_t m, int64_t k, int8_t* qs, float* d,
-                          float* s, int32_t* isum, int16_t* bsums) {
+                          float* s, int32_t* isum, int16_t* bsums, int8_t* qs2, int32_t* isum2) {
   if (m <= 0) return;
   const Table& t = table_for(simd_level());
   const int64_t blk = kind == ActKind::kQ8_K ? kSuper : kBlock;
@@ -235,6 +241,8 @@ void quantize_activations(ActKind kind, const void* x, int x_dtype, int64_t m, i
   if (s && a.s) std::memcpy(s, a.s, size_t(m * a.nb) * 4);
   if (isum && a.isum) std::memcpy(isum, a.isum, size_t(m * a.nb) * 4);
   if (bsums && a.bsums) std::memcpy(bsums, a.bsums, size_t(m * kp / 16) * 2);
+  if (qs2 && a.qs2) std::memcpy(qs2, a.qs2, size_t(m * kp));
+  if (isum2 && a.isum2) std::memcpy(isum2, a.isum2, size_t(m * a.nb) * 4);
 }
 
 }  // namespace q8

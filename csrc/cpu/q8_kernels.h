@@ -12,9 +12,10 @@
 //     x86 code does; each block's integer dot product is the one ggml's
 //     vec_dot computes, scaled by fp32(d_w) * fp32(d_x).
 //   * Int and NF4: x per 32-block with an fp32 scale d = amax / 127 (not
-//     rounded to fp16). Int: y = sum_g s_g (sum_b d_b q.x_b - z_g sum_b d_b
-//     sum(x_b)). NF4: the codebook as int8 (round(127 c)), y = sum_b d_b
-//     absmax_b / 127 * (c8 . x_b).
+//     rounded to fp16), in two int8 planes (x ~ d (q + q2 / 256), kQ8x2_32):
+//     each dot product is taken with both and combined as 256 i + i2. Int:
+//     y = sum_g s_g (sum_b d_b q.x_b - z_g sum_b d_b sum(x_b)). NF4: the
+//     codebook as int8 (round(127 c)), y = sum_b d_b absmax_b / 127 (c8 . x_b).
 // Only the float summation order differs between levels (and from ggml).
 #pragma once
 #include <cstdint>
@@ -36,7 +37,12 @@ enum class ActKind : int {
   kQ8_0 = 0,   // ggml Q8_0: d rounded to fp16, q = rint(x * 127 / amax) (s = d * sum q)
   kQ8_1 = 1,   // ggml Q8_1: Q8_0 plus s = fp16(d * sum q)
   kQ8_K = 2,   // ggml Q8_K: per 256, d = max / -127 (fp32), bsums per 16
-  kQ8_32 = 3,  // Int / NF4: Q8_0 with the fp32 d
+  kQ8_32 = 3,  // Q8_0 with the fp32 d
+  // Int / NF4: two int8 planes, x ~ d * (q + q2 / 256): q as kQ8_32, q2 the
+  // residual x - d q (one rounding) times 256 / d, rounded, clamped to +-127.
+  // A single plane measured up to 3% off the exact product on SmolLM2's
+  // layers with outlier activations; two planes ~1e-4 (cpu_int8_error.py).
+  kQ8x2_32 = 4,
 };
 
 // Order of the int8 codes of x within a row, matched to how a kernel
@@ -59,14 +65,19 @@ struct Acts {
   ActKind kind = ActKind::kQ8_32;
   Layout layout = Layout::kNatural;
   int8_t* qs = nullptr;       // (m, kp)
+  int8_t* qs2 = nullptr;      // (m, kp) kQ8x2_32: the second plane, same order
   uint8_t* aqs = nullptr;     // (m, kp) |qs|, for kernels with signed weights on vpmaddubsw (else null)
   float* d = nullptr;         // (m, nb) scale as kernels multiply it
-  float* s = nullptr;         // (m, nb) Q8_1: fp16(d * sum q) as fp32; Q8_0, Q8_32: d * sum q (fp32)
-  int32_t* isum = nullptr;    // (m, nb) sum of the codes of a 32-block (Q8_0/Q8_1/Q8_32)
+  float* s = nullptr;         // (m, nb) Q8_1: fp16(d * sum q) as fp32; Q8_0, Q8_32: d * sum q (fp32);
+                              // Q8x2_32: d / 256 * (256 sum q + sum q2)
+  int32_t* isum = nullptr;    // (m, nb) sum of the codes of a 32-block (Q8_0/Q8_1/Q8_32/Q8x2_32)
+  int32_t* isum2 = nullptr;   // (m, nb) kQ8x2_32: sum of the second plane's codes
   int16_t* bsums = nullptr;   // (m, kp / 16) Q8_K: sum of every 16 codes
-  float* dl = nullptr;        // (m, kp / 4) Q8_32: lane scales (see above)
+  float* dl = nullptr;        // (m, kp / 4) Q8_32: lane scales (see above); Q8x2_32: d / 256
 
   const int8_t* qs_row(int64_t r) const { return qs + r * kp; }
+  const int8_t* qs2_row(int64_t r) const { return qs2 + r * kp; }
+  const int32_t* isum2_row(int64_t r) const { return isum2 + r * nb; }
   const uint8_t* aqs_row(int64_t r) const { return aqs + r * kp; }
   const float* d_row(int64_t r) const { return d + r * nb; }
   const float* s_row(int64_t r) const { return s + r * nb; }
@@ -138,11 +149,10 @@ void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, cons
 bool nf4_supported(int64_t k);
 void nf4_qmatmul(const void* x, int x_dtype, int64_t m, const nf4cpu::Weight& w, const float* bias,
                  const LoraEpilogue& lora, float* y, int nthreads);
-// x quantized alone, natural order (for tests): qs (m, kp), d / s / isum
-// (m, nb), bsums (m, kp / 16); s, isum, bsums may be null where the kind has
-// none.
+// x quantized alone, natural order (for tests): qs / qs2 (m, kp), d / s /
+// isum / isum2 (m, nb), bsums (m, kp / 16); any but qs and d may be null.
 void quantize_activations(ActKind kind, const void* x, int x_dtype, int64_t m, int64_t k, int8_t* qs, float* d,
-                          float* s, int32_t* isum, int16_t* bsums);
+                          float* s, int32_t* isum, int16_t* bsums, int8_t* qs2, int32_t* isum2);
 
 // ---- helpers shared by every level (baseline code) ------------------------------
 

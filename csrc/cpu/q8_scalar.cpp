@@ -22,19 +22,31 @@ void row_f32(const void* x, int dtype, int64_t row, int64_t k, int64_t kp, float
 }
 
 // ggml's quantize_row_q8_0/q8_1 (x86) for one block of 32, or the fp32-d
-// variant (Q8_32).
-void quantize_block32(const float* x, ActKind kind, int8_t* q, float& d, float& s, int32_t& isum) {
+// variant (Q8_32), or its two planes (Q8x2_32: the residual rounded once,
+// then scaled by 256 / d and rounded, clamped to +-127).
+void quantize_block32(const float* x, ActKind kind, int8_t* q, int8_t* q2, float& d, float& s, int32_t& isum,
+                      int32_t* isum2) {
   float amax = 0.0f;
   for (int j = 0; j < kBlock; ++j) amax = std::fmax(amax, std::fabs(x[j]));
   const float dd = amax / 127.0f;
   const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
-  int32_t sum = 0;
+  int32_t sum = 0, sum2 = 0;
   for (int j = 0; j < kBlock; ++j) {
     q[j] = int8_t(rne(x[j] * id));
     sum += q[j];
+    if (kind == ActKind::kQ8x2_32) {
+      const float r = std::fma(-dd, float(q[j]), x[j]);
+      const float v = std::fmin(std::fmax(rne(r * (id * 256.0f)), -127.0f), 127.0f);
+      q2[j] = int8_t(v);
+      sum2 += q2[j];
+    }
   }
   isum = sum;
-  if (kind == ActKind::kQ8_32) {
+  if (kind == ActKind::kQ8x2_32) {
+    d = dd;
+    *isum2 = sum2;
+    s = (dd * (1.0f / 256.0f)) * float(256 * sum + sum2);
+  } else if (kind == ActKind::kQ8_32) {
     d = dd;
     s = dd * float(sum);
   } else {
@@ -81,13 +93,13 @@ void quantize(const void* x, int x_dtype, Acts& a) {
       for (int64_t b = 0; b < a.nb; ++b)
         quantize_block256(row.data() + b * kSuper, q + b * kSuper, a.d[r * a.nb + b], a.bsums + r * (a.kp / 16) + b * 16);
     } else {
-      for (int64_t b = 0; b < a.nb; ++b) {
-        float s = 0.0f;
-        quantize_block32(row.data() + b * kBlock, a.kind, q + b * kBlock, a.d[r * a.nb + b], s, a.isum[r * a.nb + b]);
-        if (a.s) a.s[r * a.nb + b] = s;
-      }
+      for (int64_t b = 0; b < a.nb; ++b)
+        quantize_block32(row.data() + b * kBlock, a.kind, q + b * kBlock, a.qs2 ? a.qs2 + r * a.kp + b * kBlock : nullptr,
+                         a.d[r * a.nb + b], a.s[r * a.nb + b], a.isum[r * a.nb + b],
+                         a.isum2 ? a.isum2 + r * a.nb + b : nullptr);
       if (a.dl)
-        for (int64_t l = 0; l < a.kp / 4; ++l) a.dl[r * (a.kp / 4) + l] = a.d[r * a.nb + l / 8];
+        for (int64_t l = 0; l < a.kp / 4; ++l)
+          a.dl[r * (a.kp / 4) + l] = a.d[r * a.nb + l / 8] * (a.qs2 ? 1.0f / 256.0f : 1.0f);
     }
     if (a.aqs)
       for (int64_t j = 0; j < a.kp; ++j) a.aqs[r * a.kp + j] = uint8_t(q[j] < 0 ? -q[j] : q[j]);
@@ -194,6 +206,15 @@ void gguf_rows(const GgufWeight& w, const Acts& a, int64_t m0, int mr, int64_t n
   }
 }
 
+// ---- Int and NF4: x in one plane (q, scale d) or two (256 q + q2, scale d / 256) ----
+
+int32_t x_code(const Acts& a, int64_t row, int64_t j) {
+  const int32_t q = a.qs_row(row)[j];
+  return a.qs2 ? 256 * q + a.qs2_row(row)[j] : q;
+}
+
+float x_scale(const Acts& a, int64_t row, int64_t b) { return a.d_row(row)[b] * (a.qs2 ? 1.0f / 256.0f : 1.0f); }
+
 // ---- Int: y = sum_c s_g(c) d_c (codes_c . x_c) - sum_g s_g z_g X_g --------------------
 
 void int_rows(const IntArgs& args, const Acts& a, int64_t m0, int mr, int64_t n0, int64_t n1, float* y,
@@ -209,8 +230,8 @@ void int_rows(const IntArgs& args, const Acts& a, int64_t m0, int mr, int64_t n0
       for (int64_t c = 0; c < w.chunks; ++c) {
         int_decode_chunk(row + c * cb, w.bits, codes);
         int32_t dot = 0;
-        for (int j = 0; j < kIntChunk; ++j) dot += int(codes[j]) * a.qs_row(i)[c * kIntChunk + j];
-        acc += w.scale(n, c / w.chunks_per_group) * (a.d_row(i)[c] * float(dot));
+        for (int j = 0; j < kIntChunk; ++j) dot += int(codes[j]) * x_code(a, i, c * kIntChunk + j);
+        acc += w.scale(n, c / w.chunks_per_group) * (x_scale(a, i, c) * float(dot));
       }
       for (int64_t g = 0; g < w.groups; ++g) zt += w.scale(n, g) * w.zero(n, g) * args.xg[i * w.groups + g];
       y[i * ldy + n] = acc - zt;
@@ -231,8 +252,8 @@ void nf4_rows(const nf4cpu::Weight& w, const Acts& a, int64_t m0, int mr, int64_
         const int64_t f0 = n * w.k + b * kBlock;
         int32_t dot = 0;
         for (int j = 0; j < kBlock; ++j)
-          dot += nf4cpu::kNf4CodebookI8[nf4_code(w.qweight, f0 + j)] * a.qs_row(i)[b * kBlock + j];
-        acc += (w.scales(f0 >> sh) * nf4cpu::kNf4I8Inv) * (a.d_row(i)[b] * float(dot));
+          dot += nf4cpu::kNf4CodebookI8[nf4_code(w.qweight, f0 + j)] * x_code(a, i, b * kBlock + j);
+        acc += (w.scales(f0 >> sh) * nf4cpu::kNf4I8Inv) * (x_scale(a, i, b) * float(dot));
       }
       y[i * ldy + n] = acc;
     }

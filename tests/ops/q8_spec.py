@@ -1,8 +1,9 @@
 """The spec of the CPU int8-activation ("q8") kernels, in plain torch.
 
 Quantizers: ggml's x86 ``quantize_row_q8_0`` / ``q8_1`` and
-``quantize_row_q8_K_ref`` (fp32 arithmetic, round half to even), and pyquant's
-Q8_32 (Q8_0 with the fp32 scale) for Int and NF4. Products: the integer dot
+``quantize_row_q8_K_ref`` (fp32 arithmetic, round half to even), pyquant's
+Q8_32 (Q8_0 with the fp32 scale) and its two planes Q8x2_32 for Int and NF4
+(x ~ d (q + q2 / 256)). Products: the integer dot
 products of those codes with the weight's integer codes, scaled per block, as
 ggml's ``vec_dot`` kernels define them (evaluated here in fp64), plus
 ``magnitude``: the same sums of absolute values, which bounds the fp32
@@ -16,7 +17,7 @@ import torch
 
 from pyquant.formats.gguf_blocks import K_TYPES, unpack_k_blocks, unpack_legacy_blocks
 
-KINDS = {"q8_0": 0, "q8_1": 1, "q8_k": 2, "q8_32": 3}
+KINDS = {"q8_0": 0, "q8_1": 1, "q8_k": 2, "q8_32": 3, "q8x2_32": 4}
 LEGACY_OFFSET = {"Q4_0": 8, "Q4_1": 0, "Q5_0": 16, "Q5_1": 0, "Q8_0": 0}
 
 
@@ -56,6 +57,15 @@ def quantize(x: torch.Tensor, kind: str) -> Dict[str, torch.Tensor]:
     inv = torch.where(amax != 0, torch.full_like(amax, 127.0) / safe, torch.zeros_like(amax))
     q = torch.round(xb * inv.unsqueeze(-1))
     isum = q.sum(-1).to(torch.int32)
+    if kind == "q8x2_32":
+        # the residual rounded once (an fma: exact in fp64, then rounded to fp32)
+        r = (xb.double() - dd.double().unsqueeze(-1) * q.double()).float()
+        q2 = torch.round(r * (inv * 256.0).unsqueeze(-1)).clamp(-127, 127)
+        isum2 = q2.sum(-1).to(torch.int32)
+        s = (dd * (1.0 / 256.0)) * (256 * isum + isum2).to(torch.float32)
+        m = x.shape[0]
+        return {"qs": q.to(torch.int8).reshape(m, -1), "qs2": q2.to(torch.int8).reshape(m, -1), "d": dd, "s": s,
+                "isum": isum, "isum2": isum2}
     s = dd * isum.to(torch.float32)
     d = dd
     if kind in ("q8_0", "q8_1"):
@@ -126,10 +136,11 @@ def _bytes(type_name: str) -> int:
 
 
 def x_hat(x: torch.Tensor) -> torch.Tensor:
-    """x after the Q8_32 round trip, fp64 (m, kp)."""
-    a = quantize(x, "q8_32")
+    """x after the two-plane Q8x2_32 round trip (what the Int / NF4 kernels multiply), fp64 (m, kp)."""
+    a = quantize(x, "q8x2_32")
     m = x.shape[0]
-    return (a["qs"].view(m, -1, 32).double() * a["d"].double().unsqueeze(-1)).view(m, -1)
+    q = a["qs"].double() + a["qs2"].double() / 256
+    return (q.view(m, -1, 32) * a["d"].double().unsqueeze(-1)).view(m, -1)
 
 
 def int_product(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int, x: torch.Tensor):

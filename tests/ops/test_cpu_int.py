@@ -274,3 +274,18 @@ def test_rtn_weights_public_api():
         assert torch.equal(pyquant.dequantize(qw), pyquant.dequantize(qw, kernel="reference"))
         x = torch.randn(5, 384)
         check_qmatmul(pyquant.qmatmul(x, qw), x, qw)
+
+
+@pytest.mark.parametrize("act_order", (False, True))
+def test_qmatmul_torch_gemm_panels(monkeypatch, act_order):
+    """Large M: decoded row panels (act_order columns scattered back) through
+    torch's GEMM; small panels and threshold here so that several are taken."""
+    from pyquant.ops.backends import cpu_int, cpu_panels
+
+    monkeypatch.setattr(cpu_int, "TORCH_GEMM_MIN_M", 3)
+    monkeypatch.setattr(cpu_panels, "PANEL_FLOATS", 2 * 200 + 1)
+    qw = make_qw(3, 64, False, torch.bfloat16, 13, 200, act_order=act_order, seed=4)
+    expect = Expect(qw)
+    x = torch.randn(5, 200)
+    bias = torch.randn(13)
+    expect.check(pyquant.qmatmul(x, qw, bias, kernel="cpu"), x, bias)

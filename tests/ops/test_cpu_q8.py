@@ -52,7 +52,8 @@ def _quantize(kind, x):
     kp = -(-k // blk) * blk
     out = {"qs": torch.empty(m, kp, dtype=torch.int8), "d": torch.empty(m, kp // blk),
            "s": torch.empty(m, kp // blk), "isum": torch.empty(m, kp // blk, dtype=torch.int32),
-           "bsums": torch.empty(m, kp // 16, dtype=torch.int16)}
+           "bsums": torch.empty(m, kp // 16, dtype=torch.int16), "qs2": torch.empty(m, kp, dtype=torch.int8),
+           "isum2": torch.empty(m, kp // blk, dtype=torch.int32)}
     C.q8_quantize(q8_spec.KINDS[kind], x.data_ptr(), DTYPES[x.dtype], m, k, *(out[n].data_ptr() for n in out))
     return out
 
@@ -75,6 +76,8 @@ def test_quantizers_match_ggml_bit_for_bit(level, kind, dtype):
         assert torch.equal(got["isum"], want["isum"])
         if kind != "q8_0":
             assert torch.equal(got["s"], want["s"])
+        if kind == "q8x2_32":
+            assert torch.equal(got["qs2"], want["qs2"]) and torch.equal(got["isum2"], want["isum2"])
 
 
 # ---- GGUF --------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from ...formats.base import named_packed
 from .._dtypes import dtype_code
 from ..dispatch import register_kernel
 from . import cpu_activations
+from .cpu_panels import panel_matmul
 
 ROW_TILE = 256
 TORCH_MATMUL_MIN_M = 512
@@ -82,7 +83,8 @@ def qmatmul(
     # int8 kernels read x in its own dtype; the exact ones want fp32
     x = x2d.contiguous() if int8 and m < TORCH_MATMUL_MIN_M else x2d.to(torch.float32).contiguous()
     if m >= TORCH_MATMUL_MIN_M:
-        y = _tiled_torch_matmul(x, blocks, fmt, n, k, b)
+        y = panel_matmul(x, n, k, lambda n0, n1, out: _dequantize_fp32(blocks[n0:n1], fmt, n1 - n0, k, out), b,
+                         rows=ROW_TILE)
     else:
         y = torch.empty((m, n), dtype=torch.float32)
         if y.numel():
@@ -90,13 +92,3 @@ def qmatmul(
                                      0 if b is None else b.data_ptr(), y.data_ptr(), m, n, k,
                                      torch.get_num_threads(), int8, dtype_code(x.dtype))
     return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
-
-
-def _tiled_torch_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt, n: int, k: int,
-                        bias: Optional[torch.Tensor]) -> torch.Tensor:
-    y = torch.empty((x.shape[0], n), dtype=torch.float32)
-    for n0 in range(0, n, ROW_TILE):
-        n1 = min(n, n0 + ROW_TILE)
-        w = _dequantize_fp32(blocks[n0:n1], fmt, n1 - n0, k)
-        y[:, n0:n1] = x @ w.T if bias is None else torch.addmm(bias[n0:n1], x, w.T)
-    return y

@@ -24,12 +24,12 @@ from ..dispatch import register_kernel
 from ...formats.nf4 import dynamic_map
 from . import cpu_activations
 from .cpu_lora import lora_args
+from .cpu_panels import panel_matmul
 
 # From this many rows of x on, decoded panels + torch.mm beat the C++ tiled
 # kernel (one core, K = N = 4096, tiled vs panels: 53 vs 55 ms at M = 128,
 # 112 vs 104 at 256, 272 vs 194 at 512).
 TORCH_GEMM_MIN_M = 256
-_PANEL_FLOATS = 1 << 20
 
 
 def _supports(fmt, device, m) -> bool:
@@ -89,9 +89,10 @@ def qmatmul(x2d: torch.Tensor, qdata, fmt: NF4, shape, bias, lora_xa=None, lora_
     ext = _ext.load()
     int8 = cpu_activations.use_int8("nf4") and ext.nf4_q8_supported(k)
     if m >= TORCH_GEMM_MIN_M and not int8:
-        y = _panel_matmul(x2d.to(torch.float32).contiguous(), args, fmt, n, k, nthreads, xa, b, scale)
-        if bf is not None:
-            y += bf
+        def decode(n0, n1, out):
+            ext.nf4_dequantize(*args, n, k, fmt.block_size, ptr(out), nthreads, n0, n1)
+
+        y = panel_matmul(x2d.to(torch.float32).contiguous(), n, k, decode, bf, xa, b, scale)
     else:
         xk = x2d.contiguous() if int8 else x2d.to(torch.float32).contiguous()
         y = torch.empty((m, n), dtype=torch.float32)
@@ -100,18 +101,3 @@ def qmatmul(x2d: torch.Tensor, qdata, fmt: NF4, shape, bias, lora_xa=None, lora_
                             rank, scale, int8, dtype_code(xk.dtype))
     del keep
     return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
-
-
-def _panel_matmul(xf, args, fmt: NF4, n: int, k: int, nthreads: int, xa=None, b=None, scale=0.0) -> torch.Tensor:
-    rows = max(1, min(n, _PANEL_FLOATS // k))
-    panel = torch.empty((rows, k), dtype=torch.float32)
-    y = torch.empty((xf.shape[0], n), dtype=torch.float32)
-    ext = _ext.load()
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        ext.nf4_dequantize(*args, n, k, fmt.block_size, ptr(panel), nthreads, n0, n1)
-        if xa is None:
-            y[:, n0:n1] = xf @ panel[: n1 - n0].T
-        else:  # the low-rank term rides in the panel GEMM's epilogue (beta)
-            y[:, n0:n1] = torch.addmm(xa @ b[n0:n1].T, xf, panel[: n1 - n0].T, beta=scale)
-    return y
