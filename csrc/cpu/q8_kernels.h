@@ -68,9 +68,9 @@ struct Acts {
   int8_t* qs2 = nullptr;      // (m, kp) kQ8x2_32: the second plane, same order
   uint8_t* aqs = nullptr;     // (m, kp) |qs|, for kernels with signed weights on vpmaddubsw (else null)
   float* d = nullptr;         // (m, nb) scale as kernels multiply it
-  float* s = nullptr;         // (m, nb) Q8_1: fp16(d * sum q) as fp32; Q8_0, Q8_32: d * sum q (fp32);
-                              // Q8x2_32: d / 256 * (256 sum q + sum q2)
-  int32_t* isum = nullptr;    // (m, nb) sum of the codes of a 32-block (Q8_0/Q8_1/Q8_32/Q8x2_32)
+  float* s = nullptr;         // (m, nb) Q8_1: fp16(d * sum q) as fp32; Q8_0, Q8_32: d * isum (fp32);
+                              // Q8x2_32: d / 256 * isum
+  int32_t* isum = nullptr;    // (m, nb) sum of the codes of a 32-block (Q8x2_32: of 256 q + q2)
   int32_t* isum2 = nullptr;   // (m, nb) kQ8x2_32: sum of the second plane's codes
   int16_t* bsums = nullptr;   // (m, kp / 16) Q8_K: sum of every 16 codes
   float* dl = nullptr;        // (m, kp / 4) Q8_32: lane scales (see above); Q8x2_32: d / 256

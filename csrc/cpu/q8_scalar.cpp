@@ -41,11 +41,11 @@ void quantize_block32(const float* x, ActKind kind, int8_t* q, int8_t* q2, float
       sum2 += q2[j];
     }
   }
-  isum = sum;
+  isum = kind == ActKind::kQ8x2_32 ? 256 * sum + sum2 : sum;  // Q8x2_32: the combined codes 256 q + q2
   if (kind == ActKind::kQ8x2_32) {
     d = dd;
     *isum2 = sum2;
-    s = (dd * (1.0f / 256.0f)) * float(256 * sum + sum2);
+    s = (dd * (1.0f / 256.0f)) * float(isum);
   } else if (kind == ActKind::kQ8_32) {
     d = dd;
     s = dd * float(sum);

@@ -62,7 +62,8 @@ def quantize(x: torch.Tensor, kind: str) -> Dict[str, torch.Tensor]:
         r = (xb.double() - dd.double().unsqueeze(-1) * q.double()).float()
         q2 = torch.round(r * (inv * 256.0).unsqueeze(-1)).clamp(-127, 127)
         isum2 = q2.sum(-1).to(torch.int32)
-        s = (dd * (1.0 / 256.0)) * (256 * isum + isum2).to(torch.float32)
+        isum = 256 * isum + isum2  # the sum of the combined codes 256 q + q2
+        s = (dd * (1.0 / 256.0)) * isum.to(torch.float32)
         m = x.shape[0]
         return {"qs": q.to(torch.int8).reshape(m, -1), "qs2": q2.to(torch.int8).reshape(m, -1), "d": dd, "s": s,
                 "isum": isum, "isum2": isum2}
