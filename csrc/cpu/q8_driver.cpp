@@ -89,16 +89,15 @@ struct FreeDeleter {
 // The arrays of an Acts in one 64-byte aligned allocation.
 class ActBuffer {
  public:
-  ActBuffer(ActKind kind, Layout layout, bool with_abs, int64_t m, int64_t k, int64_t kp) {
+  ActBuffer(ActKind kind, Layout layout, int64_t m, int64_t k, int64_t kp) {
     a.m = m, a.k = k, a.kp = kp, a.kind = kind, a.layout = layout;
     const bool k256 = kind == ActKind::kQ8_K, two = kind == ActKind::kQ8x2_32;
     const bool lanes = kind == ActKind::kQ8_32 || two;
     a.nb = kp / (k256 ? kSuper : kBlock);
-    constexpr int kArrays = 9;
+    constexpr int kArrays = 8;
     size_t off[kArrays], total = 0;
     const size_t sizes[kArrays] = {
         size_t(m * kp),                            // qs
-        with_abs ? size_t(m * kp) : 0,             // aqs
         size_t(m * a.nb) * 4,                      // d
         k256 ? 0 : size_t(m * a.nb) * 4,           // s
         k256 ? 0 : size_t(m * a.nb) * 4,           // isum
@@ -116,14 +115,13 @@ class ActBuffer {
     char* base = static_cast<char*>(mem_.get());
     auto at = [&](int i) -> void* { return sizes[i] ? base + off[i] : nullptr; };
     a.qs = static_cast<int8_t*>(at(0));
-    a.aqs = static_cast<uint8_t*>(at(1));
-    a.d = static_cast<float*>(at(2));
-    a.s = static_cast<float*>(at(3));
-    a.isum = static_cast<int32_t*>(at(4));
-    a.bsums = static_cast<int16_t*>(at(5));
-    a.dl = static_cast<float*>(at(6));
-    a.qs2 = static_cast<int8_t*>(at(7));
-    a.isum2 = static_cast<int32_t*>(at(8));
+    a.d = static_cast<float*>(at(1));
+    a.s = static_cast<float*>(at(2));
+    a.isum = static_cast<int32_t*>(at(3));
+    a.bsums = static_cast<int16_t*>(at(4));
+    a.dl = static_cast<float*>(at(5));
+    a.qs2 = static_cast<int8_t*>(at(6));
+    a.isum2 = static_cast<int32_t*>(at(7));
   }
   Acts a;
 
@@ -173,7 +171,7 @@ void gguf_qmatmul(int type, const void* x, int x_dtype, int64_t m, const uint8_t
                        : (type == kQ4_1 || type == kQ5_1) ? ActKind::kQ8_1
                                                           : ActKind::kQ8_0;
   const Layout layout = t.gguf_layout_min_k > 0 && k % t.gguf_layout_min_k == 0 ? t.gguf_layout[type] : Layout::kNatural;
-  ActBuffer buf(kind, layout, t.gguf_abs[type], m, k, k);
+  ActBuffer buf(kind, layout, m, k, k);
   t.quantize(x, x_dtype, buf.a);
   const GgufWeight w{type, blocks, n, k, k / block_size(type) * type_size(type)};
   const GgufRowsFn fn = t.gguf[type];
@@ -186,7 +184,7 @@ void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, cons
   if (m <= 0 || w.n <= 0) return;
   const Table& t = table_for(simd_level());
   const int64_t kp = w.chunks * kIntChunk;
-  ActBuffer buf(ActKind::kQ8x2_32, t.int_layout[w.bits], t.int_abs[w.bits], m, w.k, kp);
+  ActBuffer buf(ActKind::kQ8x2_32, t.int_layout[w.bits], m, w.k, kp);
   Acts& a = buf.a;
   t.quantize(x, x_dtype, a);
   // X[g] = sum over the group's 32-blocks of d * sum(q): the zero-point term.
@@ -217,7 +215,7 @@ void nf4_qmatmul(const void* x, int x_dtype, int64_t m, const nf4cpu::Weight& w,
   if (!nf4_supported(w.k)) throw std::invalid_argument("NF4 q8 kernel needs K % 32 == 0, got " + std::to_string(w.k));
   const Table* t = &table_for(simd_level());
   if (w.k % t->nf4_min_group != 0) t = &table_scalar();  // (unreachable for layer shapes: K % 64 == 0)
-  ActBuffer buf(ActKind::kQ8x2_32, t->nf4_layout, false, m, w.k, w.k);
+  ActBuffer buf(ActKind::kQ8x2_32, t->nf4_layout, m, w.k, w.k);
   t->quantize(x, x_dtype, buf.a);
   const Nf4RowsFn fn = t->nf4;
   run(m, w.n, w.k, nthreads, t->mr_nf4, [&](int64_t m0, int mr, int64_t n0, int64_t n1) { fn(w, buf.a, m0, mr, n0, n1, y, w.n); },
@@ -233,7 +231,7 @@ void quantize_activations(ActKind kind, const void* x, int x_dtype, int64_t m, i
   const Table& t = table_for(simd_level());
   const int64_t blk = kind == ActKind::kQ8_K ? kSuper : kBlock;
   const int64_t kp = (k + blk - 1) / blk * blk;
-  ActBuffer buf(kind, Layout::kNatural, false, m, k, kp);
+  ActBuffer buf(kind, Layout::kNatural, m, k, kp);
   t.quantize(x, x_dtype, buf.a);
   const Acts& a = buf.a;
   std::memcpy(qs, a.qs, size_t(m * kp));

@@ -66,7 +66,6 @@ struct Acts {
   Layout layout = Layout::kNatural;
   int8_t* qs = nullptr;       // (m, kp)
   int8_t* qs2 = nullptr;      // (m, kp) kQ8x2_32: the second plane, same order
-  uint8_t* aqs = nullptr;     // (m, kp) |qs|, for kernels with signed weights on vpmaddubsw (else null)
   float* d = nullptr;         // (m, nb) scale as kernels multiply it
   float* s = nullptr;         // (m, nb) Q8_1: fp16(d * sum q) as fp32; Q8_0, Q8_32: d * isum (fp32);
                               // Q8x2_32: d / 256 * isum
@@ -78,7 +77,6 @@ struct Acts {
   const int8_t* qs_row(int64_t r) const { return qs + r * kp; }
   const int8_t* qs2_row(int64_t r) const { return qs2 + r * kp; }
   const int32_t* isum2_row(int64_t r) const { return isum2 + r * nb; }
-  const uint8_t* aqs_row(int64_t r) const { return aqs + r * kp; }
   const float* d_row(int64_t r) const { return d + r * nb; }
   const float* s_row(int64_t r) const { return s + r * nb; }
   const int32_t* isum_row(int64_t r) const { return isum + r * nb; }
@@ -108,7 +106,7 @@ using IntRowsFn = void (*)(const IntArgs& w, const Acts& a, int64_t m0, int mr, 
                            int64_t ldy);
 using Nf4RowsFn = void (*)(const nf4cpu::Weight& w, const Acts& a, int64_t m0, int mr, int64_t n0, int64_t n1,
                            float* y, int64_t ldy);
-// Fills a.qs / d / s / isum / bsums / dl (and aqs when allocated) from x
+// Fills a.qs / qs2 / d / s / isum / isum2 / bsums / dl (those allocated) from x
 // (m, k) in x_dtype (fp32 / fp16 / bf16; row stride k).
 using QuantizeFn = void (*)(const void* x, int x_dtype, Acts& a);
 
@@ -120,10 +118,8 @@ struct Table {
   IntRowsFn int_rows[9];        // by bits (2, 3, 4, 8)
   Nf4RowsFn nf4;
   Layout int_layout[9];         // the activation layout each kernel reads
-  bool int_abs[9];              // needs aqs
   Layout nf4_layout;
   int nf4_min_group;            // the NF4 kernel needs K % this == 0
-  bool gguf_abs[kGgufTypes];
   Layout gguf_layout[kGgufTypes];  // used when K % gguf_layout_min_k == 0, else natural
   int64_t gguf_layout_min_k;
 };

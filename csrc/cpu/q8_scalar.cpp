@@ -101,8 +101,6 @@ void quantize(const void* x, int x_dtype, Acts& a) {
         for (int64_t l = 0; l < a.kp / 4; ++l)
           a.dl[r * (a.kp / 4) + l] = a.d[r * a.nb + l / 8] * (a.qs2 ? 1.0f / 256.0f : 1.0f);
     }
-    if (a.aqs)
-      for (int64_t j = 0; j < a.kp; ++j) a.aqs[r * a.kp + j] = uint8_t(q[j] < 0 ? -q[j] : q[j]);
   }
 }
 
@@ -277,7 +275,7 @@ Table make_table() {
   for (int b : {2, 3, 4, 8}) t.int_rows[b] = int_rows;
   t.nf4 = nf4_rows;
   t.nf4_min_group = kBlock;
-  return t;  // every layout natural, no |x| codes
+  return t;  // every layout natural
 }
 
 }  // namespace
