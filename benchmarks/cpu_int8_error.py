@@ -75,7 +75,8 @@ def rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def run(tokens: int) -> dict:
+@torch.no_grad()
+def run(tokens: int, formats) -> dict:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     model, tok = load_gguf_llama(smollm2_gguf_path(), dtype=torch.float32)
     text = pydoc_text()
@@ -87,7 +88,8 @@ def run(tokens: int) -> dict:
                "simd": pyquant._ext.load().simd_level(), "formats": {}}
     bf16 = [rel(x.bfloat16().float() @ m.weight.T, x @ m.weight.T) for n, m in linears.items() for x in [inputs[n]]]
     results["bf16_x"] = {"max": max(bf16), "median": sorted(bf16)[len(bf16) // 2]}
-    for fname, fmt in FORMATS.items():
+    for fname in formats:
+        fmt = FORMATS[fname]
         errs, ones = {}, {}
         for name, mod in linears.items():
             qw = pyquant.quantize_weight(mod.weight.detach(), fmt)
@@ -126,9 +128,10 @@ def markdown(r: dict) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu-int8-error.json"))
     args = ap.parse_args(argv)
-    r = run(args.tokens)
+    r = run(args.tokens, args.formats)
     print(markdown(r))
     out = Path(args.out)
     out.write_text(json.dumps(r, indent=2) + "\n")

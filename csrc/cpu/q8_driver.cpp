@@ -104,7 +104,7 @@ class ActBuffer {
         k256 ? size_t(m * kp / 16) * 2 : 0,        // bsums
         lanes ? size_t(m * kp / 4) * 4 : 0,        // dl
         two ? size_t(m * kp) : 0,                  // qs2
-        two ? size_t(m * a.nb) * 4 : 0,            // isum2
+        two ? size_t(m * a.nb) * 4 : 0,            // isum1
     };
     for (int i = 0; i < kArrays; ++i) {
       off[i] = total;
@@ -121,7 +121,7 @@ class ActBuffer {
     a.bsums = static_cast<int16_t*>(at(4));
     a.dl = static_cast<float*>(at(5));
     a.qs2 = static_cast<int8_t*>(at(6));
-    a.isum2 = static_cast<int32_t*>(at(7));
+    a.isum1 = static_cast<int32_t*>(at(7));
   }
   Acts a;
 
@@ -216,7 +216,13 @@ void nf4_qmatmul(const void* x, int x_dtype, int64_t m, const nf4cpu::Weight& w,
   const Table* t = &table_for(simd_level());
   if (w.k % t->nf4_min_group != 0) t = &table_scalar();  // (unreachable for layer shapes: K % 64 == 0)
   ActBuffer buf(ActKind::kQ8x2_32, t->nf4_layout, m, w.k, w.k);
-  t->quantize(x, x_dtype, buf.a);
+  Acts& a = buf.a;
+  t->quantize(x, x_dtype, a);
+  // The 512-bit kernel feeds the codebook planes as c8 + 127, r8 + 128 (u8):
+  // its dots start at -(127 sum(256 q + q2) + 128 sum(q)) per block.
+  std::unique_ptr<int32_t[]> corr(new int32_t[size_t(m * a.nb)]);
+  for (int64_t i = 0; i < m * a.nb; ++i) corr[size_t(i)] = -(127 * a.isum[i] + 128 * a.isum1[i]);
+  a.corr = corr.get();
   const Nf4RowsFn fn = t->nf4;
   run(m, w.n, w.k, nthreads, t->mr_nf4, [&](int64_t m0, int mr, int64_t n0, int64_t n1) { fn(w, buf.a, m0, mr, n0, n1, y, w.n); },
       [&](int64_t n0, int64_t n1) {
@@ -226,7 +232,7 @@ void nf4_qmatmul(const void* x, int x_dtype, int64_t m, const nf4cpu::Weight& w,
 }
 
 void quantize_activations(ActKind kind, const void* x, int x_dtype, int64_t m, int64_t k, int8_t* qs, float* d,
-                          float* s, int32_t* isum, int16_t* bsums, int8_t* qs2, int32_t* isum2) {
+                          float* s, int32_t* isum, int16_t* bsums, int8_t* qs2, int32_t* isum1) {
   if (m <= 0) return;
   const Table& t = table_for(simd_level());
   const int64_t blk = kind == ActKind::kQ8_K ? kSuper : kBlock;
@@ -240,7 +246,7 @@ void quantize_activations(ActKind kind, const void* x, int x_dtype, int64_t m, i
   if (isum && a.isum) std::memcpy(isum, a.isum, size_t(m * a.nb) * 4);
   if (bsums && a.bsums) std::memcpy(bsums, a.bsums, size_t(m * kp / 16) * 2);
   if (qs2 && a.qs2) std::memcpy(qs2, a.qs2, size_t(m * kp));
-  if (isum2 && a.isum2) std::memcpy(isum2, a.isum2, size_t(m * a.nb) * 4);
+  if (isum1 && a.isum1) std::memcpy(isum1, a.isum1, size_t(m * a.nb) * 4);
 }
 
 }  // namespace q8

@@ -15,7 +15,9 @@
 //     rounded to fp16), in two int8 planes (x ~ d (q + q2 / 256), kQ8x2_32):
 //     each dot product is taken with both and combined as 256 i + i2. Int:
 //     y = sum_g s_g (sum_b d_b q.x_b - z_g sum_b d_b sum(x_b)). NF4: the
-//     codebook as int8 (round(127 c)), y = sum_b d_b absmax_b / 127 (c8 . x_b).
+//     codebook in two int8 planes too, 127 c ~ c8 + r8 / 256 (kNf4CodebookI8,
+//     kNf4CodebookR8), and per block 256 c8.q + c8.q2 + r8.q (the r8.q2 / 256
+//     term, ~1e-5 of the sum, dropped), times d absmax / (127 * 256).
 // Only the float summation order differs between levels (and from ggml).
 #pragma once
 #include <cstdint>
@@ -70,13 +72,15 @@ struct Acts {
   float* s = nullptr;         // (m, nb) Q8_1: fp16(d * sum q) as fp32; Q8_0, Q8_32: d * isum (fp32);
                               // Q8x2_32: d / 256 * isum
   int32_t* isum = nullptr;    // (m, nb) sum of the codes of a 32-block (Q8x2_32: of 256 q + q2)
-  int32_t* isum2 = nullptr;   // (m, nb) kQ8x2_32: sum of the second plane's codes
+  int32_t* isum1 = nullptr;   // (m, nb) kQ8x2_32: sum of the first plane's codes q
+  int32_t* corr = nullptr;    // (m, nb) NF4's 512-bit kernel: its dot products' starting value per block
   int16_t* bsums = nullptr;   // (m, kp / 16) Q8_K: sum of every 16 codes
   float* dl = nullptr;        // (m, kp / 4) Q8_32: lane scales (see above); Q8x2_32: d / 256
 
   const int8_t* qs_row(int64_t r) const { return qs + r * kp; }
   const int8_t* qs2_row(int64_t r) const { return qs2 + r * kp; }
-  const int32_t* isum2_row(int64_t r) const { return isum2 + r * nb; }
+  const int32_t* isum1_row(int64_t r) const { return isum1 + r * nb; }
+  const int32_t* corr_row(int64_t r) const { return corr + r * nb; }
   const float* d_row(int64_t r) const { return d + r * nb; }
   const float* s_row(int64_t r) const { return s + r * nb; }
   const int32_t* isum_row(int64_t r) const { return isum + r * nb; }
@@ -106,7 +110,7 @@ using IntRowsFn = void (*)(const IntArgs& w, const Acts& a, int64_t m0, int mr, 
                            int64_t ldy);
 using Nf4RowsFn = void (*)(const nf4cpu::Weight& w, const Acts& a, int64_t m0, int mr, int64_t n0, int64_t n1,
                            float* y, int64_t ldy);
-// Fills a.qs / qs2 / d / s / isum / isum2 / bsums / dl (those allocated) from x
+// Fills a.qs / qs2 / d / s / isum / isum1 / bsums / dl (those allocated) from x
 // (m, k) in x_dtype (fp32 / fp16 / bf16; row stride k).
 using QuantizeFn = void (*)(const void* x, int x_dtype, Acts& a);
 
@@ -146,9 +150,9 @@ bool nf4_supported(int64_t k);
 void nf4_qmatmul(const void* x, int x_dtype, int64_t m, const nf4cpu::Weight& w, const float* bias,
                  const LoraEpilogue& lora, float* y, int nthreads);
 // x quantized alone, natural order (for tests): qs / qs2 (m, kp), d / s /
-// isum / isum2 (m, nb), bsums (m, kp / 16); any but qs and d may be null.
+// isum / isum1 (m, nb), bsums (m, kp / 16); any but qs and d may be null.
 void quantize_activations(ActKind kind, const void* x, int x_dtype, int64_t m, int64_t k, int8_t* qs, float* d,
-                          float* s, int32_t* isum, int16_t* bsums, int8_t* qs2, int32_t* isum2);
+                          float* s, int32_t* isum, int16_t* bsums, int8_t* qs2, int32_t* isum1);
 
 // ---- helpers shared by every level (baseline code) ------------------------------
 

@@ -25,7 +25,7 @@ void row_f32(const void* x, int dtype, int64_t row, int64_t k, int64_t kp, float
 // variant (Q8_32), or its two planes (Q8x2_32: the residual rounded once,
 // then scaled by 256 / d and rounded, clamped to +-127).
 void quantize_block32(const float* x, ActKind kind, int8_t* q, int8_t* q2, float& d, float& s, int32_t& isum,
-                      int32_t* isum2) {
+                      int32_t* isum1) {
   float amax = 0.0f;
   for (int j = 0; j < kBlock; ++j) amax = std::fmax(amax, std::fabs(x[j]));
   const float dd = amax / 127.0f;
@@ -44,7 +44,7 @@ void quantize_block32(const float* x, ActKind kind, int8_t* q, int8_t* q2, float
   isum = kind == ActKind::kQ8x2_32 ? 256 * sum + sum2 : sum;  // Q8x2_32: the combined codes 256 q + q2
   if (kind == ActKind::kQ8x2_32) {
     d = dd;
-    *isum2 = sum2;
+    *isum1 = sum;
     s = (dd * (1.0f / 256.0f)) * float(isum);
   } else if (kind == ActKind::kQ8_32) {
     d = dd;
@@ -96,7 +96,7 @@ void quantize(const void* x, int x_dtype, Acts& a) {
       for (int64_t b = 0; b < a.nb; ++b)
         quantize_block32(row.data() + b * kBlock, a.kind, q + b * kBlock, a.qs2 ? a.qs2 + r * a.kp + b * kBlock : nullptr,
                          a.d[r * a.nb + b], a.s[r * a.nb + b], a.isum[r * a.nb + b],
-                         a.isum2 ? a.isum2 + r * a.nb + b : nullptr);
+                         a.isum1 ? a.isum1 + r * a.nb + b : nullptr);
       if (a.dl)
         for (int64_t l = 0; l < a.kp / 4; ++l)
           a.dl[r * (a.kp / 4) + l] = a.d[r * a.nb + l / 8] * (a.qs2 ? 1.0f / 256.0f : 1.0f);
@@ -237,7 +237,7 @@ void int_rows(const IntArgs& args, const Acts& a, int64_t m0, int mr, int64_t n0
   }
 }
 
-// ---- NF4: y = sum_b absmax_b / 127 * d_b * (c8[codes_b] . x_b) ---------------------------
+// ---- NF4: y = sum_b absmax_b / 127 * d_b / 256 * (256 c8.q + c8.q2 + r8.q) ------------------
 
 void nf4_rows(const nf4cpu::Weight& w, const Acts& a, int64_t m0, int mr, int64_t n0, int64_t n1, float* y,
               int64_t ldy) {
@@ -248,9 +248,12 @@ void nf4_rows(const nf4cpu::Weight& w, const Acts& a, int64_t m0, int mr, int64_
       float acc = 0.0f;
       for (int64_t b = 0; b < w.k / kBlock; ++b) {
         const int64_t f0 = n * w.k + b * kBlock;
-        int32_t dot = 0;
-        for (int j = 0; j < kBlock; ++j)
-          dot += nf4cpu::kNf4CodebookI8[nf4_code(w.qweight, f0 + j)] * x_code(a, i, b * kBlock + j);
+        int32_t dot = 0;  // 256 c8.q + c8.q2 + r8.q
+        for (int j = 0; j < kBlock; ++j) {
+          const uint32_t code = nf4_code(w.qweight, f0 + j);
+          dot += nf4cpu::kNf4CodebookI8[code] * x_code(a, i, b * kBlock + j) +
+                 nf4cpu::kNf4CodebookR8[code] * a.qs_row(i)[b * kBlock + j];
+        }
         acc += (w.scales(f0 >> sh) * nf4cpu::kNf4I8Inv) * (x_scale(a, i, b) * float(dot));
       }
       y[i * ldy + n] = acc;

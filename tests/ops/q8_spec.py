@@ -61,12 +61,12 @@ def quantize(x: torch.Tensor, kind: str) -> Dict[str, torch.Tensor]:
         # the residual rounded once (an fma: exact in fp64, then rounded to fp32)
         r = (xb.double() - dd.double().unsqueeze(-1) * q.double()).float()
         q2 = torch.round(r * (inv * 256.0).unsqueeze(-1)).clamp(-127, 127)
-        isum2 = q2.sum(-1).to(torch.int32)
-        isum = 256 * isum + isum2  # the sum of the combined codes 256 q + q2
+        isum1 = isum
+        isum = 256 * isum + q2.sum(-1).to(torch.int32)  # the sum of the combined codes 256 q + q2
         s = (dd * (1.0 / 256.0)) * isum.to(torch.float32)
         m = x.shape[0]
         return {"qs": q.to(torch.int8).reshape(m, -1), "qs2": q2.to(torch.int8).reshape(m, -1), "d": dd, "s": s,
-                "isum": isum, "isum2": isum2}
+                "isum": isum, "isum1": isum1}
     s = dd * isum.to(torch.float32)
     d = dd
     if kind in ("q8_0", "q8_1"):
@@ -156,14 +156,28 @@ def int_product(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     return y, mag
 
 
+NF4_R8 = (0, -107, 81, -40, -32, -119, 112, 0, 27, 112, 66, -22, -8, 116, -47, 0)
+
+
 def nf4_product(codes: torch.Tensor, absmax: torch.Tensor, block: int, x: torch.Tensor):
-    """(y, magnitude): NF4 codes (n, k) with the int8 codebook round(127 c),
-    per-block absmax (flat row-major blocks), x (m, k)."""
+    """(y, magnitude) of NF4 codes (n, k) with per-block absmax (flat row-major
+    blocks) and x (m, k): the codebook in two int8 planes, 127 c ~ c8 + r8 / 256,
+    and per 32-block of x: d absmax / (127 * 256) * (256 c8.q + c8.q2 + r8.q)."""
     from pyquant.formats.nf4 import NF4_CODEBOOK
 
     n, k = codes.shape
-    c8 = torch.round(torch.tensor(NF4_CODEBOOK, dtype=torch.float64) * 127)
+    m = x.shape[0]
+    c8 = torch.round(torch.tensor(NF4_CODEBOOK, dtype=torch.float64) * 127)[codes.long()]
+    r8 = torch.tensor(NF4_R8, dtype=torch.float64)[codes.long()]
     a = absmax.double().repeat_interleave(block)[: n * k].view(n, k)
-    w = c8[codes.long()] / 127 * a
-    xh = x_hat(x)[:, :k]
-    return xh @ w.T, xh.abs() @ w.abs().T
+    q = quantize(x, "q8x2_32")
+    q1, q2 = q["qs"][:, :k].double(), q["qs2"][:, :k].double()
+    dx = (q["d"].double() / (127 * 256)).repeat_interleave(32, 1)[:, :k]
+    y = torch.zeros(m, n, dtype=torch.float64)
+    mag = torch.zeros(m, n, dtype=torch.float64)
+    for i in range(m):  # terms per element, scaled by d_x absmax
+        t = (256 * c8 * q1[i] + c8 * q2[i] + r8 * q1[i]) * a * dx[i]
+        y[i] = t.sum(1)
+        mag[i] = ((256 * c8.abs() * q1[i].abs() + c8.abs() * q2[i].abs() + r8.abs() * q1[i].abs()) * a.abs()
+                  * dx[i]).sum(1)
+    return y, mag

@@ -53,7 +53,7 @@ def _quantize(kind, x):
     out = {"qs": torch.empty(m, kp, dtype=torch.int8), "d": torch.empty(m, kp // blk),
            "s": torch.empty(m, kp // blk), "isum": torch.empty(m, kp // blk, dtype=torch.int32),
            "bsums": torch.empty(m, kp // 16, dtype=torch.int16), "qs2": torch.empty(m, kp, dtype=torch.int8),
-           "isum2": torch.empty(m, kp // blk, dtype=torch.int32)}
+           "isum1": torch.empty(m, kp // blk, dtype=torch.int32)}
     C.q8_quantize(q8_spec.KINDS[kind], x.data_ptr(), DTYPES[x.dtype], m, k, *(out[n].data_ptr() for n in out))
     return out
 
@@ -77,7 +77,7 @@ def test_quantizers_match_ggml_bit_for_bit(level, kind, dtype):
         if kind != "q8_0":
             assert torch.equal(got["s"], want["s"])
         if kind == "q8x2_32":
-            assert torch.equal(got["qs2"], want["qs2"]) and torch.equal(got["isum2"], want["isum2"])
+            assert torch.equal(got["qs2"], want["qs2"]) and torch.equal(got["isum1"], want["isum1"])
 
 
 # ---- GGUF --------------------------------------------------------------------------
