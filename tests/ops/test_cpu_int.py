@@ -18,6 +18,7 @@ from pyquant import _ext
 from pyquant.errors import DtypeError, FormatError, ShapeError, ValueRangeError
 from pyquant.formats import Int
 from pyquant.ops import reference
+from pyquant.ops.backends.cpu_activations import cpu_activations
 from pyquant.ops.dispatch import select_kernel
 
 C = _ext.load()
@@ -207,8 +208,14 @@ def test_qmatmul_blocked_shapes(bits, group):
 @pytest.mark.parametrize("xdtype", (torch.float32, torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("lead", ((2, 3), (3, 4)), ids=("M6", "M12"))
 def test_qmatmul_dtypes_bias_batch(xdtype, lead):
-    """Half-precision x is read by the kernels directly (GEMV at M = 6, GEMM at
-    M = 12, K = 330 ragged); output in x's dtype, leading dims kept."""
+    """Half-precision x is read by the exact kernels directly (GEMV at M = 6,
+    GEMM at M = 12, K = 330 ragged); output in x's dtype, leading dims kept.
+    (By default half x takes the int8 kernels: test_cpu_q8.py.)"""
+    with cpu_activations("fp32"):
+        _check_dtypes_bias_batch(xdtype, lead)
+
+
+def _check_dtypes_bias_batch(xdtype, lead):
     k = 330
     qw = make_qw(4, 64, False, torch.float16, 24, k)
     x = torch.randn(*lead, k).to(xdtype)

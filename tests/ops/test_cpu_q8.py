@@ -230,12 +230,14 @@ def test_nf4_k_not_a_multiple_of_32_stays_exact():
 # ---- the option, threads ------------------------------------------------------------
 
 def test_activation_mode_option(monkeypatch):
+    f32, bf16 = torch.float32, torch.bfloat16
     assert cpu_activations.current() == "auto"
-    assert cpu_activations.use_int8("gguf") and not cpu_activations.use_int8("int")
+    assert cpu_activations.use_int8("gguf", f32) and cpu_activations.use_int8("int", bf16)
+    assert not cpu_activations.use_int8("int", f32) and not cpu_activations.use_int8("nf4", f32)
     monkeypatch.setenv(cpu_activations.ENV, "int8")
-    assert cpu_activations.use_int8("nf4")
+    assert cpu_activations.use_int8("nf4", f32)
     with activations("fp32"):
-        assert not cpu_activations.use_int8("gguf")
+        assert not cpu_activations.use_int8("gguf", bf16)
     monkeypatch.setenv(cpu_activations.ENV, "int4")
     with pytest.raises(ValueRangeError, match="PYQUANT_CPU_ACTIVATIONS"):
         cpu_activations.current()

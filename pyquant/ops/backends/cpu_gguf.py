@@ -81,7 +81,7 @@ def qmatmul(
     m = x2d.shape[0]
     b = None if bias is None else bias.to(torch.float32).contiguous()
     blocks = _blocks(qdata, fmt, shape)
-    int8 = cpu_activations.use_int8("gguf")
+    int8 = cpu_activations.use_int8("gguf", x2d.dtype)
     # int8 kernels read x in its own dtype; the exact ones want fp32
     x = x2d.contiguous() if int8 else x2d.to(torch.float32).contiguous()
     if m >= TORCH_MATMUL_MIN_M and not int8:

@@ -114,7 +114,7 @@ def qmatmul(
     perm = _checked_perm(t, k)
     bf = None if bias is None else bias.to(torch.float32).contiguous()
     xa, b, rank, scale = lora_args(lora_xa, lora_b, lora_scale, m, n)
-    int8 = cpu_activations.use_int8("int")
+    int8 = cpu_activations.use_int8("int", x.dtype)
     if m >= TORCH_GEMM_MIN_M and not int8:
         y = panel_matmul(x.to(torch.float32).contiguous(), n, k, _row_decoder(t, fmt, k, perm), bf, xa, b, scale)
         return y if x.dtype == torch.float32 else y.to(x.dtype)

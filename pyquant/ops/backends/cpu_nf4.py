@@ -87,7 +87,7 @@ def qmatmul(x2d: torch.Tensor, qdata, fmt: NF4, shape, bias, lora_xa=None, lora_
     xa, b, rank, scale = lora_args(lora_xa, lora_b, lora_scale, m, n)
     nthreads = torch.get_num_threads()
     ext = _ext.load()
-    int8 = cpu_activations.use_int8("nf4") and ext.nf4_q8_supported(k)
+    int8 = cpu_activations.use_int8("nf4", x2d.dtype) and ext.nf4_q8_supported(k)
     if m >= TORCH_GEMM_MIN_M and not int8:
         def decode(n0, n1, out):
             ext.nf4_dequantize(*args, n, k, fmt.block_size, ptr(out), nthreads, n0, n1)
