@@ -123,6 +123,34 @@ def test_gguf_half_precision_x_is_read_directly(level, dtype):
     check(y, want, mag, f"Q4_K {dtype}", rel=4e-6, out_eps=OUT_EPS[dtype])
 
 
+def test_gguf_large_m_stays_on_the_int8_kernels():
+    # llama.cpp's arithmetic at every M: no switch to the fp32 panels + GEMM path
+    blocks, qw = gguf_weight("Q4_0", 5, 256, seed=3)
+    x = torch.randn(600, 256, generator=torch.Generator().manual_seed(3))
+    check(pyquant.qmatmul(x, qw, kernel="cpu"), *q8_spec.gguf_product("Q4_0", blocks, x), "Q4_0 M=600")
+
+
+def test_half_precision_x_takes_the_int8_kernels_by_default():
+    qw, c, s, z = int_weight(4, 128, False, torch.float16, 64, 1024, seed=6)
+    x = torch.randn(8, 1024, generator=torch.Generator().manual_seed(6))
+    for dtype in (torch.float16, torch.bfloat16):
+        xh = x.to(dtype)
+        y = pyquant.qmatmul(xh, qw, kernel="cpu")
+        check(y, *q8_spec.int_product(c, s, z, 128, xh), f"Int4 {dtype} x, auto", out_eps=OUT_EPS[dtype])
+        with activations("int8"):
+            assert torch.equal(y, pyquant.qmatmul(xh, qw, kernel="cpu")), f"{dtype} x, auto: not the int8 kernels"
+    # the bound above also admits the exact kernels' result: these inputs tell the two paths apart
+    with activations("int8"):
+        y8 = pyquant.qmatmul(x.half(), qw, kernel="cpu")
+    with activations("fp32"):
+        assert not torch.equal(y8, pyquant.qmatmul(x.half(), qw, kernel="cpu"))
+    yf = pyquant.qmatmul(x, qw, kernel="cpu")  # fp32 x: the exact kernels
+    with activations("fp32"):
+        assert torch.equal(yf, pyquant.qmatmul(x, qw, kernel="cpu")), "fp32 x, auto: not the exact kernels"
+    w = pyquant.dequantize(qw, kernel="reference").double()
+    assert float((yf.double() - x.double() @ w.T).abs().max()) <= 1e-5 * float(yf.abs().max())
+
+
 def test_gguf_exact_path_one_option_away():
     blocks, qw = gguf_weight("Q6_K", 9, 512, seed=2)
     x = torch.randn(3, 512)
