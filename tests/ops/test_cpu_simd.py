@@ -31,11 +31,18 @@ def test_levels_reported():
 
 @pytest.mark.parametrize("level", _ext.simd_levels() if C is not None else [])
 def test_every_supported_level_can_be_forced(level):
+    before = C.simd_level()  # the best level, or the one PYQUANT_SIMD forces on this run
     with _ext.cpu_simd(level):
         assert C.simd_level() == level
         qw = pyquant.quantize_weight(torch.randn(8, 64), pyquant.GGUF("Q8_0"))
         assert pyquant.qmatmul(torch.randn(2, 64), qw).shape == (2, 8)
-    assert C.simd_level() == _ext.simd_levels()[-1]
+    assert C.simd_level() == before
+
+
+def test_default_is_the_best_level():
+    r = _run({}, QMATMUL)
+    assert r.returncode == 0, r.stderr
+    assert f"RAN {_ext.simd_levels()[-1]}" in r.stdout, r.stdout
 
 
 def test_unknown_level_is_an_error():
@@ -47,8 +54,10 @@ def test_unknown_level_is_an_error():
 
 
 def _run(env: dict, body: str):
-    """body in a fresh interpreter whose environment has `env` before pyquant loads."""
-    setup = "import os\n" + "".join(f"os.environ[{k!r}] = {v!r}\n" for k, v in env.items())
+    """body in a fresh interpreter whose environment has `env`, and no other
+    PYQUANT_SIMD* variable (a run of the suite may force a level), before pyquant loads."""
+    setup = "import os\nos.environ.pop('PYQUANT_SIMD', None)\nos.environ.pop('PYQUANT_SIMD_HIDE', None)\n"
+    setup += "".join(f"os.environ[{k!r}] = {v!r}\n" for k, v in env.items())
     return run_python(setup + textwrap.dedent(body))
 
 
