@@ -4,8 +4,9 @@ The C++ side (csrc/cpu/int_*.cpp, csrc/cpu/q8_*.cpp) takes raw pointers to
 contiguous tensors and trusts its arguments; everything it relies on is made
 true here. The exact kernels compute in fp32: fp16/bf16 activations are
 widened inside the kernel (exactly) and the result is cast back to their
-dtype, as the reference does. With int8 activations (``cpu_activations``)
-x is quantized per 32-block inside the kernel instead.
+dtype, as the reference does. With int8 activations (``cpu_activations``: by
+default for fp16 / bf16 x, exact for fp32 x) x is quantized per 32-block, in
+two int8 planes, inside the kernel instead.
 """
 from __future__ import annotations
 

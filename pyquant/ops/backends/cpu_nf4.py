@@ -8,8 +8,9 @@ qmatmul: for M below :data:`TORCH_GEMM_MIN_M` the fused C++ kernel (it never
 materialises the float weight); from there on the work is compute-bound and
 torch's GEMM beats our AVX2 micro-kernel, so the weight is decoded in panels of
 rows (~4 MiB of fp32 at a time, never the whole weight) and each panel goes
-through ``torch.mm``. With int8 activations (``cpu_activations``) and K a
-multiple of 32, the integer-dot kernel (codebook as int8, x per 32-block).
+through ``torch.mm``. With int8 activations (``cpu_activations``: by default
+for fp16 / bf16 x, exact for fp32 x) and K a multiple of 32, the integer-dot
+kernel at every M (x and the codebook each in two int8 planes, per 32-block).
 """
 from __future__ import annotations
 
