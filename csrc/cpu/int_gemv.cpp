@@ -293,8 +293,9 @@ void gemv(const void* x, int xdtype, int64_t ldx, const IntWeight& w, const floa
     const int64_t n0 = b * kRows;
     gemv_rows<BITS, M>(xt.get(), X.get(), ldX, w, bias, lora, y, n0, std::min(w.n, n0 + kRows));
   };
+  init_shares(share.get(), nshare, blocks);
 #pragma omp parallel num_threads(nshare)
-  run_shared(share.get(), omp_get_num_threads(), omp_get_thread_num(), blocks, run);
+  run_shared(share.get(), nshare, omp_get_thread_num(), run);
 }
 
 template <int BITS>

@@ -149,8 +149,9 @@ void run(int64_t m, int64_t n, int64_t k, int nthreads, int max_mr, Rows&& rows,
     for (int64_t m0 = 0; m0 < m; m0 += max_mr) rows(m0, int(std::min<int64_t>(max_mr, m - m0)), n0, n1);
     epi(n0, n1);
   };
+  init_shares(shares.get(), nt_want, blocks);
 #pragma omp parallel num_threads(nt_want)
-  run_shared(shares.get(), omp_get_num_threads(), omp_get_thread_num(), blocks, block);
+  run_shared(shares.get(), nt_want, omp_get_thread_num(), block);
 }
 
 void add_bias(float* y, int64_t ldy, int64_t m, int64_t n0, int64_t n1, const float* bias) {

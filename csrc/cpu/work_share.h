@@ -27,15 +27,27 @@ struct alignas(64) Share {
   }
 };
 
-// Inside `#pragma omp parallel` with shares[0 .. nt): runs fn(block) for every
-// block of [0, blocks), each exactly once.
+// Before the parallel region: [0, blocks) split into nt contiguous ranges.
+// (Set up here, not by each thread inside the region behind a barrier: on a
+// busy machine a barrier makes every thread wait until the last one is
+// scheduled, a whole time slice, before any work starts.)
+inline void init_shares(Share* shares, int nt, int64_t blocks) {
+  for (int t = 0; t < nt; ++t) shares[t].init(blocks * t / nt, blocks * (t + 1) / nt);
+}
+
+// Inside `#pragma omp parallel`, shares[0 .. nt) from init_shares, thread t
+// of however many the region got: runs fn(block) for blocks of its own range
+// front to back, then takes the others' from the back. Every block of
+// [0, blocks) runs exactly once, whichever threads turn up and when.
 template <typename Fn>
-void run_shared(Share* shares, int nt, int t, int64_t blocks, Fn&& fn) {
-  shares[t].init(blocks * t / nt, blocks * (t + 1) / nt);
-#pragma omp barrier
-  for (int64_t b; (b = shares[t].template take<true>()) >= 0;) fn(b);
-  for (int v = 1; v < nt; ++v)
-    for (int64_t b; (b = shares[(t + v) % nt].template take<false>()) >= 0;) fn(b);
+void run_shared(Share* shares, int nt, int t, Fn&& fn) {
+  for (int v = 0; v < nt; ++v) {
+    Share& s = shares[(t + v) % nt];
+    if (v == 0)
+      for (int64_t b; (b = s.template take<true>()) >= 0;) fn(b);
+    else
+      for (int64_t b; (b = s.template take<false>()) >= 0;) fn(b);
+  }
 }
 
 }  // namespace pyquant
