@@ -4,7 +4,7 @@ in the same session, so the saved comparison tables give ratios.
     python -m pytest benchmarks/test_bench_cpu.py --benchmark-only --benchmark-group-by=param:case
 
 Not part of the unit-test run (``testpaths = tests``); the targets themselves are
-checked by the suite scripts (bench_cpu_*.py), which print ratios.
+checked by benchmarks/bench_cpu.py, which prints ratios.
 """
 import pytest
 import torch

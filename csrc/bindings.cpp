@@ -6,11 +6,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include "cpu/simd.h"
-
 namespace py = pybind11;
 
 namespace pyquant {
+void register_simd_cpu(py::module_& m);
+void register_q8_cpu(py::module_& m);
 void register_int_cpu(py::module_& m);
 void register_nf4_cpu(py::module_& m);
 void register_gguf_cpu(py::module_& m);
@@ -24,10 +24,8 @@ void register_cuda(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyquant compiled kernels (CPU C++ and, when built, CUDA)";
-  m.def("simd_level", [] { return pyquant::simd_name(pyquant::simd_level()); },
-        "SIMD level the CPU kernels use now");
-  m.def("set_simd_level", &pyquant::set_simd_level, py::arg("level"),
-        "'scalar' forces the portable path; 'best' restores detection. Returns success.");
+  pyquant::register_simd_cpu(m);
+  pyquant::register_q8_cpu(m);
 #ifdef PYQUANT_WITH_CUDA
   m.def("cuda_compiled", [] { return true; });
   m.def("cuda_arches", [] {

@@ -239,7 +239,7 @@ PQ_AVX2_RANGE(q6_k, Q6_K)
 
 DecodeRangeFn decode_range_fn(int type, Simd level) {
 #if PQ_X86
-  if (level == Simd::kAvx2) {
+  if (level >= Simd::kAvx2) {
     switch (type) {
       case kQ4_0: return range_avx2_q4_0;
       case kQ4_1: return range_avx2_q4_1;

@@ -57,7 +57,7 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
   std::vector<float> buffers(size_t(nthreads) * kTileN * kc);
   MicroGemmFn micro[kMR][kNR];
   for (int a = 0; a < kMR; ++a)
-    for (int b = 0; b < kNR; ++b) micro[a][b] = micro_gemm_fn(a + 1, b + 1, level == Simd::kAvx2);
+    for (int b = 0; b < kNR; ++b) micro[a][b] = micro_gemm_fn(a + 1, b + 1, level >= Simd::kAvx2);
 
 #pragma omp parallel num_threads(nthreads)
   {
@@ -257,7 +257,7 @@ void qmatmul(int type, const float* x, const uint8_t* w, const float* bias, floa
   const Simd level = simd_level();
 #if PQ_X86
   GemvFn fns[4];
-  if (m == 1 && level == Simd::kAvx2 && gemv_fns(type, fns)) {
+  if (m == 1 && level >= Simd::kAvx2 && gemv_fns(type, fns)) {
     gemv_fused(type, fns, x, w, bias, y, n, k, nthreads);
     return;
   }

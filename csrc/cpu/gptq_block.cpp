@@ -106,7 +106,7 @@ PQ_TARGET_AVX2 void tile_avx2(const GptqBlockArgs& a, int64_t r0, int rows) {
 
 void gptq_block_update(const GptqBlockArgs& a, int nthreads) {
   const int64_t tiles = (a.n + kTile - 1) / kTile;
-  const bool avx2 = PQ_X86 && simd_level() == Simd::kAvx2;
+  const bool avx2 = PQ_X86 && simd_has_avx2();
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t r0 = t * kTile;

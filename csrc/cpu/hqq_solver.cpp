@@ -319,7 +319,7 @@ void solve_group(const float* w, int64_t L, uint8_t* codes, float* s_out, float*
 void hqq_solve(const float* w, const HqqOutputs& out, int64_t n, int64_t k, int64_t group, const HqqParams& P,
                int nthreads) {
 #if PQ_X86
-  if (simd_level() == Simd::kAvx2) {
+  if (simd_has_avx2()) {
     for_each_group(w, out, n, k, group, nthreads, [&P](auto... a) { solve_group<Avx2>(a..., P); });
     return;
   }

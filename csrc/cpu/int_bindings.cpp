@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "int_kernels.h"
+#include "q8_kernels.h"
 
 namespace py = pybind11;
 
@@ -45,15 +46,23 @@ void register_int_cpu(py::module_& m) {
       "int_qmatmul",
       [](uintptr_t x, int x_dtype, int64_t m_rows, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
          uintptr_t bias, int64_t n, int64_t k, int bits, int64_t group_size, int scale_dtype, uintptr_t y,
-         int nthreads) {
-        int_qmatmul(as_ptr<const void>(x), x_dtype, m_rows,
-                    make_weight(qweight, scales, zeros, n, k, bits, group_size, scale_dtype), as_ptr<const float>(bias),
-                    as_ptr<float>(y), nthreads);
+         int nthreads, uintptr_t lora_xa, uintptr_t lora_b, int64_t lora_rank, float lora_scale, bool int8) {
+        const IntWeight w = make_weight(qweight, scales, zeros, n, k, bits, group_size, scale_dtype);
+        const LoraEpilogue lora{as_ptr<const float>(lora_xa), as_ptr<const float>(lora_b), lora_rank, lora_scale};
+        if (int8) {
+          q8::int_qmatmul(as_ptr<const void>(x), x_dtype, m_rows, w, as_ptr<const float>(bias), lora,
+                          as_ptr<float>(y), nthreads);
+        } else {
+          int_qmatmul(as_ptr<const void>(x), x_dtype, m_rows, w, as_ptr<const float>(bias), lora, as_ptr<float>(y),
+                      nthreads);
+        }
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("m"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
       py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("group_size"), py::arg("scale_dtype"),
-      py::arg("y"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
-      "y (M, N) fp32 = x (M, K) in x_dtype @ W_hat.T (+ bias fp32 (N,), 0 = none)");
+      py::arg("y"), py::arg("nthreads"), py::arg("lora_xa") = 0, py::arg("lora_b") = 0, py::arg("lora_rank") = 0,
+      py::arg("lora_scale") = 0.0f, py::arg("int8_activations") = false, py::call_guard<py::gil_scoped_release>(),
+      "y (M, N) fp32 = x (M, K) in x_dtype @ W_hat.T (+ bias fp32 (N,), 0 = none) (+ lora_scale * lora_xa (M, r) "
+      "@ lora_b (N, r).T, fp32, 0 = none); int8_activations: x quantized per 32-block (q8 kernels)");
 }
 
 }  // namespace pyquant

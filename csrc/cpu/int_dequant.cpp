@@ -135,7 +135,7 @@ void parallel_rows(int64_t n, int nthreads, F&& body) {
 
 void int_unpack(const uint8_t* qweight, int64_t n, int64_t k, int bits, uint8_t* out, int nthreads) {
 #if PQ_X86
-  if (simd_level() == Simd::kAvx2) {
+  if (simd_has_avx2()) {
     PQ_BITS_SWITCH(bits, kBits, "int_unpack", [&] {
       parallel_rows(n, nthreads,
                     [&](int64_t n0, int64_t n1) { unpack_rows_avx2<kBits>(qweight, k, out, n0, n1); });
@@ -148,7 +148,7 @@ void int_unpack(const uint8_t* qweight, int64_t n, int64_t k, int bits, uint8_t*
 
 void int_dequantize(const IntWeight& w, const int32_t* perm, float* out, int nthreads) {
 #if PQ_X86
-  if (simd_level() == Simd::kAvx2) {
+  if (simd_has_avx2()) {
     PQ_BITS_SWITCH(w.bits, kBits, "int_dequantize", [&] {
       parallel_rows(w.n, nthreads,
                     [&](int64_t n0, int64_t n1) { dequant_rows_avx2<kBits>(w, perm, out, n0, n1); });

@@ -154,7 +154,8 @@ PQ_TARGET_AVX2 void gemm_part(const float* x, int64_t ldx, int64_t m, const IntW
 // Tiles are handed out dynamically: on a shared machine a thread that loses
 // its core for a while then holds up only the tile it is on.
 template <int BITS>
-void gemm(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias, float* y, int nthreads) {
+void gemm(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias, const LoraEpilogue& lora,
+          float* y, int nthreads) {
   // Super-tiles as large as measured best, but at least ~4 per thread so
   // that the dynamic hand-out can balance the load.
   const int64_t tiles = (w.n + kTileN - 1) / kTileN;
@@ -166,16 +167,17 @@ void gemm(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const floa
     for (int64_t i = 0; i < m; ++i)
       for (int64_t n = nb; n < ne; ++n) y[i * w.n + n] = bias ? bias[n] : 0.0f;
     gemm_part<BITS>(x, ldx, m, w, y, nb, ne);
+    lora.apply(y, w.n, 0, m, nb, ne);
   }
 }
 #endif
 
 }  // namespace
 
-void int_gemm_avx2(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias, float* y,
-                   int nthreads) {
+void int_gemm_avx2(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias,
+                   const LoraEpilogue& lora, float* y, int nthreads) {
 #if PQ_X86
-  PQ_BITS_SWITCH(w.bits, kBits, "int_gemm_avx2", [&] { gemm<kBits>(x, ldx, m, w, bias, y, nthreads); });
+  PQ_BITS_SWITCH(w.bits, kBits, "int_gemm_avx2", [&] { gemm<kBits>(x, ldx, m, w, bias, lora, y, nthreads); });
 #endif
 }
 

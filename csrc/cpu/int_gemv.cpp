@@ -19,12 +19,12 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <memory>
 #include <new>
 
 #include "int_kernels.h"
+#include "work_share.h"
 
 namespace pyquant {
 namespace {
@@ -234,7 +234,7 @@ PQ_TARGET_AVX2 inline void prefetch_span(const IntWeight& w, int64_t n, int64_t 
 // block b is M x (block columns) at xt + b * M * block columns.
 template <int BITS, int M>
 PQ_TARGET_AVX2 void gemv_rows(const float* xt, const float* X, int64_t ldX, const IntWeight& w, const float* bias,
-                              float* y, int64_t n0, int64_t n1) {
+                              const LoraEpilogue& lora, float* y, int64_t n0, int64_t n1) {
   constexpr int64_t kbc = block_chunks<M>(), ldx = kbc * kIntChunk;
   const int64_t nch = w.chunks;
   const bool blocked = nch > kbc;
@@ -267,28 +267,12 @@ PQ_TARGET_AVX2 void gemv_rows(const float* xt, const float* X, int64_t ldX, cons
   }
   for (int r = 0; r < rows; ++r)
     for (int i = 0; i < M; ++i) y[i * w.n + n0 + r] = bias ? out[r][i] + bias[n0 + r] : out[r][i];
+  lora.apply(y, w.n, 0, M, n0, n1);
 }
 
-// A thread's share of the row blocks, [head, tail) in one atomic word so that
-// its owner (taking from the front) and a thief (from the back) can never
-// both get the same block.
-struct alignas(64) Share {
-  std::atomic<uint64_t> ht{0};
-  void init(int64_t b0, int64_t b1) { ht.store(uint64_t(b0) << 32 | uint64_t(b1), std::memory_order_relaxed); }
-  template <bool kFront>
-  int64_t take() {
-    uint64_t v = ht.load(std::memory_order_relaxed);
-    for (;;) {
-      const uint64_t h = v >> 32, t = v & 0xFFFFFFFFu;
-      if (h >= t) return -1;
-      const uint64_t next = kFront ? (h + 1) << 32 | t : h << 32 | (t - 1);
-      if (ht.compare_exchange_weak(v, next, std::memory_order_relaxed)) return int64_t(kFront ? h : t - 1);
-    }
-  }
-};
-
 template <int BITS, int M>
-void gemv(const void* x, int xdtype, int64_t ldx, const IntWeight& w, const float* bias, float* y, int nthreads) {
+void gemv(const void* x, int xdtype, int64_t ldx, const IntWeight& w, const float* bias, const LoraEpilogue& lora,
+          float* y, int nthreads) {
   constexpr int64_t kbc = block_chunks<M>(), bcols = kbc * kIntChunk;
   const int64_t nblocks = (w.chunks + kbc - 1) / kbc;
   const int64_t ldX = (w.groups + 7) / 8 * 8;
@@ -305,30 +289,23 @@ void gemv(const void* x, int xdtype, int64_t ldx, const IntWeight& w, const floa
   const int64_t blocks = (w.n + kRows - 1) / kRows;
   const int nshare = std::max(nthreads, 1);
   std::unique_ptr<Share[]> share(new Share[nshare]);
+  auto run = [&](int64_t b) {
+    const int64_t n0 = b * kRows;
+    gemv_rows<BITS, M>(xt.get(), X.get(), ldX, w, bias, lora, y, n0, std::min(w.n, n0 + kRows));
+  };
+  init_shares(share.get(), nshare, blocks);
 #pragma omp parallel num_threads(nshare)
-  {
-    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    share[t].init(blocks * t / nt, blocks * (t + 1) / nt);
-#pragma omp barrier
-    auto run = [&](int64_t b) {
-      const int64_t n0 = b * kRows;
-      gemv_rows<BITS, M>(xt.get(), X.get(), ldX, w, bias, y, n0, std::min(w.n, n0 + kRows));
-    };
-    for (int64_t b; (b = share[t].template take<true>()) >= 0;) run(b);
-    for (int v = 1; v < nt; ++v) {
-      for (int64_t b; (b = share[(t + v) % nt].template take<false>()) >= 0;) run(b);
-    }
-  }
+  run_shared(share.get(), nshare, omp_get_thread_num(), run);
 }
 
 template <int BITS>
 void gemv_dispatch_m(const void* x, int xdtype, int64_t ldx, int64_t m, const IntWeight& w, const float* bias,
-                     float* y, int nthreads) {
+                     const LoraEpilogue& lora, float* y, int nthreads) {
   switch (m) {
-    case 1: return gemv<BITS, 1>(x, xdtype, ldx, w, bias, y, nthreads);
-    case 2: return gemv<BITS, 2>(x, xdtype, ldx, w, bias, y, nthreads);
-    case 3: return gemv<BITS, 3>(x, xdtype, ldx, w, bias, y, nthreads);
-    default: return gemv<BITS, 4>(x, xdtype, ldx, w, bias, y, nthreads);
+    case 1: return gemv<BITS, 1>(x, xdtype, ldx, w, bias, lora, y, nthreads);
+    case 2: return gemv<BITS, 2>(x, xdtype, ldx, w, bias, lora, y, nthreads);
+    case 3: return gemv<BITS, 3>(x, xdtype, ldx, w, bias, lora, y, nthreads);
+    default: return gemv<BITS, 4>(x, xdtype, ldx, w, bias, lora, y, nthreads);
   }
 }
 #endif
@@ -336,10 +313,10 @@ void gemv_dispatch_m(const void* x, int xdtype, int64_t ldx, int64_t m, const In
 }  // namespace
 
 void int_gemv_avx2(const void* x, int xdtype, int64_t ldx, int64_t m, const IntWeight& w, const float* bias,
-                   float* y, int nthreads) {
+                   const LoraEpilogue& lora, float* y, int nthreads) {
 #if PQ_X86
   PQ_BITS_SWITCH(w.bits, kBits, "int_gemv_avx2",
-                 [&] { gemv_dispatch_m<kBits>(x, xdtype, ldx, m, w, bias, y, nthreads); });
+                 [&] { gemv_dispatch_m<kBits>(x, xdtype, ldx, m, w, bias, lora, y, nthreads); });
 #endif
 }
 

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "avx2_reduce.h"
+#include "lora_epilogue.h"
 #include "simd.h"
 #include "pyquant/common.h"
 #include "pyquant/int_decode.h"
@@ -53,18 +54,18 @@ void int_unpack(const uint8_t* qweight, int64_t n, int64_t k, int bits, uint8_t*
 // out (N, K) fp32 = (float(q) - z) * s, columns scattered by perm (int32 (K,)) when given.
 void int_dequantize(const IntWeight& w, const int32_t* perm, float* out, int nthreads);
 // y (M, N) fp32 = x (M, K) contiguous, in x_dtype (fp32/fp16/bf16, read as
-// fp32) @ W_hat.T (+ bias fp32 (N,) when given).
-void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, const float* bias, float* y,
-                 int nthreads);
+// fp32) @ W_hat.T (+ bias fp32 (N,) when given) (+ the low-rank epilogue).
+void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, const float* bias,
+                 const LoraEpilogue& lora, float* y, int nthreads);
 
 // y = x @ W_hat.T + bias (bias may be null).
 // Small-M path (int_gemv.cpp): x is (M, ldx) in x_dtype, read up to column K.
 void int_gemv_avx2(const void* x, int x_dtype, int64_t ldx, int64_t m, const IntWeight& w, const float* bias,
-                   float* y, int nthreads);
+                   const LoraEpilogue& lora, float* y, int nthreads);
 // Tiled GEMM path (int_gemm.cpp): x is fp32 (M, ldx) with ldx >= chunks * 32
 // and zeros past K, so whole chunks can be read.
-void int_gemm_avx2(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias, float* y,
-                   int nthreads);
+void int_gemm_avx2(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias,
+                   const LoraEpilogue& lora, float* y, int nthreads);
 constexpr int64_t kGemvMaxM = 4;      // rows of x per GEMV pass
 constexpr int64_t kGemvPassMaxM = 8;  // up to here qmatmul runs GEMV passes
 

@@ -13,7 +13,8 @@
 namespace pyquant {
 namespace {
 
-void qmatmul_scalar(const float* x, int64_t m, const IntWeight& w, const float* bias, float* y, int nthreads) {
+void qmatmul_scalar(const float* x, int64_t m, const IntWeight& w, const float* bias, const LoraEpilogue& lora,
+                    float* y, int nthreads) {
   const int64_t k = w.k, nch = w.chunks, cpg = w.chunks_per_group, rb = w.row_bytes;
   const int cb = int_chunk_bytes(w.bits);
   // One dequantized row per thread, allocated here: an exception must not
@@ -46,6 +47,7 @@ void qmatmul_scalar(const float* x, int64_t m, const IntWeight& w, const float* 
         float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
         y[i * w.n + n] = bias ? sum + bias[n] : sum;
       }
+      lora.apply(y, w.n, 0, m, n, n + 1);
     }
   }
 }
@@ -65,12 +67,12 @@ std::vector<float> x_as_f32(const void* x, int dtype, int64_t m, int64_t k, int6
 
 }  // namespace
 
-void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, const float* bias, float* y,
-                 int nthreads) {
+void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, const float* bias,
+                 const LoraEpilogue& lora, float* y, int nthreads) {
   if (m <= 0 || w.n <= 0) return;
   const size_t esize = x_dtype == kF32 ? 4 : 2;
 #if PQ_X86
-  if (simd_level() == Simd::kAvx2) {
+  if (simd_has_avx2()) {
     if (m <= kGemvPassMaxM) {
       // Up to 8 rows, passes of the GEMV (4 rows of x each) beat the GEMM:
       // re-decoding the weight once more costs less than the GEMM's tile
@@ -78,8 +80,10 @@ void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, cons
       // reads x in any dtype and handles a ragged K itself.
       for (int64_t i0 = 0; i0 < m; i0 += kGemvMaxM) {
         const int64_t mm = std::min<int64_t>(kGemvMaxM, m - i0);
-        int_gemv_avx2(static_cast<const char*>(x) + i0 * w.k * esize, x_dtype, w.k, mm, w, bias, y + i0 * w.n,
-                      nthreads);
+        LoraEpilogue pass = lora;  // this pass's rows of x
+        if (pass.xa) pass.xa += i0 * pass.rank;
+        int_gemv_avx2(static_cast<const char*>(x) + i0 * w.k * esize, x_dtype, w.k, mm, w, bias, pass,
+                      y + i0 * w.n, nthreads);
       }
       return;
     }
@@ -88,19 +92,19 @@ void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, cons
     // weight adds nothing).
     const int64_t kp = w.chunks * kIntChunk;
     if (kp == w.k && x_dtype == kF32) {
-      int_gemm_avx2(static_cast<const float*>(x), kp, m, w, bias, y, nthreads);
+      int_gemm_avx2(static_cast<const float*>(x), kp, m, w, bias, lora, y, nthreads);
     } else {
       const std::vector<float> xf = x_as_f32(x, x_dtype, m, w.k, kp);
-      int_gemm_avx2(xf.data(), kp, m, w, bias, y, nthreads);
+      int_gemm_avx2(xf.data(), kp, m, w, bias, lora, y, nthreads);
     }
     return;
   }
 #endif
   if (x_dtype == kF32) {
-    qmatmul_scalar(static_cast<const float*>(x), m, w, bias, y, nthreads);
+    qmatmul_scalar(static_cast<const float*>(x), m, w, bias, lora, y, nthreads);
   } else {
     const std::vector<float> xf = x_as_f32(x, x_dtype, m, w.k, w.k);
-    qmatmul_scalar(xf.data(), m, w, bias, y, nthreads);
+    qmatmul_scalar(xf.data(), m, w, bias, lora, y, nthreads);
   }
 }
 

@@ -50,7 +50,7 @@ void dequantize(const Weight& w, float* out, int nthreads, int64_t row_begin, in
   // enough work per task to hide the scheduling.
   const int64_t per_chunk = std::max<int64_t>(1, (int64_t(1) << 14) / w.block_size) * w.block_size;
   const int64_t nchunks = (last - first + per_chunk - 1) / per_chunk;
-  const bool avx2 = simd_level() == Simd::kAvx2;
+  const bool avx2 = simd_has_avx2();
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nchunks > 1)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t b = first + c * per_chunk;

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 
+#include "lora_epilogue.h"
 #include "pyquant/nf4_decode.h"
 #include "simd.h"
 
@@ -30,10 +31,19 @@ void decode_range_avx2(const Weight& w, int64_t begin, int64_t end, float* out);
 // dequantized weight.
 void dequantize(const Weight& w, float* out, int nthreads, int64_t row_begin, int64_t row_end);
 
-// y (M, N) fp32 = x (M, K) fp32 @ W^T (+ bias fp32 (N,) if not null).
-// path: -1 chooses by M; 0 forces the fused (GEMV-style) kernel, 1 the tiled
-// one (tests run both on every shape).
-void qmatmul(const Weight& w, const float* x, int64_t m, const float* bias, float* y, int nthreads, int path = -1);
+// y (M, N) fp32 = x (M, K) fp32 @ W^T (+ bias fp32 (N,) if not null) (+ the
+// low-rank epilogue). path: -1 chooses by M; 0 forces the fused (GEMV-style)
+// kernel, 1 the tiled one (tests run both on every shape).
+void qmatmul(const Weight& w, const float* x, int64_t m, const float* bias, const LoraEpilogue& lora, float* y,
+             int nthreads, int path = -1);
+
+// The codebook in two int8 planes for the integer-dot kernels (q8_kernels.h):
+// 127 c ~ c8 + r8 / 256, c8 = round(127 c), r8 = round(256 (127 c - c8)).
+// c8 alone is off by up to 0.5 / 127 of the block's absmax, which measured up
+// to 1.1% on SmolLM2's outputs; with r8, 1.4e-5 of it.
+constexpr int8_t kNf4CodebookI8[16] = {-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127};
+constexpr int8_t kNf4CodebookR8[16] = {0, -107, 81, -40, -32, -119, 112, 0, 27, 112, 66, -22, -8, 116, -47, 0};
+constexpr float kNf4I8Inv = 1.0f / 127.0f;
 
 // block_size is a power of two (the format enforces it): block index = i >> log2.
 inline int nf4_log2(int64_t v) { return __builtin_ctzll(static_cast<unsigned long long>(v)); }

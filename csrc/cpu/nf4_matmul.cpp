@@ -187,8 +187,8 @@ FusedFn fused_fn(int mr, bool avx2) {
   }
 }
 
-void qmatmul_fused(const Weight& w, const float* x, int64_t m, const float* bias, float* y, int nthreads,
-                   bool avx2) {
+void qmatmul_fused(const Weight& w, const float* x, int64_t m, const float* bias, const LoraEpilogue& lora, float* y,
+                   int nthreads, bool avx2) {
   const int64_t N = w.n, K = w.k;
   // Rows in chunks of 16: a few hundred tasks for real layers, and tiny layers
   // stay on one thread (a parallel region costs microseconds). A chunk's
@@ -205,11 +205,12 @@ void qmatmul_fused(const Weight& w, const float* x, int64_t m, const float* bias
       const int64_t mr = std::min(kFusedMaxM, m - m0);
       fused_fn(int(mr), avx2)(w, x + m0 * K, K, n0, n1, bias, y + m0 * N, N);
     }
+    lora.apply(y, N, 0, m, n0, n1);
   }
 }
 
-void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias, float* y, int nthreads,
-                   bool avx2) {
+void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias, const LoraEpilogue& lora, float* y,
+                   int nthreads, bool avx2) {
   const int64_t N = w.n, K = w.k;
   const int64_t ntiles = (N + kTileN - 1) / kTileN;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (ntiles > 1)
@@ -237,17 +238,19 @@ void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias
         }
       }
     }
+    lora.apply(y, N, 0, m, n0, n0 + nc);
   }
 }
 
 }  // namespace
 
-void qmatmul(const Weight& w, const float* x, int64_t m, const float* bias, float* y, int nthreads, int path) {
-  const bool avx2 = simd_level() == Simd::kAvx2;
+void qmatmul(const Weight& w, const float* x, int64_t m, const float* bias, const LoraEpilogue& lora, float* y,
+             int nthreads, int path) {
+  const bool avx2 = simd_has_avx2();
   if (path == 0 || (path < 0 && m <= kFusedUpToM)) {
-    qmatmul_fused(w, x, m, bias, y, nthreads, avx2);
+    qmatmul_fused(w, x, m, bias, lora, y, nthreads, avx2);
   } else {
-    qmatmul_tiled(w, x, m, bias, y, nthreads, avx2);
+    qmatmul_tiled(w, x, m, bias, lora, y, nthreads, avx2);
   }
 }
 

@@ -2,7 +2,9 @@
 
 dequantize must equal gguf-py's ``gguf.quants.dequantize`` bit for bit (every
 block type, both SIMD paths); qmatmul is compared with an fp64 matmul of that
-same dequantized weight.
+same dequantized weight: here the exact fp32 kernels (``cpu_activations("fp32")``
+for every test); the default int8-activation kernels (llama.cpp's arithmetic)
+are tested in test_cpu_q8.py.
 """
 
 import numpy as np
@@ -16,6 +18,7 @@ from pyquant import _ext
 from pyquant.formats import QuantizedWeight
 from pyquant.formats.gguf import BLOCK_TYPES, GGUF
 from pyquant.ops.backends import cpu_gguf
+from pyquant.ops.backends.cpu_activations import cpu_activations
 from pyquant.ops.dispatch import select_kernel
 
 gguf = require("gguf")
@@ -27,6 +30,12 @@ F16_FIELDS = {
     "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
     "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
 }
+
+
+@pytest.fixture(autouse=True)
+def exact_kernels():
+    with cpu_activations("fp32"):
+        yield
 
 
 @pytest.fixture(scope="module")

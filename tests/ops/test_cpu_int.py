@@ -18,6 +18,7 @@ from pyquant import _ext
 from pyquant.errors import DtypeError, FormatError, ShapeError, ValueRangeError
 from pyquant.formats import Int
 from pyquant.ops import reference
+from pyquant.ops.backends.cpu_activations import cpu_activations
 from pyquant.ops.dispatch import select_kernel
 
 C = _ext.load()
@@ -207,8 +208,14 @@ def test_qmatmul_blocked_shapes(bits, group):
 @pytest.mark.parametrize("xdtype", (torch.float32, torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("lead", ((2, 3), (3, 4)), ids=("M6", "M12"))
 def test_qmatmul_dtypes_bias_batch(xdtype, lead):
-    """Half-precision x is read by the kernels directly (GEMV at M = 6, GEMM at
-    M = 12, K = 330 ragged); output in x's dtype, leading dims kept."""
+    """Half-precision x is read by the exact kernels directly (GEMV at M = 6,
+    GEMM at M = 12, K = 330 ragged); output in x's dtype, leading dims kept.
+    (By default half x takes the int8 kernels: test_cpu_q8.py.)"""
+    with cpu_activations("fp32"):
+        _check_dtypes_bias_batch(xdtype, lead)
+
+
+def _check_dtypes_bias_batch(xdtype, lead):
     k = 330
     qw = make_qw(4, 64, False, torch.float16, 24, k)
     x = torch.randn(*lead, k).to(xdtype)
@@ -274,3 +281,18 @@ def test_rtn_weights_public_api():
         assert torch.equal(pyquant.dequantize(qw), pyquant.dequantize(qw, kernel="reference"))
         x = torch.randn(5, 384)
         check_qmatmul(pyquant.qmatmul(x, qw), x, qw)
+
+
+@pytest.mark.parametrize("act_order", (False, True))
+def test_qmatmul_torch_gemm_panels(monkeypatch, act_order):
+    """Large M: decoded row panels (act_order columns scattered back) through
+    torch's GEMM; small panels and threshold here so that several are taken."""
+    from pyquant.ops.backends import cpu_int, cpu_panels
+
+    monkeypatch.setattr(cpu_int, "TORCH_GEMM_MIN_M", 3)
+    monkeypatch.setattr(cpu_panels, "PANEL_FLOATS", 2 * 200 + 1)
+    qw = make_qw(3, 64, False, torch.bfloat16, 13, 200, act_order=act_order, seed=4)
+    expect = Expect(qw)
+    x = torch.randn(5, 200)
+    bias = torch.randn(13)
+    expect.check(pyquant.qmatmul(x, qw, bias, kernel="cpu"), x, bias)

@@ -11,7 +11,7 @@ import torch
 import pyquant
 from pyquant import NF4, _ext
 from pyquant.errors import ShapeError
-from pyquant.ops.backends import cpu_nf4
+from pyquant.ops.backends import cpu_nf4, cpu_panels
 from pyquant.ops._dtypes import ptr
 from pyquant.ops.dispatch import select_kernel
 from pyquant.formats.nf4 import dynamic_map
@@ -114,7 +114,7 @@ def test_qmatmul_torch_gemm_panels(monkeypatch, simd, n, k, bs, dq):
     # Large M decodes row panels (any row range, odd starts included) and
     # multiplies with torch.mm; small panels here so every shape has several.
     monkeypatch.setattr(cpu_nf4, "TORCH_GEMM_MIN_M", 3)
-    monkeypatch.setattr(cpu_nf4, "_PANEL_FLOATS", 2 * k + 1)
+    monkeypatch.setattr(cpu_panels, "PANEL_FLOATS", 2 * k + 1)
     qw = _qw(n, k, bs, dq, seed=2)
     w_ref = pyquant.dequantize(qw, kernel="reference")
     x = torch.randn(5, k)

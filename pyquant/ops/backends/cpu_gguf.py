@@ -7,13 +7,18 @@ Kernels:
 
 * ``gguf_dequantize``: every block type, bit-exact with ``gguf.quants.dequantize``
   (fp32 out; other dtypes are a torch cast of it, i.e. correctly rounded).
-* ``gguf_qmatmul``: fused in C++ for every block type below
-  ``TORCH_MATMUL_MIN_M`` activation rows (a dedicated M=1 kernel for Q4_K,
-  Q6_K and Q8_0, a tiled decode-and-multiply kernel otherwise). From there on
-  torch's GEMM beats our register-tiled dot products (4096x4096, one thread:
-  even at M=256, 15% behind at M=512), so the weight is dequantized in tiles of
-  ``ROW_TILE`` rows, each multiplied with torch; memory stays at one tile,
-  never the whole float weight.
+* ``gguf_qmatmul``, by default (``cpu_activations`` "auto" or "int8"):
+  llama.cpp's arithmetic at every M. x is quantized to Q8_0 / Q8_1 / Q8_K
+  blocks once per call and multiplied block by block in integers at the SIMD
+  level in effect (csrc/cpu/q8_*.cpp); it stays ahead of torch's fp32 GEMM at
+  large M too (4096 x 4096, M = 512, one core: ~3x, the integer dot products
+  doing 4x the work per instruction of fp32 FMAs).
+* with ``cpu_activations("fp32")``, exact fp32: below ``TORCH_MATMUL_MIN_M``
+  rows of x fused in C++ (a dedicated M=1 kernel for Q4_K, Q6_K and Q8_0, a
+  tiled decode-and-multiply kernel otherwise), from there on, where torch's
+  GEMM beats both, decoded panels of ``ROW_TILE`` rows each multiplied with
+  torch (cpu_panels.py); memory stays at one panel, never the whole float
+  weight.
 """
 from __future__ import annotations
 
@@ -23,7 +28,10 @@ import torch
 
 from ... import _ext
 from ...formats.base import named_packed
+from .._dtypes import dtype_code
 from ..dispatch import register_kernel
+from . import cpu_activations
+from .cpu_panels import panel_matmul
 
 ROW_TILE = 256
 TORCH_MATMUL_MIN_M = 512
@@ -71,25 +79,18 @@ def qmatmul(
 ) -> torch.Tensor:
     n, k = shape
     m = x2d.shape[0]
-    x = x2d.to(torch.float32).contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()
     blocks = _blocks(qdata, fmt, shape)
-    if m >= TORCH_MATMUL_MIN_M:
-        y = _tiled_torch_matmul(x, blocks, fmt, n, k, b)
+    int8 = cpu_activations.use_int8("gguf", x2d.dtype)
+    # int8 kernels read x in its own dtype; the exact ones want fp32
+    x = x2d.contiguous() if int8 else x2d.to(torch.float32).contiguous()
+    if m >= TORCH_MATMUL_MIN_M and not int8:
+        y = panel_matmul(x, n, k, lambda n0, n1, out: _dequantize_fp32(blocks[n0:n1], fmt, n1 - n0, k, out), b,
+                         rows=ROW_TILE)
     else:
         y = torch.empty((m, n), dtype=torch.float32)
         if y.numel():
             _ext.load().gguf_qmatmul(fmt.block.ggml_type, x.data_ptr(), blocks.data_ptr(),
                                      0 if b is None else b.data_ptr(), y.data_ptr(), m, n, k,
-                                     torch.get_num_threads())
+                                     torch.get_num_threads(), int8, dtype_code(x.dtype))
     return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
-
-
-def _tiled_torch_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt, n: int, k: int,
-                        bias: Optional[torch.Tensor]) -> torch.Tensor:
-    y = torch.empty((x.shape[0], n), dtype=torch.float32)
-    for n0 in range(0, n, ROW_TILE):
-        n1 = min(n, n0 + ROW_TILE)
-        w = _dequantize_fp32(blocks[n0:n1], fmt, n1 - n0, k)
-        y[:, n0:n1] = x @ w.T if bias is None else torch.addmm(bias[n0:n1], x, w.T)
-    return y

@@ -1,9 +1,12 @@
 """CPU C++ kernels for the int formats: thin wrappers over pyquant._C.
 
-The C++ side (csrc/cpu/int_*.cpp) takes raw pointers to contiguous tensors and
-trusts its arguments; everything it relies on is made true here. Kernels
-compute in fp32: fp16/bf16 activations are widened inside the kernel (exactly)
-and the result is cast back to their dtype, as the reference does.
+The C++ side (csrc/cpu/int_*.cpp, csrc/cpu/q8_*.cpp) takes raw pointers to
+contiguous tensors and trusts its arguments; everything it relies on is made
+true here. The exact kernels compute in fp32: fp16/bf16 activations are
+widened inside the kernel (exactly) and the result is cast back to their
+dtype, as the reference does. With int8 activations (``cpu_activations``: by
+default for fp16 / bf16 x, exact for fp32 x) x is quantized per 32-block, in
+two int8 planes, inside the kernel instead.
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ from ...errors import FormatError, ValueRangeError
 from ...formats.base import named_packed
 from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
+from . import cpu_activations
+from .cpu_lora import lora_args
+from .cpu_panels import panel_matmul
 
 _CPU = torch.device("cpu")
 
@@ -80,27 +86,59 @@ def unpack(packed: torch.Tensor, fmt, shape) -> torch.Tensor:
     return out
 
 
+# From this many rows of x on (exact mode), decoded panels + torch's GEMM beat
+# the C++ GEMM (tiles decoded to fp32, an AVX2 micro-kernel): torch's runs at
+# the CPU's widest vectors. See cpu_panels.py.
+TORCH_GEMM_MIN_M = 256
+
+
 @register_kernel("qmatmul", "cpu", "int", _supports)
 def qmatmul(
-    x: torch.Tensor, qdata: List[torch.Tensor], fmt, shape, bias: Optional[torch.Tensor]
+    x: torch.Tensor, qdata: List[torch.Tensor], fmt, shape, bias: Optional[torch.Tensor],
+    lora_xa: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None, lora_scale: float = 0.0,
 ) -> torch.Tensor:
     """Fused ``x @ W_hat.T + bias`` for every bit width: a streaming GEMV for
-    M <= 8, a tiled GEMM above (decoded tiles of W, never the whole weight).
-    x may be fp32, fp16 or bf16 (read as fp32 by the kernel); the fp32 result
-    is cast to x's dtype, as the reference does."""
+    M <= 8, a tiled GEMM above (decoded tiles of W, never the whole weight),
+    decoded panels + torch's GEMM from TORCH_GEMM_MIN_M rows; with int8
+    activations (``cpu_activations``) the integer-dot kernels at every M. x
+    may be fp32, fp16 or bf16 (read by the kernel); the fp32 result is cast to
+    x's dtype, as the reference does.
+
+    Low-rank epilogue (QLoRA): with ``lora_xa`` (M, r) = x @ A.T and ``lora_b``
+    (N, r), both fp32, the kernel adds ``lora_scale * lora_xa @ lora_b.T`` to
+    each tile of y it has just written (no second pass over y). None (or a
+    zero scale) means none."""
     C = _ext.load()
     n, k = shape
     t = _named(fmt, qdata, shape)
     m = x.shape[0]
     perm = _checked_perm(t, k)
+    bf = None if bias is None else bias.to(torch.float32).contiguous()
+    xa, b, rank, scale = lora_args(lora_xa, lora_b, lora_scale, m, n)
+    int8 = cpu_activations.use_int8("int", x.dtype)
+    if m >= TORCH_GEMM_MIN_M and not int8:
+        y = panel_matmul(x.to(torch.float32).contiguous(), n, k, _row_decoder(t, fmt, k, perm), bf, xa, b, scale)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
     if perm is not None:
         # Packed column j multiplies logical column perm[j] of x.
         x = x[:, perm.long()]
     x = x.contiguous()
-    bf = None if bias is None else bias.to(torch.float32).contiguous()
     y = torch.empty((m, n), dtype=torch.float32)
     if m > 0:
         C.int_qmatmul(x.data_ptr(), dtype_code(x.dtype), m, ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")),
                       ptr(bf), n, k, fmt.bits, fmt.group_size, dtype_code(fmt.scale_dtype), y.data_ptr(),
-                      torch.get_num_threads())
+                      torch.get_num_threads(), ptr(xa), ptr(b), rank, scale, int8)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _row_decoder(t: dict, fmt, k: int, perm: Optional[torch.Tensor]):
+    """decode(n0, n1, out): rows [n0, n1) of W_hat (logical column order) into out."""
+    C = _ext.load()
+    qw, s, z = t["qweight"], t["scales"], t.get("zeros")
+
+    def decode(n0: int, n1: int, out: torch.Tensor) -> None:
+        C.int_dequantize(ptr(qw[n0:n1]), ptr(s[n0:n1]), ptr(None if z is None else z[n0:n1]), ptr(perm), n1 - n0, k,
+                         fmt.bits, fmt.group_size, dtype_code(fmt.scale_dtype), out.data_ptr(),
+                         torch.get_num_threads())
+
+    return decode

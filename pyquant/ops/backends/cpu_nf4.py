@@ -8,7 +8,9 @@ qmatmul: for M below :data:`TORCH_GEMM_MIN_M` the fused C++ kernel (it never
 materialises the float weight); from there on the work is compute-bound and
 torch's GEMM beats our AVX2 micro-kernel, so the weight is decoded in panels of
 rows (~4 MiB of fp32 at a time, never the whole weight) and each panel goes
-through ``torch.mm``.
+through ``torch.mm``. With int8 activations (``cpu_activations``: by default
+for fp16 / bf16 x, exact for fp32 x) and K a multiple of 32, the integer-dot
+kernel at every M (x and the codebook each in two int8 planes, per 32-block).
 """
 from __future__ import annotations
 
@@ -18,15 +20,17 @@ from ... import _ext
 from ...errors import DeviceError, ShapeError
 from ...formats import NF4
 from ...formats.base import named_packed
-from .._dtypes import ptr
+from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
 from ...formats.nf4 import dynamic_map
+from . import cpu_activations
+from .cpu_lora import lora_args
+from .cpu_panels import panel_matmul
 
 # From this many rows of x on, decoded panels + torch.mm beat the C++ tiled
 # kernel (one core, K = N = 4096, tiled vs panels: 53 vs 55 ms at M = 128,
 # 112 vs 104 at 256, 272 vs 194 at 512).
 TORCH_GEMM_MIN_M = 256
-_PANEL_FLOATS = 1 << 20
 
 
 def _supports(fmt, device, m) -> bool:
@@ -64,7 +68,11 @@ dequantize.writes_out = True
 
 
 @register_kernel("qmatmul", "cpu", "nf4", _supports)
-def qmatmul(x2d: torch.Tensor, qdata, fmt: NF4, shape, bias) -> torch.Tensor:
+def qmatmul(x2d: torch.Tensor, qdata, fmt: NF4, shape, bias, lora_xa=None, lora_b=None,
+            lora_scale: float = 0.0) -> torch.Tensor:
+    """``x @ W.T + bias``; with ``lora_xa`` (M, r) = x @ A.T and ``lora_b`` (N, r),
+    both fp32, plus ``lora_scale * lora_xa @ lora_b.T``, added by the kernel to
+    each tile of y it writes (None or a zero scale: none)."""
     n, k = shape
     if x2d.dim() != 2 or x2d.shape[1] != k:
         raise ShapeError(f"x must be (M, {k}), got {tuple(x2d.shape)}")
@@ -72,32 +80,25 @@ def qmatmul(x2d: torch.Tensor, qdata, fmt: NF4, shape, bias) -> torch.Tensor:
         raise DeviceError(f"NF4 CPU kernel got x on {x2d.device}")
     args, keep = _weight_args(qdata, fmt, shape)
     m = x2d.shape[0]
-    xf = x2d.to(torch.float32).contiguous()
     bf = None
     if bias is not None:
         if tuple(bias.shape) != (n,):
             raise ShapeError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
         bf = bias.to(torch.float32).contiguous()
+    xa, b, rank, scale = lora_args(lora_xa, lora_b, lora_scale, m, n)
     nthreads = torch.get_num_threads()
-    if m >= TORCH_GEMM_MIN_M:
-        y = _panel_matmul(xf, args, fmt, n, k, nthreads)
-        if bf is not None:
-            y += bf
+    ext = _ext.load()
+    int8 = cpu_activations.use_int8("nf4", x2d.dtype) and ext.nf4_q8_supported(k)
+    if m >= TORCH_GEMM_MIN_M and not int8:
+        def decode(n0, n1, out):
+            ext.nf4_dequantize(*args, n, k, fmt.block_size, ptr(out), nthreads, n0, n1)
+
+        y = panel_matmul(x2d.to(torch.float32).contiguous(), n, k, decode, bf, xa, b, scale)
     else:
+        xk = x2d.contiguous() if int8 else x2d.to(torch.float32).contiguous()
         y = torch.empty((m, n), dtype=torch.float32)
         if m:
-            _ext.load().nf4_qmatmul(ptr(xf), m, *args, n, k, fmt.block_size, ptr(bf), ptr(y), nthreads)
+            ext.nf4_qmatmul(ptr(xk), m, *args, n, k, fmt.block_size, ptr(bf), ptr(y), nthreads, -1, ptr(xa), ptr(b),
+                            rank, scale, int8, dtype_code(xk.dtype))
     del keep
     return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
-
-
-def _panel_matmul(xf, args, fmt: NF4, n: int, k: int, nthreads: int) -> torch.Tensor:
-    rows = max(1, min(n, _PANEL_FLOATS // k))
-    panel = torch.empty((rows, k), dtype=torch.float32)
-    y = torch.empty((xf.shape[0], n), dtype=torch.float32)
-    ext = _ext.load()
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        ext.nf4_dequantize(*args, n, k, fmt.block_size, ptr(panel), nthreads, n0, n1)
-        y[:, n0:n1] = xf @ panel[: n1 - n0].T
-    return y

@@ -1,0 +1,254 @@
+// The q8 kernels' driver (baseline code): picks the kernel table of the
+// SIMD level in effect, quantizes x once, and shares blocks of weight rows
+// among the threads; each block runs every row of x in passes of up to
+// the table's mr_* rows, then its bias and low-rank epilogue while the block of
+// y is in cache. The kernels themselves live in q8_scalar.cpp and q8_impl.inc.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+#include "q8_kernels.h"
+#include "work_share.h"
+
+namespace pyquant {
+namespace q8 {
+
+uint16_t float_to_half_rne(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t ax = x & 0x7FFFFFFFu;
+  if (ax >= 0x7F800000u) return uint16_t(sign | 0x7C00u | (ax > 0x7F800000u ? 0x200u : 0u));  // inf / nan
+  if (ax >= 0x477FF000u) return uint16_t(sign | 0x7C00u);  // rounds to >= 65520: inf
+  if (ax < 0x38800000u) {  // below the smallest normal half (2^-14): subnormal or zero
+    if (ax < 0x33000000u) return uint16_t(sign);  // below half of the smallest subnormal (2^-25)
+    const uint32_t e = ax >> 23, mant = (ax & 0x7FFFFFu) | 0x800000u;
+    const uint32_t shift = 126 - e;  // value = mant * 2^(e - 150); a half subnormal unit is 2^-24
+    uint32_t h = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+    if (rem > halfway || (rem == halfway && (h & 1u))) ++h;
+    return uint16_t(sign | h);
+  }
+  uint32_t h = ((ax - 0x38000000u) >> 13);  // rebias the exponent (127 -> 15), keep 10 mantissa bits
+  const uint32_t rem = ax & 0x1FFFu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  return uint16_t(sign | h);
+}
+
+int64_t layout_source(Layout layout, int64_t kp, int64_t j) {
+  switch (layout) {
+    case Layout::kHalves4:
+    case Layout::kEvenOdd128: {
+      const int64_t full = kp / 128 * 128;
+      if (j >= full) {
+        const Layout rest = layout == Layout::kHalves4 ? Layout::kHalves2 : Layout::kEvenOdd64;
+        return full + layout_source(rest, kp - full, j - full);
+      }
+      const int64_t base = j / 128 * 128, r = j % 128, second = r / 64, p = r % 64;
+      return layout == Layout::kHalves4 ? base + (p / 16) * 32 + second * 16 + p % 16 : base + 2 * p + second;
+    }
+    case Layout::kHalves2:
+    case Layout::kEvenOdd64: {
+      const int64_t full = kp / 64 * 64;
+      if (j >= full) return j;  // a last lone 32-block stays natural
+      const int64_t base = j / 64 * 64, r = j % 64, second = r / 32, p = r % 32;
+      return layout == Layout::kHalves2 ? base + (p / 16) * 32 + second * 16 + p % 16 : base + 2 * p + second;
+    }
+    default:
+      return j;
+  }
+}
+
+namespace {
+
+constexpr int64_t kRows = 16;  // weight rows per block handed to a thread
+
+const Table& table_for(Simd level) {
+#if PQ_X86
+  switch (level) {
+    case Simd::kAvx512: return table_avx512();
+    case Simd::kAvxVnni: return table_avxvnni();
+    case Simd::kAvx2: return table_avx2();
+    default: break;
+  }
+#endif
+  (void)level;
+  return table_scalar();
+}
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+// The arrays of an Acts in one 64-byte aligned allocation.
+class ActBuffer {
+ public:
+  ActBuffer(ActKind kind, Layout layout, int64_t m, int64_t k, int64_t kp) {
+    a.m = m, a.k = k, a.kp = kp, a.kind = kind, a.layout = layout;
+    const bool k256 = kind == ActKind::kQ8_K, two = kind == ActKind::kQ8x2_32;
+    const bool lanes = kind == ActKind::kQ8_32 || two;
+    a.nb = kp / (k256 ? kSuper : kBlock);
+    constexpr int kArrays = 8;
+    size_t off[kArrays], total = 0;
+    const size_t sizes[kArrays] = {
+        size_t(m * kp),                            // qs
+        size_t(m * a.nb) * 4,                      // d
+        k256 ? 0 : size_t(m * a.nb) * 4,           // s
+        k256 ? 0 : size_t(m * a.nb) * 4,           // isum
+        k256 ? size_t(m * kp / 16) * 2 : 0,        // bsums
+        lanes ? size_t(m * kp / 4) * 4 : 0,        // dl
+        two ? size_t(m * kp) : 0,                  // qs2
+        two ? size_t(m * a.nb) * 4 : 0,            // isum1
+    };
+    for (int i = 0; i < kArrays; ++i) {
+      off[i] = total;
+      total += (sizes[i] + 63) / 64 * 64;
+    }
+    mem_.reset(std::aligned_alloc(64, total ? total : 64));
+    if (!mem_) throw std::bad_alloc();  // pybind11 turns it into MemoryError
+    char* base = static_cast<char*>(mem_.get());
+    auto at = [&](int i) -> void* { return sizes[i] ? base + off[i] : nullptr; };
+    a.qs = static_cast<int8_t*>(at(0));
+    a.d = static_cast<float*>(at(1));
+    a.s = static_cast<float*>(at(2));
+    a.isum = static_cast<int32_t*>(at(3));
+    a.bsums = static_cast<int16_t*>(at(4));
+    a.dl = static_cast<float*>(at(5));
+    a.qs2 = static_cast<int8_t*>(at(6));
+    a.isum1 = static_cast<int32_t*>(at(7));
+  }
+  Acts a;
+
+ private:
+  std::unique_ptr<void, FreeDeleter> mem_;
+};
+
+// Threads worth waking: each should get ~2^17 multiply-adds at least (a
+// parallel region costs microseconds idle, much more on a busy machine).
+int threads_for(int64_t m, int64_t n, int64_t k, int nthreads, int64_t blocks, int mr) {
+  const int64_t passes = (m + mr - 1) / mr;
+  const int64_t work = n * k * passes;
+  return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(nthreads), work >> 17, blocks})));
+}
+
+// Runs rows(m0, mr, n0, n1) over every block of kRows weight rows and every
+// pass of up to max_mr rows of x, then epi(n0, n1) for the block.
+template <typename Rows, typename Epi>
+void run(int64_t m, int64_t n, int64_t k, int nthreads, int max_mr, Rows&& rows, Epi&& epi) {
+  const int64_t blocks = (n + kRows - 1) / kRows;
+  const int nt_want = threads_for(m, n, k, nthreads, blocks, max_mr);
+  std::unique_ptr<Share[]> shares(new Share[size_t(nt_want)]);
+  auto block = [&](int64_t b) {
+    const int64_t n0 = b * kRows, n1 = std::min(n, n0 + kRows);
+    for (int64_t m0 = 0; m0 < m; m0 += max_mr) rows(m0, int(std::min<int64_t>(max_mr, m - m0)), n0, n1);
+    epi(n0, n1);
+  };
+  init_shares(shares.get(), nt_want, blocks);
+#pragma omp parallel num_threads(nt_want)
+  run_shared(shares.get(), nt_want, omp_get_thread_num(), block);
+}
+
+void add_bias(float* y, int64_t ldy, int64_t m, int64_t n0, int64_t n1, const float* bias) {
+  if (!bias) return;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = n0; j < n1; ++j) y[i * ldy + j] += bias[j];
+}
+
+}  // namespace
+
+void gguf_qmatmul(int type, const void* x, int x_dtype, int64_t m, const uint8_t* blocks, int64_t n, int64_t k,
+                  const float* bias, float* y, int nthreads) {
+  using namespace gguf;
+  if (!valid_type(type)) throw std::invalid_argument("unknown GGUF block type " + std::to_string(type));
+  if (m <= 0 || n <= 0) return;
+  const Table& t = table_for(simd_level());
+  const ActKind kind = is_kquant(type) ? ActKind::kQ8_K
+                       : (type == kQ4_1 || type == kQ5_1) ? ActKind::kQ8_1
+                                                          : ActKind::kQ8_0;
+  const Layout layout = t.gguf_layout_min_k > 0 && k % t.gguf_layout_min_k == 0 ? t.gguf_layout[type] : Layout::kNatural;
+  ActBuffer buf(kind, layout, m, k, k);
+  t.quantize(x, x_dtype, buf.a);
+  const GgufWeight w{type, blocks, n, k, k / block_size(type) * type_size(type)};
+  const GgufRowsFn fn = t.gguf[type];
+  run(m, n, k, nthreads, t.mr_gguf, [&](int64_t m0, int mr, int64_t n0, int64_t n1) { fn(w, buf.a, m0, mr, n0, n1, y, n); },
+      [&](int64_t n0, int64_t n1) { add_bias(y, n, m, n0, n1, bias); });
+}
+
+void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, const float* bias,
+                 const LoraEpilogue& lora, float* y, int nthreads) {
+  if (m <= 0 || w.n <= 0) return;
+  const Table& t = table_for(simd_level());
+  const int64_t kp = w.chunks * kIntChunk;
+  ActBuffer buf(ActKind::kQ8x2_32, t.int_layout[w.bits], m, w.k, kp);
+  Acts& a = buf.a;
+  t.quantize(x, x_dtype, a);
+  // X[g] = sum over the group's 32-blocks of d * sum(q): the zero-point term.
+  std::unique_ptr<float[]> xg(new float[size_t(m * w.groups)]);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t g = 0; g < w.groups; ++g) {
+      const int64_t c0 = g * w.chunks_per_group, c1 = std::min(w.chunks, c0 + w.chunks_per_group);
+      float s = 0.0f;
+      for (int64_t c = c0; c < c1; ++c) s += a.s[i * a.nb + c];
+      xg[size_t(i * w.groups + g)] = s;
+    }
+  }
+  const IntArgs args{&w, xg.get()};
+  const IntRowsFn fn = t.int_rows[w.bits];
+  run(m, w.n, w.k, nthreads, t.mr_int,
+      [&](int64_t m0, int mr, int64_t n0, int64_t n1) { fn(args, a, m0, mr, n0, n1, y, w.n); },
+      [&](int64_t n0, int64_t n1) {
+        add_bias(y, w.n, m, n0, n1, bias);
+        lora.apply(y, w.n, 0, m, n0, n1);
+      });
+}
+
+bool nf4_supported(int64_t k) { return k > 0 && k % kBlock == 0; }
+
+void nf4_qmatmul(const void* x, int x_dtype, int64_t m, const nf4cpu::Weight& w, const float* bias,
+                 const LoraEpilogue& lora, float* y, int nthreads) {
+  if (m <= 0 || w.n <= 0) return;
+  if (!nf4_supported(w.k)) throw std::invalid_argument("NF4 q8 kernel needs K % 32 == 0, got " + std::to_string(w.k));
+  const Table* t = &table_for(simd_level());
+  if (w.k % t->nf4_min_group != 0) t = &table_scalar();  // (unreachable for layer shapes: K % 64 == 0)
+  ActBuffer buf(ActKind::kQ8x2_32, t->nf4_layout, m, w.k, w.k);
+  Acts& a = buf.a;
+  t->quantize(x, x_dtype, a);
+  // The 512-bit kernel feeds the codebook planes as c8 + 127, r8 + 128 (u8):
+  // its dots start at -(127 sum(256 q + q2) + 128 sum(q)) per block.
+  std::unique_ptr<int32_t[]> corr(new int32_t[size_t(m * a.nb)]);
+  for (int64_t i = 0; i < m * a.nb; ++i) corr[size_t(i)] = -(127 * a.isum[i] + 128 * a.isum1[i]);
+  a.corr = corr.get();
+  const Nf4RowsFn fn = t->nf4;
+  run(m, w.n, w.k, nthreads, t->mr_nf4, [&](int64_t m0, int mr, int64_t n0, int64_t n1) { fn(w, buf.a, m0, mr, n0, n1, y, w.n); },
+      [&](int64_t n0, int64_t n1) {
+        add_bias(y, w.n, m, n0, n1, bias);
+        lora.apply(y, w.n, 0, m, n0, n1);
+      });
+}
+
+void quantize_activations(ActKind kind, const void* x, int x_dtype, int64_t m, int64_t k, int8_t* qs, float* d,
+                          float* s, int32_t* isum, int16_t* bsums, int8_t* qs2, int32_t* isum1) {
+  if (m <= 0) return;
+  const Table& t = table_for(simd_level());
+  const int64_t blk = kind == ActKind::kQ8_K ? kSuper : kBlock;
+  const int64_t kp = (k + blk - 1) / blk * blk;
+  ActBuffer buf(kind, Layout::kNatural, m, k, kp);
+  t.quantize(x, x_dtype, buf.a);
+  const Acts& a = buf.a;
+  std::memcpy(qs, a.qs, size_t(m * kp));
+  std::memcpy(d, a.d, size_t(m * a.nb) * 4);
+  if (s && a.s) std::memcpy(s, a.s, size_t(m * a.nb) * 4);
+  if (isum && a.isum) std::memcpy(isum, a.isum, size_t(m * a.nb) * 4);
+  if (bsums && a.bsums) std::memcpy(bsums, a.bsums, size_t(m * kp / 16) * 2);
+  if (qs2 && a.qs2) std::memcpy(qs2, a.qs2, size_t(m * kp));
+  if (isum1 && a.isum1) std::memcpy(isum1, a.isum1, size_t(m * a.nb) * 4);
+}
+
+}  // namespace q8
+}  // namespace pyquant

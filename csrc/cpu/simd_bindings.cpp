@@ -1,0 +1,26 @@
+// pyquant._C entry points of the SIMD dispatcher (csrc/cpu/simd.h).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "simd.h"
+
+namespace py = pybind11;
+
+namespace pyquant {
+
+void register_simd_cpu(py::module_& m) {
+  m.def("simd_level", [] { return simd_name(simd_level()); },
+        "SIMD level the CPU kernels use now: scalar, avx2, avxvnni or avx512 (ValueError when PYQUANT_SIMD "
+        "names a level this CPU lacks)");
+  m.def("set_simd_level", &set_simd_level, py::arg("level"),
+        "Use `level` (scalar, avx2, avxvnni, avx512) from now on, or 'best' for the default (PYQUANT_SIMD, else "
+        "the best the CPU has). ValueError for an unknown level or one this CPU lacks. Returns True.");
+  m.def("simd_levels", &simd_supported_names, "The SIMD levels this CPU and OS support, lowest first");
+  m.def("simd_all_levels", [] {
+    std::vector<std::string> out;
+    for (int l = 0; l < kSimdLevels; ++l) out.push_back(simd_name(Simd(l)));
+    return out;
+  }, "Every SIMD level the kernels know, lowest first");
+}
+
+}  // namespace pyquant

@@ -1,0 +1,53 @@
+// Row blocks shared out among the threads of one parallel region: each
+// thread streams its own contiguous range front to back (one sequential
+// weight stream per thread, which the hardware prefetcher follows) and, when
+// done, takes blocks from the back of the others' ranges, so that on a shared
+// machine a descheduled thread delays only the block it is on.
+#pragma once
+#include <atomic>
+#include <cstdint>
+
+namespace pyquant {
+
+// A thread's range of blocks, [head, tail) in one atomic word so that its
+// owner (taking from the front) and a thief (from the back) can never both
+// get the same block.
+struct alignas(64) Share {
+  std::atomic<uint64_t> ht{0};
+  void init(int64_t b0, int64_t b1) { ht.store(uint64_t(b0) << 32 | uint64_t(b1), std::memory_order_relaxed); }
+  template <bool kFront>
+  int64_t take() {
+    uint64_t v = ht.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t h = v >> 32, t = v & 0xFFFFFFFFu;
+      if (h >= t) return -1;
+      const uint64_t next = kFront ? (h + 1) << 32 | t : h << 32 | (t - 1);
+      if (ht.compare_exchange_weak(v, next, std::memory_order_relaxed)) return int64_t(kFront ? h : t - 1);
+    }
+  }
+};
+
+// Before the parallel region: [0, blocks) split into nt contiguous ranges.
+// (Set up here, not by each thread inside the region behind a barrier: on a
+// busy machine a barrier makes every thread wait until the last one is
+// scheduled, a whole time slice, before any work starts.)
+inline void init_shares(Share* shares, int nt, int64_t blocks) {
+  for (int t = 0; t < nt; ++t) shares[t].init(blocks * t / nt, blocks * (t + 1) / nt);
+}
+
+// Inside `#pragma omp parallel`, shares[0 .. nt) from init_shares, thread t
+// of however many the region got: runs fn(block) for blocks of its own range
+// front to back, then takes the others' from the back. Every block of
+// [0, blocks) runs exactly once, whichever threads turn up and when.
+template <typename Fn>
+void run_shared(Share* shares, int nt, int t, Fn&& fn) {
+  for (int v = 0; v < nt; ++v) {
+    Share& s = shares[(t + v) % nt];
+    if (v == 0)
+      for (int64_t b; (b = s.template take<true>()) >= 0;) fn(b);
+    else
+      for (int64_t b; (b = s.template take<false>()) >= 0;) fn(b);
+  }
+}
+
+}  // namespace pyquant

@@ -1,0 +1,75 @@
+"""Which activations the CPU qmatmul kernels multiply with: int8 or exact fp32.
+
+* ``"int8"``: x is quantized once per call, per 32-block, to int8, and the
+  kernels take integer dot products against the weight's integer codes
+  (``vpmaddubsw`` / ``vpdpbusd``), applying the float scales per block.
+  GGUF: exactly llama.cpp's arithmetic (x as ggml's Q8_0 / Q8_1 / Q8_K blocks,
+  the same integer dot products). Int and NF4: x in two int8 planes (x ~ d (q
+  + q2 / 256); NF4's codebook likewise) -- one plane, as llama.cpp's, measured
+  up to 3% off the exact product on SmolLM2-135M layers with outlier
+  activations; two planes at most 2.3e-4 (relative L2 per layer over every
+  linear layer, ``benchmarks/cpu_int8_error.py``): below what rounding x to
+  bf16 costs (2.5e-3). 2-4x faster than the fp32 kernels at small M.
+* ``"fp32"``: exact, ``x @ W_hat.T`` to fp32 rounding.
+* ``"auto"`` (the default): GGUF weights take ``"int8"`` (their producer,
+  llama.cpp, defines them that way). Int and NF4 weights take ``"int8"`` when
+  x is fp16 / bf16 -- its error is below the rounding of x and of the output
+  in that dtype -- and ``"fp32"`` when x is fp32: the rest of pyquant (AWQ
+  folds, GPTQ/AWQ pipelines, QLoRA training, evaluation) and its callers rely
+  on an fp32 qmatmul being ``x @ W_hat.T`` to fp32 rounding.
+
+Choose with the environment variable ``PYQUANT_CPU_ACTIVATIONS`` (read at
+each call) or, for a block of code (this thread / task only)::
+
+    with cpu_activations("int8"):
+        y = pyquant.qmatmul(x, qw)
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import torch
+
+from ...errors import ValueRangeError
+
+ENV = "PYQUANT_CPU_ACTIVATIONS"
+MODES = ("auto", "int8", "fp32")
+
+_override: contextvars.ContextVar = contextvars.ContextVar("pyquant_cpu_activations", default=None)
+
+
+def _check(mode, where: str) -> str:
+    if mode not in MODES:
+        raise ValueRangeError(f"{where} must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def current() -> str:
+    """The mode in effect: the innermost ``cpu_activations`` block, else the
+    environment variable, else ``"auto"``."""
+    mode = _override.get()
+    if mode is not None:
+        return mode
+    env = os.environ.get(ENV)
+    return "auto" if not env else _check(env, f"environment variable {ENV}")
+
+
+@contextlib.contextmanager
+def cpu_activations(mode: str):
+    """Run the block with the CPU qmatmul kernels in ``mode`` ("auto", "int8", "fp32")."""
+    token = _override.set(_check(mode, "cpu_activations mode"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def use_int8(family: str, x_dtype: torch.dtype) -> bool:
+    """Whether a qmatmul of x (in x_dtype) with a weight of this format family
+    ("gguf", "int", "nf4") takes the int8-activation kernels now."""
+    mode = current()
+    if mode == "auto":
+        return family == "gguf" or x_dtype in (torch.float16, torch.bfloat16)
+    return mode == "int8"
