@@ -296,3 +296,23 @@ def test_qmatmul_torch_gemm_panels(monkeypatch, act_order):
     x = torch.randn(5, 200)
     bias = torch.randn(13)
     expect.check(pyquant.qmatmul(x, qw, bias, kernel="cpu"), x, bias)
+
+
+# --- the launch plan (ops/plans.py): the same kernel as the function, its host work done once ---------------
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("mode", ["auto", "int8", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qmatmul_plan_matches_the_kernel_function(act_order, mode, dtype):
+    from pyquant.ops.backends import cpu_int
+
+    qw = make_qw(4, 32, False, torch.float16, 24, 96, act_order=act_order, seed=3)
+    qdata, bias = qw.tensor_list(), torch.randn(24)
+    g = torch.Generator().manual_seed(4)
+    with cpu_activations(mode):
+        for m in (1, 5, cpu_int.TORCH_GEMM_MIN_M):  # the GEMV, the GEMM and (exact mode) the panel path
+            plan = cpu_int.qmatmul_plan(qdata, qw.format, qw.shape, torch.device("cpu"), m)
+            x = torch.randn(m, 96, generator=g).to(dtype)
+            for b in (None, bias):
+                want = cpu_int.qmatmul(x, qdata, qw.format, qw.shape, b)
+                got = plan(x, b)
+                assert got.dtype == dtype and torch.equal(got, want), (m, b is None)

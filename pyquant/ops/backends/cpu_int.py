@@ -92,7 +92,38 @@ def unpack(packed: torch.Tensor, fmt, shape) -> torch.Tensor:
 TORCH_GEMM_MIN_M = 256
 
 
-@register_kernel("qmatmul", "cpu", "int", _supports)
+def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
+    """Launch plan of the C++ kernels for one weight (ops/plans.py): the packed
+    tensors named, act_order's perm checked and the weight's arguments computed
+    once; a call then only allocates y and launches. The panel path (exact mode,
+    M >= TORCH_GEMM_MIN_M) and the low-rank epilogue take the full function."""
+    C = _ext.load()
+    n, k = shape
+    t = _named(fmt, qdata, shape)
+    perm = _checked_perm(t, k)
+    gather = None if perm is None else perm.long()
+    weight = (ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")))
+    layout = (fmt.bits, fmt.group_size, dtype_code(fmt.scale_dtype))
+    qlist = list(qdata)
+    use_int8 = cpu_activations.use_int8
+
+    def run(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        rows = x.shape[0]
+        int8 = use_int8("int", x.dtype)
+        if rows == 0 or (rows >= TORCH_GEMM_MIN_M and not int8):
+            return qmatmul(x, qlist, fmt, shape, bias)
+        if gather is not None:
+            x = x[:, gather].contiguous()  # packed column j multiplies logical column perm[j]
+        bf = None if bias is None else bias.to(torch.float32).contiguous()
+        y = torch.empty((rows, n), dtype=torch.float32)
+        C.int_qmatmul(x.data_ptr(), dtype_code(x.dtype), rows, *weight, ptr(bf), n, k, *layout, y.data_ptr(),
+                      torch.get_num_threads(), 0, 0, 0, 0.0, int8)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    return run
+
+
+@register_kernel("qmatmul", "cpu", "int", _supports, plan=qmatmul_plan)
 def qmatmul(
     x: torch.Tensor, qdata: List[torch.Tensor], fmt, shape, bias: Optional[torch.Tensor],
     lora_xa: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None, lora_scale: float = 0.0,
