@@ -35,6 +35,12 @@ void dequantize(const Weight& w, float* out, int nthreads, int64_t row_begin, in
 // one (tests run both on every shape).
 void qmatmul(const Weight& w, const float* x, int64_t m, const float* bias, float* y, int nthreads, int path = -1);
 
+// The backward's transposed product (nf4_transposed.cpp): out (M, K) fp32 =
+// g (M, N) fp32 @ W, without materialising W.
+void qmatmul_t(const Weight& w, const float* g, int64_t m, float* out, int nthreads);
+// out (N, k1 - k0) fp32 = columns [k0, k1) of every row of W (any k0 < k1 <= K).
+void decode_panel(const Weight& w, int64_t k0, int64_t k1, float* out, int nthreads);
+
 // block_size is a power of two (the format enforces it): block index = i >> log2.
 inline int nf4_log2(int64_t v) { return __builtin_ctzll(static_cast<unsigned long long>(v)); }
 
