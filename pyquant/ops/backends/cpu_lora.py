@@ -1,0 +1,158 @@
+"""CPU kernels of the QLoRA ops: ``lora_qmatmul`` and ``qmatmul_transposed``.
+
+``qmatmul_transposed`` (``g (M, N) @ W_hat``, the backward's grad_x), Int and
+NF4: below :data:`PANEL_MIN_M` rows of g the C++ kernel
+(``csrc/cpu/{int,nf4}_transposed.cpp``), which streams the packed weight once
+per 8 rows of g and never decodes more than a row segment at a time. From
+there on the product is compute-bound and torch's GEMM (AVX-512 where the CPU
+has it; our kernel is AVX2) wins, so the C++ code decodes column panels of at
+most :data:`PANEL_BYTES` (and at most a quarter of the weight) and each panel
+goes through ``torch.mm`` straight into its columns of the output: memory
+holds one panel, never the float weight. GGUF: the same with row panels of the
+GGUF dequantize kernel.
+
+``lora_qmatmul`` is INTERIM on the CPU: the C++ qmatmul of the base weight,
+then ONE in-place ``addmm_`` of the low-rank term into its output (a second
+pass over y; its cost is measured by ``benchmarks/bench_lora.py``). The C++
+Int/NF4 qmatmul entry points are being rewritten to take the low-rank update
+in their epilogue (``y[m, n] += scale * sum_j xa[m, j] * B[n, j]``); once they
+do, :func:`_lowrank_kernel` changes one line (shown there).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ... import _ext
+from .._dtypes import ptr
+from ..dispatch import register_kernel
+from ..reference.lora import add_lowrank_
+from . import cpu_gguf, cpu_int, cpu_nf4
+
+# From this many rows of g on, decoded panels + torch.mm beat the C++ kernel
+# (K = N = 4096, one thread, CPU time; benchmarks/bench_lora.py --crossover):
+# Int4 g64 7 vs 9 ms at M = 8, 13 vs 11 at 16, 24 vs 16 at 32; NF4 5 vs 7,
+# 9 vs 10, 19 vs 15.
+PANEL_MIN_M = 16
+PANEL_BYTES = 8 << 20  # fp32 panel: 512 columns of a 4096-row weight
+
+
+# --- lora_qmatmul -----------------------------------------------------------------
+def _lowrank_kernel(base: Callable) -> Callable:
+    def kernel(x, qdata, fmt, shape, bias, xa, lora_B, scale):
+        # INTERIM until the C++ qmatmul takes the low-rank epilogue; then this line becomes
+        #   return base(x, qdata, fmt, shape, bias, lowrank=(xa, lora_B, scale))
+        return add_lowrank_(base(x, qdata, fmt, shape, bias), xa, lora_B, scale)
+
+    kernel.__name__ = f"{base.__module__.rsplit('.', 1)[-1]}_lora_qmatmul"
+    return kernel
+
+
+register_kernel("lora_qmatmul", "cpu", "int", cpu_int._supports)(_lowrank_kernel(cpu_int.qmatmul))
+register_kernel("lora_qmatmul", "cpu", "nf4", cpu_nf4._supports)(_lowrank_kernel(cpu_nf4.qmatmul))
+register_kernel("lora_qmatmul", "cpu", "gguf", cpu_gguf._supports)(_lowrank_kernel(cpu_gguf.qmatmul))
+
+
+# --- qmatmul_transposed -------------------------------------------------------------
+def panel_extent(outer: int, inner: int, align: int) -> int:
+    """How many of ``inner`` columns (or rows) a panel takes: at most
+    PANEL_BYTES of fp32 with ``outer`` values each, at most a quarter of them
+    (a panel is never the whole weight), a multiple of ``align``, at least one."""
+    budget = max(1, PANEL_BYTES // (4 * outer))
+    quarter = -(-inner // 4)
+    cols = min(budget, quarter)
+    return max(align, cols // align * align)
+
+
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16 panels multiply in bf16 (AVX512-BF16 GEMMs, as a bf16 dense layer
+    # would); fp16 CPU GEMMs are slow, so fp16 goes through fp32.
+    return dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+
+def _transposed(g, n: int, k: int, align: int, run_kernel: Callable, decode_panel: Callable) -> torch.Tensor:
+    """``g (M, N) @ W_hat`` -> (M, K) in g's dtype, in stored column order:
+    ``run_kernel(g fp32, out fp32)`` below PANEL_MIN_M rows, else panels from
+    ``decode_panel(k0, k1, out (N, k1 - k0) fp32)``."""
+    m = g.shape[0]
+    if m < PANEL_MIN_M:
+        gf = g.to(torch.float32).contiguous()
+        out = torch.empty((m, k), dtype=torch.float32)
+        if m:
+            run_kernel(gf, out)
+        return out.to(g.dtype)
+    dtype = _gemm_dtype(g.dtype)
+    gm = g.to(dtype)
+    cols = panel_extent(n, k, align)
+    out = torch.empty((m, k), dtype=dtype)
+    buf = torch.empty(n * cols, dtype=torch.float32)
+    low = None if dtype == torch.float32 else torch.empty(n * cols, dtype=dtype)
+    for k0 in range(0, k, cols):
+        w = min(cols, k - k0)
+        panel = buf[: n * w].view(n, w)
+        decode_panel(k0, k0 + w, panel)
+        if low is not None:
+            panel = low[: n * w].view(n, w).copy_(panel)
+        torch.mm(gm, panel, out=out[:, k0:k0 + w])  # BLAS writes the column block in place (ldc = K)
+    return out.to(g.dtype)
+
+
+def _with_entry(supports: Callable, entry: str) -> Callable:
+    """``supports``, and the loaded extension has ``entry`` (one built before
+    these kernels existed leaves the op to the reference)."""
+    def fn(fmt, device, m):
+        return supports(fmt, device, m) and hasattr(_ext.load(), entry)
+
+    return fn
+
+
+@register_kernel("qmatmul_transposed", "cpu", "int", _with_entry(cpu_int._supports, "int_qmatmul_t"))
+def int_qmatmul_transposed(g: torch.Tensor, qdata, fmt, shape) -> torch.Tensor:
+    n, k = shape
+    t = cpu_int._named(fmt, qdata, shape)
+    perm = cpu_int._checked_perm(t, k)
+    weight = cpu_int._weight_args(fmt, t, shape)
+    C, threads = _ext.load(), torch.get_num_threads()
+    out = _transposed(
+        g, n, k, 32,
+        lambda gf, o: C.int_qmatmul_t(ptr(gf), gf.shape[0], *weight, ptr(o), threads),
+        lambda k0, k1, p: C.int_decode_panel(*weight, k0, k1, ptr(p), threads),
+    )
+    if perm is not None and perm.numel():
+        # stored column j is logical column perm[j]
+        logical = torch.empty_like(out)
+        logical[:, perm.long()] = out
+        out = logical
+    return out
+
+
+@register_kernel("qmatmul_transposed", "cpu", "nf4", _with_entry(cpu_nf4._supports, "nf4_qmatmul_t"))
+def nf4_qmatmul_transposed(g: torch.Tensor, qdata, fmt, shape) -> torch.Tensor:
+    n, k = shape
+    args, keep = cpu_nf4._weight_args(qdata, fmt, shape)
+    C, threads, bs = _ext.load(), torch.get_num_threads(), fmt.block_size
+    out = _transposed(
+        g, n, k, 16,
+        lambda gf, o: C.nf4_qmatmul_t(ptr(gf), gf.shape[0], *args, n, k, bs, ptr(o), threads),
+        lambda k0, k1, p: C.nf4_decode_panel(*args, n, k, bs, k0, k1, ptr(p), threads),
+    )
+    del keep
+    return out
+
+
+@register_kernel("qmatmul_transposed", "cpu", "gguf", cpu_gguf._supports)
+def gguf_qmatmul_transposed(g: torch.Tensor, qdata, fmt, shape) -> torch.Tensor:
+    """Row panels (GGUF blocks never span rows): out += g[:, rows] @ panel."""
+    n, k = shape
+    blocks = cpu_gguf._blocks(qdata, fmt, shape)
+    dtype = _gemm_dtype(g.dtype)
+    gm = g.to(dtype)
+    rows = panel_extent(k, n, 1)
+    out = torch.zeros((g.shape[0], k), dtype=dtype)
+    buf = torch.empty(rows * k, dtype=torch.float32)
+    for n0 in range(0, n, rows):
+        h = min(rows, n - n0)
+        panel = cpu_gguf._dequantize_fp32(blocks[n0:n0 + h], fmt, h, k, out=buf[: h * k].view(h, k))
+        out.addmm_(gm[:, n0:n0 + h], panel.to(dtype))
+    return out.to(g.dtype)
