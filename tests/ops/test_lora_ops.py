@@ -1,14 +1,17 @@
 """QLoRA's ops: ``lora_qmatmul`` (forward, low-rank term in the epilogue) and
 ``qmatmul_transposed`` (``g @ W_hat``, the backward's grad_x).
 
-* The autograd formulas: ``torch.autograd.gradcheck`` in float64 on the spec
-  (the reference kernels compute float64 inputs in float64).
+* The autograd formulas: ``torch.autograd.gradcheck`` (fast mode: random
+  Jacobian-vector products) in float64 on the spec (the reference kernels
+  compute float64 inputs in float64), and every gradient of the CPU kernels
+  element-wise against autograd through the dequantized float layer.
 * Every kernel against the spec on the same inputs: the CPU C++ kernels on both
   SIMD paths and both CPU strategies (the streaming kernel below
   ``PANEL_MIN_M`` rows, decoded panels + torch.mm above, with panels small
   enough that there are several and the last is ragged); their decode is
   bit-exact (a one-hot g selects weight rows exactly); the Triton kernels under
-  the interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+  the interpreter (tests/conftest.py sets TRITON_INTERPRET=1), on the GPU in
+  gpu_check.sh (test names give the kernel names benchmarks/verified.py verifies).
 * Memory: one layer's forward + backward never allocates an N x K float tensor
   (the CPU allocator's own accounting, through the profiler; a control shows
   the measurement sees a dequantized weight).
@@ -32,6 +35,7 @@ from pyquant.ops.dispatch import select_kernel
 from pyquant.ops.reference import lora as lora_ref
 from tests.deps import installed
 from tests.kernels import swap_kernel
+from tests.ops.test_cpu_int import make_qw
 
 C = _ext.load()
 needs_ext = pytest.mark.skipif(C is None, reason="compiled extension pyquant._C not built")
@@ -47,16 +51,9 @@ def simd(level: str):
         C.set_simd_level("best")
 
 
-def int_qw(bits=4, group=32, sym=False, sdtype=torch.float16, act_order=False, n=40, k=200, seed=0):
-    """Random codes over the full range, signed scales, non-integer zeros, ragged K."""
-    fmt = Int(bits, group, sym, sdtype, act_order)
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.int32)
-    ng = fmt.num_groups(k)
-    scales = torch.randn(n, ng, generator=g) * 0.05
-    zeros = None if sym else torch.rand(n, ng, generator=g) * (1 << bits)
-    perm = torch.randperm(k, generator=g).to(torch.int32) if act_order else None
-    return fmt.pack(codes, scales, zeros, perm)
+def int_qw(bits=4, group=32, sym=False, sdtype=torch.float16, act_order=False, n=40, k=200):
+    """Random codes over the full range, signed scales, non-integer zeros; K = 200 is ragged."""
+    return make_qw(bits, group, sym, sdtype, n, k, act_order)
 
 
 def rtn_qw(fmt, n, k, seed=0):
@@ -283,26 +280,60 @@ def test_opcheck(kernel):
     torch.library.opcheck(torch.ops.pyquant.qmatmul_transposed.default, (g, qw.tensor_list(), spec, n, k, kernel))
 
 
-# --- Triton, under the interpreter on the CPU ----------------------------------------------
+# --- Triton: under the interpreter on the CPU, on the GPU in gpu_check.sh ------------------------
 TRITON_WEIGHTS = ["int4_g32", "int3_g64_sym_bf16", "int8_pc_fp32", "int4_g64_actorder", "nf4_b32_dq_ragged",
                   "gguf_q4_0"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def triton_case(name, dtype, seed):
+    qw = WEIGHTS[name]().to(DEVICE)
+    gen = torch.Generator().manual_seed(seed)
+    n, k = qw.shape
+    m = 37  # two row tiles of 32, ragged
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    return qw, n, k, m, rand
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", TRITON_WEIGHTS)
-def test_triton_kernels_match_spec(name, dtype):
-    qw = WEIGHTS[name]()
-    n, k = qw.shape
-    gen = torch.Generator().manual_seed(5)
-    m = 37  # two row tiles of 32, ragged
-    g = torch.randn(m, n, generator=gen).to(dtype)
+def test_triton_any_qmatmul_transposed_matches_spec(name, dtype):
+    qw, n, k, m, rand = triton_case(name, dtype, 5)
+    g = rand(m, n)
     close(transposed(g, qw, "triton"), transposed(g, qw, "reference"), dtype, f"transposed {name}")
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    A, B = torch.randn(3, k, generator=gen).to(dtype), torch.randn(n, 3, generator=gen).to(dtype)
-    bias = torch.randn(n, generator=gen)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", TRITON_WEIGHTS)
+def test_triton_any_lora_qmatmul_matches_spec(name, dtype):
+    qw, n, k, m, rand = triton_case(name, dtype, 6)
+    x, A, B = rand(m, k), rand(3, k), rand(n, 3)
+    bias = torch.randn(n).to(DEVICE)
     y, _ = lora(x, qw, A, B, 0.25, bias, "triton")
     close(y, lora(x, qw, A, B, 0.25, bias, "reference")[0], dtype, f"lora {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [Int(4, 64), NF4(64)], ids=["int4_g64", "nf4_b64"])
+def test_triton_any_lora_qmatmul_layer_memory_on_gpu(fmt):
+    """A QLoRA layer forced onto the Triton kernels: forward + backward peak stays
+    below the bf16 weight (torch.cuda.max_memory_allocated)."""
+    n = k = 4096
+    base = pyquant.QuantLinear(rtn_qw(fmt, n, k).to("cuda"), kernel="triton")
+    layer = pyquant.LoRALinear(base, r=16, alpha=32)
+    x = torch.randn(512, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x).sum().backward()  # compile outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    layer(x).sum().backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - start < n * k * 2
 
 
 # --- memory: no N x K float tensor in one layer's forward + backward -------------------------
