@@ -342,6 +342,7 @@ def test_save_and_load_adapters_round_trip(tmp_path):
 
 @pytest.mark.parametrize("change, error, match", [
     (dict(target_modules=["q_proj"]), FormatError, "unexpected"),
+    (dict(target_modules=["q_proj", "v_proj", "head"]), FormatError, r"missing \['head.lora_A'"),
     (dict(r=2), ShapeError, "shape"),
     (dict(alpha=4), ValueRangeError, "alpha"),
 ])
