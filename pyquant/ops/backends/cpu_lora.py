@@ -11,16 +11,28 @@ goes through ``torch.mm`` straight into its columns of the output: memory
 holds one panel, never the float weight. GGUF: the same with row panels of the
 GGUF dequantize kernel.
 
-``lora_qmatmul`` is INTERIM on the CPU: the C++ qmatmul of the base weight,
-then ONE in-place ``addmm_`` of the low-rank term into its output (a second
-pass over y; its cost is measured by ``benchmarks/bench_lora.py``). The C++
-Int/NF4 qmatmul entry points are being rewritten to take the low-rank update
-in their epilogue (``y[m, n] += scale * sum_j xa[m, j] * B[n, j]``); once they
-do, :func:`_lowrank_kernel` changes one line (shown there).
+``lora_qmatmul``, NF4: from :data:`FORWARD_PANEL_MIN_M` rows of x (training
+batches; the NF4 qmatmul's own switch to panels) the weight is decoded in row
+panels by the C++ dequantize kernel and each panel's columns of y are computed
+once, by torch's GEMM, starting from their low-rank term and bias:
+``y[:, panel] = (bias + scale * xa @ B[panel].T) + x @ W_panel.T``. The
+low-rank term is the accumulator's initial value, so it costs no pass over y of
+its own, and bf16 activations multiply in bf16 (AVX512-BF16/AMX GEMMs where the
+CPU has them; the NF4 qmatmul computes in fp32): M = 2048, K = N = 4096, bf16,
+2 threads, 2-core AMD EPYC (AVX512-BF16) under load ~8: 724 ms vs 1744 ms for
+the qmatmul + addmm_, fp32 1890 vs 1894 ms. Int keeps its C++ GEMM at every M:
+its row panels (``int_dequantize``) measured slower there (1213 vs 995 ms bf16,
+1829 vs 929 ms fp32).
+
+Below that for NF4, and at every M for Int and GGUF, the path is INTERIM: the C++ qmatmul of the
+base weight, then ONE in-place ``addmm_`` of the low-rank term into its output
+(a second pass over y; its cost is measured by ``benchmarks/bench_lora.py``)
+until the C++ qmatmul entry points take the low-rank update in their epilogue;
+then :func:`_lowrank_kernel` changes one line (shown there).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -39,8 +51,57 @@ PANEL_BYTES = 8 << 20  # fp32 panel: 512 columns of a 4096-row weight
 
 
 # --- lora_qmatmul -----------------------------------------------------------------
-def _lowrank_kernel(base: Callable) -> Callable:
+# From this many rows of x on, the NF4 forward goes through decoded row panels
+# and torch's GEMM: the NF4 qmatmul's own switch (cpu_nf4.TORCH_GEMM_MIN_M);
+# compute-bound from there, torch's GEMM beats the AVX2 micro-kernel (and
+# multiplies bf16 in bf16).
+FORWARD_PANEL_MIN_M = cpu_nf4.TORCH_GEMM_MIN_M
+ROW_PANEL_FLOATS = 1 << 20  # fp32 values per row panel (4 MiB: 256 rows of K = 4096)
+
+
+def _panel_forward(x, n: int, k: int, decode_rows: Callable, bias, xa, lora_B, scale: float) -> torch.Tensor:
+    """``x (M, K) @ W_hat.T + scale * xa @ B.T + bias`` through row panels of
+    W_hat (``decode_rows(n0, n1, out (n1 - n0, K) fp32)``, x's columns in the
+    weight's stored order): each panel's columns of y are written once, by one
+    GEMM whose initial value is their low-rank term and bias."""
+    dtype = _gemm_dtype(x.dtype)
+    xm, xam, bm = x.to(dtype).contiguous(), xa.to(dtype), lora_B.to(dtype)
+    bias_m = None if bias is None else bias.to(dtype)
+    m = x.shape[0]
+    y = torch.empty((m, n), dtype=dtype)
+    rows = max(1, min(ROW_PANEL_FLOATS // max(k, 1), -(-n // 4)))  # a quarter of the rows at most
+    buf = torch.empty(rows * k, dtype=torch.float32)
+    low = None if dtype == torch.float32 else torch.empty(rows * k, dtype=dtype)
+    for n0 in range(0, n, rows):
+        h = min(rows, n - n0)
+        panel = buf[: h * k].view(h, k)
+        decode_rows(n0, n0 + h, panel)
+        if low is not None:
+            panel = low[: h * k].view(h, k).copy_(panel)
+        b = bm[n0:n0 + h].t()
+        init = torch.mm(xam, b).mul_(scale) if bias_m is None else torch.addmm(bias_m[n0:n0 + h], xam, b, alpha=scale)
+        torch.addmm(init, xm, panel.t(), out=y[:, n0:n0 + h])  # BLAS writes the column block in place (ldc = N)
+    return y.to(x.dtype)
+
+
+def _nf4_rows(qdata, fmt, shape):
+    n, k = shape
+    args, keep = cpu_nf4._weight_args(qdata, fmt, shape)
+    C, threads = _ext.load(), torch.get_num_threads()
+
+    def decode_rows(n0, n1, out):
+        C.nf4_dequantize(*args, n, k, fmt.block_size, ptr(out), threads, n0, n1)
+
+    return (lambda x: x), decode_rows, keep
+
+
+def _lowrank_kernel(base: Callable, rows: Optional[Callable] = None) -> Callable:
     def kernel(x, qdata, fmt, shape, bias, xa, lora_B, scale):
+        if rows is not None and x.shape[0] >= FORWARD_PANEL_MIN_M:
+            stored, decode_rows, keep = rows(qdata, fmt, shape)
+            y = _panel_forward(stored(x), shape[0], shape[1], decode_rows, bias, xa, lora_B, scale)
+            del keep
+            return y
         # INTERIM until the C++ qmatmul takes the low-rank epilogue; then this line becomes
         #   return base(x, qdata, fmt, shape, bias, lowrank=(xa, lora_B, scale))
         return add_lowrank_(base(x, qdata, fmt, shape, bias), xa, lora_B, scale)
@@ -50,7 +111,7 @@ def _lowrank_kernel(base: Callable) -> Callable:
 
 
 register_kernel("lora_qmatmul", "cpu", "int", cpu_int._supports)(_lowrank_kernel(cpu_int.qmatmul))
-register_kernel("lora_qmatmul", "cpu", "nf4", cpu_nf4._supports)(_lowrank_kernel(cpu_nf4.qmatmul))
+register_kernel("lora_qmatmul", "cpu", "nf4", cpu_nf4._supports)(_lowrank_kernel(cpu_nf4.qmatmul, _nf4_rows))
 register_kernel("lora_qmatmul", "cpu", "gguf", cpu_gguf._supports)(_lowrank_kernel(cpu_gguf.qmatmul))
 
 
