@@ -212,9 +212,9 @@ def test_panels_never_hold_the_whole_weight():
 @pytest.mark.parametrize("panels", [False, True], ids=["kernel", "panels"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 def test_cpu_lora_qmatmul_matches_spec(monkeypatch, name, dtype, panels, with_bias):
-    """panels: NF4's row-panel forward (FORWARD_PANEL_MIN_M rows on) with 7-row
-    panels, a ragged last one (Int and GGUF have no panel forward: both ids run
-    their C++ qmatmul + the low-rank addmm_); kernel: the C++ qmatmul + addmm_."""
+    """panels: the row-panel forward (FORWARD_PANEL_MIN_M rows on; NF4, and Int
+    in bf16, act_order included) with 7-row panels, a ragged last one; kernel
+    (and GGUF, Int fp32 with either id): the C++ qmatmul + the low-rank addmm_."""
     qw = WEIGHTS[name]()
     n, k = qw.shape
     monkeypatch.setattr(cpu_lora, "FORWARD_PANEL_MIN_M", 0 if panels else 1 << 30)

@@ -11,24 +11,26 @@ goes through ``torch.mm`` straight into its columns of the output: memory
 holds one panel, never the float weight. GGUF: the same with row panels of the
 GGUF dequantize kernel.
 
-``lora_qmatmul``, NF4: from :data:`FORWARD_PANEL_MIN_M` rows of x (training
-batches; the NF4 qmatmul's own switch to panels) the weight is decoded in row
-panels by the C++ dequantize kernel and each panel's columns of y are computed
-once, by torch's GEMM, starting from their low-rank term and bias:
+``lora_qmatmul``: from :data:`FORWARD_PANEL_MIN_M` rows of x (training
+batches; the NF4 qmatmul's own switch to panels), NF4 in any dtype and Int with
+bf16 activations, the weight is decoded in row panels by the C++ dequantize
+kernels and each panel's columns of y are computed once, by torch's GEMM,
+starting from their low-rank term and bias:
 ``y[:, panel] = (bias + scale * xa @ B[panel].T) + x @ W_panel.T``. The
 low-rank term is the accumulator's initial value, so it costs no pass over y of
 its own, and bf16 activations multiply in bf16 (AVX512-BF16/AMX GEMMs where the
-CPU has them; the NF4 qmatmul computes in fp32): M = 2048, K = N = 4096, bf16,
-2 threads, 2-core AMD EPYC (AVX512-BF16) under load ~8: 724 ms vs 1744 ms for
-the qmatmul + addmm_, fp32 1890 vs 1894 ms. Int keeps its C++ GEMM at every M:
-its row panels (``int_dequantize``) measured slower there (1213 vs 995 ms bf16,
-1829 vs 929 ms fp32).
+CPU has them, as a bf16 dense layer would; the C++ qmatmul kernels compute in
+fp32). M = 2048, K = N = 4096, 2 threads, 2-core AMD EPYC with AVX512-BF16,
+shared (timings noisy): Int4 bf16 312 ms vs 740 ms for the C++ qmatmul +
+addmm_, fp32 1159 vs 715 ms (so Int fp32 keeps its C++ GEMM); NF4 bf16 724 vs
+1744 ms, fp32 1890 vs 1894 ms (the NF4 qmatmul already used fp32 panels there).
 
-Below that for NF4, and at every M for Int and GGUF, the path is INTERIM: the C++ qmatmul of the
-base weight, then ONE in-place ``addmm_`` of the low-rank term into its output
-(a second pass over y; its cost is measured by ``benchmarks/bench_lora.py``)
-until the C++ qmatmul entry points take the low-rank update in their epilogue;
-then :func:`_lowrank_kernel` changes one line (shown there).
+Below that, and for Int fp32/fp16 and GGUF, the path is INTERIM: the C++
+qmatmul of the base weight, then ONE in-place ``addmm_`` of the low-rank term
+into its output (a second pass over y; its cost is measured by
+``benchmarks/bench_lora.py``) until the C++ qmatmul entry points take the
+low-rank update in their epilogue; then :func:`_lowrank_kernel` changes one
+line (shown there).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from typing import Callable, Optional
 import torch
 
 from ... import _ext
-from .._dtypes import ptr
+from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
 from ..reference.lora import add_lowrank_
 from . import cpu_gguf, cpu_int, cpu_nf4
@@ -84,6 +86,26 @@ def _panel_forward(x, n: int, k: int, decode_rows: Callable, bias, xa, lora_B, s
     return y.to(x.dtype)
 
 
+def _int_rows(qdata, fmt, shape):
+    """(x -> x in stored column order, decode_rows, keep) of an Int weight: rows of
+    the packed tensors are contiguous, so a row panel is the dequantize kernel on them."""
+    n, k = shape
+    t = cpu_int._named(fmt, qdata, shape)
+    perm = cpu_int._checked_perm(t, k)
+    C, threads = _ext.load(), torch.get_num_threads()
+    qw, sc, zs = t["qweight"], t["scales"], t.get("zeros")
+
+    def decode_rows(n0, n1, out):
+        C.int_dequantize(ptr(qw[n0:n1]), ptr(sc[n0:n1]), ptr(None if zs is None else zs[n0:n1]), 0, n1 - n0, k,
+                         fmt.bits, fmt.group_size, dtype_code(fmt.scale_dtype), ptr(out), threads)
+
+    def stored(x):
+        # packed column j multiplies logical column perm[j] of x
+        return x if perm is None or not perm.numel() else x[:, perm.long()]
+
+    return stored, decode_rows, t
+
+
 def _nf4_rows(qdata, fmt, shape):
     n, k = shape
     args, keep = cpu_nf4._weight_args(qdata, fmt, shape)
@@ -95,9 +117,9 @@ def _nf4_rows(qdata, fmt, shape):
     return (lambda x: x), decode_rows, keep
 
 
-def _lowrank_kernel(base: Callable, rows: Optional[Callable] = None) -> Callable:
+def _lowrank_kernel(base: Callable, rows: Optional[Callable] = None, dtypes=None) -> Callable:
     def kernel(x, qdata, fmt, shape, bias, xa, lora_B, scale):
-        if rows is not None and x.shape[0] >= FORWARD_PANEL_MIN_M:
+        if rows is not None and x.shape[0] >= FORWARD_PANEL_MIN_M and (dtypes is None or x.dtype in dtypes):
             stored, decode_rows, keep = rows(qdata, fmt, shape)
             y = _panel_forward(stored(x), shape[0], shape[1], decode_rows, bias, xa, lora_B, scale)
             del keep
@@ -110,7 +132,9 @@ def _lowrank_kernel(base: Callable, rows: Optional[Callable] = None) -> Callable
     return kernel
 
 
-register_kernel("lora_qmatmul", "cpu", "int", cpu_int._supports)(_lowrank_kernel(cpu_int.qmatmul))
+# Int: bf16 only; in fp32 the C++ GEMM measured faster than its row panels
+register_kernel("lora_qmatmul", "cpu", "int", cpu_int._supports)(
+    _lowrank_kernel(cpu_int.qmatmul, _int_rows, (torch.bfloat16,)))
 register_kernel("lora_qmatmul", "cpu", "nf4", cpu_nf4._supports)(_lowrank_kernel(cpu_nf4.qmatmul, _nf4_rows))
 register_kernel("lora_qmatmul", "cpu", "gguf", cpu_gguf._supports)(_lowrank_kernel(cpu_gguf.qmatmul))
 
