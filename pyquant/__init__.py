@@ -24,7 +24,7 @@ from .formats import GGUF, NF4, Format, Int, QuantizedWeight
 from .ops import dequantize, pack, qmatmul, unpack
 from .quantize import quantize_weight
 from . import nn
-from .nn import QuantLinear, replace_linear
+from .nn import LoRALinear, QuantLinear, add_lora, load_adapters, merge_lora, replace_linear, save_adapters
 from . import io
 from .io.checkpoint import load_quantized, save_quantized
 from .io.exchange import export_model, import_model
@@ -42,6 +42,7 @@ __all__ = [
     "Format", "Int", "NF4", "GGUF", "QuantizedWeight",
     "quantize_weight", "dequantize", "qmatmul", "pack", "unpack",
     "QuantLinear", "replace_linear",
+    "LoRALinear", "add_lora", "merge_lora", "save_adapters", "load_adapters",
     "PyquantError", "ShapeError", "DtypeError", "DeviceError", "FormatError", "ValueRangeError",
     "KernelUnavailableError",
     "QuantConfig", "quantize_model", "save_quantized", "load_quantized", "export_model", "import_model",

@@ -154,6 +154,15 @@ def _weight_op_calls(op, backend, fmt):
         bias = torch.randn(n, generator=g)
         xs = [torch.randn(m, k, generator=g) for m in (1, 5, 64)]
         return [lambda x=x: fn(x, q, spec, n, k, bias, backend) for x in xs]
+    if op == "lora_qmatmul":  # QLoRA forward; M on both sides of every CPU path switch
+        bias = torch.randn(n, generator=g)
+        lora_A, lora_B = torch.randn(8, k, generator=g), torch.randn(n, 8, generator=g)
+        xs = [torch.randn(m, k, generator=g) for m in (1, 5, 64)]
+        return [lambda x=x: torch.ops.pyquant.lora_qmatmul(x, q, spec, n, k, bias, lora_A, lora_B, 0.5, None, backend)
+                for x in xs]
+    if op == "qmatmul_transposed":  # QLoRA backward's g @ W_hat: the C++ kernel below PANEL_MIN_M rows, panels above
+        gs = [torch.randn(m, n, generator=g) for m in (1, 5, 64)]
+        return [lambda gy=gy: torch.ops.pyquant.qmatmul_transposed(gy, q, spec, n, k, backend) for gy in gs]
     if op == "unpack":
         return [lambda: torch.ops.pyquant.unpack(qw.tensors["qweight"], spec, n, k, backend)]
     if op == "pack":

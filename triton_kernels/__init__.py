@@ -6,6 +6,8 @@ import triton either: the kernel modules load on first use.
 
     dequantize(qdata, fmt, shape, dtype)            -> (N, K) in dtype, bit-exact
     qmatmul(x2d, qdata, fmt, shape, bias, path=...)  -> (M, N) in x.dtype
+    lora_qmatmul(x2d, qdata, fmt, shape, xa, B, s)   -> x @ W_hat.T + s * xa @ B.T (QLoRA forward)
+    qmatmul_transposed(g2d, qdata, fmt, shape)       -> g @ W_hat (QLoRA backward, grad_x)
     tune(qw, m_values=..., dtype=...)                -> tuned configs, saved per GPU
     hqq_solve(w, bits, group, ...)                   -> HQQ codes, scales, zeros, err, iters
     gptq_block_update(W, Hinv, scale, zero, ...)     -> GPTQ's in-block update, in place
@@ -37,6 +39,20 @@ def qmatmul(x, qdata, fmt, shape, bias=None, path=None, config=None):
     from .matmul.launch import qmatmul as _mm
 
     return _mm(x, qdata, fmt, tuple(shape), bias, path=path, config=config)
+
+
+def lora_qmatmul(x, qdata, fmt, shape, xa, lora_B, scale, bias=None):
+    """QLoRA forward: ``x @ W_hat.T + scale * xa @ lora_B.T (+ bias)``, the low-rank term in the epilogue."""
+    from .matmul.launch_lora import lora_qmatmul as _lora
+
+    return _lora(x, qdata, fmt, tuple(shape), xa, lora_B, scale, bias)
+
+
+def qmatmul_transposed(g, qdata, fmt, shape):
+    """QLoRA backward: ``g @ W_hat`` (grad_x), the weight decoded in registers only."""
+    from .matmul.launch_lora import qmatmul_transposed as _t
+
+    return _t(g, qdata, fmt, tuple(shape))
 
 
 def tune(qw, m_values=None, dtype=None, paths=None, save=True, verbose=False):
@@ -77,6 +93,7 @@ def gptq_block_update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_
 
 
 __all__ = [
-    "dequantize", "qmatmul", "tune", "interpreting", "kernels_loaded", "hqq_solve", "gptq_block_update",
+    "dequantize", "qmatmul", "lora_qmatmul", "qmatmul_transposed", "tune", "interpreting", "kernels_loaded",
+    "hqq_solve", "gptq_block_update",
     "Config", "PATHS", "m_bucket", "path_for_m",
 ]

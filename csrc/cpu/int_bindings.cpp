@@ -63,6 +63,29 @@ void register_int_cpu(py::module_& m) {
       py::arg("lora_scale") = 0.0f, py::arg("int8_activations") = false, py::call_guard<py::gil_scoped_release>(),
       "y (M, N) fp32 = x (M, K) in x_dtype @ W_hat.T (+ bias fp32 (N,), 0 = none) (+ lora_scale * lora_xa (M, r) "
       "@ lora_b (N, r).T, fp32, 0 = none); int8_activations: x quantized per 32-block (q8 kernels)");
+  m.def(
+      "int_qmatmul_t",
+      [](uintptr_t g, int64_t m_rows, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t n, int64_t k,
+         int bits, int64_t group_size, int scale_dtype, uintptr_t out, int nthreads) {
+        int_qmatmul_t(as_ptr<const float>(g), m_rows, make_weight(qweight, scales, zeros, n, k, bits, group_size,
+                                                                  scale_dtype),
+                      as_ptr<float>(out), nthreads);
+      },
+      py::arg("g"), py::arg("m"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("n"),
+      py::arg("k"), py::arg("bits"), py::arg("group_size"), py::arg("scale_dtype"), py::arg("out"),
+      py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
+      "out (M, K) fp32 = g (M, N) fp32 @ W_hat, stored column order, without materialising W_hat");
+  m.def(
+      "int_decode_panel",
+      [](uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t n, int64_t k, int bits, int64_t group_size,
+         int scale_dtype, int64_t k0, int64_t k1, uintptr_t out, int nthreads) {
+        int_decode_panel(make_weight(qweight, scales, zeros, n, k, bits, group_size, scale_dtype), k0, k1,
+                         as_ptr<float>(out), nthreads);
+      },
+      py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("n"), py::arg("k"), py::arg("bits"),
+      py::arg("group_size"), py::arg("scale_dtype"), py::arg("k0"), py::arg("k1"), py::arg("out"),
+      py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
+      "out (N, k1 - k0) fp32 = stored columns [k0, k1) of W_hat (k0 a multiple of 32)");
 }
 
 }  // namespace pyquant

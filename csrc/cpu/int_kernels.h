@@ -69,6 +69,14 @@ void int_gemm_avx2(const float* x, int64_t ldx, int64_t m, const IntWeight& w, c
 constexpr int64_t kGemvMaxM = 4;      // rows of x per GEMV pass
 constexpr int64_t kGemvPassMaxM = 8;  // up to here qmatmul runs GEMV passes
 
+// The backward's transposed product (int_transposed.cpp): out (M, K) fp32 =
+// g (M, N) fp32 @ W_hat, columns in stored order (act_order is undone by the
+// caller), without materialising W_hat.
+void int_qmatmul_t(const float* g, int64_t m, const IntWeight& w, float* out, int nthreads);
+// out (N, k1 - k0) fp32 = stored columns [k0, k1) of W_hat; k0 is a multiple
+// of the 32-code chunk, k1 one too or K.
+void int_decode_panel(const IntWeight& w, int64_t k0, int64_t k1, float* out, int nthreads);
+
 #if PQ_X86
 // The 32 codes of one chunk as four int32 vectors: v[0] = codes 0..7,
 // v[1] = 8..15, v[2] = 16..23, v[3] = 24..31. Each layout was chosen so a

@@ -72,6 +72,32 @@ void register_nf4_cpu(py::module_& m) {
       "(N, r).T, fp32, 0 = none). Exact path: x fp32, path -1 auto, 0 fused, 1 tiled. int8_activations: x "
       "(x_dtype) quantized per 32-block, needs K % 32 == 0 (nf4_q8_supported)");
   m.def("nf4_q8_supported", &q8::nf4_supported, py::arg("k"), "Whether the int8-activation NF4 kernel takes K");
+  m.def(
+      "nf4_qmatmul_t",
+      [](uintptr_t g, int64_t m_rows, uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, uintptr_t absmax_scale,
+         uintptr_t absmax_offset, uintptr_t dyn_map, int64_t n, int64_t k, int64_t block_size, uintptr_t out,
+         int nthreads) {
+        const nf4cpu::Weight w =
+            make_weight(qweight, absmax, absmax_q, absmax_scale, absmax_offset, dyn_map, n, k, block_size);
+        nf4cpu::qmatmul_t(w, reinterpret_cast<const float*>(g), m_rows, reinterpret_cast<float*>(out), nthreads);
+      },
+      py::arg("g"), py::arg("m"), py::arg("qweight"), py::arg("absmax"), py::arg("absmax_q"), py::arg("absmax_scale"),
+      py::arg("absmax_offset"), py::arg("dyn_map"), py::arg("n"), py::arg("k"), py::arg("block_size"), py::arg("out"),
+      py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
+      "out (M, K) fp32 = g (M, N) fp32 @ W, without materialising W");
+  m.def(
+      "nf4_decode_panel",
+      [](uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, uintptr_t absmax_scale, uintptr_t absmax_offset,
+         uintptr_t dyn_map, int64_t n, int64_t k, int64_t block_size, int64_t k0, int64_t k1, uintptr_t out,
+         int nthreads) {
+        const nf4cpu::Weight w =
+            make_weight(qweight, absmax, absmax_q, absmax_scale, absmax_offset, dyn_map, n, k, block_size);
+        nf4cpu::decode_panel(w, k0, k1, reinterpret_cast<float*>(out), nthreads);
+      },
+      py::arg("qweight"), py::arg("absmax"), py::arg("absmax_q"), py::arg("absmax_scale"), py::arg("absmax_offset"),
+      py::arg("dyn_map"), py::arg("n"), py::arg("k"), py::arg("block_size"), py::arg("k0"), py::arg("k1"),
+      py::arg("out"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
+      "out (N, k1 - k0) fp32 = columns [k0, k1) of every row of an NF4 weight, bit-exact with the reference");
 }
 
 }  // namespace pyquant

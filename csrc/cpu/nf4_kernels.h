@@ -45,6 +45,12 @@ constexpr int8_t kNf4CodebookI8[16] = {-127, -88, -67, -50, -36, -23, -12, 0, 10
 constexpr int8_t kNf4CodebookR8[16] = {0, -107, 81, -40, -32, -119, 112, 0, 27, 112, 66, -22, -8, 116, -47, 0};
 constexpr float kNf4I8Inv = 1.0f / 127.0f;
 
+// The backward's transposed product (nf4_transposed.cpp): out (M, K) fp32 =
+// g (M, N) fp32 @ W, without materialising W.
+void qmatmul_t(const Weight& w, const float* g, int64_t m, float* out, int nthreads);
+// out (N, k1 - k0) fp32 = columns [k0, k1) of every row of W (any k0 < k1 <= K).
+void decode_panel(const Weight& w, int64_t k0, int64_t k1, float* out, int nthreads);
+
 // block_size is a power of two (the format enforces it): block index = i >> log2.
 inline int nf4_log2(int64_t v) { return __builtin_ctzll(static_cast<unsigned long long>(v)); }
 

@@ -1,8 +1,9 @@
 """The one registry of kernels, and the one place a backend is chosen.
 
-Every op (``dequantize``, ``qmatmul``, ``pack``, ``unpack``, ``w8a8_matmul`` and
+Every op (``dequantize``, ``qmatmul``, ``pack``, ``unpack``, ``w8a8_matmul``,
 the solvers' ``gptq_block_update``, ``hqq_solve``, ``hqq_solve_integer_zero``,
-``kquant_quantize``) registers its kernels here with :func:`register_kernel`.
+``kquant_quantize``, and QLoRA's ``lora_qmatmul`` and ``qmatmul_transposed``)
+registers its kernels here with :func:`register_kernel`.
 A kernel's name is ``<backend>_<format>_<op>`` plus a path tag where one
 backend has several kernels for an op (``triton_any_qmatmul_gemv``): the name
 ``verified_kernels.json``, the GPU tests and the benchmarks refer to, and what
@@ -51,6 +52,7 @@ GPU_BACKENDS = ("cuda", "triton")
 OPS = (
     "dequantize", "qmatmul", "pack", "unpack", "w8a8_matmul",
     "gptq_block_update", "hqq_solve", "hqq_solve_integer_zero", "kquant_quantize",
+    "lora_qmatmul", "qmatmul_transposed",
 )
 _CPU_ORDER = ("cpu", "reference")
 _ACCELERATOR_ORDER = ("cuda", "triton", "dequant", "reference")

@@ -20,9 +20,11 @@ import functools
 
 import torch
 
+from ..errors import KernelUnavailableError
 from ..formats import GGUF, format_from_spec
 from . import plans
 from .dispatch import select_kernel
+from .reference.lora import lowrank_input
 
 _LIB = torch.library.Library("pyquant", "DEF")
 _LIB.define("dequantize(Tensor[] qdata, str fmt, int n, int k, ScalarType dtype, str kernel) -> Tensor")
@@ -45,6 +47,14 @@ _LIB.define(
     f"float lp_norm, float beta, float kappa, bool early_stop, str kernel) -> {_HQQ_OUT}"
 )
 _LIB.define("kquant_quantize(Tensor x, str type, Tensor? imatrix, str kernel) -> Tensor")
+# QLoRA: the base layer plus the low-rank adapter path in one op (returns y and
+# the r-wide x_lora @ A.T the backward reuses), and the product with W_hat that
+# every quantized linear's backward needs.
+_LIB.define(
+    "lora_qmatmul(Tensor x, Tensor[] qdata, str fmt, int n, int k, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+    "float scale, Tensor? x_lora, str kernel) -> (Tensor, Tensor)"
+)
+_LIB.define("qmatmul_transposed(Tensor grad, Tensor[] qdata, str fmt, int n, int k, str kernel) -> Tensor")
 
 
 @functools.lru_cache(maxsize=256)
@@ -124,13 +134,31 @@ def _qmatmul_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*qdata)
 
 
+def _backward_kernel(ctx, grad) -> str:
+    """The forward's ``kernel=`` for the backward's ``qmatmul_transposed`` when
+    that backend has a kernel for it, else "auto" (e.g. a forward forced onto
+    CUDA C++, which has no transposed kernel): forcing the forward must not
+    make its backward fail."""
+    if ctx.kernel == "auto":
+        return "auto"
+    try:
+        select_kernel("qmatmul_transposed", _fmt(ctx.fmt), grad.device, grad.numel() // max(ctx.n, 1), ctx.kernel)
+    except KernelUnavailableError:
+        return "auto"
+    return ctx.kernel
+
+
+def _grad_input(ctx, grad, qdata):
+    """``grad @ W_hat`` (..., K) in grad's dtype, never W_hat in float."""
+    return torch.ops.pyquant.qmatmul_transposed(grad, qdata, ctx.fmt, ctx.n, ctx.k, _backward_kernel(ctx, grad))
+
+
 def _qmatmul_backward(ctx, grad):
     # The base weight is frozen (QLoRA): only x and bias get gradients.
     qdata = list(ctx.saved_tensors)
     grad_x = None
     if ctx.needs_input_grad[0]:
-        w = torch.ops.pyquant.dequantize(qdata, ctx.fmt, ctx.n, ctx.k, grad.dtype, ctx.kernel)
-        grad_x = (grad @ w).to(ctx.x_dtype)
+        grad_x = _grad_input(ctx, grad, qdata).to(ctx.x_dtype)
     grad_bias = None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
         grad_bias = grad.reshape(-1, ctx.n).sum(0).to(ctx.bias_dtype)
@@ -155,6 +183,101 @@ def _qmatmul_vmap(info, in_dims, x, qdata, fmt, n, k, bias, kernel):
 
 
 torch.library.register_vmap("pyquant::qmatmul", _qmatmul_vmap)
+
+
+# --- QLoRA ------------------------------------------------------------------------
+@_impl("qmatmul_transposed")
+def qmatmul_transposed_impl(grad, qdata, fmt, n, k, kernel):
+    f = _fmt(fmt)
+    g2 = grad.reshape(-1, n)
+    kern = select_kernel("qmatmul_transposed", f, grad.device, g2.shape[0], kernel)
+    out = kern.fn(g2.contiguous(), list(qdata), f, (n, k))
+    return out.reshape(*grad.shape[:-1], k)
+
+
+@torch.library.register_fake("pyquant::qmatmul_transposed")
+def _(grad, qdata, fmt, n, k, kernel):
+    return grad.new_empty((*grad.shape[:-1], k))
+
+
+def _qmatmul_transposed_setup_context(ctx, inputs, output):
+    _, qdata, ctx.fmt, ctx.n, ctx.k, ctx.kernel = inputs
+    ctx.save_for_backward(*qdata)
+
+
+def _qmatmul_transposed_backward(ctx, grad):
+    # linear in its input: the gradient of g @ W_hat is grad @ W_hat.T, a qmatmul
+    qdata = list(ctx.saved_tensors)
+    grad_g = None
+    if ctx.needs_input_grad[0]:
+        grad_g = torch.ops.pyquant.qmatmul(grad, qdata, ctx.fmt, ctx.n, ctx.k, None, ctx.kernel)
+    return grad_g, [None] * len(qdata), None, None, None, None
+
+
+torch.library.register_autograd(
+    "pyquant::qmatmul_transposed", _qmatmul_transposed_backward, setup_context=_qmatmul_transposed_setup_context
+)
+
+
+@_impl("lora_qmatmul")
+def lora_qmatmul_impl(x, qdata, fmt, n, k, bias, lora_A, lora_B, scale, x_lora, kernel):
+    f = _fmt(fmt)
+    x2 = x.reshape(-1, k)
+    xa = lowrank_input(x2 if x_lora is None else x_lora.reshape(-1, k), lora_A)
+    kern = select_kernel("lora_qmatmul", f, x.device, x2.shape[0], kernel)
+    y = kern.fn(x2.contiguous(), list(qdata), f, (n, k), bias, xa, lora_B, scale)
+    lead = x.shape[:-1]
+    return y.reshape(*lead, n), xa.reshape(*lead, lora_A.shape[0])
+
+
+@torch.library.register_fake("pyquant::lora_qmatmul")
+def _(x, qdata, fmt, n, k, bias, lora_A, lora_B, scale, x_lora, kernel):
+    lead = x.shape[:-1]
+    return x.new_empty((*lead, n)), x.new_empty((*lead, lora_A.shape[0]))
+
+
+def _lora_setup_context(ctx, inputs, output):
+    x, qdata, fmt, n, k, bias, lora_A, lora_B, scale, x_lora, kernel = inputs
+    ctx.fmt, ctx.n, ctx.k, ctx.kernel, ctx.scale = fmt, n, k, kernel, scale
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.separate_lora_input = x_lora is not None
+    ctx.n_qdata = len(qdata)
+    # The adapter path's input (x, or x after dropout) for grad_A, and its
+    # product with A for grad_B: the r-wide xa is kept, not recomputed. The
+    # base path needs nothing of x: its gradient is grad_y @ W_hat.
+    ctx.save_for_backward(x if x_lora is None else x_lora, lora_A, lora_B, output[1], *qdata)
+
+
+def _lora_backward(ctx, grad_y, grad_xa):
+    x_lora, lora_A, lora_B, xa, *qdata = ctx.saved_tensors
+    n, k, s, r = ctx.n, ctx.k, ctx.scale, lora_A.shape[0]
+    need_x, need_bias, need_A, need_B, need_x_lora = (ctx.needs_input_grad[i] for i in (0, 5, 6, 7, 9))
+    g2 = grad_y.reshape(-1, n)
+    # u = dL/dxa: the adapter path's gradient at its narrow point (M x r)
+    u = None
+    if need_x or need_A or need_x_lora:
+        u = (g2 @ lora_B.to(g2.dtype)) * s
+        if grad_xa is not None:
+            u = u + grad_xa.reshape(-1, r).to(u.dtype)
+    grad_x = grad_x_lora = None
+    if need_x:
+        grad_x = _grad_input(ctx, grad_y, qdata)
+        if not ctx.separate_lora_input:
+            # the adapter's share of grad_x, added in place: no second M x K tensor
+            grad_x.view(-1, k).addmm_(u, lora_A.to(u.dtype))
+        grad_x = grad_x.to(ctx.x_dtype)
+    if need_x_lora and ctx.separate_lora_input:
+        grad_x_lora = (u @ lora_A.to(u.dtype)).reshape(x_lora.shape).to(x_lora.dtype)
+    grad_A = (u.t() @ x_lora.reshape(-1, k).to(u.dtype)).to(lora_A.dtype) if need_A else None
+    grad_B = ((g2.t() @ xa.reshape(-1, r).to(g2.dtype)) * s).to(lora_B.dtype) if need_B else None
+    grad_bias = None
+    if ctx.bias_dtype is not None and need_bias:
+        grad_bias = g2.sum(0).to(ctx.bias_dtype)
+    return grad_x, [None] * ctx.n_qdata, None, None, None, grad_bias, grad_A, grad_B, None, grad_x_lora, None
+
+
+torch.library.register_autograd("pyquant::lora_qmatmul", _lora_backward, setup_context=_lora_setup_context)
 
 
 @_impl("pack")

@@ -20,7 +20,7 @@ from ...formats.base import named_packed
 from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
 from . import cpu_activations
-from .cpu_lora import lora_args
+from .cpu_lowrank import lora_args
 from .cpu_panels import panel_matmul
 
 _CPU = torch.device("cpu")

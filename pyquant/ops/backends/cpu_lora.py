@@ -1,41 +1,245 @@
-"""The low-rank epilogue arguments of the CPU qmatmul kernels (Int, NF4).
+"""CPU kernels of the QLoRA ops: ``lora_qmatmul`` and ``qmatmul_transposed``.
 
-``y += scale * xa @ b.T`` with ``xa`` (M, r) = x @ A.T computed by the caller
-and ``b`` (N, r) the LoRA B matrix, both fp32: the C++ kernels add it to each
-tile of y while the tile is in cache (csrc/cpu/lora_epilogue.h).
+``qmatmul_transposed`` (``g (M, N) @ W_hat``, the backward's grad_x), Int and
+NF4: below :data:`PANEL_MIN_M` rows of g the C++ kernel
+(``csrc/cpu/{int,nf4}_transposed.cpp``), which streams the packed weight once
+per 8 rows of g and never decodes more than a row segment at a time. From
+there on the product is compute-bound and torch's GEMM (AVX-512 where the CPU
+has it; our kernel is AVX2) wins, so the C++ code decodes column panels of at
+most :data:`PANEL_BYTES` (and at most a quarter of the weight) and each panel
+goes through ``torch.mm`` straight into its columns of the output: memory
+holds one panel, never the float weight. GGUF: the same with row panels of the
+GGUF dequantize kernel.
+
+``lora_qmatmul``: from :data:`FORWARD_PANEL_MIN_M` rows of x (training
+batches; the NF4 qmatmul's own switch to panels), NF4 in any dtype and Int with
+bf16 activations, the weight is decoded in row panels by the C++ dequantize
+kernels and each panel's columns of y are computed once, by torch's GEMM,
+starting from their low-rank term and bias:
+``y[:, panel] = (bias + scale * xa @ B[panel].T) + x @ W_panel.T``. The
+low-rank term is the accumulator's initial value, so it costs no pass over y of
+its own, and bf16 activations multiply in bf16 (AVX512-BF16/AMX GEMMs where the
+CPU has them, as a bf16 dense layer would; the C++ qmatmul kernels compute in
+fp32). M = 2048, K = N = 4096, 2 threads, 2-core AMD EPYC with AVX512-BF16,
+shared (timings noisy): Int4 bf16 312 ms vs 740 ms for the C++ qmatmul +
+addmm_, fp32 1159 vs 715 ms (so Int fp32 keeps its C++ GEMM); NF4 bf16 724 vs
+1744 ms, fp32 1890 vs 1894 ms (the NF4 qmatmul already used fp32 panels there).
+
+Below that, and for Int with fp32/fp16 activations, the C++ qmatmul kernels
+take the low-rank term in their epilogue (``csrc/cpu/lora_epilogue.h``: each
+tile of y gets ``scale * xa @ B.T`` while it is in cache, no second pass over
+y). GGUF's kernels have no epilogue: its qmatmul is followed by one in-place
+``addmm_`` of the low-rank term.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
-from ...errors import DeviceError, DtypeError, ShapeError
+from ... import _ext
+from .._dtypes import dtype_code, ptr
+from ..dispatch import register_kernel
+from ..reference.lora import add_lowrank_
+from . import cpu_gguf, cpu_int, cpu_nf4
+
+# From this many rows of g on, decoded panels + torch.mm beat the C++ kernel
+# (K = N = 4096, one thread, CPU time; benchmarks/bench_lora.py --crossover):
+# Int4 g64 7 vs 9 ms at M = 8, 13 vs 11 at 16, 24 vs 16 at 32; NF4 5 vs 7,
+# 9 vs 10, 19 vs 15.
+PANEL_MIN_M = 16
+PANEL_BYTES = 8 << 20  # fp32 panel: 512 columns of a 4096-row weight
 
 
-def lora_args(xa: Optional[torch.Tensor], b: Optional[torch.Tensor], scale: float, m: int, n: int
-              ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], int, float]:
-    """Checked, contiguous (xa, b, rank, scale); (None, None, 0, 0.0) for no epilogue."""
-    if xa is None and b is None:
-        return None, None, 0, 0.0
-    if xa is None or b is None:
-        raise ShapeError(f"the low-rank epilogue needs both lora_xa and lora_b, got "
-                         f"lora_xa={'None' if xa is None else tuple(xa.shape)}, "
-                         f"lora_b={'None' if b is None else tuple(b.shape)}")
-    for name, t in (("lora_xa", xa), ("lora_b", b)):
-        if not isinstance(t, torch.Tensor):
-            raise DtypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise DtypeError(f"{name} must be float32, got {t.dtype}")
-        if t.device.type != "cpu":
-            raise DeviceError(f"{name} must be on the CPU, got {t.device}")
-        if t.dim() != 2:
-            raise ShapeError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-    r = xa.shape[1]
-    if tuple(xa.shape) != (m, r) or tuple(b.shape) != (n, r):
-        raise ShapeError(f"lora_xa must be (M={m}, r) and lora_b (N={n}, r) with the same r, got "
-                         f"{tuple(xa.shape)} and {tuple(b.shape)}")
-    scale = float(scale)
-    if r == 0 or scale == 0.0:
-        return None, None, 0, 0.0
-    return xa.contiguous(), b.contiguous(), r, scale
+# --- lora_qmatmul -----------------------------------------------------------------
+# From this many rows of x on, the NF4 forward goes through decoded row panels
+# and torch's GEMM: the NF4 qmatmul's own switch (cpu_nf4.TORCH_GEMM_MIN_M);
+# compute-bound from there, torch's GEMM beats the AVX2 micro-kernel (and
+# multiplies bf16 in bf16).
+FORWARD_PANEL_MIN_M = cpu_nf4.TORCH_GEMM_MIN_M
+ROW_PANEL_FLOATS = 1 << 20  # fp32 values per row panel (4 MiB: 256 rows of K = 4096)
+
+
+def _panel_forward(x, n: int, k: int, decode_rows: Callable, bias, xa, lora_B, scale: float) -> torch.Tensor:
+    """``x (M, K) @ W_hat.T + scale * xa @ B.T + bias`` through row panels of
+    W_hat (``decode_rows(n0, n1, out (n1 - n0, K) fp32)``, x's columns in the
+    weight's stored order): each panel's columns of y are written once, by one
+    GEMM whose initial value is their low-rank term and bias."""
+    dtype = _gemm_dtype(x.dtype)
+    xm, xam, bm = x.to(dtype).contiguous(), xa.to(dtype), lora_B.to(dtype)
+    bias_m = None if bias is None else bias.to(dtype)
+    m = x.shape[0]
+    y = torch.empty((m, n), dtype=dtype)
+    rows = max(1, min(ROW_PANEL_FLOATS // max(k, 1), -(-n // 4)))  # a quarter of the rows at most
+    buf = torch.empty(rows * k, dtype=torch.float32)
+    low = None if dtype == torch.float32 else torch.empty(rows * k, dtype=dtype)
+    for n0 in range(0, n, rows):
+        h = min(rows, n - n0)
+        panel = buf[: h * k].view(h, k)
+        decode_rows(n0, n0 + h, panel)
+        if low is not None:
+            panel = low[: h * k].view(h, k).copy_(panel)
+        b = bm[n0:n0 + h].t()
+        init = torch.mm(xam, b).mul_(scale) if bias_m is None else torch.addmm(bias_m[n0:n0 + h], xam, b, alpha=scale)
+        torch.addmm(init, xm, panel.t(), out=y[:, n0:n0 + h])  # BLAS writes the column block in place (ldc = N)
+    return y.to(x.dtype)
+
+
+def _int_rows(qdata, fmt, shape):
+    """(x -> x in stored column order, decode_rows, keep) of an Int weight: rows of
+    the packed tensors are contiguous, so a row panel is the dequantize kernel on them."""
+    n, k = shape
+    t = cpu_int._named(fmt, qdata, shape)
+    perm = cpu_int._checked_perm(t, k)
+    C, threads = _ext.load(), torch.get_num_threads()
+    qw, sc, zs = t["qweight"], t["scales"], t.get("zeros")
+
+    def decode_rows(n0, n1, out):
+        C.int_dequantize(ptr(qw[n0:n1]), ptr(sc[n0:n1]), ptr(None if zs is None else zs[n0:n1]), 0, n1 - n0, k,
+                         fmt.bits, fmt.group_size, dtype_code(fmt.scale_dtype), ptr(out), threads)
+
+    def stored(x):
+        # packed column j multiplies logical column perm[j] of x
+        return x if perm is None or not perm.numel() else x[:, perm.long()]
+
+    return stored, decode_rows, t
+
+
+def _nf4_rows(qdata, fmt, shape):
+    n, k = shape
+    args, keep = cpu_nf4._weight_args(qdata, fmt, shape)
+    C, threads = _ext.load(), torch.get_num_threads()
+
+    def decode_rows(n0, n1, out):
+        C.nf4_dequantize(*args, n, k, fmt.block_size, ptr(out), threads, n0, n1)
+
+    return (lambda x: x), decode_rows, keep
+
+
+def _lowrank_kernel(base: Callable, rows: Optional[Callable] = None, dtypes=None, epilogue: bool = True
+                    ) -> Callable:
+    def kernel(x, qdata, fmt, shape, bias, xa, lora_B, scale):
+        if rows is not None and x.shape[0] >= FORWARD_PANEL_MIN_M and (dtypes is None or x.dtype in dtypes):
+            stored, decode_rows, keep = rows(qdata, fmt, shape)
+            y = _panel_forward(stored(x), shape[0], shape[1], decode_rows, bias, xa, lora_B, scale)
+            del keep
+            return y
+        if epilogue:  # the kernel adds the low-rank term to each tile of y it writes
+            f32 = torch.float32
+            return base(x, qdata, fmt, shape, bias, lora_xa=xa.to(f32).contiguous(),
+                        lora_b=lora_B.to(f32).contiguous(), lora_scale=float(scale))
+        return add_lowrank_(base(x, qdata, fmt, shape, bias), xa, lora_B, scale)
+
+    kernel.__name__ = f"{base.__module__.rsplit('.', 1)[-1]}_lora_qmatmul"
+    return kernel
+
+
+# Int: bf16 only; in fp32 the C++ GEMM measured faster than its row panels
+register_kernel("lora_qmatmul", "cpu", "int", cpu_int._supports)(
+    _lowrank_kernel(cpu_int.qmatmul, _int_rows, (torch.bfloat16,)))
+register_kernel("lora_qmatmul", "cpu", "nf4", cpu_nf4._supports)(_lowrank_kernel(cpu_nf4.qmatmul, _nf4_rows))
+register_kernel("lora_qmatmul", "cpu", "gguf", cpu_gguf._supports)(_lowrank_kernel(cpu_gguf.qmatmul, epilogue=False))
+
+
+# --- qmatmul_transposed -------------------------------------------------------------
+def panel_extent(outer: int, inner: int, align: int) -> int:
+    """How many of ``inner`` columns (or rows) a panel takes: at most
+    PANEL_BYTES of fp32 with ``outer`` values each, at most a quarter of them
+    (a panel is never the whole weight), a multiple of ``align``, at least one."""
+    budget = max(1, PANEL_BYTES // (4 * outer))
+    quarter = -(-inner // 4)
+    cols = min(budget, quarter)
+    return max(align, cols // align * align)
+
+
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16 panels multiply in bf16 (AVX512-BF16 GEMMs, as a bf16 dense layer
+    # would); fp16 CPU GEMMs are slow, so fp16 goes through fp32.
+    return dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+
+def _transposed(g, n: int, k: int, align: int, run_kernel: Callable, decode_panel: Callable) -> torch.Tensor:
+    """``g (M, N) @ W_hat`` -> (M, K) in g's dtype, in stored column order:
+    ``run_kernel(g fp32, out fp32)`` below PANEL_MIN_M rows, else panels from
+    ``decode_panel(k0, k1, out (N, k1 - k0) fp32)``."""
+    m = g.shape[0]
+    if m < PANEL_MIN_M:
+        gf = g.to(torch.float32).contiguous()
+        out = torch.empty((m, k), dtype=torch.float32)
+        if m:
+            run_kernel(gf, out)
+        return out.to(g.dtype)
+    dtype = _gemm_dtype(g.dtype)
+    gm = g.to(dtype)
+    cols = panel_extent(n, k, align)
+    out = torch.empty((m, k), dtype=dtype)
+    buf = torch.empty(n * cols, dtype=torch.float32)
+    low = None if dtype == torch.float32 else torch.empty(n * cols, dtype=dtype)
+    for k0 in range(0, k, cols):
+        w = min(cols, k - k0)
+        panel = buf[: n * w].view(n, w)
+        decode_panel(k0, k0 + w, panel)
+        if low is not None:
+            panel = low[: n * w].view(n, w).copy_(panel)
+        torch.mm(gm, panel, out=out[:, k0:k0 + w])  # BLAS writes the column block in place (ldc = K)
+    return out.to(g.dtype)
+
+
+def _with_entry(supports: Callable, entry: str) -> Callable:
+    """``supports``, and the loaded extension has ``entry`` (one built before
+    these kernels existed leaves the op to the reference)."""
+    def fn(fmt, device, m):
+        return supports(fmt, device, m) and hasattr(_ext.load(), entry)
+
+    return fn
+
+
+@register_kernel("qmatmul_transposed", "cpu", "int", _with_entry(cpu_int._supports, "int_qmatmul_t"))
+def int_qmatmul_transposed(g: torch.Tensor, qdata, fmt, shape) -> torch.Tensor:
+    n, k = shape
+    t = cpu_int._named(fmt, qdata, shape)
+    perm = cpu_int._checked_perm(t, k)
+    weight = cpu_int._weight_args(fmt, t, shape)
+    C, threads = _ext.load(), torch.get_num_threads()
+    out = _transposed(
+        g, n, k, 32,
+        lambda gf, o: C.int_qmatmul_t(ptr(gf), gf.shape[0], *weight, ptr(o), threads),
+        lambda k0, k1, p: C.int_decode_panel(*weight, k0, k1, ptr(p), threads),
+    )
+    if perm is not None and perm.numel():
+        # stored column j is logical column perm[j]
+        logical = torch.empty_like(out)
+        logical[:, perm.long()] = out
+        out = logical
+    return out
+
+
+@register_kernel("qmatmul_transposed", "cpu", "nf4", _with_entry(cpu_nf4._supports, "nf4_qmatmul_t"))
+def nf4_qmatmul_transposed(g: torch.Tensor, qdata, fmt, shape) -> torch.Tensor:
+    n, k = shape
+    args, keep = cpu_nf4._weight_args(qdata, fmt, shape)
+    C, threads, bs = _ext.load(), torch.get_num_threads(), fmt.block_size
+    out = _transposed(
+        g, n, k, 16,
+        lambda gf, o: C.nf4_qmatmul_t(ptr(gf), gf.shape[0], *args, n, k, bs, ptr(o), threads),
+        lambda k0, k1, p: C.nf4_decode_panel(*args, n, k, bs, k0, k1, ptr(p), threads),
+    )
+    del keep
+    return out
+
+
+@register_kernel("qmatmul_transposed", "cpu", "gguf", cpu_gguf._supports)
+def gguf_qmatmul_transposed(g: torch.Tensor, qdata, fmt, shape) -> torch.Tensor:
+    """Row panels (GGUF blocks never span rows): out += g[:, rows] @ panel."""
+    n, k = shape
+    blocks = cpu_gguf._blocks(qdata, fmt, shape)
+    dtype = _gemm_dtype(g.dtype)
+    gm = g.to(dtype)
+    rows = panel_extent(k, n, 1)
+    out = torch.zeros((g.shape[0], k), dtype=dtype)
+    buf = torch.empty(rows * k, dtype=torch.float32)
+    for n0 in range(0, n, rows):
+        h = min(rows, n - n0)
+        panel = cpu_gguf._dequantize_fp32(blocks[n0:n0 + h], fmt, h, k, out=buf[: h * k].view(h, k))
+        out.addmm_(gm[:, n0:n0 + h], panel.to(dtype))
+    return out.to(g.dtype)

@@ -24,7 +24,7 @@ from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
 from ...formats.nf4 import dynamic_map
 from . import cpu_activations
-from .cpu_lora import lora_args
+from .cpu_lowrank import lora_args
 from .cpu_panels import panel_matmul
 
 # From this many rows of x on, decoded panels + torch.mm beat the C++ tiled

@@ -1,7 +1,7 @@
 """The pure-torch spec of every op: what each kernel is tested against.
 
 ``linear`` (dequantize, qmatmul, pack, unpack: the formats' own decode),
-``w8a8``, and the solvers: ``gptq`` (the in-block update), ``hqq`` and
+``w8a8``, ``lora`` (QLoRA's lora_qmatmul and qmatmul_transposed), and the solvers: ``gptq`` (the in-block update), ``hqq`` and
 ``hqq_integer_zero`` (HQQ's solvers), ``kquant`` (llama.cpp's k-quant
 quantizers, byte for byte).
 """
