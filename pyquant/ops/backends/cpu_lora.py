@@ -28,8 +28,9 @@ addmm_, fp32 1159 vs 715 ms (so Int fp32 keeps its C++ GEMM); NF4 bf16 724 vs
 Below that, and for Int with fp32/fp16 activations, the C++ qmatmul kernels
 take the low-rank term in their epilogue (``csrc/cpu/lora_epilogue.h``: each
 tile of y gets ``scale * xa @ B.T`` while it is in cache, no second pass over
-y). GGUF's kernels have no epilogue: its qmatmul is followed by one in-place
-``addmm_`` of the low-rank term.
+y). GGUF's kernels have no epilogue: its qmatmul (exact fp32 activations, not
+llama.cpp's int8 ones: a training forward is the product its backward
+differentiates) is followed by one in-place ``addmm_`` of the low-rank term.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ from ... import _ext
 from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
 from ..reference.lora import add_lowrank_
-from . import cpu_gguf, cpu_int, cpu_nf4
+from . import cpu_activations, cpu_gguf, cpu_int, cpu_nf4
+from .cpu_panels import panel_matmul, panel_rows
 
 # From this many rows of g on, decoded panels + torch.mm beat the C++ kernel
 # (K = N = 4096, one thread, CPU time; benchmarks/bench_lora.py --crossover):
@@ -61,27 +63,10 @@ ROW_PANEL_FLOATS = 1 << 20  # fp32 values per row panel (4 MiB: 256 rows of K = 
 
 
 def _panel_forward(x, n: int, k: int, decode_rows: Callable, bias, xa, lora_B, scale: float) -> torch.Tensor:
-    """``x (M, K) @ W_hat.T + scale * xa @ B.T + bias`` through row panels of
-    W_hat (``decode_rows(n0, n1, out (n1 - n0, K) fp32)``, x's columns in the
-    weight's stored order): each panel's columns of y are written once, by one
-    GEMM whose initial value is their low-rank term and bias."""
-    dtype = _gemm_dtype(x.dtype)
-    xm, xam, bm = x.to(dtype).contiguous(), xa.to(dtype), lora_B.to(dtype)
-    bias_m = None if bias is None else bias.to(dtype)
-    m = x.shape[0]
-    y = torch.empty((m, n), dtype=dtype)
-    rows = max(1, min(ROW_PANEL_FLOATS // max(k, 1), -(-n // 4)))  # a quarter of the rows at most
-    buf = torch.empty(rows * k, dtype=torch.float32)
-    low = None if dtype == torch.float32 else torch.empty(rows * k, dtype=dtype)
-    for n0 in range(0, n, rows):
-        h = min(rows, n - n0)
-        panel = buf[: h * k].view(h, k)
-        decode_rows(n0, n0 + h, panel)
-        if low is not None:
-            panel = low[: h * k].view(h, k).copy_(panel)
-        b = bm[n0:n0 + h].t()
-        init = torch.mm(xam, b).mul_(scale) if bias_m is None else torch.addmm(bias_m[n0:n0 + h], xam, b, alpha=scale)
-        torch.addmm(init, xm, panel.t(), out=y[:, n0:n0 + h])  # BLAS writes the column block in place (ldc = N)
+    """``x (M, K) @ W_hat.T + scale * xa @ B.T + bias`` through row panels of W_hat
+    (``cpu_panels.panel_matmul``; x's columns in the weight's stored order)."""
+    rows = panel_rows(n, k, ROW_PANEL_FLOATS)
+    y = panel_matmul(x, n, k, decode_rows, bias, xa, lora_B, scale, rows=rows, dtype=_gemm_dtype(x.dtype))
     return y.to(x.dtype)
 
 
@@ -128,7 +113,11 @@ def _lowrank_kernel(base: Callable, rows: Optional[Callable] = None, dtypes=None
             f32 = torch.float32
             return base(x, qdata, fmt, shape, bias, lora_xa=xa.to(f32).contiguous(),
                         lora_b=lora_B.to(f32).contiguous(), lora_scale=float(scale))
-        return add_lowrank_(base(x, qdata, fmt, shape, bias), xa, lora_B, scale)
+        # GGUF's CPU default multiplies int8-quantized x (llama.cpp's inference semantics); a training
+        # forward stays the exact product its backward differentiates
+        with cpu_activations.cpu_activations("fp32"):
+            y = base(x, qdata, fmt, shape, bias)
+        return add_lowrank_(y, xa, lora_B, scale)
 
     kernel.__name__ = f"{base.__module__.rsplit('.', 1)[-1]}_lora_qmatmul"
     return kernel

@@ -3,8 +3,8 @@
 From a few hundred rows of x on, the product is compute-bound and torch's GEMM
 (oneDNN / MKL, at the CPU's widest vectors) beats the C++ kernels; decoding a
 weight once costs a few per cent of the GEMM there. The weight is decoded
-``rows`` rows at a time (4 MiB of fp32 by default: it stays in the caches while
-the GEMM reads it), never whole. Bias and the low-rank epilogue ride in each
+``rows`` rows at a time (4 MiB of fp32 and a quarter of the rows at most: it
+stays in the caches while the GEMM reads it), never whole. Bias and the low-rank epilogue ride in each
 panel's GEMM (``addmm``'s input), not in a second pass over y.
 """
 from __future__ import annotations
@@ -16,23 +16,44 @@ import torch
 PANEL_FLOATS = 1 << 20
 
 
+def panel_rows(n: int, k: int, floats: int = PANEL_FLOATS) -> int:
+    """Rows per panel: at most ``floats`` fp32 values and a quarter of the weight's rows
+    (a panel is never the whole weight, however small the layer), at least one."""
+    return max(1, min(floats // max(k, 1), -(-n // 4)))
+
+
 def panel_matmul(x: torch.Tensor, n: int, k: int, decode: Callable[[int, int, torch.Tensor], None],
                  bias: Optional[torch.Tensor] = None, lora_xa: Optional[torch.Tensor] = None,
                  lora_b: Optional[torch.Tensor] = None, lora_scale: float = 0.0,
-                 rows: Optional[int] = None) -> torch.Tensor:
-    """y (M, N) fp32 = x (M, K) fp32 @ W.T (+ bias) (+ lora_scale * lora_xa @ lora_b.T);
-    ``decode(n0, n1, out)`` writes rows [n0, n1) of W into ``out`` ((n1 - n0, K) fp32)."""
-    rows = rows or max(1, min(n, PANEL_FLOATS // max(k, 1)))
-    panel = torch.empty((min(rows, n), k), dtype=torch.float32)
-    y = torch.empty((x.shape[0], n), dtype=torch.float32)
+                 rows: Optional[int] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """y (M, N) in ``dtype`` = x (M, K) @ W.T (+ bias) (+ lora_scale * lora_xa @ lora_b.T),
+    every GEMM in ``dtype`` (bf16 multiplies in bf16, as a bf16 dense layer would);
+    ``decode(n0, n1, out)`` writes rows [n0, n1) of W into ``out`` ((n1 - n0, K) fp32).
+    Each panel's columns of y are written once, by one GEMM whose initial value is
+    their low-rank term and bias."""
+    rows = rows or panel_rows(n, k)
+    xm = x.to(dtype).contiguous()
+    xa = None if lora_xa is None else lora_xa.to(dtype)
+    b = None if lora_b is None else lora_b.to(dtype)
+    bias_m = None if bias is None else bias.to(dtype)
+    h = min(rows, n)
+    buf = torch.empty((h, k), dtype=torch.float32)
+    low = None if dtype == torch.float32 else torch.empty((h, k), dtype=dtype)
+    y = torch.empty((x.shape[0], n), dtype=dtype)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
-        w = panel[: n1 - n0]
+        w = buf[: n1 - n0]
         decode(n0, n1, w)
-        c = None
-        if lora_xa is not None:
-            c = (lora_xa @ lora_b[n0:n1].T).mul_(lora_scale)
-        if bias is not None:
-            c = bias[n0:n1] if c is None else c.add_(bias[n0:n1])
-        y[:, n0:n1] = x @ w.T if c is None else torch.addmm(c, x, w.T)
+        if low is not None:
+            w = low[: n1 - n0].copy_(w)
+        init = None
+        if xa is not None:
+            init = torch.mm(xa, b[n0:n1].t()).mul_(lora_scale)
+        if bias_m is not None:
+            init = bias_m[n0:n1] if init is None else init.add_(bias_m[n0:n1])
+        cols = y[:, n0:n1]  # BLAS writes the column block in place (ldc = N)
+        if init is None:
+            torch.mm(xm, w.t(), out=cols)
+        else:
+            torch.addmm(init, xm, w.t(), out=cols)
     return y
