@@ -160,5 +160,4 @@ def rtn_quantize(w: torch.Tensor, fmt: Int, shrink: Optional[torch.Tensor] = Non
 
 __all__: List[str] = [
     "AWQScale", "awq_search_scale", "awq_clip_search", "rtn_quantize", "rtn_dequant", "output_error",
-    "ScaledInputLinear", "scale_columns", "fold_into_rows", "fold_into_norm", "gqa_tie", "untie",
-]
+]  # the folds (scale_columns, fold_into_rows, fold_into_norm, ...) are awq_fold's
