@@ -1,6 +1,7 @@
 """Test helpers around the kernel registry (pyquant.ops.dispatch)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from pyquant.ops import dispatch
@@ -17,3 +18,16 @@ def swap_kernel(monkeypatch, name: str, fn) -> None:
                 monkeypatch.setitem(dispatch._REGISTRY, key, swapped)
                 return
     raise KeyError(f"no registered kernel named {name!r}")
+
+
+@contextlib.contextmanager
+def simd_level(level: str):
+    """Run the block with the C++ kernels at SIMD ``level`` ("scalar", "avx2", ..., "best")."""
+    from pyquant import _ext
+
+    C = _ext.load()
+    assert C.set_simd_level(level)
+    try:
+        yield
+    finally:
+        C.set_simd_level("best")

@@ -7,7 +7,6 @@ Every check runs on both SIMD paths (AVX2+FMA and the scalar fallback).
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import pytest
@@ -20,6 +19,7 @@ from pyquant.formats import Int
 from pyquant.ops import reference
 from pyquant.ops.backends.cpu_activations import cpu_activations
 from pyquant.ops.dispatch import select_kernel
+from tests.kernels import simd_level
 
 C = _ext.load()
 pytestmark = pytest.mark.skipif(C is None, reason="compiled extension pyquant._C not built")
@@ -30,13 +30,7 @@ SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SIMD = ("scalar", "best")
 
 
-@contextlib.contextmanager
-def simd(level: str):
-    assert C.set_simd_level(level)
-    try:
-        yield
-    finally:
-        C.set_simd_level("best")
+simd = simd_level
 
 
 def make_qw(bits, group, sym, sdtype, n, k, act_order=False, seed=0):

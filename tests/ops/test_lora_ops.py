@@ -19,7 +19,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -34,7 +33,7 @@ from pyquant.ops.backends import cpu_lora
 from pyquant.ops.dispatch import select_kernel
 from pyquant.ops.reference import lora as lora_ref
 from tests.deps import installed
-from tests.kernels import swap_kernel
+from tests.kernels import simd_level, swap_kernel
 from tests.ops.test_cpu_int import make_qw
 
 C = _ext.load()
@@ -42,13 +41,7 @@ needs_ext = pytest.mark.skipif(C is None, reason="compiled extension pyquant._C 
 needs_triton = pytest.mark.skipif(not installed("triton"), reason="triton is not installed")
 
 
-@contextlib.contextmanager
-def simd(level: str):
-    assert C.set_simd_level(level)
-    try:
-        yield
-    finally:
-        C.set_simd_level("best")
+simd = simd_level
 
 
 def int_qw(bits=4, group=32, sym=False, sdtype=torch.float16, act_order=False, n=40, k=200):
