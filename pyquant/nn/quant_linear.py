@@ -28,6 +28,7 @@ class QuantLinear(nn.Module):
         if not isinstance(qweight, QuantizedWeight):
             raise FormatError(f"QuantLinear needs a QuantizedWeight, got {type(qweight).__name__}")
         self.out_features, self.in_features = qweight.shape
+        self._shape = (self.out_features, self.in_features)  # fixed for the module's life (loads check it)
         self.kernel = kernel
         self._set_qweight(qweight)
         if bias is not None:
@@ -113,8 +114,8 @@ class QuantLinear(nn.Module):
         if plans is None:
             plans = self.__dict__["_plans"] = PlanCache()
         buffers = self._buffers  # dict lookups: nn.Module.__getattr__ costs ~1 us per name
-        return linear(x, [buffers[n] for n in self._packed_names], self._format,
-                      (self.out_features, self.in_features), self._parameters["bias"], self.kernel, plans)
+        return linear(x, [buffers[n] for n in self._packed_names], self._format, self._shape,
+                      self._parameters["bias"], self.kernel, plans)
 
     def extra_repr(self) -> str:
         bpw = self.quantized_weight.bits_per_weight

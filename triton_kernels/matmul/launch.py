@@ -154,29 +154,38 @@ def _no_launch_hooks() -> bool:
     return _idle(knobs.runtime.launch_enter_hook) and _idle(knobs.runtime.launch_exit_hook)
 
 
+def _argv_builder(template: tuple):
+    """``(vals, template) -> argv``: the bound arguments with the call's tensors (x, out,
+    ws, bias) in their placeholders' positions, as one tuple display compiled once
+    per launch: a loop over the slots costs more host time than the launch itself."""
+    items = []
+    for i, v in enumerate(template):
+        slot = _SLOTS.index(v) if isinstance(v, str) and v in _SLOTS else None
+        items.append(f"t[{i}]" if slot is None else f"v[{slot}]")
+    return eval(f"lambda v, t: ({', '.join(items)},)")  # noqa: S307 (built from indices only)
+
+
 class _Launch:
     """One kernel launch with its arguments bound: by name through the JIT the first
     time (compiling or finding the specialisation), then straight to the compiled
     kernel's launcher with the same arguments in the same order. The key of the
     QmatmulPlan entry holding it fixes everything the JIT specialises on."""
 
-    __slots__ = ("kernel", "grid", "grid3", "params", "options", "names", "template", "slots", "compiled")
+    __slots__ = ("kernel", "grid", "grid3", "params", "options", "names", "template", "argv", "compiled")
 
     def __init__(self, kernel, grid, params: dict, options: dict):
         self.kernel, self.grid, self.params, self.options = kernel, grid, params, options
         self.grid3 = (*grid, 1, 1)[:3]
         self.names = kernel.arg_names
-        self.template = [params[n] for n in self.names]
-        self.slots = [(i, _SLOTS.index(v)) for i, v in enumerate(self.template) if isinstance(v, str) and v in _SLOTS]
+        self.template = tuple(params[n] for n in self.names)
+        self.argv = _argv_builder(self.template)
         self.compiled = None
 
     def __call__(self, vals: tuple, stream: Optional[int] = None) -> Optional[int]:
         """Launch with ``vals`` = (x, out, ws, bias) in the placeholders; returns the
         stream used on the direct path (the next launch of the same call passes it on:
         hooks checked, stream read once per call), None after a JIT launch."""
-        argv = list(self.template)
-        for i, j in self.slots:
-            argv[i] = vals[j]
+        argv = self.argv(vals, self.template)
         c = self.compiled
         if c is not None and (stream is not None or _no_launch_hooks()):
             if stream is None:
@@ -199,24 +208,28 @@ class QmatmulPlan:
 
     def __init__(self, qdata, fmt, shape, path: Optional[str] = None, config: Optional[Config] = None):
         self.qdata, self.fmt, self.shape = list(qdata), fmt, tuple(shape)
+        self.n = self.shape[0]
         self.path, self.config = path, config
         self.device = self.qdata[0].device
         self._entries = {}
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         m = x.shape[0]
-        n = self.shape[0]
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        dtype = x.dtype
+        out = x.new_empty((m, self.n))
         if m == 0:
             return out
-        if bias is not None and not bias.is_contiguous():
-            bias = bias.contiguous()
-        key = (m, x.dtype, x.data_ptr() & 15, None if bias is None else (bias.dtype, bias.data_ptr() & 15))
+        if bias is None:
+            key = (m, dtype, x.data_ptr() & 15)
+        else:
+            if not bias.is_contiguous():
+                bias = bias.contiguous()
+            key = (m, dtype, x.data_ptr() & 15, bias.dtype, bias.data_ptr() & 15)
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = self._prepare(x, bias)
         main, reduce, ws_shape = entry
-        ws = torch.empty(ws_shape, dtype=torch.float32, device=x.device) if ws_shape else out
+        ws = torch.empty(ws_shape, dtype=torch.float32, device=self.device) if ws_shape else out
         vals = (x, out, ws, bias if bias is not None else out)
         stream = main(vals)
         if reduce is not None:
