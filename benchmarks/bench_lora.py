@@ -19,10 +19,10 @@ AMX; then the adapters compute in bf16 too). Reported per candidate: the best
 and median step (best: the slower samples measure the neighbours' load), the
 forward alone, the ratio to ``peft float`` and to ``peft bnb nf4``, and the
 peak memory of one step above the resident tensors (weights, x, grad of y),
-from the CPU allocator's own accounting (the profiler's memory events). The
-interim CPU forward (C++ qmatmul + one ``addmm_`` of the low-rank term, until
-the C++ kernels take it in their epilogue) is costed by timing that
-``addmm_`` alone. GPU targets: not measured on GPU (none was available).
+from the CPU allocator's own accounting (the profiler's memory events). What
+the C++ kernels' low-rank epilogue saves is costed by timing, alone, the
+``addmm_`` a separate pass over y would take (GGUF's forward still does it).
+GPU targets: not measured on GPU (none was available).
 
 ``--crossover`` instead times ``qmatmul_transposed``'s two CPU strategies
 (streaming C++ kernel vs C++-decoded panels + torch.mm) for M = 1..128, one
@@ -172,7 +172,7 @@ def run_dtype(w, args, dtype, with_bnb):
     steps = interleaved([fns[c][0] for c in names], args.repeat, warmup=1)
     fwds = interleaved([fns[c][1] for c in names], args.repeat, warmup=1)
     peaks = {c: peak_bytes(fns[c][0]) for c in names}
-    # the interim CPU forward's extra pass: y += s * xa @ B.T, timed alone
+    # what a separate pass over y would cost: y += s * xa @ B.T, timed alone
     y = torch.randn(args.tokens, n, dtype=dtype)
     xa, b = torch.randn(args.tokens, args.rank, dtype=dtype), torch.randn(n, args.rank, dtype=dtype)
     ((addmm, _),) = interleaved([lambda: y.addmm_(xa, b.t(), alpha=0.5)], args.repeat, warmup=1)
@@ -261,11 +261,12 @@ def main(argv=None):
               f"{r['forward_best_ms']:.0f} | {r['vs_peft_float']:.2f}x | {bnb} | {r['peak_step_mib']:.0f} | "
               f"{r['weight_mib']:.1f} | {r['rel_err_vs_float']:.2e} |")
     for dt, ms in addmm.items():
-        print(f"interim CPU epilogue ({dt}): the addmm_ of the low-rank term alone takes {ms:.1f} ms per forward")
+        print(f"low-rank term as a separate pass ({dt}): its addmm_ alone takes {ms:.1f} ms per forward "
+              "(the Int/NF4 kernels add it in their epilogue instead)")
     print("GPU targets (>= 1.5x peft over bitsandbytes Linear4bit, no higher peak memory): not measured on GPU")
     with open(args.out, "w") as f:
         json.dump(dict(meta, n=args.n, k=args.k, tokens=args.tokens, rank=args.rank, repeat=args.repeat,
-                       rows=rows, interim_addmm_ms=addmm, gpu="not measured on GPU"), f, indent=2)
+                       rows=rows, separate_pass_addmm_ms=addmm, gpu="not measured on GPU"), f, indent=2)
 
 
 if __name__ == "__main__":
