@@ -16,10 +16,11 @@ import torch
 PANEL_FLOATS = 1 << 20
 
 
-def panel_rows(n: int, k: int, floats: int = PANEL_FLOATS) -> int:
-    """Rows per panel: at most ``floats`` fp32 values and a quarter of the weight's rows
-    (a panel is never the whole weight, however small the layer), at least one."""
-    return max(1, min(floats // max(k, 1), -(-n // 4)))
+def panel_rows(n: int, k: int, floats: Optional[int] = None) -> int:
+    """Rows per panel: at most ``floats`` (default PANEL_FLOATS) fp32 values and a quarter
+    of the weight's rows (a panel is never the whole weight, however small the layer),
+    at least one."""
+    return max(1, min((floats or PANEL_FLOATS) // max(k, 1), -(-n // 4)))
 
 
 def panel_matmul(x: torch.Tensor, n: int, k: int, decode: Callable[[int, int, torch.Tensor], None],
