@@ -206,8 +206,11 @@ def copy_adapters_into_peft(pmodel, lora_model):
 
 # --- report ---------------------------------------------------------------------------------
 def plot(runs, path):
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("# matplotlib is not installed: no loss plot", file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
