@@ -17,7 +17,7 @@ import torch
 from ..errors import DtypeError, FormatError, ShapeError
 from ..formats import Int, QuantizedWeight
 from .int32_bitstream import pack_int32, unpack_int32
-from .int_layout import exact_scales, integer_zeros
+from .int_layout import exact_scales, integer_zeros, row_layout
 
 # Nibble i of a packed word holds output column 8c + AWQ_ORDER[i].
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -80,6 +80,7 @@ def export_layer(qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
     """One layer's AWQ GEMM tensors (``qweight``, ``qzeros``, ``scales``) from a 4-bit Int weight."""
     if not isinstance(qw, QuantizedWeight):
         raise FormatError(f"expected a pyquant QuantizedWeight, got {type(qw).__name__}")
+    qw = row_layout(qw)
     if isinstance(qw.format, Int) and qw.format.group_size == -1:
         raise FormatError("AWQ checkpoints hold grouped weights; this one is per-channel (group_size=-1)")
     out = to_awq(qw)

@@ -29,7 +29,7 @@ import torch
 from ..errors import DtypeError, FormatError, ShapeError
 from ..formats import Int, QuantizedWeight
 from .int32_bitstream import pack_int32, unpack_int32
-from .int_layout import exact_scales, integer_zeros, original_columns, perm_from_g_idx
+from .int_layout import exact_scales, integer_zeros, original_columns, perm_from_g_idx, row_layout
 
 PACKED_FORMAT = "pack-quantized"
 UNPACKED_FORMATS = ("naive-quantized", "int-quantized")
@@ -173,6 +173,7 @@ def export_layer(qw: QuantizedWeight, scale_dtype: Optional[torch.dtype] = None)
     """
     if not isinstance(qw, QuantizedWeight):
         raise FormatError(f"expected a pyquant QuantizedWeight, got {type(qw).__name__}")
+    qw = row_layout(qw)
     fmt = qw.format
     if not isinstance(fmt, Int):
         raise FormatError(f"compressed-tensors int checkpoints hold Int weights, got {fmt.spec()}")

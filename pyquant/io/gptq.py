@@ -23,7 +23,7 @@ import torch
 from ..errors import DtypeError, FormatError, ShapeError
 from ..formats import Int, QuantizedWeight
 from .int32_bitstream import pack_int32, unpack_int32
-from .int_layout import exact_scales, integer_zeros, original_columns, perm_from_g_idx
+from .int_layout import exact_scales, integer_zeros, original_columns, perm_from_g_idx, row_layout
 
 
 def _check_version(version: int) -> None:
@@ -134,6 +134,7 @@ def export_layer(qw: QuantizedWeight, checkpoint_format: str = "gptq") -> Dict[s
     version = _version(checkpoint_format)
     if not isinstance(qw, QuantizedWeight):
         raise FormatError(f"expected a pyquant QuantizedWeight, got {type(qw).__name__}")
+    qw = row_layout(qw)
     out = to_gptq(qw, version=version)
     out["scales"] = exact_scales(qw.tensors["scales"], torch.float16, "GPTQ").T.contiguous()
     return out

@@ -35,6 +35,7 @@ import torch
 from ..errors import FormatError, ShapeError
 from ..formats import Int, QuantizedWeight
 from ..formats.int_format import SUPPORTED_GROUP_SIZES
+from .int_layout import row_layout
 
 _PACKING = {8: "8bit_u8", 4: "4bit_u8", 3: "3bit_32", 2: "2bit_u8"}
 _VIEW_DTYPE = {"8bit_u8": torch.uint8, "4bit_u8": torch.uint8, "3bit_32": torch.int32, "2bit_u8": torch.uint8}
@@ -156,6 +157,7 @@ def export_layer(qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
     """One ``HQQLinear``'s encoded state dict (axis=1) from an Int weight; the compute dtype is the scales'."""
     if not isinstance(qw, QuantizedWeight):
         raise FormatError(f"expected a pyquant QuantizedWeight, got {type(qw).__name__}")
+    qw = row_layout(qw)
     fmt = qw.format
     if not isinstance(fmt, Int) or fmt.act_order:
         raise FormatError(

@@ -13,7 +13,13 @@ from typing import Optional, Tuple
 import torch
 
 from ..errors import DtypeError, FormatError, ShapeError
-from ..formats import Int, QuantizedWeight
+from ..formats import Int, IntMMA, QuantizedWeight, from_mma
+
+
+def row_layout(qw: QuantizedWeight) -> QuantizedWeight:
+    """``qw`` with Int's row layout: a weight repacked for the tensor-core kernel (IntMMA)
+    goes back losslessly, since every exchange layout is defined on rows of codes."""
+    return from_mma(qw) if isinstance(qw.format, IntMMA) else qw
 
 
 def perm_from_g_idx(g_idx: torch.Tensor, k: int, group_size: int, num_groups: int, what: str) -> Optional[torch.Tensor]:
