@@ -98,6 +98,19 @@ def capture_graph(fn):
     return graph, y
 
 
+def check_qmatmul_graph_replays(qw, x, bias, kernel: str = "cuda", replays: int = 2) -> None:
+    """``pyquant.qmatmul(x, qw, bias)`` captured in a CUDA graph, replayed on new values of
+    ``x``: each replay's output equals an eager call's, bit for bit."""
+    import pyquant
+
+    graph, y = capture_graph(lambda: pyquant.qmatmul(x, qw, bias, kernel=kernel))
+    for _ in range(replays):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y, pyquant.qmatmul(x, qw, bias, kernel=kernel), rtol=0, atol=0)
+
+
 def check_qmatmul(qw, m: int, dtype: torch.dtype, bias_dtype=None, seed: int = 0, x=None, what: str = ""):
     """``pyquant.qmatmul(x, qw, bias, kernel="cuda")`` for a random ``x`` (M, K)
     (or the given one) and bias, checked against the float64 reference; returns the output."""

@@ -9,7 +9,8 @@ import torch
 import pyquant
 from pyquant.ops.dispatch import select_kernel
 
-from tests.gpu._cuda_util import capture_graph, check_qmatmul, cuda_ext_or_skip, int_weight_cpu, misaligned_copy
+from tests.gpu._cuda_util import (check_qmatmul, check_qmatmul_graph_replays, cuda_ext_or_skip, int_weight_cpu,
+                                  misaligned_copy)
 
 pytestmark = pytest.mark.gpu
 
@@ -113,12 +114,7 @@ def test_cuda_int4_qmatmul_gemv_cuda_graph_capture_and_replay():
     qw = int_weight_cpu(256, 1024, 4, 128, False, torch.float16, 0).to("cuda")
     bias = torch.randn(256, device="cuda").half()
     x = torch.randn(4, 1024, device="cuda").half()
-    graph, y = capture_graph(lambda: pyquant.qmatmul(x, qw, bias, kernel="cuda"))
-    for _ in range(2):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        torch.testing.assert_close(y, pyquant.qmatmul(x, qw, bias, kernel="cuda"), rtol=0, atol=0)
+    check_qmatmul_graph_replays(qw, x, bias)
 
 
 def test_cuda_int4_qmatmul_gemv_torch_compile_fullgraph():

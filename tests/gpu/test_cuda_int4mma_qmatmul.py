@@ -14,7 +14,7 @@ from pyquant.formats import to_mma
 from pyquant.ops.backends import cuda_mma
 from pyquant.ops.dispatch import select_kernel
 
-from tests.gpu._cuda_util import (assert_matmul_close, capture_graph, check_qmatmul, cuda_ext_or_skip,
+from tests.gpu._cuda_util import (assert_matmul_close, check_qmatmul, check_qmatmul_graph_replays, cuda_ext_or_skip,
                                   int_weight_cpu, misaligned_copy)
 
 pytestmark = pytest.mark.gpu
@@ -155,9 +155,4 @@ def test_cuda_int4mma_qmatmul_cuda_graph_capture_and_replay():
     qw = _mma_weight(4096, 4096, 128, False)  # split-K: workspace and tickets inside the graph
     bias = torch.randn(4096, device="cuda").half()
     x = torch.randn(4, 4096, device="cuda").half()
-    graph, y = capture_graph(lambda: pyquant.qmatmul(x, qw, bias, kernel="cuda"))
-    for _ in range(2):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        torch.testing.assert_close(y, pyquant.qmatmul(x, qw, bias, kernel="cuda"), rtol=0, atol=0)
+    check_qmatmul_graph_replays(qw, x, bias)
