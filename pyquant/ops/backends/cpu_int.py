@@ -148,7 +148,7 @@ def qmatmul(
     xa, b, rank, scale = lora_args(lora_xa, lora_b, lora_scale, m, n)
     int8 = cpu_activations.use_int8("int", x.dtype)
     if m >= TORCH_GEMM_MIN_M and not int8:
-        y = panel_matmul(x.to(torch.float32).contiguous(), n, k, _row_decoder(t, fmt, k, perm), bf, xa, b, scale)
+        y = panel_matmul(x.to(torch.float32).contiguous(), n, k, row_decoder(t, fmt, k, perm), bf, xa, b, scale)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
     if perm is not None:
         # Packed column j multiplies logical column perm[j] of x.
@@ -162,7 +162,7 @@ def qmatmul(
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def _row_decoder(t: dict, fmt, k: int, perm: Optional[torch.Tensor]):
+def row_decoder(t: dict, fmt, k: int, perm: Optional[torch.Tensor]):
     """decode(n0, n1, out): rows [n0, n1) of W_hat (logical column order) into out."""
     C = _ext.load()
     qw, s, z = t["qweight"], t["scales"], t.get("zeros")

@@ -39,7 +39,7 @@ from typing import Callable, Optional
 import torch
 
 from ... import _ext
-from .._dtypes import dtype_code, ptr
+from .._dtypes import ptr
 from ..dispatch import register_kernel
 from ..reference.lora import add_lowrank_
 from . import cpu_activations, cpu_gguf, cpu_int, cpu_nf4
@@ -64,49 +64,30 @@ ROW_PANEL_FLOATS = 1 << 20  # fp32 values per row panel (4 MiB: 256 rows of K = 
 
 def _panel_forward(x, n: int, k: int, decode_rows: Callable, bias, xa, lora_B, scale: float) -> torch.Tensor:
     """``x (M, K) @ W_hat.T + scale * xa @ B.T + bias`` through row panels of W_hat
-    (``cpu_panels.panel_matmul``; x's columns in the weight's stored order)."""
+    (``cpu_panels.panel_matmul``)."""
     rows = panel_rows(n, k, ROW_PANEL_FLOATS)
     y = panel_matmul(x, n, k, decode_rows, bias, xa, lora_B, scale, rows=rows, dtype=_gemm_dtype(x.dtype))
     return y.to(x.dtype)
 
 
 def _int_rows(qdata, fmt, shape):
-    """(x -> x in stored column order, decode_rows, keep) of an Int weight: rows of
-    the packed tensors are contiguous, so a row panel is the dequantize kernel on them."""
-    n, k = shape
+    """(decode_rows, keep) of an Int weight: rows in logical column order (act_order's
+    perm applied by the dequantize kernel), the packed tensors to keep alive."""
     t = cpu_int._named(fmt, qdata, shape)
-    perm = cpu_int._checked_perm(t, k)
-    C, threads = _ext.load(), torch.get_num_threads()
-    qw, sc, zs = t["qweight"], t["scales"], t.get("zeros")
-
-    def decode_rows(n0, n1, out):
-        C.int_dequantize(ptr(qw[n0:n1]), ptr(sc[n0:n1]), ptr(None if zs is None else zs[n0:n1]), 0, n1 - n0, k,
-                         fmt.bits, fmt.group_size, dtype_code(fmt.scale_dtype), ptr(out), threads)
-
-    def stored(x):
-        # packed column j multiplies logical column perm[j] of x
-        return x if perm is None or not perm.numel() else x[:, perm.long()]
-
-    return stored, decode_rows, t
+    return cpu_int.row_decoder(t, fmt, shape[1], cpu_int._checked_perm(t, shape[1])), t
 
 
 def _nf4_rows(qdata, fmt, shape):
-    n, k = shape
     args, keep = cpu_nf4._weight_args(qdata, fmt, shape)
-    C, threads = _ext.load(), torch.get_num_threads()
-
-    def decode_rows(n0, n1, out):
-        C.nf4_dequantize(*args, n, k, fmt.block_size, ptr(out), threads, n0, n1)
-
-    return (lambda x: x), decode_rows, keep
+    return cpu_nf4.row_decoder(args, fmt, shape), keep
 
 
 def _lowrank_kernel(base: Callable, rows: Optional[Callable] = None, dtypes=None, epilogue: bool = True
                     ) -> Callable:
     def kernel(x, qdata, fmt, shape, bias, xa, lora_B, scale):
         if rows is not None and x.shape[0] >= FORWARD_PANEL_MIN_M and (dtypes is None or x.dtype in dtypes):
-            stored, decode_rows, keep = rows(qdata, fmt, shape)
-            y = _panel_forward(stored(x), shape[0], shape[1], decode_rows, bias, xa, lora_B, scale)
+            decode_rows, keep = rows(qdata, fmt, shape)
+            y = _panel_forward(x, shape[0], shape[1], decode_rows, bias, xa, lora_B, scale)
             del keep
             return y
         if epilogue:  # the kernel adds the low-rank term to each tile of y it writes

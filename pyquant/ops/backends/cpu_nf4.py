@@ -50,6 +50,18 @@ def _weight_args(qdata, fmt: NF4, shape):
     return args, keep
 
 
+def row_decoder(args, fmt: NF4, shape):
+    """decode(n0, n1, out): rows [n0, n1) of W into ``out`` ((n1 - n0, K) fp32), from
+    :func:`_weight_args`' pointers (the caller keeps their tensors alive)."""
+    n, k = shape
+    ext, nthreads = _ext.load(), torch.get_num_threads()
+
+    def decode(n0: int, n1: int, out: torch.Tensor) -> None:
+        ext.nf4_dequantize(*args, n, k, fmt.block_size, ptr(out), nthreads, n0, n1)
+
+    return decode
+
+
 @register_kernel("dequantize", "cpu", "nf4", _supports)
 def dequantize(qdata, fmt: NF4, shape, dtype: torch.dtype, out=None) -> torch.Tensor:
     n, k = shape
@@ -90,10 +102,7 @@ def qmatmul(x2d: torch.Tensor, qdata, fmt: NF4, shape, bias, lora_xa=None, lora_
     ext = _ext.load()
     int8 = cpu_activations.use_int8("nf4", x2d.dtype) and ext.nf4_q8_supported(k)
     if m >= TORCH_GEMM_MIN_M and not int8:
-        def decode(n0, n1, out):
-            ext.nf4_dequantize(*args, n, k, fmt.block_size, ptr(out), nthreads, n0, n1)
-
-        y = panel_matmul(x2d.to(torch.float32).contiguous(), n, k, decode, bf, xa, b, scale)
+        y = panel_matmul(x2d.to(torch.float32).contiguous(), n, k, row_decoder(args, fmt, shape), bf, xa, b, scale)
     else:
         xk = x2d.contiguous() if int8 else x2d.to(torch.float32).contiguous()
         y = torch.empty((m, n), dtype=torch.float32)
