@@ -97,10 +97,12 @@ VARIANTS = {
     "awq-noclip": (dict(method="awq", awq_clip=False), "mix", None),
     "awq-clip02": (dict(method="awq", awq_clip_max_shrink=0.2), "mix", None),
     "awq": (dict(method="awq"), "mix", None),
-    "hqq": (dict(method="hqq"), None, None),
-    "hqq-integer": (dict(method="hqq", hqq_zero_point="integer"), None, None),
+    # the default: HQQ with its block check against RTN on the calibration text (hqq_fallback="block")
+    "hqq": (dict(method="hqq"), "mix", None),
+    "hqq-nocheck": (dict(method="hqq", hqq_fallback=None), None, None),
+    "hqq-integer": (dict(method="hqq", hqq_zero_point="integer", hqq_fallback=None), None, None),
     # peers on the same inputs (benchmarks/quality_peers.py)
-    "hqq-package": (dict(method="hqq", hqq_zero_point="float"), None, None),
+    "hqq-package": (dict(method="hqq", hqq_zero_point="float", hqq_fallback=None), None, None),
     "gptq-llmcompressor": (dict(method="gptq", damp=0.01, act_order=False, clip=None, static_groups=True,
                                 gptq_refit=None), "mix", None),
     # pyquant's GPTQ at llm-compressor's defaults (damp 0.01, act-order with static groups, min-max ranges)
@@ -109,14 +111,14 @@ VARIANTS = {
     "gptq-desc-act-peer": (dict(method="gptq", damp=0.01, act_order=True, clip=None, static_groups=True,
                                 gptq_refit=None), "mix", None),
     "gptq-static-order": (dict(method="gptq", act_order="static", gptq_refit=None), "mix", None),
-    "hqq-float": (dict(method="hqq", hqq_zero_point="float"), None, None),  # the hqq package's formulation
+    "hqq-float": (dict(method="hqq", hqq_zero_point="float", hqq_fallback=None), None, None),  # the hqq package's formulation
     # GGUF k-quants (llama.cpp's rows-of-256 fallback for 576-wide layers): run once, not per bits/group
     "q4_k": (dict(method="q4_k"), None, None),
     "q6_k": (dict(method="q6_k"), None, None),
 }
 # merged tables list each method's variants, then its peer, together
 TABLE_ORDER = ["rtn", "gptq-textbook", "gptq", "gptq-norefit", "gptq-refit-s", "gptq-static-order",
-               "gptq-desc-act-peer", "gptq-peer-settings", "gptq-llmcompressor", "awq", "hqq", "hqq-integer", "hqq-float", "hqq-package"]
+               "gptq-desc-act-peer", "gptq-peer-settings", "gptq-llmcompressor", "awq", "hqq", "hqq-nocheck", "hqq-integer", "hqq-float", "hqq-package"]
 DEFAULT_VARIANTS = ["rtn", "gptq-textbook", "gptq", "awq", "hqq", "q4_k", "q6_k"]
 
 

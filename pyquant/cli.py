@@ -120,7 +120,9 @@ def cmd_quantize(args) -> int:
         raise FileNotFoundError(f"{args.calib}: no such calibration file")
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
-    ids = calibration_ids(tokenizer, args) if config.needs_calibration else None
+    # HQQ's block check reads calibration text when the model brings a tokenizer; GPTQ/AWQ need it
+    wants_text = config.needs_calibration or (config.reads_calibration and tokenizer is not None)
+    ids = calibration_ids(tokenizer, args) if wants_text else None
     float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     from .pipeline import quantize_model
 

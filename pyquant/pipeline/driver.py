@@ -3,7 +3,9 @@
     report = pyquant.quantize_model(model, pyquant.QuantConfig("gptq", bits=4, group_size=64), ids)
 
 Methods without calibration (RTN, HQQ, NF4, GGUF types) quantize layer by
-layer (``passes/plain.py``) and accept ``calibration_data=None``.
+layer (``passes/plain.py``) and accept ``calibration_data=None``. HQQ given
+calibration data checks each block against RTN by the model's loss on it
+(``passes/hqq_checked.py``, ``QuantConfig.hqq_fallback``).
 
 Calibrated methods (GPTQ, AWQ) capture the first decoder block's inputs
 (``capture.py``), then for each block: group its linear layers by shared
@@ -36,7 +38,7 @@ from .capture import (
     block_groups, calibration_batches, capture_first_block, find_blocks, model_device, move_outside, run_block,
     select_targets, vocab_size,
 )
-from .passes import BlockContext, plain
+from .passes import BlockContext, hqq_checked, plain
 from .report import Log, QuantReport, record_sizes
 
 
@@ -60,8 +62,9 @@ def quantize_model(
     the ``pyquant`` logger at INFO level).
 
     ``calibration_data``: LongTensor (n_samples, seq_len) of token ids, or an
-    iterable of such tensors (or 1-D sequences); needed by GPTQ and AWQ,
-    ignored by the others. ``filter(name, module) -> bool`` picks the layers
+    iterable of such tensors (or 1-D sequences); needed by GPTQ and AWQ, read
+    by HQQ's block check (``QuantConfig.hqq_fallback``), ignored by the others.
+    ``filter(name, module) -> bool`` picks the layers
     (default: every linear but the output head). ``device``: where blocks are
     processed (default: the model's device; blocks are moved there one at a
     time and moved back afterwards). ``offload``: move each finished block to
@@ -86,12 +89,26 @@ def quantize_model(
     report = QuantReport(config)
     targets = select_targets(model, filter)
     sizes = _float_sizes(targets)
-    log = Log(report, verbose, progress, len(targets), config.method)
+    checked = config.method == "hqq" and config.hqq_fallback == "block" and calibration_data is not None
+    if checked:
+        batches = hqq_checked.check_batches(
+            calibration_batches(calibration_data, config.batch_size, config.min_tokens, vocab_size(model)),
+            config.hqq_check_tokens)
+        report.n_tokens = sum(b.numel() for b in batches)
+        log = Log(report, verbose, progress, len(hqq_checked.units(model, targets)), "hqq blocks")
+    else:
+        log = Log(report, verbose, progress, len(targets), config.method)
+    was_training = model.training
     try:
-        with torch.no_grad():
-            plain.quantize_layers(model, targets, config, log, kernel)
+        if checked:
+            model.eval()
+            hqq_checked.quantize_layers(model, targets, config, batches, log, kernel)
+        else:
+            with torch.no_grad():
+                plain.quantize_layers(model, targets, config, log, kernel)
     finally:
         log.close()
+        model.train(was_training)
     report.seconds = time.perf_counter() - t_start
     _close(report, model, targets, sizes, progress or verbose)
     return report
