@@ -73,6 +73,8 @@ from pyquant.ops.backends import cpu_gguf, cpu_int, cpu_nf4  # noqa: E402
 from pyquant.ops.backends.cpu_activations import cpu_activations  # noqa: E402
 
 FORMATS = {
+    "int2_g128": Int(2, 128, False, torch.float16),
+    "int3_g128": Int(3, 128, False, torch.float16),
     "int4_g128": Int(4, 128, False, torch.float16),
     "int8_g128": Int(8, 128, False, torch.float16),
     "nf4_b64": NF4(64),
