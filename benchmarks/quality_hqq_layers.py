@@ -18,6 +18,11 @@ group's weights, and the layer's output error on calibration text (diagonal
 and full ``tr(dW H dW^T)``, H from ``--calib`` x 512 mixed tokens), to see
 which of them ranks HQQ and RTN as the perplexity does. ``--rules``
 instead compares per-group fallbacks from HQQ to RTN by such criteria.
+``--model-criteria`` compares whole-model measures on the calibration text
+instead (its next-token loss, the KL divergence to the float model's
+predictions, the last hidden state's error): the one that ranks all-RTN and
+all-HQQ as the held-out perplexity does is what HQQ's block check
+(``QuantConfig.hqq_fallback``) reads.
 
     python benchmarks/quality_hqq_layers.py --model gemma3 --bits 3 --group 64 --cache /tmp/q/gemma3.pt
 """
@@ -110,6 +115,8 @@ def main():
                    help="compare per-group fallback rules instead (along, sse+along); skips the swaps")
     p.add_argument("--stride", type=int, default=4, help="score every stride-th position")
     p.add_argument("--calib", type=int, default=8, help="mixed calibration sequences for the output error")
+    p.add_argument("--model-criteria", action="store_true",
+                   help="whole-model criteria on the calibration text instead of per-layer ones")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -125,6 +132,8 @@ def main():
     print(f"quantized in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.rules:
         return compare_rules(args, model, targets, float_w, rtn, hqq, evals)
+    if args.model_criteria:
+        return compare_model_criteria(args, model, targets, float_w, rtn, hqq, evals, calib("mix", args.calib))
     grams = layer_inputs_gram(model, list(targets), calib("mix", args.calib))
     crit = {n: criteria(float_w[n], rtn[n], hqq[n], grams[n], args.group) for n in targets}
 
@@ -175,6 +184,31 @@ def compare_rules(args, model, targets, float_w, rtn, hqq, evals):
         share = f", HQQ kept on {100 * kept / total:.1f}% of groups" if total else ""
         rows.append((rule, ppl, kept / total if total else None))
         print(f"{rule}: {ppl}{share}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+
+
+def compare_model_criteria(args, model, targets, float_w, rtn, hqq, evals, calib):
+    """Float, all RTN and all HQQ: held-out perplexity against three measures on the calibration text."""
+    keep = torch.arange(0, calib.shape[1] - 1, args.stride)
+    rows, ref = [], None
+    for tag, weights in (("float", float_w), ("rtn", rtn), ("hqq", hqq)):
+        with torch.no_grad():
+            for n, m in targets.items():
+                m.weight.copy_(weights[n])
+            out = model(calib, output_hidden_states=True, logits_to_keep=keep)
+        logp, last = out.logits.float().log_softmax(-1), out.hidden_states[-1][:, keep]
+        loss = float(torch.nn.functional.nll_loss(logp.reshape(-1, logp.shape[-1]), calib[:, keep + 1].reshape(-1)))
+        row = dict(variant=tag, calib_loss=loss, ppl={c: perplexity(model, evals[c], stride=args.stride)
+                                                       for c in ("pydoc", "licenses")})
+        if ref is None:
+            ref = (logp, last)
+        else:
+            row["kl_to_float"] = float((ref[0].exp() * (ref[0] - logp)).sum(-1).mean())
+            row["last_hidden_rel_err"] = float((last - ref[1]).norm() / ref[1].norm())
+        rows.append(row)
+        print(row, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=1)

@@ -120,7 +120,8 @@ class QuantConfig:
         alone doubles RTN's perplexity while every per-layer error ranks it
         ahead. Without calibration data, or with None, every layer gets HQQ.
         ``hqq_check_tokens``: calibration tokens the check reads (default
-        4096; one model forward over them per block).
+        4096; one model forward over them per block). The check holds a
+        second copy of the selected layers' float weights while it runs.
 
     Calibration pass
         ``batch_size``: calibration sequences per forward (default 8).
