@@ -206,6 +206,7 @@ def test_default_dispatch_needs_verification(monkeypatch):
     fmt = Int(4, 128)
     cuda = torch.device("cuda")
     # Not listed in verified_kernels.json: never chosen by default on a GPU.
+    monkeypatch.setattr(dispatch, "verified_kernels", lambda: frozenset())
     assert dispatch.select_kernel("qmatmul", fmt, cuda, 1).backend in ("cuda", "dequant", "reference")
     monkeypatch.setattr(dispatch, "verified_kernels", lambda: frozenset({"triton_any_qmatmul_gemv", "triton_any_dequantize"}))
     if dispatch.select_kernel("qmatmul", fmt, cuda, 1).backend != "cuda":
