@@ -89,7 +89,8 @@ def quantize_model(
     report = QuantReport(config)
     targets = select_targets(model, filter)
     sizes = _float_sizes(targets)
-    checked = config.method == "hqq" and config.hqq_fallback == "block" and calibration_data is not None
+    # calibration-free methods: only HQQ's block check reads the data
+    checked = config.reads_calibration and calibration_data is not None
     if checked:
         batches = hqq_checked.check_batches(
             calibration_batches(calibration_data, config.batch_size, config.min_tokens, vocab_size(model)),
