@@ -1,14 +1,16 @@
 """The exact-path CPU qmatmul at large M for several panel sizes, against dense fp32.
 
-At M >= 256 an Int weight is decoded in row panels, each multiplied by torch's
-GEMM (``pyquant/ops/backends/cpu_panels.py``). Every panel is two parallel
+At large M a GGUF weight's exact fp32 product (``cpu_activations("fp32")``)
+decodes row panels, each multiplied by torch's GEMM
+(``pyquant/ops/backends/cpu_panels.py``; Int and NF4 have C++ GEMMs instead).
+Q4_K here. Every panel is two parallel
 regions and a GEMM of few columns, so the panel size matters most when the
 machine is busy. This times, interleaved (each round calls every candidate
 once, so load changes hit all alike), ``torch.mm`` on the dequantized weight
 and the exact path with each ``PANEL_FLOATS``; run it on a quiet machine and
 with a busy one beside it.
 
-    python benchmarks/cpu_panel_size.py --m 256 512 --rounds 8
+    python benchmarks/cpu_panel_size.py --m 512 1024 --rounds 8
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 import torch
 
 import pyquant
-from pyquant.formats import Int
+from pyquant.formats import GGUF
 from pyquant.ops.backends import cpu_panels
 from pyquant.ops.backends.cpu_activations import cpu_activations
 
@@ -28,14 +30,14 @@ SIZES_MIB = (4, 16)  # larger panels change nothing at 4096 rows: a panel is at 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--m", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--m", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    qw = pyquant.quantize_weight(torch.randn(args.n, args.k), Int(4, 128), "rtn")
+    qw = pyquant.quantize_weight(torch.randn(args.n, args.k), GGUF("Q4_K"), "rtn")
     dense_w = qw.dequantize(torch.float32)
     default = cpu_panels.PANEL_FLOATS
     for m in args.m:

@@ -91,11 +91,17 @@ void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, cons
     // is half precision, give it a padded fp32 copy (zero times any finite
     // weight adds nothing).
     const int64_t kp = w.chunks * kIntChunk;
-    if (kp == w.k && x_dtype == kF32) {
-      int_gemm_avx2(static_cast<const float*>(x), kp, m, w, bias, lora, y, nthreads);
-    } else {
-      const std::vector<float> xf = x_as_f32(x, x_dtype, m, w.k, kp);
-      int_gemm_avx2(xf.data(), kp, m, w, bias, lora, y, nthreads);
+    for (int64_t i0 = 0; i0 < m; i0 += kGemmBlockM) {
+      const int64_t mm = std::min<int64_t>(kGemmBlockM, m - i0);
+      LoraEpilogue block = lora;  // this block's rows of x
+      if (block.xa) block.xa += i0 * block.rank;
+      const char* xb = static_cast<const char*>(x) + i0 * w.k * esize;
+      if (kp == w.k && x_dtype == kF32) {
+        int_gemm_avx2(reinterpret_cast<const float*>(xb), kp, mm, w, bias, block, y + i0 * w.n, nthreads);
+      } else {
+        const std::vector<float> xf = x_as_f32(xb, x_dtype, mm, w.k, kp);
+        int_gemm_avx2(xf.data(), kp, mm, w, bias, block, y + i0 * w.n, nthreads);
+      }
     }
     return;
   }

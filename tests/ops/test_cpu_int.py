@@ -278,18 +278,19 @@ def test_rtn_weights_public_api():
 
 
 @pytest.mark.parametrize("act_order", (False, True))
-def test_qmatmul_torch_gemm_panels(monkeypatch, act_order):
-    """Large M: decoded row panels (act_order columns scattered back) through
-    torch's GEMM; small panels and threshold here so that several are taken."""
-    from pyquant.ops.backends import cpu_int, cpu_panels
-
-    monkeypatch.setattr(cpu_int, "TORCH_GEMM_MIN_M", 3)
-    monkeypatch.setattr(cpu_panels, "PANEL_FLOATS", 2 * 200 + 1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_qmatmul_gemm_in_row_blocks(act_order, dtype):
+    """Large M, exact mode: the C++ GEMM takes x in blocks of 256 rows (bias,
+    act_order's permuted x and bf16's fp32 copy per block); 513 rows end with a
+    one-row block."""
     qw = make_qw(3, 64, False, torch.bfloat16, 13, 200, act_order=act_order, seed=4)
     expect = Expect(qw)
-    x = torch.randn(5, 200)
+    x = torch.randn(513, 200).to(dtype)
     bias = torch.randn(13)
-    expect.check(pyquant.qmatmul(x, qw, bias, kernel="cpu"), x, bias)
+    with cpu_activations("fp32"):
+        y = pyquant.qmatmul(x, qw, bias, kernel="cpu")
+    assert y.dtype == dtype
+    expect.check(y.float(), x.float(), bias, out_dtype_eps=0.0 if dtype == torch.float32 else 2.0**-8)
 
 
 # --- the launch plan (ops/plans.py): the same kernel as the function, its host work done once ---------------
@@ -303,7 +304,7 @@ def test_qmatmul_plan_matches_the_kernel_function(act_order, mode, dtype):
     qdata, bias = qw.tensor_list(), torch.randn(24)
     g = torch.Generator().manual_seed(4)
     with cpu_activations(mode):
-        for m in (1, 5, cpu_int.TORCH_GEMM_MIN_M):  # the GEMV, the GEMM and (exact mode) the panel path
+        for m in (1, 5, 300):  # the GEMV, the GEMM and (exact mode) the GEMM in two row blocks
             plan = cpu_int.qmatmul_plan(qdata, qw.format, qw.shape, torch.device("cpu"), m)
             x = torch.randn(m, 96, generator=g).to(dtype)
             for b in (None, bias):

@@ -11,7 +11,7 @@ import torch
 import pyquant
 from pyquant import NF4, _ext
 from pyquant.errors import ShapeError
-from pyquant.ops.backends import cpu_nf4, cpu_panels
+from pyquant.ops.backends import cpu_nf4
 from pyquant.ops._dtypes import ptr
 from pyquant.ops.dispatch import select_kernel
 from pyquant.formats.nf4 import dynamic_map
@@ -109,17 +109,18 @@ def test_qmatmul_both_kernels(simd, n, k, bs, dq, path):
         _check_close(_raw_qmatmul(x, qw, bias, path), x, w_ref, bias)
 
 
-@pytest.mark.parametrize("n,k,bs,dq", SHAPES[:-1], ids=IDS[:-1])
-def test_qmatmul_torch_gemm_panels(monkeypatch, simd, n, k, bs, dq):
-    # Large M decodes row panels (any row range, odd starts included) and
-    # multiplies with torch.mm; small panels here so every shape has several.
-    monkeypatch.setattr(cpu_nf4, "TORCH_GEMM_MIN_M", 3)
-    monkeypatch.setattr(cpu_panels, "PANEL_FLOATS", 2 * k + 1)
+@pytest.mark.parametrize("n,k,bs,dq", SHAPES[:4], ids=IDS[:4])
+def test_qmatmul_tiled_in_row_passes(simd, n, k, bs, dq):
+    # Large M: the tiled kernel takes x in passes of 256 rows (bias and the
+    # low-rank epilogue per pass); 513 rows end with a one-row pass.
     qw = _qw(n, k, bs, dq, seed=2)
     w_ref = pyquant.dequantize(qw, kernel="reference")
-    x = torch.randn(5, k)
+    x = torch.randn(513, k)
     bias = torch.randn(n)
     _check_close(cpu_nf4.qmatmul(x, qw.tensor_list(), qw.format, qw.shape, bias), x, w_ref, bias)
+    xa, b = torch.randn(513, 5), torch.randn(n, 5)
+    y = cpu_nf4.qmatmul(x, qw.tensor_list(), qw.format, qw.shape, bias, lora_xa=xa, lora_b=b, lora_scale=0.5)
+    _check_close(y - 0.5 * (xa @ b.T), x, w_ref, bias)
 
 
 @pytest.mark.parametrize("m", [1, 4, 8, 9, 32, 256])

@@ -223,6 +223,26 @@ def test_cpu_lora_qmatmul_matches_spec(monkeypatch, name, dtype, panels, with_bi
 
 
 @needs_ext
+@pytest.mark.parametrize("level", ["scalar", "best"])
+@pytest.mark.parametrize("name", ["int4_g64_actorder", "nf4_b32_dq_ragged"])
+@pytest.mark.parametrize("rank", [1, 8, 13, 24])
+@pytest.mark.parametrize("m", [3, 9, 300], ids=["gemv", "gemm", "gemm_two_blocks"])
+def test_cpu_lora_epilogue_every_rank(name, rank, m, level):
+    """The C++ kernels' low-rank epilogue (fp32, no panels) at ranks with and
+    without a tail past a multiple of 8, on the GEMV / fused and the tiled
+    kernels (300 rows: two blocks of x), the scalar and the vector epilogue."""
+    qw = WEIGHTS[name]()
+    n, k = qw.shape
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(m, k, generator=gen)
+    A, B = torch.randn(rank, k, generator=gen) * 0.1, torch.randn(n, rank, generator=gen) * 0.1
+    with simd(level):
+        y, _ = lora(x, qw, A, B, 1.5, None, "cpu")
+    y_ref, _ = lora(x, qw, A, B, 1.5, None, "reference")
+    close(y, y_ref, torch.float32, f"{name} r={rank} m={m} {level}")
+
+
+@needs_ext
 def test_dispatch_picks_the_cpu_kernels_and_qmatmul_backward_uses_the_transposed_op(monkeypatch):
     qw = WEIGHTS["int4_g32"]()
     fmt = qw.format

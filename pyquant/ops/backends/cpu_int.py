@@ -21,7 +21,6 @@ from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
 from . import cpu_activations
 from .cpu_lowrank import lora_args
-from .cpu_panels import panel_matmul
 
 _CPU = torch.device("cpu")
 
@@ -86,17 +85,11 @@ def unpack(packed: torch.Tensor, fmt, shape) -> torch.Tensor:
     return out
 
 
-# From this many rows of x on (exact mode), decoded panels + torch's GEMM beat
-# the C++ GEMM (tiles decoded to fp32, an AVX2 micro-kernel): torch's runs at
-# the CPU's widest vectors. See cpu_panels.py.
-TORCH_GEMM_MIN_M = 256
-
-
 def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
     """Launch plan of the C++ kernels for one weight (ops/plans.py): the packed
     tensors named, act_order's perm checked and the weight's arguments computed
-    once; a call then only allocates y and launches. The panel path (exact mode,
-    M >= TORCH_GEMM_MIN_M) and the low-rank epilogue take the full function."""
+    once; a call then only allocates y and launches. The low-rank epilogue takes
+    the full function."""
     C = _ext.load()
     n, k = shape
     t = _named(fmt, qdata, shape)
@@ -110,7 +103,7 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
     def run(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         rows = x.shape[0]
         int8 = use_int8("int", x.dtype)
-        if rows == 0 or (rows >= TORCH_GEMM_MIN_M and not int8):
+        if rows == 0:
             return qmatmul(x, qlist, fmt, shape, bias)
         if gather is not None:
             x = x[:, gather].contiguous()  # packed column j multiplies logical column perm[j]
@@ -129,8 +122,10 @@ def qmatmul(
     lora_xa: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None, lora_scale: float = 0.0,
 ) -> torch.Tensor:
     """Fused ``x @ W_hat.T + bias`` for every bit width: a streaming GEMV for
-    M <= 8, a tiled GEMM above (decoded tiles of W, never the whole weight),
-    decoded panels + torch's GEMM from TORCH_GEMM_MIN_M rows; with int8
+    M <= 8, a tiled GEMM above (decoded tiles of W, never the whole weight, x
+    in blocks of 256 rows that stay in L2: from M = 256 to 2048 it measured
+    1.05-1.17x torch's fp32 GEMM on the dequantized 4096 x 4096 weight, where
+    decoded panels through that GEMM gave 0.95-1.01x); with int8
     activations (``cpu_activations``) the integer-dot kernels at every M. x
     may be fp32, fp16 or bf16 (read by the kernel); the fp32 result is cast to
     x's dtype, as the reference does.
@@ -147,9 +142,6 @@ def qmatmul(
     bf = None if bias is None else bias.to(torch.float32).contiguous()
     xa, b, rank, scale = lora_args(lora_xa, lora_b, lora_scale, m, n)
     int8 = cpu_activations.use_int8("int", x.dtype)
-    if m >= TORCH_GEMM_MIN_M and not int8:
-        y = panel_matmul(x.to(torch.float32).contiguous(), n, k, row_decoder(t, fmt, k, perm), bf, xa, b, scale)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
     if perm is not None:
         # Packed column j multiplies logical column perm[j] of x.
         x = x[:, perm.long()]

@@ -12,20 +12,20 @@ holds one panel, never the float weight. GGUF: the same with row panels of the
 GGUF dequantize kernel.
 
 ``lora_qmatmul``: from :data:`FORWARD_PANEL_MIN_M` rows of x (training
-batches; the NF4 qmatmul's own switch to panels), NF4 in any dtype and Int with
-bf16 activations, the weight is decoded in row panels by the C++ dequantize
-kernels and each panel's columns of y are computed once, by torch's GEMM,
-starting from their low-rank term and bias:
+batches) in bf16, Int and NF4, the weight is decoded in row panels by the C++
+dequantize kernels and each panel's columns of y are computed once, by torch's
+GEMM, starting from their low-rank term and bias:
 ``y[:, panel] = (bias + scale * xa @ B[panel].T) + x @ W_panel.T``. The
 low-rank term is the accumulator's initial value, so it costs no pass over y of
 its own, and bf16 activations multiply in bf16 (AVX512-BF16/AMX GEMMs where the
 CPU has them, as a bf16 dense layer would; the C++ qmatmul kernels compute in
 fp32). M = 2048, K = N = 4096, 2 threads, 2-core AMD EPYC with AVX512-BF16,
 shared (timings noisy): Int4 bf16 312 ms vs 740 ms for the C++ qmatmul +
-addmm_, fp32 1159 vs 715 ms (so Int fp32 keeps its C++ GEMM); NF4 bf16 724 vs
-1744 ms, fp32 1890 vs 1894 ms (the NF4 qmatmul already used fp32 panels there).
+addmm_; NF4 bf16 724 vs 1744 ms. In fp32 the C++ GEMMs (x in L2-sized blocks)
+beat the panels: 4096 x 4096, M = 256 to 2048, 2 threads, 1.05-1.17x (Int4)
+and 1.02-1.06x (NF4) torch's fp32 GEMM, the panels 0.95-1.02x.
 
-Below that, and for Int with fp32/fp16 activations, the C++ qmatmul kernels
+Below that, and in fp32/fp16, the C++ qmatmul kernels
 take the low-rank term in their epilogue (``csrc/cpu/lora_epilogue.h``: each
 tile of y gets ``scale * xa @ B.T`` while it is in cache, no second pass over
 y). GGUF's kernels have no epilogue: its qmatmul (exact fp32 activations, not
@@ -54,11 +54,10 @@ PANEL_BYTES = 8 << 20  # fp32 panel: 512 columns of a 4096-row weight
 
 
 # --- lora_qmatmul -----------------------------------------------------------------
-# From this many rows of x on, the NF4 forward goes through decoded row panels
-# and torch's GEMM: the NF4 qmatmul's own switch (cpu_nf4.TORCH_GEMM_MIN_M);
-# compute-bound from there, torch's GEMM beats the AVX2 micro-kernel (and
-# multiplies bf16 in bf16).
-FORWARD_PANEL_MIN_M = cpu_nf4.TORCH_GEMM_MIN_M
+# From this many rows of bf16 x on, the forward goes through decoded row panels
+# and torch's bf16 GEMM: compute-bound from there, and AVX512-BF16 multiplies
+# twice the values per instruction of the C++ kernels' fp32 FMAs.
+FORWARD_PANEL_MIN_M = 256
 ROW_PANEL_FLOATS = 1 << 20  # fp32 values per row panel (4 MiB: 256 rows of K = 4096)
 
 
@@ -104,10 +103,11 @@ def _lowrank_kernel(base: Callable, rows: Optional[Callable] = None, dtypes=None
     return kernel
 
 
-# Int: bf16 only; in fp32 the C++ GEMM measured faster than its row panels
+# bf16 only: in fp32 the C++ GEMMs measured faster than row panels
 register_kernel("lora_qmatmul", "cpu", "int", cpu_int._supports)(
     _lowrank_kernel(cpu_int.qmatmul, _int_rows, (torch.bfloat16,)))
-register_kernel("lora_qmatmul", "cpu", "nf4", cpu_nf4._supports)(_lowrank_kernel(cpu_nf4.qmatmul, _nf4_rows))
+register_kernel("lora_qmatmul", "cpu", "nf4", cpu_nf4._supports)(
+    _lowrank_kernel(cpu_nf4.qmatmul, _nf4_rows, (torch.bfloat16,)))
 register_kernel("lora_qmatmul", "cpu", "gguf", cpu_gguf._supports)(_lowrank_kernel(cpu_gguf.qmatmul, epilogue=False))
 
 

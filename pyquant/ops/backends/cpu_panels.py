@@ -1,13 +1,15 @@
 """Large-M CPU qmatmul: decoded panels of weight rows, each through torch's GEMM.
 
-From a few hundred rows of x on, the product is compute-bound and torch's GEMM
-(oneDNN / MKL, at the CPU's widest vectors) beats the C++ kernels; decoding a
-weight once costs a few per cent of the GEMM there. The weight is decoded
+Used where the C++ kernels measured slower than torch's GEMM: GGUF's exact
+fp32 products from a few hundred rows of x, and bf16 LoRA forwards (bf16
+GEMMs). The Int and NF4 fp32 products
+have C++ GEMMs of their own that beat these panels. The weight is decoded
 ``rows`` rows at a time (16 MiB of fp32 and a quarter of the rows at most),
 never whole. Panels are few because each one is two parallel regions (the
 decode, then the GEMM) and a GEMM of few columns splits badly over threads:
 with another busy process on a 2-core machine, 4096 x 4096 Int4 at M = 256 ran
-at 0.58x dense fp32 with 4 MiB panels (16 of them) and 0.95x with 16 MiB (4).
+at 0.58x dense fp32 with 4 MiB panels (16 of them) and 0.95x with 16 MiB (4)
+(measured when Int's exact path used panels).
 At M >= 256 the GEMM's own packing, not the panel's cache residency, decides
 its speed. Bias and the low-rank epilogue ride in each
 panel's GEMM (``addmm``'s input), not in a second pass over y.
