@@ -277,17 +277,19 @@ def test_rtn_weights_public_api():
         check_qmatmul(pyquant.qmatmul(x, qw), x, qw)
 
 
+@pytest.mark.parametrize("level", ["scalar", "best"])
 @pytest.mark.parametrize("act_order", (False, True))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_qmatmul_gemm_in_row_blocks(act_order, dtype):
-    """Large M, exact mode: the C++ GEMM takes x in blocks of 256 rows (bias,
-    act_order's permuted x and bf16's fp32 copy per block); 513 rows end with a
-    one-row block."""
+def test_qmatmul_large_m(act_order, dtype, level):
+    """Large M, exact mode: the vector C++ GEMM takes x in blocks of 256 rows
+    (bias, act_order's permuted x and bf16's fp32 copy per block; 513 rows end
+    with a one-row block); at the scalar level, decoded row panels through
+    torch's GEMM (several: panels are at most a quarter of the rows)."""
     qw = make_qw(3, 64, False, torch.bfloat16, 13, 200, act_order=act_order, seed=4)
     expect = Expect(qw)
     x = torch.randn(513, 200).to(dtype)
     bias = torch.randn(13)
-    with cpu_activations("fp32"):
+    with cpu_activations("fp32"), simd(level):
         y = pyquant.qmatmul(x, qw, bias, kernel="cpu")
     assert y.dtype == dtype
     expect.check(y.float(), x.float(), bias, out_dtype_eps=0.0 if dtype == torch.float32 else 2.0**-8)

@@ -21,6 +21,7 @@ from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
 from . import cpu_activations
 from .cpu_lowrank import lora_args
+from .cpu_panels import SCALAR_PANEL_MIN_M, panel_matmul, vector_gemms
 
 _CPU = torch.device("cpu")
 
@@ -103,7 +104,7 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
     def run(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         rows = x.shape[0]
         int8 = use_int8("int", x.dtype)
-        if rows == 0:
+        if rows == 0 or (rows >= SCALAR_PANEL_MIN_M and not vector_gemms()):
             return qmatmul(x, qlist, fmt, shape, bias)
         if gather is not None:
             x = x[:, gather].contiguous()  # packed column j multiplies logical column perm[j]
@@ -125,7 +126,8 @@ def qmatmul(
     M <= 8, a tiled GEMM above (decoded tiles of W, never the whole weight, x
     in blocks of 256 rows that stay in L2: from M = 256 to 2048 it measured
     1.05-1.17x torch's fp32 GEMM on the dequantized 4096 x 4096 weight, where
-    decoded panels through that GEMM gave 0.95-1.01x); with int8
+    decoded panels through that GEMM gave 0.95-1.01x; at the scalar level,
+    those panels from SCALAR_PANEL_MIN_M rows); with int8
     activations (``cpu_activations``) the integer-dot kernels at every M. x
     may be fp32, fp16 or bf16 (read by the kernel); the fp32 result is cast to
     x's dtype, as the reference does.
@@ -142,6 +144,9 @@ def qmatmul(
     bf = None if bias is None else bias.to(torch.float32).contiguous()
     xa, b, rank, scale = lora_args(lora_xa, lora_b, lora_scale, m, n)
     int8 = cpu_activations.use_int8("int", x.dtype)
+    if m >= SCALAR_PANEL_MIN_M and not int8 and not vector_gemms():
+        y = panel_matmul(x.to(torch.float32).contiguous(), n, k, row_decoder(t, fmt, k, perm), bf, xa, b, scale)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
     if perm is not None:
         # Packed column j multiplies logical column perm[j] of x.
         x = x[:, perm.long()]

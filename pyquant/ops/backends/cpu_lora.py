@@ -1,15 +1,17 @@
 """CPU kernels of the QLoRA ops: ``lora_qmatmul`` and ``qmatmul_transposed``.
 
 ``qmatmul_transposed`` (``g (M, N) @ W_hat``, the backward's grad_x), Int and
-NF4: below :data:`PANEL_MIN_M` rows of g the C++ kernel
-(``csrc/cpu/{int,nf4}_transposed.cpp``), which streams the packed weight once
-per 8 rows of g and never decodes more than a row segment at a time. From
-there on the product is compute-bound and torch's GEMM (AVX-512 where the CPU
-has it; our kernel is AVX2) wins, so the C++ code decodes column panels of at
-most :data:`PANEL_BYTES` (and at most a quarter of the weight) and each panel
-goes through ``torch.mm`` straight into its columns of the output: memory
-holds one panel, never the float weight. GGUF: the same with row panels of the
-GGUF dequantize kernel.
+NF4: the C++ kernels (``csrc/cpu/{int,nf4}_transposed.cpp``,
+``transposed_matmul.h``), which stream the packed weight once per 8 rows of g
+up to 8 rows and, from 9, decode it once per 256 rows of g into L2 tiles for
+an outer-product GEMM; neither holds more than a tile. In fp32 they beat
+the column panels through torch's GEMM that ran from :data:`PANEL_MIN_M` rows
+before (SmolLM2 and 4096 x 4096 shapes, M = 256 and 2048, 2 threads). bf16 g
+from PANEL_MIN_M rows, and any g where the C++ kernels run at the scalar
+level, still take those panels: the C++ code decodes column panels of at most
+:data:`PANEL_BYTES` (and at most a quarter of the weight) and each goes
+through ``torch.mm`` (a bf16 GEMM for bf16) straight into its columns of the
+output. GGUF: the same with row panels of the GGUF dequantize kernel.
 
 ``lora_qmatmul``: from :data:`FORWARD_PANEL_MIN_M` rows of x (training
 batches) in bf16, Int and NF4, the weight is decoded in row panels by the C++
@@ -43,12 +45,13 @@ from .._dtypes import ptr
 from ..dispatch import register_kernel
 from ..reference.lora import add_lowrank_
 from . import cpu_activations, cpu_gguf, cpu_int, cpu_nf4
-from .cpu_panels import panel_matmul, panel_rows
+from .cpu_panels import panel_matmul, panel_rows, vector_gemms
 
-# From this many rows of g on, decoded panels + torch.mm beat the C++ kernel
-# (K = N = 4096, one thread, CPU time; benchmarks/bench_lora.py --crossover):
-# Int4 g64 7 vs 9 ms at M = 8, 13 vs 11 at 16, 24 vs 16 at 32; NF4 5 vs 7,
-# 9 vs 10, 19 vs 15.
+# From this many rows of g on, decoded panels + torch.mm beat the streaming
+# C++ kernel (K = N = 4096, one thread, CPU time; benchmarks/bench_lora.py
+# --crossover): Int4 g64 7 vs 9 ms at M = 8, 13 vs 11 at 16, 24 vs 16 at 32;
+# NF4 5 vs 7, 9 vs 10, 19 vs 15. Panels are now for bf16 g (and the scalar
+# level): in fp32 the C++ kernel's tiled form takes over at 9 rows.
 PANEL_MIN_M = 16
 PANEL_BYTES = 8 << 20  # fp32 panel: 512 columns of a 4096-row weight
 
@@ -130,10 +133,11 @@ def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _transposed(g, n: int, k: int, align: int, run_kernel: Callable, decode_panel: Callable) -> torch.Tensor:
     """``g (M, N) @ W_hat`` -> (M, K) in g's dtype, in stored column order:
-    ``run_kernel(g fp32, out fp32)`` below PANEL_MIN_M rows, else panels from
+    ``run_kernel(g fp32, out fp32)`` below PANEL_MIN_M rows and, with vector
+    C++ kernels, for any g but bf16; else panels from
     ``decode_panel(k0, k1, out (N, k1 - k0) fp32)``."""
     m = g.shape[0]
-    if m < PANEL_MIN_M:
+    if m < PANEL_MIN_M or (g.dtype != torch.bfloat16 and vector_gemms()):
         gf = g.to(torch.float32).contiguous()
         out = torch.empty((m, k), dtype=torch.float32)
         if m:

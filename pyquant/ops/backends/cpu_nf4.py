@@ -8,7 +8,8 @@ qmatmul: the C++ kernels at every M, never the float weight: fused (decode
 into registers) at small M, tiled above (decoded tiles, x in passes of 256
 rows that stay in L2; 4096 x 4096, 2 threads, M = 256 to 2048: 1.02-1.06x
 torch's fp32 GEMM on the dequantized weight, where decoded row panels through
-that GEMM gave 0.95-1.02x). With int8 activations (``cpu_activations``: by default
+that GEMM gave 0.95-1.02x; at the scalar level, those panels from
+SCALAR_PANEL_MIN_M rows). With int8 activations (``cpu_activations``: by default
 for fp16 / bf16 x, exact for fp32 x) and K a multiple of 32, the integer-dot
 kernel at every M (x and the codebook each in two int8 planes, per 32-block).
 """
@@ -25,6 +26,7 @@ from ..dispatch import register_kernel
 from ...formats.nf4 import dynamic_map
 from . import cpu_activations
 from .cpu_lowrank import lora_args
+from .cpu_panels import SCALAR_PANEL_MIN_M, panel_matmul, vector_gemms
 
 
 def _supports(fmt, device, m) -> bool:
@@ -95,10 +97,13 @@ def qmatmul(x2d: torch.Tensor, qdata, fmt: NF4, shape, bias, lora_xa=None, lora_
     nthreads = torch.get_num_threads()
     ext = _ext.load()
     int8 = cpu_activations.use_int8("nf4", x2d.dtype) and ext.nf4_q8_supported(k)
-    xk = x2d.contiguous() if int8 else x2d.to(torch.float32).contiguous()
-    y = torch.empty((m, n), dtype=torch.float32)
-    if m:
-        ext.nf4_qmatmul(ptr(xk), m, *args, n, k, fmt.block_size, ptr(bf), ptr(y), nthreads, -1, ptr(xa), ptr(b),
-                        rank, scale, int8, dtype_code(xk.dtype))
+    if m >= SCALAR_PANEL_MIN_M and not int8 and not vector_gemms():
+        y = panel_matmul(x2d.to(torch.float32).contiguous(), n, k, row_decoder(args, fmt, shape), bf, xa, b, scale)
+    else:
+        xk = x2d.contiguous() if int8 else x2d.to(torch.float32).contiguous()
+        y = torch.empty((m, n), dtype=torch.float32)
+        if m:
+            ext.nf4_qmatmul(ptr(xk), m, *args, n, k, fmt.block_size, ptr(bf), ptr(y), nthreads, -1, ptr(xa),
+                            ptr(b), rank, scale, int8, dtype_code(xk.dtype))
     del keep
     return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
