@@ -1,19 +1,19 @@
 """Large-M CPU qmatmul: decoded panels of weight rows, each through torch's GEMM.
 
-Used where the C++ kernels measured slower than torch's GEMM: GGUF's exact
-fp32 products from a few hundred rows of x, bf16 LoRA forwards (bf16 GEMMs),
-and every compute-bound product where the C++ kernels run at the scalar level
+Used where the C++ kernels measured slower than torch's GEMM: GGUF's exact fp32
+products from a few hundred rows of x, bf16 LoRA forwards (bf16 GEMMs), and
+every compute-bound product where the C++ kernels run at the scalar level
 (another architecture, or a forced level: torch's GEMM has NEON and the like).
 The Int and NF4 fp32 products have vector C++ GEMMs of their own that beat
-these panels. The weight is decoded ``rows`` rows at a time (16 MiB of fp32
-and a quarter of the rows at most), never whole. Panels are few because each one is two parallel regions (the
-decode, then the GEMM) and a GEMM of few columns splits badly over threads:
-with another busy process on a 2-core machine, 4096 x 4096 Int4 at M = 256 ran
-at 0.58x dense fp32 with 4 MiB panels (16 of them) and 0.95x with 16 MiB (4)
-(measured when Int's exact path used panels). At M >= 256 the GEMM's own
-packing, not the panel's cache residency, decides its speed. Bias and the
-low-rank epilogue ride in each panel's GEMM (``addmm``'s input), not in a
-second pass over y.
+these panels. The weight is decoded ``rows`` rows at a time (16 MiB of fp32 and
+a quarter of the rows at most), never whole. Panels are few because each one is
+two parallel regions (the decode, then the GEMM) and a GEMM of few columns
+splits badly over threads: with another busy process on a 2-core machine, 4096
+x 4096 Int4 at M = 256 ran at 0.58x dense fp32 with 4 MiB panels (16 of them)
+and 0.95x with 16 MiB (4) (measured when Int's exact path used panels). At M >=
+256 the GEMM's own packing, not the panel's cache residency, decides its speed.
+Bias and the low-rank epilogue ride in each panel's GEMM (``addmm``'s input),
+not in a second pass over y.
 """
 from __future__ import annotations
 
@@ -21,15 +21,17 @@ from typing import Callable, Optional
 
 import torch
 
+from ... import _ext
+
 PANEL_FLOATS = 1 << 22
-# From this many rows of x on, a scalar C++ kernel loses to torch's GEMM.
+# From this many rows of x on, products at the scalar level go to torch's GEMM:
+# the point where the AVX2 kernels lost to it before they blocked x for L2 (a
+# scalar kernel loses sooner; not measured separately).
 SCALAR_PANEL_MIN_M = 256
 
 
 def vector_gemms() -> bool:
     """Whether the C++ kernels run at a vector level (AVX2 and up) now."""
-    from ... import _ext
-
     ext = _ext.load()
     return ext is not None and ext.simd_level() != "scalar"
 
