@@ -107,7 +107,7 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
         if rows == 0 or (rows >= SCALAR_PANEL_MIN_M and not vector_gemms()):
             return qmatmul(x, qlist, fmt, shape, bias)
         if gather is not None:
-            x = x[:, gather].contiguous()  # packed column j multiplies logical column perm[j]
+            x = x.index_select(1, gather)  # packed column j multiplies logical column perm[j]
         bf = None if bias is None else bias.to(torch.float32).contiguous()
         y = torch.empty((rows, n), dtype=torch.float32)
         C.int_qmatmul(x.data_ptr(), dtype_code(x.dtype), rows, *weight, ptr(bf), n, k, *layout, y.data_ptr(),
@@ -148,8 +148,10 @@ def qmatmul(
         y = panel_matmul(x.to(torch.float32).contiguous(), n, k, row_decoder(t, fmt, k, perm), bf, xa, b, scale)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
     if perm is not None:
-        # Packed column j multiplies logical column perm[j] of x.
-        x = x[:, perm.long()]
+        # Packed column j multiplies logical column perm[j] of x. index_select,
+        # not x[:, perm]: advanced indexing took 300 us for 256 x 576 (7x), a
+        # tenth of a SmolLM2 QLoRA step over its 420 calls.
+        x = x.index_select(1, perm.long())
     x = x.contiguous()
     y = torch.empty((m, n), dtype=torch.float32)
     if m > 0:
