@@ -6,9 +6,10 @@
   compute float64 inputs in float64), and every gradient of the CPU kernels
   element-wise against autograd through the dequantized float layer.
 * Every kernel against the spec on the same inputs: the CPU C++ kernels on both
-  SIMD paths and both CPU strategies (the streaming kernel below
-  ``PANEL_MIN_M`` rows, decoded panels + torch.mm above, with panels small
-  enough that there are several and the last is ragged); their decode is
+  SIMD paths and every CPU strategy (the transposed product's streaming kernel
+  up to 8 rows of g and tiled GEMM above; decoded panels + torch.mm for bf16 g,
+  GGUF and the scalar level, with panels small enough that there are several
+  and the last is ragged; the forward's low-rank epilogue at every rank); their decode is
   bit-exact (a one-hot g selects weight rows exactly); the Triton kernels under
   the interpreter (tests/conftest.py sets TRITON_INTERPRET=1), on the GPU in
   gpu_check.sh (test names give the kernel names benchmarks/verified.py verifies).
@@ -156,7 +157,9 @@ def test_lora_backward_formulas_against_autograd_of_the_float_layer():
 @pytest.mark.parametrize("name", CPU_WEIGHTS)
 @pytest.mark.parametrize("m", [1, 7, 20])
 def test_cpu_transposed_matches_spec(monkeypatch, name, m, level):
-    """m = 1, 7: the streaming kernel; 20 (PANEL_MIN_M = 16): panels, several of them."""
+    """m = 1, 7: the streaming kernel; 20: the tiled kernel (Int / NF4 at the best
+    level), else (the scalar level, GGUF) panels from PANEL_MIN_M = 16 rows,
+    several of them."""
     qw = WEIGHTS[name]()
     n, k = qw.shape
     monkeypatch.setattr(cpu_lora, "PANEL_BYTES", 4 * n * 64)  # 64-column panels: several, a ragged last one
@@ -388,7 +391,7 @@ def allocations(fn, tmp_path):
 
 @needs_ext
 @pytest.mark.parametrize("fmt", [Int(4, 64), NF4(64)], ids=["int4_g64", "nf4_b64"])
-@pytest.mark.parametrize("m", [8, 64, 256], ids=["kernel", "panels", "forward_panels"])
+@pytest.mark.parametrize("m", [8, 64, 256], ids=["streaming", "tiled", "m256"])
 def test_layer_forward_backward_never_holds_a_float_weight(tmp_path, fmt, m):
     n = k = 1024
     weight_bytes = n * k * 4
