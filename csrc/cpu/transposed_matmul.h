@@ -132,7 +132,8 @@ void transposed_gemm_avx2(const float* g, int64_t m, int64_t n, int64_t k, const
   // thread's stack), allocated here: an exception must not escape the region.
   // + one decoded row segment, zeros standing in for the missing rows of a
   // short last row group of g, and a sink for their sums.
-  constexpr int64_t kPer = (kTgRows + kTgBlockM + 1) * kTgCols + kTgRows + kTgStrip;
+  // Rounded to 16 floats, so every thread's block starts on a cache line.
+  constexpr int64_t kPer = ((kTgRows + kTgBlockM + 1) * kTgCols + kTgRows + kTgStrip + 15) / 16 * 16;
   const int threads = std::max(nthreads, 1);
   std::vector<float> scratch(size_t(kPer * threads + 16));
   float* base = scratch.data() + (16 - (reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(float)) % 16) % 16;
