@@ -57,7 +57,7 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
   std::vector<float> buffers(size_t(nthreads) * kTileN * kc);
   MicroGemmFn micro[kMR][kNR];
   for (int a = 0; a < kMR; ++a)
-    for (int b = 0; b < kNR; ++b) micro[a][b] = micro_gemm_fn(a + 1, b + 1, level >= Simd::kAvx2);
+    for (int b = 0; b < kNR; ++b) micro[a][b] = micro_gemm_fn(a + 1, b + 1, level >= Simd::kAvx2, level >= Simd::kAvx512);
 
 #pragma omp parallel num_threads(nthreads)
   {

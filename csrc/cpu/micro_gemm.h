@@ -64,11 +64,47 @@ PQ_TARGET_AVX2 void micro_gemm_avx2(const float* x, int64_t ldx, const float* w,
     }
   }
 }
+
+// The same at 16 lanes (the avx512 level; see int_gemm.cpp's micro512), the
+// len % 16 tail in order.
+template <int MR, int NR>
+PQ_TARGET_AVX512 void micro_gemm_avx512(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len,
+                                        float* y, int64_t ldy) {
+  __m512 acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= len; k += 16) {
+    __m512 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_ps(w + j * ldw + k);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * ldx + k);
+      for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < NR; ++j) {
+      float t = _mm512_reduce_add_ps(acc[r][j]);
+      for (int64_t kk = k; kk < len; ++kk) t += x[r * ldx + kk] * w[j * ldw + kk];
+      y[r * ldy + j] += t;
+    }
+  }
+}
 #endif
 
-// The kernel for an mr x nr tile (1 <= mr <= kMicroMR, 1 <= nr <= kMicroNR).
-inline MicroGemmFn micro_gemm_fn(int mr, int nr, bool avx2) {
+// The kernel for an mr x nr tile (1 <= mr <= kMicroMR, 1 <= nr <= kMicroNR);
+// avx512 implies avx2.
+inline MicroGemmFn micro_gemm_fn(int mr, int nr, bool avx2, bool avx512 = false) {
 #if PQ_X86
+  if (avx512) {
+    static const MicroGemmFn t[kMicroMR][kMicroNR] = {
+        {micro_gemm_avx512<1, 1>, micro_gemm_avx512<1, 2>, micro_gemm_avx512<1, 3>},
+        {micro_gemm_avx512<2, 1>, micro_gemm_avx512<2, 2>, micro_gemm_avx512<2, 3>},
+        {micro_gemm_avx512<3, 1>, micro_gemm_avx512<3, 2>, micro_gemm_avx512<3, 3>},
+        {micro_gemm_avx512<4, 1>, micro_gemm_avx512<4, 2>, micro_gemm_avx512<4, 3>},
+    };
+    return t[mr - 1][nr - 1];
+  }
   if (avx2) {
     static const MicroGemmFn t[kMicroMR][kMicroNR] = {
         {micro_gemm_avx2<1, 1>, micro_gemm_avx2<1, 2>, micro_gemm_avx2<1, 3>},

@@ -217,6 +217,7 @@ void qmatmul_fused(const Weight& w, const float* x, int64_t m, const float* bias
 void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias, const LoraEpilogue& lora, float* y,
                    int nthreads, bool avx2) {
   const int64_t N = w.n, K = w.k;
+  const bool avx512 = simd_level() >= Simd::kAvx512;  // read outside the region: it may throw
   const int64_t ntiles = (N + kTileN - 1) / kTileN;
   // Handed out one at a time: on a shared machine a thread that loses its core
   // for a while then holds up one tile, not a fixed half of them.
@@ -241,7 +242,8 @@ void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias
         const int mr = int(std::min<int64_t>(kMR, m - m0));
         for (int64_t j = 0; j < nc; j += kNR) {
           const int nr = int(std::min<int64_t>(kNR, nc - j));
-          micro_gemm_fn(mr, nr, avx2)(x + m0 * K + k0, K, wbuf + j * kTileK, kTileK, kc, y + m0 * N + n0 + j, N);
+          micro_gemm_fn(mr, nr, avx2, avx512)(x + m0 * K + k0, K, wbuf + j * kTileK, kTileK, kc, y + m0 * N + n0 + j,
+                                              N);
         }
       }
     }

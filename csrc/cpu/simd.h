@@ -60,6 +60,13 @@ inline bool simd_has_avx2() { return simd_level() >= Simd::kAvx2; }
 #define PQ_TARGET_STR_AVX2 "avx2,fma,f16c"
 #define PQ_TARGET_STR_AVXVNNI "avx2,fma,f16c,avxvnni"
 #define PQ_TARGET_STR_AVX512 "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"
+#if PQ_X86
+// One function for the avx512 level (the float GEMM tiles): call it only where
+// simd_level() says avx512.
+#define PQ_TARGET_AVX512 __attribute__((target(PQ_TARGET_STR_AVX512)))
+#else
+#define PQ_TARGET_AVX512
+#endif
 #if defined(__clang__)
 #define PQ_PRAGMA(x) _Pragma(#x)
 #define PQ_ISA_BEGIN(str) PQ_PRAGMA(clang attribute push(__attribute__((target(str))), apply_to = function))

@@ -82,50 +82,60 @@ PQ_TARGET_AVX2 inline void axpy4_avx2(const float* g, int64_t ldg, int rows, con
 // torch's fp32 GEMM on the dequantized weight). A work item owns kTgCols columns
 // of out for one block of rows; it walks N in steps of kTgRows weight rows,
 // decodes those rows' column segments into a tile (kTgRows x kTgCols fp32, 96
-// KiB, stored as 4 column strips of 24), and adds g[:, step] @ tile into an
-// accumulator (block rows x kTgCols, in L2) with an outer-product
-// micro-kernel: 4 rows of g x 24 columns = 12 ymm sums, each step one
-// broadcast of g per row and 3 loads of the strip for 12 FMAs, no horizontal
-// sums. Every row group of g runs against one strip (24 KiB, in L1) before
-// the next strip.
+// KiB, stored as column strips of 24, or 48 at the avx512 level), and adds
+// g[:, step] @ tile into an accumulator (block rows x kTgCols, in L2) with an
+// outer-product micro-kernel: 4 rows of g x one strip = 12 vector sums, each
+// step one broadcast of g per row and 3 loads of the strip for 12 FMAs, no
+// horizontal sums. Every row group of g runs against one strip (24 or 48 KiB,
+// in L1 or L2) before the next strip.
 constexpr int64_t kTransposedGemmMinM = kTransposedRows + 1;
-constexpr int64_t kTgCols = 96;    // a multiple of the micro-kernel's 24, of Int's 32-code chunk and NF4's 16
+constexpr int64_t kTgCols = 96;    // a multiple of the strips (24, 48), of Int's 32-code chunk and NF4's 16
 constexpr int64_t kTgRows = 256;   // weight rows per decoded tile
 constexpr int64_t kTgBlockM = 256;  // rows of g per work item (its accumulator: 96 KiB)
-constexpr int kTgMR = 4, kTgNV = 3;  // micro-kernel: rows of g x ymm vectors of columns (fixed below)
+constexpr int kTgMR = 4;  // rows of g per micro-kernel call
 
 #if PQ_X86
-constexpr int64_t kTgStrip = 8 * kTgNV;  // columns per strip of the tile
-
-// a[r][c] += sum_{u < len} g[r][u] * strip[u * kTgStrip + c] for the 4 rows r
-// and the strip's 24 columns c. Named accumulators: with an array of them GCC
-// stored all 12 to the stack on every step (half speed).
-PQ_TARGET_AVX2 inline void tg_micro(const float* const g[kTgMR], const float* w, int64_t len, float* const a[kTgMR]) {
-  const float *g0 = g[0], *g1 = g[1], *g2 = g[2], *g3 = g[3];
-  __m256 c00 = _mm256_loadu_ps(a[0]), c01 = _mm256_loadu_ps(a[0] + 8), c02 = _mm256_loadu_ps(a[0] + 16);
-  __m256 c10 = _mm256_loadu_ps(a[1]), c11 = _mm256_loadu_ps(a[1] + 8), c12 = _mm256_loadu_ps(a[1] + 16);
-  __m256 c20 = _mm256_loadu_ps(a[2]), c21 = _mm256_loadu_ps(a[2] + 8), c22 = _mm256_loadu_ps(a[2] + 16);
-  __m256 c30 = _mm256_loadu_ps(a[3]), c31 = _mm256_loadu_ps(a[3] + 8), c32 = _mm256_loadu_ps(a[3] + 16);
-  for (int64_t u = 0; u < len; ++u, w += kTgStrip) {
-    const __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8), w2 = _mm256_load_ps(w + 16);
-    __m256 b = _mm256_broadcast_ss(g0 + u);
-    c00 = _mm256_fmadd_ps(b, w0, c00), c01 = _mm256_fmadd_ps(b, w1, c01), c02 = _mm256_fmadd_ps(b, w2, c02);
-    b = _mm256_broadcast_ss(g1 + u);
-    c10 = _mm256_fmadd_ps(b, w0, c10), c11 = _mm256_fmadd_ps(b, w1, c11), c12 = _mm256_fmadd_ps(b, w2, c12);
-    b = _mm256_broadcast_ss(g2 + u);
-    c20 = _mm256_fmadd_ps(b, w0, c20), c21 = _mm256_fmadd_ps(b, w1, c21), c22 = _mm256_fmadd_ps(b, w2, c22);
-    b = _mm256_broadcast_ss(g3 + u);
-    c30 = _mm256_fmadd_ps(b, w0, c30), c31 = _mm256_fmadd_ps(b, w1, c31), c32 = _mm256_fmadd_ps(b, w2, c32);
+// a[r][c] += sum_{u < len} g[r][u] * strip[u * STRIP + c] for the 4 rows r and
+// the strip's STRIP columns c: 3 vectors of 8 (ymm) or of 16 (zmm, the avx512
+// level: twice the multiply rate where a core has two 512-bit FMA units).
+// Named accumulators: with an array of them GCC stored all 12 to the stack on
+// every step (half speed).
+#define PQ_TG_MICRO(NAME, TARGET, VEC, W, LOAD, LOADU, STOREU, BCAST, FMA)                                    \
+  TARGET inline void NAME(const float* const g[kTgMR], const float* w, int64_t len, float* const a[kTgMR]) {   \
+    const float *g0 = g[0], *g1 = g[1], *g2 = g[2], *g3 = g[3];                                              \
+    VEC c00 = LOADU(a[0]), c01 = LOADU(a[0] + W), c02 = LOADU(a[0] + 2 * W);                                \
+    VEC c10 = LOADU(a[1]), c11 = LOADU(a[1] + W), c12 = LOADU(a[1] + 2 * W);                                \
+    VEC c20 = LOADU(a[2]), c21 = LOADU(a[2] + W), c22 = LOADU(a[2] + 2 * W);                                \
+    VEC c30 = LOADU(a[3]), c31 = LOADU(a[3] + W), c32 = LOADU(a[3] + 2 * W);                                \
+    for (int64_t u = 0; u < len; ++u, w += 3 * W) {                                                          \
+      const VEC w0 = LOAD(w), w1 = LOAD(w + W), w2 = LOAD(w + 2 * W);                                         \
+      VEC b = BCAST(g0[u]);                                                                                   \
+      c00 = FMA(b, w0, c00), c01 = FMA(b, w1, c01), c02 = FMA(b, w2, c02);                                    \
+      b = BCAST(g1[u]);                                                                                       \
+      c10 = FMA(b, w0, c10), c11 = FMA(b, w1, c11), c12 = FMA(b, w2, c12);                                    \
+      b = BCAST(g2[u]);                                                                                       \
+      c20 = FMA(b, w0, c20), c21 = FMA(b, w1, c21), c22 = FMA(b, w2, c22);                                    \
+      b = BCAST(g3[u]);                                                                                       \
+      c30 = FMA(b, w0, c30), c31 = FMA(b, w1, c31), c32 = FMA(b, w2, c32);                                    \
+    }                                                                                                         \
+    STOREU(a[0], c00), STOREU(a[0] + W, c01), STOREU(a[0] + 2 * W, c02);                                      \
+    STOREU(a[1], c10), STOREU(a[1] + W, c11), STOREU(a[1] + 2 * W, c12);                                      \
+    STOREU(a[2], c20), STOREU(a[2] + W, c21), STOREU(a[2] + 2 * W, c22);                                      \
+    STOREU(a[3], c30), STOREU(a[3] + W, c31), STOREU(a[3] + 2 * W, c32);                                      \
   }
-  _mm256_storeu_ps(a[0], c00), _mm256_storeu_ps(a[0] + 8, c01), _mm256_storeu_ps(a[0] + 16, c02);
-  _mm256_storeu_ps(a[1], c10), _mm256_storeu_ps(a[1] + 8, c11), _mm256_storeu_ps(a[1] + 16, c12);
-  _mm256_storeu_ps(a[2], c20), _mm256_storeu_ps(a[2] + 8, c21), _mm256_storeu_ps(a[2] + 16, c22);
-  _mm256_storeu_ps(a[3], c30), _mm256_storeu_ps(a[3] + 8, c31), _mm256_storeu_ps(a[3] + 16, c32);
-}
+PQ_TG_MICRO(tg_micro256, PQ_TARGET_AVX2, __m256, 8, _mm256_load_ps, _mm256_loadu_ps, _mm256_storeu_ps,
+            _mm256_set1_ps, _mm256_fmadd_ps)
+PQ_TG_MICRO(tg_micro512, PQ_TARGET_AVX512, __m512, 16, _mm512_load_ps, _mm512_loadu_ps, _mm512_storeu_ps,
+            _mm512_set1_ps, _mm512_fmadd_ps)
+#undef PQ_TG_MICRO
 
-template <class Decode>
-void transposed_gemm_avx2(const float* g, int64_t m, int64_t n, int64_t k, const Decode& decode, float* out,
-                          int nthreads) {
+// STRIP: columns per micro-kernel call, 24 (ymm) or 48 (zmm); kTgCols holds
+// a whole number of either.
+template <int64_t STRIP, class Decode>
+void transposed_gemm(const float* g, int64_t m, int64_t n, int64_t k, const Decode& decode, float* out,
+                     int nthreads) {
+  static_assert(kTgCols % STRIP == 0, "a tile is a whole number of strips");
+  constexpr auto micro = STRIP == 48 ? tg_micro512 : tg_micro256;
   const int64_t col_items = (k + kTgCols - 1) / kTgCols;
   const int64_t items = col_items * ((m + kTgBlockM - 1) / kTgBlockM);
   // Each thread's tile and accumulator (192 KiB: too much for an OpenMP
@@ -133,7 +143,7 @@ void transposed_gemm_avx2(const float* g, int64_t m, int64_t n, int64_t k, const
   // + one decoded row segment, zeros standing in for the missing rows of a
   // short last row group of g, and a sink for their sums.
   // Rounded to 16 floats, so every thread's block starts on a cache line.
-  constexpr int64_t kPer = ((kTgRows + kTgBlockM + 1) * kTgCols + kTgRows + kTgStrip + 15) / 16 * 16;
+  constexpr int64_t kPer = ((kTgRows + kTgBlockM + 1) * kTgCols + kTgRows + STRIP + 15) / 16 * 16;
   const int threads = std::max(nthreads, 1);
   std::vector<float> scratch(size_t(kPer * threads + 16));
   float* base = scratch.data() + (16 - (reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(float)) % 16) % 16;
@@ -157,10 +167,10 @@ void transposed_gemm_avx2(const float* g, int64_t m, int64_t n, int64_t k, const
           decode(r0 + u, k0, k1, row);
           // Columns past K: zeros, so the micro-kernel runs whole vectors.
           if (len < kTgCols) std::fill(row + len, row + kTgCols, 0.0f);
-          for (int64_t c = 0; c < kTgCols; c += kTgStrip)
-            memcpy(tile + c * kTgRows + u * kTgStrip, row + c, sizeof(float) * kTgStrip);
+          for (int64_t c = 0; c < kTgCols; c += STRIP)
+            memcpy(tile + c * kTgRows + u * STRIP, row + c, sizeof(float) * STRIP);
         }
-        for (int64_t c = 0; c < len; c += kTgStrip) {
+        for (int64_t c = 0; c < len; c += STRIP) {
           for (int64_t i = 0; i < rows; i += kTgMR) {
             const float* gr[kTgMR];
             float* ar[kTgMR];
@@ -169,7 +179,7 @@ void transposed_gemm_avx2(const float* g, int64_t m, int64_t n, int64_t k, const
               gr[r] = real ? g + (m0 + i + r) * n + r0 : zeros;
               ar[r] = real ? acc + (i + r) * kTgCols + c : sink;
             }
-            tg_micro(gr, tile + c * kTgRows, nr, ar);
+            micro(gr, tile + c * kTgRows, nr, ar);
           }
         }
       }
@@ -184,7 +194,10 @@ void transposed_matmul(const float* g, int64_t m, int64_t n, int64_t k, const De
                        int nthreads, bool avx2) {
   if (m <= 0 || k <= 0) return;
 #if PQ_X86
-  if (avx2 && m >= kTransposedGemmMinM) return transposed_gemm_avx2(g, m, n, k, decode, out, nthreads);
+  if (avx2 && m >= kTransposedGemmMinM) {
+    if (simd_level() >= Simd::kAvx512) return transposed_gemm<48>(g, m, n, k, decode, out, nthreads);
+    return transposed_gemm<24>(g, m, n, k, decode, out, nthreads);
+  }
 #endif
   constexpr int U = kTransposedUnroll;
   const int64_t col_items = (k + kTransposedCols - 1) / kTransposedCols;
