@@ -78,8 +78,9 @@ PQ_TARGET_AVX2 inline void axpy4_avx2(const float* g, int64_t ldg, int rows, con
 // from the second pass on, decoding it once per block of kTgBlockM rows into
 // tiles and running a register-blocked GEMM on them is faster (one thread,
 // 4096 x 4096 Int4 g64: streaming 4.7 ms at M = 7 and 11.3 at 16, tiled 5.5
-// at 8 and 7.5 at 16; at M = 32 to 2048 the tiled form runs at 0.97-1.24x
-// torch's fp32 GEMM on the dequantized weight). A work item owns kTgCols columns
+// at 8 and 7.5 at 16; at M = 256 to 2048 the tiled form runs at 1.8-2.3x
+// torch.mm(g, W_hat) on the dequantized weight with zmm strips, 0.97-1.24x
+// with ymm ones). A work item owns kTgCols columns
 // of out for one block of rows; it walks N in steps of kTgRows weight rows,
 // decodes those rows' column segments into a tile (kTgRows x kTgCols fp32, 96
 // KiB, stored as column strips of 24, or 48 at the avx512 level), and adds

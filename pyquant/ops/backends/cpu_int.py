@@ -124,9 +124,10 @@ def qmatmul(
 ) -> torch.Tensor:
     """Fused ``x @ W_hat.T + bias`` for every bit width: a streaming GEMV for
     M <= 8, a tiled GEMM above (decoded tiles of W, never the whole weight, x
-    in blocks of 256 rows that stay in L2: from M = 256 to 2048 it measured
-    1.05-1.17x torch's fp32 GEMM on the dequantized 4096 x 4096 weight, where
-    decoded panels through that GEMM gave 0.95-1.01x; at the scalar level,
+    in blocks of 256 rows that stay in L2, zmm tiles at the avx512 level: from
+    M = 256 to 2048 it measured 1.42-1.54x torch's fp32 GEMM on the dequantized
+    4096 x 4096 weight (ymm tiles: 1.05-1.17x), where decoded panels through
+    that GEMM gave 0.95-1.01x; at the scalar level,
     those panels from SCALAR_PANEL_MIN_M rows); with int8
     activations (``cpu_activations``) the integer-dot kernels at every M. x
     may be fp32, fp16 or bf16 (read by the kernel); the fp32 result is cast to

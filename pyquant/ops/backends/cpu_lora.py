@@ -6,7 +6,8 @@ NF4: the C++ kernels (``csrc/cpu/{int,nf4}_transposed.cpp``,
 up to 8 rows and, from 9, decode it once per 256 rows of g into L2 tiles for
 an outer-product GEMM; neither holds more than a tile. In fp32 they beat
 the column panels through torch's GEMM that ran from :data:`PANEL_MIN_M` rows
-before (SmolLM2 and 4096 x 4096 shapes, M = 256 and 2048, 2 threads). bf16 g
+before (SmolLM2 and 4096 x 4096 shapes, M = 256 and 2048, 2 threads: 1.8-2.3x
+torch.mm(g, W_hat) with zmm strips, the panels 0.82-0.97x). bf16 g
 from PANEL_MIN_M rows, and any g where the C++ kernels run at the scalar
 level, still take those panels: the C++ code decodes column panels of at most
 :data:`PANEL_BYTES` (and at most a quarter of the weight) and each goes
@@ -23,9 +24,10 @@ its own, and bf16 activations multiply in bf16 (AVX512-BF16/AMX GEMMs where the
 CPU has them, as a bf16 dense layer would; the C++ qmatmul kernels compute in
 fp32). M = 2048, K = N = 4096, 2 threads, 2-core AMD EPYC with AVX512-BF16,
 shared (timings noisy): Int4 bf16 312 ms vs 740 ms for the C++ qmatmul +
-addmm_; NF4 bf16 724 vs 1744 ms. In fp32 the C++ GEMMs (x in L2-sized blocks)
-beat the panels: 4096 x 4096, M = 256 to 2048, 2 threads, 1.05-1.17x (Int4)
-and 1.02-1.06x (NF4) torch's fp32 GEMM, the panels 0.95-1.02x.
+addmm_; NF4 bf16 724 vs 1744 ms. In fp32 the C++ GEMMs (x in L2-sized blocks,
+zmm tiles at the avx512 level) beat the panels: 4096 x 4096, M = 256 to 2048,
+2 threads, 1.42-1.54x (Int4) and 1.26-1.43x (NF4) torch's fp32 GEMM, the
+panels 0.95-1.02x.
 
 Below that, and in fp32/fp16, the C++ qmatmul kernels
 take the low-rank term in their epilogue (``csrc/cpu/lora_epilogue.h``: each

@@ -6,9 +6,9 @@ without going through ``QuantizedWeight``), contiguity, and the device.
 
 qmatmul: the C++ kernels at every M, never the float weight: fused (decode
 into registers) at small M, tiled above (decoded tiles, x in passes of 256
-rows that stay in L2; 4096 x 4096, 2 threads, M = 256 to 2048: 1.02-1.06x
-torch's fp32 GEMM on the dequantized weight, where decoded row panels through
-that GEMM gave 0.95-1.02x; at the scalar level, those panels from
+rows that stay in L2, zmm tiles at the avx512 level; 4096 x 4096, 2 threads,
+M = 256 to 2048: 1.26-1.43x torch's fp32 GEMM on the dequantized weight, ymm
+tiles 1.02-1.06x, decoded row panels through that GEMM 0.95-1.02x; at the scalar level, those panels from
 SCALAR_PANEL_MIN_M rows). With int8 activations (``cpu_activations``: by default
 for fp16 / bf16 x, exact for fp32 x) and K a multiple of 32, the integer-dot
 kernel at every M (x and the codebook each in two int8 planes, per 32-block).
