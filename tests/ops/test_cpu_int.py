@@ -27,7 +27,8 @@ pytestmark = pytest.mark.skipif(C is None, reason="compiled extension pyquant._C
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, 256, -1)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SIMD = ("scalar", "best")
+# every level this CPU runs: the float kernels have ymm (avx2, avxvnni) and zmm (avx512) tiles
+SIMD = tuple(_ext.simd_levels()) or ("scalar",)
 
 
 simd = simd_level
@@ -277,11 +278,12 @@ def test_rtn_weights_public_api():
         check_qmatmul(pyquant.qmatmul(x, qw), x, qw)
 
 
-@pytest.mark.parametrize("level", ["scalar", "best"])
+@pytest.mark.parametrize("level", SIMD)
 @pytest.mark.parametrize("act_order", (False, True))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_qmatmul_large_m(act_order, dtype, level):
-    """Large M, exact mode: the vector C++ GEMM takes x in blocks of 256 rows
+    """Large M, exact mode, every SIMD level: the vector C++ GEMM (ymm or zmm
+    tiles) takes x in blocks of 256 rows
     (bias, act_order's permuted x and bf16's fp32 copy per block; 513 rows end
     with a one-row block); at the scalar level, decoded row panels through
     torch's GEMM (several: panels are at most a quarter of the rows)."""

@@ -19,7 +19,8 @@ from pyquant.formats.nf4 import dynamic_map
 C = _ext.load()
 pytestmark = pytest.mark.skipif(C is None, reason="pyquant._C not built")
 
-SIMD = ["scalar", "best"]
+# every level this CPU runs: the float kernels have ymm (avx2, avxvnni) and zmm (avx512) tiles
+SIMD = list(_ext.simd_levels()) or ["scalar"]
 # (N, K, block_size, double_quant): aligned rows, blocks spanning rows
 # (K % bs != 0), odd K (rows starting on a low nibble), tiny, K < block_size.
 SHAPES = [

@@ -170,11 +170,12 @@ def test_cpu_transposed_matches_spec(monkeypatch, name, m, level):
 
 
 @needs_ext
-@pytest.mark.parametrize("level", ["scalar", "best"])
+@pytest.mark.parametrize("level", _ext.simd_levels() or ["scalar"])
 @pytest.mark.parametrize("name", ["int4_g32_actorder_tall", "nf4_b64_odd_tall"])
 def test_cpu_transposed_tiled_blocks(name, level):
-    """The tiled form: 259 rows of g (two blocks, a 3-row last group), 300 weight
-    rows (two steps of 256), K = 200 (two 96-column items and an 8-column one)."""
+    """The tiled form at every SIMD level (ymm strips at avx2 / avxvnni, zmm at
+    avx512): 259 rows of g (two blocks, a 3-row last group), 300 weight rows
+    (two steps of 256), K = 200 (two 96-column items and an 8-column one)."""
     qw = {"int4_g32_actorder_tall": lambda: int_qw(4, 32, act_order=True, n=300, k=200),
           "nf4_b64_odd_tall": lambda: rtn_qw(NF4(64), 300, 201)}[name]()
     g = torch.randn(259, qw.shape[0], generator=torch.Generator().manual_seed(5))
@@ -240,7 +241,7 @@ def test_cpu_lora_qmatmul_matches_spec(monkeypatch, name, dtype, panels, with_bi
 
 
 @needs_ext
-@pytest.mark.parametrize("level", ["scalar", "best"])
+@pytest.mark.parametrize("level", _ext.simd_levels() or ["scalar"])
 @pytest.mark.parametrize("name", ["int4_g64_actorder", "nf4_b32_dq_ragged"])
 @pytest.mark.parametrize("rank", [1, 8, 13, 24])
 @pytest.mark.parametrize("m", [3, 9, 300], ids=["gemv", "gemm", "gemm_two_blocks"])
