@@ -15,6 +15,7 @@
 #include <algorithm>
 
 #include "int_kernels.h"
+#include "micro_gemm.h"
 
 namespace pyquant {
 namespace {
@@ -85,47 +86,6 @@ PQ_TARGET_AVX2 void micro_any(int mr, int nr, const float* x, int64_t ldx, const
   }
 }
 
-// The same register tile at 16 lanes. Where a core has two 512-bit FMA units
-// (Xeon) this doubles the multiply rate of the ymm kernel, as torch's GEMM has
-// it; Zen 4 splits zmm operations in two, so there it only halves the
-// instruction count. klen is a multiple of the 32-value chunk.
-template <int MR, int NR>
-PQ_TARGET_AVX512 void micro512(const float* x, int64_t ldx, const float* wt, int64_t klen, float* y, int64_t ldy) {
-  __m512 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < klen; k += 16) {
-    __m512 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm512_load_ps(wt + j * kBlockK + k);
-    for (int i = 0; i < MR; ++i) {
-      const __m512 xv = _mm512_loadu_ps(x + i * ldx + k);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) y[i * ldy + j] += _mm512_reduce_add_ps(acc[i][j]);
-}
-
-template <int MR>
-PQ_TARGET_AVX512 void micro512_nr(int nr, const float* x, int64_t ldx, const float* wt, int64_t klen, float* y,
-                                  int64_t ldy) {
-  switch (nr) {
-    case 1: return micro512<MR, 1>(x, ldx, wt, klen, y, ldy);
-    case 2: return micro512<MR, 2>(x, ldx, wt, klen, y, ldy);
-    default: return micro512<MR, 3>(x, ldx, wt, klen, y, ldy);
-  }
-}
-
-PQ_TARGET_AVX512 void micro512_any(int mr, int nr, const float* x, int64_t ldx, const float* wt, int64_t klen,
-                                   float* y, int64_t ldy) {
-  switch (mr) {
-    case 1: return micro512_nr<1>(nr, x, ldx, wt, klen, y, ldy);
-    case 2: return micro512_nr<2>(nr, x, ldx, wt, klen, y, ldy);
-    case 3: return micro512_nr<3>(nr, x, ldx, wt, klen, y, ldy);
-    default: return micro512_nr<4>(nr, x, ldx, wt, klen, y, ldy);
-  }
-}
-
 // Dequantizes rows [n0, n0 + rows) x columns [k0, k0 + klen) into buf
 // (row stride kBlockK); columns past K become 0.
 template <int BITS>
@@ -184,8 +144,15 @@ PQ_TARGET_AVX2 void gemm_part(const float* x, int64_t ldx, int64_t m, const IntW
       for (int64_t i0 = 0; i0 < m; i0 += kMR) {
         const int mr = int(std::min<int64_t>(kMR, m - i0));
         for (int j0 = 0; j0 < rows; j0 += kNR) {
-          (wide ? micro512_any : micro_any)(mr, std::min(kNR, rows - j0), x + i0 * ldx + k0, ldx,
-                                            buf + j0 * kBlockK, klen, y + i0 * w.n + n0 + j0, w.n);
+          const int nr = std::min(kNR, rows - j0);
+          if (wide) {
+            // the shared 16-lane tile (micro_gemm.h): 2x the multiply rate of
+            // the ymm one where a core has two 512-bit FMA units
+            micro_gemm_fn(mr, nr, true, true)(x + i0 * ldx + k0, ldx, buf + j0 * kBlockK, kBlockK, klen,
+                                              y + i0 * w.n + n0 + j0, w.n);
+          } else {
+            micro_any(mr, nr, x + i0 * ldx + k0, ldx, buf + j0 * kBlockK, klen, y + i0 * w.n + n0 + j0, w.n);
+          }
         }
       }
     }
