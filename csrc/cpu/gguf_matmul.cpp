@@ -27,6 +27,7 @@
 #include "gguf_avx2.h"  // x86 only; empty elsewhere
 #include "gguf_kernels.h"
 #include "micro_gemm.h"
+#include "panel_gemm.h"
 
 namespace pyquant {
 namespace gguf {
@@ -36,6 +37,9 @@ constexpr int kTileN = 12;      // weight rows per thread task (a multiple of kN
 constexpr int kChunkK = 1024;   // weights per row decoded at a time (a multiple of 256)
 constexpr int kMR = kMicroMR;   // x rows per register tile
 constexpr int kNR = kMicroNR;   // weight rows per register tile
+// Rows of x per pass of the outer-product tile: their panels (256 x kChunkK
+// fp32, 1 MiB) stay in L2 while the tiles sweep them.
+constexpr int64_t kPanelBlockM = 256;
 
 // ------------------------------------------------------ tiled (any type) ---
 
@@ -52,43 +56,63 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
   const int64_t ntiles = (N + kTileN - 1) / kTileN;
   // Work in multiply-adds, counting the decode of a weight as ~2 of them.
   nthreads = int(std::min<int64_t>(threads_for(N * K * (M + 2), int64_t(1) << 20, nthreads), ntiles));
+  // At the avx512 level, the outer-product tile on x repacked (panel_gemm.h),
+  // kPanelBlockM rows of x at a time so that their panels stay in L2 while
+  // the tiles sweep them; each tile's outputs are summed transposed.
+  const bool outer = level >= Simd::kAvx512;
+  const int64_t block_m = outer ? std::min(M, kPanelBlockM) : M, ldyt = padded_rows(block_m);
   // Allocated before the parallel region: an allocation failure must surface
   // as a Python exception, not terminate inside OpenMP.
   std::vector<float> buffers(size_t(nthreads) * kTileN * kc);
+  float* const x_panels = outer ? x_panels_scratch(x_panels_floats(block_m, K), 0) : nullptr;
+  float* const yt_all = outer ? x_panels_scratch(nthreads * kTileN * ldyt, 1) : nullptr;
   MicroGemmFn micro[kMR][kNR];
   for (int a = 0; a < kMR; ++a)
-    for (int b = 0; b < kNR; ++b) micro[a][b] = micro_gemm_fn(a + 1, b + 1, level >= Simd::kAvx2, level >= Simd::kAvx512);
+    for (int b = 0; b < kNR; ++b) micro[a][b] = micro_gemm_fn(a + 1, b + 1, level >= Simd::kAvx2);
 
+  for (int64_t i0 = 0; i0 < M; i0 += block_m) {
+    const int64_t mb = std::min(block_m, M - i0);
+    const float* xb = x + i0 * K;
+    float* yb = y + i0 * N;
+    if (outer) pack_x_panels(xb, K, mb, K, K, x_panels, nthreads);
 #pragma omp parallel num_threads(nthreads)
-  {
-    float* wbuf = buffers.data() + size_t(omp_get_thread_num()) * kTileN * kc;
+    {
+      float* wbuf = buffers.data() + size_t(omp_get_thread_num()) * kTileN * kc;
+      float* yt = outer ? yt_all + omp_get_thread_num() * kTileN * ldyt : nullptr;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < ntiles; ++t) {
-      const int64_t n0 = t * kTileN;
-      const int nt = int(std::min<int64_t>(kTileN, N - n0));
-      for (int64_t m = 0; m < M; ++m)
-        for (int r = 0; r < nt; ++r) y[m * N + n0 + r] = bias ? bias[n0 + r] : 0.f;
-      for (int64_t k0 = 0; k0 < K; k0 += kc) {
-        const int64_t len = std::min(kc, K - k0);
-        for (int r = 0; r < nt; ++r) {
-          const uint8_t* src = w + (n0 + r) * row_bytes + k0 / bs * ts;
-          decode(src, wbuf + r * kc, len / bs);
-          // The tile reads kTileN rows in pieces of ~1 KiB: too many short
-          // streams for the hardware prefetcher, so each row's next piece
-          // (or the next tile's first piece) is requested while this one is
-          // multiplied.
-          if (k0 + kc < K)
-            prefetch(src + len / bs * ts, std::min(kc, K - k0 - kc) / bs * ts);
-          else if (n0 + kTileN + r < N)
-            prefetch(w + (n0 + kTileN + r) * row_bytes, kc / bs * ts);
-        }
-        for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-          const int mr = int(std::min<int64_t>(kMR, M - m0));
-          for (int j = 0; j < nt; j += kNR) {
-            const int nr = std::min(kNR, nt - j);
-            micro[mr - 1][nr - 1](x + m0 * K + k0, K, wbuf + j * kc, kc, len, y + m0 * N + n0 + j, N);
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int64_t n0 = t * kTileN;
+        const int nt = int(std::min<int64_t>(kTileN, N - n0));
+        for (int64_t m = 0; m < mb; ++m)
+          for (int r = 0; r < nt; ++r) yb[m * N + n0 + r] = bias ? bias[n0 + r] : 0.f;
+        if (yt) std::fill(yt, yt + nt * ldyt, 0.0f);
+        for (int64_t k0 = 0; k0 < K; k0 += kc) {
+          const int64_t len = std::min(kc, K - k0);
+          for (int r = 0; r < nt; ++r) {
+            const uint8_t* src = w + (n0 + r) * row_bytes + k0 / bs * ts;
+            decode(src, wbuf + r * kc, len / bs);
+            // The tile reads kTileN rows in pieces of ~1 KiB: too many short
+            // streams for the hardware prefetcher, so each row's next piece
+            // (or the next tile's first piece) is requested while this one is
+            // multiplied.
+            if (k0 + kc < K)
+              prefetch(src + len / bs * ts, std::min(kc, K - k0 - kc) / bs * ts);
+            else if (n0 + kTileN + r < N)
+              prefetch(w + (n0 + kTileN + r) * row_bytes, kc / bs * ts);
+          }
+          if (yt) {
+            panel_gemm_avx512(x_panels, mb, K, k0, len, wbuf, kc, nt, yt, ldyt);
+            continue;
+          }
+          for (int64_t m0 = 0; m0 < mb; m0 += kMR) {
+            const int mr = int(std::min<int64_t>(kMR, mb - m0));
+            for (int j = 0; j < nt; j += kNR) {
+              const int nr = std::min(kNR, nt - j);
+              micro[mr - 1][nr - 1](xb + m0 * K + k0, K, wbuf + j * kc, kc, len, yb + m0 * N + n0 + j, N);
+            }
           }
         }
+        if (yt) add_transposed_avx512(yt, ldyt, nt, mb, yb + n0, N);
       }
     }
   }

@@ -3,19 +3,21 @@
 // Decoding costs the same for any M, so here it is done once per weight per
 // call: a tile of kTileN weight rows x kBlockK columns is dequantized into an
 // fp32 buffer that stays in L1, then a register-blocked micro-kernel runs
-// every row of x against it (kMR rows of x x kNR weight rows, 12 ymm
-// accumulators, or zmm at the avx512 level, vectorised along K so both
-// operands are plain loads; the horizontal sums happen once per K block). Threads take super-tiles of
-// rows; a super-tile is swept once per K block, so its tiles share the x
-// panel in L2, and the next tile's weight lines are prefetched in software
-// (the rows are a stride apart, which the hardware prefetcher does not
-// follow).
+// every row of x against it: at the avx2 level kMR rows of x x kNR weight
+// rows, 12 ymm accumulators vectorised along K so both operands are plain
+// loads (the horizontal sums happen once per K block); at the avx512 level
+// the outer-product tile of panel_gemm.h on x repacked once per call.
+// Threads take super-tiles of rows; a super-tile is swept once per K block,
+// so its tiles share the x panel in L2, and the next tile's weight lines are
+// prefetched in software (the rows are a stride apart, which the hardware
+// prefetcher does not follow).
 #include <omp.h>
 
 #include <algorithm>
 
+#include "avx2_reduce.h"
 #include "int_kernels.h"
-#include "micro_gemm.h"
+#include "panel_gemm.h"
 
 namespace pyquant {
 namespace {
@@ -125,7 +127,7 @@ PQ_TARGET_AVX2 void prefetch_tile(const IntWeight& w, int64_t n0, int64_t n1, in
 // Rows [nb, ne) (one super-tile) of y += x @ W_hat.T.
 template <int BITS>
 PQ_TARGET_AVX2 void gemm_part(const float* x, int64_t ldx, int64_t m, const IntWeight& w, float* y, int64_t nb,
-                              int64_t ne, bool wide) {
+                              int64_t ne, const float* x_panels, float* yt, int64_t ldyt) {
   alignas(64) float buf[kTileN * kBlockK];
   const int64_t kp = w.chunks * kIntChunk;
   for (int64_t k0 = 0; k0 < kp; k0 += kBlockK) {
@@ -141,18 +143,15 @@ PQ_TARGET_AVX2 void gemm_part(const float* x, int64_t ldx, int64_t m, const IntW
         prefetch_tile<BITS>(w, nb, std::min(ne, nb + kTileN), k0 + kBlockK, std::min<int64_t>(kBlockK, kp - k0 - kBlockK));
       }
       decode_tile<BITS>(w, n0, rows, k0, klen, buf);
+      if (x_panels) {
+        panel_gemm_avx512(x_panels, m, kp, k0, klen, buf, kBlockK, rows, yt + (n0 - nb) * ldyt, ldyt);
+        continue;
+      }
       for (int64_t i0 = 0; i0 < m; i0 += kMR) {
         const int mr = int(std::min<int64_t>(kMR, m - i0));
         for (int j0 = 0; j0 < rows; j0 += kNR) {
           const int nr = std::min(kNR, rows - j0);
-          if (wide) {
-            // the shared 16-lane tile (micro_gemm.h): 2x the multiply rate of
-            // the ymm one where a core has two 512-bit FMA units
-            micro_gemm_fn(mr, nr, true, true)(x + i0 * ldx + k0, ldx, buf + j0 * kBlockK, kBlockK, klen,
-                                              y + i0 * w.n + n0 + j0, w.n);
-          } else {
-            micro_any(mr, nr, x + i0 * ldx + k0, ldx, buf + j0 * kBlockK, klen, y + i0 * w.n + n0 + j0, w.n);
-          }
+          micro_any(mr, nr, x + i0 * ldx + k0, ldx, buf + j0 * kBlockK, klen, y + i0 * w.n + n0 + j0, w.n);
         }
       }
     }
@@ -169,13 +168,26 @@ void gemm(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const floa
   const int64_t tiles = (w.n + kTileN - 1) / kTileN;
   const int64_t per = std::max<int64_t>(1, std::min(kMaxSuperTiles, tiles / (4 * std::max(nthreads, 1))));
   const int64_t super_rows = per * kTileN, items = (w.n + super_rows - 1) / super_rows;
-  const bool wide = simd_level() >= Simd::kAvx512;  // read outside the region: it may throw
+  // At the avx512 level x is repacked for the outer-product tile
+  // (panel_gemm.h; the packing is O(m k) against the GEMM's O(m n k)), and
+  // each thread sums a super-tile's outputs transposed, added to y once.
+  float *x_panels = nullptr, *yt_all = nullptr;
+  const int64_t ldyt = padded_rows(m);
+  if (simd_level() >= Simd::kAvx512) {  // read outside the region: it may throw
+    const int64_t kp = w.chunks * kIntChunk;
+    x_panels = x_panels_scratch(x_panels_floats(m, kp), 0);
+    yt_all = x_panels_scratch(nthreads * super_rows * ldyt, 1);
+    pack_x_panels(x, ldx, m, w.k, kp, x_panels, nthreads);
+  }
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
   for (int64_t t = 0; t < items; ++t) {
     const int64_t nb = t * super_rows, ne = std::min(w.n, nb + super_rows);
     for (int64_t i = 0; i < m; ++i)
       for (int64_t n = nb; n < ne; ++n) y[i * w.n + n] = bias ? bias[n] : 0.0f;
-    gemm_part<BITS>(x, ldx, m, w, y, nb, ne, wide);
+    float* yt = x_panels ? yt_all + omp_get_thread_num() * super_rows * ldyt : nullptr;
+    if (yt) std::fill(yt, yt + (ne - nb) * ldyt, 0.0f);
+    gemm_part<BITS>(x, ldx, m, w, y, nb, ne, x_panels, yt, ldyt);
+    if (yt) add_transposed_avx512(yt, ldyt, int(ne - nb), m, y + nb, w.n);
     lora.apply(y, w.n, 0, m, nb, ne);
   }
 }

@@ -7,21 +7,25 @@
 //   feeds up to 4 rows of x from them. The 4-bit weight is read from memory
 //   exactly once; there is no intermediate buffer.
 // * larger M (compute-bound): a thread decodes a tile of kTileN weight rows x
-//   kTileK columns into a cache-resident fp32 buffer once, then runs a 4 x 3
-//   register-blocked micro-kernel (dot products along K) over every row of x,
-//   so decode cost is amortised over M. Tile sizes were picked by measuring
-//   K = N = 4096 on one core (4 x 3 beat 4 x 2 by 25% at M = 32; a 1024-column
-//   tile beat 256 and 512, whose extra horizontal sums cost more than the L1
-//   misses the bigger tile adds).
+//   kTileK columns into a cache-resident fp32 buffer once, then runs a
+//   register-blocked micro-kernel over every row of x, so decode cost is
+//   amortised over M: at the avx512 level the outer-product tile of
+//   panel_gemm.h, below it a 4 x 3 tile of dot products along K (ymm). Tile
+//   sizes were picked by measuring K = N = 4096 on one core (4 x 3 beat 4 x 2
+//   by 25% at M = 32; a 1024-column tile beat 256 and 512, whose extra
+//   horizontal sums cost more than the L1 misses the bigger tile adds).
 // Blocks of block_size may span rows (K not a multiple of block_size) and rows
 // may start on a low nibble (odd K): both kernels walk flat indices and split a
 // row into segments of constant scale.
+#include <omp.h>
+
 #include <algorithm>
 #include <cstring>
 
 #include "avx2_reduce.h"
 #include "micro_gemm.h"
 #include "nf4_kernels.h"
+#include "panel_gemm.h"
 #include "simd.h"
 
 namespace pyquant {
@@ -219,6 +223,15 @@ void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias
   const int64_t N = w.n, K = w.k;
   const bool avx512 = simd_level() >= Simd::kAvx512;  // read outside the region: it may throw
   const int64_t ntiles = (N + kTileN - 1) / kTileN;
+  // At the avx512 level, the outer-product tile on x repacked once per call,
+  // each tile's outputs summed transposed (panel_gemm.h).
+  float *x_panels = nullptr, *yt_all = nullptr;
+  const int64_t ldyt = padded_rows(m);
+  if (avx512) {
+    x_panels = x_panels_scratch(x_panels_floats(m, K), 0);
+    yt_all = x_panels_scratch(nthreads * kTileN * ldyt, 1);
+    pack_x_panels(x, K, m, K, K, x_panels, nthreads);
+  }
   // Handed out one at a time: on a shared machine a thread that loses its core
   // for a while then holds up one tile, not a fixed half of them.
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (ntiles > 1)
@@ -228,6 +241,8 @@ void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias
     const int64_t nc = std::min(kTileN, N - n0);
     for (int64_t r = 0; r < m; ++r)
       for (int64_t j = 0; j < nc; ++j) y[r * N + n0 + j] = bias ? bias[n0 + j] : 0.0f;
+    float* yt = x_panels ? yt_all + omp_get_thread_num() * kTileN * ldyt : nullptr;
+    if (yt) std::fill(yt, yt + nc * ldyt, 0.0f);
     for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
       const int64_t kc = std::min(kTileK, K - k0);
       for (int64_t j = 0; j < nc; ++j) {
@@ -238,15 +253,19 @@ void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias
           decode_range_scalar(w, f, f + kc, wbuf + j * kTileK);
         }
       }
+      if (yt) {
+        panel_gemm_avx512(x_panels, m, K, k0, kc, wbuf, kTileK, int(nc), yt, ldyt);
+        continue;
+      }
       for (int64_t m0 = 0; m0 < m; m0 += kMR) {
         const int mr = int(std::min<int64_t>(kMR, m - m0));
         for (int64_t j = 0; j < nc; j += kNR) {
           const int nr = int(std::min<int64_t>(kNR, nc - j));
-          micro_gemm_fn(mr, nr, avx2, avx512)(x + m0 * K + k0, K, wbuf + j * kTileK, kTileK, kc, y + m0 * N + n0 + j,
-                                              N);
+          micro_gemm_fn(mr, nr, avx2)(x + m0 * K + k0, K, wbuf + j * kTileK, kTileK, kc, y + m0 * N + n0 + j, N);
         }
       }
     }
+    if (yt) add_transposed_avx512(yt, ldyt, int(nc), m, y + n0, N);
     lora.apply(y, N, 0, m, n0, n0 + nc);
   }
 }

@@ -45,7 +45,9 @@ def C():
     return mod
 
 
-@pytest.fixture(params=["scalar", "best"])
+# every level this CPU runs: the tiled kernels have ymm (avx2, avxvnni) and
+# outer-product zmm (avx512) tiles
+@pytest.fixture(params=_ext.simd_levels() or ["scalar"])
 def simd(request, C):
     assert C.set_simd_level(request.param)
     yield request.param
@@ -213,14 +215,15 @@ def test_qmatmul_vs_fp64(type_name, dtype, simd):
 def test_qmatmul_shapes(type_name, simd):
     bs = BLOCK_TYPES[type_name].block_size
     for n, nbk, m in [(1, 1, 1), (1, 1, 5), (2, 1, 1), (13, 1, 2), (5, 2048 // bs + 3, 1), (29, 4096 // bs + 1, 6),
-                      (70, 2, 9)]:
+                      (70, 2, 9), (29, 5, 65), (13, 2, 300)]:
         check_qmatmul(type_name, n, nbk * bs, m, torch.float32, seed=n + m, with_bias=(n % 2 == 1),
                       what=f"simd={simd}")
 
 
 def test_qmatmul_torch_gemm_path(monkeypatch, C):
-    """Large M goes to tiles of dequantized rows + torch GEMM; check it (small M here)."""
+    """Large M below the avx512 level goes to tiles of dequantized rows + torch GEMM; check it (small M here)."""
     monkeypatch.setattr(cpu_gguf, "TORCH_MATMUL_MIN_M", 2)
+    monkeypatch.setattr(cpu_gguf, "outer_product_tiles", lambda: False)  # the avx512 level keeps its tiles
     monkeypatch.setattr(cpu_gguf, "ROW_TILE", 16)
     for t in ("Q4_K", "Q2_K"):
         check_qmatmul(t, 45, 512, 7, torch.float32, seed=1, what="torch path")

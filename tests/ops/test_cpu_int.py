@@ -266,6 +266,25 @@ def test_qmatmul_gemm_super_tiles(threads):
         torch.set_num_threads(old)
 
 
+# Rows of x that reach every panel shape of the avx512 GEMM (panel_gemm.h):
+# one, two, three and four 16-row vectors (9, 17, 33, 49 and 64 rows), and
+# the splits 48 + 32 (65), 48 + 48 (96) and 48 + 64 (112), with padding rows.
+PANEL_MS = (9, 16, 17, 33, 49, 64, 65, 96, 112)
+
+
+@pytest.mark.parametrize("level", SIMD)
+def test_qmatmul_every_panel_width(level):
+    """N = 29 leaves a 5-row group in a 12-row tile; K = 600 ends inside a
+    second 512-column K block."""
+    qw = make_qw(4, 64, False, torch.float16, 29, 600, seed=11)
+    expect = Expect(qw)
+    bias = torch.randn(29)
+    for m in PANEL_MS:
+        x = torch.randn(m, 600)
+        with cpu_activations("fp32"), simd(level):
+            expect.check(pyquant.qmatmul(x, qw, bias, kernel="cpu"), x, bias)
+
+
 def test_rtn_weights_public_api():
     """The usual path: RTN-quantized weights, default dispatch picks the CPU kernels."""
     w = torch.randn(48, 384)

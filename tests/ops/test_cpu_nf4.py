@@ -124,6 +124,17 @@ def test_qmatmul_tiled_in_row_passes(simd, n, k, bs, dq):
     _check_close(y - 0.5 * (xa @ b.T), x, w_ref, bias)
 
 
+@pytest.mark.parametrize("m", [9, 17, 33, 49, 64, 65, 96, 112])
+def test_qmatmul_tiled_every_panel_width(simd, m):
+    # The rows of x that reach each panel shape of the avx512 tile
+    # (panel_gemm.h): 1-4 vectors, and 48 + 32, 48 + 48, 48 + 64; N = 29 ends
+    # in a part tile, K = 1100 in a part of the second 1024-column K block.
+    qw = _qw(29, 1100, 64, True, seed=m)
+    w_ref = pyquant.dequantize(qw, kernel="reference")
+    x, bias = torch.randn(m, 1100), torch.randn(29)
+    _check_close(_raw_qmatmul(x, qw, bias, 1), x, w_ref, bias)
+
+
 @pytest.mark.parametrize("m", [1, 4, 8, 9, 32, 256])
 def test_qmatmul_auto_choice_every_m(simd, m):
     qw = _qw(96, 320, 64, True, seed=m)

@@ -13,12 +13,14 @@ Kernels:
   level in effect (csrc/cpu/q8_*.cpp); it stays ahead of torch's fp32 GEMM at
   large M too (4096 x 4096, M = 512, one core: ~3x, the integer dot products
   doing 4x the work per instruction of fp32 FMAs).
-* with ``cpu_activations("fp32")``, exact fp32: below ``TORCH_MATMUL_MIN_M``
-  rows of x fused in C++ (a dedicated M=1 kernel for Q4_K, Q6_K and Q8_0, a
-  tiled decode-and-multiply kernel otherwise), from there on, where torch's
-  GEMM beats both, decoded panels of ``ROW_TILE`` rows each multiplied with
-  torch (cpu_panels.py); memory stays at one panel, never the whole float
-  weight.
+* with ``cpu_activations("fp32")``, exact fp32, fused in C++ (a dedicated M=1
+  kernel for Q4_K, Q6_K and Q8_0, a tiled decode-and-multiply kernel
+  otherwise). At the avx512 level that holds at every M (4096 x 4096, 2
+  threads, M = 512-2048: 1.8-2.3x torch's fp32 GEMM on the dequantized
+  weight). Below it, from ``TORCH_MATMUL_MIN_M`` rows of x on, where torch's
+  GEMM beats the ymm tiles, decoded panels of ``ROW_TILE`` rows each
+  multiplied with torch (cpu_panels.py); memory stays at one panel, never the
+  whole float weight.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from ...formats.base import named_packed
 from .._dtypes import dtype_code
 from ..dispatch import register_kernel
 from . import cpu_activations
-from .cpu_panels import panel_matmul
+from .cpu_panels import outer_product_tiles, panel_matmul
 
 ROW_TILE = 256
 TORCH_MATMUL_MIN_M = 512
@@ -84,7 +86,7 @@ def qmatmul(
     int8 = cpu_activations.use_int8("gguf", x2d.dtype)
     # int8 kernels read x in its own dtype; the exact ones want fp32
     x = x2d.contiguous() if int8 else x2d.to(torch.float32).contiguous()
-    if m >= TORCH_MATMUL_MIN_M and not int8:
+    if m >= TORCH_MATMUL_MIN_M and not int8 and not outer_product_tiles():
         y = panel_matmul(x, n, k, lambda n0, n1, out: _dequantize_fp32(blocks[n0:n1], fmt, n1 - n0, k, out), b,
                          rows=ROW_TILE)
     else:

@@ -1,7 +1,9 @@
 """Large-M CPU qmatmul: decoded panels of weight rows, each through torch's GEMM.
 
 Used where the C++ kernels measured slower than torch's GEMM: GGUF's exact fp32
-products from a few hundred rows of x, bf16 LoRA forwards (bf16 GEMMs), and
+products from a few hundred rows of x below the avx512 level (at it, the
+outer-product tile runs 1.8-2.3x dense fp32 at M = 512-2048), bf16 LoRA
+forwards (bf16 GEMMs), and
 every compute-bound product where the C++ kernels run at the scalar level
 (another architecture, or a forced level: torch's GEMM has NEON and the like).
 The Int and NF4 fp32 products have vector C++ GEMMs of their own that beat
@@ -34,6 +36,13 @@ def vector_gemms() -> bool:
     """Whether the C++ kernels run at a vector level (AVX2 and up) now."""
     ext = _ext.load()
     return ext is not None and ext.simd_level() != "scalar"
+
+
+def outer_product_tiles() -> bool:
+    """Whether the C++ GEMMs run the avx512 outer-product tile now
+    (csrc/cpu/panel_gemm.h), which stays ahead of torch's fp32 GEMM at any M."""
+    ext = _ext.load()
+    return ext is not None and ext.simd_level() == "avx512"
 
 
 def panel_rows(n: int, k: int, floats: Optional[int] = None) -> int:

@@ -1,0 +1,66 @@
+// The avx512 register tile of the float GEMMs that decode a weight tile into
+// an fp32 buffer first (Int GEMM, NF4 and GGUF tiled paths), as an outer
+// product rather than dot products.
+//
+// x is repacked once per call into panels of kPanelRows rows stored k-major
+// (for each column, the panel's 48 values are contiguous), so one column of
+// a panel is three zmm loads. The tile then broadcasts one decoded weight per
+// weight row and multiplies it into those three vectors: 6 weight rows x 48
+// rows of x keep 18 accumulators, 3 x vectors and a broadcast in registers,
+// 9 loads per 18 FMAs, and no horizontal sums (each lane is one output).
+// The dot-product tile it replaces (micro_gemm.h, 4 x 3) ran at 47% of this
+// Zen 5 core's FMA peak on L1-resident data, this one at 94-98%: the
+// dot-product tile pays 12 horizontal sums per K block and one load per
+// 1.7 FMAs.
+//
+// Each output is summed over k in order within [k0, k0 + kc), so results do
+// not depend on the thread count.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace pyquant {
+
+constexpr int kPanelRows = 48;  // rows of x per panel: three 16-lane vectors
+
+// x's rows, padded to whole vectors: the panels' rows and the transposed
+// outputs' row stride.
+inline int64_t padded_rows(int64_t m) { return (m + 15) / 16 * 16; }
+
+// Rows in the panel that starts at row p0. Panels are kPanelRows rows, except
+// at the end: 16 rows left over join the last full panel (64 rows, four
+// vectors; a one-vector tile runs at ~80% of the FMA rate, the others at
+// 94-98%), 32 make a panel of their own. A panel starting at row p0 sits at
+// float p0 * k, its column c at offset c * width.
+inline int panel_width(int64_t m, int64_t p0) {
+  const int64_t left = padded_rows(m) - p0;
+  return left == kPanelRows + 16 ? kPanelRows + 16 : int(left < kPanelRows ? left : kPanelRows);
+}
+
+// Floats needed for the panels of an m x k x.
+inline int64_t x_panels_floats(int64_t m, int64_t k) { return padded_rows(m) * k; }
+
+// Columns [0, k_valid) of x (m rows, row stride ldx) into panels of width k;
+// columns [k_valid, k) and the rows past m of the last panel become 0.
+// Needs the avx512 level.
+void pack_x_panels(const float* x, int64_t ldx, int64_t m, int64_t k_valid, int64_t k, float* panels, int nthreads);
+
+// yt[j * ldyt + i] += sum_{c in [k0, k0 + kc)} x[i, c] * w[j, c - k0] for
+// every row i of the packed x and j < rows, w row-major with stride ldw (a
+// decoded tile). The output is transposed (lanes are rows of x) so a tile
+// adds its 18 vectors to it instead of 288 scattered floats per K block; the
+// caller adds it to y once, with add_transposed_avx512. ldyt >=
+// padded_rows(m). Needs the avx512 level.
+void panel_gemm_avx512(const float* panels, int64_t m, int64_t k, int64_t k0, int64_t kc, const float* w, int64_t ldw,
+                       int rows, float* yt, int64_t ldyt);
+
+// y[i * ldy + j] += yt[j * ldyt + i] for i < m, j < rows (ldyt < 2^27).
+void add_transposed_avx512(const float* yt, int64_t ldyt, int rows, int64_t m, float* y, int64_t ldy);
+
+// The calling thread's buffer, grown to the largest call so far: a fresh
+// allocation of several MiB per call would page-fault every time. Taken
+// before a parallel region (allocation failure must reach Python as an
+// exception). Two slots, for the panels and the transposed outputs.
+float* x_panels_scratch(int64_t floats, int slot = 0);
+
+}  // namespace pyquant
