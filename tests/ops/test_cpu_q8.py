@@ -262,7 +262,16 @@ def test_activation_mode_option(monkeypatch):
     assert cpu_activations.current() == "auto"
     assert cpu_activations.use_int8("gguf", f32) and cpu_activations.use_int8("int", bf16)
     assert not cpu_activations.use_int8("int", f32) and not cpu_activations.use_int8("nf4", f32)
+    # many rows of half x: exact where the avx512 tiles make it the faster path
+    big = cpu_activations.EXACT_FROM_M
+    assert cpu_activations.use_int8("gguf", bf16, big)
+    for fam in ("int", "nf4"):
+        assert cpu_activations.use_int8(fam, bf16, big - 1)
+        assert cpu_activations.use_int8(fam, bf16, big) != cpu_activations.outer_product_tiles()
+    monkeypatch.setattr(cpu_activations, "outer_product_tiles", lambda: False)
+    assert cpu_activations.use_int8("int", bf16, big)
     monkeypatch.setenv(cpu_activations.ENV, "int8")
+    assert cpu_activations.use_int8("int", bf16, big)
     assert cpu_activations.use_int8("nf4", f32)
     with activations("fp32"):
         assert not cpu_activations.use_int8("gguf", bf16)

@@ -16,7 +16,12 @@
   x is fp16 / bf16 -- its error is below the rounding of x and of the output
   in that dtype -- and ``"fp32"`` when x is fp32: the rest of pyquant (AWQ
   folds, GPTQ/AWQ pipelines, QLoRA training, evaluation) and its callers rely
-  on an fp32 qmatmul being ``x @ W_hat.T`` to fp32 rounding.
+  on an fp32 qmatmul being ``x @ W_hat.T`` to fp32 rounding. At the avx512
+  level fp16 / bf16 x too takes ``"fp32"`` from ``EXACT_FROM_M`` rows on:
+  there the exact kernels' outer-product tile is the faster one (4096 x 4096,
+  2 threads, Int4: 4.5 ms against 5.3 at M = 48, 41 against 56 at M = 512;
+  NF4 5.1 against 6.4 and 43 against 82), and exact costs nothing in
+  accuracy.
 
 Choose with the environment variable ``PYQUANT_CPU_ACTIVATIONS`` (read at
 each call) or, for a block of code (this thread / task only)::
@@ -33,9 +38,14 @@ import os
 import torch
 
 from ...errors import ValueRangeError
+from .cpu_panels import outer_product_tiles
 
 ENV = "PYQUANT_CPU_ACTIVATIONS"
 MODES = ("auto", "int8", "fp32")
+# From this many rows of x on, "auto" multiplies fp16 / bf16 x exactly where
+# the avx512 tiles run (measured: the two paths tie at M = 32 on 4096 x 4096,
+# exact leads from 48).
+EXACT_FROM_M = 48
 
 _override: contextvars.ContextVar = contextvars.ContextVar("pyquant_cpu_activations", default=None)
 
@@ -66,10 +76,14 @@ def cpu_activations(mode: str):
         _override.reset(token)
 
 
-def use_int8(family: str, x_dtype: torch.dtype) -> bool:
-    """Whether a qmatmul of x (in x_dtype) with a weight of this format family
-    ("gguf", "int", "nf4") takes the int8-activation kernels now."""
+def use_int8(family: str, x_dtype: torch.dtype, m: int = 0) -> bool:
+    """Whether a qmatmul of x (m rows in x_dtype) with a weight of this format
+    family ("gguf", "int", "nf4") takes the int8-activation kernels now."""
     mode = current()
-    if mode == "auto":
-        return family == "gguf" or x_dtype in (torch.float16, torch.bfloat16)
-    return mode == "int8"
+    if mode != "auto":
+        return mode == "int8"
+    if family == "gguf":
+        return True
+    if x_dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return m < EXACT_FROM_M or not outer_product_tiles()

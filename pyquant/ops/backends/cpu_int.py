@@ -5,8 +5,8 @@ contiguous tensors and trusts its arguments; everything it relies on is made
 true here. The exact kernels compute in fp32: fp16/bf16 activations are
 widened inside the kernel (exactly) and the result is cast back to their
 dtype, as the reference does. With int8 activations (``cpu_activations``: by
-default for fp16 / bf16 x, exact for fp32 x) x is quantized per 32-block, in
-two int8 planes, inside the kernel instead.
+default for fp16 / bf16 x below its EXACT_FROM_M rows, exact for fp32 x) x is
+quantized per 32-block, in two int8 planes, inside the kernel instead.
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
 
     def run(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         rows = x.shape[0]
-        int8 = use_int8("int", x.dtype)
+        int8 = use_int8("int", x.dtype, rows)
         if rows == 0 or (rows >= SCALAR_PANEL_MIN_M and not vector_gemms()):
             return qmatmul(x, qlist, fmt, shape, bias)
         if gather is not None:
@@ -124,11 +124,12 @@ def qmatmul(
 ) -> torch.Tensor:
     """Fused ``x @ W_hat.T + bias`` for every bit width: a streaming GEMV for
     M <= 8, a tiled GEMM above (decoded tiles of W, never the whole weight, x
-    in blocks of 256 rows that stay in L2, zmm tiles at the avx512 level: from
-    M = 256 to 2048 it measured 1.42-1.54x torch's fp32 GEMM on the dequantized
-    4096 x 4096 weight (ymm tiles: 1.05-1.17x), where decoded panels through
-    that GEMM gave 0.95-1.01x; at the scalar level,
-    those panels from SCALAR_PANEL_MIN_M rows); with int8
+    in blocks of 256 rows that stay in L2; at the avx512 level the
+    outer-product tile of csrc/cpu/panel_gemm.h: from M = 128 to 2048 it
+    measured 2.1-3.3x torch's fp32 GEMM on the dequantized 4096 x 4096 weight,
+    every bit width, 2 threads; the ymm tiles 1.05-1.17x, decoded panels
+    through that GEMM 0.95-1.01x; at the scalar level, those panels from
+    SCALAR_PANEL_MIN_M rows); with int8
     activations (``cpu_activations``) the integer-dot kernels at every M. x
     may be fp32, fp16 or bf16 (read by the kernel); the fp32 result is cast to
     x's dtype, as the reference does.
@@ -144,7 +145,7 @@ def qmatmul(
     perm = _checked_perm(t, k)
     bf = None if bias is None else bias.to(torch.float32).contiguous()
     xa, b, rank, scale = lora_args(lora_xa, lora_b, lora_scale, m, n)
-    int8 = cpu_activations.use_int8("int", x.dtype)
+    int8 = cpu_activations.use_int8("int", x.dtype, m)
     if m >= SCALAR_PANEL_MIN_M and not int8 and not vector_gemms():
         y = panel_matmul(x.to(torch.float32).contiguous(), n, k, row_decoder(t, fmt, k, perm), bf, xa, b, scale)
         return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -25,9 +25,9 @@ CPU has them, as a bf16 dense layer would; the C++ qmatmul kernels compute in
 fp32). M = 2048, K = N = 4096, 2 threads, 2-core AMD EPYC with AVX512-BF16,
 shared (timings noisy): Int4 bf16 312 ms vs 740 ms for the C++ qmatmul +
 addmm_; NF4 bf16 724 vs 1744 ms. In fp32 the C++ GEMMs (x in L2-sized blocks,
-zmm tiles at the avx512 level) beat the panels: 4096 x 4096, M = 256 to 2048,
-2 threads, 1.42-1.54x (Int4) and 1.26-1.43x (NF4) torch's fp32 GEMM, the
-panels 0.95-1.02x.
+the outer-product tile at the avx512 level) beat the panels: 4096 x 4096, M =
+128 to 2048, 2 threads, 2.1-2.4x (Int4) and 2.1-2.2x (NF4) torch's fp32 GEMM,
+the panels 0.95-1.02x.
 
 Below that, and in fp32/fp16, the C++ qmatmul kernels
 take the low-rank term in their epilogue (``csrc/cpu/lora_epilogue.h``: each

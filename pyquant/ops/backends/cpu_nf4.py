@@ -6,12 +6,14 @@ without going through ``QuantizedWeight``), contiguity, and the device.
 
 qmatmul: the C++ kernels at every M, never the float weight: fused (decode
 into registers) at small M, tiled above (decoded tiles, x in passes of 256
-rows that stay in L2, zmm tiles at the avx512 level; 4096 x 4096, 2 threads,
-M = 256 to 2048: 1.26-1.43x torch's fp32 GEMM on the dequantized weight, ymm
-tiles 1.02-1.06x, decoded row panels through that GEMM 0.95-1.02x; at the scalar level, those panels from
-SCALAR_PANEL_MIN_M rows). With int8 activations (``cpu_activations``: by default
-for fp16 / bf16 x, exact for fp32 x) and K a multiple of 32, the integer-dot
-kernel at every M (x and the codebook each in two int8 planes, per 32-block).
+rows that stay in L2, the outer-product tile of csrc/cpu/panel_gemm.h at the
+avx512 level; 4096 x 4096, 2 threads, M = 128 to 2048: 2.1-2.2x torch's fp32
+GEMM on the dequantized weight, ymm tiles 1.02-1.06x, decoded row panels
+through that GEMM 0.95-1.02x; at the scalar level, those panels from
+SCALAR_PANEL_MIN_M rows). With int8 activations (``cpu_activations``: by
+default for fp16 / bf16 x below its EXACT_FROM_M rows, exact for fp32 x) and K
+a multiple of 32, the integer-dot kernel at every M (x and the codebook each
+in two int8 planes, per 32-block).
 """
 from __future__ import annotations
 
@@ -96,7 +98,7 @@ def qmatmul(x2d: torch.Tensor, qdata, fmt: NF4, shape, bias, lora_xa=None, lora_
     xa, b, rank, scale = lora_args(lora_xa, lora_b, lora_scale, m, n)
     nthreads = torch.get_num_threads()
     ext = _ext.load()
-    int8 = cpu_activations.use_int8("nf4", x2d.dtype) and ext.nf4_q8_supported(k)
+    int8 = cpu_activations.use_int8("nf4", x2d.dtype, m) and ext.nf4_q8_supported(k)
     if m >= SCALAR_PANEL_MIN_M and not int8 and not vector_gemms():
         y = panel_matmul(x2d.to(torch.float32).contiguous(), n, k, row_decoder(args, fmt, shape), bf, xa, b, scale)
     else:
