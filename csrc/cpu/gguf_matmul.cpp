@@ -59,7 +59,7 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
   // At the avx512 level, the outer-product tile on x repacked (panel_gemm.h),
   // kPanelBlockM rows of x at a time so that their panels stay in L2 while
   // the tiles sweep them; each tile's outputs are summed transposed.
-  const bool outer = level >= Simd::kAvx512;
+  const bool outer = level >= Simd::kAvx512 && M >= kOuterTileMinM;
   const int64_t block_m = outer ? std::min(M, kPanelBlockM) : M, ldyt = padded_rows(block_m);
   // Allocated before the parallel region: an allocation failure must surface
   // as a Python exception, not terminate inside OpenMP.
@@ -68,7 +68,7 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
   float* const yt_all = outer ? x_panels_scratch(nthreads * kTileN * ldyt, 1) : nullptr;
   MicroGemmFn micro[kMR][kNR];
   for (int a = 0; a < kMR; ++a)
-    for (int b = 0; b < kNR; ++b) micro[a][b] = micro_gemm_fn(a + 1, b + 1, level >= Simd::kAvx2);
+    for (int b = 0; b < kNR; ++b) micro[a][b] = micro_gemm_fn(a + 1, b + 1, level >= Simd::kAvx2, level >= Simd::kAvx512);
 
   for (int64_t i0 = 0; i0 < M; i0 += block_m) {
     const int64_t mb = std::min(block_m, M - i0);

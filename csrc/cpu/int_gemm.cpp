@@ -6,7 +6,8 @@
 // every row of x against it: at the avx2 level kMR rows of x x kNR weight
 // rows, 12 ymm accumulators vectorised along K so both operands are plain
 // loads (the horizontal sums happen once per K block); at the avx512 level
-// the outer-product tile of panel_gemm.h on x repacked once per call.
+// the outer-product tile of panel_gemm.h on x repacked once per call (below
+// kOuterTileMinM rows, micro_gemm.h's 16-lane version of the dot tile).
 // Threads take super-tiles of rows; a super-tile is swept once per K block,
 // so its tiles share the x panel in L2, and the next tile's weight lines are
 // prefetched in software (the rows are a stride apart, which the hardware
@@ -17,6 +18,7 @@
 
 #include "avx2_reduce.h"
 #include "int_kernels.h"
+#include "micro_gemm.h"
 #include "panel_gemm.h"
 
 namespace pyquant {
@@ -127,7 +129,7 @@ PQ_TARGET_AVX2 void prefetch_tile(const IntWeight& w, int64_t n0, int64_t n1, in
 // Rows [nb, ne) (one super-tile) of y += x @ W_hat.T.
 template <int BITS>
 PQ_TARGET_AVX2 void gemm_part(const float* x, int64_t ldx, int64_t m, const IntWeight& w, float* y, int64_t nb,
-                              int64_t ne, const float* x_panels, float* yt, int64_t ldyt) {
+                              int64_t ne, bool wide, const float* x_panels, float* yt, int64_t ldyt) {
   alignas(64) float buf[kTileN * kBlockK];
   const int64_t kp = w.chunks * kIntChunk;
   for (int64_t k0 = 0; k0 < kp; k0 += kBlockK) {
@@ -151,7 +153,12 @@ PQ_TARGET_AVX2 void gemm_part(const float* x, int64_t ldx, int64_t m, const IntW
         const int mr = int(std::min<int64_t>(kMR, m - i0));
         for (int j0 = 0; j0 < rows; j0 += kNR) {
           const int nr = std::min(kNR, rows - j0);
-          micro_any(mr, nr, x + i0 * ldx + k0, ldx, buf + j0 * kBlockK, klen, y + i0 * w.n + n0 + j0, w.n);
+          if (wide) {
+            micro_gemm_fn(mr, nr, true, true)(x + i0 * ldx + k0, ldx, buf + j0 * kBlockK, kBlockK, klen,
+                                              y + i0 * w.n + n0 + j0, w.n);
+          } else {
+            micro_any(mr, nr, x + i0 * ldx + k0, ldx, buf + j0 * kBlockK, klen, y + i0 * w.n + n0 + j0, w.n);
+          }
         }
       }
     }
@@ -170,10 +177,12 @@ void gemm(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const floa
   const int64_t super_rows = per * kTileN, items = (w.n + super_rows - 1) / super_rows;
   // At the avx512 level x is repacked for the outer-product tile
   // (panel_gemm.h; the packing is O(m k) against the GEMM's O(m n k)), and
-  // each thread sums a super-tile's outputs transposed, added to y once.
+  // each thread sums a super-tile's outputs transposed, added to y once;
+  // below kOuterTileMinM rows the 16-lane dot-product tile (micro_gemm.h).
+  const bool wide = simd_level() >= Simd::kAvx512;  // read outside the region: it may throw
   float *x_panels = nullptr, *yt_all = nullptr;
   const int64_t ldyt = padded_rows(m);
-  if (simd_level() >= Simd::kAvx512) {  // read outside the region: it may throw
+  if (wide && m >= kOuterTileMinM) {
     const int64_t kp = w.chunks * kIntChunk;
     x_panels = x_panels_scratch(x_panels_floats(m, kp), 0);
     yt_all = x_panels_scratch(nthreads * super_rows * ldyt, 1);
@@ -186,7 +195,7 @@ void gemm(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const floa
       for (int64_t n = nb; n < ne; ++n) y[i * w.n + n] = bias ? bias[n] : 0.0f;
     float* yt = x_panels ? yt_all + omp_get_thread_num() * super_rows * ldyt : nullptr;
     if (yt) std::fill(yt, yt + (ne - nb) * ldyt, 0.0f);
-    gemm_part<BITS>(x, ldx, m, w, y, nb, ne, x_panels, yt, ldyt);
+    gemm_part<BITS>(x, ldx, m, w, y, nb, ne, wide, x_panels, yt, ldyt);
     if (yt) add_transposed_avx512(yt, ldyt, int(ne - nb), m, y + nb, w.n);
     lora.apply(y, w.n, 0, m, nb, ne);
   }

@@ -227,7 +227,7 @@ void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias
   // each tile's outputs summed transposed (panel_gemm.h).
   float *x_panels = nullptr, *yt_all = nullptr;
   const int64_t ldyt = padded_rows(m);
-  if (avx512) {
+  if (avx512 && m >= kOuterTileMinM) {
     x_panels = x_panels_scratch(x_panels_floats(m, K), 0);
     yt_all = x_panels_scratch(nthreads * kTileN * ldyt, 1);
     pack_x_panels(x, K, m, K, K, x_panels, nthreads);
@@ -261,7 +261,8 @@ void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias
         const int mr = int(std::min<int64_t>(kMR, m - m0));
         for (int64_t j = 0; j < nc; j += kNR) {
           const int nr = int(std::min<int64_t>(kNR, nc - j));
-          micro_gemm_fn(mr, nr, avx2)(x + m0 * K + k0, K, wbuf + j * kTileK, kTileK, kc, y + m0 * N + n0 + j, N);
+          micro_gemm_fn(mr, nr, avx2, avx512)(x + m0 * K + k0, K, wbuf + j * kTileK, kTileK, kc, y + m0 * N + n0 + j,
+                                              N);
         }
       }
     }
