@@ -64,8 +64,8 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
   // Allocated before the parallel region: an allocation failure must surface
   // as a Python exception, not terminate inside OpenMP.
   std::vector<float> buffers(size_t(nthreads) * kTileN * kc);
-  float* const x_panels = outer ? x_panels_scratch(x_panels_floats(block_m, K), 0) : nullptr;
-  float* const yt_all = outer ? x_panels_scratch(nthreads * kTileN * ldyt, 1) : nullptr;
+  float* const x_panels = outer ? thread_scratch(x_panels_floats(block_m, K), Scratch::kXPanels) : nullptr;
+  float* const yt_all = outer ? thread_scratch(nthreads * kTileN * ldyt, Scratch::kYTransposed) : nullptr;
   MicroGemmFn micro[kMR][kNR];
   for (int a = 0; a < kMR; ++a)
     for (int b = 0; b < kNR; ++b) micro[a][b] = micro_gemm_fn(a + 1, b + 1, level >= Simd::kAvx2, level >= Simd::kAvx512);

@@ -184,8 +184,8 @@ void gemm(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const floa
   const int64_t ldyt = padded_rows(m);
   if (wide && m >= kOuterTileMinM) {
     const int64_t kp = w.chunks * kIntChunk;
-    x_panels = x_panels_scratch(x_panels_floats(m, kp), 0);
-    yt_all = x_panels_scratch(nthreads * super_rows * ldyt, 1);
+    x_panels = thread_scratch(x_panels_floats(m, kp), Scratch::kXPanels);
+    yt_all = thread_scratch(nthreads * super_rows * ldyt, Scratch::kYTransposed);
     pack_x_panels(x, ldx, m, w.k, kp, x_panels, nthreads);
   }
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)

@@ -5,6 +5,8 @@
 // 8 separate horizontal sums), and the eight sums land in y with one FMA.
 #include "lora_epilogue.h"
 
+#include "avx2_reduce.h"
+
 #if PQ_X86
 #include <immintrin.h>
 
@@ -32,9 +34,7 @@ PQ_TARGET_AVX2 inline float dot_avx2(const float* a, const float* b, int64_t r, 
   int64_t j = 0;
   for (; j < full; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
   if (j < r) acc = _mm256_fmadd_ps(_mm256_maskload_ps(a + j, mask), _mm256_maskload_ps(b + j, mask), acc);
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+  return hsum_avx2(acc);
 }
 
 }  // namespace

@@ -20,6 +20,10 @@ struct LoraEpilogue {
   const float* b = nullptr;   // (N, rank) row-major
   int64_t rank = 0;
   float scale = 0.0f;
+  // Read where the epilogue is built (the bindings), not in apply(): apply
+  // runs inside the kernels' parallel regions, where an exception from
+  // simd_level() (a PYQUANT_SIMD the CPU lacks) could not reach Python.
+  bool avx2 = simd_has_avx2();
 
   bool active() const { return xa != nullptr && b != nullptr && rank > 0 && scale != 0.0f; }
 
@@ -30,7 +34,7 @@ struct LoraEpilogue {
   void apply(float* y, int64_t ldy, int64_t m0, int64_t m1, int64_t n0, int64_t n1) const {
     if (!active()) return;
 #if PQ_X86
-    if (simd_has_avx2()) return lora_epilogue_avx2(*this, y, ldy, m0, m1, n0, n1);
+    if (avx2) return lora_epilogue_avx2(*this, y, ldy, m0, m1, n0, n1);
 #endif
     for (int64_t m = m0; m < m1; ++m) {
       const float* a = xa + m * rank;

@@ -41,93 +41,70 @@ void micro_gemm_scalar(const float* x, int64_t ldx, const float* w, int64_t ldw,
 }
 
 #if PQ_X86
-// 8-lane partial sums, reduced by hsum_avx2, then the len % 8 tail in order.
-template <int MR, int NR>
-PQ_TARGET_AVX2 void micro_gemm_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* y,
-                                    int64_t ldy) {
-  __m256 acc[MR][NR];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= len; k += 8) {
-    __m256 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k);
-    for (int r = 0; r < MR; ++r) {
-      const __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
-      for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
-    }
+// VEC-wide partial sums (W lanes), reduced by HSUM, then the len % W tail in
+// order: micro_gemm_avx2 (ymm) and micro_gemm_avx512 (zmm: twice the multiply
+// rate of the ymm tile where a core has two 512-bit FMA units; Zen 4 splits
+// zmm operations in two, so there it halves the instruction count). HOLD(xv)
+// keeps the zmm tile's x vector in a register: left alone, GCC folds that
+// load into each of the NR FMAs (NR loads of x per step instead of one; 7%
+// slower there).
+#define PQ_MICRO_GEMM_DOT(NAME, TARGET, VEC, W, ZERO, LOADU, FMA, HSUM, HOLD)                                    \
+  template <int MR, int NR>                                                                                    \
+  TARGET void NAME(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* y, int64_t ldy) { \
+    VEC acc[MR][NR];                                                                                           \
+    for (int r = 0; r < MR; ++r)                                                                               \
+      for (int j = 0; j < NR; ++j) acc[r][j] = ZERO();                                                         \
+    int64_t k = 0;                                                                                             \
+    for (; k + W <= len; k += W) {                                                                             \
+      VEC wv[NR];                                                                                              \
+      for (int j = 0; j < NR; ++j) wv[j] = LOADU(w + j * ldw + k);                                             \
+      for (int r = 0; r < MR; ++r) {                                                                           \
+        VEC xv = LOADU(x + r * ldx + k);                                                                       \
+        HOLD(xv);                                                                                              \
+        for (int j = 0; j < NR; ++j) acc[r][j] = FMA(xv, wv[j], acc[r][j]);                                    \
+      }                                                                                                        \
+    }                                                                                                          \
+    for (int r = 0; r < MR; ++r) {                                                                             \
+      for (int j = 0; j < NR; ++j) {                                                                           \
+        float t = HSUM(acc[r][j]);                                                                             \
+        for (int64_t kk = k; kk < len; ++kk) t += x[r * ldx + kk] * w[j * ldw + kk];                           \
+        y[r * ldy + j] += t;                                                                                   \
+      }                                                                                                        \
+    }                                                                                                          \
   }
-  for (int r = 0; r < MR; ++r) {
-    for (int j = 0; j < NR; ++j) {
-      float t = hsum_avx2(acc[r][j]);
-      for (int64_t kk = k; kk < len; ++kk) t += x[r * ldx + kk] * w[j * ldw + kk];
-      y[r * ldy + j] += t;
-    }
-  }
-}
-
-// The same at 16 lanes, for the avx512 level: twice the multiply rate of the
-// ymm tile where a core has two 512-bit FMA units; Zen 4 splits zmm
-// operations in two, so there it halves the instruction count. The len % 16
-// tail in order.
-template <int MR, int NR>
-PQ_TARGET_AVX512 void micro_gemm_avx512(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len,
-                                        float* y, int64_t ldy) {
-  __m512 acc[MR][NR];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= len; k += 16) {
-    __m512 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_ps(w + j * ldw + k);
-    for (int r = 0; r < MR; ++r) {
-      __m512 xv = _mm512_loadu_ps(x + r * ldx + k);
-      // Held in a register: left alone, GCC folds this load into each of the
-      // NR FMAs (NR loads of x per step instead of one; 7% slower here).
-      __asm__("" : "+v"(xv));
-      for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    for (int j = 0; j < NR; ++j) {
-      float t = _mm512_reduce_add_ps(acc[r][j]);
-      for (int64_t kk = k; kk < len; ++kk) t += x[r * ldx + kk] * w[j * ldw + kk];
-      y[r * ldy + j] += t;
-    }
-  }
-}
+#define PQ_MICRO_NO_HOLD(v) (void)0
+#define PQ_MICRO_HOLD(v) __asm__("" : "+v"(v))
+PQ_MICRO_GEMM_DOT(micro_gemm_avx2, PQ_TARGET_AVX2, __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps,
+                  hsum_avx2, PQ_MICRO_NO_HOLD)
+PQ_MICRO_GEMM_DOT(micro_gemm_avx512, PQ_TARGET_AVX512, __m512, 16, _mm512_setzero_ps, _mm512_loadu_ps,
+                  _mm512_fmadd_ps, _mm512_reduce_add_ps, PQ_MICRO_HOLD)
+#undef PQ_MICRO_GEMM_DOT
+#undef PQ_MICRO_NO_HOLD
+#undef PQ_MICRO_HOLD
 #endif
 
 // The kernel for an mr x nr tile (1 <= mr <= kMicroMR, 1 <= nr <= kMicroNR);
 // avx512 implies avx2.
+// Every mr x nr instance of a tile template, indexed [mr - 1][nr - 1].
+#define PQ_MICRO_TABLE(F)                                                         \
+  {                                                                               \
+    {F<1, 1>, F<1, 2>, F<1, 3>}, {F<2, 1>, F<2, 2>, F<2, 3>}, {F<3, 1>, F<3, 2>, F<3, 3>}, \
+        {F<4, 1>, F<4, 2>, F<4, 3>}                                               \
+  }
 inline MicroGemmFn micro_gemm_fn(int mr, int nr, bool avx2, bool avx512 = false) {
 #if PQ_X86
   if (avx512) {
-    static const MicroGemmFn t[kMicroMR][kMicroNR] = {
-        {micro_gemm_avx512<1, 1>, micro_gemm_avx512<1, 2>, micro_gemm_avx512<1, 3>},
-        {micro_gemm_avx512<2, 1>, micro_gemm_avx512<2, 2>, micro_gemm_avx512<2, 3>},
-        {micro_gemm_avx512<3, 1>, micro_gemm_avx512<3, 2>, micro_gemm_avx512<3, 3>},
-        {micro_gemm_avx512<4, 1>, micro_gemm_avx512<4, 2>, micro_gemm_avx512<4, 3>},
-    };
+    static const MicroGemmFn t[kMicroMR][kMicroNR] = PQ_MICRO_TABLE(micro_gemm_avx512);
     return t[mr - 1][nr - 1];
   }
   if (avx2) {
-    static const MicroGemmFn t[kMicroMR][kMicroNR] = {
-        {micro_gemm_avx2<1, 1>, micro_gemm_avx2<1, 2>, micro_gemm_avx2<1, 3>},
-        {micro_gemm_avx2<2, 1>, micro_gemm_avx2<2, 2>, micro_gemm_avx2<2, 3>},
-        {micro_gemm_avx2<3, 1>, micro_gemm_avx2<3, 2>, micro_gemm_avx2<3, 3>},
-        {micro_gemm_avx2<4, 1>, micro_gemm_avx2<4, 2>, micro_gemm_avx2<4, 3>},
-    };
+    static const MicroGemmFn t[kMicroMR][kMicroNR] = PQ_MICRO_TABLE(micro_gemm_avx2);
     return t[mr - 1][nr - 1];
   }
 #endif
-  static const MicroGemmFn t[kMicroMR][kMicroNR] = {
-      {micro_gemm_scalar<1, 1>, micro_gemm_scalar<1, 2>, micro_gemm_scalar<1, 3>},
-      {micro_gemm_scalar<2, 1>, micro_gemm_scalar<2, 2>, micro_gemm_scalar<2, 3>},
-      {micro_gemm_scalar<3, 1>, micro_gemm_scalar<3, 2>, micro_gemm_scalar<3, 3>},
-      {micro_gemm_scalar<4, 1>, micro_gemm_scalar<4, 2>, micro_gemm_scalar<4, 3>},
-  };
+  static const MicroGemmFn t[kMicroMR][kMicroNR] = PQ_MICRO_TABLE(micro_gemm_scalar);
   return t[mr - 1][nr - 1];
 }
+#undef PQ_MICRO_TABLE
 
 }  // namespace pyquant

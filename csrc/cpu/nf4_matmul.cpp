@@ -228,8 +228,8 @@ void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias
   float *x_panels = nullptr, *yt_all = nullptr;
   const int64_t ldyt = padded_rows(m);
   if (avx512 && m >= kOuterTileMinM) {
-    x_panels = x_panels_scratch(x_panels_floats(m, K), 0);
-    yt_all = x_panels_scratch(nthreads * kTileN * ldyt, 1);
+    x_panels = thread_scratch(x_panels_floats(m, K), Scratch::kXPanels);
+    yt_all = thread_scratch(nthreads * kTileN * ldyt, Scratch::kYTransposed);
     pack_x_panels(x, K, m, K, K, x_panels, nthreads);
   }
   // Handed out one at a time: on a shared machine a thread that loses its core

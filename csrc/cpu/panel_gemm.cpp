@@ -6,6 +6,7 @@
 #include <array>
 #include <stdexcept>
 #include <utility>
+#include <vector>
 
 #include "simd.h"
 
@@ -14,18 +15,6 @@
 #endif
 
 namespace pyquant {
-
-float* x_panels_scratch(int64_t floats, int slot) {
-  thread_local std::vector<float> scratch[2];
-  std::vector<float>& s = scratch[slot];
-  // 16 spare floats: the tiles load panels aligned to 64 bytes.
-  if (int64_t(s.size()) < floats + 16) {
-    s = std::vector<float>();  // released before growing: the peak is the new size, not both
-    s.resize(size_t(floats + 16));
-  }
-  const auto addr = reinterpret_cast<uintptr_t>(s.data());
-  return s.data() + (64 - addr % 64) % 64 / sizeof(float);
-}
 
 #if PQ_X86
 namespace {

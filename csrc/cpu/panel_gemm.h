@@ -18,7 +18,8 @@
 // not depend on the thread count.
 #pragma once
 #include <cstdint>
-#include <vector>
+
+#include "thread_scratch.h"
 
 namespace pyquant {
 
@@ -63,11 +64,5 @@ void panel_gemm_avx512(const float* panels, int64_t m, int64_t k, int64_t k0, in
 
 // y[i * ldy + j] += yt[j * ldyt + i] for i < m, j < rows (ldyt < 2^27).
 void add_transposed_avx512(const float* yt, int64_t ldyt, int rows, int64_t m, float* y, int64_t ldy);
-
-// The calling thread's buffer, grown to the largest call so far: a fresh
-// allocation of several MiB per call would page-fault every time. Taken
-// before a parallel region (allocation failure must reach Python as an
-// exception). Two slots, for the panels and the transposed outputs.
-float* x_panels_scratch(int64_t floats, int slot = 0);
 
 }  // namespace pyquant

@@ -17,9 +17,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #include "simd.h"
+#include "thread_scratch.h"
 
 #if PQ_X86
 #include <immintrin.h>
@@ -140,14 +140,13 @@ void transposed_gemm(const float* g, int64_t m, int64_t n, int64_t k, const Deco
   const int64_t col_items = (k + kTgCols - 1) / kTgCols;
   const int64_t items = col_items * ((m + kTgBlockM - 1) / kTgBlockM);
   // Each thread's tile and accumulator (192 KiB: too much for an OpenMP
-  // thread's stack), allocated here: an exception must not escape the region.
+  // thread's stack), taken here: an exception must not escape the region.
   // + one decoded row segment, zeros standing in for the missing rows of a
   // short last row group of g, and a sink for their sums.
   // Rounded to 16 floats, so every thread's block starts on a cache line.
   constexpr int64_t kPer = ((kTgRows + kTgBlockM + 1) * kTgCols + kTgRows + STRIP + 15) / 16 * 16;
   const int threads = std::max(nthreads, 1);
-  std::vector<float> scratch(size_t(kPer * threads + 16));
-  float* base = scratch.data() + (16 - (reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(float)) % 16) % 16;
+  float* base = thread_scratch(kPer * threads, Scratch::kTransposedTiles);
 #pragma omp parallel num_threads(threads) if (items > 1)
   {
     float* tile = base + kPer * omp_get_thread_num();  // 64-byte aligned
