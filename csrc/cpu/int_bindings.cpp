@@ -64,6 +64,16 @@ void register_int_cpu(py::module_& m) {
       "y (M, N) fp32 = x (M, K) in x_dtype @ W_hat.T (+ bias fp32 (N,), 0 = none) (+ lora_scale * lora_xa (M, r) "
       "@ lora_b (N, r).T, fp32, 0 = none); int8_activations: x quantized per 32-block (q8 kernels)");
   m.def(
+      "int_bf16_kernel",
+      [](int x_dtype, int64_t m_rows, int bits) {
+        IntWeight w{};
+        w.bits = bits;
+        return int4_bf16_route(x_dtype, m_rows, w);
+      },
+      py::arg("x_dtype"), py::arg("m"), py::arg("bits"),
+      "Whether int_qmatmul (exact) takes the AVX512-BF16 kernel for x of this dtype and row count and this "
+      "bit width (csrc/cpu/int4_bf16.cpp)");
+  m.def(
       "int_qmatmul_t",
       [](uintptr_t g, int64_t m_rows, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t n, int64_t k,
          int bits, int64_t group_size, int scale_dtype, uintptr_t out, int nthreads) {

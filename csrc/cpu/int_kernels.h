@@ -66,6 +66,20 @@ void int_gemv_avx2(const void* x, int x_dtype, int64_t ldx, int64_t m, const Int
 // and zeros past K, so whole chunks can be read.
 void int_gemm_avx2(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const float* bias,
                    const LoraEpilogue& lora, float* y, int nthreads);
+// Int4 with bf16 x on AVX512-BF16 (int4_bf16.cpp): exact products of bf16 x
+// with the codes (vdpbf16ps), summed in fp32. int_qmatmul takes it where
+// int4_bf16_route says: bf16 x of up to kInt4Bf16MaxM rows, 4 bits, the
+// avx512 level on a CPU with AVX512-BF16. (4096 x 4096, 2 threads: 1.2-1.4x
+// torch's int4 kernel and 1.3-1.5x the int8 planes at M = 4-8, level with
+// them at M = 1; above 64 rows the outer-product GEMM ties with it and x
+// would no longer stay in L2.)
+bool int4_bf16_supported(const IntWeight& w);
+constexpr int64_t kInt4Bf16MaxM = 64;
+inline bool int4_bf16_route(int x_dtype, int64_t m, const IntWeight& w) {
+  return x_dtype == kBF16 && m <= kInt4Bf16MaxM && int4_bf16_supported(w);
+}
+void int4_bf16_qmatmul(const uint16_t* x, int64_t m, const IntWeight& w, const float* bias, const LoraEpilogue& lora,
+                       float* y, int nthreads);
 constexpr int64_t kGemvMaxM = 4;      // rows of x per GEMV pass
 constexpr int64_t kGemvPassMaxM = 8;  // up to here qmatmul runs GEMV passes
 // Rows of x per call of the tiled GEMM: its x panel (rows x 512 fp32, 512 KiB)

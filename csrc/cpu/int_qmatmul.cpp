@@ -71,6 +71,8 @@ void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, cons
                  const LoraEpilogue& lora, float* y, int nthreads) {
   if (m <= 0 || w.n <= 0) return;
   const size_t esize = x_dtype == kF32 ? 4 : 2;
+  if (int4_bf16_route(x_dtype, m, w))
+    return int4_bf16_qmatmul(static_cast<const uint16_t*>(x), m, w, bias, lora, y, nthreads);
 #if PQ_X86
   if (simd_has_avx2()) {
     if (m <= kGemvPassMaxM) {

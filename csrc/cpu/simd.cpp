@@ -20,6 +20,7 @@ constexpr const char* kNeeds[kSimdLevels] = {
 
 struct Cpu {
   bool level[kSimdLevels] = {true, false, false, false};
+  bool avx512_bf16 = false;  // vdpbf16ps, on top of the avx512 level
 };
 
 #if PQ_X86
@@ -60,18 +61,22 @@ Cpu detect() {
   c.level[int(Simd::kAvx2)] = avx2;
   c.level[int(Simd::kAvxVnni)] = avx2 && bit(a71, 4);
   c.level[int(Simd::kAvx512)] = avx2 && avx512;
+  c.avx512_bf16 = avx2 && avx512 && bit(a71, 5);
 #endif
   return c;
 }
 
 // PYQUANT_SIMD_HIDE=avx512,avxvnni: treat those levels as absent, to see
 // (and test) what a CPU without them gets: the fallbacks, and the errors.
+// "avx512bf16" hides that extension alone (an avx512 CPU without it: Zen 4's
+// predecessors, Ice Lake); hiding avx512 hides it too.
 Cpu with_hidden(Cpu c) {
   const char* env = std::getenv("PYQUANT_SIMD_HIDE");
   if (env == nullptr) return c;
   const std::string list = std::string(",") + env + ",";
   for (int l = 1; l < kSimdLevels; ++l)
     if (list.find(std::string(",") + kNames[l] + ",") != std::string::npos) c.level[l] = false;
+  if (!c.level[int(Simd::kAvx512)] || list.find(",avx512bf16,") != std::string::npos) c.avx512_bf16 = false;
   return c;
 }
 
@@ -148,6 +153,8 @@ Simd simd_level() {
 }
 
 bool simd_supported(Simd s) { return cpu().level[int(s)]; }
+
+bool simd_has_avx512_bf16() { return cpu().avx512_bf16 && simd_level() == Simd::kAvx512; }
 
 bool set_simd_level(const std::string& level) {
   if (level == "best") {

@@ -40,6 +40,11 @@ std::vector<std::string> simd_supported_names();
 // Every level above scalar has AVX2 + FMA + F16C: the float kernels written
 // for AVX2 run at all of them.
 inline bool simd_has_avx2() { return simd_level() >= Simd::kAvx2; }
+// The level is avx512 and the CPU has AVX512-BF16 (vdpbf16ps: Cooper Lake,
+// Sapphire Rapids, Zen 4 and 5), not hidden by PYQUANT_SIMD_HIDE=avx512bf16.
+// An extension of the avx512 level, not a level of its own: kernels that use
+// it are chosen per call where that level runs.
+bool simd_has_avx512_bf16();
 
 }  // namespace pyquant
 
@@ -60,6 +65,7 @@ inline bool simd_has_avx2() { return simd_level() >= Simd::kAvx2; }
 #define PQ_TARGET_STR_AVX2 "avx2,fma,f16c"
 #define PQ_TARGET_STR_AVXVNNI "avx2,fma,f16c,avxvnni"
 #define PQ_TARGET_STR_AVX512 "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"
+#define PQ_TARGET_STR_AVX512_BF16 PQ_TARGET_STR_AVX512 ",avx512bf16"
 #if PQ_X86
 // One function for the avx512 level (the float GEMM tiles): call it only where
 // simd_level() says avx512.

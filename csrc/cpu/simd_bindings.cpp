@@ -15,6 +15,9 @@ void register_simd_cpu(py::module_& m) {
   m.def("set_simd_level", &set_simd_level, py::arg("level"),
         "Use `level` (scalar, avx2, avxvnni, avx512) from now on, or 'best' for the default (PYQUANT_SIMD, else "
         "the best the CPU has). ValueError for an unknown level or one this CPU lacks. Returns True.");
+  m.def("simd_avx512_bf16", &simd_has_avx512_bf16,
+        "True when the avx512 level runs and the CPU has AVX512-BF16 (vdpbf16ps), not hidden by "
+        "PYQUANT_SIMD_HIDE=avx512bf16: the Int4 kernel for bf16 x at small M runs then");
   m.def("simd_levels", &simd_supported_names, "The SIMD levels this CPU and OS support, lowest first");
   m.def("simd_all_levels", [] {
     std::vector<std::string> out;

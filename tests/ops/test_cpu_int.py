@@ -17,6 +17,9 @@ from pyquant import _ext
 from pyquant.errors import DtypeError, FormatError, ShapeError, ValueRangeError
 from pyquant.formats import Int
 from pyquant.ops import reference
+from pyquant.ops._dtypes import dtype_code
+from pyquant.ops.backends import cpu_activations as cpu_activations_mod
+from pyquant.ops.backends import cpu_int
 from pyquant.ops.backends.cpu_activations import cpu_activations
 from pyquant.ops.dispatch import select_kernel
 from tests.kernels import simd_level
@@ -284,6 +287,69 @@ def test_qmatmul_every_panel_width(level):
         x = torch.randn(m, 600)
         with cpu_activations("fp32"), simd(level):
             expect.check(pyquant.qmatmul(x, qw, bias, kernel="cpu"), x, bias)
+
+
+# --- Int4 with bf16 x on AVX512-BF16 (csrc/cpu/int4_bf16.cpp) --------------------------------
+BF16_KERNEL = bool(C is not None and C.simd_avx512_bf16())
+
+
+def int_qmatmul_fp32(x, qw, bias=None, lora=None):
+    """The exact C++ entry point's fp32 output (qmatmul rounds it to x's dtype)."""
+    n, k = qw.shape
+    t = cpu_int._named(qw.format, qw.tensor_list(), qw.shape)
+    fmt = qw.format
+    y = torch.empty(x.shape[0], n)
+    xa, b, scale = lora if lora is not None else (None, None, 0.0)
+    p = lambda a: 0 if a is None else a.data_ptr()  # noqa: E731
+    C.int_qmatmul(p(x), dtype_code(x.dtype), x.shape[0], p(t["qweight"]), p(t["scales"]), p(t.get("zeros")),
+                  p(bias), n, k, fmt.bits, fmt.group_size, dtype_code(fmt.scale_dtype), p(y), 2,
+                  p(xa), p(b), 0 if xa is None else xa.shape[1], scale, False)
+    return y
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_bf16_kernel(group):
+    """Every group size, symmetric and not, every scale dtype; ragged K (a
+    partial last 64-byte unit, a ragged last group, K = 29 inside one chunk),
+    N not a multiple of the 16-row blocks, M across passes of 8 rows and K
+    across several x blocks (K = 4160 at M = 8 and 40: 1024-column blocks and
+    a partial one); bias and the low-rank epilogue. Against the fp64
+    reference at the fp32 kernels' tolerance: the products are exact, the
+    sums fp32. Without AVX512-BF16 the same calls check the fp32 kernels."""
+    shapes = ((29, 600), (17, 4160), (40, 576), (5, 29), (33, 1000))
+    for v, (sym, sdtype) in enumerate(VARIANTS):
+        n, k = shapes[v % len(shapes)]
+        qw = make_qw(4, group, sym, sdtype, n, k, seed=v)
+        expect = Expect(qw)
+        bias = torch.randn(n)
+        for m in (1, 3, 8, 9, 17, 40, 64):
+            assert C.int_bf16_kernel(dtype_code(torch.bfloat16), m, 4) == BF16_KERNEL
+            x = torch.randn(m, k).bfloat16()
+            expect.check(int_qmatmul_fp32(x, qw, bias), x.float(), bias)
+        x = torch.randn(6, k).bfloat16()
+        xa, b = torch.randn(6, 4), torch.randn(n, 4)
+        y = int_qmatmul_fp32(x, qw, bias, (xa, b, 0.5))
+        expect.check(y - 0.5 * (xa @ b.T), x.float(), bias, rel=4e-5)
+
+
+def test_bf16_kernel_route():
+    """Where it runs: 4 bits, bf16 x, up to 64 rows, and only with the
+    extension at the avx512 level; auto mode then multiplies bf16 x exactly."""
+    bf16, f16 = dtype_code(torch.bfloat16), dtype_code(torch.float16)
+    assert C.int_bf16_kernel(bf16, 64, 4) == BF16_KERNEL
+    assert not C.int_bf16_kernel(bf16, 65, 4) and not C.int_bf16_kernel(f16, 8, 4)
+    assert not any(C.int_bf16_kernel(bf16, 8, bits) for bits in (2, 3, 8))
+    assert cpu_activations_mod.use_int8("int", torch.bfloat16, 8, 4) == (not BF16_KERNEL)
+    assert cpu_activations_mod.use_int8("int", torch.bfloat16, 8, 3)
+    for level in SIMD:
+        with simd(level):
+            assert C.int_bf16_kernel(bf16, 8, 4) == (BF16_KERNEL and level == "avx512")
+    if BF16_KERNEL:  # auto is the exact bf16 kernel, bit for bit
+        qw = make_qw(4, 128, False, torch.float16, 24, 512)
+        x = torch.randn(8, 512).bfloat16()
+        y = pyquant.qmatmul(x, qw, kernel="cpu")
+        with cpu_activations("fp32"):
+            assert torch.equal(y, pyquant.qmatmul(x, qw, kernel="cpu"))
 
 
 def test_rtn_weights_public_api():

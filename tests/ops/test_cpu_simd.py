@@ -105,3 +105,31 @@ def test_environment_forces_a_lower_level():
     r = _run({"PYQUANT_SIMD": "scalar"}, QMATMUL)
     assert r.returncode == 0, r.stderr
     assert "RAN scalar" in r.stdout and "ENV scalar" in r.stdout, r.stdout
+
+
+@pytest.mark.skipif(not (C is not None and C.simd_avx512_bf16()), reason="this CPU has no AVX512-BF16")
+def test_avx512_bf16_can_be_hidden():
+    """PYQUANT_SIMD_HIDE=avx512bf16 takes the extension alone away (an avx512
+    CPU without it): the level stays avx512, the Int4 bf16 kernel is not
+    taken, and a bf16 qmatmul still runs (on the fp32 or int8 kernels)."""
+    body = """
+        import torch, pyquant
+        from pyquant import _ext
+        from pyquant.formats import Int
+        C = _ext.load()
+        qw = pyquant.quantize_weight(torch.randn(16, 256), Int(4, 128, True))
+        x = torch.randn(4, 256).bfloat16()
+        y = pyquant.qmatmul(x, qw)
+        ref = pyquant.qmatmul(x, qw, kernel="reference")
+        print("LEVEL", C.simd_level(), "BF16", C.simd_avx512_bf16(), "ROUTE", C.int_bf16_kernel(2, 4, 4),
+              "ENV", pyquant.env()["cpu_avx512_bf16"], "CLOSE", bool(torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2)))
+    """
+    r = _run({"PYQUANT_SIMD_HIDE": "avx512bf16"}, body)
+    assert r.returncode == 0, r.stderr
+    assert "LEVEL avx512 BF16 False ROUTE False ENV False CLOSE True" in r.stdout, r.stdout
+    r = _run({}, body)
+    assert r.returncode == 0, r.stderr
+    assert "LEVEL avx512 BF16 True ROUTE True ENV True CLOSE True" in r.stdout, r.stdout
+    # a lower level forced: the extension is not used either
+    r = _run({"PYQUANT_SIMD": "avx2"}, body)
+    assert "LEVEL avx2 BF16 False ROUTE False" in r.stdout, r.stdout

@@ -103,7 +103,7 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
 
     def run(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         rows = x.shape[0]
-        int8 = use_int8("int", x.dtype, rows)
+        int8 = use_int8("int", x.dtype, rows, fmt.bits)
         if rows == 0 or (rows >= SCALAR_PANEL_MIN_M and not vector_gemms()):
             return qmatmul(x, qlist, fmt, shape, bias)
         if gather is not None:
@@ -145,7 +145,7 @@ def qmatmul(
     perm = _checked_perm(t, k)
     bf = None if bias is None else bias.to(torch.float32).contiguous()
     xa, b, rank, scale = lora_args(lora_xa, lora_b, lora_scale, m, n)
-    int8 = cpu_activations.use_int8("int", x.dtype, m)
+    int8 = cpu_activations.use_int8("int", x.dtype, m, fmt.bits)
     if m >= SCALAR_PANEL_MIN_M and not int8 and not vector_gemms():
         y = panel_matmul(x.to(torch.float32).contiguous(), n, k, row_decoder(t, fmt, k, perm), bf, xa, b, scale)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
