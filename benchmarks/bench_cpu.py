@@ -7,8 +7,10 @@ blocks, so load changes on a shared machine hit all alike):
 * ``pyquant``: the registered CPU kernel (no torch.library dispatch), in its
   default activation mode (GGUF: int8, llama.cpp's arithmetic; Int / NF4:
   exact fp32), and for Int / NF4 also ``pyquant_int8`` (the integer-dot kernels,
-  two int8 planes of x) -- fp32 x, and bf16 x for Int4 (torch's int4 kernel
-  takes bf16);
+  two int8 planes of x) -- fp32 x; for Int4 also bf16 x, as torch's int4
+  kernel takes: ``pyquant_bf16`` (the default for bf16 x: on a CPU with
+  AVX512-BF16 the exact vdpbf16ps kernel, else the int8 planes) and
+  ``pyquant_int8_bf16``;
 * ``dense``: torch's fp32 ``x @ W.T`` on the dequantized weight;
 * ``torch_int4``: ``aten._weight_int4pack_mm_for_cpu`` on the same codes,
   scales and zeros (Int4 only; bf16 x);
@@ -200,6 +202,7 @@ def candidates(p: Problem, m: int, threads: int, copies, ggml=None):
         c["pyquant_int8"] = mode("int8", lambda: kern.qmatmul(x, nxt("qw").tensor_list(), p.fmt, shape, None))
     if p.int4 is not None:
         c["pyquant_int8_bf16"] = mode("int8", lambda: kern.qmatmul(xb, nxt("qw").tensor_list(), p.fmt, shape, None))
+        c["pyquant_bf16"] = lambda: kern.qmatmul(xb, nxt("qw").tensor_list(), p.fmt, shape, None)
         def torch_int4():
             packed, sz = nxt("int4")
             return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, p.fmt.group_size, sz)
@@ -295,6 +298,11 @@ def run(args) -> dict:
 
 # ---- report --------------------------------------------------------------------------------
 
+def fastest(t: dict) -> str:
+    """The fastest of pyquant's candidates in one row of timings."""
+    return min((n for n in ("pyquant", "pyquant_int8", "pyquant_bf16") if n in t), key=t.get)
+
+
 def _ratio(t, a, b):
     return f"{t[b] / t[a]:.2f}" if a in t and b in t else "-"
 
@@ -306,19 +314,20 @@ def markdown(res: dict, key: str = "median_ms") -> str:
            + (f"; {res['contention']} busy processes alongside" if res["contention"] else "")
            + f". {'Median' if key == 'median_ms' else 'Minimum'} ms of interleaved calls; ratios are speedups "
            "(baseline time / pyquant time) within one process.", ""]
-    out += ["| format | cache | thr (clock) | M | pyquant | int8 path | dense fp32 | torch int4 | ggml | x dense | "
-            "x dense (int8) | x torch int4 (int8, bf16 x) | x ggml | GB/s | % read BW |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out += ["| format | cache | thr (clock) | M | pyquant | int8 path | bf16 x | int8 path, bf16 x | dense fp32 "
+            "| torch int4 | ggml | x dense | x dense (fastest) | x torch int4 (bf16 x) | x ggml | GB/s (fastest) "
+            "| % read BW |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         t = r[key]
-        fast = "pyquant_int8" if "pyquant_int8" in t else "pyquant"
+        fast = fastest(t)
         gbs = r["weight_bytes"] / t[fast] / 1e6
         read = f"{100 * t['read'] / t[fast]:.0f}%" if "read" in t else "-"
         f = lambda n: f"{t[n]:.3f}" if n in t else "-"  # noqa: E731
         out.append(f"| {r['format']} | {r['cache']} | {r['threads']} ({r.get('clock', 'wall')}) | {r['m']} "
-                   f"| {f('pyquant')} | {f('pyquant_int8')} "
+                   f"| {f('pyquant')} | {f('pyquant_int8')} | {f('pyquant_bf16')} | {f('pyquant_int8_bf16')} "
                    f"| {f('dense')} | {f('torch_int4')} | {f('ggml')} | {_ratio(t, 'pyquant', 'dense')} "
-                   f"| {_ratio(t, fast, 'dense')} | {_ratio(t, 'pyquant_int8_bf16', 'torch_int4')} "
+                   f"| {_ratio(t, fast, 'dense')} | {_ratio(t, 'pyquant_bf16', 'torch_int4')} "
                    f"| {_ratio(t, 'pyquant', 'ggml')} | {gbs:.1f} | {read} |")
     return "\n".join(out)
 
@@ -340,7 +349,7 @@ def plot(res: dict, path: Path) -> bool:
             if not rows:
                 continue
             ms = [r["m"] for r in rows]
-            sp = [r["median_ms"]["dense"] / r["median_ms"].get("pyquant_int8", r["median_ms"]["pyquant"]) for r in rows]
+            sp = [r["median_ms"]["dense"] / r["median_ms"][fastest(r["median_ms"])] for r in rows]
             ax.plot(ms, sp, marker="o", label=name)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)

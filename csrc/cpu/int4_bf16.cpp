@@ -3,16 +3,18 @@
 // vdpbf16ps multiplies 32 pairs of bf16 values per instruction and adds them
 // to 16 fp32 lanes: twice the products of an fp32 FMA, and with bf16 x
 // against the integer codes every product is exact (8-bit by 8-bit
-// significands fit fp32's 24). So for bf16 x this is an exact kernel (x @
-// W_hat.T to fp32 rounding, like the fp32 path), not an approximation like
-// the int8 planes, and it does less per weight than either: per 128 codes and
-// row of x, 4 vdpbf16ps and one FMA for the group's scale, where the two-plane
-// int8 kernel needs 4 vpdpbusd, a shift, a conversion, a multiply and an FMA.
+// significands fit fp32's 24; the instruction treats denormal inputs as
+// zero). So for bf16 x this is an exact kernel (x @ W_hat.T to fp32
+// rounding, like the fp32 path), not an approximation like the int8 planes,
+// and it does less per weight than either: per 128 codes and row of x, 4
+// vdpbf16ps (in two chains), an add and one FMA for the group's scale, where
+// the two-plane int8 kernel needs 4 vpdpbusd, a shift, a conversion, a
+// multiply and an FMA.
 //
-// The decode is the format's quirk put to use. bf16 has 7 mantissa bits, so
-// on [128, 256) its step is 1 and 128 + q is the bit pattern 0x4300 | q: a
-// code byte interleaved with the byte 0x43 (one vpunpck{l,h}bw per 32 codes)
-// is its bf16 value plus 128. The kernel sums (128 + q) x and the 128 rides
+// The decode is one unpack per 32 codes, from a property of bf16: with 7
+// mantissa bits its step on [128, 256) is 1, so 128 + q is the bit pattern
+// 0x4300 | q, a code byte interleaved with the byte 0x43 (vpunpck{l,h}bw).
+// The kernel sums (128 + q) x and the 128 rides
 // with the zero point:
 //   sum_g s_g sum_k (q - z_g) x_k = sum_g s_g sum_k (128 + q) x_k - sum_g s_g (128 + z_g) X_g
 // with X_g the sum of x over group g. (The bias makes the partial sums about

@@ -129,7 +129,9 @@ def qmatmul(
     measured 2.1-3.3x torch's fp32 GEMM on the dequantized 4096 x 4096 weight,
     every bit width, 2 threads; the ymm tiles 1.05-1.17x, decoded panels
     through that GEMM 0.95-1.01x; at the scalar level, those panels from
-    SCALAR_PANEL_MIN_M rows); with int8
+    SCALAR_PANEL_MIN_M rows); for 4-bit weights and bf16 x on a CPU with
+    AVX512-BF16, up to 64 rows, ``vdpbf16ps`` on the codes (csrc/cpu/int4_bf16.cpp:
+    exact products, fp32 sums); with int8
     activations (``cpu_activations``) the integer-dot kernels at every M. x
     may be fp32, fp16 or bf16 (read by the kernel); the fp32 result is cast to
     x's dtype, as the reference does.
