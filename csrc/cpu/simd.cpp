@@ -68,8 +68,8 @@ Cpu detect() {
 
 // PYQUANT_SIMD_HIDE=avx512,avxvnni: treat those levels as absent, to see
 // (and test) what a CPU without them gets: the fallbacks, and the errors.
-// "avx512bf16" hides that extension alone (an avx512 CPU without it: Zen 4's
-// predecessors, Ice Lake); hiding avx512 hides it too.
+// "avx512bf16" hides that extension alone (an avx512 CPU without it:
+// Skylake-SP, Cascade Lake, Ice Lake); hiding avx512 hides it too.
 Cpu with_hidden(Cpu c) {
   const char* env = std::getenv("PYQUANT_SIMD_HIDE");
   if (env == nullptr) return c;

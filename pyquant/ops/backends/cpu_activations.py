@@ -22,10 +22,10 @@
   2 threads, Int4: 4.5 ms against 5.3 at M = 48, 41 against 56 at M = 512;
   NF4 5.1 against 6.4 and 43 against 82), and exact costs nothing in
   accuracy. Int4 with bf16 x takes ``"fp32"`` at every M where the CPU has
-  AVX512-BF16: its exact kernel there multiplies bf16 x with the codes by
-  ``vdpbf16ps`` (exact products, fp32 sums) and is the fastest of the three
-  (4096 x 4096, 2 threads, cold: 0.67 ms at M = 8 against 0.95 for the int8
-  planes and 0.84 for torch's int4 kernel).
+  AVX512-BF16: up to 64 rows its exact path there multiplies bf16 x with the
+  codes by ``vdpbf16ps`` (exact products, fp32 sums; csrc/cpu/int4_bf16.cpp),
+  the fastest of the three (4096 x 4096, 2 threads, cold: 0.67 ms at M = 8
+  against 0.95 for the int8 planes and 0.84 for torch's int4 kernel).
 
 Choose with the environment variable ``PYQUANT_CPU_ACTIVATIONS`` (read at
 each call) or, for a block of code (this thread / task only)::
