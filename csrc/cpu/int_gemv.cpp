@@ -147,13 +147,6 @@ PQ_TARGET_AVX2 void prepare_x(const void* x, int dtype, int64_t ldx, const IntWe
   }
 }
 
-// Adds, for row n and chunks [kb0, kb1), sum over the segments of
-// s_seg * sum(q * xt) minus the zero-point term of the block's groups, for
-// each of the M rows of x, to out. pf (or null) is the weight span to fetch
-// into L1 meanwhile, as long as this one: one prefetch per cache line,
-// spread through the loop so that the requests overlap the arithmetic
-// instead of queueing up in a burst (a whole row ahead at once measured
-// 10-20% slower from a cold cache).
 // The segments of chunks [kb0, kb1) of a row: one per group, or the whole
 // block when per channel.
 struct Segments {
@@ -210,6 +203,13 @@ struct RowBlock {
   }
 };
 
+// Adds, for row n and chunks [kb0, kb1), sum over the segments of
+// s_seg * sum(q * xt) minus the zero-point term of the block's groups, for
+// each of the M rows of x, to out. pf (or null) is the weight span to fetch
+// into L1 meanwhile, as long as this one: one prefetch per cache line,
+// spread through the loop so that the requests overlap the arithmetic
+// instead of queueing up in a burst (a whole row ahead at once measured
+// 10-20% slower from a cold cache).
 template <int BITS, int M>
 PQ_TARGET_AVX2 void gemv_row_block(const float* xt, int64_t ldx, const float* X, int64_t ldX, const IntWeight& w,
                                    int64_t n, int64_t kb0, int64_t kb1, const uint8_t* pf, float* out) {
