@@ -33,12 +33,10 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <memory>
-#include <new>
-#include <vector>
 
 #include "int_kernels.h"
+#include "thread_scratch.h"
 #include "work_share.h"
 
 namespace pyquant {
@@ -54,10 +52,6 @@ constexpr uint16_t kBias = 0x4300;   // bf16 128.0: the high byte 0x43 under eve
 // (48 KiB on Zen 5 and Sapphire Rapids' P-cores). Unblocked, 8 rows of x at
 // K = 4096 (64 KiB) came from L2 for every weight row: 1.17 ms at M = 8.
 constexpr int64_t kXBlockBytes = 16 * 1024;
-
-struct AlignedFree {
-  void operator()(void* p) const { std::free(p); }
-};
 
 }  // namespace
 
@@ -217,31 +211,33 @@ bool int4_bf16_supported(const IntWeight& w) { return w.bits == 4 && simd_has_av
 void int4_bf16_qmatmul(const uint16_t* x, int64_t m, const IntWeight& w, const float* bias, const LoraEpilogue& lora,
                        float* y, int nthreads) {
   const int64_t kp = (w.chunks + 3) / 4 * kUnit, ldX = (w.groups + 15) / 16 * 16;
-  // x's rows 64-byte aligned (kp is a multiple of 64 values): a vector load
-  // that straddles two cache lines costs two.
-  std::unique_ptr<uint16_t[], AlignedFree> xt(static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * m * kp)));
-  std::unique_ptr<float[], AlignedFree> X(static_cast<float*>(std::aligned_alloc(64, sizeof(float) * m * ldX)));
-  if (!xt || !X) throw std::bad_alloc();
-  prepare_x(x, m, w, kp, xt.get(), X.get(), ldX);
   const int nshare = std::max(nthreads, 1);
-  // Per thread: the block's row scales (two arrays of kRows x ldX) and its
-  // partial sums (kRows x kMr vectors). Allocated here: an exception must not
-  // escape the parallel region.
+  // One per-thread scratch buffer (kept between calls: at M = 64, K = 4096 x
+  // alone is 512 KiB, which a per-call allocation would page-fault through
+  // every time), taken here, before the parallel region, and cut into: x in
+  // unit order (rows 64-byte aligned, kp being a multiple of 128 values: a
+  // vector load that straddles two cache lines costs two), its group sums X,
+  // and per thread the block's row scales (two arrays of kRows x ldX) and
+  // partial sums (kRows x kMr vectors). Every piece is a multiple of 16 floats.
+  const int64_t xt_floats = m * kp / 2, X_floats = m * ldX;
   const int64_t scratch = 2 * kRows * ldX + kRows * kMr * 16;
-  std::unique_ptr<float[], AlignedFree> buf(static_cast<float*>(std::aligned_alloc(64, sizeof(float) * scratch * nshare)));
-  if (!buf) throw std::bad_alloc();
+  float* const base = thread_scratch(xt_floats + X_floats + scratch * nshare, Scratch::kXPanels);
+  uint16_t* const xt = reinterpret_cast<uint16_t*>(base);
+  float* const X = base + xt_floats;
+  float* const buf = X + X_floats;
+  prepare_x(x, m, w, kp, xt, X, ldX);
   std::unique_ptr<Share[]> share(new Share[nshare]);
   const int64_t blocks = (w.n + kRows - 1) / kRows;
   init_shares(share.get(), nshare, blocks);
 #pragma omp parallel num_threads(nshare)
   {
     const int t = omp_get_thread_num();
-    float* mine = buf.get() + scratch * t;
+    float* mine = buf + scratch * t;
     float *sf = mine + kRows * kMr * 16, *cz = sf + kRows * ldX;
     __m512* part = reinterpret_cast<__m512*>(mine);
     run_shared(share.get(), nshare, t, [&](int64_t b) {
       const int64_t n0 = b * kRows, n1 = std::min(w.n, n0 + kRows);
-      block(xt.get(), kp, X.get(), ldX, m, w, bias, n0, n1, sf, cz, part, y);
+      block(xt, kp, X, ldX, m, w, bias, n0, n1, sf, cz, part, y);
       lora.apply(y, w.n, 0, m, n0, n1);
     });
   }

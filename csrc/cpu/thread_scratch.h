@@ -11,6 +11,8 @@
 namespace pyquant {
 
 // One slot per buffer a single call needs at once.
+// kXPanels: x repacked for a kernel (the outer-product panels, or int4_bf16.cpp's
+// x in unit order with its working buffers).
 enum class Scratch { kXPanels = 0, kYTransposed = 1, kTransposedTiles = 2 };
 
 // At least `floats` floats, 64-byte aligned, contents unspecified; valid until
