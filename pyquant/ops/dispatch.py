@@ -83,10 +83,13 @@ def register_kernel(op: str, backend: str, fmt: str, supports: Callable, tag: st
     formats ``fmt`` names; ``supports(fmt, device, m)`` says whether it takes a
     call (format details, device, the extension or Triton being there, M).
     ``plan``: an optional launch-plan factory (module doc); ``sources``: for GPU
-    kernels, ``() -> (root, files)`` of their source (a CUDA kernel without one
-    counts every CUDA source and header)."""
+    kernels, ``() -> (root, files)`` of their source. A CUDA kernel must name its
+    own: hashing every CUDA file instead would make one kernel's edit unverify
+    all the others."""
     if op not in OPS or backend not in BACKENDS:
         raise ValueError(f"unknown op/backend {op!r}/{backend!r}")
+    if backend == "cuda" and sources is None:
+        raise ValueError(f"CUDA kernel {kernel_name(op, backend, fmt, tag)!r} must name its sources")
     name = kernel_name(op, backend, fmt, tag)
 
     def deco(fn):
@@ -116,12 +119,9 @@ def source_hash(name: str) -> Optional[str]:
     k = kernel_by_name(name)
     if k is None:
         return None
-    if k.sources is not None:
-        root, files = k.sources()
-    elif k.backend == "cuda":
-        root, files = kernel_sources.CSRC, kernel_sources.all_cuda_sources()
-    else:
+    if k.sources is None:
         return None
+    root, files = k.sources()
     return kernel_sources.files_hash(files, root)
 
 
@@ -176,12 +176,12 @@ def select_kernel(op: str, fmt, device: torch.device, m: int = 1, kernel: str = 
     else:
         order = _ACCELERATOR_ORDER
     for backend in order:
-        k = _find(op, backend, fmt, device, m)
-        if k is None:
-            continue
-        if backend in GPU_BACKENDS and k.name not in verified_kernels():
-            continue  # experimental until a GPU run has passed it
-        return k
+        for k in _REGISTRY.get((op, backend), ()):
+            if not k.supports(fmt, device, m):
+                continue
+            if backend in GPU_BACKENDS and k.name not in verified_kernels():
+                continue  # experimental until a GPU run has passed it: the next one may have
+            return k
     what = f" weight {shape[0]}x{shape[1]}" if shape is not None else ""
     raise KernelUnavailableError(f"no kernel for {op} with format {_describe(fmt)}{what} on device {device}")
 

@@ -51,12 +51,6 @@ def cuda_sources(*cu_files: str) -> List[Path]:
     return sorted(out)
 
 
-def all_cuda_sources() -> List[Path]:
-    """Every CUDA source and header: the source of a CUDA kernel that names none."""
-    return sorted(p for d in (CSRC / "cuda", CSRC / "include") for p in d.rglob("*") if p.is_file()) or [
-        CSRC / "cuda"]
-
-
 def files_hash(files: Iterable[Path], root: Path) -> Optional[str]:
     """SHA-256 of the files' paths relative to ``root`` and their bytes; None when
     one is missing (an install without the sources)."""

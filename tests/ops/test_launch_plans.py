@@ -222,6 +222,37 @@ def test_cuda_kernel_sources_follow_includes():
     assert dispatch.source_hash("cuda_int4_qmatmul_gemv") != dispatch.source_hash("cuda_int8_w8a8_matmul")
 
 
+
+def test_every_cuda_kernel_names_its_own_sources():
+    from pyquant.ops import kernel_sources
+
+    cuda = [k for k in dispatch.kernels() if k.backend == "cuda"]
+    assert cuda
+    hashes = {k.name: dispatch.source_hash(k.name) for k in cuda}
+    assert all(hashes.values()), hashes
+    # one kernel's files do not include another kernel's .cu file
+    for k in cuda:
+        own = [p.name for p in k.sources()[1] if p.suffix == ".cu"]
+        assert len(own) == 1, (k.name, own)
+    with pytest.raises(ValueError, match="must name its sources"):
+        dispatch.register_kernel("qmatmul", "cuda", "int4", lambda f, d, m: False, tag="nosrc")(lambda *a: None)
+    assert kernel_sources.cuda_sources("gptq_block.cu") != kernel_sources.cuda_sources("hqq_solver.cu")
+
+
+def test_an_unverified_kernel_does_not_hide_a_verified_one_of_its_backend(monkeypatch):
+    dev = torch.device("cuda")
+    takes_all = lambda f, d, m: True  # noqa: E731
+    new = Kernel("qmatmul", "cuda", "int4", "cuda_int4_qmatmul_new", takes_all, None, sources=lambda: None)
+    old = Kernel("qmatmul", "cuda", "int4", "cuda_int4_qmatmul_old", takes_all, None, sources=lambda: None)
+    monkeypatch.setitem(dispatch._REGISTRY, ("qmatmul", "cuda"), [new, old])
+    monkeypatch.setattr(dispatch, "verified_kernels", lambda: frozenset({"cuda_int4_qmatmul_old"}))
+    fmt = Int(4, 128)
+    assert dispatch.select_kernel("qmatmul", fmt, dev, 16) is old
+    assert dispatch.select_kernel("qmatmul", fmt, dev, 16, kernel="cuda") is new  # by name: the first that takes it
+    both = frozenset({"cuda_int4_qmatmul_new", "cuda_int4_qmatmul_old"})
+    monkeypatch.setattr(dispatch, "verified_kernels", lambda: both)
+    assert dispatch.select_kernel("qmatmul", fmt, dev, 16) is new
+
 TRITON_SCRIPT = textwrap.dedent(
     r"""
     import sys, torch

@@ -21,7 +21,7 @@ import torch
 from ...formats.int_mma import IntMMA
 from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
-from .cuda import _aligned16, _dequant_out, _matmul_out, _opt_code, cuda_ready, launch
+from .cuda import _aligned16, _dequant_out, _matmul_out, _opt_code, _src, cuda_ready, launch
 
 MAX_M = 64
 MAX_M_GROUP32 = 32  # 64 rows x group 32 needs more than 255 registers per thread
@@ -79,7 +79,7 @@ def _kernel_input(x: torch.Tensor, t: dict) -> torch.Tensor:
     return x
 
 
-@register_kernel("qmatmul", "cuda", "int4mma", _mma_ok)
+@register_kernel("qmatmul", "cuda", "int4mma", _mma_ok, sources=_src("int4_mma.cu"))
 def int4_mma(x, qdata, fmt, shape, bias):
     """x (M, K) fp16/bf16 contiguous, M <= 64 -> (M, N) in x.dtype. fp32 x
     takes the dequantize-then-matmul path (tensor cores take 16-bit inputs)."""
@@ -113,7 +113,7 @@ def _mma_dequant_ok(fmt, device, m):
     return isinstance(fmt, IntMMA) and cuda_ready(device)
 
 
-@register_kernel("dequantize", "cuda", "int4mma", _mma_dequant_ok)
+@register_kernel("dequantize", "cuda", "int4mma", _mma_dequant_ok, sources=_src("int4_mma_dequant.cu"))
 def int4_mma_dequantize(qdata, fmt, shape, dtype):
     n, k = shape
     t, out = _dequant_out(qdata, fmt, shape, dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
 from ..reference.hqq import HQQSolution, solver_schedule
-from .cuda import cuda_ready, launch
+from .cuda import _src, cuda_ready, launch
 
 GPTQ_MAX_BLOCK = 512  # widest block the CUDA kernel keeps in registers (csrc/cuda/launchers.h)
 
@@ -19,7 +19,7 @@ def _gptq_ok(fmt, device, m) -> bool:
     return m <= GPTQ_MAX_BLOCK and cuda_ready(device)
 
 
-@register_kernel("gptq_block_update", "cuda", "int", _gptq_ok)
+@register_kernel("gptq_block_update", "cuda", "int", _gptq_ok, sources=_src("gptq_block.cu"))
 def gptq_block_update(W, Hinv, scale, zero, start, stop, group_len, maxq, codes_out, err_out):
     n, b = W.shape
     if n == 0 or stop <= start:
@@ -36,7 +36,7 @@ def _hqq_ok(fmt, device, m) -> bool:
     return cuda_ready(device)
 
 
-@register_kernel("hqq_solve", "cuda", "int", _hqq_ok)
+@register_kernel("hqq_solve", "cuda", "int", _hqq_ok, sources=_src("hqq_solver.cu"))
 def hqq_solve(w, bits, group, scale_dtype, iters, lp_norm, beta, kappa, early_stop):
     n, k = w.shape
     dev = w.device
