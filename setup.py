@@ -3,8 +3,11 @@
 Environment:
   PYQUANT_CUDA=auto|0|1   build the CUDA kernels (auto: when nvcc is found)
   PYQUANT_CUDA_ARCHS      CMake CUDA architectures, default "80;90a"
+  PYQUANT_CUTLASS_DIR     CUTLASS include folder (holding cutlass/cutlass.h) for the
+                          sm_90a kernels; default: the nvidia-cutlass package's, if installed
   PYQUANT_BUILD_JOBS      parallel compile jobs (default: CPU count)
 """
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -27,6 +30,16 @@ def _want_cuda() -> bool:
             raise RuntimeError("PYQUANT_CUDA=1 but nvcc was not found")
         return True
     return found
+
+
+def cutlass_include() -> str:
+    """The CUTLASS headers' folder, or "" (then the *_sm90.cu kernels are not built):
+    the offline SASS tool's answer (triton_kernels/tools/cuda_build.py, loaded
+    by path: the package is not importable before it is built)."""
+    spec = importlib.util.spec_from_file_location("_cuda_build", ROOT / "triton_kernels" / "tools" / "cuda_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cutlass_include() or ""
 
 
 class CMakeExtension(Extension):
@@ -53,6 +66,7 @@ class CMakeBuild(build_ext):
             args.append(f"-DPYQUANT_CUDA_ARCHS={os.environ.get('PYQUANT_CUDA_ARCHS', '80;90a')}")
             nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+            args.append(f"-DPYQUANT_CUTLASS_INCLUDE={cutlass_include()}")
         if shutil.which("ninja"):
             args += ["-G", "Ninja"]
         jobs = os.environ.get("PYQUANT_BUILD_JOBS", str(os.cpu_count() or 2))

@@ -4,9 +4,11 @@ the same process (DESIGN.md, Benchmarks).
 * cuda_int4_gemv (Int4 g128 asym, fp16 x, M = 1..8): time, achieved GB/s
   (packed weight + scales + zeros + x + y) and its fraction of a device-to-device
   copy measured in this run; speedup over torch's dense fp16 F.linear.
-* cuda_w8a8_gemm (Int8 per-channel, fp16 x, incl. activation quantization):
-  TOPS and speedup over dense fp16 F.linear and over torch._int_mm on
-  pre-quantized int8 operands (the int8 GEMM alone, where available).
+* the W8A8 kernels (Int8 per-channel, fp16 x, incl. activation quantization):
+  cuda_int8_w8a8_matmul_sm90 (CUTLASS, Hopper) where it runs and
+  cuda_int8_w8a8_matmul (mma.sync): TOPS and speedup over dense fp16 F.linear and
+  over torch._int_mm on pre-quantized int8 operands (the int8 GEMM alone, where
+  available).
 * dequantize kernels registered for CUDA (cuda_*_dequantize): GB/s vs copy.
 
 Timing (``_timing.CudaTimer``): CUDA graphs of calls rotating over operand copies
@@ -37,13 +39,15 @@ from _timing import CudaTimer, gpu_info  # noqa: E402
 import pyquant  # noqa: E402
 from pyquant.formats import GGUF, NF4, Int, QuantizedWeight  # noqa: E402
 from pyquant.ops import w8a8_matmul  # noqa: E402
-from pyquant.ops.dispatch import select_kernel  # noqa: E402
+from pyquant.ops.dispatch import kernel_by_name, select_kernel  # noqa: E402
 
 # (out, in): Llama-3-8B q/o, gate/up, down; Llama-3-70B up-like
 GEMV_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
 GEMM_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 GEMV_MS = [1, 2, 4, 8]
 GEMM_MS = [16, 128, 512, 2048]
+# every W8A8 kernel that takes the call on this GPU, timed in the same process
+W8A8_KERNELS = ("cuda_int8_w8a8_matmul_sm90", "cuda_int8_w8a8_matmul")
 
 
 def device_name() -> str:
@@ -120,19 +124,27 @@ def bench_w8a8(timer, shapes, ms):
         wi8s = [w.t() for w in _copies(timer, torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8))]
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            t_q = _time(timer, lambda q: w8a8_matmul(x, q, kernel="cuda"), qws)
             t_d = _time(timer, lambda w: F.linear(x, w), wds)
-            row = {"kernel": "cuda_int8_w8a8_matmul", "shape": f"{n}x{k}", "m": m, **_stats(t_q), **_stats(t_d, "dense_"),
-                   "speedup_vs_dense": t_d.median / t_q.median, "tops": 2 * m * n * k / t_q.median / 1e6}
+            t_i = None
             if has_int_mm:
                 xi8 = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
                 try:
                     t_i = _time(timer, lambda w: torch._int_mm(xi8, w), wi8s)
+                except RuntimeError as exc:  # shape constraints of _int_mm
+                    t_i = str(exc).splitlines()[0]
+            for name in W8A8_KERNELS:
+                kern = kernel_by_name(name)
+                if kern is None or not kern.supports(fmt, x.device, m):
+                    continue  # e.g. the sm_90a kernel on another GPU
+                t_q = _time(timer, lambda q: w8a8_matmul(x, q, kernel=name), qws)
+                row = {"kernel": name, "shape": f"{n}x{k}", "m": m, **_stats(t_q), **_stats(t_d, "dense_"),
+                       "speedup_vs_dense": t_d.median / t_q.median, "tops": 2 * m * n * k / t_q.median / 1e6}
+                if isinstance(t_i, str):
+                    row["int_mm_error"] = t_i
+                elif t_i is not None:
                     row["int_mm_us"] = t_i.median
                     row["speedup_vs_int_mm"] = t_i.median / t_q.median
-                except RuntimeError as exc:  # shape constraints of _int_mm
-                    row["int_mm_error"] = str(exc).splitlines()[0]
-            rows.append(row)
+                rows.append(row)
         del qws, wds, wi8s
     return rows
 
@@ -176,13 +188,13 @@ def markdown(result) -> str:
                        f"{r['gbps']:.0f} | {r['copy_fraction']:.0%} | {r['eager_us']:.1f} |")
         out.append("")
     if result["w8a8"]:
-        out += ["### cuda_int8_w8a8_matmul (int8 per-channel, fp16, incl. activation quantization)", "",
-                "| shape | M | us | p10-p90 | dense us | dense p10-p90 | speedup | TOPS | vs _int_mm |",
-                "|---|---|---|---|---|---|---|---|---|"]
+        out += ["### W8A8 (int8 per-channel, fp16, incl. activation quantization)", "",
+                "| kernel | shape | M | us | p10-p90 | dense us | dense p10-p90 | speedup | TOPS | vs _int_mm |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["w8a8"]:
             vs = f"{r['speedup_vs_int_mm']:.2f}x" if "speedup_vs_int_mm" in r else "-"
-            out.append(f"| {r['shape']} | {r['m']} | {_us(r)} | {_us(r, 'dense_')} | {r['speedup_vs_dense']:.2f}x | "
-                       f"{r['tops']:.0f} | {vs} |")
+            out.append(f"| {r['kernel']} | {r['shape']} | {r['m']} | {_us(r)} | {_us(r, 'dense_')} | "
+                       f"{r['speedup_vs_dense']:.2f}x | {r['tops']:.0f} | {vs} |")
         out.append("")
     if result["dequant"]:
         out += ["### dequantize to fp16 (4096x4096)", "", "| kernel | format | us | p10-p90 | GB/s | of copy |",
@@ -210,10 +222,11 @@ def plot(result, path: Path) -> bool:
         axes[0].plot([r["m"] for r in rs], [r["speedup_vs_dense"] for r in rs], marker="o", label=shape)
     axes[0].set(title="cuda_int4_qmatmul_gemv vs dense fp16", xlabel="M", ylabel="speedup", xscale="log", xticks=GEMV_MS)
     axes[0].set_xticklabels([str(m) for m in GEMV_MS])
-    for shape in sorted({r["shape"] for r in result["w8a8"]}):
-        rs = [r for r in result["w8a8"] if r["shape"] == shape]
-        axes[1].plot([r["m"] for r in rs], [r["speedup_vs_dense"] for r in rs], marker="o", label=shape)
-    axes[1].set(title="cuda_int8_w8a8_matmul vs dense fp16", xlabel="M", ylabel="speedup", xscale="log")
+    for kernel, shape in sorted({(r["kernel"], r["shape"]) for r in result["w8a8"]}):
+        rs = [r for r in result["w8a8"] if r["shape"] == shape and r["kernel"] == kernel]
+        axes[1].plot([r["m"] for r in rs], [r["speedup_vs_dense"] for r in rs], marker="o",
+                     label=f"{kernel.replace('cuda_int8_w8a8_matmul', 'w8a8')} {shape}")
+    axes[1].set(title="W8A8 vs dense fp16", xlabel="M", ylabel="speedup", xscale="log")
     for ax in axes:
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.legend(fontsize=7)

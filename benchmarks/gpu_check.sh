@@ -10,7 +10,9 @@
 #
 # 1. build pyquant._C with CUDA for this GPU's architecture only (nvidia-smi
 #    compute_cap: 9.0 -> 90a, 8.0 -> 80, ...), into pyquant/, incrementally (the
-#    build folder build/gpu_check/build-<arch> is kept between runs);
+#    build folder build/gpu_check/build-<arch> is kept between runs); on 90a with
+#    the CUTLASS kernels, whose headers come from nvidia-cutlass: installed, or a
+#    wheel carried in .whl/ (cutlass_headers below);
 # 2. the GPU tests of the kernels this run may verify, one pytest process per file
 #    in parallel: tests/gpu/*, the tests marked gpu elsewhere, and the Triton kernel
 #    tests (tests/triton/test_triton_{qmatmul,packed,dequant}.py, compiled on the GPU);
@@ -101,12 +103,39 @@ skipped_step() {
   "$PY" "${REPORT[@]}" step "$1" 1 0 "$WORK/step-$1.log" "$WORK/junit-$1.xml"
 }
 
+# The CUTLASS headers the sm_90a kernels build with (csrc/cuda/*_sm90.cu): those
+# setup.py would find (PYQUANT_CUTLASS_DIR, an installed nvidia-cutlass), else the
+# headers of a wheel carried to the machine in .whl/ (it has no network:
+# `pip download --no-deps "nvidia-cutlass>=4.2,<4.3" -d .whl` beforehand, and name
+# .whl in the run's carry), unpacked into $WORK/cutlass. Prints "" when none.
+cutlass_headers() {
+  "$PY" - "$ROOT" "$WORK/cutlass" <<'PYEOF'
+import glob, importlib.util, sys, zipfile
+from pathlib import Path
+root, dest = Path(sys.argv[1]), Path(sys.argv[2])
+spec = importlib.util.spec_from_file_location("cb", root / "triton_kernels" / "tools" / "cuda_build.py")
+cb = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cb)
+inc = cb.cutlass_include()
+wheels = sorted(glob.glob(str(root / ".whl" / "nvidia_cutlass-*.whl")))
+if inc is None and wheels:
+    with zipfile.ZipFile(wheels[-1]) as z:
+        z.extractall(dest, [n for n in z.namelist() if n.startswith(("cutlass_library/source/include/",
+                                                                    "cutlass_library/source/tools/util/include/"))])
+    inc = str(dest / "cutlass_library" / "source" / "include")
+print(inc or "")
+PYEOF
+}
+
 # the build, as a script of its own so that timeout(1) can run it
 build() {
-  local bdir="$WORK/build-${ARCH:-cpu}" pybind_dir cuda_flags=()
+  local bdir="$WORK/build-${ARCH:-cpu}" pybind_dir cuda_flags=() cutlass
   pybind_dir=$("$PY" -c "import pybind11; print(pybind11.get_cmake_dir())") || return 1
   if [[ -n "$ARCH" ]]; then
-    cuda_flags=(-DPYQUANT_CUDA=ON "-DPYQUANT_CUDA_ARCHS=$ARCH" "-DCMAKE_CUDA_COMPILER=$(command -v nvcc)")
+    cutlass=$(cutlass_headers) || return 1
+    echo "CUTLASS headers: ${cutlass:-(none: no sm_90a CUTLASS kernels)}"
+    cuda_flags=(-DPYQUANT_CUDA=ON "-DPYQUANT_CUDA_ARCHS=$ARCH" "-DCMAKE_CUDA_COMPILER=$(command -v nvcc)"
+                "-DPYQUANT_CUTLASS_INCLUDE=$cutlass")
   else
     cuda_flags=(-DPYQUANT_CUDA=OFF)
   fi
@@ -185,7 +214,7 @@ main() {
   if [[ "${GPU_CHECK_SKIP_BUILD:-0}" == 1 ]]; then
     banner "build: skipped by GPU_CHECK_SKIP_BUILD"
     build_ok=1
-  elif step build 120 240 bash -c "$(declare -f build); ARCH='$ARCH' WORK='$WORK' ROOT='$ROOT' PY='$PY' build"; then
+  elif step build 120 240 bash -c "$(declare -f cutlass_headers build); ARCH='$ARCH' WORK='$WORK' ROOT='$ROOT' PY='$PY' build"; then
     build_ok=1
   else
     status=1

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "launchers.h"
+#include "launchers_w8a8.h"
 
 namespace py = pybind11;
 
@@ -31,6 +32,18 @@ void register_cuda(py::module_& m) {
   m.def("w8a8_gemm_cuda", &w8a8_gemm_cuda, nogil, py::arg("qa"), py::arg("sa"), py::arg("w"), py::arg("sw"),
         py::arg("bias"), py::arg("out"), py::arg("m"), py::arg("n"), py::arg("kp"), py::arg("scale_dtype"),
         py::arg("bias_dtype"), py::arg("out_dtype"), py::arg("stream"));
+
+  m.def("quantize_rows_w8a8_cuda", &quantize_rows_w8a8_cuda, nogil, py::arg("x"), py::arg("q"), py::arg("scale"),
+        py::arg("corr"), py::arg("m"), py::arg("k"), py::arg("kp"), py::arg("x_dtype"), py::arg("stream"));
+
+#ifdef PYQUANT_WITH_SM90  // built with the CUTLASS headers and sm_90a (CMakeLists.txt)
+  m.def("w8a8_sm90_gemm_cuda", &w8a8_sm90_gemm_cuda, nogil, py::arg("qa"), py::arg("sa"), py::arg("corr"),
+        py::arg("w"), py::arg("sw"), py::arg("bias"), py::arg("out"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("m"), py::arg("n"), py::arg("kp"), py::arg("out_dtype"),
+        py::arg("stream"));
+  m.def("w8a8_sm90_workspace_bytes", &w8a8_sm90_workspace_bytes, py::arg("m"), py::arg("n"), py::arg("kp"),
+        py::arg("out_dtype"));
+#endif
 
   m.def("nf4_dequant_cuda", &nf4_dequant_cuda, nogil, py::arg("qweight"), py::arg("absmax"), py::arg("absmax_q"),
         py::arg("absmax_scale"), py::arg("absmax_offset"), py::arg("dyn_map"), py::arg("out"), py::arg("numel"),

@@ -18,8 +18,11 @@ or honours ``kernel=``, the same way for every op:
   by default only when ``verified_kernels.json`` lists it (written from a GPU
   run's results); otherwise it is reachable only by name.
 * a backend name (``"cpu"``, ``"cuda"``, ``"triton"``, ``"dequant"``,
-  ``"reference"``): that backend's kernel, or KernelUnavailableError naming the
-  op, format, weight shape, device and M.
+  ``"reference"``): that backend's first kernel that takes the call, or
+  KernelUnavailableError naming the op, format, weight shape, device and M;
+* a kernel's name (``"cuda_int8_w8a8_matmul"``): that kernel, verified or not,
+  or the same error when it cannot take the call (where a backend has several
+  kernels for an op, the GPU tests name the one they test).
 
 Verified means verified: an entry of ``verified_kernels.json`` records the
 SHA-256 of the kernel's source (``kernel_sources``: the ``.cu`` file and its
@@ -159,12 +162,20 @@ def select_kernel(op: str, fmt, device: torch.device, m: int = 1, kernel: str = 
     """The kernel of ``op`` for format ``fmt`` on ``device`` with M rows (``shape``,
     the weight's (N, K), only names it in errors)."""
     if kernel != "auto":
+        what = f" weight {shape[0]}x{shape[1]}" if shape is not None else ""
         if kernel not in BACKENDS:
-            raise KernelUnavailableError(f"kernel must be 'auto' or one of {BACKENDS}, got {kernel!r}")
+            named = kernel_by_name(kernel)
+            if named is None or named.op != op:
+                names = [k.name for k in kernels(op)]
+                raise KernelUnavailableError(
+                    f"kernel must be 'auto', one of {BACKENDS} or the name of a {op} kernel ({names}), got {kernel!r}")
+            if not named.supports(fmt, device, m):
+                raise KernelUnavailableError(
+                    f"kernel {kernel!r} does not take format {_describe(fmt)}{what} on device {device} (M={m})")
+            return named
         k = _find(op, kernel, fmt, device, m)
         if k is None:
             names = [k.name for k in _REGISTRY.get((op, kernel), ())] or "none registered"
-            what = f" weight {shape[0]}x{shape[1]}" if shape is not None else ""
             raise KernelUnavailableError(
                 f"no {kernel!r} kernel for {op} takes format {_describe(fmt)}{what} on device {device} (M={m}); "
                 f"{kernel} kernels of {op}: {names}"

@@ -2,7 +2,9 @@
 tensor-core GEMM) against pyquant.ops.reference.w8a8_matmul_reference.
 
 Both sides do the same integer and fp32 operations in the same order, so the
-results are compared bit for bit. Every test is named test_cuda_int8_w8a8_matmul_*.
+results are compared bit for bit. Every test is named test_cuda_int8_w8a8_matmul_*
+and names its kernel (``kernel="cuda"`` would take the Hopper kernel on an H100:
+tests/gpu/test_cuda_w8a8_sm90.py).
 """
 import pytest
 import torch
@@ -34,7 +36,7 @@ def _assert_equal(out, ref, what):
 @pytest.mark.parametrize("shape", [(1, 1), (3, 70), (17, 4096), (130, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_cuda_int8_w8a8_matmul_quantize_rows_bit_exact(shape, dtype):
     cuda_ext_or_skip()
-    from pyquant.ops.backends.cuda import quantize_rows_int8_cuda
+    from pyquant.ops.backends.cuda_w8a8 import quantize_rows_int8_cuda
 
     m, k = shape
     x = torch.randn(m, k, device="cuda").to(dtype) * 3
@@ -62,7 +64,7 @@ def test_cuda_int8_w8a8_matmul_matches_reference(mnk, dtype):
     x = torch.randn(m, k, device="cuda").to(dtype)
     bias = torch.randn(n, device="cuda").to(dtype)
     for b in (None, bias):
-        out = w8a8_matmul(x, qw, b, kernel="cuda")
+        out = w8a8_matmul(x, qw, b, kernel="cuda_int8_w8a8_matmul")
         ref = w8a8_matmul(x, qw, b, kernel="reference")
         _assert_equal(out, ref, f"M={m} N={n} K={k} {dtype} bias={b is not None}")
 
@@ -73,7 +75,7 @@ def test_cuda_int8_w8a8_matmul_scale_and_bias_dtypes(sdtype):
     qw = _weight(200, 640, sdtype, seed=2)
     x = torch.randn(2, 7, 640, device="cuda").half()
     bias = torch.randn(200, device="cuda")  # fp32 bias with fp16 x
-    out = w8a8_matmul(x, qw, bias, kernel="cuda")
+    out = w8a8_matmul(x, qw, bias, kernel="cuda_int8_w8a8_matmul")
     assert out.shape == (2, 7, 200) and out.dtype == torch.float16
     _assert_equal(out, w8a8_matmul(x, qw, bias, kernel="reference"), f"scales {sdtype}")
 
@@ -83,7 +85,7 @@ def test_cuda_int8_w8a8_matmul_close_to_float_matmul():
     cuda_ext_or_skip()
     qw = _weight(512, 2048)
     x = torch.randn(16, 2048, device="cuda")
-    out = w8a8_matmul(x, qw, kernel="cuda")
+    out = w8a8_matmul(x, qw, kernel="cuda_int8_w8a8_matmul")
     ref = x @ pyquant.dequantize(qw, torch.float32).T
     rel = float((out - ref).norm() / ref.norm())
     assert rel < 0.02, rel
@@ -96,15 +98,16 @@ def test_cuda_int8_w8a8_matmul_misaligned_weight_and_empty():
     tensors["qweight"] = misaligned_copy(tensors["qweight"], 4)
     qw2 = pyquant.QuantizedWeight(qw.format, tensors, qw.shape)
     x = torch.randn(9, 96, device="cuda").bfloat16()
-    _assert_equal(w8a8_matmul(x, qw2, kernel="cuda"), w8a8_matmul(x, qw, kernel="cuda"), "misaligned weight")
-    assert w8a8_matmul(x[:0], qw, kernel="cuda").shape == (0, 64)
+    got = w8a8_matmul(x, qw2, kernel="cuda_int8_w8a8_matmul")
+    _assert_equal(got, w8a8_matmul(x, qw, kernel="cuda_int8_w8a8_matmul"), "misaligned weight")
+    assert w8a8_matmul(x[:0], qw, kernel="cuda_int8_w8a8_matmul").shape == (0, 64)
 
 
 def test_cuda_int8_w8a8_matmul_cuda_graph_capture_and_replay():
     cuda_ext_or_skip()
     qw = _weight(256, 1024)
     x = torch.randn(32, 1024, device="cuda").half()
-    graph, y = capture_graph(lambda: w8a8_matmul(x, qw, kernel="cuda"))
+    graph, y = capture_graph(lambda: w8a8_matmul(x, qw, kernel="cuda_int8_w8a8_matmul"))
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
@@ -117,7 +120,7 @@ def test_cuda_int8_w8a8_matmul_torch_compile_fullgraph():
     x = torch.randn(4, 512, device="cuda").bfloat16()
 
     def f(x):
-        return w8a8_matmul(x, qw, kernel="cuda") + 1
+        return w8a8_matmul(x, qw, kernel="cuda_int8_w8a8_matmul") + 1
 
     compiled = torch.compile(f, fullgraph=True)
     _assert_equal(compiled(x), f(x), "compiled")

@@ -8,11 +8,15 @@ ship nvcc without it) lists their SASS and resource usage. Cubins are cached by
 a hash of the file, the headers beside it and in ``csrc/include``, and the
 compiler's version, so a second report costs only the disassembly.
 
+Files named ``*_sm90.cu`` are Hopper-only CUTLASS kernels: they build for
+``sm_90a`` alone, with the CUTLASS headers of :func:`cutlass_include`.
+
 Needs a source checkout (``csrc/`` is not installed) and nvcc.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -51,6 +55,40 @@ def cuobjdump() -> str:
     return path
 
 
+def cutlass_include() -> Optional[str]:
+    """CUTLASS's include folder (holding ``cutlass/cutlass.h``): ``$PYQUANT_CUTLASS_DIR``,
+    else the nvidia-cutlass package's; None when neither is there. setup.py
+    builds the ``*_sm90.cu`` kernels with the same answer."""
+    given = os.environ.get("PYQUANT_CUTLASS_DIR")
+    if given:
+        if not (Path(given) / "cutlass" / "cutlass.h").is_file():
+            raise RuntimeError(f"PYQUANT_CUTLASS_DIR={given} has no cutlass/cutlass.h")
+        return str(Path(given).resolve())
+    spec = importlib.util.find_spec("cutlass_library")  # found, not imported: headers are all we need
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        inc = Path(root) / "source" / "include"
+        if (inc / "cutlass" / "cutlass.h").is_file():
+            return str(inc)
+    return None
+
+
+def is_sm90_only(path: Path) -> bool:
+    return path.name.endswith("_sm90.cu")
+
+
+def _cutlass_for(path: Path, arch: str) -> Optional[Path]:
+    """The CUTLASS include folder a ``*_sm90.cu`` file builds with (None for the others)."""
+    if not is_sm90_only(path):
+        return None
+    if arch != "sm_90a":
+        raise ToolMissing(f"{path.name} is sm_90a code; asked for {arch}")
+    inc = cutlass_include()
+    if inc is None:
+        raise ToolMissing(f"{path.name} needs the CUTLASS headers: pip install nvidia-cutlass (or set "
+                          "PYQUANT_CUTLASS_DIR)")
+    return Path(inc)
+
+
 def sources() -> Dict[str, Path]:
     """{file stem: path} of every CUDA kernel file."""
     if not (CSRC / "cuda").is_dir():
@@ -80,6 +118,10 @@ def cubin(path: Path, arch: str = ARCH, defines: Tuple[str, ...] = ()) -> Path:
         h.update(p.read_bytes())
     h.update(_compiler_version(exe).encode())
     flags = (*FLAGS, *(f"-D{d}" for d in defines))
+    cutlass = _cutlass_for(path, arch)
+    if cutlass is not None:
+        flags += ("-isystem", str(cutlass), "-isystem", str(cutlass.parent / "tools" / "util" / "include"))
+        h.update((cutlass / "cutlass" / "version.h").read_bytes())  # its release: the path may outlive an upgrade
     h.update(" ".join((arch, *flags)).encode())
     out = _cache_dir() / f"{path.stem}-{arch}-{h.hexdigest()[:16]}.cubin"
     if not out.exists():

@@ -36,6 +36,7 @@ class GpuModel:
     schedulers_per_sm: int = 4
     clock_hz: float = 1.755e9  # boost clock
     hbm_bytes_per_s: float = 3.35e12
+    int8_tensor_ops_per_s: float = 1.979e15  # dense INT8 wgmma (H100 SXM datasheet)
 
 
 H100 = GpuModel()
@@ -77,6 +78,11 @@ def waves(ctas: int, occ: Occupancy, gpu: GpuModel = H100) -> float:
 
 def bandwidth_us(nbytes: float, gpu: GpuModel = H100) -> float:
     return nbytes / gpu.hbm_bytes_per_s * 1e6
+
+
+def int8_tensor_us(ops: float, gpu: GpuModel = H100) -> float:
+    """Microseconds of ``ops`` int8 multiply-adds x 2 on every tensor core at peak."""
+    return ops / gpu.int8_tensor_ops_per_s * 1e6
 
 
 def issue_us(thread_instructions: float, gpu: GpuModel = H100) -> float:

@@ -67,6 +67,10 @@ class Variant:
     whole_kernel: bool = False  # one tile per thread: the whole kernel is the "loop" (its loops are helpers)
     marker: Optional[str] = None  # the main loop is the one holding most of these opcodes (HMMA: the MMA loop)
     dynamic_smem: int = 0  # shared memory the launch asks for (not in the cubin's static figure)
+    # wgmma kernels: int8 ops (2 x multiply-adds, tiles padded) the tensor cores run for (N, K, M). Their
+    # main loop issues one asynchronous IGMMA per 64 x N x 32 block, so the time bound is the tensor
+    # cores' throughput, not instruction issue; the report then shows no instructions per weight.
+    tensor_ops: Optional[Callable[[int, int, int], float]] = None
 
 
 @dataclasses.dataclass
@@ -157,6 +161,38 @@ def int4mma_variants(gpu: gpu_model.GpuModel = gpu_model.H100) -> List[Variant]:
     return out
 
 
+def w8a8_sm90_variants(gpu: gpu_model.GpuModel = gpu_model.H100) -> List[Variant]:
+    """The Hopper W8A8 GEMM (w8a8_sm90.cu, CUTLASS) in its two tile shapes, fp16 out,
+    and its activation quantizer. Persistent kernels: about one CTA per SM in
+    clusters (1 x 8 along N for the small tiles, 2 x 1 along M for the large), each
+    CTA as much shared memory as CUTLASS's stage count fills (its carve-out
+    leaves one CTA per SM); the main loop is the consumer warpgroups' IGMMA loop."""
+    out = []
+    for label, (tm, tn, tk), threads, ms, pattern in (
+            ("64x64x256, clusters 1x8 (M<=128)", (64, 64, 256), 256, (16, 128), "MMA_64x64x32_S32S8U8"),
+            ("128x128x128, clusters 2x1 (M>128)", (128, 128, 128), 384, (2048,), "MMA_64x128x32_S32S8U8")):
+
+        def grid(n, k, m, tm=tm, tn=tn):
+            return min(cdiv(m, tm) * cdiv(n, tn), gpu.sms)
+
+        def nbytes(n, k, m):
+            kp = cdiv(k, 32) * 32  # weight codes and the quantized x, one byte a column; fp32 vectors
+            return n * kp + 4 * 2 * n + m * kp + 4 * 2 * m + 2 * m * n
+
+        out.append(Variant(
+            "cuda_int8_w8a8_matmul_sm90", f"int8 pc fp16 {label}", ms, threads, 0,
+            grid=grid, nbytes=nbytes, visits=lambda n, k, m, tm=tm: n * cdiv(k, 32) * 32 * cdiv(m, tm),
+            build=_cuda("w8a8_sm90", rf"^(?!.*bfloat16_t).*{pattern}"), marker="IGMMA",
+            dynamic_smem=gpu.smem_per_sm - gpu.smem_reserved_per_cta - 1024,
+            tensor_ops=lambda n, k, m, tm=tm, tn=tn, tk=tk: 2.0 * (cdiv(m, tm) * tm) * (cdiv(n, tn) * tn)
+            * (cdiv(k, tk) * tk)))
+    out.append(Variant(
+        "cuda_int8_w8a8_matmul_sm90", "activation quantizer (per row, 16-byte loads)", (), 128, 1,
+        grid=lambda n, k, m: m, nbytes=lambda n, k, m: 0, visits=lambda n, k, m: 0,
+        build=_cuda("quantize_rows_w8a8", r"quantize_rows_w8a8_kernel<__half, true>")))
+    return out
+
+
 def cuda_variants() -> List[Variant]:
     out = []
     for m in (1, 4):
@@ -179,6 +215,7 @@ def cuda_variants() -> List[Variant]:
         "cuda_int8_w8a8_matmul", "activation quantizer (per row)", (), 256, 1,
         grid=lambda n, k, m: m, nbytes=lambda n, k, m: 0, visits=lambda n, k, m: 0,
         build=_cuda("w8a8", r"quantize_rows_int8_kernel<__half>")))
+    out.extend(w8a8_sm90_variants())
     # one thread per 32-code chunk of a row, 128 threads across the row, grid rows striding over rows;
     # built with its fast path alone (fp16 scales, integral zeros: what int4 g128 checkpoints hold)
     # so the count is the path that runs, not both sides of the branch
@@ -306,11 +343,15 @@ def shape_rows(variants: List[Variant], rows: List[KernelRow], shapes=SHAPES,
                 ctas = v.grid(n, k, m)
                 bw = gpu_model.bandwidth_us(v.nbytes(n, k, m), gpu)
                 per_w = r.stats.per_weight
-                issue = gpu_model.issue_us(per_w * v.visits(n, k, m), gpu) if math.isfinite(per_w) else math.nan
+                if v.tensor_ops is not None:
+                    issue, what = gpu_model.int8_tensor_us(v.tensor_ops(n, k, m), gpu), "tensor cores"
+                else:
+                    issue = gpu_model.issue_us(per_w * v.visits(n, k, m), gpu) if math.isfinite(per_w) else math.nan
+                    what = "issue"
                 out.append({"kernel": v.kernel, "variant": v.label, "n": n, "k": k, "m": m, "ctas": ctas,
                             "waves": gpu_model.waves(ctas, r.occ, gpu), "mbytes": v.nbytes(n, k, m) / 1e6,
                             "bandwidth_us": bw, "issue_us": issue,
-                            "bound": "issue" if issue > bw else "bandwidth"})
+                            "bound": what if issue > bw else "bandwidth"})
     return out
 
 
@@ -331,7 +372,8 @@ def markdown(rows: List[KernelRow], shapes: List[dict], gpu: gpu_model.GpuModel 
                      f"{st.weights_per_iter:g} | {pw} | {_widths(st)} |")
     lines += ["", f"## Predicted on the benchmark shapes ({gpu.hbm_bytes_per_s / 1e12:.2f} TB/s HBM, "
               f"{gpu.sms} SMs at {gpu.clock_hz / 1e9:.2f} GHz)", "",
-              "| kernel | variant | N x K | M | CTAs | waves | MB moved | bandwidth-bound us | issue-bound us | bound |",
+              "| kernel | variant | N x K | M | CTAs | waves | MB moved | bandwidth-bound us | issue-bound us (wgmma: "
+              "tensor cores) | bound |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for s in shapes:
         issue = f"{s['issue_us']:.1f}" if math.isfinite(s["issue_us"]) else "-"

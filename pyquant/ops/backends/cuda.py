@@ -19,7 +19,6 @@ from ...formats.base import named_packed
 from .. import _dtypes, kernel_sources
 from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
-from ..reference.w8a8 import is_w8a8_format
 
 GEMV_MAX_M = 8  # the INT4 GEMV serves M in [0, 8]; larger M belongs to a GEMM
 
@@ -42,13 +41,15 @@ def _raw_stream(index: int) -> int:
 class CudaRuntime:
     """The device calls of this backend's host path, in one place: whether CUDA
     kernels can take tensors of a device, torch's current raw stream on a device
-    index, and the current device (read, set). The host-path benchmark and tests
-    replace it to run every other line on the CPU (benchmarks/_host_stubs.py)."""
+    index, the current device (read, set) and a device's compute capability.
+    The host-path benchmark and tests replace it to run every other line on the
+    CPU (benchmarks/_host_stubs.py)."""
 
     ready: Callable[[torch.device], bool] = _ext_ready
     stream: Callable[[int], int] = _raw_stream
     current_device: Callable[[], int] = lambda: torch._C._cuda_getDevice()  # noqa: E731
     set_device: Callable[[int], None] = lambda index: torch._C._cuda_setDevice(index)  # noqa: E731
+    capability: Callable[[int], tuple] = lambda index: torch.cuda.get_device_capability(index)  # noqa: E731
 
 
 RUNTIME = CudaRuntime()
@@ -198,43 +199,6 @@ def int4_gemv(x, qdata, fmt, shape, bias):
     """x (M, K) fp16/bf16/fp32 contiguous, M <= 8 -> (M, N) in x.dtype."""
     _check_x(x, shape[1], bias)
     return int4_gemv_plan(qdata, fmt, shape, x.device, x.shape[0])(x, bias)
-
-
-# --- W8A8: per-token int8 activations x per-channel int8 weights --------------
-def quantize_rows_int8_cuda(x: torch.Tensor, kp: int | None = None):
-    """CUDA version of :func:`pyquant.ops.reference.quantize_rows_int8` for a
-    contiguous 2-D ``x``: returns ``(q int8 (M, kp), scale fp32 (M,))`` with
-    columns ``K..kp-1`` of ``q`` zero (``kp`` defaults to K rounded up to 32)."""
-    m, k = x.shape
-    if kp is None:
-        kp = (k + 31) // 32 * 32
-    q = torch.empty((m, kp), dtype=torch.int8, device=x.device)
-    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
-    x = x.contiguous()
-    launch(x.device, "quantize_rows_int8_cuda", ptr(x), ptr(q), ptr(scale), m, k, kp, dtype_code(x.dtype))
-    return q, scale
-
-
-def _w8a8_ok(fmt, device, m):
-    return is_w8a8_format(fmt) and cuda_ready(device)
-
-
-@register_kernel("w8a8_matmul", "cuda", "int8", _w8a8_ok, sources=_src("w8a8.cu"))
-def w8a8_gemm(x, qdata, fmt, shape, bias):
-    n, k = shape
-    t, out, bias = _matmul_out(x, qdata, fmt, shape, bias)
-    m = x.shape[0]
-    if m == 0:
-        return out
-    kp = fmt.packed_row_bytes(k)  # 8-bit codes: one byte per padded column
-    qa, sa = quantize_rows_int8_cuda(x, kp)
-    qweight = _aligned16(t["qweight"])
-    launch(
-        x.device, "w8a8_gemm_cuda",
-        ptr(qa), ptr(sa), ptr(qweight), ptr(t["scales"]), ptr(bias), ptr(out),
-        m, n, kp, dtype_code(fmt.scale_dtype), _opt_code(bias), dtype_code(out.dtype),
-    )
-    return out
 
 
 # --- NF4 and GGUF: dequantize --------------------------------------------------
