@@ -57,27 +57,46 @@ def test_cuda_int8_w8a8_matmul_quantize_rows_bit_exact(shape, dtype):
     "mnk", [(1, 40, 70), (5, 128, 4096), (64, 257, 1000), (100, 96, 32), (300, 130, 160)],
     ids=lambda s: "x".join(map(str, s)),
 )
-def test_cuda_int8_w8a8_matmul_matches_reference(mnk, dtype):
-    cuda_ext_or_skip()
+def check_matches_reference(kernel, mnk, dtype, seed=0):
     m, n, k = mnk
-    qw = _weight(n, k)
+    qw = _weight(n, k, seed=seed)
     x = torch.randn(m, k, device="cuda").to(dtype)
     bias = torch.randn(n, device="cuda").to(dtype)
     for b in (None, bias):
-        out = w8a8_matmul(x, qw, b, kernel="cuda_int8_w8a8_matmul")
+        out = w8a8_matmul(x, qw, b, kernel=kernel)
         ref = w8a8_matmul(x, qw, b, kernel="reference")
         _assert_equal(out, ref, f"M={m} N={n} K={k} {dtype} bias={b is not None}")
+
+
+def check_scale_and_bias_dtypes(kernel, sdtype):
+    qw = _weight(200, 640, sdtype, seed=2)
+    x = torch.randn(2, 7, 640, device="cuda").half()
+    bias = torch.randn(200, device="cuda")  # fp32 bias with fp16 x
+    out = w8a8_matmul(x, qw, bias, kernel=kernel)
+    assert out.shape == (2, 7, 200) and out.dtype == torch.float16
+    _assert_equal(out, w8a8_matmul(x, qw, bias, kernel="reference"), f"scales {sdtype}")
+
+
+def check_torch_compile_fullgraph(kernel):
+    qw = _weight(128, 512)
+    x = torch.randn(4, 512, device="cuda").bfloat16()
+
+    def f(x):
+        return w8a8_matmul(x, qw, kernel=kernel) + 1
+
+    compiled = torch.compile(f, fullgraph=True)
+    _assert_equal(compiled(x), f(x), "compiled")
+
+
+def test_cuda_int8_w8a8_matmul_matches_reference(mnk, dtype):
+    cuda_ext_or_skip()
+    check_matches_reference("cuda_int8_w8a8_matmul", mnk, dtype)
 
 
 @pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_int8_w8a8_matmul_scale_and_bias_dtypes(sdtype):
     cuda_ext_or_skip()
-    qw = _weight(200, 640, sdtype, seed=2)
-    x = torch.randn(2, 7, 640, device="cuda").half()
-    bias = torch.randn(200, device="cuda")  # fp32 bias with fp16 x
-    out = w8a8_matmul(x, qw, bias, kernel="cuda_int8_w8a8_matmul")
-    assert out.shape == (2, 7, 200) and out.dtype == torch.float16
-    _assert_equal(out, w8a8_matmul(x, qw, bias, kernel="reference"), f"scales {sdtype}")
+    check_scale_and_bias_dtypes("cuda_int8_w8a8_matmul", sdtype)
 
 
 def test_cuda_int8_w8a8_matmul_close_to_float_matmul():
@@ -91,16 +110,19 @@ def test_cuda_int8_w8a8_matmul_close_to_float_matmul():
     assert rel < 0.02, rel
 
 
-def test_cuda_int8_w8a8_matmul_misaligned_weight_and_empty():
-    cuda_ext_or_skip()
+def check_misaligned_weight_and_empty(kernel):
     qw = _weight(64, 96)
     tensors = dict(qw.tensors)
     tensors["qweight"] = misaligned_copy(tensors["qweight"], 4)
     qw2 = pyquant.QuantizedWeight(qw.format, tensors, qw.shape)
     x = torch.randn(9, 96, device="cuda").bfloat16()
-    got = w8a8_matmul(x, qw2, kernel="cuda_int8_w8a8_matmul")
-    _assert_equal(got, w8a8_matmul(x, qw, kernel="cuda_int8_w8a8_matmul"), "misaligned weight")
-    assert w8a8_matmul(x[:0], qw, kernel="cuda_int8_w8a8_matmul").shape == (0, 64)
+    _assert_equal(w8a8_matmul(x, qw2, kernel=kernel), w8a8_matmul(x, qw, kernel="reference"), "misaligned weight")
+    assert w8a8_matmul(x[:0], qw, kernel=kernel).shape == (0, 64)
+
+
+def test_cuda_int8_w8a8_matmul_misaligned_weight_and_empty():
+    cuda_ext_or_skip()
+    check_misaligned_weight_and_empty("cuda_int8_w8a8_matmul")
 
 
 def test_cuda_int8_w8a8_matmul_cuda_graph_capture_and_replay():
@@ -116,11 +138,4 @@ def test_cuda_int8_w8a8_matmul_cuda_graph_capture_and_replay():
 
 def test_cuda_int8_w8a8_matmul_torch_compile_fullgraph():
     cuda_ext_or_skip()
-    qw = _weight(128, 512)
-    x = torch.randn(4, 512, device="cuda").bfloat16()
-
-    def f(x):
-        return w8a8_matmul(x, qw, kernel="cuda_int8_w8a8_matmul") + 1
-
-    compiled = torch.compile(f, fullgraph=True)
-    _assert_equal(compiled(x), f(x), "compiled")
+    check_torch_compile_fullgraph("cuda_int8_w8a8_matmul")

@@ -12,8 +12,10 @@ import torch
 
 from pyquant.ops import reference, w8a8_matmul
 
-from tests.gpu._cuda_util import capture_graph, cuda_ext_or_skip, int_weight_cpu, misaligned_copy
-from tests.gpu.test_cuda_w8a8 import _assert_equal
+from tests.gpu._cuda_util import capture_graph, cuda_ext_or_skip, misaligned_copy
+from tests.gpu.test_cuda_w8a8 import (_assert_equal, _weight, check_matches_reference,
+                                      check_misaligned_weight_and_empty, check_scale_and_bias_dtypes,
+                                      check_torch_compile_fullgraph)
 
 pytestmark = pytest.mark.gpu
 KERNEL = "cuda_int8_w8a8_matmul_sm90"
@@ -26,10 +28,6 @@ def _hopper_or_skip():
     if not hasattr(ext, "w8a8_sm90_gemm_cuda"):
         pytest.fail("pyquant._C was built without the sm_90a CUTLASS kernels (nvidia-cutlass not found at build time)")
     return ext
-
-
-def _weight(n, k, sdtype=torch.float16, seed=0):
-    return int_weight_cpu(n, k, 8, -1, True, sdtype, seed).to("cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
@@ -64,25 +62,13 @@ def test_cuda_int8_w8a8_matmul_sm90_quantizer_bit_exact(shape, dtype):
 )
 def test_cuda_int8_w8a8_matmul_sm90_matches_reference(mnk, dtype):
     _hopper_or_skip()
-    m, n, k = mnk
-    qw = _weight(n, k, seed=m)
-    x = torch.randn(m, k, device="cuda").to(dtype)
-    bias = torch.randn(n, device="cuda").to(dtype)
-    for b in (None, bias):
-        out = w8a8_matmul(x, qw, b, kernel=KERNEL)
-        ref = w8a8_matmul(x, qw, b, kernel="reference")
-        _assert_equal(out, ref, f"M={m} N={n} K={k} {dtype} bias={b is not None}")
+    check_matches_reference(KERNEL, mnk, dtype, seed=mnk[0])
 
 
 @pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_int8_w8a8_matmul_sm90_scale_and_bias_dtypes(sdtype):
     _hopper_or_skip()
-    qw = _weight(200, 640, sdtype, seed=2)
-    x = torch.randn(2, 7, 640, device="cuda").half()
-    bias = torch.randn(200, device="cuda")  # fp32 bias with fp16 x
-    out = w8a8_matmul(x, qw, bias, kernel=KERNEL)
-    assert out.shape == (2, 7, 200) and out.dtype == torch.float16
-    _assert_equal(out, w8a8_matmul(x, qw, bias, kernel="reference"), f"scales {sdtype}")
+    check_scale_and_bias_dtypes(KERNEL, sdtype)
 
 
 def test_cuda_int8_w8a8_matmul_sm90_hands_on_what_it_cannot_take():
@@ -96,15 +82,7 @@ def test_cuda_int8_w8a8_matmul_sm90_hands_on_what_it_cannot_take():
 
 def test_cuda_int8_w8a8_matmul_sm90_misaligned_weight_and_empty():
     _hopper_or_skip()
-    import pyquant
-
-    qw = _weight(64, 96)
-    tensors = dict(qw.tensors)
-    tensors["qweight"] = misaligned_copy(tensors["qweight"], 4)
-    qw2 = pyquant.QuantizedWeight(qw.format, tensors, qw.shape)
-    x = torch.randn(9, 96, device="cuda").bfloat16()
-    _assert_equal(w8a8_matmul(x, qw2, kernel=KERNEL), w8a8_matmul(x, qw, kernel="reference"), "misaligned weight")
-    assert w8a8_matmul(x[:0], qw, kernel=KERNEL).shape == (0, 64)
+    check_misaligned_weight_and_empty(KERNEL)
 
 
 def test_cuda_int8_w8a8_matmul_sm90_cuda_graph_capture_and_replay():
@@ -121,11 +99,4 @@ def test_cuda_int8_w8a8_matmul_sm90_cuda_graph_capture_and_replay():
 
 def test_cuda_int8_w8a8_matmul_sm90_torch_compile_fullgraph():
     _hopper_or_skip()
-    qw = _weight(128, 512)
-    x = torch.randn(4, 512, device="cuda").bfloat16()
-
-    def f(x):
-        return w8a8_matmul(x, qw, kernel=KERNEL) + 1
-
-    compiled = torch.compile(f, fullgraph=True)
-    _assert_equal(compiled(x), f(x), "compiled")
+    check_torch_compile_fullgraph(KERNEL)
