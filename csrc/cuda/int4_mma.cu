@@ -383,11 +383,13 @@ template <typename T, typename TS, int MT, int FP>
 void launch_mma(const MmaParams& p, cudaStream_t stream) {
   using C = Cfg<MT, FP>;
   auto* kernel = int4_mma_kernel<T, TS, MT, FP>;
-  // Opting in to more than 48 KB of dynamic shared memory is a per-device
-  // attribute; setting it on every launch is cheap and stays right when the
-  // current device changes.
-  if (C::kTotal > 48 * 1024)
-    PQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kTotal));
+  // Opting in to more dynamic shared memory is a per-device attribute;
+  // setting it on every launch is cheap and stays right when the current
+  // device changes. Always, not only above 48 KB: the kernel's static
+  // __shared__ ticket counts against the default 48 KB too, and the MT=1,
+  // group-32 build asks for exactly 48 KB of dynamic memory (its launches
+  // failed with "invalid argument" on an H100 while this was conditional).
+  PQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kTotal));
   kernel<<<dim3(cuda::ceil_div(p.n, C::kBlockN), p.splits), kThreads, C::kTotal, stream>>>(p);
   PQ_CUDA_CHECK(cudaGetLastError());
 }
