@@ -4,7 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "launchers.h"
-#include "launchers_w8a8.h"
+#include "launchers_sm90.h"
 
 namespace py = pybind11;
 
@@ -43,6 +43,12 @@ void register_cuda(py::module_& m) {
         py::arg("stream"));
   m.def("w8a8_sm90_workspace_bytes", &w8a8_sm90_workspace_bytes, py::arg("m"), py::arg("n"), py::arg("kp"),
         py::arg("out_dtype"));
+  m.def("int4mma_sm90_gemm_cuda", &int4mma_sm90_gemm_cuda, nogil, py::arg("x"), py::arg("qweight"),
+        py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("out"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("dtype"),
+        py::arg("stream"));
+  m.def("int4mma_sm90_workspace_bytes", &int4mma_sm90_workspace_bytes, py::arg("m"), py::arg("n"), py::arg("k"),
+        py::arg("group"), py::arg("dtype"));
 #endif
 
   m.def("nf4_dequant_cuda", &nf4_dequant_cuda, nogil, py::arg("qweight"), py::arg("absmax"), py::arg("absmax_q"),

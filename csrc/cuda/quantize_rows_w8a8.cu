@@ -8,7 +8,7 @@
 //      shuffle reduction, then the 4 warps' maxima through shared memory;
 //   2. codes rint(x / scale) clamped to +-127, written 8 (or 4) bytes per
 //      store, and their row sum for the GEMM's zero-point correction
-//      corr = 128 * sum q (launchers_w8a8.h).
+//      corr = 128 * sum q (launchers_sm90.h).
 // The divisions stay true IEEE divisions (__fdiv_rn): the spec divides, and
 // x * (1 / scale) rounds differently for some x. They cost ~10 instructions
 // per value next to a 2-byte load, still well under the memory time.
@@ -21,7 +21,7 @@
 
 #include "cuda_check.h"
 #include "cuda_common.cuh"
-#include "launchers_w8a8.h"
+#include "launchers_sm90.h"
 #include "pyquant/static_switch.h"
 
 namespace pyquant {

@@ -34,7 +34,8 @@
 #include <string>
 
 #include "cuda_check.h"
-#include "launchers_w8a8.h"
+#include "launchers_sm90.h"
+#include "sm90_device.h"
 #include "pyquant/common.h"
 
 #include "cute/tensor.hpp"
@@ -155,17 +156,6 @@ struct W8A8Gemm {
   }
 };
 
-// The SM count of the current device, read once per device (CUTLASS would
-// otherwise query it on every call).
-int sm_count() {
-  static int cached[64] = {};
-  int dev = 0;
-  PQ_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= 64) throw std::runtime_error("w8a8_sm90_gemm_cuda: device index out of range");
-  if (cached[dev] == 0) PQ_CUDA_CHECK(cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev));
-  return cached[dev];
-}
-
 void check(const W8A8Sm90Args& a) {
   auto fail = [&](const std::string& why) {
     throw std::invalid_argument("w8a8_sm90_gemm_cuda: " + why + " (M=" + std::to_string(a.m) +
@@ -194,7 +184,7 @@ int64_t w8a8_sm90_workspace_bytes(int64_t m, int64_t n, int64_t kp, int out_dtyp
   a.m = m, a.n = n, a.kp = kp, a.out_dtype = out_dtype;
   if (m == 0 || n == 0) return 0;
   check(a);
-  return with_gemm(a, [&](auto g) { return decltype(g)::workspace(a, sm_count()); });
+  return with_gemm(a, [&](auto g) { return decltype(g)::workspace(a, sm90_sm_count()); });
 }
 
 void w8a8_sm90_gemm_cuda(uintptr_t qa, uintptr_t sa, uintptr_t corr, uintptr_t w, uintptr_t sw, uintptr_t bias,
@@ -204,7 +194,7 @@ void w8a8_sm90_gemm_cuda(uintptr_t qa, uintptr_t sa, uintptr_t corr, uintptr_t w
   if (m == 0 || n == 0) return;
   check(a);
   with_gemm(a, [&](auto g) {
-    decltype(g)::run(a, sm_count(), reinterpret_cast<void*>(workspace), workspace_bytes,
+    decltype(g)::run(a, sm90_sm_count(), reinterpret_cast<void*>(workspace), workspace_bytes,
                      reinterpret_cast<cudaStream_t>(stream));
     return 0;
   });

@@ -13,7 +13,7 @@ import pyquant
 from pyquant.errors import KernelUnavailableError
 from pyquant.formats import Int
 from pyquant.ops import reference, w8a8_matmul
-from pyquant.ops.backends import cuda, cuda_w8a8
+from pyquant.ops.backends import cuda
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import _host_stubs  # noqa: E402
@@ -73,12 +73,12 @@ class _Hopper:
         cuda.RUNTIME.capability = lambda index: self.capability
         self.ext.w8a8_sm90_workspace_bytes = lambda m, n, kp, code: 0
         self.ext.w8a8_sm90_gemm_cuda  # noqa: B018  (creates the recording entry: the extension "has" it)
-        cuda_w8a8._capability.cache_clear()
+        cuda.capability.cache_clear()
         self.ext.record = True
         return self.ext
 
     def __exit__(self, *exc):
-        cuda_w8a8._capability.cache_clear()
+        cuda.capability.cache_clear()
         self._rt.__exit__(*exc)
         return self._ext.__exit__(*exc)
 

@@ -37,6 +37,7 @@ class GpuModel:
     clock_hz: float = 1.755e9  # boost clock
     hbm_bytes_per_s: float = 3.35e12
     int8_tensor_ops_per_s: float = 1.979e15  # dense INT8 wgmma (H100 SXM datasheet)
+    fp16_tensor_flops_per_s: float = 0.989e15  # dense FP16/BF16 wgmma, fp32 accumulation
 
 
 H100 = GpuModel()
@@ -80,9 +81,11 @@ def bandwidth_us(nbytes: float, gpu: GpuModel = H100) -> float:
     return nbytes / gpu.hbm_bytes_per_s * 1e6
 
 
-def int8_tensor_us(ops: float, gpu: GpuModel = H100) -> float:
-    """Microseconds of ``ops`` int8 multiply-adds x 2 on every tensor core at peak."""
-    return ops / gpu.int8_tensor_ops_per_s * 1e6
+def tensor_us(ops: float, kind: str = "int8", gpu: GpuModel = H100) -> float:
+    """Microseconds of ``ops`` (2 x multiply-adds) on every tensor core at peak, for
+    ``kind`` "int8" or "fp16" (fp16 and bf16 inputs)."""
+    rate = gpu.int8_tensor_ops_per_s if kind == "int8" else gpu.fp16_tensor_flops_per_s
+    return ops / rate * 1e6
 
 
 def issue_us(thread_instructions: float, gpu: GpuModel = H100) -> float:

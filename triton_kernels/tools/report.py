@@ -67,10 +67,12 @@ class Variant:
     whole_kernel: bool = False  # one tile per thread: the whole kernel is the "loop" (its loops are helpers)
     marker: Optional[str] = None  # the main loop is the one holding most of these opcodes (HMMA: the MMA loop)
     dynamic_smem: int = 0  # shared memory the launch asks for (not in the cubin's static figure)
-    # wgmma kernels: int8 ops (2 x multiply-adds, tiles padded) the tensor cores run for (N, K, M). Their
-    # main loop issues one asynchronous IGMMA per 64 x N x 32 block, so the time bound is the tensor
-    # cores' throughput, not instruction issue; the report then shows no instructions per weight.
+    # wgmma kernels: ops (2 x multiply-adds, tiles padded) the tensor cores run for (N, K, M), of
+    # tensor_kind ("int8" or "fp16"). Their main loop issues one asynchronous GMMA per 64 x N x k16/k32
+    # block, so the time bound is the tensor cores' throughput, not instruction issue; the report then
+    # shows no instructions per weight.
     tensor_ops: Optional[Callable[[int, int, int], float]] = None
+    tensor_kind: str = "int8"
 
 
 @dataclasses.dataclass
@@ -186,11 +188,31 @@ def w8a8_sm90_variants(gpu: gpu_model.GpuModel = gpu_model.H100) -> List[Variant
             dynamic_smem=gpu.smem_per_sm - gpu.smem_reserved_per_cta - 1024,
             tensor_ops=lambda n, k, m, tm=tm, tn=tn, tk=tk: 2.0 * (cdiv(m, tm) * tm) * (cdiv(n, tn) * tn)
             * (cdiv(k, tk) * tk)))
-    out.append(Variant(
+    return out
+
+
+def int4mma_sm90_variants(gpu: gpu_model.GpuModel = gpu_model.H100) -> List[Variant]:
+    """The Hopper int4 GEMM (int4mma_sm90.cu, CUTLASS mixed input) on IntMMA g128 weights,
+    fp16: 128 x 128 x 64 tiles, two consumer warpgroups, persistent (one CTA per SM, its
+    stage count filling shared memory). x is re-read by every column of N tiles, from L2:
+    counted once."""
+    tm, tn, tk = 128, 128, 64
+    return [Variant(
+        "cuda_int4mma_qmatmul_sm90", "int4 g128 fp16 128x128x64 (M>64)", (128, 512, 2048), 384, 0,
+        grid=lambda n, k, m: min(cdiv(m, tn) * cdiv(n, tm), gpu.sms),
+        nbytes=lambda n, k, m: int4_g128_bytes(n, k) + act_bytes(n, k, m),
+        visits=lambda n, k, m: n * k * cdiv(m, tn),
+        build=_cuda("int4mma_sm90", r"^(?!.*bfloat16_t).*GemmUniversal"), marker="HGMMA",
+        dynamic_smem=gpu.smem_per_sm - gpu.smem_reserved_per_cta - 1024,
+        tensor_ops=lambda n, k, m: 2.0 * (cdiv(n, tm) * tm) * (cdiv(m, tn) * tn) * (cdiv(k, tk) * tk),
+        tensor_kind="fp16")]
+
+
+def w8a8_quantizer_variant() -> Variant:
+    return Variant(
         "cuda_int8_w8a8_matmul_sm90", "activation quantizer (per row, 16-byte loads)", (), 128, 1,
         grid=lambda n, k, m: m, nbytes=lambda n, k, m: 0, visits=lambda n, k, m: 0,
-        build=_cuda("quantize_rows_w8a8", r"quantize_rows_w8a8_kernel<__half, true>")))
-    return out
+        build=_cuda("quantize_rows_w8a8", r"quantize_rows_w8a8_kernel<__half, true>"))
 
 
 def cuda_variants() -> List[Variant]:
@@ -216,6 +238,8 @@ def cuda_variants() -> List[Variant]:
         grid=lambda n, k, m: m, nbytes=lambda n, k, m: 0, visits=lambda n, k, m: 0,
         build=_cuda("w8a8", r"quantize_rows_int8_kernel<__half>")))
     out.extend(w8a8_sm90_variants())
+    out.append(w8a8_quantizer_variant())
+    out.extend(int4mma_sm90_variants())
     # one thread per 32-code chunk of a row, 128 threads across the row, grid rows striding over rows;
     # built with its fast path alone (fp16 scales, integral zeros: what int4 g128 checkpoints hold)
     # so the count is the path that runs, not both sides of the branch
@@ -344,7 +368,7 @@ def shape_rows(variants: List[Variant], rows: List[KernelRow], shapes=SHAPES,
                 bw = gpu_model.bandwidth_us(v.nbytes(n, k, m), gpu)
                 per_w = r.stats.per_weight
                 if v.tensor_ops is not None:
-                    issue, what = gpu_model.int8_tensor_us(v.tensor_ops(n, k, m), gpu), "tensor cores"
+                    issue, what = gpu_model.tensor_us(v.tensor_ops(n, k, m), v.tensor_kind, gpu), "tensor cores"
                 else:
                     issue = gpu_model.issue_us(per_w * v.visits(n, k, m), gpu) if math.isfinite(per_w) else math.nan
                     what = "issue"

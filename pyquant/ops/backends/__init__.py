@@ -8,6 +8,6 @@ runtime load at the first call that needs them.
 """
 from . import reference  # noqa: F401
 from . import cpu_int, cpu_nf4, cpu_gguf, cpu_solvers  # noqa: F401
-from . import cuda, cuda_w8a8, cuda_mma, cuda_solvers  # noqa: F401
+from . import cuda, cuda_w8a8, cuda_mma, cuda_mma_sm90, cuda_solvers  # noqa: F401
 from . import triton  # noqa: F401
 from . import reference_lora, cpu_lora, triton_lora  # noqa: F401  (QLoRA: lora_qmatmul, qmatmul_transposed)

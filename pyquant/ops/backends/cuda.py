@@ -9,6 +9,7 @@ the GPU tests (``test_<kernel name>_*``) and the benchmarks refer to them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
@@ -57,6 +58,12 @@ RUNTIME = CudaRuntime()
 
 def cuda_ready(device: torch.device) -> bool:
     return RUNTIME.ready(device)
+
+
+@functools.lru_cache(maxsize=None)
+def capability(index: int) -> tuple:
+    """Compute capability of device ``index``, read once (sm_90a code runs on 9.0 only)."""
+    return tuple(RUNTIME.capability(index))
 
 
 def _packed(fmt, qdata, shape, device: torch.device) -> dict:

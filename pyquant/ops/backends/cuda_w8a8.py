@@ -16,16 +16,13 @@ Both give the spec's bits (``pyquant.ops.reference.w8a8_matmul_reference``).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ... import _ext
 from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
 from ..reference.w8a8 import is_w8a8_format
-from . import cuda
-from .cuda import _aligned16, _matmul_out, _opt_code, _src, cuda_ready, launch
+from .cuda import _aligned16, _index, _matmul_out, _opt_code, _src, capability, cuda_ready, launch
 
 SM90_ENTRY = "w8a8_sm90_gemm_cuda"
 SM90_OUT_DTYPES = (torch.float16, torch.bfloat16)
@@ -60,11 +57,6 @@ def quantize_rows_w8a8_cuda(x: torch.Tensor, kp: int | None = None):
     return q, scale, corr
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple:
-    return tuple(cuda.RUNTIME.capability(index))
-
-
 def _has_sm90_gemm() -> bool:
     return hasattr(_ext.load(), SM90_ENTRY)
 
@@ -72,8 +64,7 @@ def _has_sm90_gemm() -> bool:
 def _sm90_ok(fmt, device, m):
     if not (is_w8a8_format(fmt) and cuda_ready(device) and _has_sm90_gemm()):
         return False
-    index = device.index if device.index is not None else cuda.RUNTIME.current_device()
-    return _capability(index) == (9, 0)  # sm_90a code runs on 9.0 parts only
+    return capability(_index(device)) == (9, 0)  # sm_90a code runs on 9.0 parts only
 
 
 def _w8a8_ok(fmt, device, m):

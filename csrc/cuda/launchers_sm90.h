@@ -1,9 +1,10 @@
-// Host entry points of the Hopper W8A8 path: its activation quantizer
-// (quantize_rows_w8a8.cu, every architecture) and its CUTLASS GEMM
-// (w8a8_sm90.cu, sm_90a, built only where the CUTLASS headers are). Bound in
-// cuda_bindings.cpp like launchers.h's, same conventions: pointers as
-// integers validated in Python (pyquant/ops/backends/cuda_w8a8.py), dtype
-// codes of pyquant::DType, work enqueued on `stream`, errors thrown.
+// Host entry points of the Hopper (sm_90a) kernels built on CUTLASS
+// (*_sm90.cu, built only where the CUTLASS headers are) and of the W8A8
+// activation quantizer that feeds one of them (quantize_rows_w8a8.cu, every
+// architecture). Bound in cuda_bindings.cpp like launchers.h's, same
+// conventions: pointers as integers validated in Python
+// (pyquant/ops/backends/cuda_w8a8.py, cuda_int4mma_sm90.py), dtype codes of
+// pyquant::DType, work enqueued on `stream`, errors thrown.
 //
 // A header of its own rather than launchers.h: launchers.h is part of the
 // source hash of every kernel that includes it (pyquant/ops/kernel_sources.py),
@@ -38,5 +39,25 @@ void w8a8_sm90_gemm_cuda(uintptr_t qa, uintptr_t sa, uintptr_t corr, uintptr_t w
                          uintptr_t out, uintptr_t workspace, int64_t workspace_bytes, int64_t m, int64_t n,
                          int64_t kp, int out_dtype, uintptr_t stream);
 int64_t w8a8_sm90_workspace_bytes(int64_t m, int64_t n, int64_t kp, int out_dtype);
+
+struct Int4MmaSm90Args {
+  uintptr_t x;        // (M, K) in dtype, K-major
+  uintptr_t qweight;  // IntMMA codes (Np/16, Kp*8) uint8
+  uintptr_t scales;   // (G, Np) in dtype, natural row order (IntMMA's, unpermuted)
+  uintptr_t zeros;    // (G, Np) in dtype: z' = -scale * zero point
+  uintptr_t bias;     // fp32 (N,) or 0
+  uintptr_t out;      // (M, N) in dtype
+  int64_t m, n, k, np, kp, group;  // group: a multiple of 64, or K (one group per row)
+  int dtype;                       // kF16 or kBF16: x, scales, zeros and out
+};
+
+// out = x @ W_hat^T + bias for an IntMMA weight, W_hat = scale * q + z' per
+// group, on Hopper tensor cores (M > 64 is what it is for). N and K multiples
+// of 8, every pointer 16-byte aligned; `workspace` of
+// int4mma_sm90_workspace_bytes(...) bytes.
+void int4mma_sm90_gemm_cuda(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t bias,
+                            uintptr_t out, uintptr_t workspace, int64_t workspace_bytes, int64_t m, int64_t n,
+                            int64_t k, int64_t group, int dtype, uintptr_t stream);
+int64_t int4mma_sm90_workspace_bytes(int64_t m, int64_t n, int64_t k, int64_t group, int dtype);
 
 }  // namespace pyquant
