@@ -8,6 +8,8 @@ replaced:
   return (the CUDA and C++ launches); ``cuda_compiled()`` is True.
 * ``cuda_backend_on_cpu()``: the CUDA backend takes CPU tensors (its device check,
   current stream and device guard are the only device calls of its host path).
+* ``hopper_backend_on_cpu()``: that, on a device of a given compute capability, with
+  a stub extension that has (or, built without CUTLASS, lacks) the sm_90a kernels.
 * ``StubTritonDriver``: a Triton driver (``triton.runtime.driver.set_active``) whose
   target is sm_90 (kernels really compile, with the bundled ptxas) and whose
   launcher records its arguments instead of calling ``cuLaunchKernel``; the JIT's
@@ -73,6 +75,45 @@ def cuda_backend_on_cpu():
         yield
     finally:
         cuda.RUNTIME = saved
+
+
+class Sm90StubExtension(StubExtension):
+    """A StubExtension with the sm_90a CUTLASS kernels: their workspace queries answer 0."""
+
+    def __getattr__(self, name):
+        if name.endswith("_workspace_bytes"):
+            return lambda *args: 0
+        return super().__getattr__(name)
+
+
+class NoSm90StubExtension(StubExtension):
+    """An extension built without the CUTLASS headers: no sm_90a entry points."""
+
+    def __getattr__(self, name):
+        if "sm90" in name:
+            raise AttributeError(name)
+        return super().__getattr__(name)
+
+
+@contextlib.contextmanager
+def hopper_backend_on_cpu(capability=(9, 0), sm90: bool = True):
+    """``cuda_backend_on_cpu()`` on a device of compute capability ``capability``, with a
+    recording stub extension that has the sm_90a kernels (``sm90``) or not; yields it."""
+    from pyquant import _ext
+    from pyquant.ops.backends import cuda
+
+    stub = Sm90StubExtension() if sm90 else NoSm90StubExtension()
+    saved = _ext.load
+    _ext.load = lambda: stub
+    try:
+        with cuda_backend_on_cpu():
+            cuda.RUNTIME.capability = lambda index: capability
+            cuda.capability.cache_clear()
+            stub.record = True
+            yield stub
+    finally:
+        cuda.capability.cache_clear()
+        _ext.load = saved
 
 
 def make_triton_driver():

@@ -29,7 +29,7 @@
 #include "cuda_check.h"
 #include "int4mma_cute.cuh"
 #include "launchers_sm90.h"
-#include "sm90_device.h"
+#include "cutlass_sm90.cuh"
 #include "pyquant/common.h"
 
 #include "cute/tensor.hpp"
@@ -48,12 +48,13 @@ namespace {
 using namespace cute;
 namespace fusion = cutlass::epilogue::fusion;
 
+// K tile: 128 bytes of 16-bit x per row (the collective's swizzle unit).
+constexpr int kTileK = 64;
+
 template <typename T>
 struct Int4MmaSm90 {
-  // K tile: 128 bytes of 16-bit x per row (the collective's swizzle unit).
-  using Tile = Shape<_128, _128, _64>;
+  using Tile = Shape<_128, _128, Int<kTileK>>;
   using Cluster = Shape<_1, _1, _1>;
-  static constexpr int kTileK = 64;
   using Schedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
   static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
@@ -98,22 +99,10 @@ struct Int4MmaSm90 {
 
   static void run(const Int4MmaSm90Args& a, int sm_count, void* workspace, int64_t workspace_bytes,
                   cudaStream_t stream) {
-    const auto args = arguments(a, sm_count);
-    Gemm gemm;
-    const cutlass::Status ok = gemm.can_implement(args);
-    if (ok != cutlass::Status::kSuccess)
-      throw std::invalid_argument(std::string("int4mma_sm90_gemm_cuda: CUTLASS cannot take M=") + std::to_string(a.m) +
-                                  " N=" + std::to_string(a.n) + " K=" + std::to_string(a.k) + " group=" +
-                                  std::to_string(a.group) + ": " + cutlassGetStatusString(ok));
-    if (int64_t(Gemm::get_workspace_size(args)) > workspace_bytes)
-      throw std::invalid_argument("int4mma_sm90_gemm_cuda: workspace of " + std::to_string(workspace_bytes) +
-                                  " bytes is too small");
-    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess)
-      throw std::runtime_error("int4mma_sm90_gemm_cuda: CUTLASS initialize failed");
-    const cutlass::Status ran = gemm.run(stream);
-    PQ_CUDA_CHECK(cudaGetLastError());
-    if (ran != cutlass::Status::kSuccess)
-      throw std::runtime_error(std::string("int4mma_sm90_gemm_cuda: launch failed: ") + cutlassGetStatusString(ran));
+    const std::string shape = "M=" + std::to_string(a.m) + " N=" + std::to_string(a.n) + " K=" + std::to_string(a.k) +
+                              " group=" + std::to_string(a.group);
+    run_cutlass_gemm<Gemm>("int4mma_sm90_gemm_cuda", shape, arguments(a, sm_count), workspace, workspace_bytes,
+                           stream);
   }
 
   static int64_t workspace(const Int4MmaSm90Args& a, int sm_count) {
@@ -130,7 +119,7 @@ void check(const Int4MmaSm90Args& a) {
   if (a.np != (a.n + 15) / 16 * 16 || a.kp != (a.k + 63) / 64 * 64) fail("np/kp are not IntMMA's padded shape");
   if (a.k % 8) fail("K must be a multiple of 8 (16-byte rows of x)");
   if (a.n % 8) fail("N must be a multiple of 8 (16-byte output rows for the TMA store)");
-  if (a.group <= 0 || (a.group != a.k && a.group % Int4MmaSm90<cutlass::half_t>::kTileK))
+  if (a.group <= 0 || (a.group != a.k && a.group % kTileK))
     fail("the group must be the whole row or a multiple of 64 (the k tile)");
   if (a.m > 0x7fffffff || a.np > 0x7fffffff || a.kp > 0x7fffffff) fail("a dimension exceeds int32");
   if (a.x % 16 || a.qweight % 16 || a.out % 16 || a.scales % 16 || a.zeros % 16 || a.bias % 16)

@@ -35,7 +35,7 @@
 
 #include "cuda_check.h"
 #include "launchers_sm90.h"
-#include "sm90_device.h"
+#include "cutlass_sm90.cuh"
 #include "pyquant/common.h"
 
 #include "cute/tensor.hpp"
@@ -133,22 +133,8 @@ struct W8A8Gemm {
 
   static void run(const W8A8Sm90Args& a, int sm_count, void* workspace, int64_t workspace_bytes,
                   cudaStream_t stream) {
-    const auto args = arguments(a, sm_count);
-    Gemm gemm;
-    const cutlass::Status ok = gemm.can_implement(args);
-    if (ok != cutlass::Status::kSuccess)
-      throw std::invalid_argument(std::string("w8a8_sm90_gemm_cuda: CUTLASS cannot take M=") + std::to_string(a.m) +
-                                  " N=" + std::to_string(a.n) + " kp=" + std::to_string(a.kp) + ": " +
-                                  cutlassGetStatusString(ok));
-    if (static_cast<int64_t>(Gemm::get_workspace_size(args)) > workspace_bytes)
-      throw std::invalid_argument("w8a8_sm90_gemm_cuda: workspace of " + std::to_string(workspace_bytes) +
-                                  " bytes is too small");
-    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess)
-      throw std::runtime_error("w8a8_sm90_gemm_cuda: CUTLASS initialize failed");
-    const cutlass::Status ran = gemm.run(stream);
-    PQ_CUDA_CHECK(cudaGetLastError());
-    if (ran != cutlass::Status::kSuccess)
-      throw std::runtime_error(std::string("w8a8_sm90_gemm_cuda: launch failed: ") + cutlassGetStatusString(ran));
+    const std::string shape = "M=" + std::to_string(a.m) + " N=" + std::to_string(a.n) + " kp=" + std::to_string(a.kp);
+    run_cutlass_gemm<Gemm>("w8a8_sm90_gemm_cuda", shape, arguments(a, sm_count), workspace, workspace_bytes, stream);
   }
 
   static int64_t workspace(const W8A8Sm90Args& a, int sm_count) {

@@ -33,6 +33,20 @@ def cuda_ext_or_skip():
     return ext
 
 
+def hopper_or_skip(entry: str, kernel: str):
+    """The extension, on a compute-capability 9.0 GPU with the sm_90a CUTLASS kernel
+    ``entry`` built: skips on another GPU (sm_90a code runs on 9.0 only) and fails
+    on an H100 whose build lacks it (benchmarks/gpu_check.sh must build it)."""
+    import pytest
+
+    ext = cuda_ext_or_skip()
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"{kernel} is sm_90a code; this GPU is {torch.cuda.get_device_name()}")
+    if not hasattr(ext, entry):
+        pytest.fail("pyquant._C was built without the sm_90a CUTLASS kernels (nvidia-cutlass not found at build time)")
+    return ext
+
+
 @functools.lru_cache(maxsize=None)
 def int_weight_cpu(n: int, k: int, bits: int, group: int, sym: bool, sdtype: torch.dtype, seed: int,
                    float_zeros: bool = False) -> QuantizedWeight:

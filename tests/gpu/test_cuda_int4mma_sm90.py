@@ -19,7 +19,7 @@ import pyquant
 from pyquant.formats import to_mma
 from pyquant.ops.dispatch import select_kernel
 
-from tests.gpu._cuda_util import capture_graph, cuda_ext_or_skip, int_weight_cpu
+from tests.gpu._cuda_util import capture_graph, hopper_or_skip, int_weight_cpu
 
 pytestmark = pytest.mark.gpu
 KERNEL = "cuda_int4mma_qmatmul_sm90"
@@ -27,11 +27,7 @@ FLOOR_DB = {torch.float16: 55.0, torch.bfloat16: 38.0}
 
 
 def _hopper_or_skip():
-    ext = cuda_ext_or_skip()
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip(f"{KERNEL} is sm_90a code; this GPU is {torch.cuda.get_device_name()}")
-    if not hasattr(ext, "int4mma_sm90_gemm_cuda"):
-        pytest.fail("pyquant._C was built without the sm_90a CUTLASS kernels (nvidia-cutlass not found at build time)")
+    return hopper_or_skip("int4mma_sm90_gemm_cuda", KERNEL)
 
 
 def _weight(n, k, group, sym, sdtype=torch.float16, seed=0, float_zeros=False):

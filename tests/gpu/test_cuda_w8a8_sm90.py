@@ -12,7 +12,7 @@ import torch
 
 from pyquant.ops import reference, w8a8_matmul
 
-from tests.gpu._cuda_util import capture_graph, cuda_ext_or_skip, misaligned_copy
+from tests.gpu._cuda_util import capture_graph, hopper_or_skip, misaligned_copy
 from tests.gpu.test_cuda_w8a8 import (_assert_equal, _weight, check_matches_reference,
                                       check_misaligned_weight_and_empty, check_scale_and_bias_dtypes,
                                       check_torch_compile_fullgraph)
@@ -22,12 +22,7 @@ KERNEL = "cuda_int8_w8a8_matmul_sm90"
 
 
 def _hopper_or_skip():
-    ext = cuda_ext_or_skip()
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip(f"{KERNEL} is sm_90a code; this GPU is {torch.cuda.get_device_name()}")
-    if not hasattr(ext, "w8a8_sm90_gemm_cuda"):
-        pytest.fail("pyquant._C was built without the sm_90a CUTLASS kernels (nvidia-cutlass not found at build time)")
-    return ext
+    return hopper_or_skip("w8a8_sm90_gemm_cuda", KERNEL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)

@@ -14,7 +14,7 @@ import pyquant
 from pyquant.errors import KernelUnavailableError
 from pyquant.formats import Int, IntMMA, QuantizedWeight, to_mma
 from pyquant.formats.int_mma import unpack_mma_codes, unpack_mma_scales
-from pyquant.ops.backends import cuda, cuda_mma_sm90
+from pyquant.ops.backends import cuda_mma_sm90
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import _host_stubs  # noqa: E402
@@ -83,53 +83,13 @@ def test_fold_values():
     assert torch.equal(ze, -8 * sc)  # exact: a power of two
 
 
-class _NoSm90Extension(_host_stubs.StubExtension):
-    """An extension built without the CUTLASS headers: no sm_90a entry points."""
-
-    def __getattr__(self, name):
-        if "sm90" in name:
-            raise AttributeError(name)
-        return super().__getattr__(name)
-
-
-class _Hopper:
-    """The CUDA backend on CPU tensors, a recording extension with the sm_90a
-    entry points, and a device of the given compute capability."""
-
-    def __init__(self, capability=(9, 0), sm90=True):
-        self.capability, self.sm90 = capability, sm90
-
-    def __enter__(self):
-        from pyquant import _ext
-
-        self._ext = _host_stubs.stub_extension()
-        self._rt = _host_stubs.cuda_backend_on_cpu()
-        self.ext = self._ext.__enter__()  # its exit puts the real loader back, whatever is installed here
-        if not self.sm90:
-            self.ext = _NoSm90Extension()
-            _ext.load = lambda: self.ext
-        self._rt.__enter__()
-        cuda.RUNTIME.capability = lambda index: self.capability
-        cuda.capability.cache_clear()
-        if self.sm90:
-            self.ext.int4mma_sm90_workspace_bytes = lambda *a: 0
-            self.ext.int4mma_sm90_gemm_cuda  # noqa: B018  (the extension "has" it)
-        self.ext.record = True
-        return self.ext
-
-    def __exit__(self, *exc):
-        cuda.capability.cache_clear()
-        self._rt.__exit__(*exc)
-        return self._ext.__exit__(*exc)
-
-
 @pytest.mark.parametrize("k, group, kx", [(1000, 128, 1000), (1001, 64, 1008), (512, -1, 512)],
                          ids=["g128", "g64-K%8", "per-channel"])
 def test_host_path_hands_the_launcher_the_stored_codes(k, group, kx):
     qw = _qw(48, k, group)
     x = torch.randn(80, k, dtype=torch.float16)
     bias = torch.randn(48, dtype=torch.float16)
-    with torch.no_grad(), _Hopper() as ext:
+    with torch.no_grad(), _host_stubs.hopper_backend_on_cpu() as ext:
         y = pyquant.qmatmul(x, qw, bias, kernel=KERNEL)
     assert y.shape == (80, 48) and y.dtype == torch.float16
     ((name, args),) = ext.calls
@@ -144,7 +104,7 @@ def test_host_path_hands_the_launcher_the_stored_codes(k, group, kx):
 def test_host_path_gathers_act_order_columns():
     qw = _qw(32, 256, act_order=True)
     x = torch.randn(70, 256, dtype=torch.bfloat16)
-    with torch.no_grad(), _Hopper() as ext:
+    with torch.no_grad(), _host_stubs.hopper_backend_on_cpu() as ext:
         pyquant.qmatmul(x, qw, kernel=KERNEL)
     ((name, args),) = ext.calls
     assert args[0] != x.data_ptr() and args[12] == 2  # a gathered copy; bf16
@@ -155,7 +115,7 @@ def test_host_path_passes_on_what_it_cannot_take(what):
     n, dtype = (48, torch.float32) if what == "fp32 x" else (36, torch.float16)
     qw = _qw(n, 256)
     x = torch.randn(70, 256, generator=torch.Generator().manual_seed(n)).to(dtype)
-    with torch.no_grad(), _Hopper() as ext:
+    with torch.no_grad(), _host_stubs.hopper_backend_on_cpu() as ext:
         y = pyquant.qmatmul(x, qw, kernel=KERNEL)
         assert not [c for c in ext.calls if c[0] == "int4mma_sm90_gemm_cuda"]
         want = x @ pyquant.dequantize(qw, dtype, kernel="reference").T  # the dequantize-then-GEMM path
@@ -176,9 +136,9 @@ def test_what_takes_it(case):
     elif case == "Int layout":
         fmt_cls = Int
     fmt = fmt_cls(4, group, False, torch.float16)
-    with _Hopper(capability=cap, sm90=case != "no CUTLASS"):
+    with _host_stubs.hopper_backend_on_cpu(cap, sm90=case != "no CUTLASS"):
         assert not cuda_mma_sm90._ok(fmt, torch.device("cpu"), m)
-    with _Hopper():
+    with _host_stubs.hopper_backend_on_cpu():
         assert cuda_mma_sm90._ok(IntMMA(4, 128, False, torch.float16), torch.device("cpu"), 65)
         with pytest.raises(KernelUnavailableError, match=KERNEL):  # M = 3: not this kernel's range
             pyquant.qmatmul(torch.randn(3, 256, dtype=torch.float16), _qw(48, 256), kernel=KERNEL)

@@ -13,7 +13,7 @@ import pyquant
 from pyquant.errors import KernelUnavailableError
 from pyquant.formats import Int
 from pyquant.ops import reference, w8a8_matmul
-from pyquant.ops.backends import cuda
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import _host_stubs  # noqa: E402
@@ -58,36 +58,11 @@ def test_unsigned_codes_minus_corr_give_the_spec_bits(mnk, dtype):
         assert torch.equal(_emulate_sm90(x, qw, b), want), (mnk, dtype, b is not None)
 
 
-class _Hopper:
-    """The CUDA backend on CPU tensors, a recording extension with the sm_90a
-    entry points, and a device of the given compute capability."""
-
-    def __init__(self, capability=(9, 0)):
-        self.capability = capability
-
-    def __enter__(self):
-        self._ext = _host_stubs.stub_extension()
-        self._rt = _host_stubs.cuda_backend_on_cpu()
-        self.ext = self._ext.__enter__()
-        self._rt.__enter__()
-        cuda.RUNTIME.capability = lambda index: self.capability
-        self.ext.w8a8_sm90_workspace_bytes = lambda m, n, kp, code: 0
-        self.ext.w8a8_sm90_gemm_cuda  # noqa: B018  (creates the recording entry: the extension "has" it)
-        cuda.capability.cache_clear()
-        self.ext.record = True
-        return self.ext
-
-    def __exit__(self, *exc):
-        cuda.capability.cache_clear()
-        self._rt.__exit__(*exc)
-        return self._ext.__exit__(*exc)
-
-
 def test_host_path_hands_the_launchers_one_consistent_set_of_buffers():
     qw = _qw(48, 300, torch.bfloat16)
     x = torch.randn(5, 300, dtype=torch.float16)
     bias = torch.randn(48, dtype=torch.float16)
-    with torch.no_grad(), _Hopper() as ext:
+    with torch.no_grad(), _host_stubs.hopper_backend_on_cpu() as ext:
         y = w8a8_matmul(x, qw, bias, kernel=KERNEL)
     assert y.shape == (5, 48) and y.dtype == torch.float16
     (qname, qargs), (gname, gargs) = ext.calls
@@ -106,7 +81,7 @@ def test_host_path_hands_the_launchers_one_consistent_set_of_buffers():
 def test_host_path_passes_on_what_the_tma_store_cannot_take(n, dtype):
     qw = _qw(n, 96)
     x = torch.randn(3, 96, dtype=dtype)
-    with torch.no_grad(), _Hopper() as ext:
+    with torch.no_grad(), _host_stubs.hopper_backend_on_cpu() as ext:
         w8a8_matmul(x, qw, kernel=KERNEL)
     assert [c[0] for c in ext.calls] == ["quantize_rows_int8_cuda", "w8a8_gemm_cuda"]
 
@@ -114,36 +89,21 @@ def test_host_path_passes_on_what_the_tma_store_cannot_take(n, dtype):
 def test_only_compute_capability_9_0_takes_it():
     qw = _qw(48, 96)
     x = torch.randn(3, 96, dtype=torch.float16)
-    with torch.no_grad(), _Hopper(capability=(8, 0)) as ext:
+    with torch.no_grad(), _host_stubs.hopper_backend_on_cpu((8, 0)) as ext:
         with pytest.raises(KernelUnavailableError, match=KERNEL):
             w8a8_matmul(x, qw, kernel=KERNEL)
         w8a8_matmul(x, qw, kernel="cuda")  # the backend's next kernel takes it
     assert [c[0] for c in ext.calls] == ["quantize_rows_int8_cuda", "w8a8_gemm_cuda"]
-    with torch.no_grad(), _Hopper(capability=(10, 0)):
+    with torch.no_grad(), _host_stubs.hopper_backend_on_cpu((10, 0)):
         with pytest.raises(KernelUnavailableError):
             w8a8_matmul(x, qw, kernel=KERNEL)  # sm_90a code does not run on later parts either
 
 
-class _NoSm90Extension(_host_stubs.StubExtension):
-    """An extension built without the CUTLASS headers: no sm_90a entry points."""
-
-    def __getattr__(self, name):
-        if "sm90" in name:
-            raise AttributeError(name)
-        return super().__getattr__(name)
-
-
-def test_an_extension_without_the_cutlass_kernels_does_not_offer_it(monkeypatch):
-    from pyquant import _ext
-
+def test_an_extension_without_the_cutlass_kernels_does_not_offer_it():
     qw = _qw(48, 96)
     x = torch.randn(3, 96, dtype=torch.float16)
-    ext = _NoSm90Extension()
-    monkeypatch.setattr(_ext, "load", lambda: ext)
-    with torch.no_grad(), _host_stubs.cuda_backend_on_cpu():
-        cuda.RUNTIME.capability = lambda index: (9, 0)
+    with torch.no_grad(), _host_stubs.hopper_backend_on_cpu(sm90=False) as ext:
         with pytest.raises(KernelUnavailableError, match=KERNEL):
             w8a8_matmul(x, qw, kernel=KERNEL)
-        ext.record = True
         w8a8_matmul(x, qw, kernel="cuda")
     assert [c[0] for c in ext.calls] == ["quantize_rows_int8_cuda", "w8a8_gemm_cuda"]
