@@ -107,3 +107,16 @@ def test_an_extension_without_the_cutlass_kernels_does_not_offer_it():
             w8a8_matmul(x, qw, kernel=KERNEL)
         w8a8_matmul(x, qw, kernel="cuda")
     assert [c[0] for c in ext.calls] == ["quantize_rows_int8_cuda", "w8a8_gemm_cuda"]
+
+
+def test_rows_too_wide_for_int32_sums_take_the_spec():
+    from pyquant.ops.backends.cuda_w8a8 import MAX_KP
+
+    k = MAX_KP + 100  # 127 * 128 * K would wrap an int32 sum
+    qw = _qw(8, k)
+    x = torch.randn(2, k, dtype=torch.float16)
+    with torch.no_grad(), _host_stubs.hopper_backend_on_cpu() as ext:
+        for kernel in (KERNEL, "cuda_int8_w8a8_matmul"):
+            y = w8a8_matmul(x, qw, kernel=kernel)
+            assert torch.equal(y, w8a8_matmul(x, qw, kernel="reference")), kernel
+    assert not ext.calls  # no launch

@@ -23,11 +23,15 @@ import torch
 from ... import _ext
 from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
-from ..reference.w8a8 import is_w8a8_format
+from ..reference.w8a8 import is_w8a8_format, w8a8_matmul_reference
 from .cuda import _aligned16, _index, _matmul_out, _opt_code, _src, capability, cuda_ready, launch
 
 SM90_ENTRY = "w8a8_sm90_gemm_cuda"
 SM90_OUT_DTYPES = (torch.float16, torch.bfloat16)
+# Both kernels sum |q_x| <= 127 times |q_w - 128| <= 128 in int32: exact up to
+# this many (padded) columns. Wider rows take the spec (float64 sums) instead
+# of a silently wrapped sum.
+MAX_KP = (2**31 - 1) // (127 * 128)
 
 
 def quantize_rows_int8_cuda(x: torch.Tensor, kp: int | None = None):
@@ -77,8 +81,8 @@ def _w8a8_ok(fmt, device, m):
                  sources=_src("w8a8_sm90.cu", "quantize_rows_w8a8.cu"))
 def w8a8_sm90_gemm(x, qdata, fmt, shape, bias):
     n, k = shape
-    if x.dtype not in SM90_OUT_DTYPES or n % 8:
-        return w8a8_gemm(x, qdata, fmt, shape, bias)  # fp32 x, or rows the TMA store cannot write
+    if x.dtype not in SM90_OUT_DTYPES or n % 8 or fmt.packed_row_bytes(k) > MAX_KP:
+        return w8a8_gemm(x, qdata, fmt, shape, bias)  # fp32 x, rows the TMA store cannot write, or K too wide
     t, out, bias = _matmul_out(x, qdata, fmt, shape, bias)
     m = x.shape[0]
     if m == 0:
@@ -99,11 +103,13 @@ def w8a8_sm90_gemm(x, qdata, fmt, shape, bias):
 @register_kernel("w8a8_matmul", "cuda", "int8", _w8a8_ok, sources=_src("w8a8.cu"))
 def w8a8_gemm(x, qdata, fmt, shape, bias):
     n, k = shape
+    kp = fmt.packed_row_bytes(k)  # 8-bit codes: one byte per padded column
+    if kp > MAX_KP:
+        return w8a8_matmul_reference(x, qdata, fmt, shape, bias)
     t, out, bias = _matmul_out(x, qdata, fmt, shape, bias)
     m = x.shape[0]
     if m == 0:
         return out
-    kp = fmt.packed_row_bytes(k)  # 8-bit codes: one byte per padded column
     qa, sa = quantize_rows_int8_cuda(x, kp)
     qweight = _aligned16(t["qweight"])
     launch(
