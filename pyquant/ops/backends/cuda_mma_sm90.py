@@ -72,6 +72,7 @@ def plan(qdata, fmt, shape, device: torch.device, m: int):
     entry = getattr(_ext.load(), ENTRY)
     index = _index(device)
     per_dtype: dict = {}
+    ws_sizes: dict = {}
 
     def run(x, bias):
         rows = x.shape[0]
@@ -88,7 +89,10 @@ def plan(qdata, fmt, shape, device: torch.device, m: int):
         group = kx if fmt.group_size == -1 else fmt.group_size
         b = None if bias is None else _aligned16(bias.to(torch.float32))
         code = dtype_code(x.dtype)
-        ws_bytes = _ext.load().int4mma_sm90_workspace_bytes(rows, n, kx, group, code)
+        key = (rows, kx, code)
+        if key not in ws_sizes:  # CUTLASS's workspace depends on the shape only: asked once per shape
+            ws_sizes[key] = _ext.load().int4mma_sm90_workspace_bytes(rows, n, kx, group, code)
+        ws_bytes = ws_sizes[key]
         ws = torch.empty((ws_bytes,), dtype=torch.uint8, device=x.device) if ws_bytes else None
         launch_on(index, entry, ptr(xk), ptr(qweight), ptr(scales), ptr(zeros), ptr(b), ptr(out), ptr(ws), ws_bytes,
                   rows, n, kx, group, code)
