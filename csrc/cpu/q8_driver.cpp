@@ -53,6 +53,12 @@ int64_t layout_source(Layout layout, int64_t kp, int64_t j) {
       const int64_t base = j / 128 * 128, r = j % 128, second = r / 64, p = r % 64;
       return layout == Layout::kHalves4 ? base + (p / 16) * 32 + second * 16 + p % 16 : base + 2 * p + second;
     }
+    case Layout::kBlocks0213: {
+      const int64_t full = kp / 128 * 128;
+      if (j >= full) return j;
+      const int64_t blk = j % 128 / 32;
+      return j - j % 128 + (blk == 1 ? 2 : blk == 2 ? 1 : blk) * 32 + j % 32;
+    }
     case Layout::kHalves2:
     case Layout::kEvenOdd64: {
       const int64_t full = kp / 64 * 64;

@@ -56,6 +56,9 @@ enum class Layout : int {
   kHalves4 = 2,  // per 128: elements 0-15 of four 32-blocks, then 16-31 of the four (Int4, 512-bit)
   kEvenOdd64 = 3,   // per 64: the 32 even elements, then the 32 odd ones (NF4, 256-bit)
   kEvenOdd128 = 4,  // per 128: the 64 even, then the 64 odd (NF4, 512-bit)
+  // per 128: 32-blocks 0, 2, 1, 3 (Q4_K / Q5_K, 512-bit): a 64-byte load of
+  // their codes holds blocks 0 and 2 in its low nibbles, 1 and 3 in its high
+  kBlocks0213 = 5,
 };
 
 // Quantized activations: m rows of kp bytes (K padded to the block), the
