@@ -113,6 +113,26 @@ def test_gguf_matches_llama_cpp_arithmetic(level, type_name):
             check(y - bias, want, mag, f"{type_name} k={k} m={m} {level}")
 
 
+@pytest.mark.parametrize("mode", ["auto", "int8", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gguf_qmatmul_plan_matches_the_kernel_function(mode, dtype):
+    """The launch plan (ops/plans.py) takes the same kernel as the function, bit for bit."""
+    from pyquant.ops.backends import cpu_gguf
+
+    blocks, qw = gguf_weight("Q4_1", 24, 256, seed=5)
+    qdata, bias = qw.tensor_list(), torch.randn(24)
+    g = torch.Generator().manual_seed(6)
+    with activations(mode):
+        for m in (1, 5, 600):  # exact mode: the fused kernel, then torch's GEMM on panels
+            plan = cpu_gguf.qmatmul_plan(qdata, qw.format, qw.shape, torch.device("cpu"), m)
+            x = torch.randn(m, 256, generator=g).to(dtype)
+            for b in (None, bias):
+                want = cpu_gguf.qmatmul(x, qdata, qw.format, qw.shape, b)
+                got = plan(x, b)
+                assert got.dtype == dtype and torch.equal(got, want), (m, b is None)
+        assert plan(torch.empty(0, 256, dtype=dtype), None).shape == (0, 24)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gguf_half_precision_x_is_read_directly(level, dtype):
     blocks, qw = gguf_weight("Q4_K", 19, 512, seed=1)
