@@ -31,3 +31,21 @@ def simd_level(level: str):
         yield
     finally:
         C.set_simd_level("best")
+
+
+def assert_plan_matches_function(backend, qw, ms, dtype, seed: int) -> None:
+    """``backend.qmatmul_plan`` (a launch plan, ops/plans.py) gives the bits of
+    ``backend.qmatmul`` for M in ``ms``, with and without a bias, and an empty x."""
+    import torch
+
+    n, k = qw.shape
+    qdata, bias = qw.tensor_list(), torch.randn(n)
+    g = torch.Generator().manual_seed(seed)
+    for m in ms:
+        plan = backend.qmatmul_plan(qdata, qw.format, qw.shape, torch.device("cpu"), m)
+        x = torch.randn(m, k, generator=g).to(dtype)
+        for b in (None, bias):
+            want = backend.qmatmul(x, qdata, qw.format, qw.shape, b)
+            got = plan(x, b)
+            assert got.dtype == dtype and torch.equal(got, want), (m, b is None)
+    assert plan(torch.empty(0, k, dtype=dtype), None).shape == (0, n)

@@ -22,7 +22,7 @@ from pyquant.ops.backends import cpu_activations as cpu_activations_mod
 from pyquant.ops.backends import cpu_int
 from pyquant.ops.backends.cpu_activations import cpu_activations
 from pyquant.ops.dispatch import select_kernel
-from tests.kernels import simd_level
+from tests.kernels import assert_plan_matches_function, simd_level
 
 C = _ext.load()
 pytestmark = pytest.mark.skipif(C is None, reason="compiled extension pyquant._C not built")
@@ -391,13 +391,5 @@ def test_qmatmul_plan_matches_the_kernel_function(act_order, mode, dtype):
     from pyquant.ops.backends import cpu_int
 
     qw = make_qw(4, 32, False, torch.float16, 24, 96, act_order=act_order, seed=3)
-    qdata, bias = qw.tensor_list(), torch.randn(24)
-    g = torch.Generator().manual_seed(4)
-    with cpu_activations(mode):
-        for m in (1, 5, 300):  # the GEMV, the GEMM and (exact mode) the GEMM in two row blocks
-            plan = cpu_int.qmatmul_plan(qdata, qw.format, qw.shape, torch.device("cpu"), m)
-            x = torch.randn(m, 96, generator=g).to(dtype)
-            for b in (None, bias):
-                want = cpu_int.qmatmul(x, qdata, qw.format, qw.shape, b)
-                got = plan(x, b)
-                assert got.dtype == dtype and torch.equal(got, want), (m, b is None)
+    with cpu_activations(mode):  # the GEMV, the GEMM and (exact mode) the GEMM in two row blocks
+        assert_plan_matches_function(cpu_int, qw, (1, 5, 300), dtype, seed=4)

@@ -21,6 +21,7 @@ from pyquant.formats.gguf import BLOCK_TYPES, GGUF
 from pyquant.ops import reference
 from pyquant.ops.backends import cpu_activations, cpu_int, cpu_nf4
 from pyquant.ops.backends.cpu_activations import cpu_activations as activations
+from tests.kernels import assert_plan_matches_function
 from tests.ops import q8_spec
 
 C = _ext.load()
@@ -116,21 +117,11 @@ def test_gguf_matches_llama_cpp_arithmetic(level, type_name):
 @pytest.mark.parametrize("mode", ["auto", "int8", "fp32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gguf_qmatmul_plan_matches_the_kernel_function(mode, dtype):
-    """The launch plan (ops/plans.py) takes the same kernel as the function, bit for bit."""
     from pyquant.ops.backends import cpu_gguf
 
-    blocks, qw = gguf_weight("Q4_1", 24, 256, seed=5)
-    qdata, bias = qw.tensor_list(), torch.randn(24)
-    g = torch.Generator().manual_seed(6)
-    with activations(mode):
-        for m in (1, 5, 600):  # exact mode: the fused kernel, then torch's GEMM on panels
-            plan = cpu_gguf.qmatmul_plan(qdata, qw.format, qw.shape, torch.device("cpu"), m)
-            x = torch.randn(m, 256, generator=g).to(dtype)
-            for b in (None, bias):
-                want = cpu_gguf.qmatmul(x, qdata, qw.format, qw.shape, b)
-                got = plan(x, b)
-                assert got.dtype == dtype and torch.equal(got, want), (m, b is None)
-        assert plan(torch.empty(0, 256, dtype=dtype), None).shape == (0, 24)
+    _, qw = gguf_weight("Q4_1", 24, 256, seed=5)
+    with activations(mode):  # M = 600 in exact mode: the fused kernel, then torch's GEMM on panels
+        assert_plan_matches_function(cpu_gguf, qw, (1, 5, 600), dtype, seed=6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
