@@ -1,6 +1,7 @@
 // What the CUTLASS launchers (*_sm90.cu) share: the SM count their persistent
-// tile schedulers size grids by, and running a GemmUniversalAdapter with every
-// status checked and turned into an exception that names the shape.
+// tile schedulers size grids by, running a GemmUniversalAdapter with every
+// status checked and turned into an exception that names the shape, and the
+// two entry points every launcher has.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -43,6 +44,26 @@ void run_cutlass_gemm(const char* who, const std::string& shape, const typename 
   PQ_CUDA_CHECK(cudaGetLastError());
   if (ran != cutlass::Status::kSuccess)
     throw std::runtime_error(std::string(who) + ": launch failed for " + shape + ": " + cutlassGetStatusString(ran));
+}
+
+// A launcher's workspace size and launch, over the two functions each launcher
+// defines for its argument struct (found by argument-dependent lookup in
+// namespace pyquant): check(a), which throws on what its kernel cannot take,
+// and with_gemm(a, fn), which calls fn with the instantiation a selects.
+template <typename Args>
+int64_t sm90_workspace_bytes(const Args& a) {
+  check(a);
+  return with_gemm(a, [&](auto g) { return decltype(g)::workspace(a, sm90_sm_count()); });
+}
+
+template <typename Args>
+void sm90_launch(const Args& a, uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream) {
+  check(a);
+  with_gemm(a, [&](auto g) {
+    decltype(g)::run(a, sm90_sm_count(), reinterpret_cast<void*>(workspace), workspace_bytes,
+                     reinterpret_cast<cudaStream_t>(stream));
+    return 0;
+  });
 }
 
 }  // namespace pyquant

@@ -110,6 +110,9 @@ struct Int4MmaSm90 {
   }
 };
 
+}  // namespace
+
+// check and with_gemm: what sm90_workspace_bytes and sm90_launch (cutlass_sm90.cuh) call.
 void check(const Int4MmaSm90Args& a) {
   auto fail = [&](const std::string& why) {
     throw std::invalid_argument("int4mma_sm90_gemm_cuda: " + why + " (M=" + std::to_string(a.m) + " N=" +
@@ -132,9 +135,6 @@ auto with_gemm(const Int4MmaSm90Args& a, Fn&& fn) {
   return a.dtype == kF16 ? fn(Int4MmaSm90<cutlass::half_t>{}) : fn(Int4MmaSm90<cutlass::bfloat16_t>{});
 }
 
-}  // namespace
-
-
 Int4MmaSm90Args make_args(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t bias,
                           uintptr_t out, int64_t m, int64_t n, int64_t k, int64_t group, int dtype) {
   return Int4MmaSm90Args{x, qweight, scales, zeros, bias, out, m, n, k, (n + 15) / 16 * 16, (k + 63) / 64 * 64,
@@ -144,22 +144,15 @@ Int4MmaSm90Args make_args(uintptr_t x, uintptr_t qweight, uintptr_t scales, uint
 int64_t int4mma_sm90_workspace_bytes(int64_t m, int64_t n, int64_t k, int64_t group, int dtype) {
   if (m == 0 || n == 0) return 0;
   // The size depends on the shape only: aligned placeholder pointers pass the checks.
-  const Int4MmaSm90Args a = make_args(16, 16, 16, 16, 0, 16, m, n, k, group, dtype);
-  check(a);
-  return with_gemm(a, [&](auto g) { return decltype(g)::workspace(a, sm90_sm_count()); });
+  return sm90_workspace_bytes(make_args(16, 16, 16, 16, 0, 16, m, n, k, group, dtype));
 }
 
 void int4mma_sm90_gemm_cuda(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t bias,
                             uintptr_t out, uintptr_t workspace, int64_t workspace_bytes, int64_t m, int64_t n,
                             int64_t k, int64_t group, int dtype, uintptr_t stream) {
   if (m == 0 || n == 0) return;
-  const Int4MmaSm90Args a = make_args(x, qweight, scales, zeros, bias, out, m, n, k, group, dtype);
-  check(a);
-  with_gemm(a, [&](auto g) {
-    decltype(g)::run(a, sm90_sm_count(), reinterpret_cast<void*>(workspace), workspace_bytes,
-                     reinterpret_cast<cudaStream_t>(stream));
-    return 0;
-  });
+  sm90_launch(make_args(x, qweight, scales, zeros, bias, out, m, n, k, group, dtype), workspace, workspace_bytes,
+              stream);
 }
 
 }  // namespace pyquant

@@ -142,6 +142,9 @@ struct W8A8Gemm {
   }
 };
 
+}  // namespace
+
+// check and with_gemm: what sm90_workspace_bytes and sm90_launch (cutlass_sm90.cuh) call.
 void check(const W8A8Sm90Args& a) {
   auto fail = [&](const std::string& why) {
     throw std::invalid_argument("w8a8_sm90_gemm_cuda: " + why + " (M=" + std::to_string(a.m) +
@@ -163,14 +166,11 @@ auto with_gemm(const W8A8Sm90Args& a, Fn&& fn) {
   return small ? fn(W8A8Gemm<cutlass::bfloat16_t, SmallTiles>{}) : fn(W8A8Gemm<cutlass::bfloat16_t, LargeTiles>{});
 }
 
-}  // namespace
-
 int64_t w8a8_sm90_workspace_bytes(int64_t m, int64_t n, int64_t kp, int out_dtype) {
   W8A8Sm90Args a{};
   a.m = m, a.n = n, a.kp = kp, a.out_dtype = out_dtype;
   if (m == 0 || n == 0) return 0;
-  check(a);
-  return with_gemm(a, [&](auto g) { return decltype(g)::workspace(a, sm90_sm_count()); });
+  return sm90_workspace_bytes(a);
 }
 
 void w8a8_sm90_gemm_cuda(uintptr_t qa, uintptr_t sa, uintptr_t corr, uintptr_t w, uintptr_t sw, uintptr_t bias,
@@ -178,12 +178,7 @@ void w8a8_sm90_gemm_cuda(uintptr_t qa, uintptr_t sa, uintptr_t corr, uintptr_t w
                          int64_t kp, int out_dtype, uintptr_t stream) {
   const W8A8Sm90Args a{qa, sa, corr, w, sw, bias, out, m, n, kp, out_dtype};
   if (m == 0 || n == 0) return;
-  check(a);
-  with_gemm(a, [&](auto g) {
-    decltype(g)::run(a, sm90_sm_count(), reinterpret_cast<void*>(workspace), workspace_bytes,
-                     reinterpret_cast<cudaStream_t>(stream));
-    return 0;
-  });
+  sm90_launch(a, workspace, workspace_bytes, stream);
 }
 
 }  // namespace pyquant
