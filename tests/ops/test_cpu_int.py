@@ -339,8 +339,8 @@ def test_bf16_kernel_route():
     assert C.int_bf16_kernel(bf16, 64, 4) == BF16_KERNEL
     assert not C.int_bf16_kernel(bf16, 65, 4) and not C.int_bf16_kernel(f16, 8, 4)
     assert not any(C.int_bf16_kernel(bf16, 8, bits) for bits in (2, 3, 8))
-    assert cpu_activations_mod.use_int8("int", torch.bfloat16, 8, 4) == (not BF16_KERNEL)
-    assert cpu_activations_mod.use_int8("int", torch.bfloat16, 8, 3)
+    assert cpu_activations_mod.use_int8("int", torch.bfloat16, 4, 4) == (not BF16_KERNEL)
+    assert cpu_activations_mod.use_int8("int", torch.bfloat16, 4, 3)
     for level in SIMD:
         with simd(level):
             assert C.int_bf16_kernel(bf16, 8, 4) == (BF16_KERNEL and level == "avx512")

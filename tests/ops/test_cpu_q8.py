@@ -142,15 +142,16 @@ def test_gguf_large_m_stays_on_the_int8_kernels():
 
 
 def test_half_precision_x_takes_the_int8_kernels_by_default():
-    """fp16 x (and bf16 x, but for Int4 on a CPU with AVX512-BF16) takes the int8 planes in auto mode."""
+    """fp16 x (and bf16 x, but for Int4 on a CPU with AVX512-BF16) takes the int8 planes in auto mode
+    at decode sizes (4 rows: below every level's exact-from row count for Int4)."""
     qw, c, s, z = int_weight(4, 128, False, torch.float16, 64, 1024, seed=6)
-    x = torch.randn(8, 1024, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(4, 1024, generator=torch.Generator().manual_seed(6))
     for dtype in (torch.float16, torch.bfloat16):
         xh = x.to(dtype)
         y = pyquant.qmatmul(xh, qw, kernel="cpu")
         check(y, *q8_spec.int_product(c, s, z, 128, xh), f"Int4 {dtype} x, auto", out_eps=OUT_EPS[dtype])
         # (Int4 with bf16 x on AVX512-BF16: auto is that exact kernel, test_cpu_int.py)
-        exact = cpu_activations.bf16_dot_kernel(dtype, 8, 4)
+        exact = cpu_activations.bf16_dot_kernel(dtype, 4, 4)
         with activations("fp32" if exact else "int8"):
             assert torch.equal(y, pyquant.qmatmul(xh, qw, kernel="cpu")), f"{dtype} x, auto: not the expected kernels"
     # the bound above also admits the exact kernels' result: these inputs tell the two paths apart
@@ -276,14 +277,20 @@ def test_activation_mode_option(monkeypatch):
     assert cpu_activations.current() == "auto"
     assert cpu_activations.use_int8("gguf", f32) and cpu_activations.use_int8("int", bf16)
     assert not cpu_activations.use_int8("int", f32) and not cpu_activations.use_int8("nf4", f32)
-    # many rows of half x: exact where the avx512 tiles make it the faster path
+    # many rows of half x: exact where the level's exact kernels are the faster path
     big = cpu_activations.EXACT_FROM_M
-    assert cpu_activations.use_int8("gguf", bf16, big)
-    for fam in ("int", "nf4"):
-        assert cpu_activations.use_int8(fam, bf16, big - 1)
-        assert cpu_activations.use_int8(fam, bf16, big) != cpu_activations.outer_product_tiles()
-    monkeypatch.setattr(cpu_activations, "outer_product_tiles", lambda: False)
-    assert cpu_activations.use_int8("int", bf16, big)
+    f16 = torch.float16  # (bf16 x with 4-bit weights may take the AVX512-BF16 kernel)
+    for level in ("scalar", "avx2", "avxvnni", "avx512"):
+        monkeypatch.setattr(cpu_activations, "simd_level", lambda: level)
+        assert cpu_activations.use_int8("gguf", f16, 4096)
+        for fam, bits in (("int", 2), ("int", 3), ("int", 4), ("int", 8), ("nf4", 0)):
+            exact_from = {"avx512": big, "avx2": cpu_activations.EXACT_FROM_M_AVX2[fam, bits]}.get(level)
+            if exact_from is None:
+                assert cpu_activations.use_int8(fam, f16, 4096, bits), (level, fam, bits)
+                continue
+            assert not cpu_activations.use_int8(fam, f16, exact_from, bits), (level, fam, bits)
+            assert cpu_activations.use_int8(fam, f16, exact_from - 1, bits), (level, fam, bits)
+    monkeypatch.setattr(cpu_activations, "simd_level", lambda: "avx512")
     monkeypatch.setenv(cpu_activations.ENV, "int8")
     assert cpu_activations.use_int8("int", bf16, big)
     assert cpu_activations.use_int8("nf4", f32)

@@ -26,6 +26,15 @@
   codes by ``vdpbf16ps`` (exact products, fp32 sums; csrc/cpu/int4_bf16.cpp),
   the fastest of the three (4096 x 4096, 2 threads, cold: 0.67 ms at M = 8
   against 0.95 for the int8 planes and 0.84 for torch's int4 kernel).
+  At the avx2 level (vpmaddubsw, no VNNI) the exact kernels take fp16 / bf16
+  x from ``EXACT_FROM_M_AVX2`` rows on: the two int8 planes cost six integer
+  multiplies per 64 weights and row there, one more than the eight FMAs of
+  the exact kernel once its decode is shared by a few rows. Measured on an
+  AMD EPYC (Zen 3, AVX2 only), 4096 x 4096, bf16 and fp16 x, cold, 1 and 2
+  threads: int8 over exact time at M = 8 is 0.50 (Int8), 0.53 (Int2), 0.68
+  (Int3), 0.69 (Int4), 0.71 (NF4); Int2 is behind from M = 2 (0.80-0.94),
+  Int8 from M = 3 (0.75-0.95); below 8 rows the others lead or tie (M = 4:
+  0.95-1.06; M = 6: 1.05-1.20, the exact kernel's second, half-full pass).
 
 Choose with the environment variable ``PYQUANT_CPU_ACTIVATIONS`` (read at
 each call) or, for a block of code (this thread / task only)::
@@ -44,7 +53,6 @@ import torch
 from ... import _ext
 from ...errors import ValueRangeError
 from .._dtypes import dtype_code
-from .cpu_panels import outer_product_tiles
 
 ENV = "PYQUANT_CPU_ACTIVATIONS"
 MODES = ("auto", "int8", "fp32")
@@ -52,6 +60,8 @@ MODES = ("auto", "int8", "fp32")
 # the avx512 tiles run (measured: the two paths tie at M = 32 on 4096 x 4096,
 # exact leads from 48).
 EXACT_FROM_M = 48
+# The same at the avx2 level, by family and bit width (see the module doc).
+EXACT_FROM_M_AVX2 = {("int", 2): 2, ("int", 3): 8, ("int", 4): 8, ("int", 8): 3, ("nf4", 0): 8}
 
 _override: contextvars.ContextVar = contextvars.ContextVar("pyquant_cpu_activations", default=None)
 
@@ -89,6 +99,12 @@ def bf16_dot_kernel(x_dtype: torch.dtype, m: int, bits: int) -> bool:
     return ext is not None and x_dtype == torch.bfloat16 and ext.int_bf16_kernel(dtype_code(x_dtype), m, bits)
 
 
+def simd_level():
+    """The level the C++ kernels run at now (None without the extension)."""
+    ext = _ext.load()
+    return ext.simd_level() if ext is not None else None
+
+
 def use_int8(family: str, x_dtype: torch.dtype, m: int = 0, bits: int = 0) -> bool:
     """Whether a qmatmul of x (m rows in x_dtype) with a weight of this format
     family ("gguf", "int", "nf4"; ``bits`` for "int") takes the int8-activation
@@ -102,4 +118,9 @@ def use_int8(family: str, x_dtype: torch.dtype, m: int = 0, bits: int = 0) -> bo
         return False
     if family == "int" and bf16_dot_kernel(x_dtype, m, bits):
         return False
-    return m < EXACT_FROM_M or not outer_product_tiles()
+    level = simd_level()
+    if level == "avx512":
+        return m < EXACT_FROM_M
+    if level == "avx2":
+        return m < EXACT_FROM_M_AVX2.get((family, bits if family == "int" else 0), EXACT_FROM_M)
+    return True

@@ -11,9 +11,9 @@ avx512 level; 4096 x 4096, 2 threads, M = 128 to 2048: 2.1-2.2x torch's fp32
 GEMM on the dequantized weight, ymm tiles 1.02-1.06x, decoded row panels
 through that GEMM 0.95-1.02x; at the scalar level, those panels from
 SCALAR_PANEL_MIN_M rows). With int8 activations (``cpu_activations``: by
-default for fp16 / bf16 x below its EXACT_FROM_M rows, exact for fp32 x) and K
-a multiple of 32, the integer-dot kernel at every M (x and the codebook each
-in two int8 planes, per 32-block).
+default for fp16 / bf16 x below the row count it gives for the SIMD level,
+exact for fp32 x) and K a multiple of 32, the integer-dot kernel at every M
+(x and the codebook each in two int8 planes, per 32-block).
 """
 from __future__ import annotations
 
