@@ -41,36 +41,6 @@ uint16_t float_to_half_rne(float f) {
   return uint16_t(sign | h);
 }
 
-int64_t layout_source(Layout layout, int64_t kp, int64_t j) {
-  switch (layout) {
-    case Layout::kHalves4:
-    case Layout::kEvenOdd128: {
-      const int64_t full = kp / 128 * 128;
-      if (j >= full) {
-        const Layout rest = layout == Layout::kHalves4 ? Layout::kHalves2 : Layout::kEvenOdd64;
-        return full + layout_source(rest, kp - full, j - full);
-      }
-      const int64_t base = j / 128 * 128, r = j % 128, second = r / 64, p = r % 64;
-      return layout == Layout::kHalves4 ? base + (p / 16) * 32 + second * 16 + p % 16 : base + 2 * p + second;
-    }
-    case Layout::kBlocks0213: {
-      const int64_t full = kp / 128 * 128;
-      if (j >= full) return j;
-      const int64_t blk = j % 128 / 32;
-      return j - j % 128 + (blk == 1 ? 2 : blk == 2 ? 1 : blk) * 32 + j % 32;
-    }
-    case Layout::kHalves2:
-    case Layout::kEvenOdd64: {
-      const int64_t full = kp / 64 * 64;
-      if (j >= full) return j;  // a last lone 32-block stays natural
-      const int64_t base = j / 64 * 64, r = j % 64, second = r / 32, p = r % 32;
-      return layout == Layout::kHalves2 ? base + (p / 16) * 32 + second * 16 + p % 16 : base + 2 * p + second;
-    }
-    default:
-      return j;
-  }
-}
-
 namespace {
 
 constexpr int64_t kRows = 16;  // weight rows per block handed to a thread

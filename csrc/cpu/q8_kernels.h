@@ -163,8 +163,5 @@ void quantize_activations(ActKind kind, const void* x, int x_dtype, int64_t m, i
 // and ggml's software conversion give the same bits).
 uint16_t float_to_half_rne(float f);
 
-// Maps byte position j of a row in `layout` to the natural element it holds.
-int64_t layout_source(Layout layout, int64_t kp, int64_t j);
-
 }  // namespace q8
 }  // namespace pyquant
