@@ -27,14 +27,15 @@
   the fastest of the three (4096 x 4096, 2 threads, cold: 0.67 ms at M = 8
   against 0.95 for the int8 planes and 0.84 for torch's int4 kernel).
   At the avx2 level (vpmaddubsw, no VNNI) the exact kernels take fp16 / bf16
-  x from ``EXACT_FROM_M_AVX2`` rows on: the two int8 planes cost six integer
-  multiplies per 64 weights and row there, one more than the eight FMAs of
-  the exact kernel once its decode is shared by a few rows. Measured on an
-  AMD EPYC (Zen 3, AVX2 only), 4096 x 4096, bf16 and fp16 x, cold, 1 and 2
-  threads: int8 over exact time at M = 8 is 0.50 (Int8), 0.53 (Int2), 0.68
-  (Int3), 0.69 (Int4), 0.71 (NF4); Int2 is behind from M = 2 (0.80-0.94),
-  Int8 from M = 3 (0.75-0.95); below 8 rows the others lead or tie (M = 4:
-  0.95-1.06; M = 6: 1.05-1.20, the exact kernel's second, half-full pass).
+  x from ``EXACT_FROM_M_AVX2`` rows on: once a few rows share the exact
+  kernels' weight decode, their FMAs outrun the two int8 planes' integer
+  dot products and per-block float epilogue. Measured on an AMD EPYC (Zen 3,
+  AVX2 only), 4096 x 4096, bf16 and fp16 x, cold, 1 and 2 threads: the
+  exact kernels' time over the int8 planes' at M = 8 is 0.50 (Int8), 0.53
+  (Int2), 0.68 (Int3), 0.69 (Int4), 0.71 (NF4); Int2 is ahead exactly from
+  M = 2 (0.80-0.94), Int8 from M = 3 (0.75-0.95). For the others the int8
+  planes' speed relative to the exact kernels is 0.94-1.06 at M = 4 and
+  0.99-1.20 at M = 6 (the exact kernels' second pass half full).
 
 Choose with the environment variable ``PYQUANT_CPU_ACTIVATIONS`` (read at
 each call) or, for a block of code (this thread / task only)::

@@ -7,10 +7,9 @@ widened inside the kernel (exactly) and the result is cast back to their
 dtype, as the reference does. With int8 activations (``cpu_activations``: by
 default for fp16 / bf16 x below the row count it gives for the SIMD level,
 exact for fp32 x) x is quantized per 32-block, in two int8 planes, inside the
-kernel instead. The
-exception: 4-bit weights with bf16 x on a CPU with AVX512-BF16 take the exact
-path at every M, whose kernel up to 64 rows multiplies the bf16 values
-directly (csrc/cpu/int4_bf16.cpp).
+kernel instead. The exception: 4-bit weights with bf16 x on a CPU with
+AVX512-BF16 take the exact path at every M, whose kernel up to 64 rows
+multiplies the bf16 values directly (csrc/cpu/int4_bf16.cpp).
 """
 from __future__ import annotations
 
