@@ -3,11 +3,11 @@
 // Decoding costs the same for any M, so here it is done once per weight per
 // call: a tile of kTileN weight rows x kBlockK columns is dequantized into an
 // fp32 buffer that stays in L1, then a register-blocked micro-kernel runs
-// every row of x against it: at the avx2 level kMR rows of x x kNR weight
-// rows, 12 ymm accumulators vectorised along K so both operands are plain
-// loads (the horizontal sums happen once per K block); at the avx512 level
-// the outer-product tile of panel_gemm.h on x repacked once per call (below
-// kOuterTileMinM rows, micro_gemm.h's 16-lane version of the dot tile).
+// every row of x against it: from kOuterTileMinM rows the outer-product tile
+// of panel_gemm.h on x repacked once per call; below that, at the avx2 level
+// kMR rows of x x kNR weight rows, 12 ymm accumulators vectorised along K so
+// both operands are plain loads (the horizontal sums happen once per K
+// block), at the avx512 level micro_gemm.h's 16-lane version of that tile.
 // Threads take super-tiles of rows; a super-tile is swept once per K block,
 // so its tiles share the x panel in L2, and the next tile's weight lines are
 // prefetched in software (the rows are a stride apart, which the hardware
@@ -129,7 +129,8 @@ PQ_TARGET_AVX2 void prefetch_tile(const IntWeight& w, int64_t n0, int64_t n1, in
 // Rows [nb, ne) (one super-tile) of y += x @ W_hat.T.
 template <int BITS>
 PQ_TARGET_AVX2 void gemm_part(const float* x, int64_t ldx, int64_t m, const IntWeight& w, float* y, int64_t nb,
-                              int64_t ne, bool wide, const float* x_panels, float* yt, int64_t ldyt) {
+                              int64_t ne, bool wide, const PanelGemm* outer, const float* x_panels, float* yt,
+                              int64_t ldyt) {
   alignas(64) float buf[kTileN * kBlockK];
   const int64_t kp = w.chunks * kIntChunk;
   for (int64_t k0 = 0; k0 < kp; k0 += kBlockK) {
@@ -145,8 +146,8 @@ PQ_TARGET_AVX2 void gemm_part(const float* x, int64_t ldx, int64_t m, const IntW
         prefetch_tile<BITS>(w, nb, std::min(ne, nb + kTileN), k0 + kBlockK, std::min<int64_t>(kBlockK, kp - k0 - kBlockK));
       }
       decode_tile<BITS>(w, n0, rows, k0, klen, buf);
-      if (x_panels) {
-        panel_gemm_avx512(x_panels, m, kp, k0, klen, buf, kBlockK, rows, yt + (n0 - nb) * ldyt, ldyt);
+      if (outer) {
+        outer->gemm(x_panels, m, kp, k0, klen, buf, kBlockK, rows, yt + (n0 - nb) * ldyt, ldyt);
         continue;
       }
       for (int64_t i0 = 0; i0 < m; i0 += kMR) {
@@ -175,14 +176,16 @@ void gemm(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const floa
   const int64_t tiles = (w.n + kTileN - 1) / kTileN;
   const int64_t per = std::max<int64_t>(1, std::min(kMaxSuperTiles, tiles / (4 * std::max(nthreads, 1))));
   const int64_t super_rows = per * kTileN, items = (w.n + super_rows - 1) / super_rows;
-  // At the avx512 level x is repacked for the outer-product tile
+  // From kOuterTileMinM rows x is repacked for the outer-product tile
   // (panel_gemm.h; the packing is O(m k) against the GEMM's O(m n k)), and
   // each thread sums a super-tile's outputs transposed, added to y once;
-  // below kOuterTileMinM rows the 16-lane dot-product tile (micro_gemm.h).
-  const bool wide = simd_level() >= Simd::kAvx512;  // read outside the region: it may throw
+  // below that the dot-product tile (16 lanes at the avx512 level).
+  const Simd level = simd_level();  // read outside the region: it may throw
+  const bool wide = level >= Simd::kAvx512;
+  const PanelGemm* outer = panel_gemm_for(level, m);
   float *x_panels = nullptr, *yt_all = nullptr;
   const int64_t ldyt = padded_rows(m);
-  if (wide && m >= kOuterTileMinM) {
+  if (outer) {
     const int64_t kp = w.chunks * kIntChunk;
     x_panels = thread_scratch(x_panels_floats(m, kp), Scratch::kXPanels);
     yt_all = thread_scratch(nthreads * super_rows * ldyt, Scratch::kYTransposed);
@@ -193,10 +196,10 @@ void gemm(const float* x, int64_t ldx, int64_t m, const IntWeight& w, const floa
     const int64_t nb = t * super_rows, ne = std::min(w.n, nb + super_rows);
     for (int64_t i = 0; i < m; ++i)
       for (int64_t n = nb; n < ne; ++n) y[i * w.n + n] = bias ? bias[n] : 0.0f;
-    float* yt = x_panels ? yt_all + omp_get_thread_num() * super_rows * ldyt : nullptr;
+    float* yt = outer ? yt_all + omp_get_thread_num() * super_rows * ldyt : nullptr;
     if (yt) std::fill(yt, yt + (ne - nb) * ldyt, 0.0f);
-    gemm_part<BITS>(x, ldx, m, w, y, nb, ne, wide, x_panels, yt, ldyt);
-    if (yt) add_transposed_avx512(yt, ldyt, int(ne - nb), m, y + nb, w.n);
+    gemm_part<BITS>(x, ldx, m, w, y, nb, ne, wide, outer, x_panels, yt, ldyt);
+    if (yt) outer->add_transposed(yt, ldyt, int(ne - nb), m, y + nb, w.n);
     lora.apply(y, w.n, 0, m, nb, ne);
   }
 }

@@ -9,8 +9,8 @@
 // * larger M (compute-bound): a thread decodes a tile of kTileN weight rows x
 //   kTileK columns into a cache-resident fp32 buffer once, then runs a
 //   register-blocked micro-kernel over every row of x, so decode cost is
-//   amortised over M: at the avx512 level the outer-product tile of
-//   panel_gemm.h, below it a 4 x 3 tile of dot products along K (ymm). Tile
+//   amortised over M: from kOuterTileMinM rows the outer-product tile of
+//   panel_gemm.h, below that a 4 x 3 tile of dot products along K. Tile
 //   sizes were picked by measuring K = N = 4096 on one core (4 x 3 beat 4 x 2
 //   by 25% at M = 32; a 1024-column tile beat 256 and 512, whose extra
 //   horizontal sums cost more than the L1 misses the bigger tile adds).
@@ -221,13 +221,15 @@ void qmatmul_fused(const Weight& w, const float* x, int64_t m, const float* bias
 void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias, const LoraEpilogue& lora, float* y,
                    int nthreads, bool avx2) {
   const int64_t N = w.n, K = w.k;
-  const bool avx512 = simd_level() >= Simd::kAvx512;  // read outside the region: it may throw
+  const Simd level = simd_level();  // read outside the region: it may throw
+  const bool avx512 = level >= Simd::kAvx512;
   const int64_t ntiles = (N + kTileN - 1) / kTileN;
-  // At the avx512 level, the outer-product tile on x repacked once per call,
-  // each tile's outputs summed transposed (panel_gemm.h).
+  // From kOuterTileMinM rows, the outer-product tile on x repacked once per
+  // call, each tile's outputs summed transposed (panel_gemm.h).
+  const PanelGemm* outer = avx2 ? panel_gemm_for(level, m) : nullptr;
   float *x_panels = nullptr, *yt_all = nullptr;
   const int64_t ldyt = padded_rows(m);
-  if (avx512 && m >= kOuterTileMinM) {
+  if (outer) {
     x_panels = thread_scratch(x_panels_floats(m, K), Scratch::kXPanels);
     yt_all = thread_scratch(nthreads * kTileN * ldyt, Scratch::kYTransposed);
     pack_x_panels(x, K, m, K, K, x_panels, nthreads);
@@ -241,7 +243,7 @@ void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias
     const int64_t nc = std::min(kTileN, N - n0);
     for (int64_t r = 0; r < m; ++r)
       for (int64_t j = 0; j < nc; ++j) y[r * N + n0 + j] = bias ? bias[n0 + j] : 0.0f;
-    float* yt = x_panels ? yt_all + omp_get_thread_num() * kTileN * ldyt : nullptr;
+    float* yt = outer ? yt_all + omp_get_thread_num() * kTileN * ldyt : nullptr;
     if (yt) std::fill(yt, yt + nc * ldyt, 0.0f);
     for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
       const int64_t kc = std::min(kTileK, K - k0);
@@ -254,7 +256,7 @@ void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias
         }
       }
       if (yt) {
-        panel_gemm_avx512(x_panels, m, K, k0, kc, wbuf, kTileK, int(nc), yt, ldyt);
+        outer->gemm(x_panels, m, K, k0, kc, wbuf, kTileK, int(nc), yt, ldyt);
         continue;
       }
       for (int64_t m0 = 0; m0 < m; m0 += kMR) {
@@ -266,7 +268,7 @@ void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias
         }
       }
     }
-    if (yt) add_transposed_avx512(yt, ldyt, int(nc), m, y + n0, N);
+    if (yt) outer->add_transposed(yt, ldyt, int(nc), m, y + n0, N);
     lora.apply(y, N, 0, m, n0, n0 + nc);
   }
 }

@@ -19,6 +19,7 @@
 #pragma once
 #include <cstdint>
 
+#include "simd.h"
 #include "thread_scratch.h"
 
 namespace pyquant {
@@ -50,7 +51,7 @@ inline int64_t x_panels_floats(int64_t m, int64_t k) { return padded_rows(m) * k
 
 // Columns [0, k_valid) of x (m rows, row stride ldx) into panels of width k;
 // columns [k_valid, k) and the rows past m of the last panel become 0.
-// Needs the avx512 level.
+// Needs the avx2 level (gathers at the avx512 level, transposes below).
 void pack_x_panels(const float* x, int64_t ldx, int64_t m, int64_t k_valid, int64_t k, float* panels, int nthreads);
 
 // yt[j * ldyt + i] += sum_{c in [k0, k0 + kc)} x[i, c] * w[j, c - k0] for
@@ -64,5 +65,20 @@ void panel_gemm_avx512(const float* panels, int64_t m, int64_t k, int64_t k0, in
 
 // y[i * ldy + j] += yt[j * ldyt + i] for i < m, j < rows (ldyt < 2^27).
 void add_transposed_avx512(const float* yt, int64_t ldyt, int rows, int64_t m, float* y, int64_t ldy);
+
+// The same at the avx2 level, on the same panels: each 16-row vector of a
+// panel is two ymm, against 6 weight rows at a time (the 6 x 16 tile of the
+// classic AVX2 SGEMM kernels, with x in the role of the packed B panel).
+void panel_gemm_avx2(const float* panels, int64_t m, int64_t k, int64_t k0, int64_t kc, const float* w, int64_t ldw,
+                     int rows, float* yt, int64_t ldyt);
+void add_transposed_avx2(const float* yt, int64_t ldyt, int rows, int64_t m, float* y, int64_t ldy);
+
+// The outer-product tile of a level, or null where there is none (scalar).
+struct PanelGemm {
+  void (*gemm)(const float* panels, int64_t m, int64_t k, int64_t k0, int64_t kc, const float* w, int64_t ldw,
+               int rows, float* yt, int64_t ldyt);
+  void (*add_transposed)(const float* yt, int64_t ldyt, int rows, int64_t m, float* y, int64_t ldy);
+};
+const PanelGemm* panel_gemm_for(Simd level, int64_t m);
 
 }  // namespace pyquant

@@ -269,10 +269,11 @@ def test_qmatmul_gemm_super_tiles(threads):
         torch.set_num_threads(old)
 
 
-# Rows of x that reach every panel shape of the avx512 GEMM (panel_gemm.h):
-# one, two, three and four 16-row vectors (16, 17, 33, 49 and 64 rows), and
-# the splits 48 + 32 (65), 48 + 48 (96) and 48 + 64 (112), with padding
-# rows; 9 rows stay on the 16-lane dot-product tile (below kOuterTileMinM).
+# Rows of x that reach every panel shape of the outer-product GEMM
+# (panel_gemm.h, zmm at the avx512 level, ymm at avx2 and avxvnni): one, two,
+# three and four 16-row vectors (16, 17, 33, 49 and 64 rows), and the splits
+# 48 + 32 (65), 48 + 48 (96) and 48 + 64 (112), with padding rows; 9 rows
+# stay on the dot-product tile (below kOuterTileMinM).
 PANEL_MS = (9, 12, 16, 17, 33, 49, 64, 65, 96, 112)
 
 

@@ -126,10 +126,11 @@ def test_qmatmul_tiled_in_row_passes(simd, n, k, bs, dq):
 
 @pytest.mark.parametrize("m", [9, 17, 33, 49, 64, 65, 96, 112])
 def test_qmatmul_tiled_every_panel_width(simd, m):
-    # The rows of x that reach each panel shape of the avx512 tile
-    # (panel_gemm.h): 1-4 vectors, and 48 + 32, 48 + 48, 48 + 64 (9 rows: the
-    # dot-product tile, below kOuterTileMinM); N = 29 ends
-    # in a part tile, K = 1100 in a part of the second 1024-column K block.
+    # The rows of x that reach each panel shape of the outer-product tile
+    # (panel_gemm.h, every vector level): 1-4 vectors, and 48 + 32, 48 + 48,
+    # 48 + 64 (9 rows: the dot-product tile, below kOuterTileMinM); N = 29
+    # ends in a part tile, K = 1100 in a part of the second 1024-column K
+    # block (and, at the avx2 level, in a part of an 8-column transpose).
     qw = _qw(29, 1100, 64, True, seed=m)
     w_ref = pyquant.dequantize(qw, kernel="reference")
     x, bias = torch.randn(m, 1100), torch.randn(29)
