@@ -56,10 +56,11 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
   const int64_t ntiles = (N + kTileN - 1) / kTileN;
   // Work in multiply-adds, counting the decode of a weight as ~2 of them.
   nthreads = int(std::min<int64_t>(threads_for(N * K * (M + 2), int64_t(1) << 20, nthreads), ntiles));
-  // At the avx512 level, the outer-product tile on x repacked (panel_gemm.h),
-  // kPanelBlockM rows of x at a time so that their panels stay in L2 while
-  // the tiles sweep them; each tile's outputs are summed transposed.
-  const bool outer = level >= Simd::kAvx512 && M >= kOuterTileMinM;
+  // From kOuterTileMinM rows, the outer-product tile on x repacked
+  // (panel_gemm.h), kPanelBlockM rows of x at a time so that their panels
+  // stay in L2 while the tiles sweep them; each tile's outputs are summed
+  // transposed.
+  const PanelGemm* outer = panel_gemm_for(level, M);
   const int64_t block_m = outer ? std::min(M, kPanelBlockM) : M, ldyt = padded_rows(block_m);
   // Allocated before the parallel region: an allocation failure must surface
   // as a Python exception, not terminate inside OpenMP.
@@ -101,7 +102,7 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
               prefetch(w + (n0 + kTileN + r) * row_bytes, kc / bs * ts);
           }
           if (yt) {
-            panel_gemm_avx512(x_panels, mb, K, k0, len, wbuf, kc, nt, yt, ldyt);
+            outer->gemm(x_panels, mb, K, k0, len, wbuf, kc, nt, yt, ldyt);
             continue;
           }
           for (int64_t m0 = 0; m0 < mb; m0 += kMR) {
@@ -112,7 +113,7 @@ void qmatmul_tiled(int type, const float* x, const uint8_t* w, const float* bias
             }
           }
         }
-        if (yt) add_transposed_avx512(yt, ldyt, nt, mb, yb + n0, N);
+        if (yt) outer->add_transposed(yt, ldyt, nt, mb, yb + n0, N);
       }
     }
   }

@@ -285,8 +285,8 @@ void panel_gemm_avx512(const float* panels, int64_t m, int64_t k, int64_t k0, in
 const PanelGemm* panel_gemm_for(Simd level, int64_t m) {
   static const PanelGemm kAvx512{panel_gemm_avx512, add_transposed_avx512};
   static const PanelGemm kAvx2{panel_gemm_avx2, add_transposed_avx2};
-  if (m < kOuterTileMinM) return nullptr;
-  return level >= Simd::kAvx512 ? &kAvx512 : level >= Simd::kAvx2 ? &kAvx2 : nullptr;
+  if (level >= Simd::kAvx512) return m >= kOuterTileMinM ? &kAvx512 : nullptr;
+  return level >= Simd::kAvx2 && m >= kOuterTileMinMAvx2 ? &kAvx2 : nullptr;
 }
 
 }  // namespace pyquant

@@ -29,8 +29,11 @@ constexpr int kPanelRows = 48;  // rows of x per panel: three 16-lane vectors
 // Below this many rows of x the tile multiplies mostly padding (its vectors
 // hold 16 rows) and micro_gemm.h's dot-product tile, whose work scales with
 // the rows, is the faster one (GGUF exact, 4096 x 4096, 2 threads: 1.4 ms
-// at M = 7 with the dot tile, 2.1 ms at M = 8 and 16 with this one).
+// at M = 7 with the dot tile, 2.1 ms at M = 8 and 16 with this one). The
+// ymm tile takes over later: on Zen 3 (Int4, NF4, 4096 x 4096) the dot tile
+// was 1.02-1.17x faster at M = 12, level at 14, 1.08-1.17x slower at 16.
 constexpr int64_t kOuterTileMinM = 12;
+constexpr int64_t kOuterTileMinMAvx2 = 16;
 
 // x's rows, padded to whole vectors: the panels' rows and the transposed
 // outputs' row stride.
@@ -73,7 +76,9 @@ void panel_gemm_avx2(const float* panels, int64_t m, int64_t k, int64_t k0, int6
                      int rows, float* yt, int64_t ldyt);
 void add_transposed_avx2(const float* yt, int64_t ldyt, int rows, int64_t m, float* y, int64_t ldy);
 
-// The outer-product tile of a level, or null where there is none (scalar).
+// The outer-product tile for m rows of x at a level, or null where the
+// dot-product tile is the one to use (fewer rows than the level's threshold,
+// or the scalar level).
 struct PanelGemm {
   void (*gemm)(const float* panels, int64_t m, int64_t k, int64_t k0, int64_t kc, const float* w, int64_t ldw,
                int rows, float* yt, int64_t ldyt);
