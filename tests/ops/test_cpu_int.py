@@ -384,6 +384,33 @@ def test_qmatmul_large_m(act_order, dtype, level):
     expect.check(y.float(), x.float(), bias, out_dtype_eps=0.0 if dtype == torch.float32 else 2.0**-8)
 
 
+@pytest.mark.parametrize("level", SIMD)
+def test_large_m_goes_to_torch_gemm_panels_by_level(monkeypatch, level):
+    """Exact Int and NF4 products of YMM_PANEL_MIN_M rows or more go to decoded
+    panels through torch's GEMM at the avx2 / avxvnni levels (SCALAR_PANEL_MIN_M
+    at scalar), never at avx512; below that, the C++ GEMM. Both give the product."""
+    from pyquant.formats import NF4
+    from pyquant.ops.backends import cpu_nf4, cpu_panels
+
+    monkeypatch.setattr(cpu_panels, "YMM_PANEL_MIN_M", 40)
+    monkeypatch.setattr(cpu_panels, "SCALAR_PANEL_MIN_M", 40)
+    calls = []
+    for mod in (cpu_int, cpu_nf4):
+        real = mod.panel_matmul
+        monkeypatch.setattr(mod, "panel_matmul", lambda *a, real=real, **kw: calls.append(1) or real(*a, **kw))
+    w = torch.randn(24, 128)
+    for fmt in (Int(4, 32, False, torch.float16), NF4(block_size=64)):
+        qw = pyquant.quantize_weight(w, fmt)
+        wd = pyquant.dequantize(qw, kernel="reference").double()
+        for m in (39, 40):
+            x = torch.randn(m, 128)
+            calls.clear()
+            with cpu_activations("fp32"), simd(level):
+                y = pyquant.qmatmul(x, qw, kernel="cpu")
+            assert bool(calls) == (level != "avx512" and m >= 40), (fmt.spec(), level, m, len(calls))
+            torch.testing.assert_close(y.double(), x.double() @ wd.T, rtol=1e-5, atol=1e-5)
+
+
 # --- the launch plan (ops/plans.py): the same kernel as the function, its host work done once ---------------
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("mode", ["auto", "int8", "fp32"])

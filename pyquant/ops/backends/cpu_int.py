@@ -24,7 +24,7 @@ from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
 from . import cpu_activations
 from .cpu_lowrank import lora_args
-from .cpu_panels import SCALAR_PANEL_MIN_M, panel_matmul, vector_gemms
+from .cpu_panels import panel_matmul, torch_gemm_panels
 
 _CPU = torch.device("cpu")
 
@@ -107,7 +107,7 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
     def run(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         rows = x.shape[0]
         int8 = use_int8("int", x.dtype, rows, fmt.bits)
-        if rows == 0 or (rows >= SCALAR_PANEL_MIN_M and not vector_gemms()):
+        if rows == 0 or torch_gemm_panels(rows):
             return qmatmul(x, qlist, fmt, shape, bias)
         if gather is not None:
             x = x.index_select(1, gather)  # packed column j multiplies logical column perm[j]
@@ -131,8 +131,9 @@ def qmatmul(
     outer-product tile of csrc/cpu/panel_gemm.h: from M = 128 to 2048 it
     measured 2.1-3.3x torch's fp32 GEMM on the dequantized 4096 x 4096 weight,
     every bit width, 2 threads; the ymm tiles 1.05-1.17x, decoded panels
-    through that GEMM 0.95-1.01x; at the scalar level, those panels from
-    SCALAR_PANEL_MIN_M rows); for 4-bit weights and bf16 x on a CPU with
+    through that GEMM 0.95-1.01x; those panels from SCALAR_PANEL_MIN_M rows at
+    the scalar level and from YMM_PANEL_MIN_M at avx2 / avxvnni, cpu_panels.py);
+    for 4-bit weights and bf16 x on a CPU with
     AVX512-BF16, up to 64 rows, ``vdpbf16ps`` on the codes (csrc/cpu/int4_bf16.cpp:
     exact products, fp32 sums); with int8
     activations (``cpu_activations``) the integer-dot kernels at every M. x
@@ -151,7 +152,7 @@ def qmatmul(
     bf = None if bias is None else bias.to(torch.float32).contiguous()
     xa, b, rank, scale = lora_args(lora_xa, lora_b, lora_scale, m, n)
     int8 = cpu_activations.use_int8("int", x.dtype, m, fmt.bits)
-    if m >= SCALAR_PANEL_MIN_M and not int8 and not vector_gemms():
+    if not int8 and torch_gemm_panels(m):
         y = panel_matmul(x.to(torch.float32).contiguous(), n, k, row_decoder(t, fmt, k, perm), bf, xa, b, scale)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
     if perm is not None:

@@ -30,12 +30,28 @@ PANEL_FLOATS = 1 << 22
 # the point where the AVX2 kernels lost to it before they blocked x for L2 (a
 # scalar kernel loses sooner; not measured separately).
 SCALAR_PANEL_MIN_M = 256
+# From this many rows on, the Int and NF4 products at the avx2 and avxvnni
+# levels go there too: on Zen 3 (Int4 and NF4, 1536 x 576, 576 x 1536 and
+# 4096 x 4096, 2 threads) the ymm tiles ran at 0.68-0.86x torch's fp32 GEMM at
+# M = 2048-4096 and these panels at 0.79-0.97x, 1.02-1.30x the tiles in every
+# case; at M = 512-1024 the two were level.
+YMM_PANEL_MIN_M = 2048
 
 
 def vector_gemms() -> bool:
     """Whether the C++ kernels run at a vector level (AVX2 and up) now."""
     ext = _ext.load()
     return ext is not None and ext.simd_level() != "scalar"
+
+
+def torch_gemm_panels(m: int) -> bool:
+    """Whether an exact (fp32) Int or NF4 product of m rows of x goes to decoded
+    panels through torch's GEMM at the SIMD level in effect, not to the C++ GEMM."""
+    ext = _ext.load()
+    level = "scalar" if ext is None else ext.simd_level()
+    if level == "avx512":
+        return False
+    return m >= (SCALAR_PANEL_MIN_M if level == "scalar" else YMM_PANEL_MIN_M)
 
 
 def outer_product_tiles() -> bool:
