@@ -58,15 +58,10 @@ PQ_TARGET_AVX512 void pack_piece(const float* x, int64_t ldx, int64_t m, int64_t
   }
 }
 
-}  // namespace
-#endif
 
-#if PQ_X86
-namespace {
-
-// The same panels without gathers (Zen 3's ymm gather is microcoded): 8 x 8
-// blocks of x read as rows and transposed in registers, 8 columns of a
-// 16-row vector per block pair.
+// The same panels at the avx2 level (no masked gathers there): 8 x 8 blocks
+// of x, read as rows and transposed in registers into 8 columns of half a
+// 16-row vector.
 PQ_TARGET_AVX2 void pack_piece_avx2(const float* x, int64_t ldx, int64_t m, int64_t k_valid, int64_t p0, int width,
                                     int64_t c0, int64_t c1, int64_t k, float* panels) {
   float* dst = panels + p0 * k;

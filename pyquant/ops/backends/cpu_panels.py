@@ -32,9 +32,9 @@ PANEL_FLOATS = 1 << 22
 SCALAR_PANEL_MIN_M = 256
 # From this many rows on, the Int and NF4 products at the avx2 and avxvnni
 # levels go there too: on Zen 3 (Int4 and NF4, 1536 x 576, 576 x 1536 and
-# 4096 x 4096, 2 threads) the ymm tiles ran at 0.68-0.86x torch's fp32 GEMM at
-# M = 2048-4096 and these panels at 0.79-0.97x, 1.02-1.30x the tiles in every
-# case; at M = 512-1024 the two were level.
+# 4096 x 4096, 2 threads) the ymm tiles ran at 0.66-0.87x torch's fp32 GEMM at
+# M = 2048-4096 and these panels at 0.79-1.04x, 1.02-1.40x the tiles in every
+# case; at M = 512-1024 the panels were 0.94-1.23x the tiles.
 YMM_PANEL_MIN_M = 2048
 
 
