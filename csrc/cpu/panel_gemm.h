@@ -31,7 +31,7 @@ constexpr int kPanelRows = 48;  // rows of x per panel: three 16-lane vectors
 // the rows, is the faster one (GGUF exact, 4096 x 4096, 2 threads: 1.4 ms
 // at M = 7 with the dot tile, 2.1 ms at M = 8 and 16 with this one). The
 // ymm tile takes over later: on Zen 3 (Int4, NF4, 4096 x 4096) the dot tile
-// was 1.02-1.17x faster at M = 12, level at 14, 1.08-1.17x slower at 16.
+// was 1.03-1.17x faster at M = 12, level at 14, 1.06-1.17x slower at 16.
 constexpr int64_t kOuterTileMinM = 12;
 constexpr int64_t kOuterTileMinMAvx2 = 16;
 
