@@ -2,12 +2,12 @@
 
 Used where the C++ kernels measured slower than torch's GEMM: GGUF's exact fp32
 products from a few hundred rows of x below the avx512 level (at it, the
-outer-product tile runs 1.8-2.3x dense fp32 at M = 512-2048), bf16 LoRA
-forwards (bf16 GEMMs), and
-every compute-bound product where the C++ kernels run at the scalar level
-(another architecture, or a forced level: torch's GEMM has NEON and the like).
-The Int and NF4 fp32 products have vector C++ GEMMs of their own that beat
-these panels. The weight is decoded ``rows`` rows at a time (16 MiB of fp32 and
+outer-product tile runs 1.8-2.3x dense fp32 at M = 512-2048), the Int and NF4
+exact products from a few thousand rows at the avx2 / avxvnni levels (below
+that their ymm tiles lead or tie; at avx512 the zmm tile leads at every M),
+bf16 LoRA forwards (bf16 GEMMs), and every compute-bound product where the C++
+kernels run at the scalar level (another architecture, or a forced level:
+torch's GEMM has NEON and the like). The weight is decoded ``rows`` rows at a time (16 MiB of fp32 and
 a quarter of the rows at most), never whole. Panels are few because each one is
 two parallel regions (the decode, then the GEMM) and a GEMM of few columns
 splits badly over threads: with another busy process on a 2-core machine, 4096
