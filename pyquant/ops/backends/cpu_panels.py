@@ -37,11 +37,11 @@ SCALAR_PANEL_MIN_M = 256
 # M = 2048-4096 and these panels at 0.79-1.04x, 1.02-1.40x the tiles in every
 # case; at M = 512-1024 the panels were 0.94-1.23x the tiles.
 YMM_PANEL_MIN_M = 2048
-# NF4 sooner: its tile decodes 16 codebook values per two vpermps and a blend,
+# NF4 sooner: its tile decodes 8 codebook values per two vpermps and a blend,
 # again for every 256-row block of x, which at M = 512-1024 cost it 1.18-1.49x
 # against these panels on one thread (4096 x 4096 and 1536 x 576, Zen 3) and
-# 1.03-1.20x on two (also 576 x 1536); at 256 rows the two were level
-# (0.98-1.10x), at 128 the tile led (1.1-1.35x).
+# 1.03-1.37x on two (also 576 x 1536); at 256 rows the panels were 0.98-1.16x
+# the tile (two threads only), at 128 the tile led (1.10-1.35x).
 YMM_PANEL_MIN_M_NF4 = 512
 
 
