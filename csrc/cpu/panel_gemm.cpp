@@ -58,7 +58,6 @@ PQ_TARGET_AVX512 void pack_piece(const float* x, int64_t ldx, int64_t m, int64_t
   }
 }
 
-
 // The same panels at the avx2 level (no masked gathers there): 8 x 8 blocks
 // of x, read as rows and transposed in registers into 8 columns of half a
 // 16-row vector.
