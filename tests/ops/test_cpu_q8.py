@@ -200,7 +200,7 @@ VARIANTS = ((True, torch.float16), (False, torch.bfloat16), (False, torch.float3
 
 
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
-@pytest.mark.parametrize("group", (32, 64, 128, -1))
+@pytest.mark.parametrize("group", (32, 64, 128, 256, -1))
 def test_int_int8_activations(level, bits, group):
     for i, (n, k) in enumerate(INT_SHAPES):
         sym, sdtype = VARIANTS[i % len(VARIANTS)]
