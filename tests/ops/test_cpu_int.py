@@ -386,24 +386,21 @@ def test_qmatmul_large_m(act_order, dtype, level):
 
 @pytest.mark.parametrize("level", SIMD)
 def test_large_m_goes_to_torch_gemm_panels_by_level(monkeypatch, level):
-    """Exact Int (NF4) products of YMM_PANEL_MIN_M (YMM_PANEL_MIN_M_NF4) rows or
-    more go to decoded panels through torch's GEMM at the avx2 / avxvnni levels
-    (SCALAR_PANEL_MIN_M at scalar), never at avx512; below that, the C++ GEMM.
-    Both give the product. The other family's threshold is set out of reach, so
-    a format that read it would not route."""
+    """Exact Int and NF4 products of YMM_PANEL_MIN_M rows or more go to decoded
+    panels through torch's GEMM at the avx2 / avxvnni levels (SCALAR_PANEL_MIN_M
+    at scalar), never at avx512; below that, the C++ GEMM. Both give the
+    product."""
     from pyquant.formats import NF4
     from pyquant.ops.backends import cpu_nf4, cpu_panels
 
     monkeypatch.setattr(cpu_panels, "SCALAR_PANEL_MIN_M", 40)
+    monkeypatch.setattr(cpu_panels, "YMM_PANEL_MIN_M", 40)
     calls = []
     for mod in (cpu_int, cpu_nf4):
         real = mod.panel_matmul
         monkeypatch.setattr(mod, "panel_matmul", lambda *a, real=real, **kw: calls.append(1) or real(*a, **kw))
     w = torch.randn(24, 128)
-    for fmt, own, other in ((Int(4, 32, False, torch.float16), "YMM_PANEL_MIN_M", "YMM_PANEL_MIN_M_NF4"),
-                            (NF4(block_size=64), "YMM_PANEL_MIN_M_NF4", "YMM_PANEL_MIN_M")):
-        monkeypatch.setattr(cpu_panels, own, 40)
-        monkeypatch.setattr(cpu_panels, other, 2 ** 20)
+    for fmt in (Int(4, 32, False, torch.float16), NF4(block_size=64)):
         qw = pyquant.quantize_weight(w, fmt)
         wd = pyquant.dequantize(qw, kernel="reference").double()
         for m in (39, 40):

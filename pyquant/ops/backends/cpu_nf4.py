@@ -10,7 +10,7 @@ the outer-product tile of csrc/cpu/panel_gemm.h; at the avx512 level, 4096 x
 4096, 2 threads, M = 128 to 2048: 2.1-2.2x torch's fp32 GEMM on the
 dequantized weight, ymm tiles 1.02-1.06x, decoded row panels through that GEMM
 0.95-1.02x); those panels from SCALAR_PANEL_MIN_M rows at the scalar level and
-from YMM_PANEL_MIN_M_NF4 at avx2 / avxvnni (cpu_panels.py). With int8 activations (``cpu_activations``: by
+from YMM_PANEL_MIN_M at avx2 / avxvnni (cpu_panels.py). With int8 activations (``cpu_activations``: by
 default for fp16 / bf16 x below the row count it gives for the SIMD level,
 exact for fp32 x) and K a multiple of 32, the integer-dot kernel at every M
 (x and the codebook each in two int8 planes, per 32-block).
@@ -99,7 +99,7 @@ def qmatmul(x2d: torch.Tensor, qdata, fmt: NF4, shape, bias, lora_xa=None, lora_
     nthreads = torch.get_num_threads()
     ext = _ext.load()
     int8 = cpu_activations.use_int8("nf4", x2d.dtype, m) and ext.nf4_q8_supported(k)
-    if not int8 and torch_gemm_panels(m, "nf4"):
+    if not int8 and torch_gemm_panels(m):
         y = panel_matmul(x2d.to(torch.float32).contiguous(), n, k, row_decoder(args, fmt, shape), bf, xa, b, scale)
     else:
         xk = x2d.contiguous() if int8 else x2d.to(torch.float32).contiguous()

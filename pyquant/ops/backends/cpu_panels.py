@@ -3,9 +3,8 @@
 Used where the C++ kernels measured slower than torch's GEMM: GGUF's exact fp32
 products from a few hundred rows of x below the avx512 level (at it, the
 outer-product tile runs 1.8-2.3x dense fp32 at M = 512-2048), the Int and NF4
-exact products at the avx2 / avxvnni levels from a few thousand rows (Int) or
-512 (NF4, whose tile decodes slowly) (below that their ymm tiles lead or tie;
-at avx512 the zmm tile leads at every M),
+exact products at the avx2 / avxvnni levels from a few hundred rows (below
+that their ymm tiles lead or tie; at avx512 the zmm tile leads at every M),
 bf16 LoRA forwards (bf16 GEMMs), and every compute-bound product where the C++
 kernels run at the scalar level (another architecture, or a forced level:
 torch's GEMM has NEON and the like). The weight is decoded ``rows`` rows at a time (16 MiB of fp32 and
@@ -31,18 +30,14 @@ PANEL_FLOATS = 1 << 22
 # the point where the AVX2 kernels lost to it before they blocked x for L2 (a
 # scalar kernel loses sooner; not measured separately).
 SCALAR_PANEL_MIN_M = 256
-# From this many rows on, the Int and NF4 products at the avx2 and avxvnni
-# levels go there too: on Zen 3 (Int4 and NF4, 1536 x 576, 576 x 1536 and
-# 4096 x 4096, 2 threads) the ymm tiles ran at 0.66-0.87x torch's fp32 GEMM at
-# M = 2048-4096 and these panels at 0.79-1.04x, 1.02-1.40x the tiles in every
-# case; at M = 512-1024 the panels were 0.94-1.23x the tiles.
-YMM_PANEL_MIN_M = 2048
-# NF4 sooner: its tile decodes 8 codebook values per two vpermps and a blend,
-# again for every 256-row block of x, which at M = 512-1024 cost it 1.18-1.49x
-# against these panels on one thread (4096 x 4096 and 1536 x 576, Zen 3) and
-# 1.03-1.37x on two (also 576 x 1536); at 256 rows the panels were 0.98-1.16x
-# the tile (two threads only), at 128 the tile led (1.10-1.35x).
-YMM_PANEL_MIN_M_NF4 = 512
+# From this many rows on, the Int and NF4 exact products at the avx2 and
+# avxvnni levels go there too. On Zen 3 (Int4 g128 and NF4, 4096 x 4096,
+# 576 x 1536 and 1536 x 576, one and two threads, same process) these panels
+# ran 1.04-1.44x the ymm tiles in every case at M = 384-1024 and 1.02-1.40x at
+# 2048-4096; at 256 the two were mixed (Int4 0.86-1.20x), at 128 the tile led
+# (0.68-0.93x at 4096 x 4096). What slows the tile there was not isolated:
+# K blocks sized to half the L2 did not change it.
+YMM_PANEL_MIN_M = 384
 
 
 def vector_gemms() -> bool:
@@ -51,17 +46,17 @@ def vector_gemms() -> bool:
     return ext is not None and ext.simd_level() != "scalar"
 
 
-def torch_gemm_panels(m: int, family: str = "int") -> bool:
-    """Whether an exact (fp32) product of m rows of x with an Int (``family``
-    "int") or NF4 ("nf4") weight goes to decoded panels through torch's GEMM at
-    the SIMD level in effect, not to the C++ GEMM."""
+def torch_gemm_panels(m: int) -> bool:
+    """Whether an exact (fp32) product of m rows of x with an Int or NF4 weight
+    goes to decoded panels through torch's GEMM at the SIMD level in effect,
+    not to the C++ GEMM."""
     ext = _ext.load()
     level = "scalar" if ext is None else ext.simd_level()
     if level == "avx512":
         return False
     if level == "scalar":
         return m >= SCALAR_PANEL_MIN_M
-    return m >= (YMM_PANEL_MIN_M_NF4 if family == "nf4" else YMM_PANEL_MIN_M)
+    return m >= YMM_PANEL_MIN_M
 
 
 def outer_product_tiles() -> bool:
