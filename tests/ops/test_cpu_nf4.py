@@ -22,7 +22,9 @@ pytestmark = pytest.mark.skipif(C is None, reason="pyquant._C not built")
 # every level this CPU runs: the float kernels have ymm (avx2, avxvnni) and zmm (avx512) tiles
 SIMD = list(_ext.simd_levels()) or ["scalar"]
 # (N, K, block_size, double_quant): aligned rows, blocks spanning rows
-# (K % bs != 0), odd K (rows starting on a low nibble), tiny, K < block_size.
+# (K % bs != 0), odd K (rows starting on a low nibble), tiny, K < block_size;
+# rows of whole blocks of 32, 64, 128, 256 and 4096 (the M = 1 kernel's
+# unrolled block sizes and its general one).
 SHAPES = [
     (64, 256, 64, False),
     (37, 129, 32, True),
@@ -34,6 +36,9 @@ SHAPES = [
     (17, 96, 64, True),
     (1, 4096, 4096, True),
     (576, 1536, 1024, True),
+    (24, 384, 128, False),
+    (40, 160, 32, True),
+    (12, 512, 256, False),
 ]
 IDS = [f"{n}x{k}-b{bs}{'-dq' if dq else ''}" for n, k, bs, dq in SHAPES]
 
