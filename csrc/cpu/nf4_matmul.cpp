@@ -2,11 +2,12 @@
 // materialising the float weight.
 //
 // Two kernels, chosen by M:
-// * M <= kFusedUpToM (decode-bound, M = 1 is a GEMV): each thread walks whole
-//   weight rows, decodes 16 values at a time (32 at M = 1, x reordered once
-//   to match) straight into registers and feeds up to 4 rows of x from them.
-//   The 4-bit weight is read from memory exactly once; there is no
-//   intermediate weight buffer.
+// * M <= kFusedUpToM (decode-bound, M = 1 is a GEMV; kFusedUpToMWholeYmm
+//   for rows of whole blocks at the ymm levels): each thread walks whole
+//   weight rows, decodes 16 values at a time (32 for rows of whole blocks,
+//   x reordered once to match) straight into registers and feeds up to 4
+//   rows of x from them. The 4-bit weight is read from memory exactly once;
+//   there is no intermediate weight buffer.
 // * larger M (compute-bound): a thread decodes a tile of kTileN weight rows x
 //   kTileK columns into a cache-resident fp32 buffer once, then runs a
 //   register-blocked micro-kernel over every row of x, so decode cost is
@@ -36,6 +37,11 @@ namespace {
 
 constexpr int64_t kFusedMaxM = 4;   // rows of x sharing one decode in the fused kernel
 constexpr int64_t kFusedUpToM = 5;  // above this M the tiled kernel is faster (1 core, K = N = 4096)
+// The same at the ymm levels for rows of whole blocks (the byte-plane decode):
+// on Zen 3 (4096 x 4096, 1 and 2 threads) the fused kernel ran 1.19-1.78x the
+// tiled one at M = 4-8 and 0.84-1.04x at 12-16. (At avx512 the tiled kernel's
+// zmm tiles were not measured against it: kFusedUpToM stays.)
+constexpr int64_t kFusedUpToMWholeYmm = 8;
 constexpr int64_t kTileN = 12;      // weight rows per decoded tile (a multiple of kNR)
 constexpr int64_t kTileK = 1024;    // columns per decoded tile (12 x 1024 fp32 = 48 KiB, in L2)
 constexpr int kMR = kMicroMR, kNR = kMicroNR;  // register tile of the tiled kernel (micro_gemm.h)
@@ -46,6 +52,8 @@ constexpr int kMR = kMicroMR, kNR = kMicroNR;  // register tile of the tiled ker
 constexpr int64_t kTiledBlockM = 256;
 
 // ---------------------------------------------------------------- scalar ---
+
+using FusedFn = void (*)(const Weight&, const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t);
 
 // Fused kernels: rows [n0, n1) of W against MR rows of x (row r at x + r * ldx);
 // y[r * ldy + n] = dot + bias.
@@ -76,53 +84,88 @@ void fused_rows_scalar(const Weight& w, const float* x, int64_t ldx, int64_t n0,
 // ------------------------------------------------------------------ AVX2 ---
 #if PQ_X86
 
-// The M = 1 GEMV of rows [n0, n1) made of whole blocks (the usual layer): no
-// odd starts or partial segments, so none of the general loop's per-block
-// bookkeeping (a quarter of its instructions at block size 64), and the
-// byte-plane decode (nf4_decode32) with x (xp) put in its order once. BS > 0
-// is the block size known at compile time, its 32-value steps unrolled. On
-// Zen 3 (4096 x 4096 and 576 x 1536, 1 and 2 threads) 1.44-1.53x this loop
-// with nf4_decode8, 16 values a step.
-template <int BS>
-PQ_TARGET_AVX2 void gemv_whole_blocks(const Weight& w, const float* xp, int64_t n0, int64_t n1, const float* bias,
-                                      float* y) {
+// Rows [n0, n1) of W against MR <= 4 rows of x (xp, rows ldx apart), rows of
+// W made of whole blocks (the usual layer): no odd starts or partial
+// segments, so none of the general loop's per-block bookkeeping (a quarter
+// of its instructions at block size 64), and the byte-plane decode
+// (nf4_decode32) with x put in its order once per call. BS > 0 is the block
+// size known at compile time, its 32-value steps unrolled. On Zen 3 (4096 x
+// 4096 and 576 x 1536, 1 and 2 threads) M = 1 ran 1.44-1.53x the general
+// loop with nf4_decode8, 16 values a step.
+template <int BS, int MR>
+PQ_TARGET_AVX2 void whole_block_rows(const Weight& w, const float* xp, int64_t ldx, int64_t n0, int64_t n1,
+                                     const float* bias, float* y, int64_t ldy) {
   const int64_t K = w.k, bs = BS > 0 ? BS : w.block_size;
   const Nf4ByteLut lut = nf4_byte_lut();
+  // Independent FMA chains: two per row of x up to two rows (one row sums a
+  // block unscaled and scales it once; more rows scale the decoded values
+  // once and share them), one per row above, which with the decode's
+  // registers fills the 16 ymm.
+  constexpr int S = MR <= 2 ? 2 : 1;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* q = w.qweight + ((n * K) >> 1);
     int64_t b = (n * K) / bs;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc[MR][S];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < S; ++j) acc[r][j] = _mm256_setzero_ps();
     for (int64_t k0 = 0; k0 < K; k0 += bs, ++b) {
-      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-#pragma GCC unroll 4
-      for (int64_t k = k0; k < k0 + bs; k += 32) {
-        __m256 v[4];
-        nf4_decode32(lut, q + (k >> 1), v);
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp + k), v[0], s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp + k + 8), v[1], s1);
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp + k + 16), v[2], s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp + k + 24), v[3], s1);
-      }
       const __m256 vs = _mm256_set1_ps(w.scales(b));
-      acc0 = _mm256_fmadd_ps(s0, vs, acc0);
-      acc1 = _mm256_fmadd_ps(s1, vs, acc1);
+      if constexpr (MR == 1) {
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+#pragma GCC unroll 4
+        for (int64_t k = k0; k < k0 + bs; k += 32) {
+          __m256 v[4];
+          nf4_decode32(lut, q + (k >> 1), v);
+          s0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp + k), v[0], s0);
+          s1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp + k + 8), v[1], s1);
+          s0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp + k + 16), v[2], s0);
+          s1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp + k + 24), v[3], s1);
+        }
+        acc[0][0] = _mm256_fmadd_ps(s0, vs, acc[0][0]);
+        acc[0][1] = _mm256_fmadd_ps(s1, vs, acc[0][1]);
+      } else {
+#pragma GCC unroll 4
+        for (int64_t k = k0; k < k0 + bs; k += 32) {
+          __m256 v[4];
+          nf4_decode32(lut, q + (k >> 1), v);
+          for (int j = 0; j < 4; ++j) {
+            const __m256 ws = _mm256_mul_ps(v[j], vs);
+            for (int r = 0; r < MR; ++r)
+              acc[r][j % S] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + r * ldx + k + 8 * j), ws, acc[r][j % S]);
+          }
+        }
+      }
     }
-    y[n] = hsum_avx2(_mm256_add_ps(acc0, acc1)) + (bias ? bias[n] : 0.0f);
+    const float bv = bias ? bias[n] : 0.0f;
+    for (int r = 0; r < MR; ++r) {
+      __m256 a = acc[r][0];
+      for (int j = 1; j < S; ++j) a = _mm256_add_ps(a, acc[r][j]);
+      y[r * ldy + n] = hsum_avx2(a) + bv;
+    }
   }
 }
 
-using GemvFn = void (*)(const Weight&, const float*, int64_t, int64_t, const float*, float*);
+template <int BS>
+FusedFn whole_block_fn(int mr) {
+  switch (mr) {
+    case 1: return whole_block_rows<BS, 1>;
+    case 2: return whole_block_rows<BS, 2>;
+    case 3: return whole_block_rows<BS, 3>;
+    default: return whole_block_rows<BS, 4>;
+  }
+}
 
-GemvFn gemv_fn(int64_t block_size) {
+FusedFn whole_block_fn(int64_t block_size, int mr) {
   switch (block_size) {
-    case 32: return gemv_whole_blocks<32>;
-    case 64: return gemv_whole_blocks<64>;
-    case 128: return gemv_whole_blocks<128>;
-    default: return gemv_whole_blocks<0>;
+    case 32: return whole_block_fn<32>(mr);
+    case 64: return whole_block_fn<64>(mr);
+    case 128: return whole_block_fn<128>(mr);
+    default: return whole_block_fn<0>(mr);
   }
 }
 
-// x (K values, K % 32 == 0) into nf4_decode32's order, 8 at a time.
+// x (K values a row, K % 32 == 0, n rows back to back) into nf4_decode32's
+// order, 8 at a time.
 PQ_TARGET_AVX2 void to_decode32_order(const float* x, int64_t k, float* xp) {
   const __m256i order = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kNf4Decode32Order));
   for (int64_t i = 0; i < k; i += 8) _mm256_storeu_ps(xp + i, _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + i), order));
@@ -204,10 +247,11 @@ PQ_TARGET_AVX2 void fused_rows_avx2(const Weight& w, const float* x, int64_t ldx
 
 // ------------------------------------------------------------- drivers ---
 
-using FusedFn = void (*)(const Weight&, const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t);
-
-FusedFn fused_fn(int mr, bool avx2) {
+// The fused kernel for mr rows of x; whole_block_size > 0: rows of W made of
+// whole blocks of that size, x in nf4_decode32's order (AVX2 only).
+FusedFn fused_fn(int mr, bool avx2, int64_t whole_block_size) {
 #if PQ_X86
+  if (avx2 && whole_block_size > 0) return whole_block_fn(whole_block_size, mr);
   if (avx2) {
     switch (mr) {
       case 1: return fused_rows_avx2<1>;
@@ -237,27 +281,24 @@ void qmatmul_fused(const Weight& w, const float* x, int64_t m, const float* bias
   const int64_t nchunks = (N + kRows - 1) / kRows;
   const bool parallel = nchunks > 1 && N * K * ((m + kFusedMaxM - 1) / kFusedMaxM) >= (int64_t(1) << 15);
 #if PQ_X86
-  // M = 1 on rows of whole blocks: the byte-plane decode, x reordered once.
-  const GemvFn gemv = avx2 && m == 1 && K % w.block_size == 0 ? gemv_fn(w.block_size) : nullptr;
-  float* xp = nullptr;
-  if (gemv) {
-    xp = thread_scratch(K, Scratch::kXPanels);
-    to_decode32_order(x, K, xp);
+  // Rows of whole blocks: the byte-plane decode, x reordered once.
+  const bool whole = avx2 && K % w.block_size == 0;
+  const float* xs = x;
+  if (whole) {
+    float* xp = thread_scratch(m * K, Scratch::kXPanels);
+    to_decode32_order(x, m * K, xp);
+    xs = xp;
   }
+#else
+  const bool whole = false;
+  const float* xs = x;
 #endif
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (parallel)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t n0 = c * kRows, n1 = std::min(N, n0 + kRows);
-#if PQ_X86
-    if (gemv) {
-      gemv(w, xp, n0, n1, bias, y);
-      lora.apply(y, N, 0, m, n0, n1);
-      continue;
-    }
-#endif
     for (int64_t m0 = 0; m0 < m; m0 += kFusedMaxM) {
       const int64_t mr = std::min(kFusedMaxM, m - m0);
-      fused_fn(int(mr), avx2)(w, x + m0 * K, K, n0, n1, bias, y + m0 * N, N);
+      fused_fn(int(mr), avx2, whole ? w.block_size : 0)(w, xs + m0 * K, K, n0, n1, bias, y + m0 * N, N);
     }
     lora.apply(y, N, 0, m, n0, n1);
   }
@@ -323,7 +364,9 @@ void qmatmul_tiled(const Weight& w, const float* x, int64_t m, const float* bias
 void qmatmul(const Weight& w, const float* x, int64_t m, const float* bias, const LoraEpilogue& lora, float* y,
              int nthreads, int path) {
   const bool avx2 = simd_has_avx2();
-  if (path == 0 || (path < 0 && m <= kFusedUpToM)) {
+  const Simd level = simd_level();
+  const bool whole_ymm = (level == Simd::kAvx2 || level == Simd::kAvxVnni) && w.k % w.block_size == 0;
+  if (path == 0 || (path < 0 && m <= (whole_ymm ? kFusedUpToMWholeYmm : kFusedUpToM))) {
     qmatmul_fused(w, x, m, bias, lora, y, nthreads, avx2);
   } else {
     for (int64_t i0 = 0; i0 < m; i0 += kTiledBlockM) {
