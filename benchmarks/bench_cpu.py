@@ -146,8 +146,12 @@ class Problem:
 
     def _torch_int4(self):
         """Packed weight and scales_and_zeros for torch's int4 CPU kernel: torch
-        computes (q - 8) * scale + zero, so (q - z) * s maps to zero = (8 - z) * s."""
+        computes (q - 8) * scale + zero, so (q - z) * s maps to zero = (8 - z) * s.
+        None where torch has no such kernel or it cannot take the shape: its
+        groups must divide K (SmolLM2's K = 576 at g128 leaves a ragged one)."""
         if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return None
+        if self.fmt.group_size > 0 and self.k % self.fmt.group_size != 0:
             return None
         codes = pyquant.unpack(self.qw, kernel="reference").to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
