@@ -148,10 +148,11 @@ class Problem:
         """Packed weight and scales_and_zeros for torch's int4 CPU kernel: torch
         computes (q - 8) * scale + zero, so (q - z) * s maps to zero = (8 - z) * s.
         None where torch has no such kernel or it cannot take the shape: its
-        groups must divide K (SmolLM2's K = 576 at g128 leaves a ragged one)."""
+        groups must divide K (SmolLM2's K = 576 at g128 leaves a ragged one)
+        and its packing takes N in multiples of 16."""
         if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             return None
-        if self.fmt.group_size > 0 and self.k % self.fmt.group_size != 0:
+        if (self.fmt.group_size > 0 and self.k % self.fmt.group_size != 0) or self.n % 16 != 0:
             return None
         codes = pyquant.unpack(self.qw, kernel="reference").to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
@@ -204,9 +205,10 @@ def candidates(p: Problem, m: int, threads: int, copies, ggml=None):
     }
     if p.family != "gguf":
         c["pyquant_int8"] = mode("int8", lambda: kern.qmatmul(x, nxt("qw").tensor_list(), p.fmt, shape, None))
-    if p.int4 is not None:
+    if isinstance(p.fmt, Int) and p.fmt.bits == 4:
         c["pyquant_int8_bf16"] = mode("int8", lambda: kern.qmatmul(xb, nxt("qw").tensor_list(), p.fmt, shape, None))
         c["pyquant_bf16"] = lambda: kern.qmatmul(xb, nxt("qw").tensor_list(), p.fmt, shape, None)
+    if p.int4 is not None:
         def torch_int4():
             packed, sz = nxt("int4")
             return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, p.fmt.group_size, sz)

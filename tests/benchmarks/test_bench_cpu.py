@@ -1,0 +1,38 @@
+"""The CPU benchmark's candidates compute the product they are timed for: each
+against the dense fp32 product on the same x, at a shape torch's int4 kernel
+takes (K a multiple of the group, N of 16) and where it cannot (SmolLM2's
+ragged K = 576, or N = 24): there the run goes on without that baseline."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("fmt,n,k", [("int4_g128", 32, 256), ("int4_g128", 24, 256), ("int4_g128", 32, 576),
+                                     ("nf4_b64", 32, 576), ("q4_0", 32, 576)])
+def test_candidates_compute_the_product(fmt, n, k):
+    B = _bench()
+    p = B.Problem(fmt, n, k)
+    torch_int4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and fmt.startswith("int4") and k % 128 == 0 and n % 16 == 0
+    assert (p.int4 is not None) == torch_int4
+    fns, x, _ = B.candidates(p, 3, 1, p.copies(0))
+    assert ("torch_int4" in fns) == torch_int4
+    assert ("pyquant_bf16" in fns) == fmt.startswith("int4")
+    want = x.double() @ p.dense.double().T
+    for name, fn in fns.items():
+        y = fn().double()
+        # bf16 x (and int8 planes of x) carry bf16-level error; GGUF quantizes x to Q8_0
+        tol = 2e-2 if name in ("torch_int4", "pyquant_bf16", "pyquant_int8_bf16") or fmt == "q4_0" else 1e-2
+        assert float((y - want).norm() / want.norm()) < tol, name
