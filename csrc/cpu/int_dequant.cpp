@@ -54,7 +54,7 @@ PQ_TARGET_AVX2 void dequant_rows_avx2(const IntWeight& w, const int32_t* perm, f
     float* orow = out + n * w.k;
     for (int64_t g0 = 0; g0 < nch; g0 += cpg) {
       const int64_t g = g0 / cpg;
-      const __m256 s = _mm256_set1_ps(w.scale(n, g)), z = _mm256_set1_ps(w.zero(n, g));
+      const __m256 s = _mm256_set1_ps(scale_avx2(w, n, g)), z = _mm256_set1_ps(zero_avx2(w, n, g));
       const int64_t c1 = g0 + cpg < nch ? g0 + cpg : nch;
       for (int64_t c = g0; c < c1; ++c) {
         __m256i q[4];

@@ -103,7 +103,7 @@ PQ_TARGET_AVX2 void decode_tile(const IntWeight& w, int64_t n0, int rows, int64_
     const uint8_t* row = w.qweight + n * rb;
     float* dst = buf + r * kBlockK - k0;
     for (int64_t g = gbeg, c = cbeg; c < cend; ++g) {
-      const __m256 s = _mm256_set1_ps(w.scale(n, g)), z = _mm256_set1_ps(w.zero(n, g));
+      const __m256 s = _mm256_set1_ps(scale_avx2(w, n, g)), z = _mm256_set1_ps(zero_avx2(w, n, g));
       const int64_t gend = std::min((g + 1) * cpg, cend);
       for (; c < gend; ++c) {
         __m256i q[4];

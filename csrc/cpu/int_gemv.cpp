@@ -179,9 +179,9 @@ PQ_TARGET_AVX2 void block_scales(const float* X, int64_t ldX, const IntWeight& w
   }
   for (int i = 0; i < M; ++i) out[i] -= hsum_avx2(zt[i]);
   for (; g < nsc; ++g) {
-    sf[g] = load_float(w.scales, sbase + g, w.scale_dtype);
+    sf[g] = load_float_avx2(w.scales, sbase + g, w.scale_dtype);
     if (with_zero) {
-      const float sz = sf[g] * w.zero(n, sg.g0 + g);
+      const float sz = sf[g] * zero_avx2(w, n, sg.g0 + g);
       for (int i = 0; i < M; ++i) out[i] -= sz * X[i * ldX + sg.g0 + g];
     }
   }

@@ -98,6 +98,22 @@ void int_qmatmul_t(const float* g, int64_t m, const IntWeight& w, float* out, in
 void int_decode_panel(const IntWeight& w, int64_t k0, int64_t k1, float* out, int nthreads);
 
 #if PQ_X86
+// Element i of a scale-dtype array as fp32 with F16C's conversion: the
+// portable load_float converts fp16 in software (some 30 instructions and a
+// loop for subnormals), which in a 4-bit GEMV is as much work per group as
+// its 128 products, and in the transposed product's per-chunk decode twice
+// that per 32 codes. Exact either way.
+PQ_TARGET_AVX2 inline float load_float_avx2(const void* p, int64_t i, int dtype) {
+  if (dtype == kF16) return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
+  return load_float(p, i, dtype);
+}
+PQ_TARGET_AVX2 inline float scale_avx2(const IntWeight& w, int64_t row, int64_t g) {
+  return load_float_avx2(w.scales, row * w.groups + g, w.scale_dtype);
+}
+PQ_TARGET_AVX2 inline float zero_avx2(const IntWeight& w, int64_t row, int64_t g) {
+  return w.zeros ? load_float_avx2(w.zeros, row * w.groups + g, w.scale_dtype) : float(1 << (w.bits - 1));
+}
+
 // The 32 codes of one chunk as four int32 vectors: v[0] = codes 0..7,
 // v[1] = 8..15, v[2] = 16..23, v[3] = 24..31. Each layout was chosen so a
 // zero-extending 8-byte load (vpmovzxbd) plus shifts and masks yields codes

@@ -36,7 +36,7 @@ PQ_TARGET_AVX2 void decode_row_avx2(const IntWeight& w, int64_t row, int64_t k0,
   const uint8_t* q = w.qweight + row * w.row_bytes;
   for (int64_t kk = k0, c = k0 / kIntChunk; kk < k1; kk += kIntChunk, ++c) {
     const int64_t g = c / w.chunks_per_group;
-    const __m256 s = _mm256_set1_ps(w.scale(row, g)), z = _mm256_set1_ps(w.zero(row, g));
+    const __m256 s = _mm256_set1_ps(scale_avx2(w, row, g)), z = _mm256_set1_ps(zero_avx2(w, row, g));
     __m256i v[4];
     int_decode_chunk_avx2<BITS>(q + c * cb, v);
     // The last chunk of a ragged row goes through a buffer: dst holds only
