@@ -33,9 +33,12 @@
   AVX2 only), 4096 x 4096, bf16 and fp16 x, cold, 1 and 2 threads: the
   exact kernels' time over the int8 planes' at M = 8 is 0.50 (Int8), 0.53
   (Int2), 0.68 (Int3), 0.69 (Int4), 0.71 (NF4); Int2 is ahead exactly from
-  M = 2 (0.80-0.94), Int8 from M = 3 (0.75-0.95). For the others the int8
-  planes' speed relative to the exact kernels is 0.94-1.06 at M = 4 and
-  0.99-1.20 at M = 6 (the exact kernels' second pass half full).
+  M = 2 (0.80-0.94), Int8 from M = 3 (0.75-0.95). For Int3 and Int4 the
+  int8 planes' speed relative to the exact kernels is 0.94-1.06 at M = 4
+  and 0.99-1.20 at M = 6 (the exact kernels' second pass half full). NF4's
+  exact kernels decode 32 codebook values per 12 byte shuffles at small M
+  (csrc/cpu/nf4_matmul.cpp): bf16 x, cold, their time over the int8 planes'
+  was 1.03-1.16 at M = 1 and 0.85-0.93 at M = 2 (0.67-0.81 at M = 3-6).
 
 Choose with the environment variable ``PYQUANT_CPU_ACTIVATIONS`` (read at
 each call) or, for a block of code (this thread / task only)::
@@ -62,7 +65,7 @@ MODES = ("auto", "int8", "fp32")
 # exact leads from 48).
 EXACT_FROM_M = 48
 # The same at the avx2 level, by family and bit width (see the module doc).
-EXACT_FROM_M_AVX2 = {("int", 2): 2, ("int", 3): 8, ("int", 4): 8, ("int", 8): 3, ("nf4", 0): 8}
+EXACT_FROM_M_AVX2 = {("int", 2): 2, ("int", 3): 8, ("int", 4): 8, ("int", 8): 3, ("nf4", 0): 2}
 
 _override: contextvars.ContextVar = contextvars.ContextVar("pyquant_cpu_activations", default=None)
 
