@@ -89,9 +89,9 @@ void fused_rows_scalar(const Weight& w, const float* x, int64_t ldx, int64_t n0,
 // segments, so none of the general loop's per-block bookkeeping (a quarter
 // of its instructions at block size 64), and the byte-plane decode
 // (nf4_decode32) with x put in its order once per call. BS > 0 is the block
-// size known at compile time, its 32-value steps unrolled. On Zen 3 (4096 x
-// 4096 and 576 x 1536, 1 and 2 threads) M = 1 ran 1.44-1.53x the general
-// loop with nf4_decode8, 16 values a step.
+// size known at compile time, its 32-value steps unrolled. On Zen 3 (1 and 2
+// threads) M = 1 ran 1.44-1.53x the general loop with nf4_decode8, 16 values
+// a step (4096 x 4096 and 576 x 1536), M = 2-5 1.32-1.46x (4096 x 4096).
 template <int BS, int MR>
 PQ_TARGET_AVX2 void whole_block_rows(const Weight& w, const float* xp, int64_t ldx, int64_t n0, int64_t n1,
                                      const float* bias, float* y, int64_t ldy) {
@@ -164,11 +164,12 @@ FusedFn whole_block_fn(int64_t block_size, int mr) {
   }
 }
 
-// x (K values a row, K % 32 == 0, n rows back to back) into nf4_decode32's
+// count values of x (rows of K % 32 == 0 back to back) into nf4_decode32's
 // order, 8 at a time.
-PQ_TARGET_AVX2 void to_decode32_order(const float* x, int64_t k, float* xp) {
+PQ_TARGET_AVX2 void to_decode32_order(const float* x, int64_t count, float* xp) {
   const __m256i order = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kNf4Decode32Order));
-  for (int64_t i = 0; i < k; i += 8) _mm256_storeu_ps(xp + i, _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + i), order));
+  for (int64_t i = 0; i < count; i += 8)
+    _mm256_storeu_ps(xp + i, _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + i), order));
 }
 
 template <int MR>
