@@ -33,9 +33,10 @@ SCALAR_PANEL_MIN_M = 256
 # From this many rows on, the Int and NF4 exact products at the avx2 and
 # avxvnni levels go there too. On Zen 3 (Int4 g128 and NF4, 4096 x 4096,
 # 576 x 1536 and 1536 x 576, one and two threads, same process) these panels
-# ran 1.04-1.44x the ymm tiles in every case at M = 384-1024 and 1.02-1.40x at
-# 2048-4096; at 256 the two were mixed (Int4 0.86-1.20x), at 128 the tile led
-# (0.68-0.93x at 4096 x 4096). What slows the tile there was not isolated:
+# ran 1.04-1.44x the ymm tiles at M = 384-1024 in all but one of 32 cases
+# (0.95x: Int4, 4096 x 4096, M = 1024, two threads; 1.10x in a rerun) and
+# 1.02-1.40x at 2048-4096; at 256 the two were mixed (Int4 0.86-1.20x), at 128
+# the tile led (0.68-0.93x at 4096 x 4096). What slows the tile there was not isolated:
 # K blocks sized to half the L2 did not change it.
 YMM_PANEL_MIN_M = 384
 
