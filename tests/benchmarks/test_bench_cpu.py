@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pyquant import _ext
+
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(_ext.load() is None, reason="pyquant._C not built")
 
 
 def _bench():
@@ -25,7 +28,8 @@ def _bench():
 def test_candidates_compute_the_product(fmt, n, k):
     B = _bench()
     p = B.Problem(fmt, n, k)
-    torch_int4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and fmt.startswith("int4") and k % 128 == 0 and n % 16 == 0
+    torch_int4 = (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and fmt.startswith("int4")
+                  and k % 128 == 0 and n % 16 == 0)
     assert (p.int4 is not None) == torch_int4
     fns, x, _ = B.candidates(p, 3, 1, p.copies(0))
     assert ("torch_int4" in fns) == torch_int4
