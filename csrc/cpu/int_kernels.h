@@ -98,11 +98,13 @@ void int_qmatmul_t(const float* g, int64_t m, const IntWeight& w, float* out, in
 void int_decode_panel(const IntWeight& w, int64_t k0, int64_t k1, float* out, int nthreads);
 
 #if PQ_X86
-// Element i of a scale-dtype array as fp32 with F16C's conversion: the
-// portable load_float converts fp16 in software (some 30 instructions and a
-// loop for subnormals): a scale and a zero that way cost a 4-bit GEMV about
-// as much as the group's 128 products, and the transposed product, which
-// reads them per 32-code chunk, several times its decode. Exact either way.
+// Element i of an fp32, fp16 or bf16 array (scales, zeros, a row of x) as
+// fp32, fp16 through F16C; the AVX2 kernels' scalar reads, q8's included.
+// The portable load_float converts fp16 in software (some 30 instructions
+// and a loop for subnormals): a scale and a zero read that way cost a 4-bit
+// GEMV about as much as the group's 128 products, and the transposed
+// product, which reads them per 32-code chunk, several times its decode.
+// Exact either way.
 PQ_TARGET_AVX2 inline float load_float_avx2(const void* p, int64_t i, int dtype) {
   if (dtype == kF16) return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
   return load_float(p, i, dtype);
