@@ -2,31 +2,19 @@
 against the dense fp32 product on the same x, at a shape torch's int4 kernel
 takes (K a multiple of the group, N of 16) and where it cannot (SmolLM2's
 ragged K = 576, or N = 24): there the run goes on without that baseline."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from pyquant import _ext
+from tests.benchmarks import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(_ext.load() is None, reason="pyquant._C not built")
-
-
-def _bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("fmt,n,k", [("int4_g128", 32, 256), ("int4_g128", 24, 256), ("int4_g128", 32, 576),
                                      ("nf4_b64", 32, 576), ("q4_0", 32, 576)])
 def test_candidates_compute_the_product(fmt, n, k):
-    B = _bench()
+    B = load_benchmark("bench_cpu")
     p = B.Problem(fmt, n, k)
     torch_int4 = (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and fmt.startswith("int4")
                   and k % 128 == 0 and n % 16 == 0)

@@ -1,7 +1,6 @@
 """The GPU-session tooling, tested on the CPU: benchmarks/verified.py (junit XML
 -> verified kernels -> verified_kernels.json), bench_cuda.py's report, and
 gpu_check.sh's refusal to run without a GPU."""
-import importlib.util
 import json
 import os
 import shutil
@@ -11,16 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks import load_benchmark
 from tests.deps import require
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_load = load_benchmark
 
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>

@@ -1,16 +1,13 @@
 """The GPU benchmark's logic on the CPU: rotation counts, graph batch sizes, the
 statistics of replays (a fake device stands in for CUDA), eager host latency,
 the suite's rows, report and plot, and the GPU facts a results file records."""
-import importlib.util
-import math
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
+from tests.benchmarks import load_benchmark
 from tests.deps import require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,11 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import _timing as T  # noqa: E402
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_load = load_benchmark
 
 
 def test_stats_percentiles():
