@@ -101,6 +101,41 @@ def test_plan_cache_checks_identity_and_pointer():
     assert not cache.valid_for(qdata[:-1])
 
 
+def _cpu_plan_weights():
+    from pyquant.formats import GGUF, NF4
+    torch.manual_seed(0)
+    w = torch.randn(48, 128)
+    return [pyquant.quantize_weight(w, fmt) for fmt in (Int(4, 32, False), NF4(block_size=64), GGUF("Q4_0"))]
+
+
+@pytest.mark.skipif(pyquant._ext.load() is None, reason="the C++ extension is not built")
+@pytest.mark.parametrize("index", range(3), ids=["int", "nf4", "gguf"])
+def test_cpu_plans_are_built_and_keep_their_copies_alive(index, builds):
+    """Each CPU family registers a plan, and a plan built from a packed tensor that is
+    not contiguous keeps the contiguous copy its pointers point into: the copy freed
+    and its memory reused gave garbage (Int: errors of 20-100 on outputs of size 5)."""
+    import gc
+
+    qw = _cpu_plan_weights()[index]
+    assert dispatch.select_kernel("qmatmul", qw.format, torch.device("cpu"), 1).plan is not None
+    name = next(iter(qw.tensors))
+    q = qw.tensors[name]
+    strided = torch.empty(tuple(q.shape) + (2,), dtype=q.dtype)[..., 0]
+    strided.copy_(q)
+    assert not strided.is_contiguous()
+    x = torch.randn(2, 128)
+    want = torch.ops.pyquant.qmatmul(x, qw.tensor_list(), qw.format.spec(), 48, 128, None, "auto")
+    qw.tensors[name] = strided
+    with torch.no_grad():
+        for _ in range(3):
+            y = pyquant.qmatmul(x, qw)
+            gc.collect()
+            churn = [torch.full((q.numel() + 64,), 255, dtype=q.dtype) for _ in range(8)]  # reuse freed memory
+            torch.testing.assert_close(y, want, rtol=0, atol=0)
+            del churn
+    assert len(builds) == 2  # the op's plan (contiguous tensors) and the strided weight's
+
+
 def test_quant_linear_takes_the_same_fast_path(builds):
     lin = pyquant.QuantLinear(_qw(), bias=torch.randn(24, requires_grad=True))
     x = torch.randn(4, 80)

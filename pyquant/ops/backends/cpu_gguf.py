@@ -97,6 +97,7 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
                   torch.get_num_threads(), True, dtype_code(x.dtype))
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
+    run.keep = blocks  # behind ``blocks_ptr`` (a contiguous copy where qdata's was not)
     return run
 
 

@@ -117,6 +117,7 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
                       torch.get_num_threads(), 0, 0, 0, 0.0, int8)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
+    run.keep = t  # the tensors behind ``weight``'s pointers (a contiguous copy where qdata's was not)
     return run
 
 
