@@ -159,6 +159,40 @@ struct Segments {
         g0(per_channel ? 0 : kb0 / segc) {}
 };
 
+// block_scales' last 1-7 groups of a row (all of a row's five at K = 576, g128)
+// as one masked vector, not a scalar loop: the loop (two conversions, a multiply
+// and an update of out per group) took about a quarter of a 1536 x 576 GEMV (M =
+// 1, one thread). Eight values are read where they lie inside the tensor (the
+// lanes past this row's groups belong to the next row and are masked off: an Inf
+// there times a zero lane would be NaN), else through a zero-filled copy. Not
+// inlined: in block_scales itself it slowed the 4096-wide rows, which never take
+// it, by 15% at M = 4 (code placement; Zen 3).
+template <int M>
+PQ_TARGET_AVX2 __attribute__((noinline)) void block_scales_tail(const float* X, int64_t ldX, const IntWeight& w,
+                                                                int64_t n, int64_t sbase, int64_t g0, int64_t g,
+                                                                int64_t rest, float* sf, __m256* zt) {
+  const __m256 zsym = _mm256_set1_ps(float(1 << (w.bits - 1)));
+  __m256 s, z = zsym;
+  if (sbase + g + 8 <= w.n * w.groups) {
+    s = load8(w.scales, sbase + g, w.scale_dtype);
+    if (w.zeros) z = load8(w.zeros, sbase + g, w.scale_dtype);
+  } else {
+    alignas(32) float ts[8] = {}, tz[8] = {};
+    for (int64_t j = 0; j < rest; ++j) {
+      ts[j] = load_float_avx2(w.scales, sbase + g + j, w.scale_dtype);
+      tz[j] = zero_avx2(w, n, g0 + g + j);
+    }
+    s = _mm256_load_ps(ts);
+    z = _mm256_load_ps(tz);
+  }
+  const __m256 live =
+      _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(rest)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  s = _mm256_and_ps(s, live);
+  _mm256_store_ps(sf + g, s);
+  const __m256 sz = _mm256_and_ps(_mm256_mul_ps(s, z), live);
+  for (int i = 0; i < M; ++i) zt[i] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(X + i * ldX + g0 + g), zt[i]);
+}
+
 // This block's scales of row n as fp32 (sf), and its share of the
 // zero-point term sum_g s_g * z_g * X[i][g] taken off out (a per-channel
 // row's single group is counted with the first block).
@@ -177,14 +211,17 @@ PQ_TARGET_AVX2 void block_scales(const float* X, int64_t ldX, const IntWeight& w
     const __m256 sz = _mm256_mul_ps(s, w.zeros ? load8(w.zeros, sbase + g, w.scale_dtype) : zsym);
     for (int i = 0; i < M; ++i) zt[i] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(X + i * ldX + sg.g0 + g), zt[i]);
   }
-  for (int i = 0; i < M; ++i) out[i] -= hsum_avx2(zt[i]);
-  for (; g < nsc; ++g) {
-    sf[g] = load_float_avx2(w.scales, sbase + g, w.scale_dtype);
+  const int64_t rest = nsc - g;
+  if (rest > 0 && !sg.per_channel) {
+    block_scales_tail<M>(X, ldX, w, n, sbase, sg.g0, g, rest, sf, zt);
+  } else if (rest > 0) {  // per channel: the row's one scale
+    sf[0] = load_float_avx2(w.scales, sbase, w.scale_dtype);
     if (with_zero) {
-      const float sz = sf[g] * zero_avx2(w, n, sg.g0 + g);
-      for (int i = 0; i < M; ++i) out[i] -= sz * X[i * ldX + sg.g0 + g];
+      const float sz = sf[0] * zero_avx2(w, n, sg.g0);
+      for (int i = 0; i < M; ++i) out[i] -= sz * X[i * ldX + sg.g0];
     }
   }
+  for (int i = 0; i < M; ++i) out[i] -= hsum_avx2(zt[i]);
 }
 
 // What both row-block bodies start from: the segments, the scales (the
@@ -256,6 +293,52 @@ PQ_TARGET_AVX2 void gemv_row_block(const float* xt, int64_t ldx, const float* X,
   for (int i = 0; i < M; ++i) out[i] += hsum_avx2(tot[i]);
 }
 
+// gemv_row_block for two weight rows against one row of x (4-bit codes, the
+// ymm levels). One row's four accumulator chains take one FMA per chunk
+// each, so at M = 1 the FMA latency, not the pipes, set the pace; a second
+// row's chains fill the gaps and share the loads of x. The per-row set-up
+// (scales, zero-point share, the closing sums) overlaps too, which is what a
+// short row spends most on: 1536 x 576 g128 ran at 10.6 weights per ns
+// against 17.9 for 216 x 4096 (one thread, Zen 3). Each row's sums are those
+// of gemv_row_block<4, 1>, in the same order: the results are the same bit
+// for bit.
+PQ_TARGET_AVX2 void gemv_row_pair4(const float* xt, const float* X, int64_t ldX, const IntWeight& w, int64_t n,
+                                   int64_t kb0, int64_t kb1, const uint8_t* pf0, const uint8_t* pf1, float* out0,
+                                   float* out1) {
+  constexpr int cb = kIntChunk / 2;
+  const RowBlock<1> ra(X, ldX, w, n, kb0, kb1, pf0, cb, out0), rb(X, ldX, w, n + 1, kb0, kb1, pf1, cb, out1);
+  const bool per_channel = ra.sg.per_channel;
+  const int64_t segc = ra.sg.segc, nseg = ra.sg.nseg;
+  __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+  for (int64_t sg = 0; sg < nseg; ++sg) {
+    const int64_t c0 = kb0 + sg * segc, c1 = std::min(c0 + segc, kb1);
+    __m256 a0[4], a1[4];
+    for (int t = 0; t < 4; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
+    for (int64_t c = c0; c < c1; ++c) {
+      if (ra.pfc && ((c * cb) & 63) < cb) {
+        _mm_prefetch(reinterpret_cast<const char*>(ra.pfc + c * cb), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(rb.pfc + c * cb), _MM_HINT_T0);
+      }
+      __m256i q0[4], q1[4];
+      decode_for_gemv<4>(ra.row + c * cb, q0);
+      decode_for_gemv<4>(rb.row + c * cb, q1);
+      const float* xc = xt + (c - kb0) * kIntChunk;
+      for (int t = 0; t < 4; ++t) {
+        const __m256 xv = _mm256_load_ps(xc + 8 * t);
+        a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0[t]), xv, a0[t]);
+        a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1[t]), xv, a1[t]);
+      }
+    }
+    const int64_t si = per_channel ? 0 : sg;
+    const __m256 s0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0[0], a0[1]), a0[2]), a0[3]);
+    const __m256 s1 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a1[0], a1[1]), a1[2]), a1[3]);
+    tot0 = _mm256_fmadd_ps(_mm256_broadcast_ss(ra.sf + si), s0, tot0);
+    tot1 = _mm256_fmadd_ps(_mm256_broadcast_ss(rb.sf + si), s1, tot1);
+  }
+  out0[0] += hsum_avx2(tot0);
+  out1[0] += hsum_avx2(tot1);
+}
+
 // One 4-bit chunk c into accumulators chain and chain + 1 of each row of x.
 template <int M>
 PQ_TARGET_AVX512 inline void chunk4_zmm(const uint8_t* row, int64_t c, const float* xc, int64_t ldx,
@@ -324,6 +407,7 @@ PQ_TARGET_AVX2 void gemv_rows(const float* xt, const float* X, int64_t ldX, cons
     const int64_t kb1 = std::min(kb0 + kbc, nch);
     const float* xb = xt + b * M * ldx;
     for (int r = 0; r < rows; ++r) {
+      const bool pair = BITS == 4 && M == 1 && !zmm && r + 1 < rows;
       // With several K blocks per row, consecutive reads jump by a row
       // stride, which the hardware prefetcher does not follow: fetch the
       // row after next (or, at the last rows, the first rows of the next K
@@ -333,16 +417,20 @@ PQ_TARGET_AVX2 void gemv_rows(const float* xt, const float* X, int64_t ldX, cons
       // the kernel prefetches a fixed distance ahead in the loop.
       const uint8_t* pf = nullptr;
       if (blocked) {
-        const int j = r + 2;
-        if (j < rows) {
-          prefetch_span<BITS>(w, n0 + j, kb0, kb1);
-        } else if (kb1 < nch) {
-          prefetch_span<BITS>(w, n0 + j - rows, kb1, std::min(kb1 + kbc, nch));
+        for (int j = r + 2; j < r + 2 + (pair ? 2 : 1); ++j) {
+          if (j < rows) {
+            prefetch_span<BITS>(w, n0 + j, kb0, kb1);
+          } else if (kb1 < nch) {
+            prefetch_span<BITS>(w, n0 + j - rows, kb1, std::min(kb1 + kbc, nch));
+          }
         }
       } else if (BITS <= 4) {
         pf = w.qweight + (n0 + r) * w.row_bytes + kPrefetchAhead;
       }
-      if (BITS == 4 && zmm) {
+      if (pair) {
+        gemv_row_pair4(xb, X, ldX, w, n0 + r, kb0, kb1, pf, pf ? pf + w.row_bytes : nullptr, out[r], out[r + 1]);
+        ++r;
+      } else if (BITS == 4 && zmm) {
         gemv_row_block4_zmm<M>(xb, ldx, X, ldX, w, n0 + r, kb0, kb1, pf, out[r]);
       } else {
         gemv_row_block<BITS, M>(xb, ldx, X, ldX, w, n0 + r, kb0, kb1, pf, out[r]);
@@ -361,8 +449,11 @@ void gemv(const void* x, int xdtype, int64_t ldx, const IntWeight& w, const floa
   const int64_t nblocks = (w.chunks + kbc - 1) / kbc;
   const int64_t ldX = (w.groups + 7) / 8 * 8;
   FloatBuf xt = alloc_floats(nblocks * M * bcols);
-  FloatBuf X = alloc_floats(M * ldX);
+  // + 8: block_scales reads X eight groups at a time, masked, from a group that
+  // may lie within eight of the end
+  FloatBuf X = alloc_floats(M * ldX + 8);
   prepare_x<BITS, M>(x, xdtype, ldx, w, xt.get(), X.get(), ldX);
+  std::fill(X.get() + M * ldX, X.get() + M * ldX + 8, 0.0f);
   const bool zmm = simd_level() == Simd::kAvx512;  // read here: never inside the parallel region
   // Each thread streams one contiguous range of rows, front to back, and
   // when done takes blocks from the back of the others' ranges, so that on a

@@ -187,6 +187,29 @@ def test_qmatmul_all_formats(bits, group):
                     expect.check(pyquant.qmatmul(x, qw, kernel="cpu"), x)
 
 
+@pytest.mark.parametrize("sym", (True, False))
+def test_qmatmul_short_rows_read_only_their_own_scales(sym):
+    """Rows of fewer than eight groups (K = 576 at g128: five) take their scales
+    and zeros eight at a time with the lanes past the row masked off: an infinite
+    scale in one row leaves its neighbours' outputs exact."""
+    qw = make_qw(4, 128, sym, torch.float16, 6, 576, seed=11)
+    scales = qw.tensors["scales"]
+    scales[2, 0] = float("inf")  # in the lanes row 1 reads past its own
+    if not sym:
+        qw.tensors["zeros"][4, 0] = float("inf")  # in the lanes row 3 reads past its own
+    finite = [0, 1, 3, 4, 5] if sym else [0, 1, 3, 5]
+    expect = Expect(qw)
+    for m in (1, 2, 5):
+        x = torch.randn(m, 576)
+        for level in SIMD:
+            with simd(level):
+                y = pyquant.qmatmul(x, qw, kernel="cpu")
+            assert torch.isfinite(y[:, finite]).all(), level
+            y64 = x.double() @ expect.w64[finite].T
+            bound = 2e-5 * (x.double().abs() @ expect.mag[finite].T)
+            assert ((y[:, finite].double() - y64).abs() <= bound).all(), level
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group", (32, -1))
 def test_qmatmul_blocked_shapes(bits, group):
