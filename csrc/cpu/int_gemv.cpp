@@ -84,24 +84,10 @@ PQ_TARGET_AVX2 inline void decode_for_gemv(const uint8_t* c, __m256i v[4]) {
   }
 }
 
-// Eight consecutive scale-dtype values as fp32 (exact conversions).
-PQ_TARGET_AVX2 inline __m256 load8(const void* base, int64_t i, int dtype) {
-  switch (dtype) {
-    case kF16:
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
-    case kBF16: {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-    default:
-      return _mm256_loadu_ps(static_cast<const float*>(base) + i);
-  }
-}
-
 // One 32-column chunk of x as fp32 (columns past K read as 0).
 PQ_TARGET_AVX2 inline void load_x_chunk(const void* x, int dtype, int64_t i0, int64_t valid, __m256 a[4]) {
   if (valid >= kIntChunk) {
-    for (int t = 0; t < 4; ++t) a[t] = load8(x, i0 + 8 * t, dtype);
+    for (int t = 0; t < 4; ++t) a[t] = load8_avx2(x, i0 + 8 * t, dtype);
   } else {
     alignas(32) float tmp[kIntChunk] = {};
     for (int64_t j = 0; j < valid; ++j) tmp[j] = load_float(x, i0 + j, dtype);
@@ -160,36 +146,20 @@ struct Segments {
 };
 
 // block_scales' last 1-7 groups of a row (all of a row's five at K = 576, g128)
-// as one masked vector, not a scalar loop: the loop (two conversions, a multiply
-// and an update of out per group) took about a quarter of a 1536 x 576 GEMV (M =
-// 1, one thread). Eight values are read where they lie inside the tensor (the
-// lanes past this row's groups belong to the next row and are masked off: an Inf
-// there times a zero lane would be NaN), else through a zero-filled copy. Not
-// inlined: in block_scales itself it slowed the 4096-wide rows, which never take
-// it, by 15% at M = 4 (code placement; Zen 3).
+// as one vector, not a scalar loop: the loop (two conversions, a multiply and an
+// update of out per group) took about a quarter of a 1536 x 576 GEMV (M = 1,
+// one thread). Not inlined: in block_scales itself it slowed the 4096-wide rows,
+// which never take it, by 15% at M = 4 (code placement; Zen 3).
 template <int M>
 PQ_TARGET_AVX2 __attribute__((noinline)) void block_scales_tail(const float* X, int64_t ldX, const IntWeight& w,
-                                                                int64_t n, int64_t sbase, int64_t g0, int64_t g,
-                                                                int64_t rest, float* sf, __m256* zt) {
-  const __m256 zsym = _mm256_set1_ps(float(1 << (w.bits - 1)));
-  __m256 s, z = zsym;
-  if (sbase + g + 8 <= w.n * w.groups) {
-    s = load8(w.scales, sbase + g, w.scale_dtype);
-    if (w.zeros) z = load8(w.zeros, sbase + g, w.scale_dtype);
-  } else {
-    alignas(32) float ts[8] = {}, tz[8] = {};
-    for (int64_t j = 0; j < rest; ++j) {
-      ts[j] = load_float_avx2(w.scales, sbase + g + j, w.scale_dtype);
-      tz[j] = zero_avx2(w, n, g0 + g + j);
-    }
-    s = _mm256_load_ps(ts);
-    z = _mm256_load_ps(tz);
-  }
-  const __m256 live =
-      _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(rest)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-  s = _mm256_and_ps(s, live);
+                                                                int64_t sbase, int64_t g0, int64_t g, int64_t rest,
+                                                                float* sf, __m256* zt) {
+  const int64_t total = w.n * w.groups;
+  const __m256 s = load_upto8_avx2(w.scales, sbase + g, rest, total, w.scale_dtype);
+  const __m256 z = w.zeros ? load_upto8_avx2(w.zeros, sbase + g, rest, total, w.scale_dtype)
+                           : _mm256_set1_ps(float(1 << (w.bits - 1)));
   _mm256_store_ps(sf + g, s);
-  const __m256 sz = _mm256_and_ps(_mm256_mul_ps(s, z), live);
+  const __m256 sz = _mm256_mul_ps(s, z);  // 0 past the row's groups (X there is 0 or another row's sums)
   for (int i = 0; i < M; ++i) zt[i] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(X + i * ldX + g0 + g), zt[i]);
 }
 
@@ -206,14 +176,14 @@ PQ_TARGET_AVX2 void block_scales(const float* X, int64_t ldX, const IntWeight& w
   for (int i = 0; i < M; ++i) zt[i] = _mm256_setzero_ps();
   int64_t g = 0;
   for (; g + 8 <= nsc; g += 8) {
-    const __m256 s = load8(w.scales, sbase + g, w.scale_dtype);
+    const __m256 s = load8_avx2(w.scales, sbase + g, w.scale_dtype);
     _mm256_store_ps(sf + g, s);
-    const __m256 sz = _mm256_mul_ps(s, w.zeros ? load8(w.zeros, sbase + g, w.scale_dtype) : zsym);
+    const __m256 sz = _mm256_mul_ps(s, w.zeros ? load8_avx2(w.zeros, sbase + g, w.scale_dtype) : zsym);
     for (int i = 0; i < M; ++i) zt[i] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(X + i * ldX + sg.g0 + g), zt[i]);
   }
   const int64_t rest = nsc - g;
   if (rest > 0 && !sg.per_channel) {
-    block_scales_tail<M>(X, ldX, w, n, sbase, sg.g0, g, rest, sf, zt);
+    block_scales_tail<M>(X, ldX, w, sbase, sg.g0, g, rest, sf, zt);
   } else if (rest > 0) {  // per channel: the row's one scale
     sf[0] = load_float_avx2(w.scales, sbase, w.scale_dtype);
     if (with_zero) {

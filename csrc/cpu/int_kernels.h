@@ -109,6 +109,28 @@ PQ_TARGET_AVX2 inline float load_float_avx2(const void* p, int64_t i, int dtype)
   if (dtype == kF16) return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
   return load_float(p, i, dtype);
 }
+// Elements i .. i + 7 of such an array as fp32 (exact conversions).
+PQ_TARGET_AVX2 inline __m256 load8_avx2(const void* p, int64_t i, int dtype) {
+  const __m128i* h = reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i);
+  if (dtype == kF16) return _mm256_cvtph_ps(_mm_loadu_si128(h));
+  if (dtype == kBF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(h)), 16));
+  return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+}
+// Elements i .. i + count - 1 (count 1 to 8) of an array of `total` as fp32
+// lanes 0 .. count - 1, the other lanes 0: a row's last few group scales in
+// one vector. Eight are read in place where they lie inside the array (the
+// lanes past count, another row's values, then masked off: whatever they
+// hold, Inf included, leaves a 0), else through a zero-filled copy.
+PQ_TARGET_AVX2 inline __m256 load_upto8_avx2(const void* p, int64_t i, int64_t count, int64_t total, int dtype) {
+  if (i + 8 <= total) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(count)), lane));
+    return _mm256_and_ps(load8_avx2(p, i, dtype), live);
+  }
+  alignas(32) float t[8] = {};
+  for (int64_t j = 0; j < count; ++j) t[j] = load_float_avx2(p, i + j, dtype);
+  return _mm256_load_ps(t);
+}
 PQ_TARGET_AVX2 inline float scale_avx2(const IntWeight& w, int64_t row, int64_t g) {
   return load_float_avx2(w.scales, row * w.groups + g, w.scale_dtype);
 }
