@@ -91,7 +91,7 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
             return qmatmul(x, qlist, fmt, shape, bias)
         rows = x.shape[0]
         b = None if bias is None else bias.to(torch.float32).contiguous()
-        y = torch.empty((rows, n), dtype=torch.float32)
+        y = torch.empty(rows, n, dtype=torch.float32)
         if y.numel():
             entry(ggml_type, x.data_ptr(), blocks_ptr, 0 if b is None else b.data_ptr(), y.data_ptr(), rows, n, k,
                   torch.get_num_threads(), True, dtype_code(x.dtype))

@@ -99,7 +99,7 @@ def qmatmul_plan(qdata, fmt: NF4, shape, device: torch.device, m: int):
             return qmatmul(x, qlist, fmt, shape, bias)
         xk = x if int8 else x.to(torch.float32)  # the plan's caller made x contiguous
         bf = None if bias is None else bias.to(torch.float32).contiguous()
-        y = torch.empty((rows, n), dtype=torch.float32)
+        y = torch.empty(rows, n, dtype=torch.float32)
         ext.nf4_qmatmul(xk.data_ptr(), rows, *args, n, k, block, ptr(bf), y.data_ptr(), torch.get_num_threads(), -1,
                         0, 0, 0, 0.0, int8, dtype_code(xk.dtype))
         return y if x.dtype == torch.float32 else y.to(x.dtype)
