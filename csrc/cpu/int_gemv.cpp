@@ -266,12 +266,12 @@ PQ_TARGET_AVX2 void gemv_row_block(const float* xt, int64_t ldx, const float* X,
 // gemv_row_block for two weight rows against one row of x (4-bit codes, the
 // ymm levels). One row's four accumulator chains take one FMA per chunk
 // each, so at M = 1 the FMA latency, not the pipes, set the pace; a second
-// row's chains fill the gaps and share the loads of x. The per-row set-up
-// (scales, zero-point share, the closing sums) overlaps too, which is what a
-// short row spends most on: 1536 x 576 g128 ran at 10.6 weights per ns
-// against 17.9 for 216 x 4096 (one thread, Zen 3). Each row's sums are those
-// of gemv_row_block<4, 1>, in the same order: the results are the same bit
-// for bit.
+// row's chains fill the gaps and share the loads of x. Old against new in
+// one process (Zen 3, one and two threads): 1.07-1.09x at 576 x 1536, 1.03-1.09x
+// at 4096 x 4096, 0.99-1.01x at K = 576 (five groups a row: there the
+// scales' set-up, block_scales_tail, was the cost). Each row's sums are
+// those of gemv_row_block<4, 1>, in the same order: the results are the same
+// bit for bit.
 PQ_TARGET_AVX2 void gemv_row_pair4(const float* xt, const float* X, int64_t ldX, const IntWeight& w, int64_t n,
                                    int64_t kb0, int64_t kb1, const uint8_t* pf0, const uint8_t* pf1, float* out0,
                                    float* out1) {

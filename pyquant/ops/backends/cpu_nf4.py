@@ -82,9 +82,10 @@ dequantize.writes_out = True
 def qmatmul_plan(qdata, fmt: NF4, shape, device: torch.device, m: int):
     """Launch plan of the fused and tiled kernels for one weight (ops/plans.py):
     the packed tensors checked and their pointers taken once, so a call only
-    allocates y and launches. The check was most of a small layer's call: at 16
-    x 576, M = 1, the full function took about 21 us against the C++ call's 4.
-    Panels (large M at avx2) and the low-rank epilogue take the full function."""
+    allocates y and launches. The checks were most of a small layer's call:
+    ``QuantLinear`` at 16 x 576, M = 1, one thread, took 38 us a call through the
+    full function and 22 with this plan. Panels (large M at avx2) and the
+    low-rank epilogue take the full function."""
     n, k = shape
     args, keep = _weight_args(qdata, fmt, shape)
     ext = _ext.load()
