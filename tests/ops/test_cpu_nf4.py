@@ -219,3 +219,21 @@ def test_threads_do_not_change_results():
         torch.set_num_threads(prev)
     # Each output is computed by one thread in a fixed order: bitwise equal.
     assert torch.equal(y1, y2) and torch.equal(d1, d2)
+
+
+# --- the launch plan (ops/plans.py): the same kernel as the function, its host work done once ---------------
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("k", [128, 100], ids=["whole-blocks", "ragged"])
+@pytest.mark.parametrize("mode", ["auto", "int8", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qmatmul_plan_matches_the_kernel_function(double_quant, k, mode, dtype):
+    """Fused, tiled and (from YMM_PANEL_MIN_M rows at avx2) panel products; K = 100
+    is not a multiple of 32 (the int8 kernels decline) and its blocks span rows
+    (the fused kernel's general loop, not the whole-block one)."""
+    from pyquant.ops.backends.cpu_activations import cpu_activations
+    from tests.kernels import assert_plan_matches_function
+
+    torch.manual_seed(5)
+    qw = pyquant.quantize_weight(torch.randn(20, k), NF4(block_size=64, double_quant=double_quant))
+    with cpu_activations(mode):
+        assert_plan_matches_function(cpu_nf4, qw, (1, 7, 40, 400), dtype, seed=6)
