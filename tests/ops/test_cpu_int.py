@@ -210,6 +210,24 @@ def test_qmatmul_short_rows_read_only_their_own_scales(sym):
             assert ((y[:, finite].double() - y64).abs() <= bound).all(), level
 
 
+@pytest.mark.parametrize("sym", (True, False))
+def test_qmatmul_rows_of_x_stay_apart(sym):
+    """An Inf in one row of x leaves the other rows' outputs exact. K = 1152 at
+    g256 ends in a K block of four groups that starts mid-way through eight, so
+    the GEMV's eight-lane read of that block's group sums of x runs into the
+    next row's (M = 3 and 4 share one pass)."""
+    qw = make_qw(4, 256, sym, torch.float16, 8, 1152, seed=12)
+    expect = Expect(qw)
+    for m in (2, 3, 4, 5):
+        x = torch.randn(m, 1152)
+        x[1:, 0] = float("inf")
+        for level in SIMD:
+            with simd(level):
+                y = pyquant.qmatmul(x, qw, kernel="cpu")
+            assert torch.isfinite(y[0]).all(), (level, m)
+            expect.check(y[:1], x[:1])
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group", (32, -1))
 def test_qmatmul_blocked_shapes(bits, group):
