@@ -5,8 +5,10 @@ before a page no one may read (PROT_NONE): a read past its end is then a
 segmentation fault, not a silent read of whatever follows it. The products run
 in a child process, so a fault fails this test instead of ending the run; the
 child prints each case before it runs it, so the failure names the case.
-Every format family, ragged and whole-group K, M from the GEMV to the tiled
-sizes, both activation modes, every SIMD level this CPU has.
+x and the bias are fenced the same way. Every format family, ragged and
+whole-group K, M from the GEMV to the tiled sizes, fp32 / bf16 / fp16 x, both
+activation modes, the dequantization, the backward's transposed product and the
+low-rank (QLoRA) product too, every SIMD level this CPU has.
 """
 from __future__ import annotations
 
@@ -50,6 +52,13 @@ CHILD = textwrap.dedent(
         KEEP.append(buf)
         return g
 
+    def transposed(qw, g):
+        return (torch.ops.pyquant.qmatmul_transposed(g, qw.tensor_list(), qw.format.spec(), *qw.shape, "cpu"),)
+
+    def lowrank(qw, x, a, b):
+        return torch.ops.pyquant.lora_qmatmul(x, qw.tensor_list(), qw.format.spec(), *qw.shape, None, a, b, 0.5, None,
+                                              "cpu")
+
     cases = [(GGUF(t), k) for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") for k in (96, 384)]
     cases += [(GGUF(t), k) for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K") for k in (256, 512)]
     cases += [(Int(b, g, sym), k) for b in (2, 3, 4, 8) for g, sym in ((64, False), (128, True), (256, False), (-1, False))
@@ -60,14 +69,25 @@ CHILD = textwrap.dedent(
         qw = pyquant.quantize_weight(torch.randn(5, k), fmt)
         fenced = QuantizedWeight(fmt, {name: guarded(t) for name, t in qw.tensors.items()}, qw.shape)
         for level in _ext.simd_levels():
+            print(f"{fmt.spec()} K={k} {level} dequantize", flush=True)
+            with _ext.cpu_simd(level):
+                assert torch.equal(pyquant.dequantize(fenced, kernel="cpu"), pyquant.dequantize(qw, kernel="cpu"))
             for mode in ("int8", "fp32"):
-                for m in (1, 3, 8, 17):
-                    print(f"{fmt.spec()} K={k} {level} {mode} M={m}", flush=True)
-                    x = torch.randn(m, k)
+                for m, dtype in ((1, torch.float32), (3, torch.bfloat16), (8, torch.float16), (17, torch.float32)):
+                    print(f"{fmt.spec()} K={k} {level} {mode} M={m} {dtype}", flush=True)
+                    x = torch.randn(m, k).to(dtype)
+                    bias = torch.randn(5)
                     with _ext.cpu_simd(level), cpu_activations(mode):
-                        want = pyquant.qmatmul(x, qw, kernel="cpu")
-                        got = pyquant.qmatmul(x, fenced, kernel="cpu")
+                        want = pyquant.qmatmul(x, qw, bias, kernel="cpu")
+                        got = pyquant.qmatmul(guarded(x), fenced, guarded(bias), kernel="cpu")
                     assert torch.equal(got, want), (fmt.spec(), k, level, mode, m)
+                    print(f"{fmt.spec()} K={k} {level} {mode} M={m} transposed and low-rank", flush=True)
+                    g, a, b = torch.randn(m, 5), torch.randn(4, k), torch.randn(5, 4)
+                    with _ext.cpu_simd(level), cpu_activations(mode):
+                        for fn, args in ((transposed, (g,)), (lowrank, (x.float(), a, b))):
+                            want = fn(qw, *args)
+                            got = fn(fenced, *(guarded(t) for t in args))
+                            assert all(torch.equal(u, v) for u, v in zip(got, want)), (fn.__name__, fmt.spec(), k)
     print("done", flush=True)
     """
 )
