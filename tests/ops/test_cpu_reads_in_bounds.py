@@ -1,8 +1,9 @@
 """The CPU kernels read only inside the tensors they are given.
 
 Each packed tensor of a weight is copied so that its last byte is the last one
-before a page no one may read (PROT_NONE): a read past its end is then a
-segmentation fault, not a silent read of whatever follows it. The products run
+before a page no one may read (PROT_NONE), or, in the second run, so that it
+starts right after such a page: a read past either end is then a segmentation
+fault, not a silent read of whatever lies there. The products run
 in a child process, so a fault fails this test instead of ending the run; the
 child prints each case before it runs it, so the failure names the case.
 x and the bias are fenced the same way. Every format family, ragged and
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 
 CHILD = textwrap.dedent(
     r"""
-    import ctypes, mmap
+    import ctypes, mmap, sys
     import torch
     import pyquant
     from pyquant import _ext
@@ -40,13 +41,17 @@ CHILD = textwrap.dedent(
     PAGE = mmap.PAGESIZE
     KEEP = []
 
+    FENCE_AT_START = sys.argv[1] == "start"
+
     def guarded(t):
         nbytes = t.numel() * t.element_size()
         pages = -(-nbytes // PAGE) + 1
         buf = mmap.mmap(-1, pages * PAGE)
         base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        assert libc.mprotect(base + (pages - 1) * PAGE, PAGE, 0) == 0, ctypes.get_errno()
-        g = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=(pages - 1) * PAGE - nbytes)
+        fence = 0 if FENCE_AT_START else (pages - 1) * PAGE
+        assert libc.mprotect(base + fence, PAGE, 0) == 0, ctypes.get_errno()
+        start = PAGE if FENCE_AT_START else (pages - 1) * PAGE - nbytes
+        g = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=start)
         g = g.view(t.dtype).view(t.shape)
         g.copy_(t)
         KEEP.append(buf)
@@ -93,9 +98,10 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_kernels_read_nothing_past_their_tensors():
+@pytest.mark.parametrize("fence", ("end", "start"))
+def test_kernels_read_nothing_outside_their_tensors(fence):
     root = Path(__file__).resolve().parents[2]
-    run = subprocess.run([sys.executable, "-c", CHILD], cwd=root, capture_output=True, text=True, timeout=900)
+    run = subprocess.run([sys.executable, "-c", CHILD, fence], cwd=root, capture_output=True, text=True, timeout=900)
     lines = run.stdout.strip().splitlines()
     last = lines[-1] if lines else "(nothing)"
     if run.returncode != 0 or last != "done":
