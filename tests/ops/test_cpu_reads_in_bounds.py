@@ -8,7 +8,8 @@ in a child process, so a fault fails this test instead of ending the run; the
 child prints each case before it runs it, so the failure names the case.
 x and the bias are fenced the same way. Every format family, ragged and
 whole-group K, M from the GEMV to the tiled sizes, fp32 / bf16 / fp16 x, both
-activation modes, the dequantization, the backward's transposed product and the
+activation modes, the quantizers (RTN, k-quant, HQQ), packing and unpacking,
+the dequantization, the backward's transposed product and the
 low-rank (QLoRA) product too, every SIMD level this CPU has.
 """
 from __future__ import annotations
@@ -70,13 +71,25 @@ CHILD = textwrap.dedent(
               for k in (224, 576)]
     cases += [(NF4(32), 96), (NF4(64), 576), (NF4(64, True), 1152)]
     torch.manual_seed(0)
+    def same_weight(a, b):
+        return a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[n], b.tensors[n]) for n in a.tensors)
+
     for fmt, k in cases:
-        qw = pyquant.quantize_weight(torch.randn(5, k), fmt)
+        w = torch.randn(5, k)
+        methods = ("rtn", "hqq") if isinstance(fmt, Int) and not fmt.symmetric else ("rtn",)
+        for method in methods:
+            print(f"{fmt.spec()} K={k} quantize {method}", flush=True)
+            assert same_weight(pyquant.quantize_weight(guarded(w), fmt, method), pyquant.quantize_weight(w, fmt, method))
+        qw = pyquant.quantize_weight(w, fmt)
         fenced = QuantizedWeight(fmt, {name: guarded(t) for name, t in qw.tensors.items()}, qw.shape)
         for level in _ext.simd_levels():
             print(f"{fmt.spec()} K={k} {level} dequantize", flush=True)
             with _ext.cpu_simd(level):
                 assert torch.equal(pyquant.dequantize(fenced, kernel="cpu"), pyquant.dequantize(qw, kernel="cpu"))
+                if isinstance(fmt, Int):
+                    codes = pyquant.unpack(qw, kernel="cpu")
+                    assert torch.equal(pyquant.unpack(fenced, kernel="cpu"), codes)
+                    assert torch.equal(pyquant.pack(guarded(codes), fmt), qw.tensors["qweight"])
             for mode in ("int8", "fp32"):
                 for m, dtype in ((1, torch.float32), (3, torch.bfloat16), (8, torch.float16), (17, torch.float32)):
                     print(f"{fmt.spec()} K={k} {level} {mode} M={m} {dtype}", flush=True)
