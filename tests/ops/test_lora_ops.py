@@ -27,7 +27,7 @@ import torch
 
 import pyquant
 from pyquant import _ext
-from pyquant.errors import KernelUnavailableError
+from pyquant.errors import KernelUnavailableError, ShapeError
 from pyquant.formats import GGUF, NF4, Int
 from pyquant.ops import reference
 from pyquant.ops.backends import cpu_lora
@@ -289,6 +289,33 @@ def test_backward_of_a_forced_forward_keeps_its_kernel_or_falls_back():
     assert _backward_kernel(ctx, g) == "auto"
     with pytest.raises(KernelUnavailableError):
         transposed(g, qw, "cuda")
+
+
+@needs_ext
+@pytest.mark.parametrize("m", [3, 40])
+@pytest.mark.parametrize("name", ["int4_g32", "nf4_b32_dq_ragged", "gguf_q4_0"])
+def test_cpu_transposed_fp64_is_computed_in_fp64(name, m):
+    """As the reference: gradient checks feed fp64 and compare to the last bits."""
+    qw = WEIGHTS[name]()
+    g = torch.randn(m, qw.shape[0], dtype=torch.float64)
+    want = g @ pyquant.dequantize(qw, kernel="reference").double()
+    got = transposed(g, qw, "cpu")
+    assert got.dtype == torch.float64
+    assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("kernel", ["reference", pytest.param("cpu", marks=needs_ext)])
+def test_ops_name_a_wrong_shape(kernel):
+    qw = WEIGHTS["int4_g32"]()
+    n, k = qw.shape
+    with pytest.raises(ShapeError, match=rf"grad has shape \(3, {n + 1}\).*out_features={n}"):
+        transposed(torch.randn(3, n + 1), qw, kernel)
+    with pytest.raises(ShapeError, match=rf"x has shape \(3, {k - 1}\).*in_features={k}"):
+        lora(torch.randn(3, k - 1), qw, torch.randn(2, k), torch.randn(n, 2), 1.0, None, kernel)
+    with pytest.raises(ShapeError, match=rf"lora_A must be \(r, in_features={k}\), got shape \(2, {k - 1}\)"):
+        lora(torch.randn(3, k), qw, torch.randn(2, k - 1), torch.randn(n, 2), 1.0, None, kernel)
+    with pytest.raises(ShapeError, match="x_lora"):
+        lora(torch.randn(3, k), qw, torch.randn(2, k), torch.randn(n, 2), 1.0, None, kernel, x_lora=torch.randn(3, 5))
 
 
 def test_empty_inputs():

@@ -129,17 +129,18 @@ def panel_extent(outer: int, inner: int, align: int) -> int:
 
 def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     # bf16 panels multiply in bf16 (AVX512-BF16 GEMMs, as a bf16 dense layer
-    # would); fp16 CPU GEMMs are slow, so fp16 goes through fp32.
-    return dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+    # would); fp16 CPU GEMMs are slow, so fp16 goes through fp32; fp64 (the
+    # gradient checks) in fp64, as the reference does.
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
 
 
 def _transposed(g, n: int, k: int, align: int, run_kernel: Callable, decode_panel: Callable) -> torch.Tensor:
     """``g (M, N) @ W_hat`` -> (M, K) in g's dtype, in stored column order:
     ``run_kernel(g fp32, out fp32)`` below PANEL_MIN_M rows and, with vector
-    C++ kernels, for any g but bf16; else panels from
+    C++ kernels, for any g but bf16 and fp64; else panels from
     ``decode_panel(k0, k1, out (N, k1 - k0) fp32)``."""
     m = g.shape[0]
-    if m < PANEL_MIN_M or (g.dtype != torch.bfloat16 and vector_gemms()):
+    if g.dtype != torch.float64 and (m < PANEL_MIN_M or (g.dtype != torch.bfloat16 and vector_gemms())):
         gf = g.to(torch.float32).contiguous()
         out = torch.empty((m, k), dtype=torch.float32)
         if m:
