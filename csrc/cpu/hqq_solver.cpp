@@ -92,10 +92,7 @@ struct Scalar {
 // ------------------------------------------------------------- AVX2+FMA ---
 struct Avx2 {
   // Lanes [0, n) set: masks the ragged end of a group (loads read zeros there).
-  PQ_TARGET_AVX2 static inline __m256i tail_mask(int64_t n) {
-    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), idx);
-  }
+  PQ_TARGET_AVX2 static inline __m256i tail_mask(int64_t n) { return lanes_below_avx2(n); }
   PQ_TARGET_AVX2 static inline __m256 qz(__m256 w, __m256 sinv, __m256 z, __m256 maxq) {
     __m256 q = _mm256_round_ps(_mm256_add_ps(_mm256_mul_ps(w, sinv), z), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     return _mm256_min_ps(_mm256_max_ps(q, _mm256_setzero_ps()), maxq);

@@ -162,8 +162,7 @@ PQ_TARGET_AVX2 __attribute__((noinline)) void block_scales_tail(const float* X, 
   const __m256 sz = _mm256_mul_ps(s, z);  // 0 past the block's groups
   // X past them is this row's later groups or the next row's: masked to 0 too
   // (an Inf in another row of x times the 0 of sz would be NaN here)
-  const __m256 live = _mm256_castsi256_ps(
-      _mm256_cmpgt_epi32(_mm256_set1_epi32(int(rest)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  const __m256 live = _mm256_castsi256_ps(lanes_below_avx2(rest));
   for (int i = 0; i < M; ++i)
     zt[i] = _mm256_fmadd_ps(sz, _mm256_and_ps(_mm256_loadu_ps(X + i * ldX + g0 + g), live), zt[i]);
 }

@@ -123,9 +123,7 @@ PQ_TARGET_AVX2 inline __m256 load8_avx2(const void* p, int64_t i, int dtype) {
 // hold, Inf included, leaves a 0), else through a zero-filled copy.
 PQ_TARGET_AVX2 inline __m256 load_upto8_avx2(const void* p, int64_t i, int64_t count, int64_t total, int dtype) {
   if (i + 8 <= total) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(count)), lane));
-    return _mm256_and_ps(load8_avx2(p, i, dtype), live);
+    return _mm256_and_ps(load8_avx2(p, i, dtype), _mm256_castsi256_ps(lanes_below_avx2(count)));
   }
   alignas(32) float t[8] = {};
   for (int64_t j = 0; j < count; ++j) t[j] = load_float_avx2(p, i + j, dtype);

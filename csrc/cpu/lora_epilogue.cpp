@@ -25,9 +25,7 @@ PQ_TARGET_AVX2 inline __m256 sum8(const __m256 v[8]) {
 }
 
 // Lanes [0, rem) of 8 set: the tail of a rank that is not a multiple of 8.
-PQ_TARGET_AVX2 inline __m256i tail_mask(int64_t rem) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(rem)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
+PQ_TARGET_AVX2 inline __m256i tail_mask(int64_t rem) { return lanes_below_avx2(rem); }
 
 PQ_TARGET_AVX2 inline float dot_avx2(const float* a, const float* b, int64_t r, int64_t full, __m256i mask) {
   __m256 acc = _mm256_setzero_ps();
