@@ -43,11 +43,16 @@ def check_weight_2d(name: str, w) -> None:
         raise ShapeError(f"{name} is empty: shape {tuple(w.shape)}")
 
 
+def check_last_dim(name: str, t: torch.Tensor, size: int, what: str) -> None:
+    """t (..., size): at least 1-D with ``size`` (the weight's ``what``) last."""
+    if t.dim() == 0 or t.shape[-1] != size:
+        raise ShapeError(f"{name} has shape {tuple(t.shape)}; its last dim must equal {what}={size}")
+
+
 def check_matmul_inputs(x, n: int, k: int, device: torch.device, bias) -> None:
     """x (..., K) float on the weight's device; bias None or (N,) float on x's device."""
     check_float("x", x)
-    if x.dim() == 0 or x.shape[-1] != k:
-        raise ShapeError(f"x has shape {tuple(x.shape)}; its last dim must equal in_features={k}")
+    check_last_dim("x", x, k, "in_features")
     check_same_device("x", x, device, "the quantized weight")
     if bias is not None:
         check_float("bias", bias)

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import KernelUnavailableError, ShapeError
 from ..formats import GGUF, format_from_spec
+from ..validation import check_last_dim
 from . import plans
 from .dispatch import select_kernel
 from .reference.lora import lowrank_input
@@ -186,15 +187,10 @@ torch.library.register_vmap("pyquant::qmatmul", _qmatmul_vmap)
 
 
 # --- QLoRA ------------------------------------------------------------------------
-def _check_last_dim(name: str, t: torch.Tensor, size: int, what: str) -> None:
-    if t.dim() == 0 or t.shape[-1] != size:
-        raise ShapeError(f"{name} has shape {tuple(t.shape)}; its last dim must equal {what}={size}")
-
-
 @_impl("qmatmul_transposed")
 def qmatmul_transposed_impl(grad, qdata, fmt, n, k, kernel):
     f = _fmt(fmt)
-    _check_last_dim("grad", grad, n, "out_features")
+    check_last_dim("grad", grad, n, "out_features")
     g2 = grad.reshape(-1, n)
     kern = select_kernel("qmatmul_transposed", f, grad.device, g2.shape[0], kernel)
     out = kern.fn(g2.contiguous(), list(qdata), f, (n, k))
@@ -228,9 +224,9 @@ torch.library.register_autograd(
 @_impl("lora_qmatmul")
 def lora_qmatmul_impl(x, qdata, fmt, n, k, bias, lora_A, lora_B, scale, x_lora, kernel):
     f = _fmt(fmt)
-    _check_last_dim("x", x, k, "in_features")
+    check_last_dim("x", x, k, "in_features")
     if x_lora is not None:
-        _check_last_dim("x_lora", x_lora, k, "in_features")
+        check_last_dim("x_lora", x_lora, k, "in_features")
     if lora_A.dim() != 2 or lora_A.shape[1] != k:
         raise ShapeError(f"lora_A must be (r, in_features={k}), got shape {tuple(lora_A.shape)}")
     x2 = x.reshape(-1, k)
