@@ -73,8 +73,8 @@ def test_an_infinite_weight_row_stays_in_its_column(name, mode):
         for level in LEVELS:
             with _ext.cpu_simd(level), cpu_activations(mode):
                 ref[m, level] = pyquant.qmatmul(x, qw, kernel="cpu")[:, want_cols]
-    rows = scales.shape[0]
-    scales.view(rows, -1)[5 * rows // 12] = float("inf")
+    rows = scales.shape[0]  # Int: 12 rows of group scales; NF4: 108 block scales, 9 a row (K = 576, bs 64)
+    scales.view(rows, -1)[5 * rows // 12] = float("inf")  # row 5's: every group, or its first block
     for m, x in xs.items():
         for level in LEVELS:
             with _ext.cpu_simd(level), cpu_activations(mode):
