@@ -61,6 +61,9 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPYQUANT_CUDA={'ON' if cuda else 'OFF'}",
             "-DCMAKE_BUILD_TYPE=Release",
+            # Always given, so a build directory once used for the emulated
+            # test build (CMakeLists.txt) goes back to a normal one.
+            f"-DPYQUANT_SIMDE_INCLUDE={os.environ.get('PYQUANT_SIMDE_INCLUDE', '')}",
         ]
         if cuda:
             args.append(f"-DPYQUANT_CUDA_ARCHS={os.environ.get('PYQUANT_CUDA_ARCHS', '80;90a')}")

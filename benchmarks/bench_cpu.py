@@ -391,6 +391,8 @@ def main(argv=None):
     args.m = args.m or list(MS)
     if _ext.load() is None:
         sys.exit("pyquant._C is not built; nothing to benchmark")
+    if _ext.simd_emulated():
+        sys.exit("pyquant._C is the emulated-SIMD test build (PYQUANT_SIMDE_INCLUDE): its timings mean nothing")
     res = run(args)
     table = markdown(res)
     print(table)

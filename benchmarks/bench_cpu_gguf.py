@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     if _ext.load() is None:
         print("pyquant._C is not built; nothing to benchmark", file=sys.stderr)
         return 1
+    if _ext.simd_emulated():
+        sys.exit("pyquant._C is the emulated-SIMD test build (PYQUANT_SIMDE_INCLUDE): its timings mean nothing")
     torch.set_num_threads(args.threads)
     rep_ours = 5 if args.quick else 15
     rep_ref = 1 if args.quick else 3

@@ -66,6 +66,14 @@ def simd_levels():
     return list(mod.simd_levels()) if mod is not None else []
 
 
+def simd_emulated() -> bool:
+    """True for the test build whose avxvnni / avx512 levels run SIMDe's AVX2
+    versions of their instructions (README, "Build options"): its kernels are
+    right and slow, so timings from it mean nothing."""
+    mod = _module()
+    return bool(mod is not None and getattr(mod, "simd_emulated", lambda: False)())
+
+
 @contextlib.contextmanager
 def cpu_simd(level: str):
     """Run the block with the CPU kernels at SIMD ``level`` ("scalar", "avx2",

@@ -34,6 +34,7 @@ def env() -> dict:
         "cpu_simd": ext.simd_level() if ext is not None else simd_error,
         "cpu_simd_levels": _ext.simd_levels(),
         "cpu_avx512_bf16": bool(ext is not None and ext.simd_avx512_bf16()),
+        "cpu_simd_emulated": _ext.simd_emulated(),
         "cpu_simd_forced": os.environ.get(_ext.SIMD_ENV),
         "cpu_activations": _activations(cpu_activations),
         "cpu_threads": torch.get_num_threads(),

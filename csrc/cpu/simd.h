@@ -45,6 +45,10 @@ inline bool simd_has_avx2() { return simd_level() >= Simd::kAvx2; }
 // An extension of the avx512 level, not a level of its own: kernels that use
 // it are chosen per call where that level runs.
 bool simd_has_avx512_bf16();
+// True in the emulated build (csrc/cpu/simd_emulation.h): every level is
+// reported present and the wide ones run SIMDe's AVX2 versions of their
+// instructions. For testing the wide kernels' logic on an AVX2 machine only.
+bool simd_emulated();
 
 }  // namespace pyquant
 
@@ -63,9 +67,18 @@ bool simd_has_avx512_bf16();
 // with -mavx512f instead would also emit AVX-512 copies of inline library
 // functions, and the linker may keep those for every caller.)
 #define PQ_TARGET_STR_AVX2 "avx2,fma,f16c"
+#if defined(PQ_EMULATE_WIDE_SIMD)
+// The emulated build (simd_emulation.h): the wide levels' intrinsics are
+// SIMDe functions over AVX2, so their code is compiled for AVX2 alone and the
+// compiler cannot emit an instruction this CPU lacks.
+#define PQ_TARGET_STR_AVXVNNI PQ_TARGET_STR_AVX2
+#define PQ_TARGET_STR_AVX512 PQ_TARGET_STR_AVX2
+#define PQ_TARGET_STR_AVX512_BF16 PQ_TARGET_STR_AVX2
+#else
 #define PQ_TARGET_STR_AVXVNNI "avx2,fma,f16c,avxvnni"
 #define PQ_TARGET_STR_AVX512 "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"
 #define PQ_TARGET_STR_AVX512_BF16 PQ_TARGET_STR_AVX512 ",avx512bf16"
+#endif
 #if PQ_X86
 // One function for the avx512 level (the float GEMM tiles): call it only where
 // simd_level() says avx512.

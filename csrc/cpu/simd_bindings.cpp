@@ -18,6 +18,9 @@ void register_simd_cpu(py::module_& m) {
   m.def("simd_avx512_bf16", &simd_has_avx512_bf16,
         "True when the avx512 level runs and the CPU has AVX512-BF16 (vdpbf16ps), not hidden by "
         "PYQUANT_SIMD_HIDE=avx512bf16: the Int4 kernel for bf16 x at small M runs then");
+  m.def("simd_emulated", &simd_emulated,
+        "True for a build whose avxvnni and avx512 levels run SIMDe's AVX2 versions of their instructions "
+        "(CMake PYQUANT_SIMDE_INCLUDE): for testing those kernels on an AVX2 CPU; its timings mean nothing");
   m.def("simd_levels", &simd_supported_names, "The SIMD levels this CPU and OS support, lowest first");
   m.def("simd_all_levels", [] {
     std::vector<std::string> out;
