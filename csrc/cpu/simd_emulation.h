@@ -3,7 +3,7 @@
 //
 // Why it exists: the avxvnni and avx512 kernels are compiled everywhere but run
 // only on CPUs that have those instructions, so on an AVX2-only machine their
-// tests skip and a fault in them goes unseen (one did, for six stops). This
+// tests skip and a fault in them goes unseen (one did: 04ef1fe). This
 // build compiles the same kernel source with SIMDe's portable versions of the
 // AVX-512 / AVX-VNNI intrinsics (two 256-bit halves each, on top of native
 // AVX2), and simd.cpp reports every level as present, so every level's tests
@@ -29,8 +29,8 @@
 #define _mm256_dpbusd_avx_epi32(acc, a, b) simde_mm256_dpbusd_epi32(acc, a, b)
 #define _mm256_dpwssd_avx_epi32(acc, a, b) simde_mm256_dpwssd_epi32(acc, a, b)
 
-// The two 512-bit gathers the kernels use, which SIMDe lacks: two native
-// 256-bit gathers. Same operand order and scale rule as the intrinsics.
+// The two 512-bit gathers the kernels use, which SIMDe lacks: lane by lane,
+// same operands as the intrinsics, and masked-off lanes are not read.
 #undef _mm512_i32gather_epi32
 #define _mm512_i32gather_epi32(idx, base, scale) pq_emu_i32gather_epi32(idx, base, scale)
 #undef _mm512_mask_i32gather_ps
@@ -73,8 +73,6 @@ static inline void pq_emu_mask_storeu_ps(void* p, simde__mmask16 k, simde__m512 
 static inline simde__m512i pq_emu_i32gather_epi32(simde__m512i idx, const void* base, int scale) {
   const simde__m512i_private i = simde__m512i_to_private(idx);
   simde__m512i_private r;
-  // Scalar loads: the native gather's scale must be a literal, and this is
-  // only ever run for correctness.
   for (int l = 0; l < 16; ++l) {
     const char* p = static_cast<const char*>(base) + static_cast<long long>(i.i32[l]) * scale;
     __builtin_memcpy(&r.i32[l], p, 4);
