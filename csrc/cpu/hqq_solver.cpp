@@ -91,8 +91,6 @@ struct Scalar {
 #if PQ_X86
 // ------------------------------------------------------------- AVX2+FMA ---
 struct Avx2 {
-  // Lanes [0, n) set: masks the ragged end of a group (loads read zeros there).
-  PQ_TARGET_AVX2 static inline __m256i tail_mask(int64_t n) { return lanes_below_avx2(n); }
   PQ_TARGET_AVX2 static inline __m256 qz(__m256 w, __m256 sinv, __m256 z, __m256 maxq) {
     __m256 q = _mm256_round_ps(_mm256_add_ps(_mm256_mul_ps(w, sinv), z), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     return _mm256_min_ps(_mm256_max_ps(q, _mm256_setzero_ps()), maxq);
@@ -165,7 +163,7 @@ struct Avx2 {
       acc = _mm256_add_ps(acc, _mm256_mul_ps(d, d));
     }
     if (i < L) {
-      const __m256i m = tail_mask(L - i);
+      const __m256i m = lanes_below_avx2(L - i);
       const __m256 x = _mm256_maskload_ps(w + i, m);
       __m256 d = _mm256_sub_ps(x, _mm256_mul_ps(_mm256_sub_ps(qz(x, vsinv, vz, maxq), vz), vs));
       d = _mm256_and_ps(d, _mm256_castsi256_ps(m));
@@ -222,7 +220,7 @@ struct Avx2 {
       step_lanes<kScore, false>(_mm256_loadu_ps(w + i), all, maxq, s32, sinv_d, zd, inv_beta, thr, p1, s_st, sinv_e,
                                 zs, zacc, dmax, eacc);
     if (i < L) {
-      const __m256i m = tail_mask(L - i);
+      const __m256i m = lanes_below_avx2(L - i);
       step_lanes<kScore, true>(_mm256_maskload_ps(w + i, m), _mm256_castsi256_ps(m), maxq, s32, sinv_d, zd, inv_beta,
                                thr, p1, s_st, sinv_e, zs, zacc, dmax, eacc);
     }

@@ -24,9 +24,6 @@ PQ_TARGET_AVX2 inline __m256 sum8(const __m256 v[8]) {
   return _mm256_add_ps(lo, hi);
 }
 
-// Lanes [0, rem) of 8 set: the tail of a rank that is not a multiple of 8.
-PQ_TARGET_AVX2 inline __m256i tail_mask(int64_t rem) { return lanes_below_avx2(rem); }
-
 PQ_TARGET_AVX2 inline float dot_avx2(const float* a, const float* b, int64_t r, int64_t full, __m256i mask) {
   __m256 acc = _mm256_setzero_ps();
   int64_t j = 0;
@@ -40,7 +37,7 @@ PQ_TARGET_AVX2 inline float dot_avx2(const float* a, const float* b, int64_t r, 
 PQ_TARGET_AVX2 void lora_epilogue_avx2(const LoraEpilogue& e, float* y, int64_t ldy, int64_t m0, int64_t m1,
                                        int64_t n0, int64_t n1) {
   const int64_t r = e.rank, full = r & ~int64_t(7);
-  const __m256i mask = tail_mask(r - full);
+  const __m256i mask = lanes_below_avx2(r - full);  // the rank's ragged last 8
   const __m256 scale = _mm256_set1_ps(e.scale);
   for (int64_t m = m0; m < m1; ++m) {
     const float* a = e.xa + m * r;
