@@ -156,6 +156,10 @@ void gguf_qmatmul(int type, const void* x, int x_dtype, int64_t m, const uint8_t
       [&](int64_t n0, int64_t n1) { add_bias(y, n, m, n0, n1, bias); });
 }
 
+int int_act_span(int bits, int64_t group_size) {
+  return bits == 4 && (group_size == 64 || group_size == 128 || group_size == 256) ? int(group_size / kBlock) : 1;
+}
+
 void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, const float* bias,
                  const LoraEpilogue& lora, float* y, int nthreads) {
   if (m <= 0 || w.n <= 0) return;
@@ -163,6 +167,7 @@ void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, cons
   const int64_t kp = w.chunks * kIntChunk;
   ActBuffer buf(ActKind::kQ8x2_32, t.int_layout[w.bits], m, w.k, kp);
   Acts& a = buf.a;
+  a.span = int_act_span(w.bits, w.group_size);
   t.quantize(x, x_dtype, a);
   // X[g] = sum over the group's 32-blocks of d * sum(q): the zero-point term.
   std::unique_ptr<float[]> xg(new float[size_t(m * w.groups)]);
@@ -209,12 +214,13 @@ void nf4_qmatmul(const void* x, int x_dtype, int64_t m, const nf4cpu::Weight& w,
 }
 
 void quantize_activations(ActKind kind, const void* x, int x_dtype, int64_t m, int64_t k, int8_t* qs, float* d,
-                          float* s, int32_t* isum, int16_t* bsums, int8_t* qs2, int32_t* isum1) {
+                          float* s, int32_t* isum, int16_t* bsums, int8_t* qs2, int32_t* isum1, int span) {
   if (m <= 0) return;
   const Table& t = table_for(simd_level());
   const int64_t blk = kind == ActKind::kQ8_K ? kSuper : kBlock;
   const int64_t kp = (k + blk - 1) / blk * blk;
   ActBuffer buf(kind, Layout::kNatural, m, k, kp);
+  buf.a.span = span;
   t.quantize(x, x_dtype, buf.a);
   const Acts& a = buf.a;
   std::memcpy(qs, a.qs, size_t(m * kp));

@@ -12,7 +12,8 @@
 //     x86 code does; each block's integer dot product is the one ggml's
 //     vec_dot computes, scaled by fp32(d_w) * fp32(d_x).
 //   * Int and NF4: x per 32-block with an fp32 scale d = amax / 127 (not
-//     rounded to fp16), in two int8 planes (x ~ d (q + q2 / 256), kQ8x2_32):
+//     rounded to fp16; for Int4 at g64 / g128 / g256 the amax of the whole
+//     group, see int_act_span), in two int8 planes (x ~ d (q + q2 / 256), kQ8x2_32):
 //     each dot product is taken with both and combined as 256 i + i2. Int:
 //     y = sum_g s_g (sum_b d_b q.x_b - z_g sum_b d_b sum(x_b)). NF4: the
 //     codebook in two int8 planes too, 127 c ~ c8 + r8 / 256 (kNf4CodebookI8,
@@ -47,6 +48,17 @@ enum class ActKind : int {
   kQ8x2_32 = 4,
 };
 
+// 32-blocks of x that share one scale (Acts::span) for an Int weight: a
+// whole group for 4-bit codes at g64, g128 and g256, else 1. Then the
+// avx2 / avxvnni kernels, for one row of x, add a group's integer dot
+// products before one conversion and one FMA (int16 sums on vpmaddubsw stay
+// exact: at most 4 pairs x 2 x 2 x 15 x 127 = 30480 per lane) where a scale
+// per 32-block took a conversion, a multiply and an FMA per 64 codes: Int4
+// at M = 1 ran 1.02-1.20x faster on Zen 3. x's two planes keep 15 bits of
+// the group's largest value: the product stays within 3.4e-4 of the exact
+// one on SmolLM2's layers (1.2e-4 per 32-block; cpu_int8_error.py).
+int int_act_span(int bits, int64_t group_size);
+
 // Order of the int8 codes of x within a row, matched to how a kernel
 // unpacks its weight bytes (so the weight side needs no shuffles). The row
 // is cut into groups of `group` elements; the rest (< group) stays natural.
@@ -69,6 +81,7 @@ struct Acts {
   int64_t m = 0, k = 0, kp = 0, nb = 0;  // nb: blocks per row (32 or 256)
   ActKind kind = ActKind::kQ8_32;
   Layout layout = Layout::kNatural;
+  int span = 1;  // kQ8x2_32: consecutive 32-blocks (from the row's start) whose d is their common amax / 127
   int8_t* qs = nullptr;       // (m, kp)
   int8_t* qs2 = nullptr;      // (m, kp) kQ8x2_32: the second plane, same order
   float* d = nullptr;         // (m, nb) scale as kernels multiply it
@@ -155,7 +168,7 @@ void nf4_qmatmul(const void* x, int x_dtype, int64_t m, const nf4cpu::Weight& w,
 // x quantized alone, natural order (for tests): qs / qs2 (m, kp), d / s /
 // isum / isum1 (m, nb), bsums (m, kp / 16); any but qs and d may be null.
 void quantize_activations(ActKind kind, const void* x, int x_dtype, int64_t m, int64_t k, int8_t* qs, float* d,
-                          float* s, int32_t* isum, int16_t* bsums, int8_t* qs2, int32_t* isum1);
+                          float* s, int32_t* isum, int16_t* bsums, int8_t* qs2, int32_t* isum1, int span = 1);
 
 // ---- helpers shared by every level (baseline code) ------------------------------
 

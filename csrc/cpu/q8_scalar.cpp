@@ -1,6 +1,7 @@
 // q8 kernels in portable C++ (the scalar level): the semantics of every
 // integer-dot kernel spelled out one code at a time, in natural order. The
 // SIMD levels are tested against the same spec (tests/ops/q8_spec.py).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -23,11 +24,10 @@ void row_f32(const void* x, int dtype, int64_t row, int64_t k, int64_t kp, float
 
 // ggml's quantize_row_q8_0/q8_1 (x86) for one block of 32, or the fp32-d
 // variant (Q8_32), or its two planes (Q8x2_32: the residual rounded once,
-// then scaled by 256 / d and rounded, clamped to +-127).
-void quantize_block32(const float* x, ActKind kind, int8_t* q, int8_t* q2, float& d, float& s, int32_t& isum,
-                      int32_t* isum1) {
-  float amax = 0.0f;
-  for (int j = 0; j < kBlock; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+// then scaled by 256 / d and rounded, clamped to +-127); d = amax / 127 with
+// amax over the block, or over its span of blocks (Acts::span, Q8x2_32).
+void quantize_block32(const float* x, ActKind kind, float amax, int8_t* q, int8_t* q2, float& d, float& s,
+                      int32_t& isum, int32_t* isum1) {
   const float dd = amax / 127.0f;
   const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
   int32_t sum = 0, sum2 = 0;
@@ -93,10 +93,17 @@ void quantize(const void* x, int x_dtype, Acts& a) {
       for (int64_t b = 0; b < a.nb; ++b)
         quantize_block256(row.data() + b * kSuper, q + b * kSuper, a.d[r * a.nb + b], a.bsums + r * (a.kp / 16) + b * 16);
     } else {
-      for (int64_t b = 0; b < a.nb; ++b)
-        quantize_block32(row.data() + b * kBlock, a.kind, q + b * kBlock, a.qs2 ? a.qs2 + r * a.kp + b * kBlock : nullptr,
-                         a.d[r * a.nb + b], a.s[r * a.nb + b], a.isum[r * a.nb + b],
-                         a.isum1 ? a.isum1 + r * a.nb + b : nullptr);
+      float amax = 0.0f;
+      for (int64_t b = 0; b < a.nb; ++b) {
+        if (b % a.span == 0) {
+          const int64_t end = std::min<int64_t>(b + a.span, a.nb) * kBlock;
+          amax = 0.0f;
+          for (int64_t j = b * kBlock; j < end; ++j) amax = std::fmax(amax, std::fabs(row[size_t(j)]));
+        }
+        quantize_block32(row.data() + b * kBlock, a.kind, amax, q + b * kBlock,
+                         a.qs2 ? a.qs2 + r * a.kp + b * kBlock : nullptr, a.d[r * a.nb + b], a.s[r * a.nb + b],
+                         a.isum[r * a.nb + b], a.isum1 ? a.isum1 + r * a.nb + b : nullptr);
+      }
       if (a.dl)
         for (int64_t l = 0; l < a.kp / 4; ++l)
           a.dl[r * (a.kp / 4) + l] = a.d[r * a.nb + l / 8] * (a.qs2 ? 1.0f / 256.0f : 1.0f);

@@ -34,9 +34,16 @@ def _padded(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, kp - k))
 
 
-def quantize(x: torch.Tensor, kind: str) -> Dict[str, torch.Tensor]:
+def int_act_span(bits: int, group_size: int) -> int:
+    """32-blocks of x sharing one scale for an Int weight (csrc/cpu/q8_kernels.h):
+    a whole group for 4-bit codes at g64, g128 and g256, else each block its own."""
+    return group_size // 32 if bits == 4 and group_size in (64, 128, 256) else 1
+
+
+def quantize(x: torch.Tensor, kind: str, span: int = 1) -> Dict[str, torch.Tensor]:
     """x (m, k) in any float dtype -> qs int8 (m, kp), d (m, nb), and s / isum
-    (32-blocks) or bsums (Q8_K)."""
+    (32-blocks) or bsums (Q8_K). ``span`` (Q8x2_32): consecutive 32-blocks,
+    from the row's start, whose d is their common amax / 127."""
     if kind == "q8_k":
         xb = _padded(x, 256).view(x.shape[0], -1, 256)
         amax = xb.abs().amax(-1)
@@ -52,6 +59,10 @@ def quantize(x: torch.Tensor, kind: str) -> Dict[str, torch.Tensor]:
         return {"qs": qs.reshape(x.shape[0], -1), "d": d, "bsums": bsums}
     xb = _padded(x, 32).view(x.shape[0], -1, 32)
     amax = xb.abs().amax(-1)
+    if span > 1:
+        nb = amax.shape[1]
+        spans = torch.nn.functional.pad(amax, (0, -nb % span)).view(x.shape[0], -1, span).amax(-1)
+        amax = spans.repeat_interleave(span, 1)[:, :nb]
     dd = amax / 127.0
     safe = torch.where(amax != 0, amax, torch.ones_like(amax))
     inv = torch.where(amax != 0, torch.full_like(amax, 127.0) / safe, torch.zeros_like(amax))
@@ -136,19 +147,21 @@ def _bytes(type_name: str) -> int:
     return BLOCK_TYPES[type_name].type_size
 
 
-def x_hat(x: torch.Tensor) -> torch.Tensor:
+def x_hat(x: torch.Tensor, span: int = 1) -> torch.Tensor:
     """x after the two-plane Q8x2_32 round trip (what the Int / NF4 kernels multiply), fp64 (m, kp)."""
-    a = quantize(x, "q8x2_32")
+    a = quantize(x, "q8x2_32", span)
     m = x.shape[0]
     q = a["qs"].double() + a["qs2"].double() / 256
     return (q.view(m, -1, 32) * a["d"].double().unsqueeze(-1)).view(m, -1)
 
 
-def int_product(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int, x: torch.Tensor):
-    """(y, magnitude) of an Int weight: codes (n, k), per-group scales and
-    zeros (n, groups) in their stored dtype, x (m, k) in pre-permuted order."""
+def int_product(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, fmt, x: torch.Tensor):
+    """(y, magnitude) of a weight of the Int format ``fmt``: codes (n, k),
+    per-group scales and zeros (n, groups) in their stored dtype, x (m, k) in
+    pre-permuted order."""
     n, k = codes.shape
-    xh = x_hat(x)[:, :k]
+    group = fmt.group_size_for(k)
+    xh = x_hat(x, int_act_span(fmt.bits, fmt.group_size))[:, :k]
     s = scales.double().repeat_interleave(group, 1)[:, :k]
     z = zeros.double().repeat_interleave(group, 1)[:, :k]
     y = xh @ ((codes.double() - z) * s).T

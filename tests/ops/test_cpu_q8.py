@@ -47,7 +47,7 @@ def check(y, want, mag, what, rel=2e-6, out_eps=0.0):
 
 # ---- quantizers --------------------------------------------------------------------
 
-def _quantize(kind, x):
+def _quantize(kind, x, span=1):
     m, k = x.shape
     blk = 256 if kind == "q8_k" else 32
     kp = -(-k // blk) * blk
@@ -55,7 +55,8 @@ def _quantize(kind, x):
            "s": torch.empty(m, kp // blk), "isum": torch.empty(m, kp // blk, dtype=torch.int32),
            "bsums": torch.empty(m, kp // 16, dtype=torch.int16), "qs2": torch.empty(m, kp, dtype=torch.int8),
            "isum1": torch.empty(m, kp // blk, dtype=torch.int32)}
-    C.q8_quantize(q8_spec.KINDS[kind], x.data_ptr(), DTYPES[x.dtype], m, k, *(out[n].data_ptr() for n in out))
+    C.q8_quantize(q8_spec.KINDS[kind], x.data_ptr(), DTYPES[x.dtype], m, k, *(out[n].data_ptr() for n in out),
+                  span=span)
     return out
 
 
@@ -79,6 +80,33 @@ def test_quantizers_match_ggml_bit_for_bit(level, kind, dtype):
             assert torch.equal(got["s"], want["s"])
         if kind == "q8x2_32":
             assert torch.equal(got["qs2"], want["qs2"]) and torch.equal(got["isum1"], want["isum1"])
+
+
+@pytest.mark.parametrize("span", (2, 4, 8))
+def test_two_planes_with_a_shared_scale_match_the_spec(level, span):
+    """Int4 at g64 / g128 / g256 quantizes x with one d per group (int_act_span): the
+    spans start at the row's start, the last one ragged (K = 700: 22 blocks)."""
+    g = torch.Generator().manual_seed(span)
+    x = torch.randn(3, 700, generator=g)
+    x[0, :32 * span] = 0  # a span of zeros: d = 0
+    x[1, 40] = 50.0  # one large value sets every block of its span's d
+    x[2, 672:] *= 1e-3  # the ragged last span: its own amax
+    got, want = _quantize("q8x2_32", x, span), q8_spec.quantize(x, "q8x2_32", span)
+    for name in ("qs", "qs2", "d", "s", "isum", "isum1"):
+        assert torch.equal(got[name], want[name]), f"span {span} {level}: {name} differs"
+    d = got["d"]
+    nb = d.shape[1]
+    for b0 in range(0, nb, span):  # the spec itself: one d per span, the span's largest |x| / 127
+        xs = x[:, 32 * b0:min(32 * (b0 + span), 700)]
+        assert torch.equal(d[:, b0:b0 + span], (xs.abs().amax(1, keepdim=True) / 127).expand(-1, min(span, nb - b0)))
+
+
+def test_int_act_span_rule_matches_the_kernels():
+    for bits in (2, 3, 4, 8):
+        for group in (-1, 32, 64, 128, 256, 512):
+            assert C.q8_int_act_span(bits, group) == q8_spec.int_act_span(bits, group), (bits, group)
+    with pytest.raises(ValueError, match="span must be 1"):
+        _quantize("q8_0", torch.randn(1, 64), span=2)
 
 
 # ---- GGUF --------------------------------------------------------------------------
@@ -149,7 +177,7 @@ def test_half_precision_x_takes_the_int8_kernels_by_default():
     for dtype in (torch.float16, torch.bfloat16):
         xh = x.to(dtype)
         y = pyquant.qmatmul(xh, qw, kernel="cpu")
-        check(y, *q8_spec.int_product(c, s, z, 128, xh), f"Int4 {dtype} x, auto", out_eps=OUT_EPS[dtype])
+        check(y, *q8_spec.int_product(c, s, z, qw.format, xh), f"Int4 {dtype} x, auto", out_eps=OUT_EPS[dtype])
         # (Int4 with bf16 x on AVX512-BF16: auto is that exact kernel, test_cpu_int.py)
         exact = cpu_activations.bf16_dot_kernel(dtype, 4, 4)
         with activations("fp32" if exact else "int8"):
@@ -205,12 +233,11 @@ def test_int_int8_activations(level, bits, group):
     for i, (n, k) in enumerate(INT_SHAPES):
         sym, sdtype = VARIANTS[i % len(VARIANTS)]
         qw, c, s, z = int_weight(bits, group, sym, sdtype, n, k, seed=i)
-        gsz = qw.format.group_size_for(k)
         for m in ((1, 5) if i % 2 else (3, 9)):
             x = torch.randn(m, k)
             with activations("int8"):
                 y = pyquant.qmatmul(x, qw, kernel="cpu")
-            want, mag = q8_spec.int_product(c, s, z, gsz, x)
+            want, mag = q8_spec.int_product(c, s, z, qw.format, x)
             check(y, want, mag, f"{qw.format.spec()} k={k} m={m} {level}")
 
 
@@ -224,7 +251,7 @@ def test_int_act_order_and_half_x(level):
     x = torch.randn(6, 256, generator=g).to(torch.bfloat16)
     with activations("int8"):
         y = pyquant.qmatmul(x, qw, kernel="cpu")
-    want, mag = q8_spec.int_product(c, s, z, 64, x[:, perm.long()])  # packed column j is column perm[j] of x
+    want, mag = q8_spec.int_product(c, s, z, fmt, x[:, perm.long()])  # packed column j is column perm[j] of x
     check(y, want, mag, f"act_order {level}", out_eps=OUT_EPS[torch.bfloat16])
 
 
@@ -313,7 +340,7 @@ def test_threads_and_row_blocks(threads):
         x = torch.randn(11, 1024)
         with activations("int8"):
             y = pyquant.qmatmul(x, qw, kernel="cpu")
-        check(y, *q8_spec.int_product(c, s, z, 128, x), f"threads={threads}")
+        check(y, *q8_spec.int_product(c, s, z, qw.format, x), f"threads={threads}")
     finally:
         torch.set_num_threads(old)
 

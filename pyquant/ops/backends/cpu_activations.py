@@ -2,12 +2,14 @@
 
 * ``"int8"``: x is quantized once per call, per 32-block, to int8, and the
   kernels take integer dot products against the weight's integer codes
-  (``vpmaddubsw`` / ``vpdpbusd``), applying the float scales per block.
+  (``vpmaddubsw`` / ``vpdpbusd``), applying the float scales per block (for
+  Int4 at g64 / g128 / g256 one scale per group: its dot products are added
+  as integers before any float work, 1.02-1.20x faster at M = 1 on Zen 3).
   GGUF: exactly llama.cpp's arithmetic (x as ggml's Q8_0 / Q8_1 / Q8_K blocks,
   the same integer dot products). Int and NF4: x in two int8 planes (x ~ d (q
   + q2 / 256); NF4's codebook likewise) -- one plane, as llama.cpp's, measured
   up to 3% off the exact product on SmolLM2-135M layers with outlier
-  activations; two planes at most 2.3e-4 (relative L2 per layer over every
+  activations; two planes at most 3.4e-4 (relative L2 per layer over every
   linear layer, ``benchmarks/cpu_int8_error.py``): below what rounding x to
   bf16 costs (2.5e-3). 2-4x faster than the fp32 kernels at small M.
 * ``"fp32"``: exact, ``x @ W_hat.T`` to fp32 rounding.
