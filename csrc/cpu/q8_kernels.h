@@ -54,9 +54,10 @@ enum class ActKind : int {
 // products before one conversion and one FMA (int16 sums on vpmaddubsw stay
 // exact: at most 4 pairs x 2 x 2 x 15 x 127 = 30480 per lane) where a scale
 // per 32-block took a conversion, a multiply and an FMA per 64 codes: Int4
-// at M = 1 ran 1.02-1.20x faster on Zen 3. x's two planes keep 15 bits of
-// the group's largest value: the product stays within 3.4e-4 of the exact
-// one on SmolLM2's layers (1.2e-4 per 32-block; cpu_int8_error.py).
+// g128 at M = 1 ran 1.04-1.14x faster on Zen 3 (g64 / g256 0.98-1.24x).
+// x's two planes keep 15 bits of the group's largest value: the product
+// stays within 3.4e-4 of the exact one on SmolLM2's layers (1.2e-4 with a
+// scale per 32-block; cpu_int8_error.py).
 int int_act_span(int bits, int64_t group_size);
 
 // Order of the int8 codes of x within a row, matched to how a kernel

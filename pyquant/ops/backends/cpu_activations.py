@@ -4,7 +4,7 @@
   kernels take integer dot products against the weight's integer codes
   (``vpmaddubsw`` / ``vpdpbusd``), applying the float scales per block (for
   Int4 at g64 / g128 / g256 one scale per group: its dot products are added
-  as integers before any float work, 1.02-1.20x faster at M = 1 on Zen 3).
+  as integers before any float work: g128 1.04-1.14x faster at M = 1 on Zen 3).
   GGUF: exactly llama.cpp's arithmetic (x as ggml's Q8_0 / Q8_1 / Q8_K blocks,
   the same integer dot products). Int and NF4: x in two int8 planes (x ~ d (q
   + q2 / 256); NF4's codebook likewise) -- one plane, as llama.cpp's, measured
