@@ -50,11 +50,12 @@ enum class ActKind : int {
 
 // 32-blocks of x that share one scale (Acts::span) for an Int weight: a
 // whole group for 4-bit codes at g64, g128 and g256, else 1. Then the
-// avx2 / avxvnni kernels, for one row of x, add a group's integer dot
+// avx2 / avxvnni kernels, for one or two rows of x, add a group's integer dot
 // products before one conversion and one FMA (int16 sums on vpmaddubsw stay
 // exact: at most 4 pairs x 2 x 2 x 15 x 127 = 30480 per lane) where a scale
 // per 32-block took a conversion, a multiply and an FMA per 64 codes: Int4
-// g128 at M = 1 ran 1.04-1.14x faster on Zen 3 (g64 / g256 0.98-1.24x).
+// g128 at M = 1 ran 1.04-1.14x faster on Zen 3 (g64 / g256 0.98-1.24x), at
+// M = 2 1.03-1.16x (passes of three or four rows: no gain, so not taken).
 // x's two planes keep 15 bits of the group's largest value: the product
 // stays within 3.4e-4 of the exact one on SmolLM2's layers (1.2e-4 with a
 // scale per 32-block; cpu_int8_error.py).
