@@ -55,7 +55,8 @@ enum class ActKind : int {
 // exact: at most 4 pairs x 2 x 2 x 15 x 127 = 30480 per lane) where a scale
 // per 32-block took a conversion, a multiply and an FMA per 64 codes: Int4
 // g128 at M = 1 ran 1.04-1.14x faster on Zen 3 (g64 / g256 0.98-1.24x), at
-// M = 2 1.03-1.16x (passes of three or four rows: no gain, so not taken).
+// M = 2 g128 1.07-1.24x, g256 0.94-1.10x (passes of three or four rows:
+// slower, so not taken).
 // x's two planes keep 15 bits of the group's largest value: the product
 // stays within 3.4e-4 of the exact one on SmolLM2's layers (1.2e-4 with a
 // scale per 32-block; cpu_int8_error.py).
