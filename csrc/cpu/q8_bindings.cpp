@@ -18,7 +18,7 @@ void register_q8_cpu(py::module_& m) {
       [](int kind, uintptr_t x, int x_dtype, int64_t m_rows, int64_t k, uintptr_t qs, uintptr_t d, uintptr_t s,
          uintptr_t isum, uintptr_t bsums, uintptr_t qs2, uintptr_t isum1, int span) {
         if (span < 1 || (span > 1 && kind != int(q8::ActKind::kQ8x2_32)))
-          throw std::invalid_argument("q8_quantize: span must be 1, or >= 1 with kind 4 (Q8x2_32); got span " +
+          throw std::invalid_argument("q8_quantize: span must be >= 1, and 1 unless kind is 4 (Q8x2_32); got span " +
                                       std::to_string(span) + " with kind " + std::to_string(kind));
         q8::quantize_activations(q8::ActKind(kind), reinterpret_cast<const void*>(x), x_dtype, m_rows, k,
                                  reinterpret_cast<int8_t*>(qs), reinterpret_cast<float*>(d),

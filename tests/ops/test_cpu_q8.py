@@ -105,8 +105,10 @@ def test_int_act_span_rule_matches_the_kernels():
     for bits in (2, 3, 4, 8):
         for group in (-1, 32, 64, 128, 256, 512):
             assert C.q8_int_act_span(bits, group) == q8_spec.int_act_span(bits, group), (bits, group)
-    with pytest.raises(ValueError, match="span must be 1"):
+    with pytest.raises(ValueError, match="1 unless kind is 4 .* got span 2 with kind 0"):
         _quantize("q8_0", torch.randn(1, 64), span=2)
+    with pytest.raises(ValueError, match="span must be >= 1.* got span 0"):
+        _quantize("q8x2_32", torch.randn(1, 64), span=0)
 
 
 # ---- GGUF --------------------------------------------------------------------------
