@@ -56,7 +56,10 @@ enum class ActKind : int {
 // per 32-block took a conversion, a multiply and an FMA per 64 codes: Int4
 // g128 at M = 1 ran 1.04-1.14x faster on Zen 3 (g64 / g256 0.98-1.24x), at
 // M = 2 g128 1.07-1.24x, g256 0.94-1.10x (passes of three or four rows:
-// slower, so not taken).
+// slower, so not taken). The avx512 kernel does the same with its vpdpbusd
+// sums for g128 and g256 at every pass size (its 32 registers hold them):
+// on Zen 5, warm, 1.12-1.23x (g128) and 1.44-1.46x (g256) at M = 1-4; a g64
+// group is half of its 128-code unit and keeps the lane scales.
 // x's two planes keep 15 bits of the group's largest value: the product
 // stays within 3.4e-4 of the exact one on SmolLM2's layers (1.2e-4 with a
 // scale per 32-block; cpu_int8_error.py).
