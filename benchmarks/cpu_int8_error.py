@@ -42,8 +42,11 @@ FORMATS = {
     "int4_g256": Int(4, 256, False),
     "int4_g32": Int(4, 32, False),
     "int8_pc": Int(8, -1, True),
+    "int8_g128": Int(8, 128, False),
     "int3_g64": Int(3, 64, False),
+    "int3_g128": Int(3, 128, False),
     "int2_g64": Int(2, 64, False),
+    "int2_g128": Int(2, 128, False),
     "nf4_b64": NF4(64),
     "nf4_b64_dq": NF4(64, True),
 }
@@ -117,7 +120,8 @@ def run(tokens: int, formats) -> dict:
 def markdown(r: dict) -> str:
     lines = [f"int8-activation error vs the exact product, {r['model']}, {r['tokens']} tokens of pydoc text, "
              f"every linear layer ({r['layers']}); SIMD {r['simd']}. Relative Frobenius error per layer. "
-             "The kernels' planes take one scale per 32-block of x, per group for Int4 at g64 / g128 / g256; "
+             "The kernels' planes take one scale per group of x for Int weights at g64 / g128 / g256, else per "
+             "32-block; "
              "the one-plane column, per 32-block.", "",
              "| format | kernels (two int8 planes): max | median | worst layer | one int8 plane: max | median |",
              "|---|---:|---:|---|---:|---:|"]

@@ -33,7 +33,7 @@ void register_q8_cpu(py::module_& m) {
       "(fp32 d), 4 Q8x2_32 (two planes; isum: of 256 q + q2, isum1: of q). qs/qs2 int8 (m, kp), d/s fp32 and isum/isum1 int32 (m, kp / block), "
       "bsums int16 (m, kp / 16); kp = k rounded up to the block (32, or 256 for Q8_K); all but qs, d may be 0. "
       "span: Q8x2_32's 32-blocks sharing one d (q8_int_act_span).");
-  m.def("q8_int_act_span", &q8::int_act_span, py::arg("bits"), py::arg("group_size"),
+  m.def("q8_int_act_span", &q8::int_act_span, py::arg("group_size"),
         "32-blocks of x sharing one scale in the Int int8-activation kernels (1: every block its own).");
 }
 

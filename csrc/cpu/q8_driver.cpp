@@ -156,8 +156,8 @@ void gguf_qmatmul(int type, const void* x, int x_dtype, int64_t m, const uint8_t
       [&](int64_t n0, int64_t n1) { add_bias(y, n, m, n0, n1, bias); });
 }
 
-int int_act_span(int bits, int64_t group_size) {
-  return bits == 4 && (group_size == 64 || group_size == 128 || group_size == 256) ? int(group_size / kBlock) : 1;
+int int_act_span(int64_t group_size) {
+  return group_size == 64 || group_size == 128 || group_size == 256 ? int(group_size / kBlock) : 1;
 }
 
 void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, const float* bias,
@@ -167,7 +167,7 @@ void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, cons
   const int64_t kp = w.chunks * kIntChunk;
   ActBuffer buf(ActKind::kQ8x2_32, t.int_layout[w.bits], m, w.k, kp);
   Acts& a = buf.a;
-  a.span = int_act_span(w.bits, w.group_size);
+  a.span = int_act_span(w.group_size);
   t.quantize(x, x_dtype, a);
   // X[g] = sum over the group's 32-blocks of d * sum(q): the zero-point term.
   std::unique_ptr<float[]> xg(new float[size_t(m * w.groups)]);

@@ -12,7 +12,7 @@
 //     x86 code does; each block's integer dot product is the one ggml's
 //     vec_dot computes, scaled by fp32(d_w) * fp32(d_x).
 //   * Int and NF4: x per 32-block with an fp32 scale d = amax / 127 (not
-//     rounded to fp16; for Int4 at g64 / g128 / g256 the amax of the whole
+//     rounded to fp16; at g64 / g128 / g256 the amax of the weight's whole
 //     group, see int_act_span), in two int8 planes (x ~ d (q + q2 / 256), kQ8x2_32):
 //     each dot product is taken with both and combined as 256 i + i2. Int:
 //     y = sum_g s_g (sum_b d_b q.x_b - z_g sum_b d_b sum(x_b)). NF4: the
@@ -49,21 +49,24 @@ enum class ActKind : int {
 };
 
 // 32-blocks of x that share one scale (Acts::span) for an Int weight: a
-// whole group for 4-bit codes at g64, g128 and g256, else 1. Then the
-// avx2 / avxvnni kernels, for one or two rows of x, add a group's integer dot
-// products before one conversion and one FMA (int16 sums on vpmaddubsw stay
-// exact: at most 4 pairs x 2 x 2 x 15 x 127 = 30480 per lane) where a scale
-// per 32-block took a conversion, a multiply and an FMA per 64 codes: Int4
-// g128 at M = 1 ran 1.04-1.14x faster on Zen 3 (g64 / g256 0.98-1.24x), at
-// M = 2 g128 1.07-1.24x, g256 0.94-1.10x (passes of three or four rows:
-// slower, so not taken). The avx512 kernel does the same with its vpdpbusd
-// sums for g128 and g256 at every pass size (its 32 registers hold them):
-// on Zen 5, warm, 1.12-1.23x (g128) and 1.44-1.46x (g256) at M = 1-4; a g64
-// group is half of its 128-code unit and keeps the lane scales.
+// whole group at g64, g128 and g256 (every width), else 1. The kernels then
+// add a group's integer dot products before one conversion and one FMA with
+// s_g d_g, where a scale per 32-block took a conversion, a multiply and an FMA
+// per unit of codes:
+//   * avx2 / avxvnni, one or two rows of x (more: their sums outgrew the 16
+//     registers, slower): 4 bits at g64-g256 (int16 sums on vpmaddubsw stay
+//     exact: at most 4 pairs x 2 x 2 x 15 x 127 = 30480 per lane), Int4 g128
+//     M = 1 1.04-1.14x on Zen 3; 2, 3 and 8 bits at g128 / g256 (int32 sums),
+//     on Zen 5 at these levels, 4096 x 4096, M = 1-2, 1.11-1.61x.
+//   * avx512, every pass size: 4 bits at g128 / g256 (a g64 group is half of
+//     its 128-code unit and keeps the lane scales), Zen 5, warm, M = 1-4,
+//     1.12-1.23x (g128) and 1.44-1.46x (g256); 2, 3 and 8 bits at g64-g256
+//     (64-code units), 4096 x 4096, 1.01-1.11x (g64), 1.25-1.47x (g128),
+//     1.34-1.84x (g256).
 // x's two planes keep 15 bits of the group's largest value: the product
 // stays within 3.4e-4 of the exact one on SmolLM2's layers (1.2e-4 with a
 // scale per 32-block; cpu_int8_error.py).
-int int_act_span(int bits, int64_t group_size);
+int int_act_span(int64_t group_size);
 
 // Order of the int8 codes of x within a row, matched to how a kernel
 // unpacks its weight bytes (so the weight side needs no shuffles). The row

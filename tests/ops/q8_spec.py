@@ -34,10 +34,10 @@ def _padded(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, kp - k))
 
 
-def int_act_span(bits: int, group_size: int) -> int:
+def int_act_span(group_size: int) -> int:
     """32-blocks of x sharing one scale for an Int weight (csrc/cpu/q8_kernels.h):
-    a whole group for 4-bit codes at g64, g128 and g256, else each block its own."""
-    return group_size // 32 if bits == 4 and group_size in (64, 128, 256) else 1
+    a whole group at g64, g128 and g256 (every width), else each block its own."""
+    return group_size // 32 if group_size in (64, 128, 256) else 1
 
 
 def quantize(x: torch.Tensor, kind: str, span: int = 1) -> Dict[str, torch.Tensor]:
@@ -161,7 +161,7 @@ def int_product(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     pre-permuted order."""
     n, k = codes.shape
     group = fmt.group_size_for(k)
-    xh = x_hat(x, int_act_span(fmt.bits, fmt.group_size))[:, :k]
+    xh = x_hat(x, int_act_span(fmt.group_size))[:, :k]
     s = scales.double().repeat_interleave(group, 1)[:, :k]
     z = zeros.double().repeat_interleave(group, 1)[:, :k]
     y = xh @ ((codes.double() - z) * s).T

@@ -84,7 +84,7 @@ def test_quantizers_match_ggml_bit_for_bit(level, kind, dtype):
 
 @pytest.mark.parametrize("span", (2, 4, 8))
 def test_two_planes_with_a_shared_scale_match_the_spec(level, span):
-    """Int4 at g64 / g128 / g256 quantizes x with one d per group (int_act_span): the
+    """Int at g64 / g128 / g256 quantizes x with one d per group (int_act_span): the
     spans start at the row's start, the last one ragged (K = 700: 22 blocks)."""
     g = torch.Generator().manual_seed(span)
     x = torch.randn(3, 700, generator=g)
@@ -102,9 +102,8 @@ def test_two_planes_with_a_shared_scale_match_the_spec(level, span):
 
 
 def test_int_act_span_rule_matches_the_kernels():
-    for bits in (2, 3, 4, 8):
-        for group in (-1, 32, 64, 128, 256, 512):
-            assert C.q8_int_act_span(bits, group) == q8_spec.int_act_span(bits, group), (bits, group)
+    for group in (-1, 32, 64, 96, 128, 256, 512):
+        assert C.q8_int_act_span(group) == q8_spec.int_act_span(group), group
     with pytest.raises(ValueError, match="1 unless kind is 4 .* got span 2 with kind 0"):
         _quantize("q8_0", torch.randn(1, 64), span=2)
     with pytest.raises(ValueError, match="span must be >= 1.* got span 0"):
@@ -243,7 +242,8 @@ def test_int_int8_activations(level, bits, group):
             check(y, want, mag, f"{qw.format.spec()} k={k} m={m} {level}")
 
 
-@pytest.mark.parametrize("bits,group", [(4, 64), (4, 128), (4, 256), (4, 32), (4, -1), (8, -1), (3, 64)])
+@pytest.mark.parametrize("bits,group", [(4, 64), (4, 128), (4, 256), (4, 32), (4, -1), (8, -1), (3, 64), (8, 128),
+                                        (3, 256), (2, 128)])
 def test_int8_planes_stay_near_the_reference_op(level, bits, group):
     """The int8 path against pyquant's reference qmatmul on the same weight, with an
     outlier channel in x (the case that made one plane miss the bound): within
@@ -251,16 +251,16 @@ def test_int8_planes_stay_near_the_reference_op(level, bits, group):
     x is ~1e-2 off. Guards the span's coarser scale (int_act_span) as well."""
     g = torch.Generator().manual_seed(bits * 1000 + group)
     qw = pyquant.quantize_weight(torch.randn(96, 1024, generator=g) * 0.02, Int(bits, group, False))
-    x = torch.randn(16, 1024, generator=g)
+    x = torch.randn(18, 1024, generator=g)  # passes of four rows, then one of two
     x[:, 77] *= 200
     ref = pyquant.qmatmul(x, qw, kernel="reference").double()
     with activations("int8"):
         y = pyquant.qmatmul(x, qw, kernel="cpu").double()
     rel = float((y - ref).norm() / ref.norm())
     assert rel <= 1e-3, f"{qw.format.spec()} {level}: int8 planes {rel:.2e} off the reference"
-    xb = x.view(16, -1, 32)
+    xb = x.view(18, -1, 32)
     d = xb.abs().amax(-1, keepdim=True) / 127
-    one = pyquant.qmatmul((torch.round(xb / d) * d).view(16, -1), qw, kernel="reference").double()
+    one = pyquant.qmatmul((torch.round(xb / d) * d).view(18, -1), qw, kernel="reference").double()
     assert float((one - ref).norm() / ref.norm()) > 1e-3  # the bound tells two planes from one
 
 
