@@ -4,7 +4,8 @@ For each format at K = N = 4096 (default) and each M, on 1 and 2 threads, from
 a cold and from a warm cache, it times, interleaved (candidates alternate in
 blocks, so load changes on a shared machine hit all alike):
 
-* ``pyquant``: the registered CPU kernel (no torch.library dispatch), in its
+* ``pyquant``: the registered CPU kernel through its launch plan (as
+  ``pyquant.qmatmul`` calls it; no torch.library dispatch), in its
   default activation mode (GGUF: int8, llama.cpp's arithmetic; Int / NF4:
   exact fp32), and for Int / NF4 also ``pyquant_int8`` (the integer-dot kernels,
   two int8 planes of x) -- fp32 x; for Int4 also bf16 x, as torch's int4
@@ -199,15 +200,23 @@ def candidates(p: Problem, m: int, threads: int, copies, ggml=None):
                 return fn()
         return run
 
+    # Each copy through its launch plan, as pyquant.qmatmul and QuantLinear call
+    # the kernel (the unplanned function's per-call checks cost 6 us alone and
+    # ~20 us when the other candidates have just evicted the interpreter's data).
+    plans = {id(qw): kern.qmatmul_plan(qw.tensor_list(), p.fmt, shape, torch.device("cpu"), m) for qw in copies["qw"]}
+
+    def pyq(xx):
+        return plans[id(nxt("qw"))](xx, None)
+
     c = {
-        "pyquant": lambda: kern.qmatmul(x, nxt("qw").tensor_list(), p.fmt, shape, None),
+        "pyquant": lambda: pyq(x),
         "dense": lambda: x @ nxt("dense").T,
     }
     if p.family != "gguf":
-        c["pyquant_int8"] = mode("int8", lambda: kern.qmatmul(x, nxt("qw").tensor_list(), p.fmt, shape, None))
+        c["pyquant_int8"] = mode("int8", lambda: pyq(x))
     if isinstance(p.fmt, Int) and p.fmt.bits == 4:
-        c["pyquant_int8_bf16"] = mode("int8", lambda: kern.qmatmul(xb, nxt("qw").tensor_list(), p.fmt, shape, None))
-        c["pyquant_bf16"] = lambda: kern.qmatmul(xb, nxt("qw").tensor_list(), p.fmt, shape, None)
+        c["pyquant_int8_bf16"] = mode("int8", lambda: pyq(xb))
+        c["pyquant_bf16"] = lambda: pyq(xb)
     if p.int4 is not None:
         def torch_int4():
             packed, sz = nxt("int4")
