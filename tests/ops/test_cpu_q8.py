@@ -334,7 +334,8 @@ def test_activation_mode_option(monkeypatch):
         monkeypatch.setattr(cpu_activations, "simd_level", lambda: level)
         assert cpu_activations.use_int8("gguf", f16, 4096)
         for fam, bits in (("int", 2), ("int", 3), ("int", 4), ("int", 8), ("nf4", 0)):
-            exact_from = {"avx512": big, "avx2": cpu_activations.EXACT_FROM_M_AVX2[fam, bits]}.get(level)
+            exact_from = {"avx512": big, "avx2": cpu_activations.EXACT_FROM_M_AVX2[fam, bits],
+                          "avxvnni": cpu_activations.EXACT_FROM_M_AVXVNNI.get((fam, bits))}.get(level)
             if exact_from is None:
                 assert cpu_activations.use_int8(fam, f16, 4096, bits), (level, fam, bits)
                 continue

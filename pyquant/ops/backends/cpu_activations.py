@@ -3,8 +3,9 @@
 * ``"int8"``: x is quantized once per call, per 32-block, to int8, and the
   kernels take integer dot products against the weight's integer codes
   (``vpmaddubsw`` / ``vpdpbusd``), applying the float scales per block (for
-  Int4 at g64 / g128 / g256 one scale per group: its dot products are added
-  as integers before any float work: g128 1.04-1.14x faster at M = 1 on Zen 3).
+  Int weights at g64 / g128 / g256 one scale per group: its dot products are
+  added as integers before any float work: Int4 g128 1.04-1.14x faster at M =
+  1 on Zen 3, Int2 / Int3 / Int8 g128 1.25-1.47x at the avx512 level on Zen 5).
   GGUF: exactly llama.cpp's arithmetic (x as ggml's Q8_0 / Q8_1 / Q8_K blocks,
   the same integer dot products). Int and NF4: x in two int8 planes (x ~ d (q
   + q2 / 256); NF4's codebook likewise) -- one plane, as llama.cpp's, measured
@@ -41,6 +42,15 @@
   exact kernels decode 32 codebook values per 12 byte shuffles at small M
   (csrc/cpu/nf4_matmul.cpp): bf16 x, cold, their time over the int8 planes'
   was 1.03-1.16 at M = 1 and 0.85-0.93 at M = 2 (0.67-0.81 at M = 3-6).
+  At the avxvnni level (vpdpbusd on 256 bits, no AVX-512) the int8 planes
+  hold on longer, and the exact kernels take fp16 / bf16 x from
+  ``EXACT_FROM_M_AVXVNNI`` rows on. Measured on a Zen 5 EPYC forced to that
+  level (``PYQUANT_SIMD=avxvnni``; no Intel CPU with AVX-VNNI but no AVX-512
+  was at hand), 4096 x 4096, cold, 1 and 2 threads, the exact kernels' time
+  over the int8 planes': at M = 8 1.09-1.10 (Int2), 1.20 (Int3), 1.18-1.23
+  (Int8), 1.11 (NF4); at M = 16 0.95-0.96, 0.88-0.90, 1.04-1.06, 0.87-0.96;
+  at M = 32 Int8 0.91-0.94. Int4's int8 planes stayed ahead at every M
+  measured (1.05-1.09 at M = 64-256).
 
 Choose with the environment variable ``PYQUANT_CPU_ACTIVATIONS`` (read at
 each call) or, for a block of code (this thread / task only)::
@@ -68,6 +78,8 @@ MODES = ("auto", "int8", "fp32")
 EXACT_FROM_M = 48
 # The same at the avx2 level, by family and bit width (see the module doc).
 EXACT_FROM_M_AVX2 = {("int", 2): 2, ("int", 3): 8, ("int", 4): 8, ("int", 8): 3, ("nf4", 0): 2}
+# And at the avxvnni level (Int4: the int8 planes at every M).
+EXACT_FROM_M_AVXVNNI = {("int", 2): 16, ("int", 3): 16, ("int", 8): 32, ("nf4", 0): 16}
 
 _override: contextvars.ContextVar = contextvars.ContextVar("pyquant_cpu_activations", default=None)
 
@@ -127,6 +139,9 @@ def use_int8(family: str, x_dtype: torch.dtype, m: int = 0, bits: int = 0) -> bo
     level = simd_level()
     if level == "avx512":
         return m < EXACT_FROM_M
+    key = (family, bits if family == "int" else 0)
     if level == "avx2":
-        return m < EXACT_FROM_M_AVX2.get((family, bits if family == "int" else 0), EXACT_FROM_M)
+        return m < EXACT_FROM_M_AVX2.get(key, EXACT_FROM_M)
+    if level == "avxvnni" and key in EXACT_FROM_M_AVXVNNI:
+        return m < EXACT_FROM_M_AVXVNNI[key]
     return True
