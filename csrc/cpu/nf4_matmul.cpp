@@ -2,11 +2,11 @@
 // materialising the float weight.
 //
 // Two kernels, chosen by M:
-// * M <= kFusedUpToM (decode-bound, M = 1 is a GEMV; kFusedUpToMWholeYmm
-//   for rows of whole blocks at the ymm levels): each thread walks whole
-//   weight rows, decodes 16 values at a time (32 for rows of whole blocks,
-//   x reordered once to match) straight into registers and feeds up to 4
-//   rows of x from them. The 4-bit weight is read from memory exactly once;
+// * M <= kFusedUpToM (decode-bound, M = 1 is a GEMV; kFusedUpToMWholeYmm /
+//   kFusedUpToMWhole512 for rows of whole blocks at the ymm / avx512
+//   levels): each thread walks whole weight rows, decodes 16 values at a time
+//   (32 for rows of whole blocks, x reordered once to match) straight into
+//   registers and feeds up to 4 rows of x from them. The 4-bit weight is read from memory exactly once;
 //   there is no intermediate weight buffer.
 // * larger M (compute-bound): a thread decodes a tile of kTileN weight rows x
 //   kTileK columns into a cache-resident fp32 buffer once, then runs a
@@ -36,12 +36,22 @@ namespace nf4cpu {
 namespace {
 
 constexpr int64_t kFusedMaxM = 4;   // rows of x sharing one decode in the fused kernel
+constexpr int64_t kRows = 16;       // weight rows per task of the fused kernel (qmatmul_fused)
 constexpr int64_t kFusedUpToM = 5;  // above this M the tiled kernel is faster (1 core, K = N = 4096)
 // The same at the ymm levels for rows of whole blocks (the byte-plane decode):
 // on Zen 3 (4096 x 4096, 1 and 2 threads) the fused kernel ran 1.19-1.78x the
-// tiled one at M = 4-8 and 0.84-1.04x at 12-16. (At avx512 the tiled kernel's
-// zmm tiles were not measured against it: kFusedUpToM stays.)
+// tiled one at M = 4-8 and 0.84-1.04x at 12-16.
 constexpr int64_t kFusedUpToMWholeYmm = 8;
+// The same at avx512 (whole_block_rows512), by K: on Zen 5, 1 and 2 threads,
+// the fused kernel ran 1.06-1.26x the tiled one at M = 16-24 for K = 576 and
+// 4096 (0.80-0.87x at 32), and for K = 8192 and 11008 1.16-1.25x at M = 6,
+// 0.95-1.01x at 8.
+constexpr int64_t kFusedUpToMWhole512 = 24, kFusedUpToMWhole512LongK = 6, kLongK = 4096;
+// Rows of x per pass of whole_block_rows512: as many as keep their K floats
+// within 48 KiB (Zen 5's L1D), 1 to kFusedMaxM. Four rows at K = 4096 (64 KiB)
+// ran M = 4 in 1.12 ms where passes of three took 0.95 (1 thread); at K = 576
+// four rows a pass were the faster (M = 4: 0.046 against 0.055 ms).
+constexpr int64_t kPassXFloats512 = 12288;
 constexpr int64_t kTileN = 12;      // weight rows per decoded tile (a multiple of kNR)
 constexpr int64_t kTileK = 1024;    // columns per decoded tile (12 x 1024 fp32 = 48 KiB, in L2)
 constexpr int kMR = kMicroMR, kNR = kMicroNR;  // register tile of the tiled kernel (micro_gemm.h)
@@ -172,6 +182,97 @@ PQ_TARGET_AVX2 void to_decode32_order(const float* x, int64_t count, float* xp) 
     _mm256_storeu_ps(xp + i, _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + i), order));
 }
 
+// AVX-512, rows of whole blocks: a code is the index of a vpermps over the
+// 16 codebook values in one zmm, already multiplied by the block's scale
+// (once per block: each product is then x * fp32(c * s), the reference's
+// dequantized weight). vpermps reads an index's low 4 bits, so a byte widened
+// to 32 bits is its low nibble's index as it stands and its high nibble's
+// shifted right by 4: per 32 values one vpmovzxbd, one shift, two vpermps and
+// the FMAs, where the byte-plane decode takes 12 shuffles (x in
+// to_even_odd32_order). Four accumulators per row of x: consecutive 32-value
+// steps feed independent FMA chains. The weight is prefetched kRows rows on
+// (the next chunk of this thread's contiguous range): without it, from a cold
+// cache, M = 2 took 1.8x its warm time.
+template <int MR>
+PQ_TARGET_AVX512 inline void step512(const uint8_t* q, const float* xp, int64_t ldx, int64_t k, __m512 tab,
+                                     __m512 (&acc)[MR][4], int j) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (k >> 1))));
+  const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab), odd = _mm512_permutexvar_ps(v, tab);
+  for (int r = 0; r < MR; ++r) {
+    acc[r][2 * j] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + r * ldx + k), even, acc[r][2 * j]);
+    acc[r][2 * j + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + r * ldx + k + 16), odd, acc[r][2 * j + 1]);
+  }
+}
+
+template <int BS, int MR>
+PQ_TARGET_AVX512 void whole_block_rows512(const Weight& w, const float* xp, int64_t ldx, int64_t n0, int64_t n1,
+                                          const float* bias, float* y, int64_t ldy) {
+  const int64_t K = w.k, bs = BS > 0 ? BS : w.block_size;
+  const __m512 codebook = _mm512_loadu_ps(kNf4Codebook);
+  const int64_t ahead = kRows * (K >> 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* q = w.qweight + ((n * K) >> 1);
+    const int64_t b0 = (n * K) / bs;
+    __m512 acc[MR][4];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+    int64_t k = 0, b = b0;
+    if (bs >= 64) {
+      for (; k < K; k += bs, ++b) {
+        const __m512 tab = _mm512_mul_ps(codebook, _mm512_set1_ps(w.scales(b)));
+#pragma GCC unroll 2
+        for (int64_t j = k; j < k + bs; j += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(q + (j >> 1) + ahead), _MM_HINT_T0);
+          step512<MR>(q, xp, ldx, j, tab, acc, 0);
+          step512<MR>(q, xp, ldx, j + 32, tab, acc, 1);
+        }
+      }
+    } else {  // blocks of 32: a table per step
+      for (; k + 64 <= K; k += 64, b += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(q + (k >> 1) + ahead), _MM_HINT_T0);
+        step512<MR>(q, xp, ldx, k, _mm512_mul_ps(codebook, _mm512_set1_ps(w.scales(b))), acc, 0);
+        step512<MR>(q, xp, ldx, k + 32, _mm512_mul_ps(codebook, _mm512_set1_ps(w.scales(b + 1))), acc, 1);
+      }
+      if (k < K) step512<MR>(q, xp, ldx, k, _mm512_mul_ps(codebook, _mm512_set1_ps(w.scales(b))), acc, 0);
+    }
+    const float bv = bias ? bias[n] : 0.0f;
+    for (int r = 0; r < MR; ++r)
+      y[r * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
+                                                          _mm512_add_ps(acc[r][2], acc[r][3]))) + bv;
+  }
+}
+
+template <int BS>
+FusedFn whole_block_fn512(int mr) {
+  switch (mr) {
+    case 1: return whole_block_rows512<BS, 1>;
+    case 2: return whole_block_rows512<BS, 2>;
+    case 3: return whole_block_rows512<BS, 3>;
+    default: return whole_block_rows512<BS, 4>;
+  }
+}
+
+FusedFn whole_block_fn512(int64_t block_size, int mr) {
+  switch (block_size) {
+    case 32: return whole_block_fn512<32>(mr);
+    case 64: return whole_block_fn512<64>(mr);
+    case 128: return whole_block_fn512<128>(mr);
+    default: return whole_block_fn512<0>(mr);
+  }
+}
+
+// count values of x (rows of K % 32 == 0 back to back) as, per 32, their 16
+// even elements then their 16 odd ones (whole_block_rows512's order).
+PQ_TARGET_AVX512 void to_even_odd32_order(const float* x, int64_t count, float* xp) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t i = 0; i < count; i += 32) {
+    const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+    _mm512_storeu_ps(xp + i, _mm512_permutex2var_ps(a, even, b));
+    _mm512_storeu_ps(xp + i + 16, _mm512_permutex2var_ps(a, odd, b));
+  }
+}
+
 template <int MR>
 PQ_TARGET_AVX2 void fused_rows_avx2(const Weight& w, const float* x, int64_t ldx, int64_t n0, int64_t n1,
                                     const float* bias, float* y, int64_t ldy) {
@@ -249,9 +350,11 @@ PQ_TARGET_AVX2 void fused_rows_avx2(const Weight& w, const float* x, int64_t ldx
 // ------------------------------------------------------------- drivers ---
 
 // The fused kernel for mr rows of x; whole_block_size > 0: rows of W made of
-// whole blocks of that size, x in nf4_decode32's order (AVX2 only).
-FusedFn fused_fn(int mr, bool avx2, int64_t whole_block_size) {
+// whole blocks of that size, x in nf4_decode32's order (AVX2 only), or in
+// to_even_odd32_order's (avx512).
+FusedFn fused_fn(int mr, bool avx2, bool avx512, int64_t whole_block_size) {
 #if PQ_X86
+  if (avx512 && whole_block_size > 0) return whole_block_fn512(whole_block_size, mr);
   if (avx2 && whole_block_size > 0) return whole_block_fn(whole_block_size, mr);
   if (avx2) {
     switch (mr) {
@@ -271,14 +374,13 @@ FusedFn fused_fn(int mr, bool avx2, int64_t whole_block_size) {
 }
 
 void qmatmul_fused(const Weight& w, const float* x, int64_t m, const float* bias, const LoraEpilogue& lora, float* y,
-                   int nthreads, bool avx2) {
+                   int nthreads, bool avx2, bool avx512) {
   const int64_t N = w.n, K = w.k;
   // Rows in chunks of 16: a few hundred tasks for real layers, and tiny layers
   // stay on one thread (a parallel region costs microseconds). A chunk's
   // packed rows stay in cache while groups of 4 x rows walk over them.
   // (Blocking K so the slice of x stays in L1 measured slower: the 16 row
   // streams it interleaves defeat the hardware prefetcher.)
-  constexpr int64_t kRows = 16;
   const int64_t nchunks = (N + kRows - 1) / kRows;
   const bool parallel = nchunks > 1 && N * K * ((m + kFusedMaxM - 1) / kFusedMaxM) >= (int64_t(1) << 15);
 #if PQ_X86
@@ -287,19 +389,24 @@ void qmatmul_fused(const Weight& w, const float* x, int64_t m, const float* bias
   const float* xs = x;
   if (whole) {
     float* xp = thread_scratch(m * K, Scratch::kXPanels);
-    to_decode32_order(x, m * K, xp);
+    if (avx512) {
+      to_even_odd32_order(x, m * K, xp);
+    } else {
+      to_decode32_order(x, m * K, xp);
+    }
     xs = xp;
   }
 #else
   const bool whole = false;
   const float* xs = x;
 #endif
+  const int64_t pass_rows = whole && avx512 ? std::clamp<int64_t>(kPassXFloats512 / K, 1, kFusedMaxM) : kFusedMaxM;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (parallel)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t n0 = c * kRows, n1 = std::min(N, n0 + kRows);
-    for (int64_t m0 = 0; m0 < m; m0 += kFusedMaxM) {
-      const int64_t mr = std::min(kFusedMaxM, m - m0);
-      fused_fn(int(mr), avx2, whole ? w.block_size : 0)(w, xs + m0 * K, K, n0, n1, bias, y + m0 * N, N);
+    for (int64_t m0 = 0; m0 < m; m0 += pass_rows) {
+      const int64_t mr = std::min(pass_rows, m - m0);
+      fused_fn(int(mr), avx2, avx512, whole ? w.block_size : 0)(w, xs + m0 * K, K, n0, n1, bias, y + m0 * N, N);
     }
     lora.apply(y, N, 0, m, n0, n1);
   }
@@ -366,9 +473,12 @@ void qmatmul(const Weight& w, const float* x, int64_t m, const float* bias, cons
              int nthreads, int path) {
   const bool avx2 = simd_has_avx2();
   const Simd level = simd_level();
-  const bool whole_ymm = (level == Simd::kAvx2 || level == Simd::kAvxVnni) && w.k % w.block_size == 0;
-  if (path == 0 || (path < 0 && m <= (whole_ymm ? kFusedUpToMWholeYmm : kFusedUpToM))) {
-    qmatmul_fused(w, x, m, bias, lora, y, nthreads, avx2);
+  const bool whole = w.k % w.block_size == 0;
+  int64_t fused_up_to = kFusedUpToM;
+  if (whole && (level == Simd::kAvx2 || level == Simd::kAvxVnni)) fused_up_to = kFusedUpToMWholeYmm;
+  if (whole && level >= Simd::kAvx512) fused_up_to = w.k <= kLongK ? kFusedUpToMWhole512 : kFusedUpToMWhole512LongK;
+  if (path == 0 || (path < 0 && m <= fused_up_to)) {
+    qmatmul_fused(w, x, m, bias, lora, y, nthreads, avx2, level >= Simd::kAvx512);
   } else {
     for (int64_t i0 = 0; i0 < m; i0 += kTiledBlockM) {
       LoraEpilogue pass = lora;  // this pass's rows of x

@@ -24,7 +24,8 @@ SIMD = list(_ext.simd_levels()) or ["scalar"]
 # (N, K, block_size, double_quant): aligned rows, blocks spanning rows
 # (K % bs != 0), odd K (rows starting on a low nibble), tiny, K < block_size;
 # rows of whole blocks of 32, 64, 128, 256 and 4096 (the M = 1 kernel's
-# unrolled block sizes and its general one).
+# unrolled block sizes and its general one), whole rows of 32-blocks in an odd
+# number of 32-value steps, and a K whose x rows take a pass each at avx512.
 SHAPES = [
     (64, 256, 64, False),
     (37, 129, 32, True),
@@ -39,6 +40,7 @@ SHAPES = [
     (24, 384, 128, False),
     (40, 160, 32, True),
     (12, 512, 256, False),
+    (3, 12800, 64, False),
 ]
 IDS = [f"{n}x{k}-b{bs}{'-dq' if dq else ''}" for n, k, bs, dq in SHAPES]
 
