@@ -334,13 +334,18 @@ def test_activation_mode_option(monkeypatch):
         monkeypatch.setattr(cpu_activations, "simd_level", lambda: level)
         assert cpu_activations.use_int8("gguf", f16, 4096)
         for fam, bits in (("int", 2), ("int", 3), ("int", 4), ("int", 8), ("nf4", 0)):
-            exact_from = {"avx512": big, "avx2": cpu_activations.EXACT_FROM_M_AVX2[fam, bits],
+            exact_from = {"avx512": cpu_activations.EXACT_FROM_M_AVX512.get((fam, bits), big),
+                          "avx2": cpu_activations.EXACT_FROM_M_AVX2[fam, bits],
                           "avxvnni": cpu_activations.EXACT_FROM_M_AVXVNNI.get((fam, bits))}.get(level)
             if exact_from is None:
                 assert cpu_activations.use_int8(fam, f16, 4096, bits), (level, fam, bits)
                 continue
             assert not cpu_activations.use_int8(fam, f16, exact_from, bits), (level, fam, bits)
-            assert cpu_activations.use_int8(fam, f16, exact_from - 1, bits), (level, fam, bits)
+            assert not cpu_activations.use_int8(fam, f16, 4096, bits), (level, fam, bits)
+            if exact_from > 1:
+                assert cpu_activations.use_int8(fam, f16, exact_from - 1, bits), (level, fam, bits)
+    monkeypatch.setattr(cpu_activations, "simd_level", lambda: "avx512")
+    assert not cpu_activations.use_int8("nf4", f16, 1)  # NF4's exact kernel is as fast there
     monkeypatch.setattr(cpu_activations, "simd_level", lambda: "avx512")
     monkeypatch.setenv(cpu_activations.ENV, "int8")
     assert cpu_activations.use_int8("int", bf16, big)

@@ -24,7 +24,11 @@
   there the exact kernels' outer-product tile is the faster one (4096 x 4096,
   2 threads, Int4: 4.5 ms against 5.3 at M = 48, 41 against 56 at M = 512;
   NF4 5.1 against 6.4 and 43 against 82), and exact costs nothing in
-  accuracy. Int4 with bf16 x takes ``"fp32"`` at every M where the CPU has
+  accuracy. NF4 takes ``"fp32"`` there at every M (``EXACT_FROM_M_AVX512``):
+  its exact kernel at that level looks codes up with one vpermps per 16
+  values (csrc/cpu/nf4_matmul.cpp), as fast as the int8 planes (4096 x 4096,
+  Zen 5, 1 and 2 threads, cold and warm: the exact kernel's time over the
+  planes' 0.88-0.91 at M = 1, 0.87-0.94 at 8 and 16, 0.91-1.11 at 2 and 4). Int4 with bf16 x takes ``"fp32"`` at every M where the CPU has
   AVX512-BF16: up to 64 rows its exact path there multiplies bf16 x with the
   codes by ``vdpbf16ps`` (exact products, fp32 sums; csrc/cpu/int4_bf16.cpp),
   the fastest of the three (4096 x 4096, 2 threads, cold: 0.67 ms at M = 8
@@ -76,6 +80,8 @@ MODES = ("auto", "int8", "fp32")
 # the avx512 tiles run (measured: the two paths tie at M = 32 on 4096 x 4096,
 # exact leads from 48).
 EXACT_FROM_M = 48
+# Where that is another number at the avx512 level, by family and bit width.
+EXACT_FROM_M_AVX512 = {("nf4", 0): 1}
 # The same at the avx2 level, by family and bit width (see the module doc).
 EXACT_FROM_M_AVX2 = {("int", 2): 2, ("int", 3): 8, ("int", 4): 8, ("int", 8): 3, ("nf4", 0): 2}
 # And at the avxvnni level (Int4: the int8 planes at every M).
@@ -137,9 +143,9 @@ def use_int8(family: str, x_dtype: torch.dtype, m: int = 0, bits: int = 0) -> bo
     if family == "int" and bf16_dot_kernel(x_dtype, m, bits):
         return False
     level = simd_level()
-    if level == "avx512":
-        return m < EXACT_FROM_M
     key = (family, bits if family == "int" else 0)
+    if level == "avx512":
+        return m < EXACT_FROM_M_AVX512.get(key, EXACT_FROM_M)
     if level == "avx2":
         return m < EXACT_FROM_M_AVX2.get(key, EXACT_FROM_M)
     if level == "avxvnni" and key in EXACT_FROM_M_AVXVNNI:
