@@ -6,8 +6,8 @@
 //   kFusedUpToMWhole512 for rows of whole blocks at the ymm / avx512
 //   levels): each thread walks whole weight rows, decodes 16 values at a time
 //   (32 for rows of whole blocks, x reordered once to match) straight into
-//   registers and feeds up to 4 rows of x from them. The 4-bit weight is read from memory exactly once;
-//   there is no intermediate weight buffer.
+//   registers and feeds up to 4 rows of x from them. The 4-bit weight is
+//   read from memory exactly once; there is no intermediate weight buffer.
 // * larger M (compute-bound): a thread decodes a tile of kTileN weight rows x
 //   kTileK columns into a cache-resident fp32 buffer once, then runs a
 //   register-blocked micro-kernel over every row of x, so decode cost is
