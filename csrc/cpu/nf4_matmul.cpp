@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "avx2_reduce.h"
 #include "micro_gemm.h"
@@ -155,24 +156,31 @@ PQ_TARGET_AVX2 void whole_block_rows(const Weight& w, const float* xp, int64_t l
   }
 }
 
-template <int BS>
-FusedFn whole_block_fn(int mr) {
-  switch (mr) {
-    case 1: return whole_block_rows<BS, 1>;
-    case 2: return whole_block_rows<BS, 2>;
-    case 3: return whole_block_rows<BS, 3>;
-    default: return whole_block_rows<BS, 4>;
+// Kernel<BS, MR>::fn for a block size (32, 64 and 128 unrolled, others
+// general: BS = 0) and 1-4 rows of x: the ymm and the zmm whole-block kernels.
+template <template <int, int> class Kernel>
+FusedFn whole_block_pick(int64_t block_size, int mr) {
+  auto by_mr = [mr](auto bs) -> FusedFn {
+    constexpr int BS = decltype(bs)::value;
+    switch (mr) {
+      case 1: return Kernel<BS, 1>::fn;
+      case 2: return Kernel<BS, 2>::fn;
+      case 3: return Kernel<BS, 3>::fn;
+      default: return Kernel<BS, 4>::fn;
+    }
+  };
+  switch (block_size) {
+    case 32: return by_mr(std::integral_constant<int, 32>{});
+    case 64: return by_mr(std::integral_constant<int, 64>{});
+    case 128: return by_mr(std::integral_constant<int, 128>{});
+    default: return by_mr(std::integral_constant<int, 0>{});
   }
 }
 
-FusedFn whole_block_fn(int64_t block_size, int mr) {
-  switch (block_size) {
-    case 32: return whole_block_fn<32>(mr);
-    case 64: return whole_block_fn<64>(mr);
-    case 128: return whole_block_fn<128>(mr);
-    default: return whole_block_fn<0>(mr);
-  }
-}
+template <int BS, int MR>
+struct WholeBlockYmm {
+  static constexpr FusedFn fn = whole_block_rows<BS, MR>;
+};
 
 // count values of x (rows of K % 32 == 0 back to back) into nf4_decode32's
 // order, 8 at a time.
@@ -242,24 +250,10 @@ PQ_TARGET_AVX512 void whole_block_rows512(const Weight& w, const float* xp, int6
   }
 }
 
-template <int BS>
-FusedFn whole_block_fn512(int mr) {
-  switch (mr) {
-    case 1: return whole_block_rows512<BS, 1>;
-    case 2: return whole_block_rows512<BS, 2>;
-    case 3: return whole_block_rows512<BS, 3>;
-    default: return whole_block_rows512<BS, 4>;
-  }
-}
-
-FusedFn whole_block_fn512(int64_t block_size, int mr) {
-  switch (block_size) {
-    case 32: return whole_block_fn512<32>(mr);
-    case 64: return whole_block_fn512<64>(mr);
-    case 128: return whole_block_fn512<128>(mr);
-    default: return whole_block_fn512<0>(mr);
-  }
-}
+template <int BS, int MR>
+struct WholeBlockZmm {
+  static constexpr FusedFn fn = whole_block_rows512<BS, MR>;
+};
 
 // count values of x (rows of K % 32 == 0 back to back) as, per 32, their 16
 // even elements then their 16 odd ones (whole_block_rows512's order).
@@ -354,8 +348,8 @@ PQ_TARGET_AVX2 void fused_rows_avx2(const Weight& w, const float* x, int64_t ldx
 // to_even_odd32_order's (avx512).
 FusedFn fused_fn(int mr, bool avx2, bool avx512, int64_t whole_block_size) {
 #if PQ_X86
-  if (avx512 && whole_block_size > 0) return whole_block_fn512(whole_block_size, mr);
-  if (avx2 && whole_block_size > 0) return whole_block_fn(whole_block_size, mr);
+  if (avx512 && whole_block_size > 0) return whole_block_pick<WholeBlockZmm>(whole_block_size, mr);
+  if (avx2 && whole_block_size > 0) return whole_block_pick<WholeBlockYmm>(whole_block_size, mr);
   if (avx2) {
     switch (mr) {
       case 1: return fused_rows_avx2<1>;
