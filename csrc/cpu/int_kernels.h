@@ -80,6 +80,17 @@ inline bool int4_bf16_route(int x_dtype, int64_t m, const IntWeight& w) {
 }
 void int4_bf16_qmatmul(const uint16_t* x, int64_t m, const IntWeight& w, const float* bias, const LoraEpilogue& lora,
                        float* y, int nthreads);
+// Int4 with fp32 x at small M on AVX-512 (int4_table.cpp): the codes index a
+// table of the group's 16 dequantized values (vpermps), each product x times
+// the reference's W_hat. int_qmatmul takes it for fp32 x of up to
+// kInt4TableMaxM rows, 4 bits, K a multiple of 32, the avx512 level.
+bool int4_table_supported(const IntWeight& w);
+constexpr int64_t kInt4TableMaxM = 8;
+inline bool int4_table_route(int x_dtype, int64_t m, const IntWeight& w) {
+  return x_dtype == kF32 && m <= kInt4TableMaxM && int4_table_supported(w);
+}
+void int4_table_qmatmul(const float* x, int64_t m, const IntWeight& w, const float* bias, const LoraEpilogue& lora,
+                        float* y, int nthreads);
 constexpr int64_t kGemvMaxM = 4;      // rows of x per GEMV pass
 constexpr int64_t kGemvPassMaxM = 8;  // up to here qmatmul runs GEMV passes
 // Rows of x per call of the tiled GEMM: its x panel (rows x 512 fp32, 512 KiB)

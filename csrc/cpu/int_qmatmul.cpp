@@ -1,4 +1,6 @@
-// Int format: y = x @ W_hat.T (+ bias). Chooses the AVX2 GEMV (M <= 8, in
+// Int format: y = x @ W_hat.T (+ bias). Chooses, for 4-bit codes at the
+// avx512 level, the bf16 kernel (bf16 x, M <= 64, int4_bf16.cpp) or the
+// table kernel (fp32 x, M <= 8, int4_table.cpp); else the AVX2 GEMV (M <= 8, in
 // passes of up to 4 rows of x) or the AVX2 GEMM, or the scalar fallback,
 // which dequantizes one weight row at a time and takes dot products with
 // every row of x.
@@ -73,6 +75,8 @@ void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, cons
   const size_t esize = x_dtype == kF32 ? 4 : 2;
   if (int4_bf16_route(x_dtype, m, w))
     return int4_bf16_qmatmul(static_cast<const uint16_t*>(x), m, w, bias, lora, y, nthreads);
+  if (int4_table_route(x_dtype, m, w))
+    return int4_table_qmatmul(static_cast<const float*>(x), m, w, bias, lora, y, nthreads);
 #if PQ_X86
   if (simd_has_avx2()) {
     if (m <= kGemvPassMaxM) {
