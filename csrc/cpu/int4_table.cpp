@@ -16,10 +16,7 @@
 // Threads take blocks of kRows weight rows (work_share.h); rows of x go in
 // passes of at most as many as keep their K floats within 48 KiB (L1D on
 // Zen 4/5), at most four, and the weight is prefetched kRows rows ahead.
-#include <omp.h>
-
 #include <algorithm>
-#include <memory>
 
 #include "int_kernels.h"
 #include "work_share.h"
@@ -127,12 +124,7 @@ void int4_table_qmatmul(const float* x, int64_t m, const IntWeight& w, const flo
   // Passes of near-equal rows (M = 4 at K = 4096: 2 + 2, not 3 + 1).
   const int64_t most = std::clamp<int64_t>(kPassXFloats / w.k, 1, kMaxPassRows), passes = (m + most - 1) / most;
   const int64_t pass = (m + passes - 1) / passes;
-  const int nshare = std::max(nthreads, 1);
-  std::unique_ptr<Share[]> share(new Share[nshare]);
-  const int64_t blocks = (w.n + kRows - 1) / kRows;
-  init_shares(share.get(), nshare, blocks);
-#pragma omp parallel num_threads(nshare) if (blocks > 1)
-  run_shared(share.get(), nshare, omp_get_thread_num(), [&](int64_t b) {
+  parallel_shared(nthreads, (w.n + kRows - 1) / kRows, [&](int64_t b) {
     const int64_t n0 = b * kRows, n1 = std::min(w.n, n0 + kRows);
     for (int64_t i0 = 0; i0 < m; i0 += pass) {
       const int64_t mr = std::min(pass, m - i0);

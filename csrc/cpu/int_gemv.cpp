@@ -436,16 +436,10 @@ void gemv(const void* x, int xdtype, int64_t ldx, const IntWeight& w, const floa
   // threads 32 KiB apart: from a cold cache that ran at 13-15 GB/s against
   // 19-22 GB/s here (2 threads, int4 K = N = 4096, the same as torch's int4
   // kernel, which splits N the same way); warm, the two are alike.
-  const int64_t blocks = (w.n + kRows - 1) / kRows;
-  const int nshare = std::max(nthreads, 1);
-  std::unique_ptr<Share[]> share(new Share[nshare]);
-  auto run = [&](int64_t b) {
+  parallel_shared(nthreads, (w.n + kRows - 1) / kRows, [&](int64_t b) {
     const int64_t n0 = b * kRows;
     gemv_rows<BITS, M>(xt.get(), X.get(), ldX, w, bias, lora, y, n0, std::min(w.n, n0 + kRows), zmm);
-  };
-  init_shares(share.get(), nshare, blocks);
-#pragma omp parallel num_threads(nshare)
-  run_shared(share.get(), nshare, omp_get_thread_num(), run);
+  });
 }
 
 template <int BITS>

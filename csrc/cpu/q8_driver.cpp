@@ -118,16 +118,11 @@ int threads_for(int64_t m, int64_t n, int64_t k, int nthreads, int64_t blocks, i
 template <typename Rows, typename Epi>
 void run(int64_t m, int64_t n, int64_t k, int nthreads, int max_mr, Rows&& rows, Epi&& epi) {
   const int64_t blocks = (n + kRows - 1) / kRows;
-  const int nt_want = threads_for(m, n, k, nthreads, blocks, max_mr);
-  std::unique_ptr<Share[]> shares(new Share[size_t(nt_want)]);
-  auto block = [&](int64_t b) {
+  parallel_shared(threads_for(m, n, k, nthreads, blocks, max_mr), blocks, [&](int64_t b) {
     const int64_t n0 = b * kRows, n1 = std::min(n, n0 + kRows);
     for (int64_t m0 = 0; m0 < m; m0 += max_mr) rows(m0, int(std::min<int64_t>(max_mr, m - m0)), n0, n1);
     epi(n0, n1);
-  };
-  init_shares(shares.get(), nt_want, blocks);
-#pragma omp parallel num_threads(nt_want)
-  run_shared(shares.get(), nt_want, omp_get_thread_num(), block);
+  });
 }
 
 void add_bias(float* y, int64_t ldy, int64_t m, int64_t n0, int64_t n1, const float* bias) {

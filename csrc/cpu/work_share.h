@@ -4,8 +4,12 @@
 // done, takes blocks from the back of the others' ranges, so that on a shared
 // machine a descheduled thread delays only the block it is on.
 #pragma once
+#include <omp.h>
+
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
 
 namespace pyquant {
 
@@ -48,6 +52,17 @@ void run_shared(Share* shares, int nt, int t, Fn&& fn) {
     else
       for (int64_t b; (b = s.template take<false>()) >= 0;) fn(b);
   }
+}
+
+// fn(block) for every block of [0, blocks) on nthreads threads (at least
+// one), shared out as above: the shares set up before the parallel region.
+template <typename Fn>
+void parallel_shared(int nthreads, int64_t blocks, Fn&& fn) {
+  const int nt = std::max(nthreads, 1);
+  std::unique_ptr<Share[]> shares(new Share[size_t(nt)]);
+  init_shares(shares.get(), nt, blocks);
+#pragma omp parallel num_threads(nt)
+  run_shared(shares.get(), nt, omp_get_thread_num(), fn);
 }
 
 }  // namespace pyquant
