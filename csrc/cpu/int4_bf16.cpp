@@ -90,15 +90,6 @@ void prepare_x(const uint16_t* x, int64_t m, const IntWeight& w, int64_t kp, uin
   }
 }
 
-// 16 values of scale_dtype from p (count of them, the rest 0) as fp32.
-inline __m512 load16(const void* p, int64_t i, int dtype, int64_t count) {
-  const __mmask16 mk = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-  if (dtype == kF32) return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(p) + i);
-  const __m256i h = _mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(p) + i);
-  if (dtype == kF16) return _mm512_cvtph_ps(h);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 // Per weight row of a block, as fp32: its group scales (sf) and s_g (128 +
 // z_g) (cz), ldX floats each, converted once instead of per unit and row of x.
 void row_scales(const IntWeight& w, int64_t n0, int64_t n1, int64_t ldX, float* sf, float* cz) {
@@ -107,8 +98,8 @@ void row_scales(const IntWeight& w, int64_t n0, int64_t n1, int64_t ldX, float* 
     const int64_t base = n * w.groups;
     for (int64_t g = 0; g < ldX; g += 16) {
       const int64_t cnt = std::max<int64_t>(0, w.groups - g);
-      const __m512 sv = load16(w.scales, base + g, w.scale_dtype, cnt);
-      const __m512 zv = w.zeros ? load16(w.zeros, base + g, w.scale_dtype, cnt) : _mm512_set1_ps(8.0f);
+      const __m512 sv = load16_avx512(w.scales, base + g, cnt, w.scale_dtype);
+      const __m512 zv = w.zeros ? load16_avx512(w.zeros, base + g, cnt, w.scale_dtype) : _mm512_set1_ps(8.0f);
       _mm512_storeu_ps(s_out + g, sv);
       _mm512_storeu_ps(c_out + g, _mm512_mul_ps(sv, _mm512_add_ps(zv, _mm512_set1_ps(128.0f))));
     }

@@ -28,7 +28,6 @@ namespace {
 
 constexpr int64_t kRows = 16;
 constexpr int64_t kMaxPassRows = 4;
-constexpr int64_t kPassXFloats = 12288;
 
 template <int MR>
 PQ_TARGET_AVX512 inline void chunk(const uint8_t* row, const float* x, int64_t ldx, int64_t c, __m512 tab,
@@ -39,16 +38,6 @@ PQ_TARGET_AVX512 inline void chunk(const uint8_t* row, const float* x, int64_t l
     acc[r][2 * j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + c * kIntChunk), lo, acc[r][2 * j]);
     acc[r][2 * j + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + c * kIntChunk + 16), hi, acc[r][2 * j + 1]);
   }
-}
-
-// Elements i .. i + count - 1 (count 1 to 16) of an fp32 / fp16 / bf16 array
-// as fp32 lanes (masked loads: nothing past them is read).
-PQ_TARGET_AVX512 inline __m512 load16(const void* p, int64_t i, int count, int dtype) {
-  const __mmask16 k = __mmask16((1u << count) - 1);
-  if (dtype == kF32) return _mm512_maskz_loadu_ps(k, static_cast<const float*>(p) + i);
-  const __m256i h = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i);
-  if (dtype == kF16) return _mm512_cvtph_ps(h);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 // y[r, n] for rows [n0, n1) of W and MR rows of x (rows ldx apart). CPG > 0:
@@ -72,9 +61,10 @@ PQ_TARGET_AVX512 void rows(const float* x, int64_t ldx, const IntWeight& w, cons
     alignas(64) float sf[16], zf[16];
     for (int64_t g = 0; g < w.groups; ++g) {
       if (g % 16 == 0) {
-        const int count = int(std::min<int64_t>(16, w.groups - g));
-        _mm512_store_ps(sf, load16(w.scales, n * w.groups + g, count, w.scale_dtype));
-        _mm512_store_ps(zf, w.zeros ? load16(w.zeros, n * w.groups + g, count, w.scale_dtype) : _mm512_set1_ps(8.0f));
+        const int64_t count = w.groups - g;
+        _mm512_store_ps(sf, load16_avx512(w.scales, n * w.groups + g, count, w.scale_dtype));
+        _mm512_store_ps(zf, w.zeros ? load16_avx512(w.zeros, n * w.groups + g, count, w.scale_dtype)
+                                    : _mm512_set1_ps(8.0f));
       }
       const __m512 tab = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zf[g % 16])), _mm512_set1_ps(sf[g % 16]));
       const int64_t end = std::min(w.chunks, c + cpg);
@@ -122,7 +112,7 @@ bool int4_table_supported(const IntWeight& w) {
 void int4_table_qmatmul(const float* x, int64_t m, const IntWeight& w, const float* bias, const LoraEpilogue& lora,
                         float* y, int nthreads) {
   // Passes of near-equal rows (M = 4 at K = 4096: 2 + 2, not 3 + 1).
-  const int64_t most = std::clamp<int64_t>(kPassXFloats / w.k, 1, kMaxPassRows), passes = (m + most - 1) / most;
+  const int64_t most = rows_within_l1(w.k, kMaxPassRows), passes = (m + most - 1) / most;
   const int64_t pass = (m + passes - 1) / passes;
   parallel_shared(nthreads, (w.n + kRows - 1) / kRows, [&](int64_t b) {
     const int64_t n0 = b * kRows, n1 = std::min(w.n, n0 + kRows);

@@ -124,6 +124,16 @@ PQ_TARGET_AVX2 inline float load_float_avx2(const void* p, int64_t i, int dtype)
   if (dtype == kBF16) return bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]);
   return static_cast<const float*>(p)[i];
 }
+// Elements i .. i + count - 1 of such an array (count 0 to 16, more taken as
+// 16) as fp32 lanes, the rest 0: masked loads, nothing past them is read.
+// The AVX-512 Int4 kernels' group scales and zeros, 16 groups at a time.
+PQ_TARGET_AVX512 inline __m512 load16_avx512(const void* p, int64_t i, int64_t count, int dtype) {
+  const __mmask16 k = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+  if (dtype == kF32) return _mm512_maskz_loadu_ps(k, static_cast<const float*>(p) + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i);
+  if (dtype == kF16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 // Elements i .. i + 7 of such an array as fp32 (exact conversions).
 PQ_TARGET_AVX2 inline __m256 load8_avx2(const void* p, int64_t i, int dtype) {
   const __m128i* h = reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i);

@@ -31,6 +31,7 @@
 #include "panel_gemm.h"
 #include "simd.h"
 #include "thread_scratch.h"
+#include "work_share.h"
 
 namespace pyquant {
 namespace nf4cpu {
@@ -48,11 +49,6 @@ constexpr int64_t kFusedUpToMWholeYmm = 8;
 // 4096 (0.80-0.87x at 32), and for K = 8192 and 11008 1.16-1.25x at M = 6,
 // 0.95-1.01x at 8.
 constexpr int64_t kFusedUpToMWhole512 = 24, kFusedUpToMWhole512LongK = 6, kLongK = 4096;
-// Rows of x per pass of whole_block_rows512: as many as keep their K floats
-// within 48 KiB (Zen 5's L1D), 1 to kFusedMaxM. Four rows at K = 4096 (64 KiB)
-// ran M = 4 in 1.12 ms where passes of three took 0.95 (1 thread); at K = 576
-// four rows a pass were the faster (M = 4: 0.046 against 0.055 ms).
-constexpr int64_t kPassXFloats512 = 12288;
 constexpr int64_t kTileN = 12;      // weight rows per decoded tile (a multiple of kNR)
 constexpr int64_t kTileK = 1024;    // columns per decoded tile (12 x 1024 fp32 = 48 KiB, in L2)
 constexpr int kMR = kMicroMR, kNR = kMicroNR;  // register tile of the tiled kernel (micro_gemm.h)
@@ -394,7 +390,8 @@ void qmatmul_fused(const Weight& w, const float* x, int64_t m, const float* bias
   const bool whole = false;
   const float* xs = x;
 #endif
-  const int64_t pass_rows = whole && avx512 ? std::clamp<int64_t>(kPassXFloats512 / K, 1, kFusedMaxM) : kFusedMaxM;
+  // whole_block_rows512: rows of x a pass as fit in L1 (work_share.h)
+  const int64_t pass_rows = whole && avx512 ? rows_within_l1(K, kFusedMaxM) : kFusedMaxM;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (parallel)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t n0 = c * kRows, n1 = std::min(N, n0 + kRows);
