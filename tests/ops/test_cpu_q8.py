@@ -242,6 +242,24 @@ def test_int_int8_activations(level, bits, group):
             check(y, want, mag, f"{qw.format.spec()} k={k} m={m} {level}")
 
 
+@pytest.mark.parametrize("group", (64, 128, 256))
+def test_int4_one_row_of_whole_groups(level, group):
+    """Int4 rows of 8 or more whole groups at one row of x: at the 256-bit levels a
+    kernel of its own converts 8 groups' scales at once (then the rest one by
+    one). K = 1280: 8 groups and a tail of 2 (g128), 20 (g64), 5 (g256: the
+    general kernel); K = 2048: 32 / 16 / 8 groups. M = 5 takes it for the last
+    row, after a pass of four."""
+    for i, k in enumerate((1280, 2048)):
+        for j, (sym, sdtype) in enumerate(VARIANTS):
+            qw, c, s, z = int_weight(4, group, sym, sdtype, 37, k, seed=10 * i + j)
+            for m in (1, 5):
+                x = torch.randn(m, k)
+                with activations("int8"):
+                    y = pyquant.qmatmul(x, qw, kernel="cpu")
+                want, mag = q8_spec.int_product(c, s, z, qw.format, x)
+                check(y, want, mag, f"{qw.format.spec()} k={k} m={m} {level}")
+
+
 @pytest.mark.parametrize("bits,group", [(4, 64), (4, 128), (4, 256), (4, 32), (4, -1), (8, -1), (3, 64), (8, 128),
                                         (3, 256), (2, 128)])
 def test_int8_planes_stay_near_the_reference_op(level, bits, group):
