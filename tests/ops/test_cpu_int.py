@@ -446,17 +446,22 @@ def test_large_m_goes_to_torch_gemm_panels_by_level(monkeypatch, level):
     for mod in (cpu_int, cpu_nf4):
         real = mod.panel_matmul
         monkeypatch.setattr(mod, "panel_matmul", lambda *a, real=real, **kw: calls.append(1) or real(*a, **kw))
-    w = torch.randn(24, 128)
+    g = torch.Generator().manual_seed(435)
+    w = torch.randn(24, 128, generator=g)
     for fmt in (Int(4, 32, False, torch.float16), NF4(block_size=64)):
         qw = pyquant.quantize_weight(w, fmt)
         wd = pyquant.dequantize(qw, kernel="reference").double()
         for m in (39, 40):
-            x = torch.randn(m, 128)
+            x = torch.randn(m, 128, generator=g)
             calls.clear()
             with cpu_activations("fp32"), simd(level):
                 y = pyquant.qmatmul(x, qw, kernel="cpu")
             assert bool(calls) == (level != "avx512" and m >= 40), (fmt.spec(), level, m, len(calls))
-            torch.testing.assert_close(y.double(), x.double() @ wd.T, rtol=1e-5, atol=1e-5)
+            # fp32 sums of 128 products, relative to the sum of their magnitudes
+            # (an absolute bound failed about once in 1200 unseeded draws, on an
+            # output near 0; the largest error seen is 2.7e-7 of this magnitude)
+            err = (y.double() - x.double() @ wd.T).abs()
+            assert bool((err <= 2e-6 * (x.double().abs() @ wd.abs().T)).all()), (fmt.spec(), level, m)
 
 
 # --- the launch plan (ops/plans.py): the same kernel as the function, its host work done once ---------------
