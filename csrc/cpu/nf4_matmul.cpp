@@ -44,11 +44,15 @@ constexpr int64_t kFusedUpToM = 5;  // above this M the tiled kernel is faster (
 // on Zen 3 (4096 x 4096, 1 and 2 threads) the fused kernel ran 1.19-1.78x the
 // tiled one at M = 4-8 and 0.84-1.04x at 12-16.
 constexpr int64_t kFusedUpToMWholeYmm = 8;
-// The same at avx512 (whole_block_rows512), by K: on Zen 5, 1 and 2 threads,
-// the fused kernel ran 1.06-1.26x the tiled one at M = 16-24 for K = 576 and
-// 4096 (0.80-0.87x at 32), and for K = 8192 and 11008 1.16-1.25x at M = 6,
-// 0.95-1.01x at 8.
-constexpr int64_t kFusedUpToMWhole512 = 24, kFusedUpToMWhole512LongK = 6, kLongK = 4096;
+// The same at avx512 (whole_block_rows512): on Zen 5, 1 and 2 threads, the
+// fused kernel ran 1.06-1.26x the tiled one at M = 16-24 for K = 576 and
+// 4096 (0.80-0.87x at 32), and, since it takes long rows in slices of K,
+// 1.09-1.20x at M = 24 for K = 8192 and 11008 (1.56-2.36x at M = 6-12).
+constexpr int64_t kFusedUpToMWhole512 = 24;
+// whole_block_rows512 takes rows whose x (all its rows of x) is longer than
+// this a slice of K at a time (32 KiB of fp32); its passes of rows of x are
+// as many as fit in L1 at K = 4096 (rows_within_l1).
+constexpr int64_t kSliceFloats = 8192, kPassK = 4096;
 constexpr int64_t kTileN = 12;      // weight rows per decoded tile (a multiple of kNR)
 constexpr int64_t kTileK = 1024;    // columns per decoded tile (12 x 1024 fp32 = 48 KiB, in L2)
 constexpr int kMR = kMicroMR, kNR = kMicroNR;  // register tile of the tiled kernel (micro_gemm.h)
@@ -208,41 +212,75 @@ PQ_TARGET_AVX512 inline void step512(const uint8_t* q, const float* xp, int64_t 
   }
 }
 
+// Row n's columns [k0, k1) (k0 on a block, k1 on a block or K) into acc,
+// prefetching `ahead` bytes on.
+template <int BS, int MR>
+PQ_TARGET_AVX512 inline void columns512(const Weight& w, const float* xp, int64_t ldx, int64_t n, int64_t k0,
+                                        int64_t k1, int64_t ahead, __m512 (&acc)[MR][4]) {
+  const int64_t K = w.k, bs = BS > 0 ? BS : w.block_size;
+  const __m512 codebook = _mm512_loadu_ps(kNf4Codebook);
+  const uint8_t* q = w.qweight + ((n * K) >> 1);
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t k = k0, b = (n * K + k0) / bs;
+  if (bs >= 64) {
+    for (; k < k1; k += bs, ++b) {
+      const __m512 tab = _mm512_mul_ps(codebook, _mm512_set1_ps(w.scales(b)));
+#pragma GCC unroll 2
+      for (int64_t j = k; j < k + bs; j += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(q + (j >> 1) + ahead), _MM_HINT_T0);
+        step512<MR>(q, xp, ldx, j, tab, acc, 0);
+        step512<MR>(q, xp, ldx, j + 32, tab, acc, 1);
+      }
+    }
+  } else {  // blocks of 32: a table per step
+    for (; k + 64 <= k1; k += 64, b += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(q + (k >> 1) + ahead), _MM_HINT_T0);
+      step512<MR>(q, xp, ldx, k, _mm512_mul_ps(codebook, _mm512_set1_ps(w.scales(b))), acc, 0);
+      step512<MR>(q, xp, ldx, k + 32, _mm512_mul_ps(codebook, _mm512_set1_ps(w.scales(b + 1))), acc, 1);
+    }
+    if (k < k1) step512<MR>(q, xp, ldx, k, _mm512_mul_ps(codebook, _mm512_set1_ps(w.scales(b))), acc, 0);
+  }
+}
+
+template <int MR>
+PQ_TARGET_AVX512 inline __m512 total512(const __m512 (&acc)[MR][4], int r) {
+  return _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
+}
+
 template <int BS, int MR>
 PQ_TARGET_AVX512 void whole_block_rows512(const Weight& w, const float* xp, int64_t ldx, int64_t n0, int64_t n1,
                                           const float* bias, float* y, int64_t ldy) {
   const int64_t K = w.k, bs = BS > 0 ? BS : w.block_size;
-  const __m512 codebook = _mm512_loadu_ps(kNf4Codebook);
-  const int64_t ahead = kRows * (K >> 1);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* q = w.qweight + ((n * K) >> 1);
-    const int64_t b0 = (n * K) / bs;
-    __m512 acc[MR][4];
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-    int64_t k = 0, b = b0;
-    if (bs >= 64) {
-      for (; k < K; k += bs, ++b) {
-        const __m512 tab = _mm512_mul_ps(codebook, _mm512_set1_ps(w.scales(b)));
-#pragma GCC unroll 2
-        for (int64_t j = k; j < k + bs; j += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(q + (j >> 1) + ahead), _MM_HINT_T0);
-          step512<MR>(q, xp, ldx, j, tab, acc, 0);
-          step512<MR>(q, xp, ldx, j + 32, tab, acc, 1);
-        }
-      }
-    } else {  // blocks of 32: a table per step
-      for (; k + 64 <= K; k += 64, b += 2) {
-        _mm_prefetch(reinterpret_cast<const char*>(q + (k >> 1) + ahead), _MM_HINT_T0);
-        step512<MR>(q, xp, ldx, k, _mm512_mul_ps(codebook, _mm512_set1_ps(w.scales(b))), acc, 0);
-        step512<MR>(q, xp, ldx, k + 32, _mm512_mul_ps(codebook, _mm512_set1_ps(w.scales(b + 1))), acc, 1);
-      }
-      if (k < K) step512<MR>(q, xp, ldx, k, _mm512_mul_ps(codebook, _mm512_set1_ps(w.scales(b))), acc, 0);
+  __m512 acc[MR][4];
+  const int64_t slice = std::max(kSliceFloats / MR / bs * bs, bs);
+  if (K <= slice || n1 - n0 > kRows) {
+    for (int64_t n = n0; n < n1; ++n) {
+      columns512<BS, MR>(w, xp, ldx, n, 0, K, kRows * (K >> 1), acc);  // the same place in the next chunk of rows
+      const float bv = bias ? bias[n] : 0.0f;
+      for (int r = 0; r < MR; ++r) y[r * ldy + n] = _mm512_reduce_add_ps(total512<MR>(acc, r)) + bv;
     }
+    return;
+  }
+  // Long rows: the chunk's rows a slice of K at a time, their partial sums
+  // kept between slices, so the slice of x (at most kSliceK values a row of
+  // x) stays in L1 while the rows stream past it. Whole rows at K = 11008
+  // (44 KiB of x a row, the same 48 KiB L1 as the weight's lines) had M = 1
+  // at 1.39x and M = 2 (a pass per row of x) at 1.9x the time of as many
+  // bytes in rows of 4096. The prefetch runs one row on: the next row's
+  // slice is the next one read.
+  __m512 part[kRows][MR];
+  for (int64_t k0 = 0; k0 < K; k0 += slice) {
+    const int64_t k1 = std::min(K, k0 + slice);
+    for (int64_t n = n0; n < n1; ++n) {
+      columns512<BS, MR>(w, xp, ldx, n, k0, k1, 8 * (K >> 1), acc);
+      for (int r = 0; r < MR; ++r)
+        part[n - n0][r] = k0 == 0 ? total512<MR>(acc, r) : _mm512_add_ps(part[n - n0][r], total512<MR>(acc, r));
+    }
+  }
+  for (int64_t n = n0; n < n1; ++n) {
     const float bv = bias ? bias[n] : 0.0f;
-    for (int r = 0; r < MR; ++r)
-      y[r * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
-                                                          _mm512_add_ps(acc[r][2], acc[r][3]))) + bv;
+    for (int r = 0; r < MR; ++r) y[r * ldy + n] = _mm512_reduce_add_ps(part[n - n0][r]) + bv;
   }
 }
 
@@ -390,8 +428,9 @@ void qmatmul_fused(const Weight& w, const float* x, int64_t m, const float* bias
   const bool whole = false;
   const float* xs = x;
 #endif
-  // whole_block_rows512: rows of x a pass as fit in L1 (work_share.h)
-  const int64_t pass_rows = whole && avx512 ? rows_within_l1(K, kFusedMaxM) : kFusedMaxM;
+  // whole_block_rows512: rows of x a pass as fit in L1 (work_share.h), of
+  // its slices of K in long rows
+  const int64_t pass_rows = whole && avx512 ? rows_within_l1(std::min(K, kPassK), kFusedMaxM) : kFusedMaxM;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (parallel)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t n0 = c * kRows, n1 = std::min(N, n0 + kRows);
@@ -467,7 +506,7 @@ void qmatmul(const Weight& w, const float* x, int64_t m, const float* bias, cons
   const bool whole = w.k % w.block_size == 0;
   int64_t fused_up_to = kFusedUpToM;
   if (whole && (level == Simd::kAvx2 || level == Simd::kAvxVnni)) fused_up_to = kFusedUpToMWholeYmm;
-  if (whole && level >= Simd::kAvx512) fused_up_to = w.k <= kLongK ? kFusedUpToMWhole512 : kFusedUpToMWhole512LongK;
+  if (whole && level >= Simd::kAvx512) fused_up_to = kFusedUpToMWhole512;
   if (path == 0 || (path < 0 && m <= fused_up_to)) {
     qmatmul_fused(w, x, m, bias, lora, y, nthreads, avx2, level >= Simd::kAvx512);
   } else {

@@ -25,7 +25,9 @@ SIMD = list(_ext.simd_levels()) or ["scalar"]
 # (K % bs != 0), odd K (rows starting on a low nibble), tiny, K < block_size;
 # rows of whole blocks of 32, 64, 128, 256 and 4096 (the M = 1 kernel's
 # unrolled block sizes and its general one), whole rows of 32-blocks in an odd
-# number of 32-value steps, and a K whose x rows take a pass each at avx512.
+# number of 32-value steps, and K whose x rows take a pass each at avx512, the
+# avx512 kernel taking them in slices of K (12800; 8224 with 32-blocks: a
+# last slice of one 32-value step, and two chunks of weight rows).
 SHAPES = [
     (64, 256, 64, False),
     (37, 129, 32, True),
@@ -41,6 +43,7 @@ SHAPES = [
     (40, 160, 32, True),
     (12, 512, 256, False),
     (3, 12800, 64, False),
+    (20, 8224, 32, True),
 ]
 IDS = [f"{n}x{k}-b{bs}{'-dq' if dq else ''}" for n, k, bs, dq in SHAPES]
 
