@@ -260,6 +260,18 @@ def test_int4_one_row_of_whole_groups(level, group):
                 check(y, want, mag, f"{qw.format.spec()} k={k} m={m} {level}")
 
 
+@pytest.mark.parametrize("bits", (4, 8))
+def test_int_long_rows_take_passes_of_one_row(level, bits):
+    """K = 8320: two planes and lane scales of a row of x are 24 KiB, so the
+    driver runs every row of x as a pass of its own (q8_driver.cpp's
+    planes_pass_rows): M = 3 is three passes."""
+    qw, c, s, z = int_weight(bits, 128, bits == 8, torch.float16, 9, 8320, seed=bits)
+    x = torch.randn(3, 8320, generator=torch.Generator().manual_seed(bits))
+    with activations("int8"):
+        y = pyquant.qmatmul(x, qw, kernel="cpu")
+    check(y, *q8_spec.int_product(c, s, z, qw.format, x), f"{qw.format.spec()} {level}")
+
+
 @pytest.mark.parametrize("bits,group", [(4, 64), (4, 128), (4, 256), (4, 32), (4, -1), (8, -1), (3, 64), (8, 128),
                                         (3, 256), (2, 128)])
 def test_int8_planes_stay_near_the_reference_op(level, bits, group):
