@@ -14,8 +14,9 @@
 // high one, so x is read in its natural order.
 //
 // Threads take blocks of kRows weight rows (work_share.h); rows of x go in
-// passes of at most as many as keep their K floats within 48 KiB (L1D on
-// Zen 4/5), at most four, and the weight is prefetched kRows rows ahead.
+// passes of at most as many as keep 4096 floats each within 48 KiB (L1D on
+// Zen 4/5), at most four, and the weight is prefetched kRows rows ahead. Long
+// rows go a slice of groups at a time (rows below).
 #include <algorithm>
 
 #include "int_kernels.h"
@@ -28,6 +29,11 @@ namespace {
 
 constexpr int64_t kRows = 16;
 constexpr int64_t kMaxPassRows = 4;
+// Rows whose x (all its rows in the pass) is longer than this go a slice of
+// groups at a time (32 KiB of fp32), prefetching kSliceAheadRows rows on.
+constexpr int64_t kSliceFloats = 8192, kSliceAheadRows = 8;
+// Passes are as many rows as fit in L1 at K = kPassK (rows_within_l1).
+constexpr int64_t kPassK = 4096;
 
 template <int MR>
 PQ_TARGET_AVX512 inline void chunk(const uint8_t* row, const float* x, int64_t ldx, int64_t c, __m512 tab,
@@ -40,45 +46,89 @@ PQ_TARGET_AVX512 inline void chunk(const uint8_t* row, const float* x, int64_t l
   }
 }
 
-// y[r, n] for rows [n0, n1) of W and MR rows of x (rows ldx apart). CPG > 0:
+// Groups [g0, g1) of weight row n against MR rows of x (rows ldx apart) into
+// acc, prefetching `ahead` bytes on (kWholeRow: all of them, g0 = 0 known to
+// the compiler: with it a runtime value, g128 at M = 1 ran 0.95x). CPG > 0:
 // the chunks per group known at compile time (its pairs unrolled: a loop of
 // two trips per g128 group cost as much as the group's products).
+template <int CPG, int MR, bool kWholeRow>
+PQ_TARGET_AVX512 __attribute__((always_inline)) inline void groups(const float* x, int64_t ldx, const IntWeight& w,
+                                                                   int64_t n, int64_t g0_, int64_t g1_, int64_t ahead,
+                                                                   __m512 (&acc)[MR][4]) {
+  const int64_t g0 = kWholeRow ? 0 : g0_, g1 = kWholeRow ? w.groups : g1_;
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int64_t cpg = CPG > 0 ? CPG : w.chunks_per_group;
+  const uint8_t* row = w.qweight + n * w.row_bytes;
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t c = g0 * cpg;
+  // Scales and zeros 16 groups at a time, converted in vectors, so that a
+  // group's table is a subtract and a multiply with broadcast operands
+  // (with two scalar conversions per group, Int4 g128 took 1.33x the
+  // per-channel time at 4096 x 4096).
+  alignas(64) float sf[16], zf[16];
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint64_t i = uint64_t(g - g0) % 16;
+    if (i == 0) {
+      const int64_t count = w.groups - g;
+      _mm512_store_ps(sf, load16_avx512(w.scales, n * w.groups + g, count, w.scale_dtype));
+      _mm512_store_ps(zf, w.zeros ? load16_avx512(w.zeros, n * w.groups + g, count, w.scale_dtype)
+                                  : _mm512_set1_ps(8.0f));
+    }
+    const __m512 tab = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zf[i])), _mm512_set1_ps(sf[i]));
+    const int64_t end = std::min(w.chunks, c + cpg);
+#pragma GCC unroll 4
+    for (; c + 2 <= end; c += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + c * 16 + ahead), _MM_HINT_T0);
+      chunk<MR>(row, x, ldx, c, tab, acc, 0);
+      chunk<MR>(row, x, ldx, c + 1, tab, acc, 1);
+    }
+    if (c < end) chunk<MR>(row, x, ldx, c++, tab, acc, 0);
+  }
+}
+
+template <int MR>
+PQ_TARGET_AVX512 inline __m512 total(const __m512 (&acc)[MR][4], int r) {
+  return _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
+}
+
+// Long rows (their x past kSliceFloats): the block's rows a slice of groups
+// at a time, partial sums kept between slices, so the slice of x stays in L1
+// while the rows stream past (as NF4's whole_block_rows512; the prefetch runs
+// 8 rows on, read 8 rows' slices later). Whole rows at K = 11008 took M = 1-8
+// at 1.28-1.75x the time of as many bytes in rows of 4096. A function of its
+// own: inside rows() it slowed the whole-row loop (g128 M = 1 0.92-0.95x).
+template <int CPG, int MR>
+PQ_TARGET_AVX512 __attribute__((noinline)) void rows_sliced(const float* x, int64_t ldx, const IntWeight& w,
+                                                             const float* bias, int64_t n0, int64_t n1, int64_t slice,
+                                                             float* y) {
+  __m512 acc[MR][4], part[kRows][MR];
+  for (int64_t g0 = 0; g0 < w.groups; g0 += slice) {
+    const int64_t g1 = std::min(w.groups, g0 + slice);
+    for (int64_t n = n0; n < n1; ++n) {
+      groups<CPG, MR, false>(x, ldx, w, n, g0, g1, kSliceAheadRows * w.row_bytes, acc);
+      for (int r = 0; r < MR; ++r)
+        part[n - n0][r] = g0 == 0 ? total<MR>(acc, r) : _mm512_add_ps(part[n - n0][r], total<MR>(acc, r));
+    }
+  }
+  for (int64_t n = n0; n < n1; ++n)
+    for (int r = 0; r < MR; ++r) {
+      const float v = _mm512_reduce_add_ps(part[n - n0][r]);
+      y[r * w.n + n] = bias ? v + bias[n] : v;
+    }
+}
+
+// y[r, n] for rows [n0, n1) of W (at most kRows) and MR rows of x.
 template <int CPG, int MR>
 PQ_TARGET_AVX512 void rows(const float* x, int64_t ldx, const IntWeight& w, const float* bias, int64_t n0, int64_t n1,
                            float* y) {
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const int64_t cpg = CPG > 0 ? CPG : w.chunks_per_group, ahead = kRows * w.row_bytes;
+  const int64_t slice = w.groups > 1 ? std::max<int64_t>(1, kSliceFloats / MR / (w.chunks_per_group * kIntChunk)) : 1;
+  if (w.groups > slice) return rows_sliced<CPG, MR>(x, ldx, w, bias, n0, n1, slice, y);
+  __m512 acc[MR][4];
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.qweight + n * w.row_bytes;
-    __m512 acc[MR][4];
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-    int64_t c = 0;
-    // Scales and zeros 16 groups at a time, converted in vectors, so that a
-    // group's table is a subtract and a multiply with broadcast operands
-    // (with two scalar conversions per group, Int4 g128 took 1.33x the
-    // per-channel time at 4096 x 4096).
-    alignas(64) float sf[16], zf[16];
-    for (int64_t g = 0; g < w.groups; ++g) {
-      if (g % 16 == 0) {
-        const int64_t count = w.groups - g;
-        _mm512_store_ps(sf, load16_avx512(w.scales, n * w.groups + g, count, w.scale_dtype));
-        _mm512_store_ps(zf, w.zeros ? load16_avx512(w.zeros, n * w.groups + g, count, w.scale_dtype)
-                                    : _mm512_set1_ps(8.0f));
-      }
-      const __m512 tab = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zf[g % 16])), _mm512_set1_ps(sf[g % 16]));
-      const int64_t end = std::min(w.chunks, c + cpg);
-#pragma GCC unroll 4
-      for (; c + 2 <= end; c += 2) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + c * 16 + ahead), _MM_HINT_T0);
-        chunk<MR>(row, x, ldx, c, tab, acc, 0);
-        chunk<MR>(row, x, ldx, c + 1, tab, acc, 1);
-      }
-      if (c < end) chunk<MR>(row, x, ldx, c++, tab, acc, 0);
-    }
+    groups<CPG, MR, true>(x, ldx, w, n, 0, w.groups, kRows * w.row_bytes, acc);  // the next block of rows
     for (int r = 0; r < MR; ++r) {
-      const float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
-                                                         _mm512_add_ps(acc[r][2], acc[r][3])));
+      const float v = _mm512_reduce_add_ps(total<MR>(acc, r));
       y[r * w.n + n] = bias ? v + bias[n] : v;
     }
   }
@@ -112,7 +162,7 @@ bool int4_table_supported(const IntWeight& w) {
 void int4_table_qmatmul(const float* x, int64_t m, const IntWeight& w, const float* bias, const LoraEpilogue& lora,
                         float* y, int nthreads) {
   // Passes of near-equal rows (M = 4 at K = 4096: 2 + 2, not 3 + 1).
-  const int64_t most = rows_within_l1(w.k, kMaxPassRows), passes = (m + most - 1) / most;
+  const int64_t most = rows_within_l1(std::min(w.k, kPassK), kMaxPassRows), passes = (m + most - 1) / most;
   const int64_t pass = (m + passes - 1) / passes;
   parallel_shared(nthreads, (w.n + kRows - 1) / kRows, [&](int64_t b) {
     const int64_t n0 = b * kRows, n1 = std::min(w.n, n0 + kRows);

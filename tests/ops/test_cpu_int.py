@@ -244,6 +244,23 @@ def test_qmatmul_blocked_shapes(bits, group):
                 expect.check(pyquant.qmatmul(x, qw, kernel="cpu"), x)
 
 
+@pytest.mark.parametrize("group", (64, 128))
+def test_int4_long_rows_in_slices(group):
+    """Rows whose x outgrows L1 (K = 8320) go a slice of groups at a time at the
+    avx512 level (int4_table.cpp's rows_sliced; 8320 is 65 g128 or 130 g64
+    groups, so every M has a short last slice); N = 20 is two blocks of rows.
+    fp32 x takes that kernel, bf16 x the AVX512-BF16 one in K blocks."""
+    qw = make_qw(4, group, False, torch.float16, 20, 8320, seed=group)
+    expect = Expect(qw)
+    for m in (1, 2, 3, 5):
+        x = torch.randn(m, 8320, generator=torch.Generator().manual_seed(m))
+        for level in SIMD:
+            with simd(level), cpu_activations("fp32"):
+                expect.check(pyquant.qmatmul(x, qw, kernel="cpu"), x)
+                xb = x.to(torch.bfloat16)
+                expect.check(pyquant.qmatmul(xb, qw, kernel="cpu"), xb.float(), out_dtype_eps=2.0**-8)
+
+
 @pytest.mark.parametrize("xdtype", (torch.float32, torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("lead", ((2, 3), (3, 4)), ids=("M6", "M12"))
 def test_qmatmul_dtypes_bias_batch(xdtype, lead):
