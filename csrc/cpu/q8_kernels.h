@@ -151,6 +151,13 @@ struct Table {
   int nf4_min_group;            // the NF4 kernel needs K % this == 0
   Layout gguf_layout[kGgufTypes];  // used when K % gguf_layout_min_k == 0, else natural
   int64_t gguf_layout_min_k;
+  // Whether the driver takes long rows of GGUF weights in slices of K (the
+  // 512-bit kernels; at the 256-bit levels, compute-bound, slices ran
+  // 0.96-0.99x whole rows on Zen 5), and from how many rows of x a pass takes
+  // Q4_0's 16-row transposed kernel (0: never), which long rows do not slow
+  // (in slices of K: 0.95x), so its passes stay whole.
+  bool gguf_k_slices;
+  int q4_0_rows16_from;
 };
 
 const Table& table_scalar();

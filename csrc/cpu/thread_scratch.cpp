@@ -6,7 +6,7 @@
 namespace pyquant {
 
 float* thread_scratch(int64_t floats, Scratch slot) {
-  thread_local std::vector<float> buffers[3];
+  thread_local std::vector<float> buffers[kScratchSlots];
   std::vector<float>& s = buffers[static_cast<int>(slot)];
   // 16 spare floats: the tiles load the buffers aligned to 64 bytes.
   if (int64_t(s.size()) < floats + 16) {

@@ -12,8 +12,10 @@ namespace pyquant {
 
 // One slot per buffer a single call needs at once.
 // kXPanels: x repacked for a kernel (the outer-product panels, or int4_bf16.cpp's
-// x in unit order with its working buffers).
-enum class Scratch { kXPanels = 0, kYTransposed = 1, kTransposedTiles = 2 };
+// x in unit order with its working buffers). kYPartial: a y-shaped buffer
+// of partial products (q8_driver.cpp's slices of K).
+enum class Scratch { kXPanels = 0, kYTransposed = 1, kTransposedTiles = 2, kYPartial = 3 };
+constexpr int kScratchSlots = 4;
 
 // At least `floats` floats, 64-byte aligned, contents unspecified; valid until
 // the next call with the same slot on this thread.

@@ -143,6 +143,21 @@ def test_gguf_matches_llama_cpp_arithmetic(level, type_name):
             check(y - bias, want, mag, f"{type_name} k={k} m={m} {level}")
 
 
+@pytest.mark.parametrize("type_name", list(BLOCK_TYPES))
+def test_gguf_long_rows_in_slices_of_k(level, type_name):
+    """K = 11264 (44 units of 256): at the avx512 level a pass of 8 rows of x
+    outgrows L1, so the driver runs each block of weight rows a slice of K at a
+    time and adds the slices' partial products (q8_driver.cpp; Q4_0's 16-row
+    kernel excepted). M = 9: passes of 8 and 1; N = 20: two blocks of weight
+    rows, the first slice written and the rest added in each. The other levels
+    take whole rows."""
+    k = 11264
+    blocks, qw = gguf_weight(type_name, 20, k, seed=7)
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(9))
+    y = pyquant.qmatmul(x, qw, kernel="cpu")
+    check(y, *q8_spec.gguf_product(type_name, blocks, x), f"{type_name} k={k} {level}")
+
+
 @pytest.mark.parametrize("mode", ["auto", "int8", "fp32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gguf_qmatmul_plan_matches_the_kernel_function(mode, dtype):
