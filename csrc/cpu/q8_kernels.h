@@ -56,8 +56,11 @@ enum class ActKind : int {
 //   * avx2 / avxvnni, one or two rows of x (more: their sums outgrew the 16
 //     registers, slower): 4 bits at g64-g256 (int16 sums on vpmaddubsw stay
 //     exact: at most 4 pairs x 2 x 2 x 15 x 127 = 30480 per lane), Int4 g128
-//     M = 1 1.04-1.14x on Zen 3; 2, 3 and 8 bits at g128 / g256 (int32 sums),
-//     on Zen 5 at these levels, 4096 x 4096, M = 1-2, 1.11-1.61x.
+//     M = 1 1.04-1.14x on Zen 3 (at one row of x and 8 or more whole groups,
+//     q8_impl.inc's int4_row_group_scales also converts 8 groups' scales at
+//     once: 1.12-1.43x more on Zen 5 at these levels); 2, 3 and 8 bits at
+//     g128 / g256 (int32 sums), on Zen 5 at these levels, 4096 x 4096,
+//     M = 1-2, 1.11-1.61x.
 //   * avx512, every pass size: 4 bits at g128 / g256 (a g64 group is half of
 //     its 128-code unit and keeps the lane scales), Zen 5, warm, M = 1-4,
 //     1.12-1.23x (g128) and 1.44-1.46x (g256); 2, 3 and 8 bits at g64-g256
