@@ -33,19 +33,23 @@ struct IntWeight {
                              // chunk never straddles two groups; a
                              // per-channel row is one group of every chunk
   int64_t groups;
+  // Groups a row has in scales / zeros (and in the q8 kernels' X): `groups`,
+  // except in a slice of K (q8_driver.cpp), whose groups are a row's middle.
+  int64_t group_stride;
 
   static IntWeight make(const uint8_t* qweight, const void* scales, const void* zeros, int64_t n, int64_t k, int bits,
                         int64_t group_size, int scale_dtype) {
-    IntWeight w{qweight, scales, zeros, n, k, bits, group_size, scale_dtype, 0, 0, 0, 0};
+    IntWeight w{qweight, scales, zeros, n, k, bits, group_size, scale_dtype, 0, 0, 0, 0, 0};
     w.row_bytes = int_row_bytes(k, bits);
     w.chunks = (k + kIntChunk - 1) / kIntChunk;
     w.chunks_per_group = group_size < 0 ? w.chunks : group_size / kIntChunk;
     w.groups = group_size < 0 ? 1 : (k + group_size - 1) / group_size;
+    w.group_stride = w.groups;
     return w;
   }
-  float scale(int64_t row, int64_t g) const { return load_float(scales, row * groups + g, scale_dtype); }
+  float scale(int64_t row, int64_t g) const { return load_float(scales, row * group_stride + g, scale_dtype); }
   float zero(int64_t row, int64_t g) const {
-    return zeros ? load_float(zeros, row * groups + g, scale_dtype) : float(1 << (bits - 1));
+    return zeros ? load_float(zeros, row * group_stride + g, scale_dtype) : float(1 << (bits - 1));
   }
 };
 
@@ -155,10 +159,10 @@ PQ_TARGET_AVX2 inline __m256 load_upto8_avx2(const void* p, int64_t i, int64_t c
   return _mm256_load_ps(t);
 }
 PQ_TARGET_AVX2 inline float scale_avx2(const IntWeight& w, int64_t row, int64_t g) {
-  return load_float_avx2(w.scales, row * w.groups + g, w.scale_dtype);
+  return load_float_avx2(w.scales, row * w.group_stride + g, w.scale_dtype);
 }
 PQ_TARGET_AVX2 inline float zero_avx2(const IntWeight& w, int64_t row, int64_t g) {
-  return w.zeros ? load_float_avx2(w.zeros, row * w.groups + g, w.scale_dtype) : float(1 << (w.bits - 1));
+  return w.zeros ? load_float_avx2(w.zeros, row * w.group_stride + g, w.scale_dtype) : float(1 << (w.bits - 1));
 }
 
 // The 32 codes of one chunk as four int32 vectors: v[0] = codes 0..7,

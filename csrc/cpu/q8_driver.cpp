@@ -127,7 +127,7 @@ void run(int64_t m, int64_t n, int64_t k, int nthreads, int max_mr, Rows&& rows,
 }
 
 // Rows of x per pass for the Int kernels: as many as keep their two planes
-// and lane scales (3 bytes per value) within 48 KiB of L1, 1 to max_mr. Every
+// and lane scales (3 bytes a value) within 48 KiB of L1, 1 to max_mr. Every
 // row of a pass is read once per weight row: at K = 11008 (33 KiB a row) four
 // rows a pass went to L2 for every weight row and took M = 2-8 at 2.0-2.2x the
 // time of as many bytes in rows of 4096. (NF4's dearer decode is worth
@@ -136,6 +136,11 @@ void run(int64_t m, int64_t n, int64_t k, int nthreads, int max_mr, Rows&& rows,
 int planes_pass_rows(int64_t kp, int max_mr) {
   return int(std::clamp<int64_t>(49152 / std::max<int64_t>(3 * kp, 1), 1, max_mr));
 }
+// Where only one row fits and M > 1, the rows go in passes of max_mr a slice
+// of K (16 KiB of planes) at a time instead: 1.19-1.21x passes of one row at
+// K = 11008, M = 2-8 (Zen 5). Where two fit (K = 8192) their whole rows beat
+// slices of 2048 for four (0.96-0.98x sliced).
+constexpr int64_t kIntSlicePlaneBytes = 16 * 1024;
 
 // Bytes of quantized x (all the rows of a pass, about 9 / 8 of a byte a
 // value) above which the pass goes in slices of K, and the bytes a slice
@@ -159,6 +164,37 @@ Acts slice_of(const Acts& a, int64_t k0) {
   if (a.corr) s.corr = a.corr + k0 / blk;
   if (a.bsums) s.bsums = a.bsums + k0 / 16;
   if (a.dl) s.dl = a.dl + k0 / 4;
+  return s;
+}
+
+// A rows(m0, mr, n0, n1) function for run() that covers K in slices of
+// `slice` values: slice_rows(m0, mr, n0, n1, k0, k1, out) writes slice [k0,
+// k1)'s products into out (y, ldy columns) for the first slice and into
+// `part` (as y) for the others, whose block is then added to y.
+template <typename SliceRows>
+auto in_k_slices(int64_t k, int64_t slice, float* y, float* part, int64_t ldy, SliceRows&& slice_rows) {
+  return [=, &slice_rows](int64_t m0, int mr, int64_t n0, int64_t n1) {
+    for (int64_t k0 = 0; k0 < k; k0 += slice) {
+      slice_rows(m0, mr, n0, n1, k0, std::min(k, k0 + slice), k0 == 0 ? y : part);
+      if (k0 == 0) continue;
+      for (int64_t i = m0; i < m0 + mr; ++i)
+        for (int64_t j = n0; j < n1; ++j) y[i * ldy + j] += part[i * ldy + j];
+    }
+  };
+}
+
+// Columns [k0, k1) of an Int weight with groups of group_size (k0 a multiple
+// of it and of 256): the rows' codes, scales and zeros from there, the same
+// row strides.
+IntWeight int_slice(const IntWeight& w, int64_t k0, int64_t k1) {
+  IntWeight s = w;
+  const int64_t g0 = k0 / w.group_size, dtype_bytes = w.scale_dtype == kF32 ? 4 : 2;
+  s.qweight = w.qweight + k0 / kIntChunk * int_chunk_bytes(w.bits);
+  s.scales = static_cast<const char*>(w.scales) + g0 * dtype_bytes;
+  if (w.zeros) s.zeros = static_cast<const char*>(w.zeros) + g0 * dtype_bytes;
+  s.k = k1 - k0;
+  s.chunks = (s.k + kIntChunk - 1) / kIntChunk;
+  s.groups = (s.k + w.group_size - 1) / w.group_size;
   return s;
 }
 
@@ -200,18 +236,13 @@ void gguf_qmatmul(int type, const void* x, int x_dtype, int64_t m, const uint8_t
   // pass at the avx512 level) took M = 4-32 at 1.24-2.03x the time of as many
   // bytes in rows of 4096 (Q4_K, Q6_K, Q8_0; Zen 5). Slices are whole
   // 256-value units, so every kernel and x layout sees whole blocks and units.
-  float* const part = thread_scratch(m * n, Scratch::kYPartial);
   const int64_t bs = block_size(type), ts = type_size(type);
-  auto rows_in_slices = [&](int64_t m0, int rows, int64_t n0, int64_t n1) {
-    for (int64_t k0 = 0; k0 < k; k0 += slice) {
-      const GgufWeight ws{type, blocks + k0 / bs * ts, n, std::min(slice, k - k0), w.row_bytes};
-      fn(ws, slice_of(buf.a, k0), m0, rows, n0, n1, k0 == 0 ? y : part, n);
-      if (k0 == 0) continue;
-      for (int64_t i = m0; i < m0 + rows; ++i)
-        for (int64_t j = n0; j < n1; ++j) y[i * n + j] += part[i * n + j];
-    }
+  auto slice_rows = [&](int64_t m0, int rows, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* out) {
+    const GgufWeight ws{type, blocks + k0 / bs * ts, n, k1 - k0, w.row_bytes};
+    fn(ws, slice_of(buf.a, k0), m0, rows, n0, n1, out, n);
   };
-  run(m, n, k, nthreads, t.mr_gguf, rows_in_slices, epi);
+  run(m, n, k, nthreads, t.mr_gguf, in_k_slices(k, slice, y, thread_scratch(m * n, Scratch::kYPartial), n, slice_rows),
+      epi);
 }
 
 int int_act_span(int64_t group_size) {
@@ -239,12 +270,25 @@ void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, cons
   }
   const IntArgs args{&w, xg.get()};
   const IntRowsFn fn = t.int_rows[w.bits];
-  run(m, w.n, w.k, nthreads, planes_pass_rows(kp, t.mr_int),
-      [&](int64_t m0, int mr, int64_t n0, int64_t n1) { fn(args, a, m0, mr, n0, n1, y, w.n); },
-      [&](int64_t n0, int64_t n1) {
-        add_bias(y, w.n, m, n0, n1, bias);
-        lora.apply(y, w.n, 0, m, n0, n1);
-      });
+  auto epi = [&](int64_t n0, int64_t n1) {
+    add_bias(y, w.n, m, n0, n1, bias);
+    lora.apply(y, w.n, 0, m, n0, n1);
+  };
+  const int pass_rows = planes_pass_rows(kp, t.mr_int), mr = int(std::min<int64_t>(m, t.mr_int));
+  const int64_t step = std::max<int64_t>(kSuper, w.group_size);  // group sizes are powers of two
+  const int64_t slice = std::max(step, kIntSlicePlaneBytes / 2 / mr / step * step);
+  if (w.group_size <= 0 || pass_rows > 1 || m == 1 || w.k <= slice) {
+    run(m, w.n, w.k, nthreads, pass_rows,
+        [&](int64_t m0, int rows, int64_t n0, int64_t n1) { fn(args, a, m0, rows, n0, n1, y, w.n); }, epi);
+    return;
+  }
+  auto slice_rows = [&](int64_t m0, int rows, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* out) {
+    const IntWeight ws = int_slice(w, k0, k1);
+    const IntArgs sargs{&ws, xg.get() + k0 / w.group_size};
+    fn(sargs, slice_of(a, k0), m0, rows, n0, n1, out, w.n);
+  };
+  run(m, w.n, w.k, nthreads, t.mr_int,
+      in_k_slices(w.k, slice, y, thread_scratch(m * w.n, Scratch::kYPartial), w.n, slice_rows), epi);
 }
 
 bool nf4_supported(int64_t k) { return k > 0 && k % kBlock == 0; }

@@ -238,7 +238,7 @@ void int_rows(const IntArgs& args, const Acts& a, int64_t m0, int mr, int64_t n0
         for (int j = 0; j < kIntChunk; ++j) dot += int(codes[j]) * x_code(a, i, c * kIntChunk + j);
         acc += w.scale(n, c / w.chunks_per_group) * (x_scale(a, i, c) * float(dot));
       }
-      for (int64_t g = 0; g < w.groups; ++g) zt += w.scale(n, g) * w.zero(n, g) * args.xg[i * w.groups + g];
+      for (int64_t g = 0; g < w.groups; ++g) zt += w.scale(n, g) * w.zero(n, g) * args.xg[i * w.group_stride + g];
       y[i * ldy + n] = acc - zt;
     }
   }

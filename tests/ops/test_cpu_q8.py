@@ -275,16 +275,20 @@ def test_int4_one_row_of_whole_groups(level, group):
                 check(y, want, mag, f"{qw.format.spec()} k={k} m={m} {level}")
 
 
-@pytest.mark.parametrize("bits", (4, 8))
-def test_int_long_rows_take_passes_of_one_row(level, bits):
-    """K = 8320: two planes and lane scales of a row of x are 24 KiB, so the
-    driver runs every row of x as a pass of its own (q8_driver.cpp's
-    planes_pass_rows): M = 3 is three passes."""
-    qw, c, s, z = int_weight(bits, 128, bits == 8, torch.float16, 9, 8320, seed=bits)
-    x = torch.randn(3, 8320, generator=torch.Generator().manual_seed(bits))
-    with activations("int8"):
-        y = pyquant.qmatmul(x, qw, kernel="cpu")
-    check(y, *q8_spec.int_product(c, s, z, qw.format, x), f"{qw.format.spec()} {level}")
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, 128), (4, 256), (3, 64)])
+def test_int_long_rows_in_slices_of_k(level, bits, group):
+    """K = 8320: two planes and lane scales of a row of x are 24 KiB, so no two rows
+    fit a pass in L1 and the driver takes M = 3 in one pass a slice of K at a
+    time (q8_driver.cpp: 2560 values, the last 640; at g256 it ends inside the
+    ragged last group), adding the slices' partial products. N = 20: two blocks
+    of weight rows. M = 1 takes whole rows."""
+    k = 8320
+    qw, c, s, z = int_weight(bits, group, bits == 8, torch.float16, 20, k, seed=bits)
+    for m in (1, 3):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(bits + m))
+        with activations("int8"):
+            y = pyquant.qmatmul(x, qw, kernel="cpu")
+        check(y, *q8_spec.int_product(c, s, z, qw.format, x), f"{qw.format.spec()} m={m} {level}")
 
 
 @pytest.mark.parametrize("bits,group", [(4, 64), (4, 128), (4, 256), (4, 32), (4, -1), (8, -1), (3, 64), (8, 128),
