@@ -137,7 +137,7 @@ int planes_pass_rows(int64_t kp, int max_mr) {
   return int(std::clamp<int64_t>(49152 / std::max<int64_t>(3 * kp, 1), 1, max_mr));
 }
 // Where only one row fits and M > 1, the rows go in passes of max_mr a slice
-// of K (16 KiB of planes) at a time instead: 1.19-1.21x passes of one row at
+// of K (16 KiB of planes) at a time instead: 1.15-1.21x passes of one row at
 // K = 11008, M = 2-8 (Zen 5). Where two fit (K = 8192) their whole rows beat
 // slices of 2048 for four (0.96-0.98x sliced).
 constexpr int64_t kIntSlicePlaneBytes = 16 * 1024;
@@ -275,9 +275,12 @@ void int_qmatmul(const void* x, int x_dtype, int64_t m, const IntWeight& w, cons
     lora.apply(y, w.n, 0, m, n0, n1);
   };
   const int pass_rows = planes_pass_rows(kp, t.mr_int), mr = int(std::min<int64_t>(m, t.mr_int));
-  const int64_t step = std::max<int64_t>(kSuper, w.group_size);  // group sizes are powers of two
+  // Slices start on a group and on a 256-value unit: with a power-of-two
+  // group size (Int's sizes) a multiple of the larger is both.
+  const bool pow2_groups = w.group_size > 0 && (w.group_size & (w.group_size - 1)) == 0;
+  const int64_t step = std::max<int64_t>(kSuper, w.group_size);
   const int64_t slice = std::max(step, kIntSlicePlaneBytes / 2 / mr / step * step);
-  if (w.group_size <= 0 || pass_rows > 1 || m == 1 || w.k <= slice) {
+  if (!pow2_groups || pass_rows > 1 || m == 1 || w.k <= slice) {
     run(m, w.n, w.k, nthreads, pass_rows,
         [&](int64_t m0, int rows, int64_t n0, int64_t n1) { fn(args, a, m0, rows, n0, n1, y, w.n); }, epi);
     return;
