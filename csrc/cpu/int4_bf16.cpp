@@ -52,7 +52,6 @@ constexpr uint16_t kBias = 0x4300;   // bf16 128.0: the high byte 0x43 under eve
 // (48 KiB on Zen 5 and Sapphire Rapids' P-cores). Unblocked, 8 rows of x at
 // K = 4096 (64 KiB) came from L2 for every weight row: 1.17 ms at M = 8.
 constexpr int64_t kXBlockBytes = 16 * 1024;
-constexpr int64_t kSplitAheadRows = 8;
 
 }  // namespace
 
@@ -127,15 +126,16 @@ void rows(const uint16_t* xt, int64_t kp, const float* X, int64_t ldX, int64_t m
   const __m512i m4 = _mm512_set1_epi8(0x0F), b43 = _mm512_set1_epi8(char(kBias >> 8));
   const __mmask64 tail = (__mmask64(1) << (w.row_bytes % 64)) - 1;  // the last unit's bytes when partial
   const bool first = u0 == 0, last = u1 * kUnit == kp;
-  // Prefetch the same place kSplitAheadRows rows on, read that many rows'
-  // K blocks later (the rows of a block take each K block in turn); with the
-  // whole row in one K block, the next block of rows. (The row's own next
-  // bytes would be too close: at M = 8 that ran at 5.5 GB/s. With the whole
-  // row in one K block, M = 1, 32 KiB ahead ran at 0.31 ms against 0.42 for
-  // 2 KiB, cold, K = N = 4096, one thread. With the row in K blocks, the
-  // same rows' next K block, read after the other 15 rows' (64 KiB of weight
-  // at M = 1), left M = 1 at K = 11008 at 1.4x the time of 8 rows on, cold.)
-  const int64_t ahead = first && last ? kRows * w.row_bytes : kSplitAheadRows * w.row_bytes;
+  // Prefetch the same place kSliceAheadRows rows on (work_share.h), read
+  // that many rows' K blocks later (the rows of a block take each K block in
+  // turn); with the whole row in one K block, the next block of rows. (The
+  // row's own next bytes would be too close: at M = 8 that ran at 5.5 GB/s.
+  // With the whole row in one K block, M = 1, 32 KiB ahead ran at 0.31 ms
+  // against 0.42 for 2 KiB, cold, K = N = 4096, one thread. With the row in K
+  // blocks, the same rows' next K block, read after the other 15 rows' (64
+  // KiB of weight at M = 1), left M = 1 at K = 11008 at 1.4x the time of 8
+  // rows on, cold.)
+  const int64_t ahead = first && last ? kRows * w.row_bytes : kSliceAheadRows * w.row_bytes;
   const uint16_t* xr[MR];
   for (int r = 0; r < MR; ++r) xr[r] = xt + (m0 + r) * kp;
   for (int64_t n = n0; n < n1; ++n) {

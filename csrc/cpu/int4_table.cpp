@@ -29,11 +29,6 @@ namespace {
 
 constexpr int64_t kRows = 16;
 constexpr int64_t kMaxPassRows = 4;
-// Rows whose x (all its rows in the pass) is longer than this go a slice of
-// groups at a time (32 KiB of fp32), prefetching kSliceAheadRows rows on.
-constexpr int64_t kSliceFloats = 8192, kSliceAheadRows = 8;
-// Passes are as many rows as fit in L1 at K = kPassK (rows_within_l1).
-constexpr int64_t kPassK = 4096;
 
 template <int MR>
 PQ_TARGET_AVX512 inline void chunk(const uint8_t* row, const float* x, int64_t ldx, int64_t c, __m512 tab,
@@ -162,7 +157,7 @@ bool int4_table_supported(const IntWeight& w) {
 void int4_table_qmatmul(const float* x, int64_t m, const IntWeight& w, const float* bias, const LoraEpilogue& lora,
                         float* y, int nthreads) {
   // Passes of near-equal rows (M = 4 at K = 4096: 2 + 2, not 3 + 1).
-  const int64_t most = rows_within_l1(std::min(w.k, kPassK), kMaxPassRows), passes = (m + most - 1) / most;
+  const int64_t most = rows_within_l1(std::min(w.k, kSlicePassK), kMaxPassRows), passes = (m + most - 1) / most;
   const int64_t pass = (m + passes - 1) / passes;
   parallel_shared(nthreads, (w.n + kRows - 1) / kRows, [&](int64_t b) {
     const int64_t n0 = b * kRows, n1 = std::min(w.n, n0 + kRows);

@@ -49,10 +49,6 @@ constexpr int64_t kFusedUpToMWholeYmm = 8;
 // 4096 (0.80-0.87x at 32), and, since it takes long rows in slices of K,
 // 1.09-1.20x at M = 24 for K = 8192 and 11008 (1.56-2.36x at M = 6-12).
 constexpr int64_t kFusedUpToMWhole512 = 24;
-// whole_block_rows512 takes rows whose x (all its rows of x) is longer than
-// this a slice of K at a time (32 KiB of fp32); its passes of rows of x are
-// as many as fit in L1 at K = 4096 (rows_within_l1).
-constexpr int64_t kSliceFloats = 8192, kPassK = 4096;
 constexpr int64_t kTileN = 12;      // weight rows per decoded tile (a multiple of kNR)
 constexpr int64_t kTileK = 1024;    // columns per decoded tile (12 x 1024 fp32 = 48 KiB, in L2)
 constexpr int kMR = kMicroMR, kNR = kMicroNR;  // register tile of the tiled kernel (micro_gemm.h)
@@ -262,18 +258,17 @@ PQ_TARGET_AVX512 void whole_block_rows512(const Weight& w, const float* xp, int6
     }
     return;
   }
-  // Long rows: the chunk's rows a slice of K at a time, their partial sums
-  // kept between slices, so the slice of x (at most kSliceK values a row of
-  // x) stays in L1 while the rows stream past it. Whole rows at K = 11008
-  // (44 KiB of x a row, the same 48 KiB L1 as the weight's lines) had M = 1
-  // at 1.39x and M = 2 (a pass per row of x) at 1.9x the time of as many
-  // bytes in rows of 4096. The prefetch runs one row on: the next row's
-  // slice is the next one read.
+  // Long rows: the chunk's rows a slice of K at a time (kSliceFloats values of
+  // x in all, work_share.h), their partial sums kept between slices, so the
+  // slice of x stays in L1 while the rows stream past it. Whole rows at K =
+  // 11008 (44 KiB of x a row, the same 48 KiB L1 as the weight's lines) had
+  // M = 1 at 1.39x and M = 2 (a pass per row of x) at 1.9x the time of as
+  // many bytes in rows of 4096. The prefetch runs kSliceAheadRows rows on.
   __m512 part[kRows][MR];
   for (int64_t k0 = 0; k0 < K; k0 += slice) {
     const int64_t k1 = std::min(K, k0 + slice);
     for (int64_t n = n0; n < n1; ++n) {
-      columns512<BS, MR>(w, xp, ldx, n, k0, k1, 8 * (K >> 1), acc);
+      columns512<BS, MR>(w, xp, ldx, n, k0, k1, kSliceAheadRows * (K >> 1), acc);
       for (int r = 0; r < MR; ++r)
         part[n - n0][r] = k0 == 0 ? total512<MR>(acc, r) : _mm512_add_ps(part[n - n0][r], total512<MR>(acc, r));
     }
@@ -407,8 +402,10 @@ void qmatmul_fused(const Weight& w, const float* x, int64_t m, const float* bias
   // Rows in chunks of 16: a few hundred tasks for real layers, and tiny layers
   // stay on one thread (a parallel region costs microseconds). A chunk's
   // packed rows stay in cache while groups of 4 x rows walk over them.
-  // (Blocking K so the slice of x stays in L1 measured slower: the 16 row
-  // streams it interleaves defeat the hardware prefetcher.)
+  // (At the ymm levels, blocking K so the slice of x stays in L1 measured
+  // slower: the 16 row streams it interleaves defeat the hardware
+  // prefetcher. At avx512 whole_block_rows512 takes long rows in slices, with
+  // a software prefetch.)
   const int64_t nchunks = (N + kRows - 1) / kRows;
   const bool parallel = nchunks > 1 && N * K * ((m + kFusedMaxM - 1) / kFusedMaxM) >= (int64_t(1) << 15);
 #if PQ_X86
@@ -430,7 +427,7 @@ void qmatmul_fused(const Weight& w, const float* x, int64_t m, const float* bias
 #endif
   // whole_block_rows512: rows of x a pass as fit in L1 (work_share.h), of
   // its slices of K in long rows
-  const int64_t pass_rows = whole && avx512 ? rows_within_l1(std::min(K, kPassK), kFusedMaxM) : kFusedMaxM;
+  const int64_t pass_rows = whole && avx512 ? rows_within_l1(std::min(K, kSlicePassK), kFusedMaxM) : kFusedMaxM;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (parallel)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t n0 = c * kRows, n1 = std::min(N, n0 + kRows);

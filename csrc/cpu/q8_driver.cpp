@@ -133,9 +133,7 @@ void run(int64_t m, int64_t n, int64_t k, int nthreads, int max_mr, Rows&& rows,
 // time of as many bytes in rows of 4096. (NF4's dearer decode is worth
 // sharing: at K = 11008, M = 2 in passes of one row ran 0.91x, at the avx512
 // level; its passes stay as they were.)
-int planes_pass_rows(int64_t kp, int max_mr) {
-  return int(std::clamp<int64_t>(49152 / std::max<int64_t>(3 * kp, 1), 1, max_mr));
-}
+int planes_pass_rows(int64_t kp, int max_mr) { return int(rows_within_l1_bytes(3 * kp, max_mr)); }
 // Where only one row fits and M > 1, the rows go in passes of max_mr a slice
 // of K (16 KiB of planes) at a time instead: 1.15-1.21x passes of one row at
 // K = 11008, M = 2-8 (Zen 5). Where two fit (K = 8192) their whole rows beat
@@ -147,7 +145,7 @@ constexpr int64_t kIntSlicePlaneBytes = 16 * 1024;
 // takes. At K = 4096, 8 rows a pass (36 KiB) in slices of 2048 ran M = 8-32
 // at 0.92-0.97x whole rows; at K = 11008 slices of 16 KiB ran 1.0-1.3x
 // slices of 32 KiB.
-constexpr int64_t kGgufPassBytes = 48 * 1024, kGgufSliceBytes = 16 * 1024;
+constexpr int64_t kGgufPassBytes = kL1Bytes, kGgufSliceBytes = 16 * 1024;
 
 // Columns [k0, kp) of a's rows: the same row strides (kp, nb), the arrays
 // from column k0 on (k0 a multiple of 256: whole blocks of every kind, and

@@ -65,12 +65,26 @@ void parallel_shared(int nthreads, int64_t blocks, Fn&& fn) {
   run_shared(shares.get(), nt, omp_get_thread_num(), fn);
 }
 
-// Rows of x (k floats each) a small-M kernel takes per pass: as many as keep
-// them within 48 KiB (L1D on Zen 4/5), 1 to max_rows. NF4's fused kernel at
-// K = 4096 ran M = 4 in 1.12 ms with four rows a pass (64 KiB), 0.95 with
-// passes of three (1 thread); at K = 576 four rows a pass were the faster.
-inline int64_t rows_within_l1(int64_t k, int64_t max_rows) {
-  return std::clamp<int64_t>(12288 / std::max<int64_t>(k, 1), 1, max_rows);
+// The L1D the small-M kernels plan their passes and slices of x around
+// (48 KiB on Zen 4/5 and Sapphire Rapids' P-cores).
+constexpr int64_t kL1Bytes = 48 * 1024;
+
+// Rows of x (row_bytes each, as the kernel reads them) a small-M kernel takes
+// per pass: as many as stay within kL1Bytes, 1 to max_rows. NF4's fused kernel
+// at K = 4096 ran M = 4 in 1.12 ms with four fp32 rows a pass (64 KiB), 0.95
+// with passes of three (1 thread); at K = 576 four rows a pass were the faster.
+inline int64_t rows_within_l1_bytes(int64_t row_bytes, int64_t max_rows) {
+  return std::clamp<int64_t>(kL1Bytes / std::max<int64_t>(row_bytes, 1), 1, max_rows);
 }
+inline int64_t rows_within_l1(int64_t k, int64_t max_rows) { return rows_within_l1_bytes(4 * k, max_rows); }
+
+// Long rows on AVX-512 (NF4's whole_block_rows512, the Int4 table kernel): a
+// pass's x goes a slice of K at a time once it is longer than kSliceFloats
+// fp32 values (32 KiB), in passes of as many rows as fit at K = kSlicePassK;
+// kernels reading long rows in slices or K blocks (those two and the
+// AVX512-BF16 Int4 kernel) prefetch the same place kSliceAheadRows rows on,
+// read that many rows' slices later (NF4 at K = 11008: 4 rows on ran
+// 0.91-0.94x).
+constexpr int64_t kSliceFloats = 8192, kSlicePassK = 4096, kSliceAheadRows = 8;
 
 }  // namespace pyquant

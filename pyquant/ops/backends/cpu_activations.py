@@ -28,9 +28,10 @@
   its exact kernel at that level looks codes up with one vpermps per 16
   values (csrc/cpu/nf4_matmul.cpp), as fast as the int8 planes (4096 x 4096,
   Zen 5, 1 and 2 threads, cold and warm: the exact kernel's time over the
-  planes' 0.88-0.91 at M = 1, 0.87-0.94 at 8 and 16, 0.91-1.11 at 2 and 4). Int4 with bf16 x takes ``"fp32"`` at every M where the CPU has
-  AVX512-BF16: up to 64 rows its exact path there multiplies bf16 x with the
-  codes by ``vdpbf16ps`` (exact products, fp32 sums; csrc/cpu/int4_bf16.cpp),
+  planes' 0.88-0.91 at M = 1, 0.87-0.94 at 8 and 16, 0.91-1.11 at 2 and 4).
+  Int4 with bf16 x takes ``"fp32"`` at every M where the CPU has AVX512-BF16:
+  up to 64 rows its exact path there multiplies bf16 x with the codes by
+  ``vdpbf16ps`` (exact products, fp32 sums; csrc/cpu/int4_bf16.cpp),
   the fastest of the three (4096 x 4096, 2 threads, cold: 0.67 ms at M = 8
   against 0.95 for the int8 planes and 0.84 for torch's int4 kernel).
   At the avx2 level (vpmaddubsw, no VNNI) the exact kernels take fp16 / bf16
