@@ -213,7 +213,9 @@ void gguf_qmatmul(int type, const void* x, int x_dtype, int64_t m, const uint8_t
   const ActKind kind = is_kquant(type) ? ActKind::kQ8_K
                        : (type == kQ4_1 || type == kQ5_1) ? ActKind::kQ8_1
                                                           : ActKind::kQ8_0;
-  const Layout layout = t.gguf_layout_min_k > 0 && k % t.gguf_layout_min_k == 0 ? t.gguf_layout[type] : Layout::kNatural;
+  const Layout layout = t.gguf_layout_min_k > 0 && k % t.gguf_layout_min_k == 0
+                            ? (m == 1 ? t.gguf_layout_one_row : t.gguf_layout)[type]
+                            : Layout::kNatural;
   ActBuffer buf(kind, layout, m, k, k);
   t.quantize(x, x_dtype, buf.a);
   const GgufWeight w{type, blocks, n, k, k / block_size(type) * type_size(type)};
@@ -222,7 +224,9 @@ void gguf_qmatmul(int type, const void* x, int x_dtype, int64_t m, const uint8_t
   const int mr = int(std::min<int64_t>(m, t.mr_gguf));
   const int64_t slice = std::max<int64_t>(kSuper, kGgufSliceBytes / mr / kSuper * kSuper);
   const bool q4_0_rows16 = type == kQ4_0 && t.q4_0_rows16_from > 0 && mr >= t.q4_0_rows16_from;
-  if (!t.gguf_k_slices || mr * k * 9 / 8 <= kGgufPassBytes || k <= slice || k % kSuper != 0 || q4_0_rows16) {
+  // (BlockPairs16 x pairs 256-blocks: a slice starting at an odd one would split a pair)
+  if (!t.gguf_k_slices || mr * k * 9 / 8 <= kGgufPassBytes || k <= slice || k % kSuper != 0 || q4_0_rows16 ||
+      layout == Layout::kBlockPairs16) {
     run(m, n, k, nthreads, t.mr_gguf,
         [&](int64_t m0, int rows, int64_t n0, int64_t n1) { fn(w, buf.a, m0, rows, n0, n1, y, n); }, epi);
     return;

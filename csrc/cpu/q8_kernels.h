@@ -83,6 +83,11 @@ enum class Layout : int {
   // per 128: 32-blocks 0, 2, 1, 3 (Q4_K / Q5_K, 512-bit): a 64-byte load of
   // their codes holds blocks 0 and 2 in its low nibbles, 1 and 3 in its high
   kBlocks0213 = 5,
+  // per 512 (two 256-blocks; Q4_K at one row of x, 256-bit): 16-value pieces
+  // of the two blocks alternating (first's 0-15, second's 0-15, first's
+  // 16-31, ...), so a 32-byte load is one vector of the two-block kernel; an
+  // odd last 256-block natural
+  kBlockPairs16 = 6,
 };
 
 // Quantized activations: m rows of kp bytes (K padded to the block), the
@@ -153,6 +158,7 @@ struct Table {
   Layout nf4_layout;
   int nf4_min_group;            // the NF4 kernel needs K % this == 0
   Layout gguf_layout[kGgufTypes];  // used when K % gguf_layout_min_k == 0, else natural
+  Layout gguf_layout_one_row[kGgufTypes];  // the same, for a call with one row of x
   int64_t gguf_layout_min_k;
   // Whether the driver takes long rows of GGUF weights in slices of K (the
   // 512-bit kernels; at the 256-bit levels, compute-bound, slices ran

@@ -143,6 +143,19 @@ def test_gguf_matches_llama_cpp_arithmetic(level, type_name):
             check(y - bias, want, mag, f"{type_name} k={k} m={m} {level}")
 
 
+@pytest.mark.parametrize("type_name", [t for t, b in BLOCK_TYPES.items() if b.block_size == 256])
+def test_gguf_one_row_over_several_super_blocks(level, type_name):
+    """One row of x across 2-5 super-blocks. At the 256-bit levels Q4_K takes
+    it two blocks at a time, one per 128-bit lane (x in BlockPairs16 order), and
+    an odd last block alone; N = 37: two full 16-row blocks and a remainder."""
+    for nblk in (2, 3, 4, 5):
+        k = nblk * 256
+        blocks, qw = gguf_weight(type_name, 37, k, seed=20 + nblk)
+        x = torch.randn(1, k, generator=torch.Generator().manual_seed(nblk))
+        y = pyquant.qmatmul(x, qw, kernel="cpu")
+        check(y, *q8_spec.gguf_product(type_name, blocks, x), f"{type_name} k={k} m=1 {level}")
+
+
 @pytest.mark.parametrize("type_name", list(BLOCK_TYPES))
 def test_gguf_long_rows_in_slices_of_k(level, type_name):
     """K = 11264 (44 units of 256): at the avx512 level a pass of 8 rows of x
