@@ -213,9 +213,7 @@ void gguf_qmatmul(int type, const void* x, int x_dtype, int64_t m, const uint8_t
   const ActKind kind = is_kquant(type) ? ActKind::kQ8_K
                        : (type == kQ4_1 || type == kQ5_1) ? ActKind::kQ8_1
                                                           : ActKind::kQ8_0;
-  const Layout layout = t.gguf_layout_min_k > 0 && k % t.gguf_layout_min_k == 0
-                            ? (m == 1 ? t.gguf_layout_one_row : t.gguf_layout)[type]
-                            : Layout::kNatural;
+  const Layout layout = (m == 1 ? t.gguf_layout_one_row : t.gguf_layout)[type];
   ActBuffer buf(kind, layout, m, k, k);
   t.quantize(x, x_dtype, buf.a);
   const GgufWeight w{type, blocks, n, k, k / block_size(type) * type_size(type)};

@@ -88,6 +88,9 @@ enum class Layout : int {
   // 16-31, ...), so a 32-byte load is one vector of the two-block kernel; an
   // odd last 256-block natural
   kBlockPairs16 = 6,
+  // per 128 as kHalves4, the last K % 128 natural (the GGUF 32-block types:
+  // four blocks a unit, the one to three left over one at a time)
+  kHalves4ThenNatural = 7,
 };
 
 // Quantized activations: m rows of kp bytes (K padded to the block), the
@@ -157,9 +160,8 @@ struct Table {
   Layout int_layout[9];         // the activation layout each kernel reads
   Layout nf4_layout;
   int nf4_min_group;            // the NF4 kernel needs K % this == 0
-  Layout gguf_layout[kGgufTypes];  // used when K % gguf_layout_min_k == 0, else natural
+  Layout gguf_layout[kGgufTypes];          // the activation layout each GGUF kernel reads
   Layout gguf_layout_one_row[kGgufTypes];  // the same, for a call with one row of x
-  int64_t gguf_layout_min_k;
   // Whether the driver takes long rows of GGUF weights in slices of K (the
   // 512-bit kernels; at the 256-bit levels, compute-bound, slices ran
   // 0.96-0.99x whole rows on Zen 5), and from how many rows of x a pass takes

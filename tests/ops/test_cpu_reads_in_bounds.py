@@ -65,7 +65,7 @@ CHILD = textwrap.dedent(
         return torch.ops.pyquant.lora_qmatmul(x, qw.tensor_list(), qw.format.spec(), *qw.shape, None, a, b, 0.5, None,
                                               "cpu")
 
-    cases = [(GGUF(t), k) for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") for k in (96, 384)]
+    cases = [(GGUF(t), k) for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") for k in (96, 224, 384)]
     cases += [(GGUF(t), k) for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K") for k in (256, 512, 768)]
     cases += [(Int(b, g, sym), k) for b in (2, 3, 4, 8) for g, sym in ((64, False), (128, True), (256, False), (-1, False))
               for k in (224, 576)]
