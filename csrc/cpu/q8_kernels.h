@@ -83,7 +83,7 @@ enum class Layout : int {
   // per 128: 32-blocks 0, 2, 1, 3 (Q4_K / Q5_K, 512-bit): a 64-byte load of
   // their codes holds blocks 0 and 2 in its low nibbles, 1 and 3 in its high
   kBlocks0213 = 5,
-  // per 512 (two 256-blocks; Q4_K at one row of x, 256-bit): 16-value pieces
+  // per 512 (two 256-blocks; Q4_K / Q5_K at one row of x, 256-bit): 16-value pieces
   // of the two blocks alternating (first's 0-15, second's 0-15, first's
   // 16-31, ...), so a 32-byte load is one vector of the two-block kernel; an
   // odd last 256-block natural
