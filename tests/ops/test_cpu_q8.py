@@ -148,9 +148,9 @@ def test_gguf_matches_llama_cpp_arithmetic(level, type_name):
 
 @pytest.mark.parametrize("type_name", [t for t, b in BLOCK_TYPES.items() if b.block_size == 256])
 def test_gguf_one_row_over_several_super_blocks(level, type_name):
-    """One row of x across 2-5 super-blocks. At the 256-bit levels Q4_K takes
-    it two blocks at a time, one per 128-bit lane (x in BlockPairs16 order), and
-    an odd last block alone; N = 37: two full 16-row blocks and a remainder."""
+    """One row of x across 2-5 super-blocks. At the 256-bit levels Q4_K and Q5_K
+    take it two blocks at a time, one per 128-bit lane (x in BlockPairs16 order),
+    and an odd last block alone; N = 37: two full 16-row blocks and a remainder."""
     for nblk in (2, 3, 4, 5):
         k = nblk * 256
         blocks, qw = gguf_weight(type_name, 37, k, seed=20 + nblk)
