@@ -75,7 +75,9 @@ CHILD = textwrap.dedent(
         return a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[n], b.tensors[n]) for n in a.tensors)
 
     for fmt, k in cases:
-        w = torch.randn(5, k)
+        # N = 21 for Q4_0: one block of 16 weight rows (its transposed kernel at the avx512 level, M >= 4)
+        n = 21 if fmt.spec() == GGUF("Q4_0").spec() else 5
+        w = torch.randn(n, k)
         methods = ("rtn", "hqq") if isinstance(fmt, Int) and not fmt.symmetric else ("rtn",)
         for method in methods:
             print(f"{fmt.spec()} K={k} quantize {method}", flush=True)
@@ -94,13 +96,13 @@ CHILD = textwrap.dedent(
                 for m, dtype in ((1, torch.float32), (3, torch.bfloat16), (8, torch.float16), (17, torch.float32)):
                     print(f"{fmt.spec()} K={k} {level} {mode} M={m} {dtype}", flush=True)
                     x = torch.randn(m, k).to(dtype)
-                    bias = torch.randn(5)
+                    bias = torch.randn(n)
                     with _ext.cpu_simd(level), cpu_activations(mode):
                         want = pyquant.qmatmul(x, qw, bias, kernel="cpu")
                         got = pyquant.qmatmul(guarded(x), fenced, guarded(bias), kernel="cpu")
                     assert torch.equal(got, want), (fmt.spec(), k, level, mode, m)
                     print(f"{fmt.spec()} K={k} {level} {mode} M={m} transposed and low-rank", flush=True)
-                    g, a, b = torch.randn(m, 5), torch.randn(4, k), torch.randn(5, 4)
+                    g, a, b = torch.randn(m, n), torch.randn(4, k), torch.randn(n, 4)
                     with _ext.cpu_simd(level), cpu_activations(mode):
                         for fn, args in ((transposed, (g,)), (lowrank, (x.float(), a, b))):
                             want = fn(qw, *args)
