@@ -59,6 +59,10 @@ void run_shared(Share* shares, int nt, int t, Fn&& fn) {
 template <typename Fn>
 void parallel_shared(int nthreads, int64_t blocks, Fn&& fn) {
   const int nt = std::max(nthreads, 1);
+  if (nt == 1) {  // nothing to share: no region, no atomic per block (~0.5 us at 96 blocks)
+    for (int64_t b = 0; b < blocks; ++b) fn(b);
+    return;
+  }
   std::unique_ptr<Share[]> shares(new Share[size_t(nt)]);
   init_shares(shares.get(), nt, blocks);
 #pragma omp parallel num_threads(nt)
