@@ -16,7 +16,11 @@ blocks, so load changes on a shared machine hit all alike):
 * ``torch_int4``: ``aten._weight_int4pack_mm_for_cpu`` on the same codes,
   scales and zeros (Int4 only; bf16 x);
 * ``ggml``: llama.cpp's CPU mul_mat on the same GGUF blocks, when ``--ggml``
-  names a harness library (built outside this repository, see below);
+  names a harness library (built outside this repository, see below), and
+  beside it ``pyquant_cpp``: pyquant's C++ entry point called directly into a
+  y allocated once, as the harness calls ggml (kernel against kernel: the
+  ``pyquant`` column adds the Python call, ~2 us, a tenth of a 1536 x 576
+  product);
 * ``read``: a plain read of as many bytes as the packed weight (M = 1): the
   memory roofline, so GB/s can be given as a fraction of it.
 
@@ -234,6 +238,15 @@ def candidates(p: Problem, m: int, threads: int, copies, ggml=None):
             ggml.lib.mm_run(handles[state["ggml"]][0])
 
         c["ggml"] = run_ggml
+        entry, ggml_type = _ext.load().gguf_qmatmul, p.fmt.block.ggml_type
+        y = torch.empty(m, p.n)
+        blocks = {id(qw): qw.tensor_list()[0].data_ptr() for qw in copies["qw"]}
+
+        def pyquant_cpp():
+            entry(ggml_type, x.data_ptr(), blocks[id(nxt("qw"))], 0, y.data_ptr(), m, p.n, p.k, threads, True, 0)
+            return y
+
+        c["pyquant_cpp"] = pyquant_cpp
     return c, x, handles
 
 
@@ -330,9 +343,9 @@ def markdown(res: dict, key: str = "median_ms") -> str:
            + f". {'Median' if key == 'median_ms' else 'Minimum'} ms of interleaved calls; ratios are speedups "
            "(baseline time / pyquant time) within one process.", ""]
     out += ["| format | cache | thr (clock) | M | pyquant | int8 path | bf16 x | int8 path, bf16 x | dense fp32 "
-            "| torch int4 | ggml | x dense | x dense (fastest) | x torch int4 (bf16 x) | x ggml | GB/s (fastest) "
-            "| % read BW |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| torch int4 | ggml | x dense | x dense (fastest) | x torch int4 (bf16 x) | x ggml | C++ call "
+            "| x ggml (C++ calls) | GB/s (fastest) | % read BW |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         t = r[key]
         fast = fastest(t)
@@ -343,7 +356,8 @@ def markdown(res: dict, key: str = "median_ms") -> str:
                    f"| {f('pyquant')} | {f('pyquant_int8')} | {f('pyquant_bf16')} | {f('pyquant_int8_bf16')} "
                    f"| {f('dense')} | {f('torch_int4')} | {f('ggml')} | {_ratio(t, 'pyquant', 'dense')} "
                    f"| {_ratio(t, fast, 'dense')} | {_ratio(t, 'pyquant_bf16', 'torch_int4')} "
-                   f"| {_ratio(t, 'pyquant', 'ggml')} | {gbs:.1f} | {read} |")
+                   f"| {_ratio(t, 'pyquant', 'ggml')} | {f('pyquant_cpp')} | {_ratio(t, 'pyquant_cpp', 'ggml')} "
+                   f"| {gbs:.1f} | {read} |")
     return "\n".join(out)
 
 

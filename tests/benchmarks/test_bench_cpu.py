@@ -28,3 +28,27 @@ def test_candidates_compute_the_product(fmt, n, k):
         # bf16 x (and int8 planes of x) carry bf16-level error; GGUF quantizes x to Q8_0
         tol = 2e-2 if name in ("torch_int4", "pyquant_bf16", "pyquant_int8_bf16") or fmt == "q4_0" else 1e-2
         assert float((y - want).norm() / want.norm()) < tol, name
+
+
+def test_cpp_call_candidate_beside_ggml_computes_the_product():
+    """With a ggml harness, ``pyquant_cpp`` calls the C++ entry point directly
+    (kernel against kernel); a stand-in harness here, whose own product is not
+    checked."""
+    B = load_benchmark("bench_cpu")
+
+    class StandIn:
+        class lib:
+            @staticmethod
+            def mm_run(h):
+                pass
+
+        def handle(self, qw, m, threads, x):
+            return None, None
+
+    p = B.Problem("q4_0", 32, 576)
+    fns, x, _ = B.candidates(p, 3, 1, p.copies(0), StandIn())
+    assert "ggml" in fns
+    y = fns["pyquant_cpp"]().double()
+    want = x.double() @ p.dense.double().T
+    assert float((y - want).norm() / want.norm()) < 2e-2
+    assert torch.equal(fns["pyquant_cpp"](), fns["pyquant"]())
