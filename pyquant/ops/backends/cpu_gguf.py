@@ -32,6 +32,7 @@ from ... import _ext
 from ...formats.base import named_packed
 from .._dtypes import DTYPE_CODES, dtype_code
 from ..dispatch import register_kernel
+from ..plans import out_like
 from . import cpu_activations
 from .cpu_panels import outer_product_tiles, panel_matmul
 
@@ -86,18 +87,22 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
     qlist = list(qdata)
     mode, f32, codes, nthreads = cpu_activations.current, torch.float32, DTYPE_CODES, torch.get_num_threads
 
-    # (Every name local and x.dtype read once: at SmolLM2's 576-wide layers
-    # this function's own work is a tenth of the product.)
+    # x (..., K), contiguous (takes_nd). Every name local, x's dtype and
+    # shape read once: at SmolLM2's 576-wide layers this function's own work
+    # is a tenth of the product.
     def run(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if mode() == "fp32":  # GGUF takes int8 activations in "auto" and "int8" (cpu_activations.use_int8)
-            return qmatmul(x, qlist, fmt, shape, bias)
-        dtype, rows = x.dtype, x.shape[0]
-        b = None if bias is None else bias.to(f32).contiguous()
-        y = torch.empty(rows, n, dtype=f32)
+            return qmatmul(x.reshape(-1, k), qlist, fmt, shape, bias).reshape(*x.shape[:-1], n)
+        dtype, lead = x.dtype, x.shape
+        y = out_like(lead, n, f32)
+        rows = x.numel() // k
         if rows:
+            b = None if bias is None else bias.to(f32).contiguous()
             entry(ggml_type, x.data_ptr(), blocks_ptr, 0 if b is None else b.data_ptr(), y.data_ptr(), rows, n, k,
                   nthreads(), True, codes[dtype])
         return y if dtype is f32 else y.to(dtype)
+
+    run.takes_nd = True
 
     run.keep = blocks  # behind ``blocks_ptr`` (a contiguous copy where qdata's was not)
     return run

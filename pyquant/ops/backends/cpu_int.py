@@ -22,6 +22,7 @@ from ...errors import FormatError, ValueRangeError
 from ...formats.base import named_packed
 from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
+from ..plans import out_like
 from . import cpu_activations
 from .cpu_lowrank import lora_args
 from .cpu_panels import panel_matmul, torch_gemm_panels
@@ -104,18 +105,21 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
     qlist = list(qdata)
     use_int8 = cpu_activations.use_int8
 
-    def run(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        rows = x.shape[0]
-        int8 = use_int8("int", x.dtype, rows, fmt.bits)
+    def run(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:  # x (..., K), contiguous
+        dtype, xs = x.dtype, x.shape
+        rows = x.numel() // k
+        int8 = use_int8("int", dtype, rows, fmt.bits)
         if rows == 0 or torch_gemm_panels(rows):
-            return qmatmul(x, qlist, fmt, shape, bias)
+            return qmatmul(x.reshape(-1, k), qlist, fmt, shape, bias).reshape(*xs[:-1], n)
         if gather is not None:
-            x = x.index_select(1, gather)  # packed column j multiplies logical column perm[j]
+            x = x.index_select(-1, gather)  # packed column j multiplies logical column perm[j]
         bf = None if bias is None else bias.to(torch.float32).contiguous()
-        y = torch.empty(rows, n, dtype=torch.float32)  # sizes as arguments: 1.5 us a call, a tuple 2.2
-        C.int_qmatmul(x.data_ptr(), dtype_code(x.dtype), rows, *weight, ptr(bf), n, k, *layout, y.data_ptr(),
+        y = out_like(xs, n, torch.float32)  # sizes as arguments: 1.5 us a call, a tuple 2.2
+        C.int_qmatmul(x.data_ptr(), dtype_code(dtype), rows, *weight, ptr(bf), n, k, *layout, y.data_ptr(),
                       torch.get_num_threads(), 0, 0, 0, 0.0, int8)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return y if dtype == torch.float32 else y.to(dtype)
+
+    run.takes_nd = True
 
     run.keep = t  # the tensors behind ``weight``'s pointers (a contiguous copy where qdata's was not)
     return run

@@ -27,6 +27,7 @@ from ...formats import NF4
 from ...formats.base import named_packed
 from .._dtypes import dtype_code, ptr
 from ..dispatch import register_kernel
+from ..plans import out_like
 from ...formats.nf4 import dynamic_map
 from . import cpu_activations
 from .cpu_lowrank import lora_args
@@ -93,17 +94,20 @@ def qmatmul_plan(qdata, fmt: NF4, shape, device: torch.device, m: int):
     qlist = list(qdata)
     use_int8 = cpu_activations.use_int8
 
-    def run(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        rows = x.shape[0]
-        int8 = q8_fits and use_int8("nf4", x.dtype, rows)
+    def run(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:  # x (..., K), contiguous
+        dtype, xs = x.dtype, x.shape
+        rows = x.numel() // k
+        int8 = q8_fits and use_int8("nf4", dtype, rows)
         if rows == 0 or (not int8 and torch_gemm_panels(rows)):
-            return qmatmul(x, qlist, fmt, shape, bias)
-        xk = x if int8 else x.to(torch.float32)  # the plan's caller made x contiguous
+            return qmatmul(x.reshape(-1, k), qlist, fmt, shape, bias).reshape(*xs[:-1], n)
+        xk = x if int8 else x.to(torch.float32)
         bf = None if bias is None else bias.to(torch.float32).contiguous()
-        y = torch.empty(rows, n, dtype=torch.float32)
+        y = out_like(xs, n, torch.float32)
         ext.nf4_qmatmul(xk.data_ptr(), rows, *args, n, k, block, ptr(bf), y.data_ptr(), torch.get_num_threads(), -1,
                         0, 0, 0, 0.0, int8, dtype_code(xk.dtype))
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return y if dtype == torch.float32 else y.to(dtype)
+
+    run.takes_nd = True
 
     run.keep = keep  # the tensors behind ``args``' pointers (a contiguous copy where qdata's was not)
     return run
