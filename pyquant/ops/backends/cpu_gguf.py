@@ -94,7 +94,7 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
         if mode() == "fp32":  # GGUF takes int8 activations in "auto" and "int8" (cpu_activations.use_int8)
             return qmatmul(x.reshape(-1, k), qlist, fmt, shape, bias).reshape(*x.shape[:-1], n)
         dtype, lead = x.dtype, x.shape
-        y = out_like(lead, n, f32)
+        y = torch.empty(lead[0], n, dtype=f32) if len(lead) == 2 else out_like(lead, n, f32)
         rows = x.numel() // k
         if rows:
             b = None if bias is None else bias.to(f32).contiguous()

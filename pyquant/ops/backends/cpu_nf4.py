@@ -102,7 +102,7 @@ def qmatmul_plan(qdata, fmt: NF4, shape, device: torch.device, m: int):
             return qmatmul(x.reshape(-1, k), qlist, fmt, shape, bias).reshape(*xs[:-1], n)
         xk = x if int8 else x.to(torch.float32)
         bf = None if bias is None else bias.to(torch.float32).contiguous()
-        y = out_like(xs, n, torch.float32)
+        y = torch.empty(xs[0], n, dtype=torch.float32) if len(xs) == 2 else out_like(xs, n, torch.float32)
         ext.nf4_qmatmul(xk.data_ptr(), rows, *args, n, k, block, ptr(bf), y.data_ptr(), torch.get_num_threads(), -1,
                         0, 0, 0, 0.0, int8, dtype_code(xk.dtype))
         return y if dtype == torch.float32 else y.to(dtype)
