@@ -108,6 +108,19 @@ CHILD = textwrap.dedent(
                             want = fn(qw, *args)
                             got = fn(fenced, *(guarded(t) for t in args))
                             assert all(torch.equal(u, v) for u, v in zip(got, want)), (fn.__name__, fmt.spec(), k)
+    # act_order: the C++ entry point gathers x's columns by perm (fenced too)
+    fmt = Int(4, 128, False, torch.float16, True)
+    qw = fmt.pack(torch.randint(0, 16, (5, 576), dtype=torch.int32), torch.randn(5, 5) * 0.02, torch.rand(5, 5) * 16,
+                  torch.randperm(576).to(torch.int32))
+    fenced = QuantizedWeight(fmt, {name: guarded(t) for name, t in qw.tensors.items()}, qw.shape)
+    for level in _ext.simd_levels():
+        for mode in ("int8", "fp32"):
+            for m, dtype in ((1, torch.float32), (3, torch.bfloat16), (17, torch.float16)):
+                print(f"{fmt.spec()} K=576 {level} {mode} M={m} {dtype}", flush=True)
+                x = torch.randn(m, 576).to(dtype)
+                with _ext.cpu_simd(level), cpu_activations(mode):
+                    assert torch.equal(pyquant.qmatmul(guarded(x), fenced, kernel="cpu"),
+                                       pyquant.qmatmul(x, qw, kernel="cpu")), (fmt.spec(), level, mode, m)
     print("done", flush=True)
     """
 )

@@ -58,6 +58,12 @@ def _checked_perm(t: dict, k: int) -> Optional[torch.Tensor]:
     return perm
 
 
+def _perm_ptr(perm: Optional[torch.Tensor]) -> int:
+    """act_order's int32 perm for the C++ matmul, which gathers x's columns into
+    packed order itself (packed column j takes x's column perm[j]); 0 = none."""
+    return 0 if perm is None or perm.numel() == 0 else perm.data_ptr()
+
+
 def _dequantize_fp32(t: dict, fmt, shape, perm: Optional[torch.Tensor]) -> torch.Tensor:
     C = _ext.load()
     n, k = shape
@@ -98,8 +104,7 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
     C = _ext.load()
     n, k = shape
     t = _named(fmt, qdata, shape)
-    perm = _checked_perm(t, k)
-    gather = None if perm is None else perm.long()
+    perm = _perm_ptr(_checked_perm(t, k))
     weight = (ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")))
     layout = (fmt.bits, fmt.group_size, dtype_code(fmt.scale_dtype))
     qlist = list(qdata)
@@ -111,13 +116,11 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
         int8 = use_int8("int", dtype, rows, fmt.bits)
         if rows == 0 or torch_gemm_panels(rows):
             return qmatmul(x.reshape(-1, k), qlist, fmt, shape, bias).reshape(*xs[:-1], n)
-        if gather is not None:
-            x = x.index_select(-1, gather)  # packed column j multiplies logical column perm[j]
         bf = None if bias is None else bias.to(torch.float32).contiguous()
         # (sizes as arguments: a tuple costs ~0.3 us more a call)
         y = torch.empty(xs[0], n, dtype=torch.float32) if len(xs) == 2 else out_like(xs, n, torch.float32)
         C.int_qmatmul(x.data_ptr(), dtype_code(dtype), rows, *weight, ptr(bf), n, k, *layout, y.data_ptr(),
-                      torch.get_num_threads(), 0, 0, 0, 0.0, int8)
+                      torch.get_num_threads(), 0, 0, 0, 0.0, int8, perm)
         return y if dtype == torch.float32 else y.to(dtype)
 
     run.takes_nd = True
@@ -161,17 +164,12 @@ def qmatmul(
     if not int8 and torch_gemm_panels(m):
         y = panel_matmul(x.to(torch.float32).contiguous(), n, k, row_decoder(t, fmt, k, perm), bf, xa, b, scale)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
-    if perm is not None:
-        # Packed column j multiplies logical column perm[j] of x. index_select,
-        # not x[:, perm]: advanced indexing took 300 us for 256 x 576 (7x), a
-        # tenth of a SmolLM2 QLoRA step over its 420 calls.
-        x = x.index_select(1, perm.long())
     x = x.contiguous()
     y = torch.empty((m, n), dtype=torch.float32)
     if m > 0:
         C.int_qmatmul(x.data_ptr(), dtype_code(x.dtype), m, ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")),
                       ptr(bf), n, k, fmt.bits, fmt.group_size, dtype_code(fmt.scale_dtype), y.data_ptr(),
-                      torch.get_num_threads(), ptr(xa), ptr(b), rank, scale, int8)
+                      torch.get_num_threads(), ptr(xa), ptr(b), rank, scale, int8, _perm_ptr(perm))
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
