@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "int_kernels.h"
@@ -36,6 +38,12 @@ void gather_rows(const Bits* x, int64_t m, int64_t k, const int32_t* perm, Bits*
 
 const void* gathered_columns(const void* x, int x_dtype, int64_t m, int64_t k, const int32_t* perm,
                              std::vector<uint32_t>& buf) {
+  // Checked here too: a launch plan checks perm once, and a perm changed in
+  // place afterwards must not send this loop outside x.
+  for (int64_t j = 0; j < k; ++j)
+    if (perm[j] < 0 || perm[j] >= k)
+      throw std::invalid_argument("act_order perm[" + std::to_string(j) + "] = " + std::to_string(perm[j]) +
+                                  " is outside [0, " + std::to_string(k - 1) + "]");
   buf.resize(size_t(m * k));  // fp32, or fp16 / bf16 bits in the first half
   if (x_dtype == kF32) {
     gather_rows(static_cast<const uint32_t*>(x), m, k, perm, buf.data());

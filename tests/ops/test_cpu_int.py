@@ -164,6 +164,21 @@ def test_act_order_perm_out_of_range():
     qw.tensors["perm"][5] = 64
     with pytest.raises(ValueRangeError, match="perm"):
         pyquant.dequantize(qw, kernel="cpu")
+    with pytest.raises(ValueRangeError, match="perm"):
+        pyquant.qmatmul(torch.randn(1, 64), qw, kernel="cpu")
+
+
+def test_act_order_perm_changed_in_place_after_the_plan():
+    """A launch plan checks perm once; the C++ gather checks it again, so a perm
+    changed in place afterwards gives an error naming the entry, not a read
+    outside x."""
+    qw = make_qw(4, 32, True, torch.float16, 2, 64, act_order=True)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        pyquant.qmatmul(x, qw, kernel="cpu")
+        qw.tensors["perm"][5] = -3
+        with pytest.raises(ValueError, match=r"perm\[5\] = -3 is outside \[0, 63\]"):
+            pyquant.qmatmul(x, qw, kernel="cpu")
 
 
 # --- qmatmul --------------------------------------------------------------------
