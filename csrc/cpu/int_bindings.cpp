@@ -99,7 +99,7 @@ void register_int_cpu(py::module_& m) {
       py::call_guard<py::gil_scoped_release>(),
       "y (M, N) fp32 = x (M, K) in x_dtype @ W_hat.T (+ bias fp32 (N,), 0 = none) (+ lora_scale * lora_xa (M, r) "
       "@ lora_b (N, r).T, fp32, 0 = none); int8_activations: x quantized per 32-block (q8 kernels); perm: act_order "
-      "int32 (K,) (packed column j takes x's column perm[j]; every entry in [0, K), checked by the caller), 0 = none");
+      "int32 (K,) (packed column j takes x's column perm[j]; an entry outside [0, K) raises), 0 = none");
   m.def(
       "int_bf16_kernel",
       [](int x_dtype, int64_t m_rows, int bits) {

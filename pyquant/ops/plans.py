@@ -3,11 +3,11 @@
 A plan is ``run(x2d, bias) -> y`` for one weight, activation dtype, ``kernel=``
 and M bucket (0, 1, 2, 4, 8, ... rows): the kernel is selected, the packed tensors
 checked and their pointers, sizes and launch configuration computed when the plan
-is built; a call then allocates the output and launches. A plan with the attribute
-``takes_nd`` also takes x of any leading dims, contiguous, and returns y of the
-same leading dims (no reshape of x and y around it: a transformer's 3-D x). Kernels that register a
-``plan`` factory (``dispatch.register_kernel``) do their own; every other kernel
-gets a plan that calls its function.
+is built; a call then allocates the output and launches. A plan with the
+attribute ``takes_nd`` also takes x of any leading dims, contiguous, and returns
+y of the same leading dims (no reshape of x and y around it: a transformer's 3-D
+x). Kernels that register a ``plan`` factory (``dispatch.register_kernel``) do
+their own; every other kernel gets a plan that calls its function.
 
 Plans live in a :class:`PlanCache` per weight (on the ``QuantizedWeight`` object
 for ``pyquant.qmatmul``, on the module for ``QuantLinear``). A cache is only
@@ -76,10 +76,10 @@ class PlanCache:
 
 
 def out_like(x_shape: torch.Size, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized (..., n) tensor for x of shape (..., K): the launch
-    plans' y, sized without a view of x (3-D x spelled out, ~0.2 us less than
-    ``*x_shape[:-1]``; the plans allocate 2-D y themselves, this call's own
-    cost is as much again)."""
+    """An uninitialized (..., n) tensor for x of shape (..., K) other than 2-D:
+    the launch plans' y, sized without a view of x (3-D spelled out, ~0.2 us
+    less than ``*x_shape[:-1]``). The plans allocate 2-D y inline, where this
+    call's own cost would add as much."""
     if len(x_shape) == 3:
         return torch.empty(x_shape[0], x_shape[1], n, dtype=dtype)
     return torch.empty(*x_shape[:-1], n, dtype=dtype)
