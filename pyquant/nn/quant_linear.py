@@ -106,9 +106,9 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ShapeError(f"input last dim {x.shape[-1]} != in_features={self.in_features}")
-        if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
+        # x's checks (a float tensor, last dim in_features, the weight's device) are linear's
+        if torch._C._is_any_autocast_enabled() and isinstance(x, torch.Tensor) and torch.is_autocast_enabled(
+                x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         plans = self.__dict__.get("_plans")  # launch plans of the eager path (ops/plans.py)
         if plans is None:

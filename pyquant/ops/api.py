@@ -77,6 +77,24 @@ def _op_layer_is_idle(tensors) -> bool:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def _plain_eager_call(x: torch.Tensor, bias: Optional[torch.Tensor], qdata, n: int) -> bool:
+    """``_op_layer_is_idle`` and the bias's checks for the steady-state call, whose
+    x (a plain tensor, last dim K) and packed tensors (the identical ones its
+    plan was built from: ``PlanCache.planned``) need no more: one frame instead
+    of five. False sends the call down the full path, which names any error."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
+        return False
+    grad = torch.is_grad_enabled()
+    if grad and (x.requires_grad or any(q.requires_grad for q in qdata)):
+        return False
+    return bias is None or (
+        type(bias) in _PLAIN and not (grad and bias.requires_grad) and bias.is_floating_point()
+        and bias.dim() == 1 and bias.shape[0] == n and bias.device == x.device
+    )
+
+
 def linear(x: torch.Tensor, qdata, fmt: Format, shape, bias: Optional[torch.Tensor], kernel: str,
            cache: plans.PlanCache) -> torch.Tensor:
     """``x @ W_hat.T + bias`` for the packed tensors ``qdata`` of a weight: what
@@ -87,6 +105,10 @@ def linear(x: torch.Tensor, qdata, fmt: Format, shape, bias: Optional[torch.Tens
     anything that needs the op as a graph node or an autograd node (compile,
     tracing, modes, gradients) goes through ``torch.ops.pyquant.qmatmul``."""
     n, k = shape
+    if type(x) is torch.Tensor and x.dim() and x.shape[-1] == k and _plain_eager_call(x, bias, qdata, n):
+        plan = cache.planned(x, qdata, kernel)
+        if plan is not None:
+            return plans.launch(plan, x, bias, shape)
     check_matmul_inputs(x, n, k, qdata[0].device, bias)
     if _op_layer_is_idle((x, bias, *qdata)):
         return plans.run_qmatmul(cache, x, qdata, fmt, shape, bias, kernel)

@@ -37,11 +37,12 @@ Plan = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 class PlanCache:
     """The launch plans of one weight, valid while its packed tensors are the same."""
 
-    __slots__ = ("tensors", "ptrs", "plans", "layout")
+    __slots__ = ("tensors", "ptrs", "device", "plans", "layout")
 
     def __init__(self):
         self.tensors: Tuple[torch.Tensor, ...] = ()
         self.ptrs: Tuple[int, ...] = ()
+        self.device: Optional[torch.device] = None
         self.plans: Dict[tuple, Plan] = {}
         self.layout = (None, None, ())  # (format, shape, packed tensor names) of a QuantizedWeight
 
@@ -72,7 +73,25 @@ class PlanCache:
     def reset(self, qdata) -> None:
         self.tensors = tuple(qdata)
         self.ptrs = tuple(q.data_ptr() for q in qdata)
+        self.device = qdata[0].device if qdata else None
         self.plans = {}
+
+    def planned(self, x: torch.Tensor, qdata, kernel: str) -> Optional[Plan]:
+        """The plan an earlier call built for one like this, or None: ``qdata``
+        still the tensors the plans were built from (identity and pointer, as
+        ``valid_for``), x on their device, a plan for x's M bucket, dtype and
+        ``kernel``. x's last dim must already be K. Such a plan exists only for a
+        dtype and device the full checks passed, so the steady-state call needs
+        none of them again (with ``api._plain_eager_call``: QuantLinear's call
+        0.6-0.8 us shorter, measured at 576 x 576 on a Zen 5)."""
+        tensors = self.tensors
+        if len(qdata) != len(tensors) or x.device != self.device:
+            return None
+        for q, t, p in zip(qdata, tensors, self.ptrs):
+            if q is not t or q.data_ptr() != p:
+                return None
+        m = x.shape[0] if x.dim() == 2 else x.numel() // x.shape[-1]
+        return self.plans.get((m_bucket(m), x.dtype, kernel))
 
 
 def out_like(x_shape: torch.Size, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -150,18 +169,23 @@ def execute(cache: PlanCache, x: torch.Tensor, qdata, fmt, shape, bias, kernel: 
     """``x @ W_hat.T + bias`` through ``cache``'s plans (inputs already validated)."""
     if not cache.valid_for(qdata):
         cache.reset(qdata)
-    n, k = shape
-    flat = x.dim() == 2
-    m = x.shape[0] if flat else x.numel() // k
+    k = shape[1]
+    m = x.shape[0] if x.dim() == 2 else x.numel() // k
     key = (m_bucket(m), x.dtype, kernel)
     plan = cache.plans.get(key)
     if plan is None:
         plan = cache.plans[key] = build_plan("qmatmul", cache.tensors, fmt, shape, x.device, m, kernel)
+    return launch(plan, x, bias, shape)
+
+
+def launch(plan: Plan, x: torch.Tensor, bias, shape) -> torch.Tensor:
+    """``plan`` on x of any leading dims (validated inputs)."""
     if not x.is_contiguous():
         x = x.contiguous()
-    if flat or getattr(plan, "takes_nd", False):
+    if x.dim() == 2 or getattr(plan, "takes_nd", False):
         return plan(x, bias)
     # (a reshape each way costs ~0.75 us: a tenth of a 576-wide product on a CPU)
+    n, k = shape
     return plan(x.reshape(-1, k), bias).reshape(*x.shape[:-1], n)
 
 

@@ -236,9 +236,22 @@ def test_replace_linear_errors():
         replace_linear(m, "int4")
 
 
-def test_forward_rejects_wrong_width(model):
-    with pytest.raises(pyquant.ShapeError, match="97"):
-        model.up(torch.randn(2, 97))
+@pytest.mark.parametrize("planned", [False, True], ids=["first_call", "after_a_plan"])
+def test_forward_rejects_bad_input(model, planned):
+    if planned:  # the steady-state path (a launch plan for 2 float32 rows) checks as much
+        with torch.no_grad():
+            model.up(torch.randn(2, 96))
+    with torch.no_grad():
+        with pytest.raises(pyquant.ShapeError, match=r"\(2, 97\).*in_features=96"):
+            model.up(torch.randn(2, 97))
+        with pytest.raises(pyquant.ShapeError, match=r"shape \(\).*in_features=96"):
+            model.up(torch.tensor(1.0))
+        with pytest.raises(pyquant.DtypeError, match="int32"):
+            model.up(torch.ones(2, 96, dtype=torch.int32))
+        with pytest.raises(pyquant.DtypeError, match="Tensor"):
+            model.up([1.0] * 96)
+        with pytest.raises(pyquant.DeviceError, match="meta"):
+            model.up(torch.randn(2, 96, device="meta"))
 
 
 def test_training_grads_flow_to_inputs_not_packed_weights(model):

@@ -136,6 +136,32 @@ def test_cpu_plans_are_built_and_keep_their_copies_alive(family, builds):
 
 
 @pytest.mark.skipif(pyquant._ext.load() is None, reason="the C++ extension is not built")
+def test_cpu_plan_follows_the_activation_mode_set_after_it(monkeypatch, builds):
+    """PYQUANT_CPU_ACTIVATIONS is read at each call (cpu_activations.current), also
+    by a plan already built: set, changed and unset between calls of one plan."""
+    from pyquant.ops.backends import cpu_activations
+
+    torch.manual_seed(0)
+    qw = pyquant.quantize_weight(torch.randn(48, 128), _cpu_format("gguf"))
+    x = torch.randn(1, 128)
+    exact = x @ qw.dequantize().T
+    monkeypatch.delenv(cpu_activations.ENV, raising=False)
+    with torch.no_grad():
+        int8 = pyquant.qmatmul(x, qw)  # "auto": GGUF takes int8 activations (ggml's arithmetic)
+        assert not torch.equal(int8, exact)
+        monkeypatch.setenv(cpu_activations.ENV, "fp32")
+        torch.testing.assert_close(pyquant.qmatmul(x, qw), exact, rtol=1e-5, atol=1e-5)
+        monkeypatch.setenv(cpu_activations.ENV, "int8")
+        assert torch.equal(pyquant.qmatmul(x, qw), int8)
+        monkeypatch.setenv(cpu_activations.ENV, "fp16")
+        with pytest.raises(pyquant.ValueRangeError, match="'fp16'"):
+            pyquant.qmatmul(x, qw)
+        monkeypatch.delenv(cpu_activations.ENV)
+        assert torch.equal(pyquant.qmatmul(x, qw), int8)
+    assert builds == [1]
+
+
+@pytest.mark.skipif(pyquant._ext.load() is None, reason="the C++ extension is not built")
 @pytest.mark.parametrize("family", ["int", "int_act_order", "nf4", "gguf", "gguf_fp32"])
 def test_cpu_plans_take_any_leading_dims(family):
     """The CPU plans take x of any leading dims (``takes_nd``: a transformer's 3-D x

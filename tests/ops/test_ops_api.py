@@ -94,8 +94,11 @@ def test_forced_unknown_or_unavailable_kernel():
         pyquant.qmatmul(x, qw, kernel="cuda")
 
 
-def test_qmatmul_bad_input():
+@pytest.mark.parametrize("planned", [False, True], ids=["first_call", "after_a_plan"])
+def test_qmatmul_bad_input(planned):
     qw = _qw()
+    if planned:  # a launch plan for (2, 80) float32 x exists: the steady-state path must still check
+        pyquant.qmatmul(torch.randn(2, 80), qw, torch.randn(24))
     with pytest.raises(pyquant.ShapeError, match=r"\(2, 81\)"):
         pyquant.qmatmul(torch.randn(2, 81), qw)
     with pytest.raises(pyquant.DtypeError, match="int32"):
@@ -111,6 +114,12 @@ def test_qmatmul_bad_input():
     meta_x = torch.randn(2, 80, device="meta")
     with pytest.raises(pyquant.DeviceError, match="meta"):
         pyquant.qmatmul(meta_x, qw)
+    with pytest.raises(pyquant.DtypeError, match="int32"):
+        pyquant.qmatmul(torch.randn(2, 80), qw, torch.ones(24, dtype=torch.int32))
+    with pytest.raises(pyquant.DeviceError, match="meta"):
+        pyquant.qmatmul(torch.randn(2, 80), qw, torch.randn(24, device="meta"))
+    with pytest.raises(pyquant.ShapeError, match=r"bias must have shape \(24,\)"):
+        pyquant.qmatmul(torch.randn(2, 80), qw, torch.randn(1, 24))
 
 
 def test_dequantize_bad_input():
@@ -219,13 +228,20 @@ def _count_eager_calls(monkeypatch):
     from pyquant.ops import plans
 
     calls = []
-    real = plans.run_qmatmul
+    real_run, real_planned = plans.run_qmatmul, plans.PlanCache.planned
 
     def counting(*args):
         calls.append(1)
-        return real(*args)
+        return real_run(*args)
+
+    def counting_hits(*args):  # a later call: a plan found
+        plan = real_planned(*args)
+        if plan is not None:
+            calls.append(1)
+        return plan
 
     monkeypatch.setattr(plans, "run_qmatmul", counting)
+    monkeypatch.setattr(plans.PlanCache, "planned", counting_hits)
     return calls
 
 
@@ -234,15 +250,19 @@ def test_eager_inference_skips_the_op_layer_with_the_same_result(monkeypatch):
     x, bias = torch.randn(3, 80), torch.randn(24)
     via_op = torch.ops.pyquant.qmatmul(x, qw.tensor_list(), qw.format.spec(), 24, 80, bias, "auto")
     calls = _count_eager_calls(monkeypatch)
-    y = pyquant.qmatmul(x, qw, bias)
-    assert len(calls) == 1
-    assert torch.equal(y, via_op)
+    for i in range(2):  # the plan built, then found
+        y = pyquant.qmatmul(x, qw, bias)
+        assert len(calls) == i + 1
+        assert torch.equal(y, via_op)
 
 
+@pytest.mark.parametrize("planned", [False, True], ids=["first_call", "after_a_plan"])
 @pytest.mark.parametrize("case", ["x_requires_grad", "bias_requires_grad", "fake_mode", "vmap"])
-def test_op_layer_kept_when_something_must_see_the_op(monkeypatch, case):
+def test_op_layer_kept_when_something_must_see_the_op(monkeypatch, case, planned):
     qw = _qw()
     x, bias = torch.randn(3, 80), torch.randn(24)
+    if planned:  # plans for x (3, 80) and for one row, with and without the bias
+        pyquant.qmatmul(x, qw, bias), pyquant.qmatmul(x, qw), pyquant.qmatmul(x[0:1], qw)
     calls = _count_eager_calls(monkeypatch)
     if case == "x_requires_grad":
         y = pyquant.qmatmul(x.requires_grad_(), qw, bias)
