@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "half_output.h"
 #include "int_kernels.h"
 #include "q8_kernels.h"
 
@@ -79,25 +80,27 @@ void register_int_cpu(py::module_& m) {
       [](uintptr_t x, int x_dtype, int64_t m_rows, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
          uintptr_t bias, int64_t n, int64_t k, int bits, int64_t group_size, int scale_dtype, uintptr_t y,
          int nthreads, uintptr_t lora_xa, uintptr_t lora_b, int64_t lora_rank, float lora_scale, bool int8,
-         uintptr_t perm) {
+         uintptr_t perm, int y_dtype) {
         const IntWeight w = make_weight(qweight, scales, zeros, n, k, bits, group_size, scale_dtype);
         const LoraEpilogue lora{as_ptr<const float>(lora_xa), as_ptr<const float>(lora_b), lora_rank, lora_scale};
         std::vector<uint32_t> gathered;
         const void* xp = perm ? gathered_columns(as_ptr<const void>(x), x_dtype, m_rows, k,
                                                  as_ptr<const int32_t>(perm), gathered)
                               : as_ptr<const void>(x);
-        if (int8) {
-          q8::int_qmatmul(xp, x_dtype, m_rows, w, as_ptr<const float>(bias), lora, as_ptr<float>(y), nthreads);
-        } else {
-          int_qmatmul(xp, x_dtype, m_rows, w, as_ptr<const float>(bias), lora, as_ptr<float>(y), nthreads);
-        }
+        into_output(y_dtype, y, m_rows * n, nthreads, [&](float* y32) {
+          if (int8) {
+            q8::int_qmatmul(xp, x_dtype, m_rows, w, as_ptr<const float>(bias), lora, y32, nthreads);
+          } else {
+            int_qmatmul(xp, x_dtype, m_rows, w, as_ptr<const float>(bias), lora, y32, nthreads);
+          }
+        });
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("m"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
       py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("group_size"), py::arg("scale_dtype"),
       py::arg("y"), py::arg("nthreads"), py::arg("lora_xa") = 0, py::arg("lora_b") = 0, py::arg("lora_rank") = 0,
       py::arg("lora_scale") = 0.0f, py::arg("int8_activations") = false, py::arg("perm") = 0,
-      py::call_guard<py::gil_scoped_release>(),
-      "y (M, N) fp32 = x (M, K) in x_dtype @ W_hat.T (+ bias fp32 (N,), 0 = none) (+ lora_scale * lora_xa (M, r) "
+      py::arg("y_dtype") = 0, py::call_guard<py::gil_scoped_release>(),
+      "y (M, N) in y_dtype (0 fp32, 1 fp16, 2 bf16: the fp32 result rounded to nearest even) = x (M, K) in x_dtype @ W_hat.T (+ bias fp32 (N,), 0 = none) (+ lora_scale * lora_xa (M, r) "
       "@ lora_b (N, r).T, fp32, 0 = none); int8_activations: x quantized per 32-block (q8 kernels); perm: act_order "
       "int32 (K,) (packed column j takes x's column perm[j]; an entry outside [0, K) raises), 0 = none");
   m.def(

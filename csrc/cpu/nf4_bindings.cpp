@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "half_output.h"
 #include "nf4_kernels.h"
 #include "q8_kernels.h"
 
@@ -50,25 +51,28 @@ void register_nf4_cpu(py::module_& m) {
       [](uintptr_t x, int64_t m_rows, uintptr_t qweight, uintptr_t absmax, uintptr_t absmax_q, uintptr_t absmax_scale,
          uintptr_t absmax_offset, uintptr_t dyn_map, int64_t n, int64_t k, int64_t block_size, uintptr_t bias,
          uintptr_t y, int nthreads, int path, uintptr_t lora_xa, uintptr_t lora_b, int64_t lora_rank, float lora_scale,
-         bool int8, int x_dtype) {
+         bool int8, int x_dtype, int y_dtype) {
         const nf4cpu::Weight w =
             make_weight(qweight, absmax, absmax_q, absmax_scale, absmax_offset, dyn_map, n, k, block_size);
         const LoraEpilogue lora{reinterpret_cast<const float*>(lora_xa), reinterpret_cast<const float*>(lora_b),
                                 lora_rank, lora_scale};
-        if (int8) {
-          q8::nf4_qmatmul(reinterpret_cast<const void*>(x), x_dtype, m_rows, w, reinterpret_cast<const float*>(bias),
-                          lora, reinterpret_cast<float*>(y), nthreads);
-        } else {
-          nf4cpu::qmatmul(w, reinterpret_cast<const float*>(x), m_rows, reinterpret_cast<const float*>(bias), lora,
-                          reinterpret_cast<float*>(y), nthreads, path);
-        }
+        into_output(y_dtype, y, m_rows * n, nthreads, [&](float* y32) {
+          if (int8) {
+            q8::nf4_qmatmul(reinterpret_cast<const void*>(x), x_dtype, m_rows, w,
+                            reinterpret_cast<const float*>(bias), lora, y32, nthreads);
+          } else {
+            nf4cpu::qmatmul(w, reinterpret_cast<const float*>(x), m_rows, reinterpret_cast<const float*>(bias), lora,
+                            y32, nthreads, path);
+          }
+        });
       },
       py::arg("x"), py::arg("m"), py::arg("qweight"), py::arg("absmax"), py::arg("absmax_q"), py::arg("absmax_scale"),
       py::arg("absmax_offset"), py::arg("dyn_map"), py::arg("n"), py::arg("k"), py::arg("block_size"),
       py::arg("bias"), py::arg("y"), py::arg("nthreads"), py::arg("path") = -1, py::arg("lora_xa") = 0,
       py::arg("lora_b") = 0, py::arg("lora_rank") = 0, py::arg("lora_scale") = 0.0f,
-      py::arg("int8_activations") = false, py::arg("x_dtype") = 0, py::call_guard<py::gil_scoped_release>(),
-      "y (M, N) fp32 = x (M, K) @ W^T + bias (fp32 (N,) or 0 for none) (+ lora_scale * lora_xa (M, r) @ lora_b "
+      py::arg("int8_activations") = false, py::arg("x_dtype") = 0, py::arg("y_dtype") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "y (M, N) in y_dtype (0 fp32, 1 fp16, 2 bf16: the fp32 result rounded to nearest even) = x (M, K) @ W^T + bias (fp32 (N,) or 0 for none) (+ lora_scale * lora_xa (M, r) @ lora_b "
       "(N, r).T, fp32, 0 = none). Exact path: x fp32, path -1 auto, 0 fused, 1 tiled. int8_activations: x "
       "(x_dtype) quantized per 32-block, needs K % 32 == 0 (nf4_q8_supported)");
   m.def("nf4_q8_supported", &q8::nf4_supported, py::arg("k"), "Whether the int8-activation NF4 kernel takes K");

@@ -13,9 +13,10 @@ namespace pyquant {
 // One slot per buffer a single call needs at once.
 // kXPanels: x repacked for a kernel (the outer-product panels, or int4_bf16.cpp's
 // x in unit order with its working buffers). kYPartial: a y-shaped buffer
-// of partial products (q8_driver.cpp's slices of K).
-enum class Scratch { kXPanels = 0, kYTransposed = 1, kTransposedTiles = 2, kYPartial = 3 };
-constexpr int kScratchSlots = 4;
+// of partial products (q8_driver.cpp's slices of K). kYOutput: the fp32 y of a
+// product whose y is fp16 / bf16 (half_output.h).
+enum class Scratch { kXPanels = 0, kYTransposed = 1, kTransposedTiles = 2, kYPartial = 3, kYOutput = 4 };
+constexpr int kScratchSlots = 5;
 
 // At least `floats` floats, 64-byte aligned, contents unspecified; valid until
 // the next call with the same slot on this thread.

@@ -94,13 +94,15 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
         if mode() == "fp32":  # GGUF takes int8 activations in "auto" and "int8" (cpu_activations.use_int8)
             return qmatmul(x.reshape(-1, k), qlist, fmt, shape, bias).reshape(*x.shape[:-1], n)
         dtype, lead = x.dtype, x.shape
-        y = torch.empty(lead[0], n, dtype=f32) if len(lead) == 2 else out_like(lead, n, f32)
+        # y in x's dtype, rounded from the fp32 result by the C++ entry point (csrc/cpu/half_output.h)
+        y = torch.empty(lead[0], n, dtype=dtype) if len(lead) == 2 else out_like(lead, n, dtype)
         rows = x.numel() // k
         if rows:
             b = None if bias is None else bias.to(f32).contiguous()
+            code = codes[dtype]
             entry(ggml_type, x.data_ptr(), blocks_ptr, 0 if b is None else b.data_ptr(), y.data_ptr(), rows, n, k,
-                  nthreads(), True, codes[dtype])
-        return y if dtype is f32 else y.to(dtype)
+                  nthreads(), True, code, code)
+        return y
 
     run.takes_nd = True
 
@@ -123,9 +125,10 @@ def qmatmul(
         y = panel_matmul(x, n, k, lambda n0, n1, out: _dequantize_fp32(blocks[n0:n1], fmt, n1 - n0, k, out), b,
                          rows=ROW_TILE)
     else:
-        y = torch.empty((m, n), dtype=torch.float32)
+        y = torch.empty((m, n), dtype=x2d.dtype)  # rounded from the fp32 result in C++ (half_output.h)
         if y.numel():
             _ext.load().gguf_qmatmul(fmt.block.ggml_type, x.data_ptr(), blocks.data_ptr(),
                                      0 if b is None else b.data_ptr(), y.data_ptr(), m, n, k,
-                                     torch.get_num_threads(), int8, dtype_code(x.dtype))
+                                     torch.get_num_threads(), int8, dtype_code(x.dtype), dtype_code(y.dtype))
+        return y
     return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)

@@ -118,10 +118,12 @@ def qmatmul_plan(qdata, fmt, shape, device: torch.device, m: int):
             return qmatmul(x.reshape(-1, k), qlist, fmt, shape, bias).reshape(*xs[:-1], n)
         bf = None if bias is None else bias.to(torch.float32).contiguous()
         # (sizes as arguments: a tuple costs ~0.3 us more a call)
-        y = torch.empty(xs[0], n, dtype=torch.float32) if len(xs) == 2 else out_like(xs, n, torch.float32)
-        C.int_qmatmul(x.data_ptr(), dtype_code(dtype), rows, *weight, ptr(bf), n, k, *layout, y.data_ptr(),
-                      torch.get_num_threads(), 0, 0, 0, 0.0, int8, perm)
-        return y if dtype == torch.float32 else y.to(dtype)
+        # y in x's dtype, rounded from the fp32 result by the C++ entry point (csrc/cpu/half_output.h)
+        y = torch.empty(xs[0], n, dtype=dtype) if len(xs) == 2 else out_like(xs, n, dtype)
+        code = dtype_code(dtype)
+        C.int_qmatmul(x.data_ptr(), code, rows, *weight, ptr(bf), n, k, *layout, y.data_ptr(),
+                      torch.get_num_threads(), 0, 0, 0, 0.0, int8, perm, code)
+        return y
 
     run.takes_nd = True
 
@@ -165,12 +167,12 @@ def qmatmul(
         y = panel_matmul(x.to(torch.float32).contiguous(), n, k, row_decoder(t, fmt, k, perm), bf, xa, b, scale)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
     x = x.contiguous()
-    y = torch.empty((m, n), dtype=torch.float32)
+    y = torch.empty((m, n), dtype=x.dtype)  # rounded from the fp32 result in C++ (half_output.h)
     if m > 0:
         C.int_qmatmul(x.data_ptr(), dtype_code(x.dtype), m, ptr(t["qweight"]), ptr(t["scales"]), ptr(t.get("zeros")),
                       ptr(bf), n, k, fmt.bits, fmt.group_size, dtype_code(fmt.scale_dtype), y.data_ptr(),
-                      torch.get_num_threads(), ptr(xa), ptr(b), rank, scale, int8, _perm_ptr(perm))
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+                      torch.get_num_threads(), ptr(xa), ptr(b), rank, scale, int8, _perm_ptr(perm), dtype_code(y.dtype))
+    return y
 
 
 def row_decoder(t: dict, fmt, k: int, perm: Optional[torch.Tensor]):

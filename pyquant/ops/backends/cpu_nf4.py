@@ -102,10 +102,11 @@ def qmatmul_plan(qdata, fmt: NF4, shape, device: torch.device, m: int):
             return qmatmul(x.reshape(-1, k), qlist, fmt, shape, bias).reshape(*xs[:-1], n)
         xk = x if int8 else x.to(torch.float32)
         bf = None if bias is None else bias.to(torch.float32).contiguous()
-        y = torch.empty(xs[0], n, dtype=torch.float32) if len(xs) == 2 else out_like(xs, n, torch.float32)
+        # y in x's dtype, rounded from the fp32 result by the C++ entry point (csrc/cpu/half_output.h)
+        y = torch.empty(xs[0], n, dtype=dtype) if len(xs) == 2 else out_like(xs, n, dtype)
         ext.nf4_qmatmul(xk.data_ptr(), rows, *args, n, k, block, ptr(bf), y.data_ptr(), torch.get_num_threads(), -1,
-                        0, 0, 0, 0.0, int8, dtype_code(xk.dtype))
-        return y if dtype == torch.float32 else y.to(dtype)
+                        0, 0, 0, 0.0, int8, dtype_code(xk.dtype), dtype_code(dtype))
+        return y
 
     run.takes_nd = True
 
@@ -139,9 +140,10 @@ def qmatmul(x2d: torch.Tensor, qdata, fmt: NF4, shape, bias, lora_xa=None, lora_
         y = panel_matmul(x2d.to(torch.float32).contiguous(), n, k, row_decoder(args, fmt, shape), bf, xa, b, scale)
     else:
         xk = x2d.contiguous() if int8 else x2d.to(torch.float32).contiguous()
-        y = torch.empty((m, n), dtype=torch.float32)
+        y = torch.empty((m, n), dtype=x2d.dtype)  # rounded from the fp32 result in C++ (half_output.h)
         if m:
             ext.nf4_qmatmul(ptr(xk), m, *args, n, k, fmt.block_size, ptr(bf), ptr(y), nthreads, -1, ptr(xa),
-                            ptr(b), rank, scale, int8, dtype_code(xk.dtype))
+                            ptr(b), rank, scale, int8, dtype_code(xk.dtype), dtype_code(y.dtype))
+        return y
     del keep
     return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
