@@ -31,8 +31,13 @@ void into_output(int y_dtype, uintptr_t y, int64_t count, int nthreads, Kernel&&
     throw std::invalid_argument("y_dtype must be 0 (fp32), 1 (fp16) or 2 (bf16), got " + std::to_string(y_dtype));
   if (count <= 0) return;
   std::unique_ptr<float[]> own;
-  float* y32 = count <= kOutputScratchFloats ? thread_scratch(count, Scratch::kYOutput)
-                                             : (own.reset(new float[size_t(count)]), own.get());
+  float* y32;
+  if (count <= kOutputScratchFloats) {
+    y32 = thread_scratch(count, Scratch::kYOutput);
+  } else {
+    own.reset(new float[size_t(count)]);
+    y32 = own.get();
+  }
   kernel(y32);
   store_fp32_as(y_dtype, y32, reinterpret_cast<void*>(y), count, nthreads);
 }
