@@ -71,10 +71,12 @@ class PlanCache:
         return True
 
     def reset(self, qdata) -> None:
+        # plans first: a thread in ``planned`` meanwhile that sees the new tensors
+        # then sees no plan of the old ones
+        self.plans = {}
         self.tensors = tuple(qdata)
         self.ptrs = tuple(q.data_ptr() for q in qdata)
         self.device = qdata[0].device if qdata else None
-        self.plans = {}
 
     def planned(self, x: torch.Tensor, qdata, kernel: str) -> Optional[Plan]:
         """The plan an earlier call built for one like this, or None: ``qdata``
