@@ -36,6 +36,10 @@
 #undef _mm512_mask_i32gather_ps
 #define _mm512_mask_i32gather_ps(src, k, idx, base, scale) pq_emu_mask_i32gather_ps(src, k, idx, base, scale)
 
+// Nor has SIMDe the zero-extending 256 -> 512-bit cast (legacy_pair's fma_into).
+#undef _mm512_zextps256_ps512
+#define _mm512_zextps256_ps512(a) simde_mm512_insertf32x8(simde_mm512_setzero_ps(), (a), 0)
+
 // SIMDe's masked loads read the whole vector and its masked stores write it
 // back: a read past the tensor (which the native instructions never make;
 // tests/ops/test_cpu_reads_in_bounds.py fences tensors with unreadable pages)
