@@ -100,7 +100,8 @@ void register_int_cpu(py::module_& m) {
       py::arg("y"), py::arg("nthreads"), py::arg("lora_xa") = 0, py::arg("lora_b") = 0, py::arg("lora_rank") = 0,
       py::arg("lora_scale") = 0.0f, py::arg("int8_activations") = false, py::arg("perm") = 0,
       py::arg("y_dtype") = 0, py::call_guard<py::gil_scoped_release>(),
-      "y (M, N) in y_dtype (0 fp32, 1 fp16, 2 bf16: the fp32 result rounded to nearest even) = x (M, K) in x_dtype @ W_hat.T (+ bias fp32 (N,), 0 = none) (+ lora_scale * lora_xa (M, r) "
+      "y (M, N) in y_dtype (0 fp32, 1 fp16, 2 bf16: the fp32 result rounded to nearest even) = x (M, K) in "
+      "x_dtype @ W_hat.T (+ bias fp32 (N,), 0 = none) (+ lora_scale * lora_xa (M, r) "
       "@ lora_b (N, r).T, fp32, 0 = none); int8_activations: x quantized per 32-block (q8 kernels); perm: act_order "
       "int32 (K,) (packed column j takes x's column perm[j]; an entry outside [0, K) raises), 0 = none");
   m.def(

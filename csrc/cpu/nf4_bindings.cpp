@@ -72,7 +72,8 @@ void register_nf4_cpu(py::module_& m) {
       py::arg("lora_b") = 0, py::arg("lora_rank") = 0, py::arg("lora_scale") = 0.0f,
       py::arg("int8_activations") = false, py::arg("x_dtype") = 0, py::arg("y_dtype") = 0,
       py::call_guard<py::gil_scoped_release>(),
-      "y (M, N) in y_dtype (0 fp32, 1 fp16, 2 bf16: the fp32 result rounded to nearest even) = x (M, K) @ W^T + bias (fp32 (N,) or 0 for none) (+ lora_scale * lora_xa (M, r) @ lora_b "
+      "y (M, N) in y_dtype (0 fp32, 1 fp16, 2 bf16: the fp32 result rounded to nearest even) = x (M, K) @ W^T + "
+      "bias (fp32 (N,) or 0 for none) (+ lora_scale * lora_xa (M, r) @ lora_b "
       "(N, r).T, fp32, 0 = none). Exact path: x fp32, path -1 auto, 0 fused, 1 tiled. int8_activations: x "
       "(x_dtype) quantized per 32-block, needs K % 32 == 0 (nf4_q8_supported)");
   m.def("nf4_q8_supported", &q8::nf4_supported, py::arg("k"), "Whether the int8-activation NF4 kernel takes K");

@@ -26,7 +26,8 @@ void register_simd_cpu(py::module_& m) {
       "store_fp32_as",
       [](int dtype, uintptr_t src, uintptr_t dst, int64_t count, int nthreads) {
         if (dtype != kF16 && dtype != kBF16)
-          throw std::invalid_argument("store_fp32_as: dtype must be 1 (fp16) or 2 (bf16), got " + std::to_string(dtype));
+          throw std::invalid_argument("store_fp32_as: dtype must be 1 (fp16) or 2 (bf16), got " +
+                                      std::to_string(dtype));
         store_fp32_as(dtype, reinterpret_cast<const float*>(src), reinterpret_cast<void*>(dst), count, nthreads);
       },
       py::arg("dtype"), py::arg("src"), py::arg("dst"), py::arg("count"), py::arg("nthreads"),
