@@ -5,10 +5,10 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 #include "half_output.h"
 #include "int_kernels.h"
+#include "thread_scratch.h"
 #include "q8_kernels.h"
 
 namespace py = pybind11;
@@ -38,20 +38,20 @@ void gather_rows(const Bits* x, int64_t m, int64_t k, const int32_t* perm, Bits*
 }
 
 const void* gathered_columns(const void* x, int x_dtype, int64_t m, int64_t k, const int32_t* perm,
-                             std::vector<uint32_t>& buf) {
+                             const CallScratch& buf) {
   // Checked here too: a launch plan checks perm once, and a perm changed in
   // place afterwards must not send this loop outside x.
   for (int64_t j = 0; j < k; ++j)
     if (perm[j] < 0 || perm[j] >= k)
       throw std::invalid_argument("act_order perm[" + std::to_string(j) + "] = " + std::to_string(perm[j]) +
                                   " is outside [0, " + std::to_string(k - 1) + "]");
-  buf.resize(size_t(m * k));  // fp32, or fp16 / bf16 bits in the first half
+  // buf: m * k floats, for fp32 x's bits or fp16 / bf16 x's in its first half
   if (x_dtype == kF32) {
-    gather_rows(static_cast<const uint32_t*>(x), m, k, perm, buf.data());
+    gather_rows(static_cast<const uint32_t*>(x), m, k, perm, reinterpret_cast<uint32_t*>(buf.get()));
   } else {
-    gather_rows(static_cast<const uint16_t*>(x), m, k, perm, reinterpret_cast<uint16_t*>(buf.data()));
+    gather_rows(static_cast<const uint16_t*>(x), m, k, perm, reinterpret_cast<uint16_t*>(buf.get()));
   }
-  return buf.data();
+  return buf.get();
 }
 
 }  // namespace
@@ -83,7 +83,7 @@ void register_int_cpu(py::module_& m) {
          uintptr_t perm, int y_dtype) {
         const IntWeight w = make_weight(qweight, scales, zeros, n, k, bits, group_size, scale_dtype);
         const LoraEpilogue lora{as_ptr<const float>(lora_xa), as_ptr<const float>(lora_b), lora_rank, lora_scale};
-        std::vector<uint32_t> gathered;
+        const CallScratch gathered(perm ? m_rows * k : 0, Scratch::kXGathered);
         const void* xp = perm ? gathered_columns(as_ptr<const void>(x), x_dtype, m_rows, k,
                                                  as_ptr<const int32_t>(perm), gathered)
                               : as_ptr<const void>(x);

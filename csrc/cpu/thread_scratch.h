@@ -7,6 +7,7 @@
 // Memory held this way is outside torch's allocator accounting.
 #pragma once
 #include <cstdint>
+#include <memory>
 
 namespace pyquant {
 
@@ -14,12 +15,37 @@ namespace pyquant {
 // kXPanels: x repacked for a kernel (the outer-product panels, or int4_bf16.cpp's
 // x in unit order with its working buffers). kYPartial: a y-shaped buffer
 // of partial products (q8_driver.cpp's slices of K). kYOutput: the fp32 y of a
-// product whose y is fp16 / bf16 (half_output.h).
-enum class Scratch { kXPanels = 0, kYTransposed = 1, kTransposedTiles = 2, kYPartial = 3, kYOutput = 4 };
-constexpr int kScratchSlots = 5;
+// product whose y is fp16 / bf16 (half_output.h). kXGathered: act_order's x
+// with its columns in packed order (int_bindings.cpp).
+enum class Scratch { kXPanels = 0, kYTransposed = 1, kTransposedTiles = 2, kYPartial = 3, kYOutput = 4,
+                     kXGathered = 5 };
+constexpr int kScratchSlots = 6;
 
 // At least `floats` floats, 64-byte aligned, contents unspecified; valid until
 // the next call with the same slot on this thread.
 float* thread_scratch(int64_t floats, Scratch slot);
+
+// A per-call buffer of at least `floats` floats for the small products of
+// decode, where a heap allocation per call is a measurable share: up to
+// kCallScratchFloats (1 MiB) the kept slot, larger ones a buffer of its own,
+// freed with this object, so a prefill's or a training batch's is not held on
+// to.
+constexpr int64_t kCallScratchFloats = int64_t(1) << 18;
+class CallScratch {
+ public:
+  CallScratch(int64_t floats, Scratch slot) {
+    if (floats <= kCallScratchFloats) {
+      p_ = thread_scratch(floats, slot);
+    } else {
+      own_.reset(new float[size_t(floats)]);
+      p_ = own_.get();
+    }
+  }
+  float* get() const { return p_; }
+
+ private:
+  std::unique_ptr<float[]> own_;
+  float* p_ = nullptr;
+};
 
 }  // namespace pyquant

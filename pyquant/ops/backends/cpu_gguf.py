@@ -124,11 +124,10 @@ def qmatmul(
     if m >= TORCH_MATMUL_MIN_M and not int8 and not outer_product_tiles():
         y = panel_matmul(x, n, k, lambda n0, n1, out: _dequantize_fp32(blocks[n0:n1], fmt, n1 - n0, k, out), b,
                          rows=ROW_TILE)
-    else:
-        y = torch.empty((m, n), dtype=x2d.dtype)  # rounded from the fp32 result in C++ (half_output.h)
-        if y.numel():
-            _ext.load().gguf_qmatmul(fmt.block.ggml_type, x.data_ptr(), blocks.data_ptr(),
-                                     0 if b is None else b.data_ptr(), y.data_ptr(), m, n, k,
-                                     torch.get_num_threads(), int8, dtype_code(x.dtype), dtype_code(y.dtype))
-        return y
-    return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
+        return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
+    y = torch.empty((m, n), dtype=x2d.dtype)  # rounded from the fp32 result in C++ (half_output.h)
+    if y.numel():
+        _ext.load().gguf_qmatmul(fmt.block.ggml_type, x.data_ptr(), blocks.data_ptr(), 0 if b is None else b.data_ptr(),
+                                 y.data_ptr(), m, n, k, torch.get_num_threads(), int8, dtype_code(x.dtype),
+                                 dtype_code(y.dtype))
+    return y

@@ -136,14 +136,13 @@ def qmatmul(x2d: torch.Tensor, qdata, fmt: NF4, shape, bias, lora_xa=None, lora_
     nthreads = torch.get_num_threads()
     ext = _ext.load()
     int8 = cpu_activations.use_int8("nf4", x2d.dtype, m) and ext.nf4_q8_supported(k)
+    # (``keep``, the tensors behind ``args``' pointers, lives to the end of this call)
     if not int8 and torch_gemm_panels(m):
         y = panel_matmul(x2d.to(torch.float32).contiguous(), n, k, row_decoder(args, fmt, shape), bf, xa, b, scale)
-    else:
-        xk = x2d.contiguous() if int8 else x2d.to(torch.float32).contiguous()
-        y = torch.empty((m, n), dtype=x2d.dtype)  # rounded from the fp32 result in C++ (half_output.h)
-        if m:
-            ext.nf4_qmatmul(ptr(xk), m, *args, n, k, fmt.block_size, ptr(bf), ptr(y), nthreads, -1, ptr(xa),
-                            ptr(b), rank, scale, int8, dtype_code(xk.dtype), dtype_code(y.dtype))
-        return y
-    del keep
-    return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
+        return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
+    xk = x2d.contiguous() if int8 else x2d.to(torch.float32).contiguous()
+    y = torch.empty((m, n), dtype=x2d.dtype)  # rounded from the fp32 result in C++ (half_output.h)
+    if m:
+        ext.nf4_qmatmul(ptr(xk), m, *args, n, k, fmt.block_size, ptr(bf), ptr(y), nthreads, -1, ptr(xa), ptr(b), rank,
+                        scale, int8, dtype_code(xk.dtype), dtype_code(y.dtype))
+    return y
